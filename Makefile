@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# The environment lives in .venv; uv (installed into it by pip) resolves the dependencies,
+# with the overrides that cashu needs (pyproject.toml, [tool.uv]).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Machines that point pip at a local CPU build of torch (PIP_FIND_LINKS) get that build, not
+# the multi-gigabyte CUDA one; elsewhere (a GPU server) torch comes from PyPI as usual.
+TORCH_WHEEL := $(firstword $(wildcard $(addsuffix /torch-*.whl,$(subst :, ,$(PIP_FIND_LINKS)))))
+TORCH_PIN := $(if $(TORCH_WHEEL),torch==$(firstword $(subst +, ,$(word 2,$(subst -, ,$(notdir $(TORCH_WHEEL)))))))
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+
+.PHONY: demo test venv js clean
+
+$(STAMP): pyproject.toml examples/dvm-textstats/pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade uv
+	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	$(BIN)/uv pip install --python $(BIN)/python -c $(VENV)/constraints.txt \
+		-e '.[train,dev]' -e examples/dvm-textstats
+	touch $@
+
+venv: $(STAMP)
+
+tests/js/node_modules/.installed: tests/js/package.json
+	cd tests/js && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+js: tests/js/node_modules/.installed
+
+demo: $(STAMP)
+	$(BIN)/dvm demo
+
+test: $(STAMP) js
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules

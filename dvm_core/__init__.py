@@ -1,0 +1,16 @@
+"""NIP-90 Data Vending Machine worker core: protocol, relays, payment, persistence, plugins.
+
+What a plugin needs is importable from here: `hookimpl`, `JobKind`, `JobResult`, the errors.
+"""
+
+import pluggy
+
+from .jobs import JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout
+from .nip90 import JobInput, JobRequest
+
+hookimpl = pluggy.HookimplMarker("dvm")
+
+__all__ = [
+    "hookimpl", "JobKind", "JobResult", "JobContext", "JobError", "JobInputError",
+    "JobCancelled", "JobTimeout", "JobRequest", "JobInput",
+]

@@ -1,0 +1,124 @@
+"""Worker configuration: a TOML file, with `DVM_<SETTING>` environment variables on top.
+
+The `[dvm]` table holds the worker's settings (the fields of `Settings`); `[kinds]` renumbers
+job kinds by name; `[plugins.<name>]` tables belong to plugins. See examples/dvm.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration that cannot work; the message says what to fix."""
+
+
+@dataclass
+class Settings:
+    relays: list[str] = field(default_factory=list)
+    key_file: str = ""              # file holding the nsec / hex key; DVM_PRIVATE_KEY overrides
+    state_dir: str = "./dvm-state"  # SQLite store and job working directories
+    name: str = "Training DVM"
+    about: str = "Trains models for ecash over Nostr (NIP-90)."
+    max_concurrent_jobs: int = 1
+    job_time_limit: float = 3600.0
+    catchup_seconds: int = 3600     # on a first start, how far back to look for requests
+    accept_jobs_for_others: bool = False  # serve requests that name other providers in `p`
+    max_request_bytes: int = 65536
+    progress_interval: float = 2.0  # minimum seconds between two progress feedbacks of a job
+    announce: bool = True           # publish the NIP-89 handler announcement on start
+    log_format: str = "auto"        # auto, json or console
+    log_level: str = "info"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.state_dir) / "dvm.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return Path(self.state_dir) / "jobs"
+
+
+@dataclass
+class Config:
+    settings: Settings
+    raw: dict[str, Any]             # the whole TOML document, for plugins
+    path: Path | None = None
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = dict(raw.get("dvm") or {})
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [dvm]: {', '.join(unknown)}")
+    for name in fields:
+        value = env.get(f"DVM_{name.upper()}")
+        if value is not None:
+            table[name] = value
+    values = {name: _coerce(name, fields[name], value) for name, value in table.items()}
+    settings = Settings(**values)
+    if path is not None and not Path(settings.state_dir).is_absolute():
+        settings.state_dir = str((path.parent / settings.state_dir).resolve())
+    if settings.key_file and path is not None and not Path(settings.key_file).is_absolute():
+        settings.key_file = str((path.parent / settings.key_file).resolve())
+    _validate(settings)
+    return Config(settings=settings, raw=raw, path=path)
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    typ = type(default)
+    try:
+        if typ is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise ValueError
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return typ(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (ValueError, TypeError):
+        raise ConfigError(f"setting {name!r} must be a {typ.__name__}, got {value!r}") from None
+
+
+def _validate(s: Settings) -> None:
+    if not s.relays:
+        raise ConfigError("no relays configured: set relays = [\"wss://…\"] in [dvm] or DVM_RELAYS")
+    for url in s.relays:
+        if not url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"relay {url!r} must be a ws:// or wss:// URL")
+    if s.max_concurrent_jobs < 1:
+        raise ConfigError("max_concurrent_jobs must be at least 1")
+    if s.job_time_limit <= 0:
+        raise ConfigError("job_time_limit must be positive")
+    if s.log_format not in ("auto", "json", "console"):
+        raise ConfigError("log_format must be auto, json or console")

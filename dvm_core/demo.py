@@ -1,0 +1,137 @@
+"""`dvm demo`: a whole marketplace on one machine.
+
+A real relay on loopback, the worker as its own process (`dvm run`), and a customer who sends
+an encrypted job, follows its progress and checks the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from .client import Customer, JobFailed, result_json
+from .events import Keys
+from .keys import write_key_file
+from .localnet import start_relay
+from .logs import configure_logging
+from .nip90 import HANDLER_KIND, JobInput, parse_handler_announcement
+
+TEXT_STATS_KIND = 5790
+DEMO_TEXT = ("Money in, data out. Providers train models; customers pay in ecash; "
+             "relays carry the messages, and nobody holds the money but the mint.")
+
+
+class Steps:
+    def __init__(self):
+        self.ok = True
+        self.t0 = time.monotonic()
+
+    def say(self, mark: str, text: str) -> None:
+        print(f"  [{time.monotonic() - self.t0:6.2f}s] {mark} {text}", flush=True)
+
+    def good(self, text: str) -> None:
+        self.say("✓", text)
+
+    def bad(self, text: str) -> None:
+        self.ok = False
+        self.say("✗", text)
+
+
+async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
+    temp = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="dvm-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    steps = Steps()
+    configure_logging("console", "warning")
+    print("dvm demo: a NIP-90 marketplace on loopback\n")
+    relay = worker = None
+    try:
+        relay = start_relay(root / "relay")
+        steps.good(f"relay (nostr-relay) listening on {relay.url}")
+
+        provider = Keys.generate()
+        write_key_file(root / "provider.key", provider)
+        (root / "dvm.toml").write_text(
+            f'[dvm]\nname = "Demo DVM"\nrelays = ["{relay.url}"]\nkey_file = "provider.key"\n'
+            f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\n')
+        log_path = root / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(root / "dvm.toml")],
+            stdout=None if verbose else open(log_path, "wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        customer_keys = Keys.generate()
+        async with Customer(customer_keys, [relay.url]) as customer:
+            kinds = await _wait_announcement(customer, provider.public_key, worker, timeout=60)
+            if kinds is None:
+                steps.bad(f"the worker did not announce itself; see {log_path}")
+                return 1
+            steps.good(f"provider {provider.npub[:20]}… is up and announces kinds {kinds} (NIP-89)")
+            if TEXT_STATS_KIND not in kinds:
+                steps.bad(f"kind {TEXT_STATS_KIND} (text-stats) is not served: install examples/dvm-textstats")
+                return 1
+
+            request = await customer.submit(
+                TEXT_STATS_KIND, [JobInput(DEMO_TEXT, "text")], {"top": "3", "work_seconds": "2"},
+                provider=provider.public_key, encrypt="nip44")
+            steps.good(f"customer {customer_keys.npub[:20]}… sent job {request['id'][:12]}… "
+                       "(params NIP-44-encrypted)")
+            try:
+                result = await customer.result(
+                    request, timeout=60,
+                    on_feedback=lambda f: steps.say("…", f"feedback: {f.status} {f.message}".rstrip()))
+            except (JobFailed, TimeoutError) as exc:
+                steps.bad(f"the job failed: {exc}")
+                return 1
+            stats = result_json(result)
+            expected = len(re.findall(r"\w+", DEMO_TEXT.lower()))
+            top = Counter(re.findall(r"\w+", DEMO_TEXT.lower())).most_common(1)[0]
+            if result.encrypted and stats["words"] == expected and tuple(stats["top_words"][0]) == top:
+                steps.good(f"result received (encrypted, kind {result.event['kind']}): "
+                           f"{stats['words']} words, top words {stats['top_words']}")
+            else:
+                steps.bad(f"unexpected result: {stats}")
+        worker.terminate()
+        code = worker.wait(30)
+        if code == 0:
+            steps.good("worker stopped cleanly on SIGTERM")
+        else:
+            steps.bad(f"worker exited with {code}; see {log_path}")
+    except Exception as exc:
+        steps.bad(f"demo failed: {type(exc).__name__}: {exc}")
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        if relay is not None:
+            relay.stop()
+        if temp and steps.ok:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{'demo succeeded' if steps.ok else 'demo FAILED (files kept in ' + str(root) + ')'}"
+          f" in {time.monotonic() - steps.t0:.1f}s")
+    return 0 if steps.ok else 1
+
+
+async def _wait_announcement(customer: Customer, pubkey: str, worker, timeout: float) -> list[int] | None:
+    found: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_event(event, relay):
+        if event["kind"] == HANDLER_KIND and event["pubkey"] == pubkey and not found.done():
+            found.set_result(parse_handler_announcement(event)[1])
+
+    customer.pool.set_handler(lambda e, r: on_event(e, r) or customer._on_event(e, r))
+    await customer.pool.subscribe("announce", [{"kinds": [HANDLER_KIND], "authors": [pubkey]}])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.poll() is None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(found), 0.5)
+        except asyncio.TimeoutError:
+            continue
+    return None

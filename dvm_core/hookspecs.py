@@ -1,0 +1,50 @@
+"""The plugin contract: the hooks a DVM plugin may implement.
+
+A plugin is any module or object with functions marked ``@dvm_core.hookimpl`` whose names match
+the hooks below. It is found through the ``dvm`` entry-point group, bundled and third-party
+plugins alike. A minimal plugin package (see ``examples/dvm-textstats``)::
+
+    # pyproject.toml
+    [project.entry-points.dvm]
+    textstats = "dvm_textstats"
+
+    # dvm_textstats.py
+    from dvm_core import hookimpl, JobKind, JobResult, JobInputError
+
+    def parse(request):
+        text = " ".join(i.data for i in request.inputs if i.type == "text")
+        if not text:
+            raise JobInputError("send the text in an input of type 'text'")
+        return text
+
+    def run(ctx, text):                      # runs in a worker thread
+        ctx.progress(50, "counting")
+        ctx.check_cancelled()
+        return JobResult({"words": len(text.split())})
+
+    @hookimpl
+    def register_job_kinds(register):
+        register(JobKind(kind=5790, name="text-stats", description="Counts words.",
+                         run=run, parse=parse, params={}))
+
+The core owns everything else: relays, decryption, de-duplication, persistence, feedback,
+time limits, cancellation, payment and publishing the result. A plugin never sees a key.
+
+Implementations may take any subset of a hook's arguments, by name. A hook implementation whose
+name matches no hook here makes the worker refuse to start (a misspelt hook fails loudly).
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("dvm")
+
+
+@hookspec
+def register_job_kinds(register, config):
+    """Register the job kinds this plugin serves.
+
+    :param register: call ``register(JobKind(...))`` once per kind (see `dvm_core.jobs.JobKind`).
+        Registering a kind number or name that another plugin already took is an error.
+    :param config: the worker's whole configuration as a dict (from the TOML file); a plugin
+        reads its own table, ``config["plugins"]["<plugin name>"]``, if it has settings.
+    """

@@ -1,0 +1,135 @@
+"""What a plugin works with: the job kind it registers, the context a job runs in, its result.
+
+These are the objects named in `hookspecs.py`; read that module first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .nip90 import JobRequest
+
+
+class JobError(Exception):
+    """Base of the errors a plugin raises on purpose; the message goes to the customer."""
+
+
+class JobInputError(JobError):
+    """The customer's request cannot be served as sent (bad params, bad data). Not retried."""
+
+
+class JobCancelled(JobError):
+    """The customer cancelled the job (kind-5 deletion) or the worker is stopping."""
+
+
+class JobTimeout(JobError):
+    """The job ran past its time limit."""
+
+
+@dataclass
+class JobResult:
+    """What a job returns. `content` is the result event's payload (a dict is sent as JSON);
+    `metrics` go to the log's summary line and the store."""
+
+    content: str | dict | list
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return json.dumps(self.content, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass
+class JobKind:
+    """A job kind a plugin serves.
+
+    :param kind: the request kind (5000-5999); the result is `kind + 1000`. A provider can
+        move it with `[kinds] <name> = <number>` in the config.
+    :param name: short stable name, e.g. ``"image-classifier"``; config sections use it.
+    :param description: one paragraph for customers (goes into the NIP-89 announcement).
+    :param run: ``run(ctx, job) -> JobResult``; `job` is what `parse` returned. A plain
+        function runs in a worker thread (training is blocking work); an ``async def`` runs on
+        the event loop and must not block it.
+    :param parse: ``parse(request) -> job``: check the request and turn it into whatever `run`
+        wants. Raise `JobInputError` with a message for the customer. It runs before any work
+        or payment, on the event loop: keep it quick and free of I/O. Default: the request.
+    :param params: each param name this kind accepts, with a one-line description (also sent
+        in the NIP-89 announcement). A request with a param not listed here is refused with a
+        clear error, unless `params` is None.
+    :param time_limit: seconds a job may run (default: the worker's `job_time_limit`).
+    """
+
+    kind: int
+    name: str
+    description: str
+    run: Callable[["JobContext", Any], Any]
+    parse: Callable[[JobRequest], Any] | None = None
+    params: dict[str, str] | None = field(default_factory=dict)
+    time_limit: float | None = None
+    plugin: str = field(default="", compare=False)  # set by the worker: who registered it
+
+    def __post_init__(self) -> None:
+        if not 5000 <= int(self.kind) <= 5999:
+            raise ValueError(f"job kind {self.kind} of {self.name!r} is not in 5000-5999")
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"job kind name {self.name!r} must be letters, digits, - and _")
+
+
+class JobContext:
+    """Everything a running job may use. Safe to call from the job's worker thread.
+
+    - `request`: the parsed `JobRequest` (params decrypted).
+    - `workdir`: a private directory for this job's files, removed when the job ends.
+    - `progress(percent, message)`: report progress; sent to the customer as `processing`
+      feedback, rate-limited by the worker, so call it as often as you like.
+    - `cancelled`: a `threading.Event` set when the customer cancels, the time limit passes or
+      the worker stops. Long loops call `check_cancelled()` between steps.
+    - `deadline`: `time.monotonic()` value after which the job is stopped; `time_left()`.
+    - `log`: a structlog logger bound to this job.
+    """
+
+    def __init__(self, *, job_id: str, request: JobRequest, workdir: Path, log,
+                 deadline: float, report: Callable[[float, str], None], config: dict):
+        self.job_id = job_id
+        self.request = request
+        self.workdir = workdir
+        self.log = log
+        self.deadline = deadline
+        self.config = config
+        self.cancelled = threading.Event()
+        self.cancel_reason = ""
+        self._report = report
+
+    def progress(self, percent: float, message: str = "") -> None:
+        self._report(float(percent), message)
+
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled (or JobTimeout) if the job should stop now."""
+        if self.cancelled.is_set():
+            if self.cancel_reason == "time limit":
+                raise JobTimeout("the job ran past its time limit")
+            raise JobCancelled(self.cancel_reason or "cancelled")
+        if time.monotonic() > self.deadline:
+            raise JobTimeout("the job ran past its time limit")
+
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.cancelled.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """For async jobs: sleep, waking early with JobCancelled on cancellation."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.check_cancelled()
+            await asyncio.sleep(min(0.05, end - time.monotonic()))
+        self.check_cancelled()

@@ -1,0 +1,166 @@
+"""The worker's durable state in SQLite: jobs, their states, and events that must go out.
+
+Every step that could be lost is written before it is taken: a request is recorded before it
+is answered, a result event is signed and stored before it is published, and what has not been
+confirmed by a relay is published again after a restart (relays drop a repeated id, so the
+customer sees one result).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,            -- the job request's event id
+    kind INTEGER NOT NULL,
+    customer TEXT NOT NULL,
+    created_at INTEGER NOT NULL,    -- the request's created_at
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL,            -- received, rejected, queued, running, succeeded, failed, cancelled
+    request TEXT NOT NULL,          -- the request event as received (private content stays encrypted)
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    summary TEXT                    -- JSON metrics of the finished job
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT PRIMARY KEY,
+    job_id TEXT,
+    role TEXT NOT NULL,             -- result, feedback, announcement
+    event TEXT NOT NULL,
+    created REAL NOT NULL,
+    published_at REAL,
+    relays TEXT                     -- JSON: relays that accepted it
+);
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(published_at) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("rejected", "succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    kind: int
+    customer: str
+    created_at: int
+    state: str
+    request: dict
+    error: str | None
+    attempts: int
+    received_at: float
+    updated_at: float
+    summary: dict | None
+
+
+class Store:
+    """One SQLite file. Used from the event loop's thread only; each call is one transaction."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        # WAL with synchronous=NORMAL survives a killed process (the data is in the OS); only a
+        # power cut can take the last commits, and costs no fsync per job.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # jobs -----------------------------------------------------------------
+    def record_request(self, event: dict, state: str = "received") -> bool:
+        """Record a job request; False if it was seen before (so it is never handled twice)."""
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO jobs (id, kind, customer, created_at, received_at, updated_at,"
+            " state, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (event["id"], event["kind"], event["pubkey"], event["created_at"], now, now, state,
+             json.dumps(event, separators=(",", ":"), ensure_ascii=False)),
+        )
+        return cur.rowcount == 1
+
+    def set_state(self, job_id: str, state: str, error: str | None = None,
+                  summary: dict | None = None, count_attempt: bool = False) -> None:
+        self.db.execute(
+            "UPDATE jobs SET state = ?, updated_at = ?, error = COALESCE(?, error),"
+            " summary = COALESCE(?, summary), attempts = attempts + ? WHERE id = ?",
+            (state, time.time(), error, json.dumps(summary) if summary is not None else None,
+             1 if count_attempt else 0, job_id),
+        )
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[JobRecord]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY received_at LIMIT ?",
+                (*states, limit),
+            )
+        else:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY received_at DESC LIMIT ?", (limit,))
+        return [_job(r) for r in rows]
+
+    def latest_request_time(self) -> int | None:
+        row = self.db.execute("SELECT MAX(created_at) FROM jobs").fetchone()
+        return row[0]
+
+    # outbox ---------------------------------------------------------------
+    def add_outgoing(self, event: dict, role: str, job_id: str | None = None) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, job_id, role, event, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (event["id"], job_id, role, json.dumps(event, separators=(",", ":"), ensure_ascii=False),
+             time.time()),
+        )
+
+    def mark_published(self, event_id: str, relays: list[str]) -> None:
+        self.db.execute(
+            "UPDATE outbox SET published_at = ?, relays = ? WHERE event_id = ?",
+            (time.time(), json.dumps(relays), event_id),
+        )
+
+    def unpublished(self) -> list[tuple[str | None, str, dict]]:
+        rows = self.db.execute(
+            "SELECT job_id, role, event FROM outbox WHERE published_at IS NULL ORDER BY created"
+        )
+        return [(r["job_id"], r["role"], json.loads(r["event"])) for r in rows]
+
+    def outgoing_for_job(self, job_id: str, role: str) -> dict | None:
+        row = self.db.execute(
+            "SELECT event FROM outbox WHERE job_id = ? AND role = ? ORDER BY created LIMIT 1",
+            (job_id, role),
+        ).fetchone()
+        return json.loads(row["event"]) if row else None
+
+    # meta -----------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"], kind=row["kind"], customer=row["customer"], created_at=row["created_at"],
+        state=row["state"], request=json.loads(row["request"]), error=row["error"],
+        attempts=row["attempts"], received_at=row["received_at"], updated_at=row["updated_at"],
+        summary=json.loads(row["summary"]) if row["summary"] else None,
+    )

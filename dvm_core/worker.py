@@ -1,0 +1,398 @@
+"""The DVM worker: takes NIP-90 job requests from relays, runs them through plugins, answers.
+
+One request's path: verified and de-duplicated by the relay pool → recorded in the store (a
+request is never handled twice, across restarts) → decrypted and parsed → `processing`
+feedback → run by its plugin under a concurrency limit, a time limit and cancellation → the
+result is signed, stored, then published. After a crash, stored results are published again and
+jobs that were queued or running are run again, so each request gets exactly one result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import structlog
+
+from .config import Config
+from .encryption import DecryptionError, Scheme, decrypt, encrypter
+from .events import Keys, sign_event
+from .jobs import (JobCancelled, JobContext, JobInputError, JobKind, JobResult, JobTimeout)
+from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
+                    build_feedback, build_handler_announcement, build_result, deleted_event_ids,
+                    is_encrypted, parse_job_request)
+from .plugins import collect_job_kinds, plugin_manager
+from .relay import RelayPool
+from .store import ACTIVE_STATES, Store
+
+log = structlog.get_logger("dvm.worker")
+
+STOP_GRACE_SECONDS = 10.0
+CATCHUP_MARGIN_SECONDS = 120
+
+
+@dataclass
+class ActiveJob:
+    request: JobRequest
+    job_kind: JobKind
+    parsed: Any
+    scheme: Scheme | None
+    ctx: JobContext | None = None
+    task: asyncio.Task | None = None      # the request's task (accept, queue, run, answer)
+    job_task: asyncio.Future | None = None  # the plugin's run itself
+    cancel_reason: str = ""
+    last_progress_at: float = 0.0
+    progress_pending: tuple[float, str] | None = None
+    progress_timer: asyncio.TimerHandle | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, config: Config, keys: Keys, pm: pluggy.PluginManager | None = None):
+        self.config = config
+        self.settings = config.settings
+        self.keys = keys
+        self.pm = pm or plugin_manager()
+        self.kinds: dict[int, JobKind] = collect_job_kinds(self.pm, config.raw)
+        self.store = Store(self.settings.store_path)
+        self.pool = RelayPool(self.settings.relays, self._on_event)
+        self.relay_hint = self.settings.relays[0]
+        self.ready = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._active: dict[str, ActiveJob] = {}
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
+        self._tasks: set[asyncio.Task] = set()
+        self._cancel_sub_timer: asyncio.TimerHandle | None = None
+        self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+
+    # lifecycle ------------------------------------------------------------
+    async def start(self, connect_timeout: float = 10.0) -> None:
+        if not self.kinds:
+            log.warning("no job kinds registered: install a plugin or check DVM_PLUGINS")
+        if not await self.pool.start(wait=connect_timeout):
+            log.warning("no relay answered yet; still trying", relays=self.settings.relays)
+        await self.pool.subscribe("dvm-requests", self._request_filters)
+        self._recover()
+        if self.settings.announce and self.kinds:
+            self._spawn(self._publish(self._sign(*self.announcement()), role="announcement"))
+        self.ready.set()
+        log.info("worker ready", npub=self.keys.npub, kinds=sorted(self.kinds),
+                 relays=self.settings.relays)
+
+    async def run(self) -> None:
+        """Start, then serve until `stop()` is called."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop taking jobs; give running ones `grace` seconds, then stop them and put them back
+        in the queue (in the store) so the next start runs them."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("worker stopping", active=len(self._active))
+        await self.pool.unsubscribe("dvm-requests")
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for active in list(self._active.values()):
+            self._cancel(active, "worker stopping")
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        for task in self._tasks:
+            task.cancel()  # what is left is in the outbox and goes out after the next start
+        await self.pool.close()
+        self.store.close()
+        self._stopped.set()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _request_filters(self) -> list[dict]:
+        latest = self.store.latest_request_time()
+        since = (latest - CATCHUP_MARGIN_SECONDS if latest is not None
+                 else int(time.time()) - self.settings.catchup_seconds)
+        return [{"kinds": sorted(self.kinds), "since": since}]
+
+    def announcement(self) -> tuple[int, str, list[list[str]]]:
+        kinds = [KindDescription(k.kind, k.name, k.description, k.params or {})
+                 for k in sorted(self.kinds.values(), key=lambda k: k.kind)]
+        return build_handler_announcement(
+            identifier=f"dvm-{self.keys.public_key[:16]}", name=self.settings.name,
+            about=self.settings.about, kinds=kinds)
+
+    def _recover(self) -> None:
+        for job_id, role, event in self.store.unpublished():
+            log.info("publishing again after restart", job_id=job_id, role=role, event_id=event["id"])
+            self._spawn(self._publish(event, role=role, job_id=job_id, stored=True))
+        for record in self.store.jobs(ACTIVE_STATES):
+            if self.store.outgoing_for_job(record.id, "result") is not None:
+                self.store.set_state(record.id, "succeeded")
+                continue
+            log.info("resuming job after restart", job_id=record.id, state=record.state)
+            self._spawn(self._accept(record.request, resumed=True))
+
+    # incoming events -------------------------------------------------------
+    def _on_event(self, event: dict, relay_url: str):
+        if event["kind"] == DELETION_KIND:
+            self._on_deletion(event)
+            return None
+        if event["kind"] in self.kinds and not self._stopping:
+            return self._accept(event)
+        return None
+
+    def _on_deletion(self, event: dict) -> None:
+        for job_id in deleted_event_ids(event):
+            active = self._active.get(job_id)
+            if active is not None and active.request.pubkey == event["pubkey"]:
+                log.info("job cancelled by the customer", job_id=job_id)
+                self._cancel(active, "cancelled by the customer")
+
+    async def _accept(self, event: dict, resumed: bool = False) -> None:
+        providers = addressed_providers(event)
+        if providers and self.keys.public_key not in providers and not self.settings.accept_jobs_for_others:
+            return  # addressed to other DVMs
+        if is_encrypted(event) and self.keys.public_key not in providers:
+            return  # private to another DVM: we could not read it anyway
+        if not resumed and not self.store.record_request(event):
+            return  # seen before (on another relay, or before a restart)
+        with structlog.contextvars.bound_contextvars(job_id=event["id"]):
+            if not resumed:
+                self.counts["received"] += 1
+            scheme: Scheme | None = None
+            try:
+                size = len(json.dumps(event, ensure_ascii=False).encode())
+                if size > self.settings.max_request_bytes:
+                    raise InvalidRequest(f"the request is {size} bytes; this DVM accepts at most "
+                                         f"{self.settings.max_request_bytes}: send large inputs by URL")
+                private_tags = None
+                if is_encrypted(event):
+                    try:
+                        plaintext, scheme = decrypt(self.keys.private_key, event["pubkey"], event["content"])
+                    except DecryptionError as exc:
+                        raise InvalidRequest(str(exc)) from None
+                    try:
+                        private_tags = json.loads(plaintext)
+                    except ValueError:
+                        raise InvalidRequest("the decrypted content is not JSON: it must be a JSON "
+                                             "array of i and param tags") from None
+                request = parse_job_request(event, private_tags)
+                job_kind = self.kinds[request.kind]
+                if job_kind.params is not None:
+                    unknown = sorted(set(request.params) - set(job_kind.params))
+                    if unknown:
+                        accepted = ", ".join(sorted(job_kind.params)) or "none"
+                        raise InvalidRequest(f"unknown param(s) {', '.join(unknown)} for kind "
+                                             f"{request.kind} ({job_kind.name}); accepted: {accepted}")
+                parsed = job_kind.parse(request) if job_kind.parse else request
+            except (InvalidRequest, JobInputError) as exc:
+                self._reject(event, str(exc), scheme)
+                return
+            except Exception:
+                log.exception("plugin failed to parse a request", kind=event["kind"])
+                self._reject(event, "internal error while reading the request", scheme)
+                return
+            self.store.set_state(request.id, "queued")
+            active = ActiveJob(request=request, job_kind=job_kind, parsed=parsed, scheme=scheme)
+            self._active[request.id] = active
+            self._update_cancel_subscription()
+            self._spawn(self._publish(self._sign(*build_feedback(
+                request, "processing", "resumed after a restart" if resumed else "job accepted",
+                relay_hint=self.relay_hint, encrypt=self._encrypter(request, scheme)))))
+            active.task = asyncio.current_task()
+            await self._run(active)
+
+    def _reject(self, event: dict, reason: str, scheme: Scheme | None) -> None:
+        log.warning("request rejected", kind=event["kind"], reason=reason)
+        self.counts["rejected"] += 1
+        self.store.set_state(event["id"], "rejected", error=reason)
+        request = _bare_request(event)
+        encrypt = self._encrypter(request, scheme)
+        self._finish_feedback(request, reason, encrypt)
+
+    def _encrypter(self, request: JobRequest, scheme: Scheme | None):
+        return encrypter(scheme, self.keys.private_key, request.pubkey) if scheme else None
+
+    # running ---------------------------------------------------------------
+    async def _run(self, active: ActiveJob) -> None:
+        request, job_kind = active.request, active.job_kind
+        outcome, error, metrics = "failed", "", {}
+        workdir = self.settings.jobs_dir / request.id
+        try:
+            async with self._slots:
+                if active.cancel_reason:
+                    raise JobCancelled(active.cancel_reason)
+                self.store.set_state(request.id, "running", count_attempt=True)
+                workdir.mkdir(parents=True, exist_ok=True)
+                limit = job_kind.time_limit or self.settings.job_time_limit
+                loop = asyncio.get_running_loop()
+                ctx = active.ctx = JobContext(
+                    job_id=request.id, request=request, workdir=workdir,
+                    log=log.bind(job_id=request.id, kind=request.kind),
+                    deadline=time.monotonic() + limit,
+                    report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg),
+                    config=self.config.raw,
+                )
+                started = time.monotonic()
+                result = await self._call_plugin(active, ctx, limit)
+                if not isinstance(result, JobResult):
+                    result = JobResult(result)
+                metrics = dict(result.metrics, seconds=round(time.monotonic() - started, 3))
+                self._deliver_result(active, result, metrics)
+                outcome = "succeeded"
+        except JobCancelled as exc:
+            if str(exc) == "worker stopping":
+                outcome = "queued"  # run again after the restart
+                self.store.set_state(request.id, "queued")
+            else:
+                outcome, error = "cancelled", str(exc)
+        except JobTimeout:
+            limit = job_kind.time_limit or self.settings.job_time_limit
+            error = f"the job ran past its time limit of {limit:g} s"
+        except JobInputError as exc:
+            error = str(exc)
+        except Exception as exc:
+            log.error("job failed in its plugin", job_id=request.id, kind=request.kind,
+                      plugin=job_kind.plugin, exc_info=exc)
+            error = "internal error while running the job"
+        finally:
+            self._active.pop(request.id, None)
+            self._update_cancel_subscription()
+            if active.progress_timer is not None:
+                active.progress_timer.cancel()
+            shutil.rmtree(workdir, ignore_errors=True)
+        if outcome in ("failed", "cancelled"):
+            self.store.set_state(request.id, outcome, error=error)
+            self._finish_feedback(request, error, self._encrypter(request, active.scheme))
+        if outcome != "queued":
+            self.counts[outcome] += 1
+        log.info("job finished", job_id=request.id, kind=request.kind, job_kind=job_kind.name,
+                 outcome=outcome, error=error or None, encrypted=request.encrypted,
+                 seconds=round(time.monotonic() - active.started, 3), **metrics)
+
+    async def _call_plugin(self, active: ActiveJob, ctx: JobContext, limit: float):
+        run = active.job_kind.run
+        if inspect.iscoroutinefunction(run):
+            task = asyncio.ensure_future(run(ctx, active.parsed))
+        else:
+            # Training blocks: run it in a thread; to_thread carries the job_id contextvars.
+            task = asyncio.ensure_future(asyncio.to_thread(run, ctx, active.parsed))
+        active.job_task = task
+        if active.cancel_reason:
+            ctx.cancel(active.cancel_reason)
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            ctx.cancel("time limit")
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            if not done:
+                log.error("job ignored its time limit; its thread is left running", job_id=ctx.job_id)
+            raise JobTimeout()
+        try:
+            return task.result()
+        except asyncio.CancelledError:
+            raise JobCancelled(ctx.cancel_reason or "cancelled") from None
+
+    def _cancel(self, active: ActiveJob, reason: str) -> None:
+        active.cancel_reason = reason
+        if active.ctx is not None:
+            active.ctx.cancel(reason)
+            if active.job_task is not None and inspect.iscoroutinefunction(active.job_kind.run):
+                active.job_task.cancel()
+
+    def _progress(self, active: ActiveJob, percent: float, message: str) -> None:
+        if active.request.id not in self._active:
+            return
+        active.progress_pending = (percent, message)
+        wait = active.last_progress_at + self.settings.progress_interval - time.monotonic()
+        if wait <= 0:
+            self._send_progress(active)
+        elif active.progress_timer is None:
+            active.progress_timer = asyncio.get_running_loop().call_later(wait, self._send_progress, active)
+
+    def _send_progress(self, active: ActiveJob) -> None:
+        active.progress_timer = None
+        if active.progress_pending is None or active.request.id not in self._active:
+            return
+        percent, message = active.progress_pending
+        active.progress_pending = None
+        active.last_progress_at = time.monotonic()
+        text = f"{percent:.0f}%" + (f" {message}" if message else "")
+        self._spawn(self._publish(self._sign(*build_feedback(
+            active.request, "processing", text, progress=percent, relay_hint=self.relay_hint,
+            encrypt=self._encrypter(active.request, active.scheme)))))
+
+    def _update_cancel_subscription(self) -> None:
+        # One subscription for deletions of every active job, re-sent (debounced) as the set
+        # changes: relays keep deletions, so one sent before the job started is seen too.
+        if self._cancel_sub_timer is None and not self._stopping:
+            self._cancel_sub_timer = asyncio.get_running_loop().call_later(0.05, self._resubscribe_cancels)
+
+    def _resubscribe_cancels(self) -> None:
+        self._cancel_sub_timer = None
+        ids = sorted(self._active)
+        if ids:
+            self._spawn(self.pool.subscribe("dvm-cancels", [{"kinds": [DELETION_KIND], "#e": ids}]))
+        else:
+            self._spawn(self.pool.unsubscribe("dvm-cancels"))
+
+    # outgoing --------------------------------------------------------------
+    def _sign(self, kind: int, content: str, tags: list[list[str]]) -> dict:
+        return sign_event(self.keys, kind, content, tags)
+
+    def _deliver_result(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
+        request = active.request
+        event = self._sign(*build_result(request, result.payload(), relay_hint=self.relay_hint,
+                                         encrypt=self._encrypter(request, active.scheme)))
+        # Stored with the state change in one transaction: after a crash the result is either
+        # published again or the job is run again, never both.
+        with self.store.db:
+            self.store.db.execute("BEGIN")
+            self.store.add_outgoing(event, "result", request.id)
+            self.store.set_state(request.id, "succeeded", summary=metrics)
+        self._spawn(self._publish(event, role="result", job_id=request.id, stored=True))
+
+    def _finish_feedback(self, request: JobRequest, message: str, encrypt) -> None:
+        event = self._sign(*build_feedback(request, "error", message, relay_hint=self.relay_hint,
+                                           encrypt=encrypt))
+        self.store.add_outgoing(event, "feedback", request.id)
+        self._spawn(self._publish(event, role="feedback", job_id=request.id, stored=True))
+
+    async def _publish(self, event: dict, role: str = "feedback", job_id: str | None = None,
+                       stored: bool = False) -> bool:
+        """Publish to every relay. A stored event (a result, a final error) is tried again with
+        backoff until a relay accepts it; it stays in the outbox for the next start otherwise."""
+        delay = 1.0
+        while True:
+            results = await self.pool.publish(event)
+            accepted = [r.relay for r in results if r.ok]
+            if accepted:
+                if stored and not self._stopped.is_set():
+                    self.store.mark_published(event["id"], accepted)
+                return True
+            log.warning("no relay accepted an event", role=role, job_id=job_id, event_id=event["id"],
+                        reasons={r.relay: r.message for r in results})
+            if not stored or self._stopping or any("invalid" in r.message for r in results):
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+
+def _bare_request(event: dict) -> JobRequest:
+    """Enough of a request to answer it, for one that could not be parsed."""
+    return JobRequest(id=event["id"], pubkey=event["pubkey"], kind=event["kind"],
+                      created_at=event["created_at"], encrypted=is_encrypted(event), event=event)
