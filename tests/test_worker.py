@@ -1,0 +1,176 @@
+"""The worker end to end over a real relay: jobs in the clear and encrypted, progress,
+cancellation, time limits, several relays, restarts and a killed worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from dvm_core.client import Customer, JobFailed, result_json
+from dvm_core.events import Keys, sign_event
+from dvm_core.nip90 import FEEDBACK_KIND, JobInput, Result
+
+from dvm_core.config import load_config
+from dvm_core.plugins import plugin_manager
+from dvm_core.worker import Worker
+
+from .conftest import WorkerProcess, write_config
+
+KIND = 5790
+TEXT = [JobInput("the cat and the hat", "text")]
+
+
+async def test_clear_job_gets_processing_feedback_then_result(workers, customer):
+    worker = await workers.start()
+    request = await customer.submit(KIND, TEXT, {"top": "1"}, provider=worker.keys.public_key, encrypt=None)
+    updates = [u async for u in customer.updates(request, timeout=20)]
+    assert updates[0].status == "processing"
+    result = updates[-1]
+    assert isinstance(result, Result) and not result.encrypted
+    assert result.event["kind"] == KIND + 1000 and result.provider == worker.keys.public_key
+    assert result_json(result)["words"] == 5
+    assert result_json(result)["top_words"] == [["the", 2]]
+    tags = result.event["tags"]
+    assert ["p", customer.keys.public_key] in tags
+    assert any(t[0] == "e" and t[1] == request["id"] for t in tags)
+    assert ["i", "the cat and the hat", "text"] in tags
+    assert json.loads(next(t[1] for t in tags if t[0] == "request"))["id"] == request["id"]
+    assert worker.store.get_job(request["id"]).state == "succeeded"
+
+
+@pytest.mark.parametrize("scheme", ["nip44", "nip04"])
+async def test_encrypted_job_is_answered_in_the_customers_scheme(workers, customer, relay, scheme):
+    worker = await workers.start()
+    request = await customer.submit(KIND, TEXT, {"top": "2"}, provider=worker.keys.public_key, encrypt=scheme)
+    assert "the cat" not in json.dumps(request)  # the input is not readable on the relay
+    result = await customer.result(request, timeout=20)
+    assert result.encrypted and result_json(result)["words"] == 5
+    raw = result.event
+    assert "cat" not in raw["content"] and not any(t[0] == "i" for t in raw["tags"])
+    assert ("?iv=" in raw["content"]) == (scheme == "nip04")
+    # feedback is encrypted too, with the same scheme
+    async with Customer(Keys.generate(), [relay.url]) as spy:
+        await spy.pool.subscribe("spy", [{"kinds": [FEEDBACK_KIND], "#e": [request["id"]]}])
+        seen = []
+        spy.pool.set_handler(lambda e, r: seen.append(e))
+        await spy.pool.wait_eose("spy")
+    assert seen and all(["encrypted"] in e["tags"] for e in seen)
+    assert all(e["content"] == "" or ("?iv=" in e["content"]) == (scheme == "nip04") for e in seen)
+
+
+async def test_progress_is_reported_rate_limited(workers, customer):
+    worker = await workers.start(progress_interval=0.3)
+    request = await customer.submit(KIND, TEXT, {"work_seconds": "1.5"},
+                                    provider=worker.keys.public_key)
+    feedback = []
+    result = await customer.result(request, timeout=30, on_feedback=feedback.append)
+    progress = [f.progress for f in feedback if f.progress is not None]
+    assert result_json(result)["words"] == 5
+    assert 2 <= len(progress) <= 7, progress  # 20 reports in 1.5 s, at most one per 0.3 s
+    assert progress == sorted(progress)
+    times = [f.event["created_at"] for f in feedback]
+    assert times == sorted(times)
+
+
+async def test_customer_cancels_a_running_job(workers, customer):
+    worker = await workers.start()
+    request = await customer.submit(KIND, TEXT, {"work_seconds": "20"}, provider=worker.keys.public_key)
+    async for update in customer.updates(request, timeout=20):
+        if update.progress:
+            break
+    started = time.monotonic()
+    await customer.cancel(request)
+    with pytest.raises(JobFailed, match="cancelled"):
+        await customer.result(request, timeout=20)
+    assert time.monotonic() - started < 5
+    assert worker.store.get_job(request["id"]).state == "cancelled"
+
+
+async def test_only_the_requester_can_cancel(workers, customer, relay):
+    worker = await workers.start()
+    request = await customer.submit(KIND, TEXT, {"work_seconds": "1"}, provider=worker.keys.public_key)
+    async with Customer(Keys.generate(), [relay.url]) as stranger:
+        await stranger.cancel(request)
+    result = await customer.result(request, timeout=20)
+    assert result_json(result)["words"] == 5
+
+
+async def test_time_limit_stops_a_job_with_a_clear_error(workers, customer):
+    worker = await workers.start(job_time_limit=1.0)
+    request = await customer.submit(KIND, TEXT, {"work_seconds": "30"}, provider=worker.keys.public_key)
+    with pytest.raises(JobFailed, match="time limit of 1 s"):
+        await customer.result(request, timeout=20)
+    assert worker.store.get_job(request["id"]).state == "failed"
+
+
+async def test_event_seen_on_two_relays_is_handled_once(tmp_path, relay, fresh_relay, workers):
+    keys = Keys.generate()
+    cfg = tmp_path / "two" / "dvm.toml"
+    cfg.parent.mkdir()
+    write_config(cfg, [relay.url, fresh_relay.url])
+    worker = Worker(load_config(cfg, env={}), keys, plugin_manager(only=["textstats"]))
+    await worker.start()
+    try:
+        await worker.pool.wait_all_connected(10)
+        async with Customer(Keys.generate(), [relay.url, fresh_relay.url]) as c:
+            await c.pool.wait_all_connected(10)
+            request = await c.submit(KIND, TEXT, {}, provider=keys.public_key)
+            await c.result(request, timeout=20)
+            await asyncio.sleep(0.5)
+        assert worker.counts["received"] == 1 and worker.counts["succeeded"] == 1
+    finally:
+        await worker.stop(grace=1)
+
+
+async def test_requests_sent_while_the_worker_was_down_are_picked_up(workers, customer):
+    keys = Keys.generate()
+    worker = await workers.start(keys=keys, name="first")
+    first = await customer.submit(KIND, TEXT, {}, provider=keys.public_key)
+    await customer.result(first, timeout=20)
+    await worker.stop(grace=1)
+    workers.workers.remove(worker)
+
+    missed = await customer.submit(KIND, TEXT, {"top": "1"}, provider=keys.public_key)
+    again = await workers.start(keys=keys, name="first")  # same state dir
+    result = await customer.result(missed, timeout=20)
+    assert result_json(result)["top_words"] == [["the", 2]]
+    await asyncio.sleep(0.5)
+    assert again.counts["received"] == 1  # the first request was not handled twice
+
+
+async def _count_results(relay_url: str, request_id: str, kind: int) -> list[dict]:
+    async with Customer(Keys.generate(), [relay_url]) as c:
+        seen = []
+        c.pool.set_handler(lambda e, r: seen.append(e))
+        await c.pool.subscribe("q", [{"kinds": [kind], "#e": [request_id]}])
+        await c.pool.wait_eose("q")
+        return seen
+
+
+@pytest.mark.parametrize("kill_when", ["queued", "running"])
+async def test_killed_worker_finishes_the_job_after_restart_with_one_result(
+        tmp_path, relay, customer, kill_when):
+    keys = Keys.generate()
+    proc = WorkerProcess(tmp_path, relay.url, keys, max_concurrent_jobs=1)
+    proc.start()
+    try:
+        proc.wait_log("worker ready")
+        blocker = await customer.submit(KIND, TEXT, {"work_seconds": "30"}, provider=keys.public_key, encrypt=None)
+        target = await customer.submit(KIND, TEXT, {"top": "1", "work_seconds": "1"}, provider=keys.public_key)
+        if kill_when == "running":
+            await customer.cancel(blocker)
+        async for update in customer.updates(target if kill_when == "running" else blocker, timeout=30):
+            if update.progress:
+                break
+        proc.kill()
+        proc.start()
+        result = await customer.result(target, timeout=60)
+        assert result_json(result)["top_words"] == [["the", 2]]
+        await asyncio.sleep(1.0)
+        results = await _count_results(relay.url, target["id"], KIND + 1000)
+        assert len(results) == 1
+    finally:
+        proc.stop()
