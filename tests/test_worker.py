@@ -167,6 +167,8 @@ async def test_killed_worker_finishes_the_job_after_restart_with_one_result(
                 break
         proc.kill()
         proc.start()
+        if kill_when == "queued":
+            await customer.cancel(blocker)  # resumed first; the target waits behind it
         result = await customer.result(target, timeout=60)
         assert result_json(result)["top_words"] == [["the", 2]]
         await asyncio.sleep(1.0)

@@ -1,0 +1,345 @@
+"""Benchmark of the worker core over a real relay: request→feedback latency against the relay's
+own round trip, and a burst of concurrent requests.
+
+    .venv/bin/python tests/benchmarks/bench_core.py [--n-latency 200] [--burst 1000] ...
+
+Prints one JSON object on stdout; progress goes to stderr. Not a pytest module (no test_
+functions, and the file name does not match test_*.py).
+
+Everything but the relay runs in this process, on one event loop: the worker (textstats
+plugin only), the customer, and a bare echo responder. The relay (`nostr-relay`) runs in a
+child process on 127.0.0.1, fresh for each run.
+
+- latency: the customer publishes a kind-5790 request in the clear, addressed to the worker
+  with a `p` tag, and times (perf_counter, customer side) until the first kind-7000 feedback
+  for it arrives; it then waits for the result before sending the next request.
+- relay round trip, in the same run and interleaved with the requests: the customer publishes
+  a ping (kind 1, `p` = responder); the responder, a second RelayPool, signs and publishes a
+  reply tagging the ping as soon as it receives it; timed until the customer receives the
+  reply. Both paths cross the relay twice (request→worker, feedback→customer), so the ratio
+  feedback / round trip is what the worker itself adds. One way: publish → responder receives.
+- burst: N requests published at once (asyncio.gather in chunks); counts results in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import platform
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dvm_core.config import load_config
+from dvm_core.events import Keys, sign_event
+from dvm_core.localnet import start_relay
+from dvm_core.logs import configure_logging
+from dvm_core.nip90 import FEEDBACK_KIND, JobInput, build_request
+from dvm_core.plugins import plugin_manager
+from dvm_core.relay import RelayPool
+from dvm_core.worker import Worker
+
+TEXT_STATS_KIND = 5790
+RESULT_KIND = TEXT_STATS_KIND + 1000
+PING_KIND = 1  # a regular kind: the relay stores it, as it stores requests and feedback
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def write_config(path: Path, relay_url: str, **settings) -> Path:
+    """As tests/conftest.py writes it: a [dvm] table of JSON-encoded values."""
+    values = {"relays": [relay_url], "state_dir": str(path.parent / "state"),
+              "log_format": "json", **settings}
+    lines = ["[dvm]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reply_to(event: dict) -> str | None:
+    for t in event["tags"]:
+        if len(t) >= 2 and t[0] == "e":
+            return t[1]
+    return None
+
+
+class Timings:
+    """Customer-side arrival times, keyed by the request (or ping) id."""
+
+    def __init__(self):
+        self.sent: dict[str, float] = {}
+        self.feedback: dict[str, float] = {}
+        self.result: dict[str, float] = {}
+        self.pong: dict[str, float] = {}
+        self.ping_seen: dict[str, float] = {}   # responder side, same clock
+        self.errors: dict[str, str] = {}
+        self.waiters: dict[tuple[str, str], asyncio.Future] = {}
+        self.all_results = asyncio.Event()
+        self.expected_results: set[str] = set()
+
+    def wait(self, what: str, event_id: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[(what, event_id)] = fut
+        return fut
+
+    def _wake(self, what: str, event_id: str) -> None:
+        fut = self.waiters.pop((what, event_id), None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def on_customer_event(self, event: dict, relay: str) -> None:
+        now = time.perf_counter()
+        ref = reply_to(event)
+        if ref is None:
+            return
+        kind = event["kind"]
+        if kind == FEEDBACK_KIND:
+            if ref not in self.feedback:
+                self.feedback[ref] = now
+                self._wake("feedback", ref)
+            status = next((t for t in event["tags"] if t and t[0] == "status"), None)
+            if status and len(status) > 1 and status[1] == "error":
+                self.errors[ref] = status[2] if len(status) > 2 else "error"
+                self._wake("result", ref)
+        elif kind == RESULT_KIND:
+            if ref not in self.result:
+                self.result[ref] = now
+                self._wake("result", ref)
+                self.expected_results.discard(ref)
+                if not self.expected_results:
+                    self.all_results.set()
+        elif kind == PING_KIND:
+            if ref not in self.pong:
+                self.pong[ref] = now
+                self._wake("pong", ref)
+
+
+class Responder:
+    """A bare echo: on a ping, sign a reply tagging it and publish it, nothing else."""
+
+    def __init__(self, relay_url: str, timings: Timings):
+        self.keys = Keys.generate()
+        self.timings = timings
+        self.pool = RelayPool([relay_url], self.on_event)
+
+    def on_event(self, event: dict, relay: str):
+        self.timings.ping_seen.setdefault(event["id"], time.perf_counter())
+        reply = sign_event(self.keys, PING_KIND, "pong", [["e", event["id"]], ["p", event["pubkey"]]])
+        return self.pool.publish(reply)  # a coroutine: the pool runs it as a task at once
+
+
+async def sequential(customer: RelayPool, ckeys: Keys, worker_pk: str, responder_pk: str,
+                     timings: Timings, n: int, warmup: int, text: str, timeout: float) -> dict:
+    """Interleave pings and requests, one at a time, so both see the same conditions."""
+    lat_fb, lat_res, rtt, oneway = [], [], [], []
+    lost_fb = 0
+    for i in range(warmup + n):
+        # ping → responder → pong
+        ping = sign_event(ckeys, PING_KIND, f"ping {i}", [["p", responder_pk]])
+        pong = timings.wait("pong", ping["id"])
+        t0 = time.perf_counter()
+        await customer.publish(ping)
+        await asyncio.wait_for(pong, timeout)
+        if i >= warmup:
+            rtt.append(timings.pong[ping["id"]] - t0)
+            oneway.append(timings.ping_seen[ping["id"]] - t0)
+
+        # request → worker → feedback (then wait for the result before the next one)
+        kind, content, tags = build_request(TEXT_STATS_KIND, [JobInput(text, "text")], {},
+                                            providers=[worker_pk])
+        req = sign_event(ckeys, kind, content, tags)
+        fb = timings.wait("feedback", req["id"])
+        res = timings.wait("result", req["id"])
+        t0 = time.perf_counter()
+        timings.sent[req["id"]] = t0
+        await customer.publish(req)
+        try:
+            await asyncio.wait_for(fb, timeout)
+            await asyncio.wait_for(res, timeout)
+        except asyncio.TimeoutError:
+            lost_fb += 1
+            continue
+        if i >= warmup:
+            lat_fb.append(timings.feedback[req["id"]] - t0)
+            if req["id"] in timings.result:
+                lat_res.append(timings.result[req["id"]] - t0)
+        if (i + 1) % 50 == 0:
+            eprint(f"  sequential {i + 1}/{warmup + n}")
+    return {"feedback": lat_fb, "result": lat_res, "rtt": rtt, "oneway": oneway, "timeouts": lost_fb}
+
+
+async def burst(customer: RelayPool, ckeys: Keys, worker_pk: str, timings: Timings, count: int,
+                chunk: int, text: str, timeout: float) -> dict:
+    requests = []
+    for i in range(count):
+        kind, content, tags = build_request(TEXT_STATS_KIND, [JobInput(f"{text} #{i}", "text")], {},
+                                            providers=[worker_pk])
+        requests.append(sign_event(ckeys, kind, content, tags))
+    timings.expected_results = {r["id"] for r in requests}
+    timings.all_results.clear()
+    rejected: list[str] = []
+    t0 = time.perf_counter()
+    for start in range(0, count, chunk):
+        part = requests[start:start + chunk]
+        for r in part:
+            timings.sent[r["id"]] = time.perf_counter()
+        results = await asyncio.gather(*(customer.publish(r, timeout=60) for r in part))
+        rejected += [res[0].message for res in results if not any(x.ok for x in res)]
+    published_s = time.perf_counter() - t0
+    eprint(f"  burst: {count} published in {published_s:.2f}s ({len(rejected)} not accepted)")
+    try:
+        await asyncio.wait_for(timings.all_results.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    ids = [r["id"] for r in requests]
+    answered = [timings.result[i] for i in ids if i in timings.result]
+    end = max(answered) if answered else time.perf_counter()
+    feedbacks = sum(1 for i in ids if i in timings.feedback)
+    errors = sum(1 for i in ids if i in timings.errors)
+    res_lat = [timings.result[i] - timings.sent[i] for i in ids if i in timings.result]
+    fb_lat = [timings.feedback[i] - timings.sent[i] for i in ids if i in timings.feedback]
+    return {"answered": len(answered), "seconds": end - t0, "published_seconds": published_s,
+            "publish_rejected": len(rejected), "reject_reasons": sorted(set(rejected))[:5],
+            "feedbacks": feedbacks, "errors": errors, "result_latency": res_lat,
+            "feedback_latency": fb_lat}
+
+
+async def main_async(args) -> dict:
+    configure_logging("json", "warning")
+    tmp = Path(tempfile.mkdtemp(prefix="dvm-bench-"))
+    eprint(f"workdir {tmp}")
+    relay = start_relay(tmp / "relay")
+    eprint(f"relay {relay.url} (pid {relay.process.pid})")
+    worker = responder = customer = None
+    try:
+        (tmp / "worker").mkdir()
+        config = load_config(write_config(tmp / "worker" / "dvm.toml", relay.url,
+                                          max_concurrent_jobs=args.max_concurrent_jobs,
+                                          announce=False, log_level="warning"), env={})
+        worker = Worker(config, Keys.generate(), plugin_manager(only=["textstats"]))
+        await worker.start()
+        assert await worker.pool.wait_all_connected(10), "worker did not connect"
+
+        timings = Timings()
+        responder = Responder(relay.url, timings)
+        await responder.pool.start()
+        await responder.pool.subscribe("pings", [{"kinds": [PING_KIND], "#p": [responder.keys.public_key],
+                                                  "since": int(time.time()) - 5}])
+        ckeys = Keys.generate()
+        customer = RelayPool([relay.url], timings.on_customer_event)
+        await customer.start()
+        # One subscription for everything addressed to the customer, as a NIP-90 client keeps.
+        await customer.subscribe("inbox", [{"kinds": [FEEDBACK_KIND, RESULT_KIND, PING_KIND],
+                                            "#p": [ckeys.public_key], "since": int(time.time()) - 5}])
+        assert await customer.wait_eose("inbox") and await responder.pool.wait_eose("pings")
+
+        profiler = cProfile.Profile() if args.profile else None
+        out: dict = {}
+        if args.n_latency:
+            eprint(f"sequential: {args.warmup} warm-up + {args.n_latency} measured")
+            if profiler and args.profile == "latency":
+                profiler.enable()
+            seq = await sequential(customer, ckeys, worker.keys.public_key, responder.keys.public_key,
+                                   timings, args.n_latency, args.warmup, args.text, args.timeout)
+            if profiler and args.profile == "latency":
+                profiler.disable()
+            fb, rtt = seq["feedback"], seq["rtt"]
+            out.update({
+                "feedback_p50_ms": ms(percentile(fb, 50)),
+                "feedback_p99_ms": ms(percentile(fb, 99)),
+                "relay_rtt_p50_ms": ms(percentile(rtt, 50)),
+                "relay_rtt_p99_ms": ms(percentile(rtt, 99)),
+                "relay_oneway_p50_ms": ms(percentile(seq["oneway"], 50)),
+                "ratio": round(percentile(fb, 50) / percentile(rtt, 50), 3),
+                "result_p50_ms": ms(percentile(seq["result"], 50)),
+                "result_p99_ms": ms(percentile(seq["result"], 99)),
+                "n_latency": len(fb),
+                "latency_timeouts": seq["timeouts"],
+            })
+        if args.burst:
+            eprint(f"burst: {args.burst} requests, chunks of {args.chunk}, "
+                   f"max_concurrent_jobs={args.max_concurrent_jobs}")
+            if profiler and args.profile == "burst":
+                profiler.enable()
+            b = await burst(customer, ckeys, worker.keys.public_key, timings, args.burst, args.chunk,
+                            args.text, args.burst_timeout)
+            if profiler and args.profile == "burst":
+                profiler.disable()
+            out.update({
+                "burst_requests": args.burst,
+                "answered": b["answered"],
+                "lost": args.burst - b["answered"],
+                "burst_seconds": round(b["seconds"], 3),
+                "burst_jobs_per_s": round(b["answered"] / b["seconds"], 1) if b["seconds"] > 0 else None,
+                "burst_publish_seconds": round(b["published_seconds"], 3),
+                "burst_publish_rejected": b["publish_rejected"],
+                "burst_feedbacks": b["feedbacks"],
+                "burst_errors": b["errors"],
+                "burst_result_p50_ms": ms(percentile(b["result_latency"], 50)),
+                "burst_result_p99_ms": ms(percentile(b["result_latency"], 99)),
+                "burst_feedback_p50_ms": ms(percentile(b["feedback_latency"], 50)),
+            })
+            if b["reject_reasons"]:
+                out["burst_reject_reasons"] = b["reject_reasons"]
+        out["worker_counts"] = dict(worker.counts)
+        out.update({
+            "max_concurrent_jobs": args.max_concurrent_jobs,
+            "python": platform.python_version(),
+            "relay": "nostr-relay 1.14 on 127.0.0.1",
+        })
+        if profiler:
+            stats = pstats.Stats(profiler, stream=sys.stderr)
+            if args.profile_out:
+                stats.dump_stats(args.profile_out)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(30)
+        return out
+    finally:
+        for name, obj in (("customer", customer), ("responder", responder and responder.pool)):
+            if obj is not None:
+                await obj.close()
+        if worker is not None:
+            await worker.stop(grace=2.0)
+        relay.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-latency", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--burst", type=int, default=1000)
+    ap.add_argument("--chunk", type=int, default=100, help="requests published at once in the burst")
+    ap.add_argument("--burst-timeout", type=float, default=120.0)
+    ap.add_argument("--timeout", type=float, default=10.0, help="per sequential request")
+    ap.add_argument("--max-concurrent-jobs", type=int, default=8)
+    ap.add_argument("--text", default="some text")
+    ap.add_argument("--profile", choices=["latency", "burst"], default=None,
+                    help="cProfile this process during that phase (printed to stderr)")
+    ap.add_argument("--profile-out", default=None, help="also dump the pstats to this file")
+    args = ap.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The relay transport against a real nostr-relay: OKs and their reasons, reconnects,
+re-subscription, publishing through an outage, one delivery per event."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dvm_core.events import Keys, sign_event
+from dvm_core.localnet import start_relay
+from dvm_core.relay import RelayConnection, RelayPool
+
+
+async def test_publish_waits_for_ok_and_reports_a_rejection_reason(tmp_path):
+    relay = start_relay(tmp_path / "small", max_event_size=100)
+    try:
+        pool = RelayPool([relay.url])
+        await pool.start()
+        keys = Keys.generate()
+        ok = await pool.publish(sign_event(keys, 1, "short"))
+        assert ok[0].ok
+        # nostr-relay answers this rejection with an empty id: it must still be matched
+        big = await pool.publish(sign_event(keys, 1, "x" * 500), timeout=5)
+        assert not big[0].ok and "timed out" not in big[0].message
+        assert big[0].message.startswith("invalid")
+        again = await pool.publish(sign_event(keys, 1, "still fine"))
+        assert again[0].ok
+        await pool.close()
+    finally:
+        relay.stop()
+
+
+async def test_reconnects_resubscribes_and_delivers_publishes_made_during_an_outage(tmp_path):
+    workdir = tmp_path / "relay"
+    relay = start_relay(workdir)
+    port = int(relay.url.rsplit(":", 1)[1])
+    keys = Keys.generate()
+    received: list[dict] = []
+    sub = RelayPool([relay.url], lambda e, r: received.append(e), min_backoff=0.1, max_backoff=0.5)
+    pub = RelayPool([relay.url], min_backoff=0.1, max_backoff=0.5)
+    try:
+        await sub.start()
+        await pub.start()
+        await sub.subscribe("notes", [{"kinds": [1], "authors": [keys.public_key]}])
+        await sub.wait_eose("notes")
+        await pub.publish(sign_event(keys, 1, "before"))
+
+        relay.kill()
+        await asyncio.sleep(0.3)
+        assert not pub.relays[0].connected
+        during = asyncio.create_task(pub.publish(sign_event(keys, 1, "during the outage"), timeout=30))
+        await asyncio.sleep(0.5)
+        relay = start_relay(workdir, port=port)
+        result = await during
+        assert result[0].ok, result
+        await pub.publish(sign_event(keys, 1, "after"))
+        for _ in range(100):
+            if {"before", "during the outage", "after"} <= {e["content"] for e in received}:
+                break
+            await asyncio.sleep(0.05)
+        contents = [e["content"] for e in received]
+        assert sorted(contents) == sorted(set(contents))  # each once, despite the replay
+        assert {"before", "during the outage", "after"} <= set(contents)
+    finally:
+        await sub.close()
+        await pub.close()
+        relay.stop()
+
+
+async def test_an_event_on_several_relays_is_delivered_once(relay, fresh_relay):
+    keys = Keys.generate()
+    received: list[tuple[str, str]] = []
+    pool = RelayPool([relay.url, fresh_relay.url], lambda e, r: received.append((e["id"], r)))
+    await pool.start()
+    await pool.wait_all_connected(10)
+    await pool.subscribe("s", [{"kinds": [1], "authors": [keys.public_key]}])
+    await pool.wait_eose("s")
+    event = sign_event(keys, 1, "twice")
+    results = await pool.publish(event)
+    assert all(r.ok for r in results) and len(results) == 2
+    await asyncio.sleep(0.5)
+    assert [i for i, _ in received] == [event["id"]]
+    await pool.close()
+
+
+async def test_forged_copy_does_not_shadow_the_real_event(relay):
+    keys = Keys.generate()
+    got: list[dict] = []
+    pool = RelayPool([relay.url], lambda e, r: got.append(e))
+    event = sign_event(keys, 1, "real")
+    forged = dict(event, content="forged")
+    pool._deliver(forged, relay.url, "s")
+    pool._deliver(event, relay.url, "s")
+    assert [e["content"] for e in got] == ["real"] and pool.invalid_events == 1
+
+
+async def test_publish_to_an_unreachable_relay_times_out_with_a_reason():
+    conn = RelayConnection("ws://127.0.0.1:9", lambda *a: None, min_backoff=0.1)
+    conn.start()
+    result = await conn.publish(sign_event(Keys.generate(), 1, "x"), timeout=0.5)
+    assert not result.ok and "not connected" in result.message
+    await conn.close()
