@@ -115,9 +115,12 @@ def verify_event(event: object) -> dict:
     for tag in event["tags"]:
         if not isinstance(tag, list) or not all(isinstance(x, str) for x in tag):
             raise InvalidEvent("every tag must be a list of strings")
-    expected = compute_event_id(
-        event["pubkey"], event["created_at"], event["kind"], event["tags"], event["content"]
-    )
+    try:
+        expected = compute_event_id(
+            event["pubkey"], event["created_at"], event["kind"], event["tags"], event["content"]
+        )
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: not valid UTF-8 text
+        raise InvalidEvent("event text is not valid Unicode") from None
     if expected != event["id"]:
         raise InvalidEvent("id does not match the event's content")
     try:

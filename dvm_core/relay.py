@@ -101,7 +101,10 @@ class RelayConnection:
                     backoff = self._min_backoff
                     await self._on_connect(ws)
                     async for raw in ws:
-                        self._handle(raw)
+                        try:
+                            self._handle(raw)
+                        except Exception:  # one bad message must not drop the connection
+                            log.exception("failed to handle a relay message", relay=self.url)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any network failure: log it and come back

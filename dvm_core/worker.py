@@ -10,10 +10,12 @@ jobs that were queued or running are run again, so each request gets exactly one
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,9 @@ class Worker:
         self._stopped = asyncio.Event()
         self._active: dict[str, ActiveJob] = {}
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
+        # Jobs get threads of their own, so long training never starves the default executor
+        # that asyncio and libraries share.
+        self._executor = ThreadPoolExecutor(self.settings.max_concurrent_jobs, thread_name_prefix="dvm-job")
         self._tasks: set[asyncio.Task] = set()
         self._cancel_sub_timer: asyncio.TimerHandle | None = None
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
@@ -114,6 +119,7 @@ class Worker:
             task.cancel()  # what is left is in the outbox and goes out after the next start
         await self.pool.close()
         self.store.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -251,7 +257,7 @@ class Worker:
                 result = await self._call_plugin(active, ctx, limit)
                 if not isinstance(result, JobResult):
                     result = JobResult(result)
-                metrics = dict(result.metrics, seconds=round(time.monotonic() - started, 3))
+                metrics = dict(result.metrics, run_seconds=round(time.monotonic() - started, 3))
                 self._deliver_result(active, result, metrics)
                 outcome = "succeeded"
         except JobCancelled as exc:
@@ -282,15 +288,17 @@ class Worker:
             self.counts[outcome] += 1
         log.info("job finished", job_id=request.id, kind=request.kind, job_kind=job_kind.name,
                  outcome=outcome, error=error or None, encrypted=request.encrypted,
-                 seconds=round(time.monotonic() - active.started, 3), **metrics)
+                 seconds=round(time.monotonic() - active.started, 3), metrics=metrics)
 
     async def _call_plugin(self, active: ActiveJob, ctx: JobContext, limit: float):
         run = active.job_kind.run
         if inspect.iscoroutinefunction(run):
             task = asyncio.ensure_future(run(ctx, active.parsed))
         else:
-            # Training blocks: run it in a thread; to_thread carries the job_id contextvars.
-            task = asyncio.ensure_future(asyncio.to_thread(run, ctx, active.parsed))
+            # Training blocks: run it in a thread, carrying the contextvars (the bound job_id).
+            context = contextvars.copy_context()
+            task = asyncio.get_running_loop().run_in_executor(
+                self._executor, context.run, run, ctx, active.parsed)
         active.job_task = task
         if active.cancel_reason:
             ctx.cancel(active.cancel_reason)

@@ -31,7 +31,7 @@ WORDS = ["the", "cat", "and", "the", "hat", "the", "café", "cat"]
 def node_and_modules() -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.fail("Node.js (`node`) is not on PATH: install Node.js 18 or later, then run `make js`")
+        pytest.fail("Node.js (`node`) is not on PATH: install Node.js 20.19 or later, then run `make js`")
     for package in ("nostr-tools", "ws"):
         if not (JS_DIR / "node_modules" / package / "package.json").is_file():
             pytest.fail(f"tests/js/node_modules/{package} is missing: run `make js` "
