@@ -102,6 +102,8 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        if self._cancel_sub_timer is not None:
+            self._cancel_sub_timer.cancel()
         log.info("worker stopping", active=len(self._active))
         await self.pool.unsubscribe("dvm-requests")
         tasks = [a.task for a in self._active.values() if a.task is not None]
@@ -352,6 +354,8 @@ class Worker:
 
     def _resubscribe_cancels(self) -> None:
         self._cancel_sub_timer = None
+        if self._stopping:
+            return
         ids = sorted(self._active)
         if ids:
             self._spawn(self.pool.subscribe("dvm-cancels", [{"kinds": [DELETION_KIND], "#e": ids}]))

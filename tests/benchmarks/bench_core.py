@@ -27,12 +27,18 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import platform
 import pstats
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    import psutil
+except ImportError:  # CPU accounting is left out without it
+    psutil = None
 
 from dvm_core.config import load_config
 from dvm_core.events import Keys, sign_event
@@ -65,6 +71,109 @@ def percentile(values: list[float], p: float) -> float:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+class CpuMeter:
+    """CPU seconds used by this process (worker, customer, responder) and by the relay."""
+
+    def __init__(self, relay_pid: int):
+        self.procs = ({"bench": psutil.Process(), "relay": psutil.Process(relay_pid)}
+                      if psutil is not None else {})
+        self.wall = 0.0
+        self.start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        return out
+
+    def begin(self) -> None:
+        self.wall = time.perf_counter()
+        self.start = self._now()
+
+    def end(self) -> dict | None:
+        if not self.procs:
+            return None
+        wall = time.perf_counter() - self.wall
+        now = self._now()
+        out = {"wall_s": round(wall, 3)}
+        for name in self.procs:
+            used = now[name] - self.start[name]
+            out[f"{name}_cpu_s"] = round(used, 3)
+            out[f"{name}_cpu_share"] = round(used / wall, 3) if wall > 0 else None
+        return out
+
+
+class HopTracer:
+    """With --trace: where a request's and a ping's time goes, hop by hop (same clock).
+
+    Wraps the worker's and the responder's relay connections (event received, before the pool
+    verifies it), the worker's `_publish` (feedback signed and handed to a task) and both pools'
+    `publish` (the send actually starting). Costs a dict write per event.
+    """
+
+    def __init__(self):
+        self.recv: dict[str, float] = {}        # request/ping id -> worker/responder got it
+        self.queued: dict[str, float] = {}      # request id -> feedback signed, publish task spawned
+        self.sending: dict[str, float] = {}     # request/ping id -> reply publish started
+
+    def install(self, worker: Worker, responder_pool: RelayPool) -> None:
+        for pool in (worker.pool, responder_pool):
+            for conn in pool.relays:
+                conn._on_event = self._wrap_recv(conn._on_event)
+            pool.publish = self._wrap_publish(pool.publish)
+        original = worker._publish
+
+        def _publish(event, *a, **kw):
+            if event["kind"] == FEEDBACK_KIND:
+                ref = reply_to(event)
+                if ref is not None:
+                    self.queued.setdefault(ref, time.perf_counter())
+            return original(event, *a, **kw)
+        worker._publish = _publish
+
+    def _wrap_recv(self, on_event):
+        def wrapped(event, url, sub_id):
+            if isinstance(event, dict) and isinstance(event.get("id"), str):
+                self.recv.setdefault(event["id"], time.perf_counter())
+            return on_event(event, url, sub_id)
+        return wrapped
+
+    def _wrap_publish(self, publish):
+        async def wrapped(event, *a, **kw):
+            ref = reply_to(event)
+            if ref is not None:
+                self.sending.setdefault(ref, time.perf_counter())
+            return await publish(event, *a, **kw)
+        return wrapped
+
+
+def hops(ids: list[str], sent: dict, tracer: HopTracer, back: dict, worker_side: bool) -> dict:
+    """p50 of each hop, in ms, over the ids that have every timestamp."""
+    legs: dict[str, list[float]] = {"relay_in": [], "server": [], "relay_out": []}
+    if worker_side:
+        legs.update({"recv_to_feedback_queued": [], "feedback_queued_to_send": []})
+    for i in ids:
+        stamps = [sent.get(i), tracer.recv.get(i), tracer.sending.get(i), back.get(i)]
+        if any(x is None for x in stamps):
+            continue
+        t0, t1, t2, t3 = stamps
+        legs["relay_in"].append(t1 - t0)
+        legs["server"].append(t2 - t1)
+        legs["relay_out"].append(t3 - t2)
+        if worker_side and i in tracer.queued:
+            legs["recv_to_feedback_queued"].append(tracer.queued[i] - t1)
+            legs["feedback_queued_to_send"].append(t2 - tracer.queued[i])
+    return {k: ms(percentile(v, 50)) for k, v in legs.items()}
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def write_config(path: Path, relay_url: str, **settings) -> Path:
@@ -152,27 +261,36 @@ async def sequential(customer: RelayPool, ckeys: Keys, worker_pk: str, responder
                      timings: Timings, n: int, warmup: int, text: str, timeout: float) -> dict:
     """Interleave pings and requests, one at a time, so both see the same conditions."""
     lat_fb, lat_res, rtt, oneway = [], [], [], []
+    ping_ids, req_ids = [], []
     lost_fb = 0
     for i in range(warmup + n):
         # ping → responder → pong
         ping = sign_event(ckeys, PING_KIND, f"ping {i}", [["p", responder_pk]])
         pong = timings.wait("pong", ping["id"])
         t0 = time.perf_counter()
-        await customer.publish(ping)
+        timings.sent[ping["id"]] = t0
+        published = await customer.publish(ping)
+        if not any(r.ok for r in published):
+            raise RuntimeError(f"relay refused ping {i}: {published}")
         await asyncio.wait_for(pong, timeout)
         if i >= warmup:
+            ping_ids.append(ping["id"])
             rtt.append(timings.pong[ping["id"]] - t0)
             oneway.append(timings.ping_seen[ping["id"]] - t0)
 
         # request → worker → feedback (then wait for the result before the next one)
-        kind, content, tags = build_request(TEXT_STATS_KIND, [JobInput(text, "text")], {},
+        # The text differs per request: same key, content, tags and second would be the same
+        # event id, which the relay drops as a duplicate.
+        kind, content, tags = build_request(TEXT_STATS_KIND, [JobInput(f"{text} {i}", "text")], {},
                                             providers=[worker_pk])
         req = sign_event(ckeys, kind, content, tags)
         fb = timings.wait("feedback", req["id"])
         res = timings.wait("result", req["id"])
         t0 = time.perf_counter()
         timings.sent[req["id"]] = t0
-        await customer.publish(req)
+        published = await customer.publish(req)
+        if not any(r.ok for r in published):
+            raise RuntimeError(f"relay refused request {i}: {published}")
         try:
             await asyncio.wait_for(fb, timeout)
             await asyncio.wait_for(res, timeout)
@@ -180,12 +298,14 @@ async def sequential(customer: RelayPool, ckeys: Keys, worker_pk: str, responder
             lost_fb += 1
             continue
         if i >= warmup:
+            req_ids.append(req["id"])
             lat_fb.append(timings.feedback[req["id"]] - t0)
             if req["id"] in timings.result:
                 lat_res.append(timings.result[req["id"]] - t0)
         if (i + 1) % 50 == 0:
             eprint(f"  sequential {i + 1}/{warmup + n}")
-    return {"feedback": lat_fb, "result": lat_res, "rtt": rtt, "oneway": oneway, "timeouts": lost_fb}
+    return {"feedback": lat_fb, "result": lat_res, "rtt": rtt, "oneway": oneway, "timeouts": lost_fb,
+            "ping_ids": ping_ids, "req_ids": req_ids}
 
 
 async def burst(customer: RelayPool, ckeys: Keys, worker_pk: str, timings: Timings, count: int,
@@ -253,14 +373,21 @@ async def main_async(args) -> dict:
                                             "#p": [ckeys.public_key], "since": int(time.time()) - 5}])
         assert await customer.wait_eose("inbox") and await responder.pool.wait_eose("pings")
 
+        tracer = None
+        if args.trace:
+            tracer = HopTracer()
+            tracer.install(worker, responder.pool)
+        cpu = CpuMeter(relay.process.pid)
         profiler = cProfile.Profile() if args.profile else None
-        out: dict = {}
+        out: dict = {"loadavg_1m_before": loadavg()}
         if args.n_latency:
             eprint(f"sequential: {args.warmup} warm-up + {args.n_latency} measured")
             if profiler and args.profile == "latency":
                 profiler.enable()
+            cpu.begin()
             seq = await sequential(customer, ckeys, worker.keys.public_key, responder.keys.public_key,
                                    timings, args.n_latency, args.warmup, args.text, args.timeout)
+            cpu_seq = cpu.end()
             if profiler and args.profile == "latency":
                 profiler.disable()
             fb, rtt = seq["feedback"], seq["rtt"]
@@ -275,14 +402,22 @@ async def main_async(args) -> dict:
                 "result_p99_ms": ms(percentile(seq["result"], 99)),
                 "n_latency": len(fb),
                 "latency_timeouts": seq["timeouts"],
+                "latency_cpu": cpu_seq,
             })
+            if tracer is not None:
+                out["hops_p50_ms"] = {
+                    "ping": hops(seq["ping_ids"], timings.sent, tracer, timings.pong, False),
+                    "request_feedback": hops(seq["req_ids"], timings.sent, tracer, timings.feedback, True),
+                }
         if args.burst:
             eprint(f"burst: {args.burst} requests, chunks of {args.chunk}, "
                    f"max_concurrent_jobs={args.max_concurrent_jobs}")
             if profiler and args.profile == "burst":
                 profiler.enable()
+            cpu.begin()
             b = await burst(customer, ckeys, worker.keys.public_key, timings, args.burst, args.chunk,
                             args.text, args.burst_timeout)
+            cpu_burst = cpu.end()
             if profiler and args.profile == "burst":
                 profiler.disable()
             out.update({
@@ -298,10 +433,13 @@ async def main_async(args) -> dict:
                 "burst_result_p50_ms": ms(percentile(b["result_latency"], 50)),
                 "burst_result_p99_ms": ms(percentile(b["result_latency"], 99)),
                 "burst_feedback_p50_ms": ms(percentile(b["feedback_latency"], 50)),
+                "burst_cpu": cpu_burst,
             })
             if b["reject_reasons"]:
                 out["burst_reject_reasons"] = b["reject_reasons"]
         out["worker_counts"] = dict(worker.counts)
+        out["loadavg_1m_after"] = loadavg()
+        out["cpus"] = os.cpu_count()
         out.update({
             "max_concurrent_jobs": args.max_concurrent_jobs,
             "python": platform.python_version(),
@@ -333,6 +471,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0, help="per sequential request")
     ap.add_argument("--max-concurrent-jobs", type=int, default=8)
     ap.add_argument("--text", default="some text")
+    ap.add_argument("--trace", action="store_true",
+                    help="add hops_p50_ms: per-hop timings of pings and requests (wraps a few methods)")
     ap.add_argument("--profile", choices=["latency", "burst"], default=None,
                     help="cProfile this process during that phase (printed to stderr)")
     ap.add_argument("--profile-out", default=None, help="also dump the pstats to this file")
