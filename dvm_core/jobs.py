@@ -99,13 +99,19 @@ class JobContext:
                  deadline: float, report: Callable[[float, str], None], config: dict):
         self.job_id = job_id
         self.request = request
-        self.workdir = workdir
+        self._workdir = workdir
         self.log = log
         self.deadline = deadline
         self.config = config
         self.cancelled = threading.Event()
         self.cancel_reason = ""
         self._report = report
+
+    @property
+    def workdir(self) -> Path:
+        # Made on first use: most quick jobs never need one.
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        return self._workdir
 
     def progress(self, percent: float, message: str = "") -> None:
         self._report(float(percent), message)

@@ -95,6 +95,8 @@ class RelayConnection:
                 async with websockets.connect(
                     self.url, max_size=self._max_message_bytes, open_timeout=10,
                     ping_interval=20, ping_timeout=20, close_timeout=2,
+                    # Nostr messages are small: deflate costs both ends more CPU than it saves.
+                    compression=None,
                 ) as ws:
                     self._ws = ws
                     self._generation += 1

@@ -221,6 +221,7 @@ class Worker:
             self._spawn(self._publish(self._sign(*build_feedback(
                 request, "processing", "resumed after a restart" if resumed else "job accepted",
                 relay_hint=self.relay_hint, encrypt=self._encrypter(request, scheme)))))
+            await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
             active.task = asyncio.current_task()
             await self._run(active)
 
@@ -245,7 +246,6 @@ class Worker:
                 if active.cancel_reason:
                     raise JobCancelled(active.cancel_reason)
                 self.store.set_state(request.id, "running", count_attempt=True)
-                workdir.mkdir(parents=True, exist_ok=True)
                 limit = job_kind.time_limit or self.settings.job_time_limit
                 loop = asyncio.get_running_loop()
                 ctx = active.ctx = JobContext(
@@ -282,7 +282,8 @@ class Worker:
             self._update_cancel_subscription()
             if active.progress_timer is not None:
                 active.progress_timer.cancel()
-            shutil.rmtree(workdir, ignore_errors=True)
+            if workdir.exists():
+                await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if outcome in ("failed", "cancelled"):
             self.store.set_state(request.id, outcome, error=error)
             self._finish_feedback(request, error, self._encrypter(request, active.scheme))

@@ -19,6 +19,11 @@ child process on 127.0.0.1, fresh for each run.
   reply. Both paths cross the relay twice (request→worker, feedback→customer), so the ratio
   feedback / round trip is what the worker itself adds. One way: publish → responder receives.
 - burst: N requests published at once (asyncio.gather in chunks); counts results in time.
+
+The customer is a bare RelayPool with one standing subscription (kinds 7000/6790/1, `#p` = the
+customer), as a NIP-90 client keeps; `dvm_core.client.Customer` would add a REQ per job.
+`--trace` adds a hop-by-hop breakdown and the event-loop time of the worker's blocking calls
+(it wraps a few methods, so leave it off for the headline numbers); `--profile` runs cProfile.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import platform
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +126,7 @@ class HopTracer:
         self.sending: dict[str, float] = {}     # request/ping id -> reply publish started
 
     def install(self, worker: Worker, responder_pool: RelayPool) -> None:
+        self._install_blocking(worker)
         for pool in (worker.pool, responder_pool):
             for conn in pool.relays:
                 conn._on_event = self._wrap_recv(conn._on_event)
@@ -133,6 +140,65 @@ class HopTracer:
                     self.queued.setdefault(ref, time.perf_counter())
             return original(event, *a, **kw)
         worker._publish = _publish
+
+    # Calls that block the event loop the worker shares with everything else: seconds per kind.
+    def _install_blocking(self, worker: Worker) -> None:
+        import types
+
+        import dvm_core.relay as relay_mod
+        import dvm_core.worker as worker_mod
+        self.blocking: dict[str, float] = {}
+        self.blocking_calls: dict[str, int] = {}
+        timed = self._timed
+        for name in ("record_request", "set_state", "add_outgoing", "mark_published"):
+            setattr(worker.store, name, timed(f"store.{name}", getattr(worker.store, name)))
+        worker._sign = timed("sign_event", worker._sign)
+        worker._deliver_result = timed("deliver_result (sign+store+spawn)", worker._deliver_result)
+        real_shutil = worker_mod.shutil
+
+        class TimedShutil(types.ModuleType):  # the worker's `shutil`, with rmtree timed
+            rmtree = staticmethod(timed("rmtree(workdir)", real_shutil.rmtree))
+
+            def __getattr__(self, name):
+                return getattr(real_shutil, name)
+        worker_mod.shutil = TimedShutil("shutil")
+        relay_mod.verify_event = timed("verify_event (all pools)", relay_mod.verify_event)
+        # workdir.mkdir: Path.mkdir, timed only for paths under the worker's jobs directory
+        import pathlib
+        jobs_dir = str(worker.settings.jobs_dir)
+        real_mkdir = pathlib.Path.mkdir
+
+        def mkdir(path, *a, **kw):
+            if not str(path).startswith(jobs_dir):
+                return real_mkdir(path, *a, **kw)
+            t = time.perf_counter()
+            try:
+                return real_mkdir(path, *a, **kw)
+            finally:
+                self._add("mkdir(workdir)", time.perf_counter() - t)
+        pathlib.Path.mkdir = mkdir
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.blocking[name] = self.blocking.get(name, 0.0) + seconds
+        self.blocking_calls[name] = self.blocking_calls.get(name, 0) + 1
+
+    def _timed(self, name: str, fn):
+        def wrapped(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._add(name, time.perf_counter() - t)
+        return wrapped
+
+    def blocking_report(self, jobs: int) -> dict:
+        """Milliseconds per job spent in each blocking call, then reset."""
+        out = {name: {"ms_per_job": round(1000 * total / max(jobs, 1), 3),
+                      "ms_per_call": round(1000 * total / self.blocking_calls[name], 3)}
+               for name, total in sorted(self.blocking.items(), key=lambda kv: -kv[1])}
+        self.blocking.clear()
+        self.blocking_calls.clear()
+        return out
 
     def _wrap_recv(self, on_event):
         def wrapped(event, url, sub_id):
@@ -409,6 +475,7 @@ async def main_async(args) -> dict:
                     "ping": hops(seq["ping_ids"], timings.sent, tracer, timings.pong, False),
                     "request_feedback": hops(seq["req_ids"], timings.sent, tracer, timings.feedback, True),
                 }
+                out["latency_blocking"] = tracer.blocking_report(args.warmup + args.n_latency)
         if args.burst:
             eprint(f"burst: {args.burst} requests, chunks of {args.chunk}, "
                    f"max_concurrent_jobs={args.max_concurrent_jobs}")
@@ -435,6 +502,8 @@ async def main_async(args) -> dict:
                 "burst_feedback_p50_ms": ms(percentile(b["feedback_latency"], 50)),
                 "burst_cpu": cpu_burst,
             })
+            if tracer is not None:
+                out["burst_blocking"] = tracer.blocking_report(args.burst)
             if b["reject_reasons"]:
                 out["burst_reject_reasons"] = b["reject_reasons"]
         out["worker_counts"] = dict(worker.counts)
@@ -459,6 +528,10 @@ async def main_async(args) -> dict:
         if worker is not None:
             await worker.stop(grace=2.0)
         relay.stop()
+        if args.keep:
+            eprint(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -471,6 +544,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0, help="per sequential request")
     ap.add_argument("--max-concurrent-jobs", type=int, default=8)
     ap.add_argument("--text", default="some text")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (relay log, stores)")
     ap.add_argument("--trace", action="store_true",
                     help="add hops_p50_ms: per-hop timings of pings and requests (wraps a few methods)")
     ap.add_argument("--profile", choices=["latency", "burst"], default=None,
