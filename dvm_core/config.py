@@ -102,6 +102,8 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
         if typ in (int, float):
             if isinstance(value, bool):
                 raise ValueError
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
             return typ(value)
         if not isinstance(value, str):
             raise ValueError

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import coincurve
 from pynostr.key import PrivateKey, PublicKey
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX128 = re.compile(r"^[0-9a-f]{128}$")
+# fullmatch, never match: "$" also matches before a trailing newline
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
 class InvalidEvent(ValueError):
@@ -41,8 +42,11 @@ class Keys:
         """Accept an `nsec1…` string or 64 hex characters."""
         secret = secret.strip()
         if secret.startswith("nsec1"):
-            sk = PrivateKey.from_nsec(secret)
-        elif _HEX64.match(secret.lower()):
+            try:
+                sk = PrivateKey.from_nsec(secret)
+            except Exception:  # pynostr fails with assorted types on a mistyped bech32 string
+                raise ValueError("not a valid nsec1… key (mistyped?)") from None
+        elif _HEX64.fullmatch(secret.lower()):
             sk = PrivateKey.from_hex(secret.lower())
         else:
             raise ValueError("a private key must be an nsec1… string or 64 hex characters")
@@ -64,8 +68,11 @@ def parse_public_key(value: str) -> str:
     """Return a hex public key from an `npub1…` string or 64 hex characters."""
     value = value.strip()
     if value.startswith("npub1"):
-        return PublicKey.from_npub(value).hex()
-    if _HEX64.match(value.lower()):
+        try:
+            return PublicKey.from_npub(value).hex()
+        except Exception:
+            raise ValueError(f"not a valid npub: {value[:20]!r}") from None
+    if _HEX64.fullmatch(value.lower()):
         return value.lower()
     raise ValueError(f"not a public key: {value[:20]!r}")
 
@@ -108,9 +115,9 @@ def verify_event(event: object) -> dict:
         value = event.get(field)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise InvalidEvent(f"field {field!r} missing or not a {typ.__name__}")
-    if not _HEX64.match(event["id"]) or not _HEX64.match(event["pubkey"]):
+    if not _HEX64.fullmatch(event["id"]) or not _HEX64.fullmatch(event["pubkey"]):
         raise InvalidEvent("id and pubkey must be 64 lowercase hex characters")
-    if not _HEX128.match(event["sig"]):
+    if not _HEX128.fullmatch(event["sig"]):
         raise InvalidEvent("sig must be 128 lowercase hex characters")
     for tag in event["tags"]:
         if not isinstance(tag, list) or not all(isinstance(x, str) for x in tag):

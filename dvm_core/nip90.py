@@ -19,8 +19,13 @@ REQUEST_KINDS = range(5000, 6000)
 INPUT_TYPES = ("url", "event", "job", "text")
 STATUSES = ("payment-required", "processing", "error", "success", "partial")
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
 _KNOWN_TAGS = {"i", "param", "output", "bid", "relays", "p", "encrypted"}
+
+
+def _is_uint(text: str) -> bool:
+    # str.isdigit() accepts "²", which int() refuses
+    return text.isascii() and text.isdigit()
 
 
 class InvalidRequest(ValueError):
@@ -125,13 +130,13 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
                 raise InvalidRequest('an "output" tag needs a MIME type')
             output = tag[1]
         elif name == "bid":
-            if len(tag) < 2 or not tag[1].isdigit():
+            if len(tag) < 2 or not _is_uint(tag[1]):
                 raise InvalidRequest('the "bid" tag must be a whole number of millisats')
             bid = int(tag[1])
         elif name == "relays":
             relays.extend(r for r in tag[1:] if r)
         elif name == "p":
-            if len(tag) < 2 or not _HEX64.match(tag[1]):
+            if len(tag) < 2 or not _HEX64.fullmatch(tag[1]):
                 raise InvalidRequest('a "p" tag must hold a 64-hex public key')
             providers.append(tag[1])
         elif name == "encrypted":
@@ -154,7 +159,7 @@ def _parse_input(tag: list[str]) -> JobInput:
     data, typ = tag[1], tag[2]
     if typ not in INPUT_TYPES:
         raise InvalidRequest(f"input type {typ!r} is not one of {', '.join(INPUT_TYPES)}")
-    if typ in ("event", "job") and not _HEX64.match(data):
+    if typ in ("event", "job") and not _HEX64.fullmatch(data):
         raise InvalidRequest(f"an input of type {typ!r} must be a 64-hex event id")
     if typ == "url" and not re.match(r"^[a-z][a-z0-9+.-]*://", data, re.I):
         raise InvalidRequest("an input of type 'url' must be an absolute URL")
@@ -284,7 +289,7 @@ def parse_handler_announcement(event: dict) -> tuple[dict, list[int]]:
     """Inverse of build_handler_announcement: (content dict, kinds)."""
     if event["kind"] != HANDLER_KIND:
         raise ValueError("not a kind-31990 handler announcement")
-    kinds = [int(t[1]) for t in event["tags"] if len(t) >= 2 and t[0] == "k" and t[1].isdigit()]
+    kinds = [int(t[1]) for t in event["tags"] if len(t) >= 2 and t[0] == "k" and _is_uint(t[1])]
     return json.loads(event["content"] or "{}"), kinds
 
 
@@ -318,7 +323,7 @@ def parse_feedback(event: dict, decrypt: Callable[[str], str] | None = None) -> 
             status, message = t[1], (t[2] if len(t) > 2 else "")
         elif len(t) >= 2 and t[0] == "e":
             req = t[1]
-        elif len(t) >= 2 and t[0] == "amount" and t[1].isdigit():
+        elif len(t) >= 2 and t[0] == "amount" and _is_uint(t[1]):
             amount, bolt11 = int(t[1]), (t[2] if len(t) > 2 else None)
         elif len(t) >= 2 and t[0] == "progress":
             try:
@@ -351,7 +356,7 @@ def parse_result(event: dict, decrypt: Callable[[str], str] | None = None) -> Re
     for t in event["tags"]:
         if len(t) >= 2 and t[0] == "e" and not req:
             req = t[1]
-        elif len(t) >= 2 and t[0] == "amount" and t[1].isdigit():
+        elif len(t) >= 2 and t[0] == "amount" and _is_uint(t[1]):
             amount = int(t[1])
     encrypted = is_encrypted(event)
     content = event.get("content", "")

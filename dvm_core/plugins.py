@@ -28,6 +28,22 @@ def plugin_manager(only: list[str] | None = None, load_entry_points: bool = True
     pm.add_hookspecs(hookspecs)
     if only is None and os.environ.get("DVM_PLUGINS") is not None:
         only = [n.strip() for n in os.environ["DVM_PLUGINS"].split(",") if n.strip()]
+    try:
+        _load(pm, only, load_entry_points)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} does not fit the hooks: {exc}") from None
+    except ImportError as exc:
+        raise PluginError(f"a plugin failed to import: {exc}") from None
+    check(pm)
+    if os.environ.get("DVM_TRACE_PLUGINS"):
+        pm.add_hookcall_monitoring(
+            lambda name, impls, kwargs: log.debug("hook call", hook=name, plugins=[i.plugin_name for i in impls]),
+            lambda outcome, name, impls, kwargs: None,
+        )
+    return pm
+
+
+def _load(pm: pluggy.PluginManager, only: list[str] | None, load_entry_points: bool) -> None:
     if load_entry_points:
         names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
         if only is not None:
@@ -40,13 +56,6 @@ def plugin_manager(only: list[str] | None = None, load_entry_points: bool = True
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
         else:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    check(pm)
-    if os.environ.get("DVM_TRACE_PLUGINS"):
-        pm.add_hookcall_monitoring(
-            lambda name, impls, kwargs: log.debug("hook call", hook=name, plugins=[i.plugin_name for i in impls]),
-            lambda outcome, name, impls, kwargs: None,
-        )
-    return pm
 
 
 def check(pm: pluggy.PluginManager) -> None:
@@ -61,7 +70,11 @@ def collect_job_kinds(pm: pluggy.PluginManager, config: dict) -> dict[int, JobKi
     """Ask every plugin for its job kinds and apply the config's `[kinds]` renumbering."""
     kinds: dict[int, JobKind] = {}
     owners: dict[str, str] = {}
-    overrides = {str(k): int(v) for k, v in (config.get("kinds") or {}).items()}
+    overrides: dict[str, int] = {}
+    for name, number in (config.get("kinds") or {}).items():
+        if isinstance(number, bool) or not isinstance(number, int) or not 5000 <= number <= 5999:
+            raise PluginError(f"[kinds] {name} = {number!r}: a job kind is a whole number in 5000-5999")
+        overrides[str(name)] = number
 
     for impl in pm.hook.register_job_kinds.get_hookimpls():
         def register(job_kind: JobKind, _plugin=impl.plugin_name) -> None:

@@ -195,7 +195,7 @@ class Worker:
                         raise InvalidRequest(str(exc)) from None
                     try:
                         private_tags = json.loads(plaintext)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         raise InvalidRequest("the decrypted content is not JSON: it must be a JSON "
                                              "array of i and param tags") from None
                 request = parse_job_request(event, private_tags)
@@ -226,9 +226,11 @@ class Worker:
             await self._run(active)
 
     def _reject(self, event: dict, reason: str, scheme: Scheme | None) -> None:
-        log.warning("request rejected", kind=event["kind"], reason=reason)
+        # The reason can quote decrypted params: for a private request only the customer gets it.
+        logged = reason if scheme is None else "invalid private request (reason sent encrypted)"
+        log.warning("request rejected", kind=event["kind"], reason=logged)
         self.counts["rejected"] += 1
-        self.store.set_state(event["id"], "rejected", error=reason)
+        self.store.set_state(event["id"], "rejected", error=logged)
         request = _bare_request(event)
         encrypt = self._encrypter(request, scheme)
         self._finish_feedback(request, reason, encrypt)
