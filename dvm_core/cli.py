@@ -73,6 +73,111 @@ def plugins(config_path: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.group()
+def wallet() -> None:
+    """The ecash wallet: the provider's earnings, or a customer's funds.
+
+    Uses the wallet in the config's state directory (--config), or --wallet-dir."""
+
+
+def _wallet_options(f):
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DVM_CONFIG",
+                     help="Worker config: its state directory and mints.")(f)
+    f = click.option("--wallet-dir", type=click.Path(file_okay=False),
+                     help="A wallet directory of its own (e.g. a customer's).")(f)
+    f = click.option("--mint", "mints", multiple=True, help="Mint URL (repeatable); default: the config's mints.")(f)
+    return f
+
+
+def _open_wallet(config_path, wallet_dir, mints):
+    from pathlib import Path
+
+    from .wallet import ProviderWallet, load_or_create_p2pk_key
+    try:
+        settings = load_config(config_path).settings if config_path else None
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    directory = Path(wallet_dir) if wallet_dir else (settings.wallet_dir if settings else None)
+    if directory is None:
+        raise click.ClickException("give --config (a worker's wallet) or --wallet-dir")
+    mints = list(mints) or (settings.mints if settings else [])
+    if not mints:
+        raise click.ClickException("no mint: give --mint URL or set mints in the config")
+    unit = settings.unit if settings else "sat"
+    return ProviderWallet(directory=directory, accepted_mints=mints, unit=unit,
+                          p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+
+
+def _run_wallet(config_path, wallet_dir, mints, action):
+    async def go():
+        w = _open_wallet(config_path, wallet_dir, mints)
+        try:
+            return await action(w)
+        finally:
+            await w.close()
+    from .wallet import PaymentError
+    try:
+        return asyncio.run(go())
+    except PaymentError as exc:
+        raise click.ClickException(exc.customer_message) from None
+
+
+@wallet.command()
+@_wallet_options
+def balance(config_path, wallet_dir, mints) -> None:
+    """Balance per mint, as JSON."""
+    async def action(w):
+        return await w.balance()
+    click.echo(json.dumps(_run_wallet(config_path, wallet_dir, mints, action), indent=2))
+
+
+@wallet.command()
+@_wallet_options
+@click.argument("amount", type=click.IntRange(min=1))
+@click.option("--lock-to", help="P2PK-lock the token to this public key (hex, or an npub).")
+def send(config_path, wallet_dir, mints, amount, lock_to) -> None:
+    """Print a token worth AMOUNT."""
+    from .events import parse_public_key
+    if lock_to and lock_to.startswith("npub1"):
+        lock_to = parse_public_key(lock_to)
+
+    async def action(w):
+        return await w.send(amount, mint=(list(mints) or [None])[0], lock_to=lock_to)
+    click.echo(_run_wallet(config_path, wallet_dir, mints, action))
+
+
+@wallet.command()
+@_wallet_options
+@click.argument("token")
+def receive(config_path, wallet_dir, mints, token) -> None:
+    """Redeem TOKEN into the wallet."""
+    async def action(w):
+        return await w.receive(token, min_amount=1)
+    got = _run_wallet(config_path, wallet_dir, mints, action)
+    click.echo(f"received {got.amount} {got.unit} from {got.mint} (mint fee {got.fee})")
+
+
+@wallet.command()
+@_wallet_options
+@click.argument("bolt11")
+def melt(config_path, wallet_dir, mints, bolt11) -> None:
+    """Withdraw over Lightning: pay BOLT11 from the wallet."""
+    async def action(w):
+        return await w.melt(bolt11)
+    click.echo(json.dumps(_run_wallet(config_path, wallet_dir, mints, action), indent=2, default=str))
+
+
+@wallet.command("mint")
+@_wallet_options
+@click.argument("amount", type=click.IntRange(min=1))
+def mint_(config_path, wallet_dir, mints, amount) -> None:
+    """Fund the wallet with AMOUNT from a mint quote (pay its Lightning invoice)."""
+    async def action(w):
+        return await w.mint_from_lightning(amount, list(mints)[0] if mints else w.accepted_mints[0])
+    got = _run_wallet(config_path, wallet_dir, mints, action)
+    click.echo(f"minted {got}")
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Keep the demo's files here (default: a temporary directory, removed after).")

@@ -32,12 +32,21 @@ class Settings:
     max_request_bytes: int = 65536
     progress_interval: float = 2.0  # minimum seconds between two progress feedbacks of a job
     announce: bool = True           # publish the NIP-89 handler announcement on start
+    mints: list[str] = field(default_factory=list)  # accepted Cashu mints; none: every job is free
+    unit: str = "sat"
+    default_price: int = 0          # sats per job for kinds with no [prices] entry and no plugin price
+    payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
+    mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     log_format: str = "auto"        # auto, json or console
     log_level: str = "info"
 
     @property
     def store_path(self) -> Path:
         return Path(self.state_dir) / "dvm.sqlite3"
+
+    @property
+    def wallet_dir(self) -> Path:
+        return Path(self.state_dir) / "wallet"
 
     @property
     def jobs_dir(self) -> Path:
@@ -78,6 +87,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     if settings.key_file and path is not None and not Path(settings.key_file).is_absolute():
         settings.key_file = str((path.parent / settings.key_file).resolve())
     _validate(settings)
+    _validate_prices(raw.get("prices") or {}, settings)
     return Config(settings=settings, raw=raw, path=path)
 
 
@@ -112,7 +122,20 @@ def _coerce(name: str, f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"setting {name!r} must be a {typ.__name__}, got {value!r}") from None
 
 
+def _validate_prices(prices: dict, s: Settings) -> None:
+    for name, price in prices.items():
+        if isinstance(price, bool) or not isinstance(price, int) or price < 0:
+            raise ConfigError(f"[prices] {name} = {price!r}: a price is a whole number of {s.unit}, 0 or more")
+    if (s.default_price or any(prices.values())) and not s.mints:
+        raise ConfigError("prices are set but no mints are: list the Cashu mints you accept in mints = [...]")
+
+
 def _validate(s: Settings) -> None:
+    for url in s.mints:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"mint {url!r} must be an http:// or https:// URL")
+    if s.default_price < 0:
+        raise ConfigError("default_price must be 0 or more")
     if not s.relays:
         raise ConfigError("no relays configured: set relays = [\"wss://…\"] in [dvm] or DVM_RELAYS")
     for url in s.relays:

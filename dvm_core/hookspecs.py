@@ -48,3 +48,18 @@ def register_job_kinds(register, config):
     :param config: the worker's whole configuration as a dict (from the TOML file); a plugin
         reads its own table, ``config["plugins"]["<plugin name>"]``, if it has settings.
     """
+
+
+@hookspec(firstresult=True)
+def price_job(job_kind, request, job, config):
+    """Price one job, in the worker's unit (sats by default), before any work is done.
+
+    Called once per request, after `JobKind.parse` accepted it. Return a whole number (0 makes
+    the job free) or None to leave it to the next plugin and finally to the config
+    (``[prices] <kind name> = N``, else ``default_price``). Stops at the first non-None result.
+
+    :param job_kind: the `JobKind` being priced; check ``job_kind.name`` to price only yours.
+    :param request: the parsed `JobRequest` (its ``bid_msats`` is the customer's ceiling).
+    :param job: what ``job_kind.parse`` returned, e.g. to price by samples × epochs.
+    :param config: the worker's whole configuration as a dict.
+    """

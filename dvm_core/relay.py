@@ -231,6 +231,8 @@ class RelayPool:
         self._dedupe_size = dedupe_size
         self.relays = [RelayConnection(u, self._deliver, **conn_options) for u in dict.fromkeys(urls)]
         self._tasks: set[asyncio.Task] = set()
+        self._collectors: dict[str, list[dict]] = {}
+        self._query_count = 0
         self.invalid_events = 0
 
     def set_handler(self, on_event: EventHandler) -> None:
@@ -261,13 +263,17 @@ class RelayPool:
 
     def _deliver(self, event: dict, relay_url: str, sub_id: str) -> None:
         event_id = event.get("id") if isinstance(event, dict) else None
-        if not isinstance(event_id, str) or event_id in self._seen:
+        if not isinstance(event_id, str) or (event_id in self._seen and sub_id not in self._collectors):
             return
         try:
             verify_event(event)
         except InvalidEvent as exc:
             self.invalid_events += 1
             log.warning("dropped an invalid event", relay=relay_url, reason=str(exc))
+            return
+        collector = self._collectors.get(sub_id)
+        if collector is not None:  # a one-off query: its events are not new traffic
+            collector.append(event)
             return
         self._seen[event_id] = None
         if len(self._seen) > self._dedupe_size:
@@ -304,3 +310,17 @@ class RelayPool:
             return True
         except asyncio.TimeoutError:
             return False
+
+    async def query(self, filters: list[dict], timeout: float = 5.0) -> list[dict]:
+        """Stored events matching `filters`, from every relay, until each sent EOSE (or the
+        time-out); duplicates removed."""
+        self._query_count += 1
+        sub_id = f"q{self._query_count}"
+        self._collectors[sub_id] = found = []
+        try:
+            await self.subscribe(sub_id, filters)
+            await self.wait_eose(sub_id, timeout)
+        finally:
+            self._collectors.pop(sub_id, None)
+            await self.unsubscribe(sub_id)
+        return list({e["id"]: e for e in found}.values())

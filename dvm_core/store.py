@@ -39,6 +39,25 @@ CREATE TABLE IF NOT EXISTS outbox (
     relays TEXT                     -- JSON: relays that accepted it
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(published_at) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS payments (
+    token_id TEXT PRIMARY KEY,      -- sha256 of the token's proof secrets: a token pays once
+    job_id TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    method TEXT NOT NULL,           -- encrypted, p2pk, public, nutzap
+    mint TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    offered INTEGER NOT NULL,       -- face value of the token
+    price INTEGER NOT NULL,
+    token TEXT NOT NULL,            -- kept until redeemed, to retry after a mint outage or a crash
+    received INTEGER,               -- what arrived after mint fees
+    state TEXT NOT NULL,            -- received, redeeming, redeemed, rejected, consumed, refunded
+    error TEXT,
+    change_sent INTEGER NOT NULL DEFAULT 0,
+    refund_sent INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payments_job ON payments(job_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -76,6 +95,8 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        if self.path != ":memory:":
+            Path(self.path).chmod(0o600)  # it holds tokens until they are redeemed
 
     def close(self) -> None:
         self.db.close()
@@ -147,6 +168,44 @@ class Store:
             (job_id, role),
         ).fetchone()
         return json.loads(row["event"]) if row else None
+
+    # payments ---------------------------------------------------------------
+    def record_payment(self, token_id: str, job_id: str, customer: str, method: str, mint: str,
+                       unit: str, offered: int, price: int, token: str) -> str | None:
+        """Record a token before anything is done with it. Returns None, or the id of the job
+        this token already paid for (a token is redeemed at most once, across restarts)."""
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO payments (token_id, job_id, customer, method, mint, unit, offered,"
+            " price, token, state, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)",
+            (token_id, job_id, customer, method, mint, unit, offered, price, token, now, now),
+        )
+        if cur.rowcount == 1:
+            return None
+        row = self.db.execute("SELECT job_id FROM payments WHERE token_id = ?", (token_id,)).fetchone()
+        return row[0]
+
+    def set_payment(self, token_id: str, state: str, *, received: int | None = None,
+                    error: str | None = None, **flags: int) -> None:
+        sets = ["state = ?", "updated = ?", "received = COALESCE(?, received)", "error = COALESCE(?, error)"]
+        args: list = [state, time.time(), received, error]
+        for name, value in flags.items():
+            if name not in ("change_sent", "refund_sent"):
+                raise ValueError(name)
+            sets.append(f"{name} = ?")
+            args.append(value)
+        self.db.execute(f"UPDATE payments SET {', '.join(sets)} WHERE token_id = ?", (*args, token_id))
+
+    def payment_for_job(self, job_id: str) -> dict | None:
+        """The payment that pays for a job (the latest redeemed one, else the latest)."""
+        row = self.db.execute(
+            "SELECT * FROM payments WHERE job_id = ? ORDER BY state IN ('redeemed', 'consumed') DESC,"
+            " updated DESC LIMIT 1", (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def payments(self, limit: int = 1000) -> list[dict]:
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM payments ORDER BY created DESC LIMIT ?", (limit,))]
 
     # meta -----------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

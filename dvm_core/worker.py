@@ -26,9 +26,11 @@ from .config import Config
 from .encryption import DecryptionError, Scheme, decrypt, encrypter
 from .events import Keys, sign_event
 from .jobs import (JobCancelled, JobContext, JobInputError, JobKind, JobResult, JobTimeout)
+from .ecash import NUTZAP_KIND
 from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
                     build_feedback, build_handler_announcement, build_result, deleted_event_ids,
                     is_encrypted, parse_job_request)
+from .payments import Cashier, Paid, PaymentRefused
 from .plugins import collect_job_kinds, plugin_manager
 from .relay import RelayPool
 from .store import ACTIVE_STATES, Store
@@ -45,6 +47,7 @@ class ActiveJob:
     job_kind: JobKind
     parsed: Any
     scheme: Scheme | None
+    paid: Paid | None = None
     ctx: JobContext | None = None
     task: asyncio.Task | None = None      # the request's task (accept, queue, run, answer)
     job_task: asyncio.Future | None = None  # the plugin's run itself
@@ -76,6 +79,27 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()
         self._cancel_sub_timer: asyncio.TimerHandle | None = None
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+        self.prices = dict(config.raw.get("prices") or {})
+        self.cashier: Cashier | None = None
+        if self.settings.mints:
+            self.cashier = self._open_cashier()
+
+    def _open_cashier(self) -> Cashier:
+        from .wallet import ProviderWallet, load_or_create_p2pk_key
+        directory = self.settings.wallet_dir
+        wallet = ProviderWallet(directory=directory, accepted_mints=self.settings.mints,
+                                unit=self.settings.unit,
+                                p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+
+        async def publish(kind, content, tags, role, job_id):
+            event = self._sign(kind, content, tags)
+            self.store.add_outgoing(event, role, job_id)
+            await self._publish(event, role=role, job_id=job_id, stored=True)
+
+        return Cashier(wallet=wallet, store=self.store, keys=self.keys, mints=self.settings.mints,
+                       unit=self.settings.unit, publish=publish, query=self.pool.query,
+                       mint_retry_seconds=self.settings.mint_retry_seconds,
+                       payment_timeout=self.settings.payment_timeout)
 
     # lifecycle ------------------------------------------------------------
     async def start(self, connect_timeout: float = 10.0) -> None:
@@ -84,9 +108,14 @@ class Worker:
         if not await self.pool.start(wait=connect_timeout):
             log.warning("no relay answered yet; still trying", relays=self.settings.relays)
         await self.pool.subscribe("dvm-requests", self._request_filters)
+        if self.cashier is not None:
+            await self.pool.subscribe("dvm-nutzaps", self._nutzap_filters)
         self._recover()
         if self.settings.announce and self.kinds:
             self._spawn(self._publish(self._sign(*self.announcement()), role="announcement"))
+        if self.cashier is not None:
+            self._spawn(self._publish(self._sign(*self.cashier.nutzap_info(self.settings.relays)),
+                                      role="announcement"))
         self.ready.set()
         log.info("worker ready", npub=self.keys.npub, kinds=sorted(self.kinds),
                  relays=self.settings.relays)
@@ -120,6 +149,8 @@ class Worker:
         for task in self._tasks:
             task.cancel()  # what is left is in the outbox and goes out after the next start
         await self.pool.close()
+        if self.cashier is not None:
+            await self.cashier.wallet.close()
         self.store.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
@@ -136,18 +167,41 @@ class Worker:
                  else int(time.time()) - self.settings.catchup_seconds)
         return [{"kinds": sorted(self.kinds), "since": since}]
 
+    def _nutzap_filters(self) -> list[dict]:
+        # Since the newest request seen, less a margin: a nutzap for a job waiting for payment
+        # while the worker was down is found again.
+        return [{"kinds": [NUTZAP_KIND], "#p": [self.keys.public_key], "since": self._request_filters()[0]["since"]}]
+
     def announcement(self) -> tuple[int, str, list[list[str]]]:
         kinds = [KindDescription(k.kind, k.name, k.description, k.params or {})
                  for k in sorted(self.kinds.values(), key=lambda k: k.kind)]
+        extra = {}
+        if self.cashier is not None:
+            extra = {"payment": {
+                "unit": self.settings.unit, "mints": self.settings.mints,
+                "p2pk_pubkey": self.cashier.p2pk_pubkey,
+                "prices": {k.name: self.prices.get(k.name, self.settings.default_price)
+                           for k in self.kinds.values()},
+                "methods": ["cashu tag in encrypted params", "cashu tag P2PK-locked to p2pk_pubkey",
+                            "NIP-61 nutzap after payment-required"],
+            }}
         return build_handler_announcement(
             identifier=f"dvm-{self.keys.public_key[:16]}", name=self.settings.name,
-            about=self.settings.about, kinds=kinds)
+            about=self.settings.about, kinds=kinds, extra_content=extra)
+
+    def price(self, job_kind: JobKind, request: JobRequest, parsed: Any) -> int:
+        price = self.pm.hook.price_job(job_kind=job_kind, request=request, job=parsed, config=self.config.raw)
+        if price is None:
+            price = self.prices.get(job_kind.name, self.settings.default_price)
+        if isinstance(price, bool) or not isinstance(price, int) or price < 0:
+            raise ValueError(f"price of {job_kind.name!r} must be a whole number ≥ 0, got {price!r}")
+        return price
 
     def _recover(self) -> None:
         for job_id, role, event in self.store.unpublished():
             log.info("publishing again after restart", job_id=job_id, role=role, event_id=event["id"])
             self._spawn(self._publish(event, role=role, job_id=job_id, stored=True))
-        for record in self.store.jobs(ACTIVE_STATES):
+        for record in self.store.jobs(ACTIVE_STATES + ("payment-required",)):
             if self.store.outgoing_for_job(record.id, "result") is not None:
                 self.store.set_state(record.id, "succeeded")
                 continue
@@ -161,6 +215,8 @@ class Worker:
             return None
         if event["kind"] in self.kinds and not self._stopping:
             return self._accept(event)
+        if event["kind"] == NUTZAP_KIND and self.cashier is not None:
+            self.cashier.on_nutzap(event, self._spawn)
         return None
 
     def _on_deletion(self, event: dict) -> None:
@@ -214,20 +270,73 @@ class Worker:
                 log.exception("plugin failed to parse a request", kind=event["kind"])
                 self._reject(event, "internal error while reading the request", scheme)
                 return
+            paid = await self._take_payment(request, job_kind, parsed, private_tags, scheme)
+            if paid is False:
+                return
             self.store.set_state(request.id, "queued")
-            active = ActiveJob(request=request, job_kind=job_kind, parsed=parsed, scheme=scheme)
+            active = ActiveJob(request=request, job_kind=job_kind, parsed=parsed, scheme=scheme, paid=paid)
             self._active[request.id] = active
             self._update_cancel_subscription()
+            message = "resumed after a restart" if resumed else "job accepted"
+            if paid is not None:
+                message += f"; paid {paid.amount} {paid.unit}"
+                if paid.warning:
+                    message += f". {paid.warning}"
             self._spawn(self._publish(self._sign(*build_feedback(
-                request, "processing", "resumed after a restart" if resumed else "job accepted",
+                request, "processing", message,
                 relay_hint=self.relay_hint, encrypt=self._encrypter(request, scheme)))))
             await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
             active.task = asyncio.current_task()
             await self._run(active)
 
-    def _reject(self, event: dict, reason: str, scheme: Scheme | None) -> None:
+    async def _take_payment(self, request: JobRequest, job_kind: JobKind, parsed: Any,
+                            private_tags: list | None, scheme: Scheme | None) -> Paid | None | bool:
+        """Paid, None for a free job, or False when the request was refused (and answered)."""
+        try:
+            price = self.price(job_kind, request, parsed)
+        except Exception:
+            log.exception("pricing failed", kind=request.kind)
+            self._reject(request.event, "internal error while pricing the job; nothing was charged", scheme)
+            return False
+        if price == 0:
+            return None
+        unit = self.settings.unit
+        if request.bid_msats is not None and request.bid_msats < price * 1000:
+            self._reject(request.event, f"the price of this job is {price} {unit} ({price * 1000} msats); "
+                                        f"your bid was {request.bid_msats} msats", scheme)
+            return False
+        if self.cashier is None:  # prices without mints are refused at start; be safe anyway
+            self._reject(request.event, "this DVM cannot take payments right now", scheme)
+            return False
+        encrypt = self._encrypter(request, scheme)
+
+        def say(status: str, message: str, content: str) -> None:
+            amount = price * 1000 if status == "payment-required" else None
+            self._spawn(self._publish(self._sign(*build_feedback(
+                request, status, message, content=content, amount_msats=amount,
+                relay_hint=self.relay_hint, encrypt=encrypt))))
+
+        limit = job_kind.time_limit or self.settings.job_time_limit
+        try:
+            return await self.cashier.collect(request, price, self.cashier.token_in(request, private_tags),
+                                              limit, say)
+        except PaymentRefused as exc:
+            self._reject(request.event, str(exc), scheme, private_detail=False)
+            return False
+        except Exception:
+            log.exception("taking payment failed", job_id=request.id)
+            reason = "internal error while taking payment"
+            try:
+                if await self.cashier.refund_job(request, reason):
+                    reason += "; what was redeemed was refunded as a nutzap"
+            except Exception:
+                log.exception("refund failed; it stays owed in the ledger", job_id=request.id)
+            self._reject(request.event, reason, scheme)
+            return False
+
+    def _reject(self, event: dict, reason: str, scheme: Scheme | None, private_detail: bool = True) -> None:
         # The reason can quote decrypted params: for a private request only the customer gets it.
-        logged = reason if scheme is None else "invalid private request (reason sent encrypted)"
+        logged = reason if scheme is None or not private_detail else "invalid private request (reason sent encrypted)"
         log.warning("request rejected", kind=event["kind"], reason=logged)
         self.counts["rejected"] += 1
         self.store.set_state(event["id"], "rejected", error=logged)
@@ -242,6 +351,7 @@ class Worker:
     async def _run(self, active: ActiveJob) -> None:
         request, job_kind = active.request, active.job_kind
         outcome, error, metrics = "failed", "", {}
+        refund = True  # a failure that is not the customer's is refunded
         workdir = self.settings.jobs_dir / request.id
         try:
             async with self._slots:
@@ -270,11 +380,13 @@ class Worker:
                 self.store.set_state(request.id, "queued")
             else:
                 outcome, error = "cancelled", str(exc)
+                refund = active.ctx is None  # cancelled before it started: nothing was done
         except JobTimeout:
             limit = job_kind.time_limit or self.settings.job_time_limit
             error = f"the job ran past its time limit of {limit:g} s"
         except JobInputError as exc:
             error = str(exc)
+            refund = False  # the customer's own mistake, found only once the work began
         except Exception as exc:
             log.error("job failed in its plugin", job_id=request.id, kind=request.kind,
                       plugin=job_kind.plugin, exc_info=exc)
@@ -288,7 +400,15 @@ class Worker:
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if outcome in ("failed", "cancelled"):
             self.store.set_state(request.id, outcome, error=error)
+            if active.paid is not None and self.cashier is not None and refund:
+                try:
+                    if await self.cashier.refund_job(request, error):
+                        error += f"; your {active.paid.amount} {active.paid.unit} were refunded as a nutzap"
+                except Exception:
+                    log.exception("refund failed; it stays owed in the ledger", job_id=request.id)
             self._finish_feedback(request, error, self._encrypter(request, active.scheme))
+        elif outcome == "succeeded" and self.cashier is not None:
+            self.cashier.consumed(request.id)
         if outcome != "queued":
             self.counts[outcome] += 1
         log.info("job finished", job_id=request.id, kind=request.kind, job_kind=job_kind.name,
