@@ -9,6 +9,7 @@ import asyncio
 import json
 from typing import AsyncIterator, Callable
 
+from .ecash import NUTZAP_KIND, build_nutzap, decode_payment_request, decode_token, parse_nutzap
 from .encryption import Scheme, decrypt, encrypter
 from .events import Keys, sign_event
 from .nip90 import (DELETION_KIND, FEEDBACK_KIND, Feedback, JobInput, Result, build_request,
@@ -53,16 +54,17 @@ class Customer:
     async def submit(
         self, kind: int, inputs: list[JobInput] = (), params: dict[str, str] | None = None, *,
         provider: str | None = None, encrypt: Scheme | None = "nip44", bid_msats: int | None = None,
-        output: str | None = None,
+        output: str | None = None, cashu: str | None = None,
     ) -> dict:
         """Sign and publish a job request; returns the request event. Encrypted (NIP-44 by
-        default) when a provider is named; `encrypt=None` sends it in the clear."""
+        default) when a provider is named; `encrypt=None` sends it in the clear. `cashu`: a
+        token paying for the job (inside the encrypted params, or a public tag)."""
         if encrypt and not provider:
             raise ValueError("an encrypted request needs the provider's public key")
         enc = encrypter(encrypt, self.keys.private_key, provider) if encrypt else None
         kind_, content, tags = build_request(
             kind, list(inputs), params or {}, output=output, bid_msats=bid_msats,
-            providers=[provider] if provider else [], encrypt=enc)
+            providers=[provider] if provider else [], encrypt=enc, cashu=cashu)
         event = sign_event(self.keys, kind_, content, tags)
         self._queues[event["id"]] = asyncio.Queue()
         self._schemes[event["id"]] = (encrypt, provider)
@@ -108,6 +110,26 @@ class Customer:
             if update.status == "error":
                 raise JobFailed(update)
         raise RuntimeError("unreachable")
+
+    async def pay_with_nutzap(self, request: dict, feedback: Feedback, wallet) -> dict:
+        """Answer a `payment-required` feedback: a NIP-61 nutzap of the amount asked, on the
+        first accepted mint, P2PK-locked to the key in its NUT-18 request."""
+        creq = decode_payment_request(feedback.content)
+        token = decode_token(await wallet.send(int(creq["a"]), mint=creq["m"][0],
+                                               lock_to=creq["nut10"]["d"]))
+        kind, content, tags = build_nutzap(token.mint, list(token.proofs), feedback.event["pubkey"],
+                                           unit=token.unit, zapped_event=request["id"],
+                                           zapped_kind=request["kind"], comment="payment")
+        event = sign_event(self.keys, kind, content, tags)
+        results = await self.pool.publish(event)
+        if not any(r.ok for r in results):
+            raise RuntimeError("no relay accepted the nutzap")
+        return event
+
+    async def nutzaps_received(self, timeout: float = 5.0) -> list:
+        """Nutzaps sent to this customer (change and refunds), parsed."""
+        events = await self.pool.query([{"kinds": [NUTZAP_KIND], "#p": [self.keys.public_key]}], timeout)
+        return [parse_nutzap(e) for e in events]
 
     async def cancel(self, request: dict, reason: str = "") -> None:
         event = sign_event(self.keys, DELETION_KIND, reason,

@@ -20,7 +20,6 @@ INPUT_TYPES = ("url", "event", "job", "text")
 STATUSES = ("payment-required", "processing", "error", "success", "partial")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
-_KNOWN_TAGS = {"i", "param", "output", "bid", "relays", "p", "encrypted"}
 
 
 def _is_uint(text: str) -> bool:
@@ -177,9 +176,11 @@ def build_request(
     kind: int, inputs: list[JobInput] = (), params: dict[str, str] | None = None, *,
     output: str | None = None, bid_msats: int | None = None, relays: list[str] = (),
     providers: list[str] = (), content: str = "", encrypt: Callable[[str], str] | None = None,
+    cashu: str | None = None,
 ) -> tuple[int, str, list[list[str]]]:
     """A job request's (kind, content, tags). With `encrypt`, inputs and params go in the
-    content, encrypted for the single provider in `providers`."""
+    content, encrypted for the single provider in `providers`. `cashu` is a token paying for
+    the job, in a `cashu` tag: private when the request is encrypted, public otherwise."""
     if kind not in REQUEST_KINDS:
         raise ValueError(f"kind {kind} is not a job request kind")
     params = params or {}
@@ -187,10 +188,11 @@ def build_request(
     if encrypt is not None:
         if len(providers) != 1:
             raise ValueError("an encrypted request names exactly one provider")
-        content = encrypt(json.dumps(request_private_tags(list(inputs), params)))
+        private = request_private_tags(list(inputs), params) + ([["cashu", cashu]] if cashu else [])
+        content = encrypt(json.dumps(private))
         tags.append(["encrypted"])
     else:
-        tags += request_private_tags(list(inputs), params)
+        tags += request_private_tags(list(inputs), params) + ([["cashu", cashu]] if cashu else [])
     if output:
         tags.append(["output", output])
     if bid_msats is not None:
