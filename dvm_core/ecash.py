@@ -6,7 +6,6 @@ and the wallet live in `wallet.py`.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -37,10 +36,6 @@ class Token:
     def amount(self) -> int:
         return sum(int(p["amount"]) for p in self.proofs)
 
-    @property
-    def token_id(self) -> str:
-        """Stable id of the proofs: the same ecash under any encoding gets the same id."""
-        return hashlib.sha256("\n".join(sorted(p["secret"] for p in self.proofs)).encode()).hexdigest()
 
 
 def _b64decode(text: str) -> bytes:

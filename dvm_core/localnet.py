@@ -1,9 +1,10 @@
 """Local services on loopback for the demo and the tests: a real Nostr relay (PyPI
-`nostr-relay`) in a child process. Later: the Cashu mint and the blob server."""
+`nostr-relay`) and a Cashu mint (Nutshell, FakeWallet backend), each in a child process."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -104,3 +105,59 @@ def _wait_http(service: LocalService, url: str, headers: dict, timeout: float) -
             time.sleep(0.1)
     service.kill()
     raise RuntimeError(f"{service.name} did not answer on {url} within {timeout:g}s; see {service.log_path}")
+
+
+def start_mint(workdir: str | Path, port: int | None = None, timeout: float = 30.0,
+               input_fee_ppk: int = 0) -> LocalService:
+    """Start a Nutshell Cashu mint (FakeWallet backend: invoices pay themselves) on 127.0.0.1.
+
+    Everything the mint keeps lives in `workdir`: its private key (made on first start, reused
+    after), its database, its CASHU_DIR. Starting again on the same `workdir` (and `port`) brings
+    back the same mint — same keysets, same spent proofs — which is how tests stage an outage.
+    Returns once `GET /v1/info` answers.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
+    port = port or free_port()
+    key_file = workdir / "mint.key"
+    if not key_file.exists():
+        # The mint derives every keyset from this key: losing it would void all ecash issued.
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    env = {name: os.environ[name] for name in _MINT_INHERITED_ENV if name in os.environ}
+    env.update({
+        # The mint reads ~/.cashu/.env and ./.env over its environment: point both at workdir.
+        "HOME": str(workdir),
+        "MINT_BACKEND_BOLT11_SAT": "FakeWallet",
+        "MINT_LISTEN_HOST": "127.0.0.1",
+        "MINT_LISTEN_PORT": str(port),
+        "MINT_PRIVATE_KEY": key_file.read_text().strip(),
+        "MINT_DATABASE": str(workdir / "data"),
+        "MINT_AUTH_DATABASE": str(workdir / "data"),
+        "CASHU_DIR": str(workdir / "cashu"),
+        "MINT_INPUT_FEE_PPK": str(int(input_fee_ppk)),
+        "MINT_RATE_LIMIT": "FALSE",
+        # FakeWallet waits 3 s by default before it "pays" an invoice either way.
+        "FAKEWALLET_DELAY_INCOMING_PAYMENT": "0",
+        "FAKEWALLET_DELAY_OUTGOING_PAYMENT": "0",
+        "DEBUG": "FALSE",
+        "LOG_LEVEL": "INFO",
+    })
+    log_path = workdir / "mint.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from cashu.mint.main import main; sys.exit(main())",
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+            start_new_session=True,
+        )
+    service = LocalService("mint", f"http://127.0.0.1:{port}", process, log_path)
+    _wait_http(service, f"{service.url}/v1/info", {}, timeout)
+    return service
+
+
+# Only what a Python child needs: the mint reads every other variable as a setting (DEBUG, TOR...).
+_MINT_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+                       "SYSTEMROOT")

@@ -85,7 +85,8 @@ class Worker:
             self.cashier = self._open_cashier()
 
     def _open_cashier(self) -> Cashier:
-        from .wallet import ProviderWallet, load_or_create_p2pk_key
+        from .wallet import ProviderWallet, load_or_create_p2pk_key, preload
+        preload()  # Nutshell's import has process-wide side effects: take them now, contained
         directory = self.settings.wallet_dir
         wallet = ProviderWallet(directory=directory, accepted_mints=self.settings.mints,
                                 unit=self.settings.unit,

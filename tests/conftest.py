@@ -16,7 +16,7 @@ from dvm_core.client import Customer
 from dvm_core.config import load_config
 from dvm_core.events import Keys
 from dvm_core.keys import write_key_file
-from dvm_core.localnet import start_relay
+from dvm_core.localnet import start_mint, start_relay
 from dvm_core.plugins import plugin_manager
 from dvm_core.worker import Worker
 
@@ -27,6 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 def relay(tmp_path_factory):
     """One relay for the session; tests tell their events apart by fresh keys."""
     service = start_relay(tmp_path_factory.mktemp("relay"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def mint(tmp_path_factory):
+    """One Nutshell mint (FakeWallet Lightning, no fees) for the session."""
+    service = start_mint(tmp_path_factory.mktemp("mint"))
     yield service
     service.stop()
 

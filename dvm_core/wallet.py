@@ -1,0 +1,741 @@
+"""Cashu ecash for the worker and its customers, on Nutshell's `Wallet`.
+
+This is the only module of dvm_core that imports `cashu`, and it imports it late (`_cashu()`),
+because importing Nutshell changes the whole process: it loads `./.env` and `~/.cashu/.env` over
+`os.environ`, sets `sys.tracebacklimit = 0`, replaces loguru's sinks with its own stderr sink,
+reads every environment variable as a setting (`DEBUG=1` turns off TLS verification, `TOR=1`
+starts a Tor daemon), its wallets print a mnemonic notice to stdout, and the aiosqlite driver
+under it logs SQL parameters (the mnemonic among them) at DEBUG. `_cashu()` undoes or
+fences off each of these; the tests in tests/test_wallet.py prove it.
+
+`ProviderWallet.receive` is the safe way to take a payment: everything that can be checked
+without the mint (allow-list, unit, amount, DLEQ present, P2PK lock, locktime) is checked before
+any request leaves the process, the DLEQ proofs are verified against the mint's keys, and the
+token is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s
+whose `customer_message` can go into a job's feedback as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import coincurve
+import httpx
+
+# secp256k1 group order: d and n - d have the same x-coordinate, opposite Y parity.
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+# Mint keysets (fees, active flag) are read again after this long, or at once when a token
+# names a keyset we have not seen.
+KEYSET_REFRESH_SECONDS = 600.0
+MINT_QUOTE_TIMEOUT = 60.0
+
+
+class PaymentError(Exception):
+    """A payment that did not go through.
+
+    `customer_message` is a sentence for the customer (job feedback). `retryable` is True when
+    the mint could not be reached or was busy: the token may still be good, so the caller should
+    keep it and try again later. False means the token itself is unacceptable.
+    """
+
+    def __init__(self, customer_message: str, *, retryable: bool = False):
+        super().__init__(customer_message)
+        self.customer_message = customer_message
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class SpendingCondition:
+    """A NUT-10 spending condition of one proof (P2PK per NUT-11, HTLC per NUT-14)."""
+
+    kind: str                     # "P2PK" or "HTLC"
+    pubkeys: tuple[str, ...]      # keys that can sign now: the P2PK data key plus the `pubkeys` tag
+    n_sigs: int                   # signatures needed from `pubkeys`
+    locktime: int | None          # unix time after which the refund keys (or anyone) may spend
+    refund: tuple[str, ...]       # keys that may spend after `locktime`
+    sig_all: bool                 # SIG_ALL rather than SIG_INPUTS
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a token claims, read without asking the mint."""
+
+    mint: str                     # normalised mint URL
+    unit: str
+    amount: int
+    proof_count: int
+    has_dleq: bool                # every proof carries a DLEQ proof
+    keyset_ids: tuple[str, ...]
+    conditions: tuple[SpendingCondition | None, ...]   # per proof; None = plain bearer proof
+    token_id: str                 # sha256 of the sorted proof secrets: the same token, the same id
+    memo: str | None = None
+
+    @property
+    def locked(self) -> bool:
+        return any(c is not None for c in self.conditions)
+
+
+@dataclass(frozen=True)
+class Invoice:
+    """A Lightning invoice that, once paid, lets us mint `amount` of ecash (a NUT-04 quote)."""
+
+    quote_id: str
+    bolt11: str
+    mint: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A payment that arrived: `amount` is what we hold now, after the mint's `fee`."""
+
+    amount: int
+    fee: int
+    mint: str
+    unit: str
+    token_id: str
+
+
+# -- importing Nutshell, fenced off ---------------------------------------------------------
+
+_cashu_ns: SimpleNamespace | None = None
+_cashu_lock = threading.Lock()
+_HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def preload() -> None:
+    """Import Nutshell now (several seconds) instead of at the first payment.
+
+    Call it at startup before other threads run: while it imports, HOME and the working
+    directory that Nutshell's settings look at point to an empty temporary directory.
+    """
+    _cashu()
+
+
+def _cashu() -> SimpleNamespace:
+    """Nutshell's classes, imported once with their side effects undone."""
+    global _cashu_ns
+    if _cashu_ns is None:
+        with _cashu_lock:
+            if _cashu_ns is None:
+                _cashu_ns = _import_cashu()
+    return _cashu_ns
+
+
+def _import_cashu() -> SimpleNamespace:
+    environ = dict(os.environ)
+    had_limit = hasattr(sys, "tracebacklimit")
+    limit = getattr(sys, "tracebacklimit", None)
+    stdout = sys.stdout
+    real_getcwd = os.getcwd
+    with tempfile.TemporaryDirectory(prefix="dvm-cashu-import-") as empty:
+        try:
+            # cashu.core.settings.find_env_file() loads os.getcwd()/.env, else ~/.cashu/.env, into
+            # os.environ (override=True) and into the settings. Show it an empty directory as both
+            # the working and the home directory; no chdir, so relative paths stay valid.
+            os.environ["HOME"] = empty
+            os.getcwd = lambda: empty
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                # environs warns about marshmallow's __version_info__ on import
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from loguru import logger
+
+                from cashu.core.base import P2PKWitness, TokenV3
+                from cashu.core.crypto import b_dhke
+                from cashu.core.crypto.secp import PrivateKey, PublicKey
+                from cashu.core.nuts import nut10
+                from cashu.core.p2pk import SigFlags, schnorr_sign
+                from cashu.core.secret import Tags
+                from cashu.core.settings import settings
+                from cashu.wallet.errors import BalanceTooLowError
+                from cashu.wallet.helpers import deserialize_token_from_string
+                from cashu.wallet.wallet import Wallet
+        finally:
+            os.getcwd = real_getcwd
+            os.environ.clear()
+            os.environ.update(environ)
+            sys.stdout = stdout
+            if had_limit:
+                sys.tracebacklimit = limit
+            elif hasattr(sys, "tracebacklimit"):
+                del sys.tracebacklimit
+
+    # Settings came from our environment (DEBUG, TOR, HTTP_PROXY, CASHU_DIR...): take the
+    # defaults instead. Everything the wallet needs is passed explicitly.
+    for name, field in type(settings).model_fields.items():
+        setattr(settings, name, field.get_default(call_default_factory=True))
+    settings.debug = False                  # True would disable TLS checks and timeouts
+    settings.tor = False                    # True would start a Tor daemon
+    settings.wallet_verbose_requests = False  # True prints every request to stdout
+    settings.db_backup_path = None
+
+    # cashu.wallet's import ran logger.remove() and added an INFO sink on stderr. Send Nutshell's
+    # warnings to the stdlib logger "cashu" (long hex runs, which may be proof secrets or keys,
+    # are masked) and give other loguru users back loguru's default sink.
+    logger.remove()
+    logger.add(_loguru_to_logging, level="WARNING", filter="cashu", format="{message}")
+    logger.add(sys.stderr, level="DEBUG", filter=lambda record: not record["name"].startswith("cashu"))
+    # aiosqlite (under Nutshell's SQLAlchemy) logs each statement with its parameters at DEBUG:
+    # the wallet's seed and mnemonic, proof secrets. Never let a debug log level show them.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+    return SimpleNamespace(
+        Wallet=Wallet, TokenV3=TokenV3, P2PKWitness=P2PKWitness, SigFlags=SigFlags, Tags=Tags,
+        PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
+        schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
+        deserialize_token_from_string=deserialize_token_from_string,
+    )
+
+
+def _loguru_to_logging(message) -> None:
+    record = message.record
+    logging.getLogger("cashu").log(record["level"].no, "%s",
+                                   _HEX_RUN.sub("[redacted]", record["message"]))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def normalize_mint_url(url: str) -> str:
+    """`HTTPS://Mint.Example/` and `https://mint.example` are the same mint."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not a mint URL: {url!r}")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+def even_y_secret(secret_hex: str) -> str:
+    """The secret key with the same x-only public key whose public key has even Y (BIP-340).
+
+    Nutshell signs a P2PK proof only when the lock equals its own compressed key, and locks to
+    Nostr keys are written "02" + x: with the even-Y secret, that is our key.
+    """
+    d = int(secret_hex, 16)
+    if not 0 < d < _SECP256K1_N:
+        raise ValueError("not a secp256k1 secret key")
+    if coincurve.PrivateKey(d.to_bytes(32, "big")).public_key.format()[0] == 3:
+        d = _SECP256K1_N - d
+    return d.to_bytes(32, "big").hex()
+
+
+def compressed_pubkey(pubkey: str) -> str:
+    """A 66-hex compressed key as it is, or a 64-hex x-only (Nostr) key as "02" + x."""
+    pubkey = pubkey.strip().lower()
+    if len(pubkey) == 64:
+        pubkey = "02" + pubkey
+    try:
+        coincurve.PublicKey(bytes.fromhex(pubkey))
+    except ValueError:
+        raise ValueError(f"not a secp256k1 public key: {pubkey!r}") from None
+    if len(pubkey) != 66:
+        raise ValueError(f"not a compressed public key: {pubkey!r}")
+    return pubkey
+
+
+def _private_path(path: Path) -> None:
+    """Create an empty file readable by us only, so SQLite (and its -wal/-shm files) keep 0600."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+
+
+def load_or_create_p2pk_key(path: str | Path) -> str:
+    """The wallet's dedicated P2PK key (hex), made on first use and kept 0600 beside the wallet.
+
+    NIP-61 forbids locking ecash to the Nostr identity key, so the DVM receives on this one."""
+    path = Path(path)
+    if path.exists():
+        secret = path.read_text().strip()
+        if len(secret) != 64:
+            raise ValueError(f"{path} does not hold a 64-hex private key")
+        return secret
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = even_y_secret(os.urandom(32).hex())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def _wallet_name(mint: str, unit: str) -> str:
+    readable = re.sub(r"[^a-z0-9]+", "_", mint.split("://", 1)[1]).strip("_")[:40]
+    return f"{readable}-{unit}-{hashlib.sha256(f'{mint} {unit}'.encode()).hexdigest()[:8]}"
+
+
+def _mint_error(exc: BaseException, mint: str, subject: str = "this token") -> PaymentError:
+    """Turn what Nutshell raised while talking to the mint into a PaymentError."""
+    if isinstance(exc, PaymentError):
+        return exc
+    if isinstance(exc, httpx.TransportError):     # refused, reset, timed out, DNS
+        return PaymentError(
+            f"The mint {mint} is unreachable right now, so the payment could not be completed; "
+            "it can be tried again later.", retryable=True)
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        if status >= 500 or status == 429:
+            return PaymentError(
+                f"The mint {mint} is not working right now (HTTP {status}); "
+                "the payment can be tried again later.", retryable=True)
+        return PaymentError(f"The mint {mint} answered with an error (HTTP {status}).")
+    text = str(exc)
+    code_match = re.search(r"\(Code: (\d+)\)", text)
+    code = int(code_match.group(1)) if code_match else None
+    detail = re.sub(r"^Mint Error: |\s*\(Code: \d+\)$", "", text).strip().rstrip(".")
+    if code == 11001:
+        return PaymentError("This token was already spent; a Cashu token can be used only once.")
+    if code == 11002:
+        return PaymentError("The mint says this token is being spent in another payment right "
+                            "now; it can be tried again later.", retryable=True)
+    if code is not None:
+        return PaymentError(f"The mint refused {subject}: {detail} (code {code}).")
+    return PaymentError(f"The payment failed: {detail or type(exc).__name__}.")
+
+
+# -- the wallet ------------------------------------------------------------------------------
+
+class ProviderWallet:
+    """Ecash wallets of one party, one Nutshell `Wallet` per (mint, unit), in one directory.
+
+    The worker uses it to take payments (`receive`), give change and refunds (`send`) and cash
+    out (`melt`); customers, tests and the demo use the same class to fund themselves
+    (`mint_from_lightning`) and pay (`send`). Mints outside `accepted_mints` are never contacted.
+
+    `p2pk_private_key` (64 hex) is a key kept for receiving P2PK-locked ecash (NUT-11, NIP-61
+    nutzaps) — not the Nostr identity key. Its public key is `p2pk_pubkey`.
+    """
+
+    def __init__(self, directory: str | Path, accepted_mints: list[str], unit: str = "sat",
+                 p2pk_private_key: str | None = None):
+        self.directory = Path(directory)
+        self.accepted_mints = list(dict.fromkeys(normalize_mint_url(m) for m in accepted_mints))
+        self.unit = unit
+        self._p2pk_secret = even_y_secret(p2pk_private_key) if p2pk_private_key else None
+        self._wallets: dict[str, object] = {}
+        self._keysets_loaded_at: dict[str, float] = {}
+        self._keyset_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.chmod(0o700)
+
+    # -- keys -------------------------------------------------------------------------------
+    @property
+    def p2pk_pubkey(self) -> str:
+        """The compressed public key ("02" + x) to advertise for P2PK payments (kind 10019)."""
+        if self._p2pk_secret is None:
+            raise RuntimeError("this wallet has no P2PK key")
+        return "02" + coincurve.PrivateKey(bytes.fromhex(self._p2pk_secret)).public_key.format()[1:].hex()
+
+    # -- reading tokens ---------------------------------------------------------------------
+    def inspect(self, token: str) -> TokenInfo:
+        """Parse a cashuA/cashuB token without any network access."""
+        info, _ = self._parse(token)
+        return info
+
+    def _parse(self, token: str) -> tuple[TokenInfo, list]:
+        c = _cashu()
+        text = token.strip() if isinstance(token, str) else ""
+        if text.startswith("cashu:"):       # NUT-00 URI form
+            text = text[len("cashu:"):]
+        if not text.startswith(("cashuA", "cashuB")):
+            raise PaymentError("This is not a Cashu token (it should start with cashuA or cashuB).")
+        try:
+            parsed = c.deserialize_token_from_string(text)
+            proofs = parsed.proofs          # builds new Proof objects on each access: read once
+            mints = parsed.mints if isinstance(parsed, c.TokenV3) else [parsed.mint]
+            unit, memo = parsed.unit, parsed.memo
+        except Exception:
+            raise PaymentError("The Cashu token is damaged or incomplete; "
+                               "please copy the whole token again.") from None
+        if not proofs:
+            raise PaymentError("The Cashu token contains no proofs, so it is worth nothing.")
+        if len(set(mints)) != 1 or not mints[0]:
+            raise PaymentError("The Cashu token must come from exactly one mint.")
+        try:
+            mint = normalize_mint_url(mints[0])
+        except ValueError:
+            raise PaymentError("The Cashu token names no valid mint URL.") from None
+        secrets = [p.secret for p in proofs]
+        if len(set(secrets)) != len(secrets):
+            raise PaymentError("The Cashu token contains the same proof twice.")
+        if any(not isinstance(p.amount, int) or p.amount <= 0 for p in proofs):
+            raise PaymentError("The Cashu token contains a proof with an invalid amount.")
+        conditions = []
+        for p in proofs:
+            try:
+                cond = c.nut10.parse_spending_condition(p.secret)
+            except Exception as exc:
+                raise PaymentError(f"The Cashu token has a malformed spending condition ({exc}).") from None
+            if cond is None:
+                conditions.append(None)
+                continue
+            signers = ([cond.data] if cond.kind == "P2PK" else []) + cond.tags.get_tag_all("pubkeys")
+            conditions.append(SpendingCondition(
+                kind=cond.kind,
+                pubkeys=tuple(k.lower() for k in signers),
+                n_sigs=cond.n_sigs or 1,
+                locktime=cond.locktime,
+                refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
+                sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
+            ))
+        info = TokenInfo(
+            mint=mint, unit=unit or "sat", amount=sum(p.amount for p in proofs),
+            proof_count=len(proofs), has_dleq=all(p.dleq is not None for p in proofs),
+            keyset_ids=tuple(dict.fromkeys(p.id for p in proofs)), conditions=tuple(conditions),
+            token_id=hashlib.sha256(json.dumps(sorted(secrets)).encode()).hexdigest(), memo=memo,
+        )
+        return info, proofs
+
+    # -- receiving --------------------------------------------------------------------------
+    async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
+                      min_locktime: int | None = None) -> Received:
+        """Take a payment: check the token, swap it at the mint for our own proofs, and report
+        what arrived after the mint's fee.
+
+        `require_lock`: every proof must be P2PK-locked to `p2pk_pubkey`. `min_locktime` (unix
+        time): refuse locks whose locktime comes earlier, since the sender could reclaim the
+        token from then on. Raises PaymentError; if it is `retryable`, keep the token and try
+        again later.
+        """
+        info, proofs = self._parse(token)
+        # Offline checks first: a token from a mint we do not accept must not make us connect.
+        if info.mint not in self.accepted_mints:
+            raise PaymentError(f"This worker does not accept ecash from the mint {info.mint}; "
+                               f"it accepts: {', '.join(self.accepted_mints)}.")
+        if info.unit != self.unit:
+            raise PaymentError(f"The token is in {info.unit}, but this worker is paid in {self.unit}.")
+        if info.amount < min_amount:
+            raise PaymentError(f"The token is worth {info.amount} {self.unit}, but the price is "
+                               f"{min_amount} {self.unit}; it was not redeemed.")
+        if not info.has_dleq:
+            # Without DLEQ proofs we could not tell a forged token from a real one before the swap.
+            raise PaymentError("The token carries no DLEQ proofs, so its signatures cannot be "
+                               "checked; please send it with DLEQ proofs included.")
+        self._check_conditions(info, require_lock, min_locktime)
+
+        wallet = await self._online(info.mint)
+        await self._resolve_keysets(wallet, info.mint, proofs)
+        for proof in proofs:
+            if not self._dleq_valid(wallet.keysets[proof.id], proof):
+                raise PaymentError("The token's DLEQ proof does not verify: it was not signed by "
+                                   f"the mint {info.mint}, or it was altered.")
+        fee = wallet.get_fees_for_proofs(proofs)
+        if info.amount - fee < min_amount:
+            raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
+                               f"fee of {fee} {self.unit} that is less than the price of "
+                               f"{min_amount} {self.unit}; it was not redeemed.")
+        self._sign_negated_locks(proofs)
+        try:
+            kept, _ = await wallet.redeem(proofs)     # the swap
+        except Exception as exc:
+            raise _mint_error(exc, info.mint) from exc
+        amount = sum(p.amount for p in kept)
+        return Received(amount=amount, fee=info.amount - amount, mint=info.mint, unit=self.unit,
+                        token_id=info.token_id)
+
+    def _check_conditions(self, info: TokenInfo, require_lock: bool, min_locktime: int | None) -> None:
+        ours = self._p2pk_secret and self.p2pk_pubkey
+        for cond in info.conditions:
+            if cond is None:
+                if require_lock:
+                    raise PaymentError("This payment must be P2PK-locked to the worker's key "
+                                       f"{ours or '(none configured)'}; the token is not locked.")
+                continue
+            if cond.kind != "P2PK":
+                raise PaymentError(f"The token is locked with a {cond.kind} condition, which this "
+                                   "worker cannot unlock.")
+            # A lock to "03"+x is ours too: P2PK signatures are checked against the x-coordinate.
+            if not ours or ours[2:] not in {k[2:] for k in cond.pubkeys}:
+                raise PaymentError("The token is locked to another key, not to this worker's key "
+                                   f"{ours or '(none configured)'}.")
+            if cond.n_sigs > 1:
+                raise PaymentError(f"The token needs {cond.n_sigs} signatures to be spent; this "
+                                   "worker can give only its own.")
+            if cond.sig_all and ours not in cond.pubkeys:
+                raise PaymentError(f"The token is locked (SIG_ALL) to {cond.pubkeys[0]}, not to this "
+                                   f"worker's key {ours}.")
+            if min_locktime is not None and cond.locktime is not None and cond.locktime < min_locktime:
+                raise PaymentError(
+                    f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
+                    "the sender could take it back while the job runs. Lock it for longer.")
+
+    def _sign_negated_locks(self, proofs: list) -> None:
+        """Sign proofs locked to "03"+x of our key ourselves: Nutshell only signs for "02"+x."""
+        if self._p2pk_secret is None:
+            return
+        c = _cashu()
+        ours = self.p2pk_pubkey
+        negated = "03" + ours[2:]
+        key = c.PrivateKey(bytes.fromhex(self._p2pk_secret))
+        for proof in proofs:
+            cond = c.nut10.parse_spending_condition(proof.secret)
+            if cond is None or cond.kind != "P2PK":
+                continue
+            keys = {k.lower() for k in [cond.data] + cond.tags.get_tag_all("pubkeys")}
+            if negated in keys and ours not in keys:
+                signature = c.schnorr_sign(proof.secret.encode(), key).hex()
+                proof.witness = c.P2PKWitness(signatures=[signature]).model_dump_json()
+
+    async def _resolve_keysets(self, wallet, mint: str, proofs: list) -> None:
+        """Give each proof its full keyset id (cashu-ts sends 16-hex short ids) and make sure the
+        keyset is one the mint lists for our unit; refresh the keysets once if not."""
+        for attempt in (1, 2):
+            try:
+                await wallet._expand_short_keyset_ids(proofs)
+                unknown = [p.id for p in proofs if p.id not in wallet.keysets]
+            except (KeyError, ValueError):
+                unknown = ["?"]
+            if not unknown:
+                return
+            if attempt == 1:
+                wallet = await self._online(mint, refresh=True)
+        raise PaymentError(f"The token was issued under a keyset ({unknown[0]}) that the mint "
+                           f"{mint} does not list for {self.unit}; it may be forged.")
+
+    @staticmethod
+    def _dleq_valid(keyset, proof) -> bool:
+        """NUT-12 check by the receiver: the mint's key for this amount signed this secret.
+
+        Nutshell's own `verify_proofs_dleq` returns early (accepting) at the first proof without
+        DLEQ, so every proof is checked here.
+        """
+        c = _cashu()
+        try:
+            return bool(c.b_dhke.carol_verify_dleq(
+                secret_msg=proof.secret,
+                C=c.PublicKey(bytes.fromhex(proof.C)),
+                r=c.PrivateKey(bytes.fromhex(proof.dleq.r)),
+                e=c.PrivateKey(bytes.fromhex(proof.dleq.e)),
+                s=c.PrivateKey(bytes.fromhex(proof.dleq.s)),
+                A=keyset.public_keys[proof.amount],
+            ))
+        except Exception:               # malformed hex, a point off the curve, unknown amount
+            return False
+
+    # -- sending and paying -----------------------------------------------------------------
+    async def send(self, amount: int, mint: str | None = None, lock_to: str | None = None, *,
+                   locktime: int | None = None, refund_to: str | None = None) -> str:
+        """A cashuB token worth exactly `amount`, with DLEQ proofs, for change and refunds.
+
+        `lock_to`: P2PK-lock it to this key (66-hex compressed, or 64-hex x-only Nostr key taken
+        as "02" + x). `locktime` (unix time) and `refund_to` add NUT-11 locktime and refund keys.
+        The proofs are reserved in our wallet, so they are never sent twice; the receiver pays
+        the mint's fee when redeeming.
+        """
+        if amount <= 0:
+            raise ValueError("amount must be positive")
+        mint = self._accepted(mint) if mint else await self._mint_with_balance(amount)
+        c = _cashu()
+        wallet = await self._online(mint)
+        proofs = wallet.active_proofs(wallet.proofs)       # unreserved, of our unit
+        try:
+            if lock_to is None:
+                chosen = wallet.coinselect(proofs, amount)
+                if sum(p.amount for p in chosen) == amount:
+                    await wallet.set_reserved_for_send(chosen, reserved=True)
+                else:   # no exact coins: swap for them (the swap fee is ours)
+                    _, chosen = await wallet.swap_to_send(proofs, amount, set_reserved=True)
+            else:
+                tags = c.Tags()
+                if locktime is not None:
+                    tags["locktime"] = str(int(locktime))
+                if refund_to is not None:
+                    tags["refund"] = [compressed_pubkey(refund_to)]
+                lock = await wallet.create_p2pk_lock(compressed_pubkey(lock_to), tags=tags)
+                _, chosen = await wallet.swap_to_send(proofs, amount, secret_lock=lock,
+                                                      set_reserved=True)
+        except c.BalanceTooLowError:
+            raise PaymentError(f"Not enough ecash at {mint} to send {amount} {self.unit} "
+                               f"(available: {self._available(wallet)}).") from None
+        except Exception as exc:
+            raise _mint_error(exc, mint) from exc
+        return await wallet.serialize_proofs(chosen, include_dleq=True)
+
+    async def melt(self, bolt11: str, mint: str | None = None) -> dict:
+        """Pay a Lightning invoice with our ecash (melt quote, then melt).
+
+        Returns {"mint", "amount", "fee_paid", "preimage", "state"}; "state" is "paid" or, if
+        the Lightning payment is still in flight, "pending".
+        """
+        candidates = [self._accepted(mint)] if mint else list(self.accepted_mints)
+        last_error: PaymentError | None = None
+        for url in candidates:
+            wallet = await self._open(url)
+            if not self._available(wallet):
+                continue
+            try:
+                wallet = await self._online(url)
+                quote = await wallet.melt_quote(bolt11)
+            except Exception as exc:
+                last_error = _mint_error(exc, url, "this Lightning payment")
+                continue
+            total = quote.amount + quote.fee_reserve
+            if self._available(wallet) < total + wallet.coinselect_fee(wallet.proofs, total):
+                continue
+            before = sum(p.amount for p in wallet.proofs)
+            try:
+                proofs, _ = await wallet.select_to_send(wallet.proofs, total, include_fees=True,
+                                                        set_reserved=False)
+                response = await wallet.melt(proofs, bolt11, quote.fee_reserve, quote.quote)
+            except Exception as exc:
+                raise _mint_error(exc, url, "this Lightning payment") from exc
+            state = str(getattr(response.state, "value", response.state) or "").lower()
+            spent = before - sum(p.amount for p in wallet.proofs)
+            return {"mint": url, "amount": quote.amount, "fee_paid": spent - quote.amount,
+                    "preimage": response.payment_preimage, "state": state}
+        raise last_error or PaymentError(
+            "Not enough ecash to pay this invoice (available: "
+            f"{sum(self._available(w) for w in self._wallets.values())} {self.unit}).")
+
+    async def create_invoice(self, amount: int, mint: str) -> Invoice:
+        """Ask `mint` for a Lightning invoice that buys `amount` of ecash (a NUT-04 mint quote).
+        Whoever pays the invoice funds this wallet once `claim_invoice` is called."""
+        mint = self._accepted(mint)
+        wallet = await self._online(mint)
+        try:
+            quote = await wallet.request_mint(amount)
+        except Exception as exc:
+            raise _mint_error(exc, mint) from exc
+        return Invoice(quote_id=quote.quote, bolt11=quote.request, mint=mint, amount=amount)
+
+    async def claim_invoice(self, invoice: Invoice, timeout: float = MINT_QUOTE_TIMEOUT) -> int:
+        """Wait up to `timeout` seconds for the invoice to be paid, then mint its ecash; returns
+        the amount minted."""
+        wallet = await self._online(invoice.mint)
+        deadline = time.monotonic() + timeout
+        try:
+            while not (await wallet.get_mint_quote(invoice.quote_id)).paid:
+                if time.monotonic() > deadline:
+                    raise PaymentError(f"The Lightning invoice for {invoice.amount} {self.unit} was "
+                                       f"not paid within {timeout:g} s.", retryable=True)
+                await asyncio.sleep(0.2)
+            proofs = await wallet.mint(invoice.amount, quote_id=invoice.quote_id)
+        except Exception as exc:
+            raise _mint_error(exc, invoice.mint) from exc
+        return sum(p.amount for p in proofs)
+
+    async def mint_from_lightning(self, amount: int, mint: str) -> int:
+        """Buy `amount` of ecash at `mint` and wait for it: `create_invoice` + `claim_invoice`.
+        A FakeWallet mint (tests, demo) pays its own invoices; a real one waits for a payer."""
+        return await self.claim_invoice(await self.create_invoice(amount, mint))
+
+    async def check_spent(self, token: str) -> bool:
+        """NUT-07: True once any proof of the token is spent (or being spent) at its mint, i.e.
+        the token can no longer be redeemed whole."""
+        info, proofs = self._parse(token)
+        if info.mint not in self.accepted_mints:
+            raise PaymentError(f"The mint {info.mint} is not one of this wallet's mints.")
+        wallet = await self._online(info.mint)
+        try:
+            states = await wallet.check_proof_state(proofs)
+        except Exception as exc:
+            raise _mint_error(exc, info.mint) from exc
+        return any(not state.unspent for state in states.states)
+
+    # -- balances ---------------------------------------------------------------------------
+    async def balance(self) -> dict[str, int]:
+        """Spendable balance (reserved proofs excluded) per mint URL, from our database only."""
+        for mint in self.accepted_mints:
+            await self._open(mint)
+        return {mint: self._available(wallet) for mint, wallet in self._wallets.items()}
+
+    async def total_balance(self) -> int:
+        """The sum of `balance()` over all mints."""
+        return sum((await self.balance()).values())
+
+    async def _mint_with_balance(self, amount: int) -> str:
+        balances = await self.balance()
+        for mint in self.accepted_mints:
+            if balances.get(mint, 0) >= amount:
+                return mint
+        raise PaymentError(f"Not enough ecash at any one mint to send {amount} {self.unit} "
+                           f"(balances: {balances}).")
+
+    def _accepted(self, mint: str) -> str:
+        mint = normalize_mint_url(mint)
+        if mint not in self.accepted_mints:
+            raise ValueError(f"{mint} is not one of this wallet's mints")
+        return mint
+
+    @staticmethod
+    def _available(wallet) -> int:
+        return sum(p.amount for p in wallet.proofs if not p.reserved)
+
+    # -- opening Nutshell wallets -----------------------------------------------------------
+    async def _open(self, mint: str):
+        """The Nutshell wallet for `mint`, opened from our database without network access."""
+        wallet = self._wallets.get(mint)
+        if wallet is not None:
+            return wallet
+        async with self._open_lock:
+            if mint in self._wallets:
+                return self._wallets[mint]
+            c = _cashu()
+            name = _wallet_name(mint, self.unit)
+            db_file = self.directory / f"{name}.sqlite3"
+            _private_path(db_file)
+            # The first with_db of a database prints a "Generated a new mnemonic" notice.
+            with contextlib.redirect_stdout(io.StringIO()):
+                wallet = await c.Wallet.with_db(mint, str(self.directory), name=name, unit=self.unit)
+            for path in self.directory.glob(f"{name}.sqlite3*"):   # the -wal and -shm files too
+                path.chmod(0o600)
+            if self._p2pk_secret is not None:
+                # Nutshell signs P2PK proofs with `wallet.private_key` (derived from its mnemonic
+                # unless replaced); use our dedicated, even-Y key.
+                wallet.private_key = c.PrivateKey(bytes.fromhex(self._p2pk_secret))
+            await wallet.load_proofs(reload=True)
+            self._wallets[mint] = wallet
+            return wallet
+
+    async def _online(self, mint: str, refresh: bool = False):
+        """The wallet for `mint` with the mint's keysets and info loaded (network)."""
+        wallet = await self._open(mint)
+        if not self._keysets_fresh(mint) or refresh:
+            # One loader at a time: concurrent payments on a fresh wallet would both insert the
+            # mint's keysets into its database and one would fail on the unique key.
+            async with self._keyset_lock:
+                if refresh or not self._keysets_fresh(mint):
+                    # Not wallet.load_mint(): it logs and swallows every error, so an
+                    # unreachable mint would show up later as a KeyError.
+                    try:
+                        await wallet.load_mint_keysets()
+                        await wallet.activate_keyset()
+                        await wallet.load_mint_info(reload=True)
+                    except Exception as exc:
+                        raise _mint_error(exc, mint) from exc
+                    self._keysets_loaded_at[mint] = time.monotonic()
+        return wallet
+
+    def _keysets_fresh(self, mint: str) -> bool:
+        loaded = self._keysets_loaded_at.get(mint)
+        return loaded is not None and time.monotonic() - loaded <= KEYSET_REFRESH_SECONDS
+
+    async def close(self) -> None:
+        """Close the HTTP client and database engine of every opened wallet."""
+        for wallet in self._wallets.values():
+            client = getattr(wallet, "httpx", None)
+            if client is not None:
+                await client.aclose()
+            await wallet.db.engine.dispose()
+        self._wallets.clear()
+        self._keysets_loaded_at.clear()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

@@ -1,0 +1,207 @@
+"""Paying for jobs in ecash, end to end through a real relay and a real Nutshell mint.
+
+Every test checks balances on both sides: the provider never works unpaid, the customer never
+loses a sat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dvm_core.client import Customer, JobFailed, result_json
+from dvm_core.ecash import decode_payment_request, decode_token, encode_token_a
+from dvm_core.events import Keys
+from dvm_core.nip90 import JobInput
+from dvm_core.wallet import ProviderWallet
+
+KIND = 5790
+TEXT = [JobInput("pay me in ecash", "text")]
+PRICE = 5
+
+
+@pytest.fixture
+async def funded(tmp_path, mint, relay):
+    """A customer with a funded wallet whose P2PK key is its Nostr key (for refunds)."""
+    keys = Keys.generate()
+    wallet = ProviderWallet(directory=tmp_path / "customer-wallet", accepted_mints=[mint.url],
+                            p2pk_private_key=keys.private_key)
+    await wallet.mint_from_lightning(64, mint.url)
+    async with Customer(keys, [relay.url]) as customer:
+        await customer.pool.wait_all_connected(10)
+        customer.wallet = wallet
+        yield customer
+    await wallet.close()
+
+
+async def paid_worker(workers, mint, **settings):
+    return await workers.start(mints=[mint.url], prices={"text-stats": PRICE}, **settings)
+
+
+async def provider_balance(worker) -> int:
+    return await worker.cashier.wallet.total_balance()
+
+
+async def claim_nutzaps(customer, expected: int, timeout: float = 10.0) -> int:
+    """Redeem the change/refund nutzaps sent to the customer; returns their total."""
+    total = 0
+    for _ in range(int(timeout / 0.25)):
+        zaps = await customer.nutzaps_received(timeout=2)
+        if sum(z.token() and decode_token(z.token()).amount for z in zaps) >= expected:
+            for zap in zaps:
+                got = await customer.wallet.receive(zap.token(), min_amount=1, require_lock=True)
+                total += got.amount
+            return total
+        await asyncio.sleep(0.25)
+    return total
+
+
+async def test_token_in_encrypted_params_pays_for_the_job(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    before = await funded.wallet.total_balance()
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, cashu=token)
+    feedback = []
+    result = await funded.result(request, timeout=30, on_feedback=feedback.append)
+    assert result_json(result)["words"] == 4
+    assert any(f"paid {PRICE} sat" in f.message for f in feedback)
+    assert await provider_balance(worker) == PRICE
+    assert await funded.wallet.total_balance() == before  # the token had left it already
+    assert worker.store.payment_for_job(request["id"])["state"] == "consumed"
+
+
+async def test_p2pk_locked_token_in_a_public_request(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
+    feedback = []
+    await funded.result(request, timeout=30, on_feedback=feedback.append)
+    assert not any("warning" in f.message for f in feedback)
+    assert await provider_balance(worker) == PRICE
+    assert worker.store.payment_for_job(request["id"])["method"] == "p2pk"
+
+
+async def test_no_token_gets_payment_required_then_a_nutzap_pays(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    start = await funded.wallet.total_balance()
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    async for update in funded.updates(request, timeout=20):
+        assert update.status == "payment-required", update
+        break
+    assert update.amount_msats == PRICE * 1000
+    creq = decode_payment_request(update.content)
+    assert creq["a"] == PRICE and creq["m"] == [mint.url] and creq["nut10"]["d"] == worker.cashier.p2pk_pubkey
+    assert creq["nut10"]["d"][2:] != worker.keys.public_key  # a dedicated wallet key, not the identity
+    await funded.pay_with_nutzap(request, update, funded.wallet)
+    result = await funded.result(request, timeout=30)
+    assert result_json(result)["words"] == 4
+    assert await provider_balance(worker) == PRICE
+    assert await funded.wallet.total_balance() == start - PRICE
+
+
+async def test_unlocked_token_in_a_public_tag_is_taken_with_a_warning(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
+    feedback = []
+    await funded.result(request, timeout=30, on_feedback=feedback.append)
+    assert any("anyone reading the relay could have taken it" in f.message for f in feedback)
+    assert await provider_balance(worker) == PRICE
+
+
+async def test_bid_below_the_price_is_refused_before_any_work(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, cashu=token,
+                                  bid_msats=PRICE * 1000 - 1)
+    with pytest.raises(JobFailed, match=f"price of this job is {PRICE} sat \\({PRICE * 1000} msats\\)"):
+        await funded.result(request, timeout=20)
+    assert await provider_balance(worker) == 0
+    assert await funded.wallet.check_spent(token) is False
+
+
+async def test_overpayment_comes_back_as_change(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    before = await funded.wallet.total_balance()
+    token = await funded.wallet.send(PRICE + 3, mint=mint.url)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, cashu=token)
+    await funded.result(request, timeout=30)
+    assert await claim_nutzaps(funded, 3) == 3
+    assert await funded.wallet.total_balance() == before - PRICE
+    assert await provider_balance(worker) == PRICE
+
+
+async def test_same_token_twice_the_second_request_gets_a_clear_error(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    first = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, cashu=token)
+    await funded.result(first, timeout=30)
+    second = await funded.submit(KIND, [JobInput("again", "text")], {}, provider=worker.keys.public_key,
+                                 cashu=token)
+    with pytest.raises(JobFailed, match="already paid for job"):
+        await funded.result(second, timeout=20)
+    assert await provider_balance(worker) == PRICE
+
+
+def _crashing_plugin():
+    from dvm_core import JobKind, hookimpl
+
+    class Crash:
+        @hookimpl
+        def register_job_kinds(self, register):
+            def run(ctx, job):
+                raise RuntimeError("boom")
+            register(JobKind(kind=5791, name="crash", description="always fails", run=run))
+    return Crash()
+
+
+async def test_plugin_crash_after_payment_is_refunded(workers, mint, funded):
+    from dvm_core.plugins import plugin_manager
+    pm = plugin_manager(only=[])
+    pm.register(_crashing_plugin(), name="crash")
+    worker = await workers.start(pm=pm, mints=[mint.url], prices={"crash": PRICE})
+    before = await funded.wallet.total_balance()
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    request = await funded.submit(5791, TEXT, {}, provider=worker.keys.public_key, cashu=token)
+    with pytest.raises(JobFailed, match="refunded"):
+        await funded.result(request, timeout=30)
+    assert await claim_nutzaps(funded, PRICE) == PRICE
+    assert await funded.wallet.total_balance() == before
+    assert await provider_balance(worker) == 0
+    assert worker.store.payment_for_job(request["id"])["state"] == "refunded"
+
+
+async def test_time_out_after_payment_is_refunded(workers, mint, funded):
+    worker = await paid_worker(workers, mint, job_time_limit=1.0)
+    before = await funded.wallet.total_balance()
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    request = await funded.submit(KIND, TEXT, {"work_seconds": "30"}, provider=worker.keys.public_key, cashu=token)
+    with pytest.raises(JobFailed, match="time limit"):
+        await funded.result(request, timeout=30)
+    assert await claim_nutzaps(funded, PRICE) == PRICE
+    assert await funded.wallet.total_balance() == before
+
+
+async def test_restart_between_payment_and_start_runs_without_asking_again(workers, mint, funded):
+    keys = Keys.generate()
+    worker = await paid_worker(workers, mint, keys=keys, name="p")
+    blocker = await funded.submit(KIND, TEXT, {"work_seconds": "3"}, provider=keys.public_key,
+                                  cashu=await funded.wallet.send(PRICE, mint=mint.url))
+    target = await funded.submit(KIND, [JobInput("queued behind", "text")], {}, provider=keys.public_key,
+                                 cashu=await funded.wallet.send(PRICE, mint=mint.url))
+    for _ in range(100):
+        row = worker.store.get_job(target["id"])
+        if row and row.state == "queued":
+            break
+        await asyncio.sleep(0.1)
+    assert worker.store.payment_for_job(target["id"])["state"] == "redeemed"
+    await worker.stop(grace=0.1)  # the paid, queued job goes back to the queue in the store
+    workers.workers.remove(worker)
+    again = await paid_worker(workers, mint, keys=keys, name="p")
+    feedback = []
+    result = await funded.result(target, timeout=30, on_feedback=feedback.append)
+    assert result_json(result)["words"] == 2
+    assert not any(f.status == "payment-required" for f in feedback)
+    await funded.result(blocker, timeout=30)
+    assert await provider_balance(again) == 2 * PRICE  # each job paid once
