@@ -20,11 +20,12 @@ from pathlib import Path
 from .client import Customer, JobFailed, result_json
 from .events import Keys
 from .keys import write_key_file
-from .localnet import start_relay
+from .localnet import start_mint, start_relay
 from .logs import configure_logging
 from .nip90 import HANDLER_KIND, JobInput, parse_handler_announcement
 
 TEXT_STATS_KIND = 5790
+PRICE = 5  # sats
 DEMO_TEXT = ("Money in, data out. Providers train models; customers pay in ecash; "
              "relays carry the messages, and nobody holds the money but the mint.")
 
@@ -52,16 +53,20 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
     steps = Steps()
     configure_logging("console", "warning")
     print("dvm demo: a NIP-90 marketplace on loopback\n")
-    relay = worker = None
+    relay = worker = mint = None
+    customer_wallet = None
     try:
         relay = start_relay(root / "relay")
         steps.good(f"relay (nostr-relay) listening on {relay.url}")
+        mint = start_mint(root / "mint")
+        steps.good(f"Cashu mint (Nutshell, FakeWallet Lightning) listening on {mint.url}")
 
         provider = Keys.generate()
         write_key_file(root / "provider.key", provider)
         (root / "dvm.toml").write_text(
             f'[dvm]\nname = "Demo DVM"\nrelays = ["{relay.url}"]\nkey_file = "provider.key"\n'
-            f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\n')
+            f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\n'
+            f'mints = ["{mint.url}"]\n\n[prices]\n"text-stats" = {PRICE}\n')
         log_path = root / "worker.log"
         worker = subprocess.Popen(
             [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(root / "dvm.toml")],
@@ -69,6 +74,12 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         customer_keys = Keys.generate()
+        from .wallet import ProviderWallet
+        customer_wallet = ProviderWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
+                                         p2pk_private_key=customer_keys.private_key)
+        await customer_wallet.mint_from_lightning(100, mint.url)
+        customer_before = await customer_wallet.total_balance()
+        steps.good(f"customer funded a wallet over Lightning: {customer_before} sat")
         async with Customer(customer_keys, [relay.url]) as customer:
             kinds = await _wait_announcement(customer, provider.public_key, worker, timeout=60)
             if kinds is None:
@@ -79,11 +90,12 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
                 steps.bad(f"kind {TEXT_STATS_KIND} (text-stats) is not served: install examples/dvm-textstats")
                 return 1
 
+            token = await customer_wallet.send(PRICE, mint=mint.url)
             request = await customer.submit(
                 TEXT_STATS_KIND, [JobInput(DEMO_TEXT, "text")], {"top": "3", "work_seconds": "2"},
-                provider=provider.public_key, encrypt="nip44")
+                provider=provider.public_key, encrypt="nip44", cashu=token)
             steps.good(f"customer {customer_keys.npub[:20]}… sent job {request['id'][:12]}… "
-                       "(params NIP-44-encrypted)")
+                       f"with a {PRICE} sat token (params and token NIP-44-encrypted)")
             try:
                 result = await customer.result(
                     request, timeout=60,
@@ -105,13 +117,26 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
             steps.good("worker stopped cleanly on SIGTERM")
         else:
             steps.bad(f"worker exited with {code}; see {log_path}")
+        customer_after = await customer_wallet.total_balance()
+        async with ProviderWallet(directory=root / "state" / "wallet", accepted_mints=[mint.url]) as earned:
+            provider_after = await earned.total_balance()
+        line = (f"balances: customer {customer_before} → {customer_after} sat, "
+                f"provider 0 → {provider_after} sat")
+        if customer_before - customer_after == PRICE and provider_after == PRICE:
+            steps.good(line)
+        else:
+            steps.bad(line)
     except Exception as exc:
         steps.bad(f"demo failed: {type(exc).__name__}: {exc}")
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
+        if customer_wallet is not None:
+            await customer_wallet.close()
         if relay is not None:
             relay.stop()
+        if mint is not None:
+            mint.stop()
         if temp and steps.ok:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\n{'demo succeeded' if steps.ok else 'demo FAILED (files kept in ' + str(root) + ')'}"
