@@ -205,3 +205,34 @@ async def test_restart_between_payment_and_start_runs_without_asking_again(worke
     assert not any(f.status == "payment-required" for f in feedback)
     await funded.result(blocker, timeout=30)
     assert await provider_balance(again) == 2 * PRICE  # each job paid once
+
+
+async def test_a_plugin_prices_by_work_through_the_price_job_hook(workers, mint, funded):
+    from dvm_core import hookimpl
+    from dvm_core.plugins import plugin_manager
+
+    class PerWord:
+        @hookimpl
+        def price_job(self, job_kind, job):
+            if job_kind.name == "text-stats":
+                return len(job.text.split())  # one sat per word
+
+    pm = plugin_manager(only=["textstats"])
+    pm.register(PerWord(), name="per-word")
+    worker = await workers.start(pm=pm, mints=[mint.url], prices={"text-stats": 1})
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    async for update in funded.updates(request, timeout=20):
+        break
+    assert update.status == "payment-required" and update.amount_msats == 4 * 1000
+    await funded.pay_with_nutzap(request, update, funded.wallet)
+    await funded.result(request, timeout=30)
+    assert await provider_balance(worker) == 4
+
+
+async def test_a_free_kind_asks_for_nothing(workers, mint, funded):
+    worker = await workers.start(mints=[mint.url], prices={"text-stats": 0})
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    feedback = []
+    await funded.result(request, timeout=20, on_feedback=feedback.append)
+    assert [f.status for f in feedback][:1] == ["processing"]
+    assert worker.store.payment_for_job(request["id"]) is None
