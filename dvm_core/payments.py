@@ -140,10 +140,13 @@ class Cashier:
             info = self.wallet.inspect(token)
         except PaymentError as exc:
             raise PaymentRefused(exc.customer_message) from None
-        previous = self.store.record_payment(info.token_id, request.id, request.pubkey, method,
-                                             info.mint, info.unit, info.amount, price, token)
-        if previous is not None and previous != request.id:
-            raise PaymentRefused(f"this token already paid for job {previous}; send a new one")
+        holder = self.store.record_payment(info.token_id, request.id, request.pubkey, method,
+                                           info.mint, info.unit, info.amount, price, token)
+        if holder is not None and holder["job_id"] != request.id:
+            if holder["state"] in ("received", "redeeming"):
+                raise PaymentRefused(f"this token is being redeemed for job {holder['job_id']}; send a new one")
+            raise PaymentRefused(f"this token already paid for job {holder['job_id']}; send a new one")
+        retrying = holder is not None  # the same job again, after a restart
         self.store.set_payment(info.token_id, "redeeming")
         deadline = time.monotonic() + self.mint_retry_seconds
         delay, told = 1.0, False
@@ -163,13 +166,15 @@ class Cashier:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     continue
-                if "already spent" in exc.customer_message and previous == request.id:
+                if "already spent" in exc.customer_message and retrying:
                     # Our own swap went through before a crash: the ecash is ours already.
                     log.warning("token spent during an earlier attempt; counting it as paid", job_id=request.id)
                     self.store.set_payment(info.token_id, "redeemed", received=info.amount)
                     return Paid(info.token_id, info.mint, info.unit, info.amount, price, method)
                 self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
                 suffix = " Your token was not redeemed." if exc.retryable else ""
+                if not exc.retryable and await self.give_back_locked(request, token, exc.customer_message):
+                    suffix = " Only this DVM could spend it, so it was sent back to you as a nutzap."
                 raise PaymentRefused(exc.customer_message + suffix) from None
         self.store.set_payment(info.token_id, "redeemed", received=received.amount)
         paid = Paid(info.token_id, info.mint, info.unit, received.amount, price, method)
@@ -183,6 +188,32 @@ class Cashier:
         if received.amount > price:
             await self._send_back(request, paid, received.amount - price, "change", "change for your job")
         return paid
+
+    async def give_back_locked(self, request: JobRequest, token: str, reason: str) -> bool:
+        """A refused token P2PK-locked to our key is spendable by us alone: refusing it would
+        burn it. Redeem it and send it back to the customer. True if it was sent back."""
+        from .wallet import PaymentError
+        try:
+            info = self.wallet.inspect(token)
+        except PaymentError:
+            return False
+        ours = self.p2pk_pubkey[2:]
+        if not info.conditions or not all(c is not None and ours in {k[2:] for k in c.pubkeys}
+                                          for c in info.conditions):
+            return False
+        holder = self.store.record_payment(info.token_id, request.id, request.pubkey, "returned",
+                                           info.mint, info.unit, info.amount, 0, token)
+        if holder is not None and holder["job_id"] != request.id:
+            return False
+        try:
+            received = await self.wallet.receive(token, min_amount=1, require_lock=True)
+        except PaymentError as exc:
+            self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
+            return False  # not spendable (spent, fake, wrong mint): nothing to give back
+        self.store.set_payment(info.token_id, "redeemed", received=received.amount)
+        paid = Paid(info.token_id, info.mint, info.unit, received.amount, 0, "returned")
+        await self._send_back(request, paid, received.amount, "refund", f"refund: {reason}")
+        return True
 
     # nutzaps --------------------------------------------------------------------
     def on_nutzap(self, event: dict, spawn: Callable) -> None:

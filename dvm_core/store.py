@@ -171,9 +171,11 @@ class Store:
 
     # payments ---------------------------------------------------------------
     def record_payment(self, token_id: str, job_id: str, customer: str, method: str, mint: str,
-                       unit: str, offered: int, price: int, token: str) -> str | None:
-        """Record a token before anything is done with it. Returns None, or the id of the job
-        this token already paid for (a token is redeemed at most once, across restarts)."""
+                       unit: str, offered: int, price: int, token: str) -> dict | None:
+        """Record a token before anything is done with it (a token is redeemed at most once,
+        across restarts). Returns None when the token is new to this job, else the row that
+        already holds it. A token refused earlier (state `rejected`) is taken over by the new
+        job: the customer may well have fixed what was wrong, and the mint stops double spends."""
         now = time.time()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO payments (token_id, job_id, customer, method, mint, unit, offered,"
@@ -182,8 +184,15 @@ class Store:
         )
         if cur.rowcount == 1:
             return None
-        row = self.db.execute("SELECT job_id FROM payments WHERE token_id = ?", (token_id,)).fetchone()
-        return row[0]
+        cur = self.db.execute(
+            "UPDATE payments SET job_id = ?, customer = ?, method = ?, price = ?, token = ?,"
+            " state = 'received', error = NULL, updated = ? WHERE token_id = ? AND state = 'rejected'",
+            (job_id, customer, method, price, token, now, token_id),
+        )
+        if cur.rowcount == 1:
+            return None
+        row = self.db.execute("SELECT * FROM payments WHERE token_id = ?", (token_id,)).fetchone()
+        return dict(row)
 
     def set_payment(self, token_id: str, state: str, *, received: int | None = None,
                     error: str | None = None, **flags: int) -> None:

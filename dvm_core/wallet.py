@@ -460,7 +460,10 @@ class ProviderWallet:
                                    "worker cannot unlock.")
             # A lock to "03"+x is ours too: P2PK signatures are checked against the x-coordinate.
             if not ours or ours[2:] not in {k[2:] for k in cond.pubkeys}:
-                raise PaymentError("The token is locked to another key, not to this worker's key "
+                expired = cond.locktime is not None and cond.locktime <= time.time()
+                if expired and (not cond.refund or (ours and ours[2:] in {k[2:] for k in cond.refund})):
+                    continue  # past its locktime: ours to take back with the refund key (or anyone's)
+                raise PaymentError("The token is locked to another key, not to this wallet's key "
                                    f"{ours or '(none configured)'}.")
             if cond.n_sigs > 1:
                 raise PaymentError(f"The token needs {cond.n_sigs} signatures to be spent; this "
@@ -486,6 +489,7 @@ class ProviderWallet:
             if cond is None or cond.kind != "P2PK":
                 continue
             keys = {k.lower() for k in [cond.data] + cond.tags.get_tag_all("pubkeys")}
+            keys |= {k.lower() for k in cond.tags.get_tag_all("refund")}
             if negated in keys and ours not in keys:
                 signature = c.schnorr_sign(proof.secret.encode(), key).hex()
                 proof.witness = c.P2PKWitness(signatures=[signature]).model_dump_json()

@@ -302,12 +302,16 @@ class Worker:
         if price == 0:
             return None
         unit = self.settings.unit
-        if request.bid_msats is not None and request.bid_msats < price * 1000:
-            self._reject(request.event, f"the price of this job is {price} {unit} ({price * 1000} msats); "
-                                        f"your bid was {request.bid_msats} msats", scheme)
-            return False
         if self.cashier is None:  # prices without mints are refused at start; be safe anyway
             self._reject(request.event, "this DVM cannot take payments right now", scheme)
+            return False
+        offered = self.cashier.token_in(request, private_tags)
+        if request.bid_msats is not None and request.bid_msats < price * 1000:
+            reason = (f"the price of this job is {price} {unit} ({price * 1000} msats); "
+                      f"your bid was {request.bid_msats} msats")
+            if offered is not None and await self.cashier.give_back_locked(request, offered[0], reason):
+                reason += "; your token, locked to this DVM, was sent back to you as a nutzap"
+            self._reject(request.event, reason, scheme)
             return False
         encrypt = self._encrypter(request, scheme)
 
@@ -319,8 +323,7 @@ class Worker:
 
         limit = job_kind.time_limit or self.settings.job_time_limit
         try:
-            return await self.cashier.collect(request, price, self.cashier.token_in(request, private_tags),
-                                              limit, say)
+            return await self.cashier.collect(request, price, offered, limit, say)
         except PaymentRefused as exc:
             self._reject(request.event, str(exc), scheme, private_detail=False)
             return False
