@@ -191,6 +191,12 @@ def _import_cashu() -> SimpleNamespace:
     logger.remove()
     logger.add(_loguru_to_logging, level="WARNING", filter="cashu", format="{message}")
     logger.add(sys.stderr, level="DEBUG", filter=lambda record: not record["name"].startswith("cashu"))
+    # Nutshell builds a new httpx client for every call to a mint, and each one loads the CA
+    # bundle again: ~65 ms of CPU that blocks the event loop. Give those clients one shared TLS
+    # context; verification is unchanged.
+    from cashu.wallet import v1_api
+    v1_api.httpx = _SharedTLSHttpx()
+
     # aiosqlite (under Nutshell's SQLAlchemy) logs each statement with its parameters at DEBUG:
     # the wallet's seed and mnemonic, proof secrets. Never let a debug log level show them.
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
@@ -201,6 +207,26 @@ def _import_cashu() -> SimpleNamespace:
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
         deserialize_token_from_string=deserialize_token_from_string,
     )
+
+
+class _SharedTLSHttpx:
+    """`httpx` as Nutshell's v1_api sees it: the same module, but AsyncClient(verify=True)
+    reuses one SSL context."""
+
+    _context = None
+
+    def __getattr__(self, name):
+        return getattr(httpx, name)
+
+    def AsyncClient(self, *args, verify=True, **kwargs):  # noqa: N802 - mirrors httpx
+        if verify is True:
+            if _SharedTLSHttpx._context is None:
+                import ssl
+
+                import certifi
+                _SharedTLSHttpx._context = ssl.create_default_context(cafile=certifi.where())
+            verify = _SharedTLSHttpx._context
+        return httpx.AsyncClient(*args, verify=verify, **kwargs)
 
 
 def _loguru_to_logging(message) -> None:
@@ -293,6 +319,10 @@ def _mint_error(exc: BaseException, mint: str, subject: str = "this token") -> P
                 "the payment can be tried again later.", retryable=True)
         return PaymentError(f"The mint {mint} answered with an error (HTTP {status}).")
     text = str(exc)
+    if "failed to acquire database locks" in text or "database is locked" in text:
+        # Nutshell's own SQLite, busy with another payment: nothing reached the mint.
+        return PaymentError("The provider's wallet is busy; the payment can be tried again in a "
+                            "moment.", retryable=True)
     code_match = re.search(r"\(Code: (\d+)\)", text)
     code = int(code_match.group(1)) if code_match else None
     detail = re.sub(r"^Mint Error: |\s*\(Code: \d+\)$", "", text).strip().rstrip(".")
@@ -328,6 +358,7 @@ class ProviderWallet:
         self._wallets: dict[str, object] = {}
         self._keysets_loaded_at: dict[str, float] = {}
         self._keyset_lock = asyncio.Lock()
+        self._spend_locks: dict[str, asyncio.Lock] = {}
         self._open_lock = asyncio.Lock()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory.chmod(0o700)
@@ -440,7 +471,10 @@ class ProviderWallet:
                                f"{min_amount} {self.unit}; it was not redeemed.")
         self._sign_negated_locks(proofs)
         try:
-            kept, _ = await wallet.redeem(proofs)     # the swap
+            # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
+            # lock that concurrent swaps would fight over (and time out on under load).
+            async with self._spend_lock(info.mint):
+                kept, _ = await wallet.redeem(proofs)     # the swap
         except Exception as exc:
             raise _mint_error(exc, info.mint) from exc
         amount = sum(p.amount for p in kept)
@@ -545,6 +579,10 @@ class ProviderWallet:
         mint = self._accepted(mint) if mint else await self._mint_with_balance(amount)
         c = _cashu()
         wallet = await self._online(mint)
+        async with self._spend_lock(mint):  # choosing and reserving coins must not interleave
+            return await self._send_locked(c, wallet, mint, amount, lock_to, locktime, refund_to)
+
+    async def _send_locked(self, c, wallet, mint, amount, lock_to, locktime, refund_to) -> str:
         proofs = wallet.active_proofs(wallet.proofs)       # unreserved, of our unit
         try:
             if lock_to is None:
@@ -723,6 +761,12 @@ class ProviderWallet:
                         raise _mint_error(exc, mint) from exc
                     self._keysets_loaded_at[mint] = time.monotonic()
         return wallet
+
+    def _spend_lock(self, mint: str) -> asyncio.Lock:
+        lock = self._spend_locks.get(mint)
+        if lock is None:
+            lock = self._spend_locks[mint] = asyncio.Lock()
+        return lock
 
     def _keysets_fresh(self, mint: str) -> bool:
         loaded = self._keysets_loaded_at.get(mint)

@@ -1,0 +1,740 @@
+"""Benchmark of paid jobs over a real relay and a real Nutshell mint: request→`processing`
+latency of a job paid with a Cashu token, against a bare redeem of a same-sized token on the same
+mint, and a burst of concurrent paid jobs with the books checked afterwards.
+
+    .venv/bin/python tests/benchmarks/bench_payment.py [--n 40] [--warmup 5] [--concurrent 30] ...
+
+Prints one JSON object on stdout; progress goes to stderr. Not a pytest module (no test_
+functions, and the file name does not match test_*.py).
+
+Fresh for each run, in a temporary directory: a relay (`nostr-relay`) and a mint (Nutshell,
+FakeWallet backend, no fees), each a child process on 127.0.0.1. In this process, on one event
+loop: the worker (textstats plugin only, `mints = [mint]`, `[prices] "text-stats" = price`), a
+`dvm_core.client.Customer` with a funded customer wallet, two bare receiving wallets on the
+same mint, and a bare echo responder.
+
+Every token is made before any timing (`ProviderWallet.send(price)` on the funded customer
+wallet), so all tokens are the same size (`price` sat, DLEQ included); they hold 2 to 4 proofs,
+dealt so that each kind gets the same mix (`token_proofs`).
+
+- paid: `Customer.submit(5790, ..., cashu=token)`: the token inside the NIP-44-encrypted
+  params. Timed (perf_counter, customer side) from the request's publish (the customer's
+  `pool.publish` is wrapped to stamp it; `submit` sends its REQ first) until the first kind-7000
+  feedback for it arrives, which must be `processing` with "paid <price> sat": the worker sends
+  it after the swap at the mint. The result is awaited before the next step.
+- raw_redeem: `ProviderWallet.receive(token, min_amount=price)` on a wallet of its own (fresh
+  directory, same mint): our wrapper, i.e. parse + offline checks + DLEQ checks + Nutshell's
+  `redeem`. Keysets are loaded once during the warm-up, as the worker's wallet keeps them.
+- nutshell_redeem: Nutshell's own `Wallet.redeem(proofs)` on a third wallet (opened with
+  `Wallet.with_db` + `load_mint()` once, as a bare script keeping its wallet would); the token
+  is parsed (`deserialize_token_from_string`, `_expand_short_keyset_ids`) outside the timing.
+  This redeem verifies DLEQ itself and swaps (POST /v1/swap): what a bare script pays.
+- relay round trip (context): a ping (kind 1) to the responder and its reply, as bench_core.
+  Both the paid path and the ping cross the relay twice.
+
+The four are interleaved, one at a time, in an order that rotates each step, so they all see the
+same conditions. `ratio` = paid_p50_ms / nutshell_redeem_p50_ms (see `ratio_note`).
+
+- concurrent: `--concurrent` paid jobs submitted at once (asyncio.gather) to the worker
+  (`--max-concurrent-jobs`); counts results, then checks the books: the provider's wallet grew
+  by exactly concurrent × price, the customer's shrank by exactly that when the tokens were
+  made and nothing came back (no nutzaps), every token is spent at the mint (NUT-07), every
+  payment row of the worker's store is `consumed` with received = price and no change or refund,
+  one row per token, and the provider's own proofs are all unspent at the mint.
+
+`--trace` adds a hop-by-hop breakdown of the paid path and the time each wallet spends in the
+HTTP swap (it wraps a few methods, so leave it off for the headline numbers); `--profile` runs
+cProfile over the sequential phase or the concurrent one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+try:
+    import psutil
+except ImportError:  # CPU accounting is left out without it
+    psutil = None
+
+from dvm_core.client import Customer, JobFailed, result_json
+from dvm_core.config import load_config
+from dvm_core.events import Keys, sign_event
+from dvm_core.localnet import start_mint, start_relay
+from dvm_core.logs import configure_logging
+from dvm_core.nip90 import FEEDBACK_KIND, JobInput
+from dvm_core.plugins import plugin_manager
+from dvm_core.relay import RelayPool
+from dvm_core.wallet import ProviderWallet, _cashu
+from dvm_core.worker import Worker
+
+TEXT_STATS_KIND = 5790
+RESULT_KIND = TEXT_STATS_KIND + 1000
+PING_KIND = 1
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def reply_to(event: dict) -> str | None:
+    for t in event["tags"]:
+        if len(t) >= 2 and t[0] == "e":
+            return t[1]
+    return None
+
+
+class CpuMeter:
+    """CPU seconds used by this process (worker, customer, wallets), the relay and the mint."""
+
+    def __init__(self, **pids: int):
+        self.procs = ({"bench": psutil.Process(), **{n: psutil.Process(p) for n, p in pids.items()}}
+                      if psutil is not None else {})
+        self.wall = 0.0
+        self.start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        return out
+
+    def begin(self) -> None:
+        self.wall = time.perf_counter()
+        self.start = self._now()
+
+    def end(self) -> dict | None:
+        if not self.procs:
+            return None
+        wall = time.perf_counter() - self.wall
+        now = self._now()
+        out = {"wall_s": round(wall, 3)}
+        for name in self.procs:
+            used = now[name] - self.start[name]
+            out[f"{name}_cpu_s"] = round(used, 3)
+            out[f"{name}_cpu_share"] = round(used / wall, 3) if wall > 0 else None
+        return out
+
+
+def write_config(path: Path, relay_url: str, prices: dict | None = None, **settings) -> Path:
+    """As tests/conftest.py writes it: a [dvm] table of JSON-encoded values, then [prices]."""
+    values = {"relays": [relay_url], "state_dir": str(path.parent / "state"),
+              "log_format": "json", **settings}
+    lines = ["[dvm]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    if prices:
+        lines += ["[prices]"] + [f"{json.dumps(k)} = {v}" for k, v in prices.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class TimedCustomer(Customer):
+    """`Customer`, stamping when each request is published and when its first feedback (and
+    the pong of each ping) arrives. The stamps are taken before anything else is done with the
+    event: the feedback is decrypted and checked later, by `Customer.result`."""
+
+    def __init__(self, keys: Keys, relays: list[str]):
+        super().__init__(keys, relays)
+        self.sent: dict[str, float] = {}
+        self.first_feedback: dict[str, float] = {}
+        self.result_at: dict[str, float] = {}
+        self.pong: dict[str, float] = {}
+        self._pong_waiters: dict[str, asyncio.Future] = {}
+        publish = self.pool.publish
+
+        async def stamped_publish(event, *a, **kw):
+            self.sent.setdefault(event["id"], time.perf_counter())
+            return await publish(event, *a, **kw)
+        self.pool.publish = stamped_publish
+
+    def _on_event(self, event: dict, relay: str) -> None:
+        now = time.perf_counter()
+        ref = reply_to(event)
+        if ref is not None:
+            if event["kind"] == FEEDBACK_KIND:
+                self.first_feedback.setdefault(ref, now)
+            elif event["kind"] == RESULT_KIND:
+                self.result_at.setdefault(ref, now)
+            elif event["kind"] == PING_KIND:
+                self.pong.setdefault(ref, now)
+                fut = self._pong_waiters.pop(ref, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                return
+        super()._on_event(event, relay)
+
+    def wait_pong(self, ping_id: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._pong_waiters[ping_id] = fut
+        return fut
+
+
+class Responder:
+    """A bare echo: on a ping, sign a reply tagging it and publish it, nothing else."""
+
+    def __init__(self, relay_url: str):
+        self.keys = Keys.generate()
+        self.seen: dict[str, float] = {}
+        self.pool = RelayPool([relay_url], self.on_event)
+
+    def on_event(self, event: dict, relay: str):
+        self.seen.setdefault(event["id"], time.perf_counter())
+        reply = sign_event(self.keys, PING_KIND, "pong", [["e", event["id"]], ["p", event["pubkey"]]])
+        return self.pool.publish(reply)
+
+
+class BareNutshell:
+    """Nutshell's own wallet, as a bare script keeps one: opened once, mint loaded once."""
+
+    def __init__(self, directory: Path, mint_url: str):
+        self.directory = directory
+        self.mint_url = mint_url
+        self.wallet = None
+        self.c = _cashu()  # import Nutshell with its side effects contained
+
+    async def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.redirect_stdout(io.StringIO()):  # the "new mnemonic" notice
+            self.wallet = await self.c.Wallet.with_db(self.mint_url, str(self.directory), name="bare")
+        await self.wallet.load_mint()
+        if not self.wallet.keysets:
+            raise RuntimeError(f"Nutshell could not load the keysets of {self.mint_url}")
+        await self.wallet.load_proofs(reload=True)
+
+    async def proofs_of(self, token: str) -> list:
+        proofs = self.c.deserialize_token_from_string(token).proofs  # a new list on each access
+        await self.wallet._expand_short_keyset_ids(proofs)
+        return proofs
+
+    async def redeem(self, proofs: list) -> int:
+        kept, _ = await self.wallet.redeem(proofs)
+        return sum(p.amount for p in kept)
+
+    def balance(self) -> int:
+        return sum(p.amount for p in self.wallet.proofs if not p.reserved)
+
+    async def close(self) -> None:
+        if self.wallet is not None:
+            client = getattr(self.wallet, "httpx", None)
+            if client is not None:
+                await client.aclose()
+            await self.wallet.db.engine.dispose()
+
+
+class PayTracer:
+    """With --trace: where a paid request's time goes, on the same clock as the customer's stamps.
+
+    Wraps the worker's `_accept` (the request delivered, verified, by the pool), its wallet's
+    `receive` (start and end, keyed back to the request by the token), its `_publish` (the
+    feedback signed and handed to a task), and, class-wide, Nutshell's `LedgerAPI.split` (the
+    POST /v1/swap itself, timed per wallet).
+    """
+
+    def __init__(self):
+        self.accept: dict[str, float] = {}
+        self.recv_start: dict[str, float] = {}
+        self.recv_end: dict[str, float] = {}
+        self.fb_queued: dict[str, float] = {}
+        self.job_token: dict[str, str] = {}
+        self.recording = False
+        self.swap_http: dict[str, list[float]] = {}
+        self.wallet_names: dict[int, str] = {}
+        self._restore = None
+
+    def install(self, worker: Worker) -> None:
+        accept = worker._accept
+
+        def _accept(event, *a, **kw):
+            self.accept.setdefault(event["id"], time.perf_counter())
+            return accept(event, *a, **kw)
+        worker._accept = _accept
+
+        wallet = worker.cashier.wallet
+        receive = wallet.receive
+
+        async def timed_receive(token, *a, **kw):
+            # Keyed by the token: the request id is known to the customer only once `submit`
+            # returns, and the worker may be redeeming by then.
+            self.recv_start.setdefault(token, time.perf_counter())
+            try:
+                return await receive(token, *a, **kw)
+            finally:
+                self.recv_end.setdefault(token, time.perf_counter())
+        wallet.receive = timed_receive
+
+        publish = worker._publish
+
+        def _publish(event, *a, **kw):
+            if event["kind"] == FEEDBACK_KIND:
+                ref = reply_to(event)
+                if ref is not None:
+                    self.fb_queued.setdefault(ref, time.perf_counter())
+            return publish(event, *a, **kw)
+        worker._publish = _publish
+
+        from cashu.wallet.v1_api import LedgerAPI  # imported already, by _cashu()
+        split = LedgerAPI.split
+        names = self.wallet_names
+        swap_http = self.swap_http
+
+        async def timed_split(api, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return await split(api, *a, **kw)
+            finally:
+                if self.recording:
+                    swap_http.setdefault(names.get(id(api), "other"), []).append(time.perf_counter() - t)
+        LedgerAPI.split = timed_split
+        self._restore = lambda: setattr(LedgerAPI, "split", split)
+
+    def name_wallet(self, nutshell_wallet, name: str) -> None:
+        self.wallet_names[id(nutshell_wallet)] = name
+
+    def uninstall(self) -> None:
+        if self._restore:
+            self._restore()
+
+    def hops(self, ids: list[str], sent: dict, back: dict) -> dict:
+        legs: dict[str, list[float]] = {"relay_in": [], "accept_to_receive": [], "receive": [],
+                                        "receive_to_feedback_queued": [], "feedback_out": []}
+        for i in ids:
+            token = self.job_token.get(i)
+            stamps = [sent.get(i), self.accept.get(i), self.recv_start.get(token),
+                      self.recv_end.get(token), self.fb_queued.get(i), back.get(i)]
+            if any(x is None for x in stamps):
+                continue
+            t0, t1, t2, t3, t4, t5 = stamps
+            legs["relay_in"].append(t1 - t0)
+            legs["accept_to_receive"].append(t2 - t1)
+            legs["receive"].append(t3 - t2)
+            legs["receive_to_feedback_queued"].append(t4 - t3)
+            legs["feedback_out"].append(t5 - t4)
+        return {k: ms(percentile(v, 50)) for k, v in legs.items()}
+
+    def swap_report(self) -> dict:
+        return {name: ms(percentile(v, 50)) for name, v in sorted(self.swap_http.items())}
+
+
+async def paid_job(customer: TimedCustomer, worker_pk: str, token: str, text: str, price: int,
+                   timeout: float, tracer: PayTracer | None) -> tuple[str, str | None]:
+    """Submit one paid request and wait for its result. Returns (request id, problem or None)."""
+    feedback = []
+    request = await customer.submit(TEXT_STATS_KIND, [JobInput(text, "text")], {},
+                                    provider=worker_pk, cashu=token)
+    if tracer is not None:
+        tracer.job_token[request["id"]] = token
+    try:
+        result = await customer.result(request, timeout, on_feedback=feedback.append)
+        words = result_json(result).get("words")
+        problem = None if words == len(text.split()) else f"unexpected result {result.content[:80]!r}"
+    except JobFailed as exc:
+        problem = f"error feedback: {exc}"
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        problem = f"timeout: {exc}"
+    if problem is None:
+        first = feedback[0] if feedback else None
+        if first is None or first.status != "processing" or f"paid {price} " not in (first.message or ""):
+            problem = f"first feedback was not 'processing … paid {price}': {first}"
+    await customer.pool.unsubscribe(f"job-{request['id'][:16]}")
+    return request["id"], problem
+
+
+async def sequential(customer: TimedCustomer, worker: Worker, responder: Responder,
+                     raw: ProviderWallet, bare: BareNutshell, tokens: dict[str, list[str]],
+                     n: int, warmup: int, price: int, text: str, timeout: float,
+                     tracer: PayTracer | None) -> dict:
+    """Interleave the four measurements one at a time, rotating their order each step."""
+    paid, wrapper, nutshell, nutshell_prep, rtt = [], [], [], [], []
+    paid_ids: list[str] = []
+    problems: list[str] = []
+    steps = ["paid", "raw_redeem", "nutshell_redeem", "ping"]
+    worker_pk = worker.keys.public_key
+    for i in range(warmup + n):
+        measured = i >= warmup
+        if tracer is not None:
+            tracer.recording = measured
+        order = steps[i % len(steps):] + steps[:i % len(steps)]
+        for step in order:
+            if step == "paid":
+                req_id, problem = await paid_job(customer, worker_pk, tokens["paid"][i], f"{text} {i}",
+                                                 price, timeout, tracer)
+                if problem is not None:
+                    problems.append(f"request {i}: {problem}")
+                    eprint(f"  paid request {i}: {problem}")
+                elif measured:
+                    paid.append(customer.first_feedback[req_id] - customer.sent[req_id])
+                    paid_ids.append(req_id)
+            elif step == "raw_redeem":
+                t0 = time.perf_counter()
+                got = await raw.receive(tokens["raw"][i], min_amount=price)
+                dt = time.perf_counter() - t0
+                if got.amount != price:
+                    raise RuntimeError(f"raw receive {i}: {got.amount} sat arrived, not {price}")
+                if measured:
+                    wrapper.append(dt)
+            elif step == "nutshell_redeem":
+                t0 = time.perf_counter()
+                proofs = await bare.proofs_of(tokens["nutshell"][i])
+                t1 = time.perf_counter()
+                amount = await bare.redeem(proofs)
+                t2 = time.perf_counter()
+                if amount != price:
+                    raise RuntimeError(f"Nutshell redeem {i}: {amount} sat kept, not {price}")
+                if measured:
+                    nutshell_prep.append(t1 - t0)
+                    nutshell.append(t2 - t1)
+            else:
+                ping = sign_event(customer.keys, PING_KIND, f"ping {i}", [["p", responder.keys.public_key]])
+                pong = customer.wait_pong(ping["id"])
+                t0 = time.perf_counter()
+                published = await customer.pool.publish(ping)
+                if not any(r.ok for r in published):
+                    raise RuntimeError(f"relay refused ping {i}: {published}")
+                await asyncio.wait_for(pong, timeout)
+                if measured:
+                    rtt.append(customer.pong[ping["id"]] - t0)
+        if i == 0 and tracer is not None:  # the wallets exist now: name them for the swap timings
+            for w in worker.cashier.wallet._wallets.values():
+                tracer.name_wallet(w, "worker")
+            for w in raw._wallets.values():
+                tracer.name_wallet(w, "raw_redeem")
+            tracer.name_wallet(bare.wallet, "nutshell_redeem")
+        if (i + 1) % 10 == 0:
+            eprint(f"  sequential {i + 1}/{warmup + n}")
+    return {"paid": paid, "raw": wrapper, "nutshell": nutshell, "nutshell_prep": nutshell_prep,
+            "rtt": rtt, "paid_ids": paid_ids, "problems": problems}
+
+
+async def concurrent(customer: TimedCustomer, worker: Worker, tokens: list[str], price: int,
+                     text: str, timeout: float, tracer: PayTracer | None) -> dict:
+    worker_pk = worker.keys.public_key
+    t0 = time.perf_counter()
+    outcomes = await asyncio.gather(
+        *(paid_job(customer, worker_pk, tok, f"{text} #{i}", price, timeout, tracer)
+          for i, tok in enumerate(tokens)),
+        return_exceptions=True)
+    seconds = time.perf_counter() - t0
+    ids, problems = [], []
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, BaseException):
+            problems.append(f"job {i}: {outcome!r}")
+            continue
+        req_id, problem = outcome
+        ids.append(req_id)
+        if problem is not None:
+            problems.append(f"job {i}: {problem}")
+    ok = len(tokens) - len(problems)
+    fb = [customer.first_feedback[i] - customer.sent[i] for i in ids
+          if i in customer.first_feedback and i in customer.sent]
+    res = [customer.result_at[i] - customer.sent[i] for i in ids
+           if i in customer.result_at and i in customer.sent]
+    return {"ids": ids, "ok": ok, "problems": problems, "seconds": seconds,
+            "feedback_latency": fb, "result_latency": res}
+
+
+async def provider_proofs_unspent(wallet: ProviderWallet, mint_url: str) -> bool | None:
+    """NUT-07 on every proof the provider's wallet holds: none may be spent already (a proof
+    counted in the balance but spent at the mint would be money that is not there)."""
+    try:
+        nut = await wallet._online(mint_url)
+        proofs = list(nut.proofs)
+        if not proofs:
+            return True
+        states = await nut.check_proof_state(proofs)
+        return all(s.unspent for s in states.states)
+    except Exception as exc:  # private API: report, do not fail the run
+        eprint(f"  could not check the provider's proofs: {exc!r}")
+        return None
+
+
+async def settle(worker: Worker, job_ids: list[str], timeout: float = 10.0) -> None:
+    """Wait until the worker has marked each job's payment consumed (it does so right after the
+    result is handed to the relay, which may be a moment after the customer sees it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [worker.store.payment_for_job(i) for i in job_ids]
+        if all(r is not None and r["state"] == "consumed" for r in rows):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def main_async(args) -> dict:
+    configure_logging("json", "warning")
+    tmp = Path(tempfile.mkdtemp(prefix="dvm-bench-pay-"))
+    eprint(f"workdir {tmp}")
+    relay = start_relay(tmp / "relay")
+    mint = None
+    worker = customer = responder = raw = bare = customer_wallet = None
+    tracer = None
+    try:
+        mint = start_mint(tmp / "mint")
+        eprint(f"relay {relay.url} (pid {relay.process.pid}), mint {mint.url} (pid {mint.process.pid})")
+        price = args.price
+        (tmp / "worker").mkdir()
+        config = load_config(write_config(tmp / "worker" / "dvm.toml", relay.url,
+                                          prices={"text-stats": price}, mints=[mint.url],
+                                          max_concurrent_jobs=args.max_concurrent_jobs,
+                                          announce=False, log_level="warning"), env={})
+        worker = Worker(config, Keys.generate(), plugin_manager(only=["textstats"]))
+        await worker.start()
+        assert await worker.pool.wait_all_connected(10), "worker did not connect"
+
+        # Every token before any timing: paid, raw (wrapper), nutshell (bare), concurrent.
+        steps = args.warmup + args.n
+        customer_wallet = ProviderWallet(directory=tmp / "customer-wallet", accepted_mints=[mint.url])
+        funding = price * (3 * steps + args.concurrent)
+        t = time.perf_counter()
+        minted = await customer_wallet.mint_from_lightning(funding, mint.url)
+        assert minted == funding, (minted, funding)
+        # The wallet's coin selection gives tokens of 2, 3 or 4 proofs (4+1, 2+2+1, ...). So that
+        # each kind gets the same mix, the tokens are sorted by proof count and dealt out in
+        # triples, one triple per step (in a shuffled order, the same each run).
+        pool = [await customer_wallet.send(price, mint=mint.url) for _ in range(3 * steps)]
+        pool.sort(key=lambda tok: customer_wallet.inspect(tok).proof_count)
+        triples = [pool[k:k + 3] for k in range(0, len(pool), 3)]
+        random.Random(90).shuffle(triples)
+        tokens = {"paid": [], "raw": [], "nutshell": []}
+        for i, triple in enumerate(triples):
+            triple = triple[i % 3:] + triple[:i % 3]  # a mixed triple favours no kind
+            for group, tok in zip(tokens.values(), triple):
+                group.append(tok)
+        customer_before_conc = await customer_wallet.total_balance()
+        tokens["concurrent"] = [await customer_wallet.send(price, mint=mint.url) for _ in range(args.concurrent)]
+        customer_after_conc = await customer_wallet.total_balance()
+        infos = [customer_wallet.inspect(tok) for group in tokens.values() for tok in group]
+        proof_counts = {name: dict(sorted(Counter(str(customer_wallet.inspect(tok).proof_count)
+                                                  for tok in group).items()))
+                        for name, group in tokens.items()}
+        assert all(i.amount == price and i.has_dleq for i in infos)
+        assert len({i.token_id for i in infos}) == len(infos), "two tokens share proofs"
+        eprint(f"minted {funding} sat, made {len(infos)} tokens of {price} sat in "
+               f"{time.perf_counter() - t:.1f}s (proofs per token: {proof_counts})")
+
+        raw = ProviderWallet(directory=tmp / "raw-wallet", accepted_mints=[mint.url])
+        bare = BareNutshell(tmp / "bare-nutshell", mint.url)
+        await bare.open()
+        responder = Responder(relay.url)
+        await responder.pool.start()
+        await responder.pool.subscribe("pings", [{"kinds": [PING_KIND], "#p": [responder.keys.public_key],
+                                                  "since": int(time.time()) - 5}])
+        customer = TimedCustomer(Keys.generate(), [relay.url])
+        await customer.pool.start()
+        assert await customer.pool.wait_all_connected(10), "customer did not connect"
+        await customer.pool.subscribe("pongs", [{"kinds": [PING_KIND], "#p": [customer.keys.public_key],
+                                                 "since": int(time.time()) - 5}])
+        assert await customer.pool.wait_eose("pongs") and await responder.pool.wait_eose("pings")
+
+        if args.trace:
+            tracer = PayTracer()
+            tracer.install(worker)
+        cpu = CpuMeter(relay=relay.process.pid, mint=mint.process.pid)
+        profiler = cProfile.Profile() if args.profile else None
+        out: dict = {"loadavg_1m_before": loadavg()}
+
+        eprint(f"sequential: {args.warmup} warm-up + {args.n} measured, each step: paid request, "
+               "raw redeem, Nutshell redeem, relay ping (order rotating)")
+        if profiler and args.profile == "latency":
+            profiler.enable()
+        cpu.begin()
+        seq = await sequential(customer, worker, responder, raw, bare, tokens, args.n, args.warmup,
+                               price, args.text, args.timeout, tracer)
+        cpu_seq = cpu.end()
+        if profiler and args.profile == "latency":
+            profiler.disable()
+        paid, raw_l, nut = seq["paid"], seq["raw"], seq["nutshell"]
+        out.update({
+            "paid_p50_ms": ms(percentile(paid, 50)),
+            "paid_p90_ms": ms(percentile(paid, 90)),
+            "paid_p99_ms": ms(percentile(paid, 99)),
+            "raw_redeem_p50_ms": ms(percentile(raw_l, 50)),
+            "raw_redeem_p90_ms": ms(percentile(raw_l, 90)),
+            "nutshell_redeem_p50_ms": ms(percentile(nut, 50)),
+            "nutshell_redeem_p90_ms": ms(percentile(nut, 90)),
+            "nutshell_parse_p50_ms": ms(percentile(seq["nutshell_prep"], 50)),
+            "relay_rtt_p50_ms": ms(percentile(seq["rtt"], 50)),
+            "ratio": round(percentile(paid, 50) / percentile(nut, 50), 3),
+            "ratio_vs_wrapper_receive": round(percentile(paid, 50) / percentile(raw_l, 50), 3),
+            "ratio_note": ("ratio = paid_p50_ms / nutshell_redeem_p50_ms: Nutshell's own "
+                           "Wallet.redeem(proofs) on a wallet with the mint already loaded, which is "
+                           "what a bare script does (DLEQ check + POST /v1/swap + unblind + store); "
+                           "ratio_vs_wrapper_receive divides by raw_redeem_p50_ms, our "
+                           "ProviderWallet.receive (parse + checks + DLEQ + the same redeem). The paid "
+                           "path also crosses the relay twice (relay_rtt_p50_ms) and decrypts NIP-44."),
+            "n": len(paid),
+            "warmup": args.warmup,
+            "price_sat": price,
+            "paid_problems": seq["problems"][:10],
+            "sequential_cpu": cpu_seq,
+        })
+        if tracer is not None:
+            out["paid_hops_p50_ms"] = tracer.hops(seq["paid_ids"], customer.sent, customer.first_feedback)
+            out["swap_http_p50_ms"] = tracer.swap_report()
+            tracer.recording = False
+
+        if args.concurrent:
+            provider_before = await worker.cashier.wallet.total_balance()
+            eprint(f"concurrent: {args.concurrent} paid jobs at once, "
+                   f"max_concurrent_jobs={args.max_concurrent_jobs}")
+            if profiler and args.profile == "concurrent":
+                profiler.enable()
+            cpu.begin()
+            conc = await concurrent(customer, worker, tokens["concurrent"], price, args.text,
+                                    args.concurrent_timeout, tracer)
+            cpu_conc = cpu.end()
+            if profiler and args.profile == "concurrent":
+                profiler.disable()
+            await settle(worker, conc["ids"])
+            provider_after = await worker.cashier.wallet.total_balance()
+            expected = args.concurrent * price
+
+            # The worker's books: one row per token, each consumed, received = price.
+            token_ids = {customer_wallet.inspect(tok).token_id for tok in tokens["concurrent"]}
+            rows = [r for r in worker.store.payments(limit=100_000) if r["token_id"] in token_ids]
+            all_rows = worker.store.payments(limit=100_000)
+            rows_ok = (len(rows) == args.concurrent
+                       and {r["job_id"] for r in rows} == set(conc["ids"])
+                       and all(r["state"] == "consumed" and r["received"] == price and r["offered"] == price
+                               and r["change_sent"] == 0 and r["refund_sent"] == 0 for r in rows))
+            spent = [await customer_wallet.check_spent(tok) for tok in tokens["concurrent"]]
+            nutzaps = await customer.nutzaps_received(timeout=2)
+            customer_final = await customer_wallet.total_balance()
+            unspent_ok = await provider_proofs_unspent(worker.cashier.wallet, mint.url)
+            provider_delta = provider_after - provider_before
+            customer_delta = customer_before_conc - customer_after_conc
+            checks = {
+                "provider_delta": provider_delta,
+                "customer_delta": customer_delta,
+                # Whatever left the customer is either with the provider or still an unspent
+                # token the customer can take back: no sat vanished or was counted twice.
+                "value_conserved": provider_delta + price * spent.count(False) == customer_delta,
+                "customer_unchanged_since": customer_final == customer_after_conc,
+                "tokens_spent_at_mint": sum(spent),
+                "nutzaps_to_customer": len(nutzaps),
+                "store_rows_ok": rows_ok,
+                "store_rows": len(rows),
+                "provider_proofs_unspent": unspent_ok,
+            }
+            balance_ok = (provider_delta == expected and customer_delta == expected
+                          and checks["customer_unchanged_since"] and all(spent)
+                          and not nutzaps and rows_ok and unspent_ok is not False)
+            out.update({
+                "concurrent_jobs": args.concurrent,
+                "concurrent_ok": conc["ok"],
+                "balance_ok": balance_ok,
+                "balance_checks": checks,
+                "concurrent_seconds": round(conc["seconds"], 3),
+                "concurrent_feedback_p50_ms": ms(percentile(conc["feedback_latency"], 50)),
+                "concurrent_result_p50_ms": ms(percentile(conc["result_latency"], 50)),
+                "concurrent_result_max_ms": ms(max(conc["result_latency"], default=float("nan"))),
+                "concurrent_problems": conc["problems"][:10],
+                "concurrent_cpu": cpu_conc,
+            })
+        else:
+            all_rows = worker.store.payments(limit=100_000)
+
+        # The whole run's books: every paid job once, nothing left half-way.
+        total_jobs = len(tokens["paid"]) + args.concurrent
+        states = Counter(r["state"] for r in all_rows)
+        out["payment_states"] = dict(states)
+        out["provider_balance_sat"] = await worker.cashier.wallet.total_balance()
+        out["provider_balance_expected_sat"] = (total_jobs - len(seq["problems"])) * price
+        out["raw_wallet_balance_sat"] = await raw.total_balance()
+        out["nutshell_wallet_balance_sat"] = bare.balance()
+        out["token_proofs"] = proof_counts
+        out["worker_counts"] = dict(worker.counts)
+        out["loadavg_1m_after"] = loadavg()
+        out["cpus"] = os.cpu_count()
+        out.update({
+            "max_concurrent_jobs": args.max_concurrent_jobs,
+            "python": platform.python_version(),
+            "mint": "Nutshell 0.21 FakeWallet on 127.0.0.1",
+            "relay": "nostr-relay 1.14 on 127.0.0.1",
+        })
+        if profiler:
+            stats = pstats.Stats(profiler, stream=sys.stderr)
+            if args.profile_out:
+                stats.dump_stats(args.profile_out)
+            stats.sort_stats("cumulative").print_stats(50)
+            stats.sort_stats("tottime").print_stats(30)
+        return out
+    finally:
+        if tracer is not None:
+            tracer.uninstall()
+        for obj in (customer and customer.pool, responder and responder.pool):
+            if obj is not None:
+                await obj.close()
+        for w in (raw, customer_wallet):
+            if w is not None:
+                await w.close()
+        if bare is not None:
+            await bare.close()
+        if worker is not None:
+            await worker.stop(grace=2.0)
+        relay.stop()
+        if mint is not None:
+            mint.stop()
+        if args.keep:
+            eprint(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=40, help="measured sequential steps")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--concurrent", type=int, default=30, help="paid jobs submitted at once (0: skip)")
+    ap.add_argument("--price", type=int, default=5, help="sat per text-stats job; tokens are this size")
+    ap.add_argument("--max-concurrent-jobs", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=30.0, help="per sequential request")
+    ap.add_argument("--concurrent-timeout", type=float, default=120.0)
+    ap.add_argument("--text", default="some text")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, stores)")
+    ap.add_argument("--trace", action="store_true",
+                    help="add paid_hops_p50_ms and swap_http_p50_ms (wraps a few methods)")
+    ap.add_argument("--profile", choices=["latency", "concurrent"], default=None,
+                    help="cProfile this process during that phase (printed to stderr)")
+    ap.add_argument("--profile-out", default=None, help="also dump the pstats to this file")
+    args = ap.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
