@@ -5,12 +5,12 @@ What a plugin needs is importable from here: `hookimpl`, `JobKind`, `JobResult`,
 
 import pluggy
 
-from .jobs import JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout
+from .jobs import Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout
 from .nip90 import JobInput, JobRequest
 
 hookimpl = pluggy.HookimplMarker("dvm")
 
 __all__ = [
-    "hookimpl", "JobKind", "JobResult", "JobContext", "JobError", "JobInputError",
+    "hookimpl", "Artifact", "JobKind", "JobResult", "JobContext", "JobError", "JobInputError",
     "JobCancelled", "JobTimeout", "JobRequest", "JobInput",
 ]

@@ -37,6 +37,10 @@ class Settings:
     default_price: int = 0          # sats per job for kinds with no [prices] entry and no plugin price
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
+    blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
+    max_download_bytes: int = 2 * 1024**3   # per input file
+    download_timeout: float = 600.0
+    allow_private_urls: bool = False  # fetch inputs from loopback/private addresses (tests, demo)
     log_format: str = "auto"        # auto, json or console
     log_level: str = "info"
 
@@ -47,6 +51,10 @@ class Settings:
     @property
     def wallet_dir(self) -> Path:
         return Path(self.state_dir) / "wallet"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.state_dir) / "cache"
 
     @property
     def jobs_dir(self) -> Path:
@@ -131,6 +139,9 @@ def _validate_prices(prices: dict, s: Settings) -> None:
 
 
 def _validate(s: Settings) -> None:
+    for url in s.blob_servers:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"blob server {url!r} must be an http:// or https:// URL")
     for url in s.mints:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"mint {url!r} must be an http:// or https:// URL")

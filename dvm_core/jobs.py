@@ -32,13 +32,26 @@ class JobTimeout(JobError):
     """The job ran past its time limit."""
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """A file a job produced (weights, a model card, a plot). The worker uploads it to the
+    provider's Blossom servers, encrypted with a fresh key when the request was private, and
+    the result lists its URL, sha256, size and type (and key, inside the encrypted result)."""
+
+    path: Path
+    type: str = "application/octet-stream"
+    name: str | None = None
+
+
 @dataclass
 class JobResult:
     """What a job returns. `content` is the result event's payload (a dict is sent as JSON);
-    `metrics` go to the log's summary line and the store."""
+    `artifacts` are files to upload (their descriptors are added to a dict content under
+    "artifacts"); `metrics` go to the log's summary line and the store."""
 
     content: str | dict | list
     metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
 
     def payload(self) -> str:
         if isinstance(self.content, str):
@@ -93,10 +106,13 @@ class JobContext:
       the worker stops. Long loops call `check_cancelled()` between steps.
     - `deadline`: `time.monotonic()` value after which the job is stopped; `time_left()`.
     - `log`: a structlog logger bound to this job.
+    - `fetch(input)`: download a `url` input (verified against its sha256, decrypted if the
+      customer encrypted it, cached) and return the local path. Blocking; call it from `run`.
     """
 
     def __init__(self, *, job_id: str, request: JobRequest, workdir: Path, log,
-                 deadline: float, report: Callable[[float, str], None], config: dict):
+                 deadline: float, report: Callable[[float, str], None], config: dict,
+                 fetcher: Callable[[str, Path], Path] | None = None):
         self.job_id = job_id
         self.request = request
         self._workdir = workdir
@@ -106,6 +122,7 @@ class JobContext:
         self.cancelled = threading.Event()
         self.cancel_reason = ""
         self._report = report
+        self._fetcher = fetcher
 
     @property
     def workdir(self) -> Path:
@@ -115,6 +132,15 @@ class JobContext:
 
     def progress(self, percent: float, message: str = "") -> None:
         self._report(float(percent), message)
+
+    def fetch(self, source) -> Path:
+        """The local path of a `url` input (a `JobInput` or the URL itself): downloaded,
+        checked against its sha256 and decrypted. Raises JobInputError on a bad reference."""
+        if self._fetcher is None:
+            raise RuntimeError("this worker fetches no inputs")
+        url = getattr(source, "data", source)
+        self.check_cancelled()
+        return self._fetcher(url, self.workdir)
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

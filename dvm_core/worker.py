@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,8 @@ import structlog
 from .config import Config
 from .encryption import DecryptionError, Scheme, decrypt, encrypter
 from .events import Keys, sign_event
-from .jobs import (JobCancelled, JobContext, JobInputError, JobKind, JobResult, JobTimeout)
+from .datarefs import parse_data_ref
+from .jobs import (JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout)
 from .ecash import NUTZAP_KIND
 from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
                     build_feedback, build_handler_announcement, build_result, deleted_event_ids,
@@ -263,6 +265,12 @@ class Worker:
                         accepted = ", ".join(sorted(job_kind.params)) or "none"
                         raise InvalidRequest(f"unknown param(s) {', '.join(unknown)} for kind "
                                              f"{request.kind} ({job_kind.name}); accepted: {accepted}")
+                for job_input in request.inputs:
+                    if job_input.type == "url":
+                        try:
+                            parse_data_ref(job_input.data)
+                        except ValueError as exc:
+                            raise InvalidRequest(f"input {job_input.data[:80]!r}: {exc}") from None
                 parsed = job_kind.parse(request) if job_kind.parse else request
             except (InvalidRequest, JobInputError) as exc:
                 self._reject(event, str(exc), scheme)
@@ -370,13 +378,15 @@ class Worker:
                     deadline=time.monotonic() + limit,
                     report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg),
                     config=self.config.raw,
+                    fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
+                        self._fetch(url, into), loop).result(),
                 )
                 started = time.monotonic()
                 result = await self._call_plugin(active, ctx, limit)
                 if not isinstance(result, JobResult):
                     result = JobResult(result)
                 metrics = dict(result.metrics, run_seconds=round(time.monotonic() - started, 3))
-                self._deliver_result(active, result, metrics)
+                await self._deliver_result(active, result, metrics)
                 outcome = "succeeded"
         except JobCancelled as exc:
             if str(exc) == "worker stopping":
@@ -391,6 +401,8 @@ class Worker:
         except JobInputError as exc:
             error = str(exc)
             refund = False  # the customer's own mistake, found only once the work began
+        except JobError as exc:  # e.g. an input that could not be fetched: refunded
+            error = str(exc)
         except Exception as exc:
             log.error("job failed in its plugin", job_id=request.id, kind=request.kind,
                       plugin=job_kind.plugin, exc_info=exc)
@@ -493,8 +505,63 @@ class Worker:
     def _sign(self, kind: int, content: str, tags: list[list[str]]) -> dict:
         return sign_event(self.keys, kind, content, tags)
 
-    def _deliver_result(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
+    async def _fetch(self, url: str, into: Path) -> Path:
+        """Download a url input for a running job: verified, cached, decrypted if need be."""
+        from .blobcrypt import BlobDecryptError, decrypt_file
+        from .fetch import FetchError, fetch
+        try:
+            ref = parse_data_ref(url)
+        except ValueError as exc:
+            raise JobInputError(str(exc)) from None
+        s = self.settings
+        try:
+            path = await fetch(ref.url, ref.sha256, into, cache_dir=s.cache_dir,
+                               max_bytes=s.max_download_bytes, timeout=s.download_timeout,
+                               allow_private=s.allow_private_urls)
+        except FetchError as exc:
+            raise JobError(f"could not fetch {ref.url}: {exc}") from None
+        if ref.key is None:
+            return path
+        plain = into / f"{ref.sha256}.plain"
+        try:
+            await asyncio.to_thread(decrypt_file, path, plain, ref.key)
+        except BlobDecryptError as exc:
+            raise JobInputError(f"could not decrypt {ref.url}: {exc}") from None
+        return plain
+
+    async def _upload_artifacts(self, active: ActiveJob, result: JobResult) -> list[dict]:
+        """Upload the job's files; encrypted with a fresh key each when the request was."""
+        if not result.artifacts:
+            return []
+        if not self.settings.blob_servers:
+            raise JobError("this provider has no blob server configured to deliver result files")
+        from .blobcrypt import encrypt_file
+        from .blossom import BlossomClient, BlossomError
+        client = BlossomClient(self.settings.blob_servers, self.keys)
+        entries = []
+        for artifact in result.artifacts:
+            path, key = artifact.path, None
+            if active.request.encrypted:
+                sealed = path.with_name(path.name + ".sealed")
+                key = await asyncio.to_thread(encrypt_file, path, sealed)
+                path = sealed
+            try:
+                blob = await client.upload(path, "application/octet-stream" if key else artifact.type)
+            except BlossomError as exc:
+                raise JobError(f"could not upload the result files: {exc}") from None
+            entry = {"name": artifact.name or artifact.path.name, "url": blob.url, "sha256": blob.sha256,
+                     "size": blob.size, "type": artifact.type}
+            if key:
+                entry |= {"encrypted": True, "key": key}
+            entries.append(entry)
+        return entries
+
+    async def _deliver_result(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
         request = active.request
+        artifacts = await self._upload_artifacts(active, result)
+        if artifacts:
+            content = result.content if isinstance(result.content, dict) else {"output": result.content}
+            result = JobResult(dict(content, artifacts=artifacts), result.metrics)
         event = self._sign(*build_result(request, result.payload(), relay_hint=self.relay_hint,
                                          encrypt=self._encrypter(request, active.scheme)))
         # Stored with the state change in one transaction: after a crash the result is either

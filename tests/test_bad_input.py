@@ -314,7 +314,7 @@ async def test_unknown_param_gets_an_error_listing_the_accepted_ones(workers, pr
     event = probe.sign(tags, content)
     await probe.send(event)
     assert await probe.error(event) == (
-        "unknown param(s) Top, colour for kind 5790 (text-stats); accepted: top, work_seconds")
+        "unknown param(s) Top, colour for kind 5790 (text-stats); accepted: counts_file, top, work_seconds")
     await serves_a_good_job(probe, worker)
 
 

@@ -51,7 +51,7 @@ def test_plugin_manager_loads_the_example_plugin_through_the_entry_point():
     assert dists["textstats"].metadata["Name"] == "dvm-textstats"  # loaded as a distribution's entry point
     kinds = collect_job_kinds(pm, {})
     assert kinds[5790].name == "text-stats" and kinds[5790].plugin == "textstats"
-    assert set(kinds[5790].params) == {"top", "work_seconds"}
+    assert set(kinds[5790].params) == {"top", "work_seconds", "counts_file"}
 
 
 def test_dvm_plugins_restricts_loading(monkeypatch):
