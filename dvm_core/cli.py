@@ -178,6 +178,135 @@ def mint_(config_path, wallet_dir, mints, amount) -> None:
     click.echo(f"minted {got}")
 
 
+@main.group()
+def blobs() -> None:
+    """The embedded Blossom blob server."""
+
+
+@blobs.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="blobs", show_default=True,
+              help="Where blobs are stored.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=3000, show_default=True)
+@click.option("--max-bytes", type=int, default=10 * 1024**3, show_default=True, help="Largest blob accepted.")
+@click.option("--public-url", help="The URL clients reach this server at, if not http://HOST:PORT.")
+@click.option("--allow-pubkey", "allowed", multiple=True,
+              help="Only these pubkeys (hex or npub) may upload (repeatable); default: anyone.")
+def serve(directory, host, port, max_bytes, public_url, allowed) -> None:
+    """Serve blobs (BUD-01/02): GET/HEAD /<sha256>, PUT /upload, GET /list/<pubkey>, DELETE."""
+    from .blobserver import serve as serve_blobs
+    from .events import parse_public_key
+    configure_logging("auto", "info")
+    pubkeys = [parse_public_key(p) for p in allowed] or None
+    serve_blobs(directory, host, port, max_bytes=max_bytes, allowed_pubkeys=pubkeys, public_url=public_url)
+
+
+@main.group()
+def job() -> None:
+    """The customer's side: send a job to a DVM and collect its result."""
+
+
+@job.command()
+@click.option("--relay", "relays", multiple=True, required=True, help="Relay URL (repeatable).")
+@click.option("--dvm", required=True, help="The DVM's npub or hex public key.")
+@click.option("--kind", type=click.IntRange(5000, 5999), required=True, help="The job kind.")
+@click.option("--text", "texts", multiple=True, help="A text input (repeatable).")
+@click.option("--url", "urls", multiple=True, help="A data URL input with its sha256 (repeatable).")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A local file: uploaded to --blossom (encrypted unless --clear) and sent as a url input.")
+@click.option("--param", "params", multiple=True, help="A param as name=value (repeatable).")
+@click.option("--blossom", "servers", multiple=True, help="Blossom server for --file uploads (repeatable).")
+@click.option("--clear", is_flag=True, help="Send the request and files unencrypted.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Your nsec key file (default: a throwaway key).")
+@click.option("--wallet-dir", type=click.Path(file_okay=False), help="A wallet to pay from when payment is required.")
+@click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
+@click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True,
+              help="Where to save the result and its files.")
+@click.option("--timeout", type=float, default=3600, show_default=True)
+@click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+def submit(relays, dvm, kind, texts, urls, files, params, servers, clear, key_file, wallet_dir, mints,
+           out, timeout, allow_private) -> None:
+    """Send a job, follow its progress, then download, verify and decrypt its result files."""
+    from pathlib import Path
+
+    from .events import parse_public_key
+    from .keys import load_keys
+    from .config import Settings
+    configure_logging("console", "warning")
+    try:
+        provider = parse_public_key(dvm)
+        keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
+    except (ValueError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        param_map = dict(p.split("=", 1) for p in params)
+    except ValueError:
+        raise click.ClickException("--param takes name=value") from None
+    if files and not servers:
+        raise click.ClickException("--file needs a --blossom server to upload to")
+    code = asyncio.run(_submit(relays, provider, kind, texts, urls, files, param_map, servers, clear,
+                               keys, wallet_dir, mints, Path(out), timeout, allow_private))
+    sys.exit(code)
+
+
+async def _submit(relays, provider, kind, texts, urls, files, params, servers, clear, keys, wallet_dir,
+                  mints, out, timeout, allow_private) -> int:
+    from pathlib import Path
+
+    from .client import Customer, JobFailed, download_artifacts, upload_dataset
+    from .nip90 import JobInput, Result
+    inputs = [JobInput(t, "text") for t in texts] + [JobInput(u, "url") for u in urls]
+    for f in files:
+        url = await upload_dataset(Path(f), list(servers), keys, encrypt=not clear)
+        click.echo(f"uploaded {f} ({'encrypted' if not clear else 'in the clear'})", err=True)
+        inputs.append(JobInput(url, "url"))
+    wallet = None
+    if wallet_dir:
+        from .wallet import ProviderWallet, load_or_create_p2pk_key
+        wallet = ProviderWallet(directory=Path(wallet_dir), accepted_mints=list(mints),
+                                p2pk_private_key=load_or_create_p2pk_key(Path(wallet_dir) / "p2pk.key"))
+    try:
+        async with Customer(keys, list(relays)) as customer:
+            request = await customer.submit(kind, inputs, params, provider=provider,
+                                            encrypt=None if clear else "nip44")
+            click.echo(f"job {request['id']} sent", err=True)
+            async for update in customer.updates(request, timeout=timeout):
+                if isinstance(update, Result):
+                    result = update
+                    break
+                if update.status == "payment-required":
+                    if wallet is None:
+                        click.echo(f"payment required: {update.message} (give --wallet-dir to pay)", err=True)
+                        return 2
+                    await customer.pay_with_nutzap(request, update, wallet)
+                    click.echo(f"paid {update.amount_msats // 1000} sat with a nutzap", err=True)
+                elif update.status == "error":
+                    click.echo(f"error: {update.message}", err=True)
+                    return 1
+                else:
+                    click.echo(_progress_line(update), err=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "result.json").write_text(result.content)
+            saved = await download_artifacts(result, out, allow_private=allow_private)
+            for path in saved:
+                click.echo(f"saved {path} (sha256 verified{', decrypted' if not clear else ''})", err=True)
+            click.echo(result.content)
+            return 0
+    except (JobFailed, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        if wallet is not None:
+            await wallet.close()
+
+
+def _progress_line(feedback) -> str:
+    if feedback.progress is None:
+        return f"{feedback.status}: {feedback.message}"
+    filled = int(feedback.progress / 5)
+    return f"[{'#' * filled}{'-' * (20 - filled)}] {feedback.message}"
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Keep the demo's files here (default: a temporary directory, removed after).")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from .ecash import NUTZAP_KIND, build_nutzap, decode_payment_request, decode_token, parse_nutzap
@@ -139,3 +142,46 @@ class Customer:
 
 def result_json(result: Result) -> dict:
     return json.loads(result.content)
+
+
+async def upload_dataset(path: Path, servers: list[str], keys: Keys, *, encrypt: bool = True) -> str:
+    """Put a file on Blossom servers for a job; returns the data URL to send as a `url` input.
+
+    With `encrypt` (the default) the file is encrypted with a fresh key first and the key rides
+    in the URL's fragment, so send that URL only inside an encrypted request."""
+    from .blobcrypt import encrypt_file
+    from .blossom import BlossomClient
+    from .datarefs import DataRef
+    client = BlossomClient(servers, keys)
+    key = None
+    if encrypt:
+        sealed = Path(tempfile.mkdtemp(prefix="dvm-upload-")) / (path.name + ".sealed")
+        key = await asyncio.to_thread(encrypt_file, path, sealed)
+        path = sealed
+    try:
+        blob = await client.upload(path, "application/octet-stream")
+    finally:
+        if encrypt:
+            shutil.rmtree(path.parent, ignore_errors=True)
+    return DataRef(blob.url, blob.sha256, key).to_url()
+
+
+async def download_artifacts(result: Result, dest: Path, *, allow_private: bool = False,
+                             max_bytes: int = 10 * 1024**3) -> list[Path]:
+    """Fetch every file listed in a result, check its sha256, decrypt it, save it in `dest`."""
+    from .blobcrypt import decrypt_file
+    from .fetch import fetch
+    dest.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for entry in result_json(result).get("artifacts", []):
+        name = Path(entry["name"]).name  # never a path from the provider
+        with tempfile.TemporaryDirectory(prefix="dvm-download-") as tmp:
+            path = await fetch(entry["url"], entry["sha256"], Path(tmp), cache_dir=None,
+                               max_bytes=max_bytes, allow_private=allow_private)
+            target = dest / name
+            if entry.get("key"):
+                await asyncio.to_thread(decrypt_file, path, target, entry["key"])
+            else:
+                shutil.move(str(path), target)
+        saved.append(target)
+    return saved
