@@ -17,10 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .client import Customer, JobFailed, result_json
+from .client import Customer, JobFailed, download_artifacts, result_json, upload_dataset
 from .events import Keys
 from .keys import write_key_file
-from .localnet import start_mint, start_relay
+from .localnet import start_blob_server_process, start_mint, start_relay
 from .logs import configure_logging
 from .nip90 import HANDLER_KIND, JobInput, parse_handler_announcement
 
@@ -53,20 +53,24 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
     steps = Steps()
     configure_logging("console", "warning")
     print("dvm demo: a NIP-90 marketplace on loopback\n")
-    relay = worker = mint = None
+    relay = worker = mint = blobs = None
     customer_wallet = None
     try:
         relay = start_relay(root / "relay")
         steps.good(f"relay (nostr-relay) listening on {relay.url}")
         mint = start_mint(root / "mint")
         steps.good(f"Cashu mint (Nutshell, FakeWallet Lightning) listening on {mint.url}")
+        blobs = start_blob_server_process(root / "blobs")
+        steps.good(f"Blossom blob server listening on {blobs.url}")
 
         provider = Keys.generate()
         write_key_file(root / "provider.key", provider)
         (root / "dvm.toml").write_text(
             f'[dvm]\nname = "Demo DVM"\nrelays = ["{relay.url}"]\nkey_file = "provider.key"\n'
             f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\n'
-            f'mints = ["{mint.url}"]\n\n[prices]\n"text-stats" = {PRICE}\n')
+            f'mints = ["{mint.url}"]\nblob_servers = ["{blobs.url}"]\n'
+            f'allow_private_urls = true  # the demo\'s blob server is on loopback\n'
+            f'\n[prices]\n"text-stats" = {PRICE}\n')
         log_path = root / "worker.log"
         worker = subprocess.Popen(
             [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(root / "dvm.toml")],
@@ -90,12 +94,17 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
                 steps.bad(f"kind {TEXT_STATS_KIND} (text-stats) is not served: install examples/dvm-textstats")
                 return 1
 
+            dataset = root / "dataset.txt"
+            dataset.write_text(DEMO_TEXT)
+            data_url = await upload_dataset(dataset, [blobs.url], customer_keys, encrypt=True)
+            steps.good("customer uploaded its dataset to the blob server, encrypted with a fresh key")
             token = await customer_wallet.send(PRICE, mint=mint.url)
             request = await customer.submit(
-                TEXT_STATS_KIND, [JobInput(DEMO_TEXT, "text")], {"top": "3", "work_seconds": "2"},
+                TEXT_STATS_KIND, [JobInput(data_url, "url")],
+                {"top": "3", "work_seconds": "2", "counts_file": "yes"},
                 provider=provider.public_key, encrypt="nip44", cashu=token)
             steps.good(f"customer {customer_keys.npub[:20]}… sent job {request['id'][:12]}… "
-                       f"with a {PRICE} sat token (params and token NIP-44-encrypted)")
+                       f"with a {PRICE} sat token (params, data key and token NIP-44-encrypted)")
             try:
                 result = await customer.result(
                     request, timeout=60,
@@ -111,6 +120,13 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
                            f"{stats['words']} words, top words {stats['top_words']}")
             else:
                 steps.bad(f"unexpected result: {stats}")
+            saved = await download_artifacts(result, root / "result", allow_private=True)
+            counts = saved[0].read_text().splitlines() if saved else []
+            if saved and counts[0] == "word,count" and counts[1] == f"{top[0]},{top[1]}":
+                steps.good(f"result file {saved[0].name} downloaded, sha256 verified and decrypted "
+                           f"({len(counts) - 1} words counted)")
+            else:
+                steps.bad(f"result file missing or wrong: {saved}")
         worker.terminate()
         code = worker.wait(30)
         if code == 0:
@@ -137,6 +153,8 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
             relay.stop()
         if mint is not None:
             mint.stop()
+        if blobs is not None:
+            blobs.stop()
         if temp and steps.ok:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\n{'demo succeeded' if steps.ok else 'demo FAILED (files kept in ' + str(root) + ')'}"
