@@ -299,6 +299,29 @@ async def fetch(url: str, sha256: str, dest_dir: Path, *, cache_dir: Path | None
             await client.aclose()
 
 
+async def probe(url: str, *, max_bytes: int, timeout: float = 20, connect_timeout: float = 10,
+                max_redirects: int = 5, allow_private: bool = False, expect_binary: bool = True,
+                allowed_hosts: Collection[str] = ()) -> None:
+    """Check, before any work or payment, what can be checked of `url` without downloading it:
+    an allowed address, a server that answers 2xx after at most `max_redirects` redirects, not
+    an HTML page, and an announced size within `max_bytes`. Only the headers are read.
+
+    :raises FetchError: with a message for the customer.
+    """
+    start_url = _parse_url(url)
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        try:
+            async with asyncio.timeout(timeout):
+                await _download(client, start_url, "", Path(), max_bytes=max_bytes,
+                                connect_timeout=connect_timeout, read_timeout=timeout,
+                                min_bytes_per_s=None, speed_window=timeout,
+                                max_redirects=max_redirects, allow_private=allow_private,
+                                allowed_hosts=allowed_hosts, expect_binary=expect_binary,
+                                on_progress=None, check_cancelled=None, headers_only=True)
+        except TimeoutError:
+            raise FetchError(f"{_short(start_url)}: the server did not answer within {timeout:g} s") from None
+
+
 def fetch_sync(url: str, sha256: str, dest_dir: Path, **kwargs) -> Path:
     """`fetch` for code in a worker thread (a plugin's plain ``run``): same arguments."""
     return asyncio.run(fetch(url, sha256, dest_dir, **kwargs))
@@ -308,7 +331,7 @@ async def _download(client: httpx.AsyncClient, url: httpx.URL, sha256: str, tmp:
                     max_bytes: int, connect_timeout: float, read_timeout: float,
                     min_bytes_per_s: float | None, speed_window: float, max_redirects: int,
                     allow_private: bool, allowed_hosts: Collection[str], expect_binary: bool,
-                    on_progress, check_cancelled) -> None:
+                    on_progress, check_cancelled, headers_only: bool = False) -> None:
     first = url
     seen: list[str] = []
     for hop in range(max_redirects + 1):
@@ -335,6 +358,9 @@ async def _download(client: httpx.AsyncClient, url: httpx.URL, sha256: str, tmp:
                                      f"(back to {_short(target)})")
                 url = target
                 continue
+            if headers_only:
+                _check_headers(response, url, max_bytes=max_bytes, expect_binary=expect_binary)
+                return
             await _save_body(response, url, sha256, tmp, max_bytes=max_bytes,
                              min_bytes_per_s=min_bytes_per_s, speed_window=speed_window,
                              expect_binary=expect_binary, on_progress=on_progress,
@@ -395,9 +421,9 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _save_body(response: httpx.Response, url: httpx.URL, sha256: str, tmp: Path, *,
-                     max_bytes: int, min_bytes_per_s: float | None, speed_window: float,
-                     expect_binary: bool, on_progress, check_cancelled) -> None:
+def _check_headers(response: httpx.Response, url: httpx.URL, *, max_bytes: int,
+                   expect_binary: bool) -> int | None:
+    """What the status line and headers alone can refuse; returns the announced size."""
     status = response.status_code
     if not 200 <= status < 300 or status == 206:
         reason = response.reason_phrase or ""
@@ -416,6 +442,13 @@ async def _save_body(response: httpx.Response, url: httpx.URL, sha256: str, tmp:
         if total is not None and total > max_bytes:
             raise FetchError(f"{_short(url)}: the file is {total} bytes, more than the "
                              f"{max_bytes} bytes allowed")
+    return total
+
+
+async def _save_body(response: httpx.Response, url: httpx.URL, sha256: str, tmp: Path, *,
+                     max_bytes: int, min_bytes_per_s: float | None, speed_window: float,
+                     expect_binary: bool, on_progress, check_cancelled) -> None:
+    total = _check_headers(response, url, max_bytes=max_bytes, expect_binary=expect_binary)
 
     digest = hashlib.sha256()
     received = 0

@@ -272,6 +272,7 @@ class Worker:
                         except ValueError as exc:
                             raise InvalidRequest(f"input {job_input.data[:80]!r}: {exc}") from None
                 parsed = job_kind.parse(request) if job_kind.parse else request
+                await self._probe_inputs(request)
             except (InvalidRequest, JobInputError) as exc:
                 self._reject(event, str(exc), scheme)
                 return
@@ -505,6 +506,18 @@ class Worker:
     def _sign(self, kind: int, content: str, tags: list[list[str]]) -> dict:
         return sign_event(self.keys, kind, content, tags)
 
+    async def _probe_inputs(self, request: JobRequest) -> None:
+        """Before any work or payment: every url input answers, is not an HTML page and is not
+        announced larger than the limit. Raises InvalidRequest."""
+        from .fetch import FetchError, probe
+        urls = [i.data for i in request.inputs if i.type == "url"]
+        for url in urls:
+            try:
+                await probe(parse_data_ref(url).url, max_bytes=self.settings.max_download_bytes,
+                            allow_private=self.settings.allow_private_urls)
+            except FetchError as exc:
+                raise InvalidRequest(str(exc)) from None
+
     async def _fetch(self, url: str, into: Path) -> Path:
         """Download a url input for a running job: verified, cached, decrypted if need be."""
         from .blobcrypt import BlobDecryptError, decrypt_file
@@ -519,7 +532,7 @@ class Worker:
                                max_bytes=s.max_download_bytes, timeout=s.download_timeout,
                                allow_private=s.allow_private_urls)
         except FetchError as exc:
-            raise JobError(f"could not fetch {ref.url}: {exc}") from None
+            raise JobError(f"could not fetch an input: {exc}") from None
         if ref.key is None:
             return path
         plain = into / f"{ref.sha256}.plain"

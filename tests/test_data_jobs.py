@@ -1,0 +1,182 @@
+"""Datasets and results by URL + sha256 through a real Blossom server, end to end: private
+jobs stay private on a public blob server; bad data references fail clearly, before payment
+where they can."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+
+import httpx
+import pytest
+
+from dvm_core.blobserver import start_blob_server
+from dvm_core.blossom import BlossomClient
+from dvm_core.client import JobFailed, download_artifacts, result_json, upload_dataset
+from dvm_core.datarefs import DataRef
+from dvm_core.nip90 import JobInput
+
+KIND = 5790
+TEXT = "the quick brown fox jumps over the lazy dog the end"
+
+
+@pytest.fixture
+async def html_site():
+    """A web server answering every path with an HTML error page."""
+    from aiohttp import web
+    async def page(request):
+        return web.Response(text="<html>Not here</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def blobs(tmp_path):
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+async def data_worker(workers, blobs, **settings):
+    return await workers.start(blob_servers=[blobs.url], allow_private_urls=True, **settings)
+
+
+async def test_private_job_moves_encrypted_data_both_ways(workers, customer, blobs, tmp_path):
+    worker = await data_worker(workers, blobs)
+    dataset = tmp_path / "words.txt"
+    dataset.write_text(TEXT)
+    url = await upload_dataset(dataset, [blobs.url], customer.keys, encrypt=True)
+    assert "key=" in url
+    request = await customer.submit(KIND, [JobInput(url, "url")], {"counts_file": "yes"},
+                                    provider=worker.keys.public_key, encrypt="nip44")
+    data_key = url.split("key=")[1]
+    assert data_key not in json.dumps(request)  # the data key travels only inside the ciphertext
+    result = await customer.result(request, timeout=30)
+    stats = result_json(result)
+    assert stats["words"] == 11
+    artifact = stats["artifacts"][0]
+    assert artifact["encrypted"] and artifact["key"] and artifact["type"] == "text/csv"
+    assert artifact["key"] not in json.dumps(result.event)  # the result event itself is encrypted
+
+    async with httpx.AsyncClient() as http:
+        stored = (await http.get(artifact["url"])).content
+        stored_input = (await http.get(url.split("#")[0])).content
+    assert b"word,count" not in stored and b"quick" not in stored_input  # ciphertext at rest
+    assert hashlib.sha256(stored).hexdigest() == artifact["sha256"]
+
+    saved = await download_artifacts(result, tmp_path / "out", allow_private=True)
+    rows = list(csv.reader(saved[0].open()))
+    assert rows[0] == ["word", "count"] and rows[1] == ["the", "3"]
+
+
+async def test_public_job_gets_plain_result_files(workers, customer, blobs, tmp_path):
+    worker = await data_worker(workers, blobs)
+    dataset = tmp_path / "words.txt"
+    dataset.write_text(TEXT)
+    url = await upload_dataset(dataset, [blobs.url], customer.keys, encrypt=False)
+    request = await customer.submit(KIND, [JobInput(url, "url")], {"counts_file": "yes"},
+                                    provider=worker.keys.public_key, encrypt=None)
+    result = await customer.result(request, timeout=30)
+    artifact = result_json(result)["artifacts"][0]
+    assert "key" not in artifact and not artifact.get("encrypted")
+    saved = await download_artifacts(result, tmp_path / "out", allow_private=True)
+    assert saved[0].read_text().startswith("word,count")
+
+
+async def test_result_upload_falls_over_to_the_next_blob_server(workers, customer, blobs, tmp_path):
+    worker = await workers.start(blob_servers=["http://127.0.0.1:9", blobs.url], allow_private_urls=True)
+    request = await customer.submit(KIND, [JobInput(TEXT, "text")], {"counts_file": "yes"},
+                                    provider=worker.keys.public_key)
+    result = await customer.result(request, timeout=30)
+    assert result_json(result)["artifacts"][0]["url"].startswith(blobs.url)
+
+
+async def test_blob_server_refusing_the_upload_fails_the_job_clearly(workers, customer, tmp_path):
+    strict = await start_blob_server(tmp_path / "strict", allowed_pubkeys=["f" * 64])
+    try:
+        worker = await workers.start(blob_servers=[strict.url])
+        request = await customer.submit(KIND, [JobInput(TEXT, "text")], {"counts_file": "yes"},
+                                        provider=worker.keys.public_key)
+        with pytest.raises(JobFailed, match="could not upload the result files"):
+            await customer.result(request, timeout=30)
+    finally:
+        await strict.stop()
+
+
+async def upload_plain(blobs, keys, data: bytes) -> str:
+    blob = await BlossomClient([blobs.url], keys).upload(data, "text/plain")
+    return blob.url
+
+
+@pytest.mark.parametrize("case", ["no-sha256", "unreachable", "html-page", "too-large", "private-address"])
+async def test_bad_data_references_are_refused_before_payment(workers, customer, blobs, mint, html_site,
+                                                              tmp_path, case):
+    from dvm_core.wallet import ProviderWallet
+    allow_private = case != "private-address"
+    worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=allow_private,
+                                 max_download_bytes=1000, mints=[mint.url], prices={"text-stats": 2})
+    good = await upload_plain(blobs, customer.keys, b"some words")
+    url, expected = {
+        "no-sha256": ("http://127.0.0.1:1/data.txt", "give the sha256 of the data"),
+        "unreachable": (f"http://127.0.0.1:9/data.txt#sha256={'a' * 64}", "cannot connect"),
+        "html-page": (f"{html_site}/data.npz#sha256={'a' * 64}", "HTML page"),
+        "too-large": (await upload_plain(blobs, customer.keys, b"x" * 5000), "more than the 1000 bytes allowed"),
+        "private-address": (good, "loopback"),
+    }[case]
+    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url])
+    await wallet.mint_from_lightning(2, mint.url)
+    token = await wallet.send(2, mint=mint.url)
+    try:
+        request = await customer.submit(KIND, [JobInput(url, "url")], {}, provider=worker.keys.public_key,
+                                        cashu=token)
+        with pytest.raises(JobFailed, match=expected):
+            await customer.result(request, timeout=30)
+        assert await wallet.check_spent(token) is False  # no payment taken
+        assert await worker.cashier.wallet.total_balance() == 0
+    finally:
+        await wallet.close()
+
+
+async def test_sha256_mismatch_after_payment_is_refunded(workers, customer, blobs, mint, tmp_path):
+    from dvm_core.wallet import ProviderWallet
+    worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
+                                 prices={"text-stats": 2})
+    url = await upload_plain(blobs, customer.keys, b"real words")
+    lying = DataRef(url.rsplit("/", 1)[0] + "/" + url.rsplit("/", 1)[1], "b" * 64).to_url()
+    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                            p2pk_private_key=customer.keys.private_key)
+    await wallet.mint_from_lightning(2, mint.url)
+    try:
+        request = await customer.submit(KIND, [JobInput(lying, "url")], {}, provider=worker.keys.public_key,
+                                        cashu=await wallet.send(2, mint=mint.url))
+        with pytest.raises(JobFailed, match="sha256 is .* not the expected"):
+            await customer.result(request, timeout=30)
+        assert worker.store.payment_for_job(request["id"])["state"] == "refunded"
+    finally:
+        await wallet.close()
+
+
+@pytest.mark.parametrize("damage", ["wrong-key", "corrupt-ciphertext"])
+async def test_undecryptable_private_dataset_fails_clearly(workers, customer, blobs, tmp_path, damage):
+    from dvm_core.blobcrypt import encrypt_bytes, generate_key
+    worker = await data_worker(workers, blobs)
+    sealed, key = encrypt_bytes(TEXT.encode())
+    if damage == "corrupt-ciphertext":
+        sealed = sealed[:40] + bytes([sealed[40] ^ 1]) + sealed[41:]
+    else:
+        key = generate_key()
+    blob = await BlossomClient([blobs.url], customer.keys).upload(sealed, "application/octet-stream")
+    request = await customer.submit(KIND, [JobInput(DataRef(blob.url, blob.sha256, key).to_url(), "url")], {},
+                                    provider=worker.keys.public_key)
+    with pytest.raises(JobFailed, match="could not decrypt"):
+        await customer.result(request, timeout=30)
