@@ -180,3 +180,25 @@ async def test_undecryptable_private_dataset_fails_clearly(workers, customer, bl
                                     provider=worker.keys.public_key)
     with pytest.raises(JobFailed, match="could not decrypt"):
         await customer.result(request, timeout=30)
+
+
+async def test_dvm_job_submit_uploads_follows_and_saves_the_result(workers, relay, blobs, tmp_path):
+    import sys
+    worker = await data_worker(workers, blobs)
+    dataset = tmp_path / "words.txt"
+    dataset.write_text(TEXT)
+    out = tmp_path / "out"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dvm_core.cli", "job", "submit", "--relay", relay.url,
+        "--dvm", worker.keys.npub, "--kind", str(KIND), "--file", str(dataset), "--blossom", blobs.url,
+        "--param", "counts_file=yes", "--param", "work_seconds=1", "--out", str(out), "--allow-private",
+        "--timeout", "60", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 90)
+    log = stderr.decode()
+    assert proc.returncode == 0, log
+    assert "uploaded" in log and "(encrypted)" in log
+    assert "[####" in log  # the progress bar
+    assert "sha256 verified, decrypted" in log
+    assert json.loads(stdout)["words"] == 11
+    assert (out / "word_counts.csv").read_text().startswith("word,count")
+    assert json.loads((out / "result.json").read_text())["words"] == 11
