@@ -27,8 +27,15 @@ plugins alike. A minimal plugin package (see ``examples/dvm-textstats``)::
         register(JobKind(kind=5790, name="text-stats", description="Counts words.",
                          run=run, parse=parse, params={}))
 
+Data comes by URL: for an input of type ``url``, ``ctx.fetch(input)`` returns a local path,
+downloaded, checked against its sha256 and decrypted. Files go back the same way: return
+``JobResult(content, artifacts=[Artifact(path, "application/octet-stream")])`` and the core
+uploads them to the provider's Blossom servers (encrypted for a private request) and lists
+them in the result. ``dvm_core.archives.extract_archive`` unpacks zip/tar inputs safely.
+
 The core owns everything else: relays, decryption, de-duplication, persistence, feedback,
-time limits, cancellation, payment and publishing the result. A plugin never sees a key.
+time limits, cancellation, payment, moving data and publishing the result. A plugin never sees
+a key.
 
 Implementations may take any subset of a hook's arguments, by name. A hook implementation whose
 name matches no hook here makes the worker refuse to start (a misspelt hook fails loudly).
