@@ -42,7 +42,8 @@ def run(config_path: str | None) -> None:
 async def _serve(worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.stop()))
+        loop.add_signal_handler(
+            sig, lambda: asyncio.ensure_future(worker.stop(worker.settings.stop_grace_seconds)))
     await worker.run()
 
 

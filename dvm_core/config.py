@@ -27,6 +27,10 @@ class Settings:
     about: str = "Trains models for ecash over Nostr (NIP-90)."
     max_concurrent_jobs: int = 1
     job_time_limit: float = 3600.0
+    max_queued_jobs: int = 100      # accepted jobs waiting for a slot; beyond: "busy", before payment
+    devices: list[str] = field(default_factory=list)  # e.g. ["cuda:0", "cuda:1"]: one job per device
+    stop_grace_seconds: float = 60.0  # on SIGTERM, how long running jobs may finish; then re-queued
+    heartbeat_seconds: float = 600.0  # re-publish the NIP-89 announcement (with load) this often; 0: off
     catchup_seconds: int = 3600     # on a first start, how far back to look for requests
     accept_jobs_for_others: bool = False  # serve requests that name other providers in `p`
     max_request_bytes: int = 65536
@@ -96,6 +100,9 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         settings.key_file = str((path.parent / settings.key_file).resolve())
     _validate(settings)
     _validate_prices(raw.get("prices") or {}, settings)
+    for name, slots in (raw.get("capacity") or {}).items():
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ConfigError(f"[capacity] {name} = {slots!r}: a kind's slots are a whole number, 1 or more")
     return Config(settings=settings, raw=raw, path=path)
 
 
@@ -154,6 +161,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"relay {url!r} must be a ws:// or wss:// URL")
     if s.max_concurrent_jobs < 1:
         raise ConfigError("max_concurrent_jobs must be at least 1")
+    if s.max_queued_jobs < 0:
+        raise ConfigError("max_queued_jobs must be 0 or more")
     if s.job_time_limit <= 0:
         raise ConfigError("job_time_limit must be positive")
     if s.log_format not in ("auto", "json", "console"):

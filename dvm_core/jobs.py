@@ -106,13 +106,14 @@ class JobContext:
       the worker stops. Long loops call `check_cancelled()` between steps.
     - `deadline`: `time.monotonic()` value after which the job is stopped; `time_left()`.
     - `log`: a structlog logger bound to this job.
+    - `device`: the accelerator the provider gave this job (e.g. ``"cuda:1"``), or None.
     - `fetch(input)`: download a `url` input (verified against its sha256, decrypted if the
       customer encrypted it, cached) and return the local path. Blocking; call it from `run`.
     """
 
     def __init__(self, *, job_id: str, request: JobRequest, workdir: Path, log,
                  deadline: float, report: Callable[[float, str], None], config: dict,
-                 fetcher: Callable[[str, Path], Path] | None = None):
+                 fetcher: Callable[[str, Path], Path] | None = None, device: str | None = None):
         self.job_id = job_id
         self.request = request
         self._workdir = workdir
@@ -123,6 +124,7 @@ class JobContext:
         self.cancel_reason = ""
         self._report = report
         self._fetcher = fetcher
+        self.device = device  # the device this job may use ("cuda:1"), or None: choose yourself
 
     @property
     def workdir(self) -> Path:

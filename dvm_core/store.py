@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     request TEXT NOT NULL,          -- the request event as received (private content stays encrypted)
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    summary TEXT                    -- JSON metrics of the finished job
+    summary TEXT,                   -- JSON metrics of the finished job
+    progress REAL,                  -- last reported percent, for `dvm status`
+    progress_message TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -95,6 +97,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, typ in (("progress", "REAL"), ("progress_message", "TEXT")):
+            if column not in columns:  # a store made by an older version
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {typ}")
         if self.path != ":memory:":
             Path(self.path).chmod(0o600)  # it holds tokens until they are redeemed
 
@@ -121,6 +127,40 @@ class Store:
             (state, time.time(), error, json.dumps(summary) if summary is not None else None,
              1 if count_attempt else 0, job_id),
         )
+
+    def set_progress(self, job_id: str, percent: float, message: str) -> None:
+        self.db.execute("UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ?",
+                        (percent, message, job_id))
+
+    def job_rows(self, *, states: tuple[str, ...] = (), kind: int | None = None,
+                 customer: str | None = None, since: float | None = None, limit: int = 50) -> list[dict]:
+        """Jobs for the operator's commands, newest first, without the request bodies."""
+        where, args = [], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        if customer:
+            where.append("customer = ?")
+            args.append(customer)
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)
+        sql = ("SELECT id, kind, customer, state, error, attempts, received_at, updated_at, summary,"
+               " progress, progress_message FROM jobs")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received_at DESC LIMIT ?"
+        return [dict(r) for r in self.db.execute(sql, (*args, limit))]
+
+    def earnings(self) -> dict[str, int]:
+        """Sats kept per unit: received, less change and refunds sent back."""
+        rows = self.db.execute(
+            "SELECT unit, SUM(COALESCE(received, 0) - change_sent - refund_sent) FROM payments"
+            " WHERE state IN ('redeemed', 'consumed', 'refunded') GROUP BY unit")
+        return {unit: int(total or 0) for unit, total in rows}
 
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -10,6 +10,7 @@ jobs that were queued or running are run again, so each request gets exactly one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import json
@@ -75,6 +76,14 @@ class Worker:
         self._stopped = asyncio.Event()
         self._active: dict[str, ActiveJob] = {}
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
+        capacity = config.raw.get("capacity") or {}
+        self._kind_slots = {k.kind: asyncio.Semaphore(capacity[k.name])
+                            for k in self.kinds.values() if k.name in capacity}
+        self._devices: asyncio.Queue[str] | None = None
+        if self.settings.devices:
+            self._devices = asyncio.Queue()
+            for device in self.settings.devices:
+                self._devices.put_nowait(device)
         # Jobs get threads of their own, so long training never starves the default executor
         # that asyncio and libraries share.
         self._executor = ThreadPoolExecutor(self.settings.max_concurrent_jobs, thread_name_prefix="dvm-job")
@@ -119,6 +128,8 @@ class Worker:
         if self.cashier is not None:
             self._spawn(self._publish(self._sign(*self.cashier.nutzap_info(self.settings.relays)),
                                       role="announcement"))
+        if self.settings.announce and self.kinds and self.settings.heartbeat_seconds > 0:
+            self._spawn(self._heartbeat())
         self.ready.set()
         log.info("worker ready", npub=self.keys.npub, kinds=sorted(self.kinds),
                  relays=self.settings.relays)
@@ -170,6 +181,22 @@ class Worker:
                  else int(time.time()) - self.settings.catchup_seconds)
         return [{"kinds": sorted(self.kinds), "since": since}]
 
+    async def _heartbeat(self) -> None:
+        """Re-publish the announcement now and then: clients see from its `created_at` that the
+        DVM is alive, and from its `status` how loaded it is."""
+        while not self._stopping:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            if self._stopping:
+                return
+            await self._publish(self._sign(*self.announcement()), role="announcement")
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and the logs."""
+        running = sum(1 for a in self._active.values() if a.ctx is not None)
+        earned = ", ".join(f"{v} {u}" for u, v in self.store.earnings().items()) or "0"
+        return (f"queued {len(self._active) - running}, running {running}, "
+                f"done {self.counts['succeeded']}, failed {self.counts['failed']}, earned {earned}")
+
     def _nutzap_filters(self) -> list[dict]:
         # Since the newest request seen, less a margin: a nutzap for a job waiting for payment
         # while the worker was down is found again.
@@ -178,16 +205,18 @@ class Worker:
     def announcement(self) -> tuple[int, str, list[list[str]]]:
         kinds = [KindDescription(k.kind, k.name, k.description, k.params or {})
                  for k in sorted(self.kinds.values(), key=lambda k: k.kind)]
-        extra = {}
+        running = sum(1 for a in self._active.values() if a.ctx is not None)
+        extra = {"status": {"queued": len(self._active) - running, "running": running,
+                            "slots": self.settings.max_concurrent_jobs, "updated": int(time.time())}}
         if self.cashier is not None:
-            extra = {"payment": {
+            extra["payment"] = {
                 "unit": self.settings.unit, "mints": self.settings.mints,
                 "p2pk_pubkey": self.cashier.p2pk_pubkey,
                 "prices": {k.name: self.prices.get(k.name, self.settings.default_price)
                            for k in self.kinds.values()},
                 "methods": ["cashu tag in encrypted params", "cashu tag P2PK-locked to p2pk_pubkey",
                             "NIP-61 nutzap after payment-required"],
-            }}
+            }
         return build_handler_announcement(
             identifier=f"dvm-{self.keys.public_key[:16]}", name=self.settings.name,
             about=self.settings.about, kinds=kinds, extra_content=extra)
@@ -280,6 +309,12 @@ class Worker:
                 log.exception("plugin failed to parse a request", kind=event["kind"])
                 self._reject(event, "internal error while reading the request", scheme)
                 return
+            waiting = self._waiting()
+            if not resumed and len(waiting) >= self.settings.max_queued_jobs and self._slots.locked():
+                self._reject(event, f"busy: {len(waiting)} jobs are waiting and this DVM queues at most "
+                                    f"{self.settings.max_queued_jobs}; nothing was charged, try again later",
+                             None if scheme is None else scheme, private_detail=False)
+                return
             paid = await self._take_payment(request, job_kind, parsed, private_tags, scheme)
             if paid is False:
                 return
@@ -288,6 +323,10 @@ class Worker:
             self._active[request.id] = active
             self._update_cancel_subscription()
             message = "resumed after a restart" if resumed else "job accepted"
+            ahead = len(self._waiting()) - 1
+            if self._slots.locked() or (request.kind in self._kind_slots and
+                                        self._kind_slots[request.kind].locked()):
+                message += f"; queued, position {ahead + 1}"
             if paid is not None:
                 message += f"; paid {paid.amount} {paid.unit}"
                 if paid.warning:
@@ -298,6 +337,10 @@ class Worker:
             await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
             active.task = asyncio.current_task()
             await self._run(active)
+
+    def _waiting(self) -> list[ActiveJob]:
+        """Accepted jobs that have not started yet, oldest first."""
+        return [a for a in self._active.values() if a.ctx is None]
 
     async def _take_payment(self, request: JobRequest, job_kind: JobKind, parsed: Any,
                             private_tags: list | None, scheme: Scheme | None) -> Paid | None | bool:
@@ -366,10 +409,14 @@ class Worker:
         outcome, error, metrics = "failed", "", {}
         refund = True  # a failure that is not the customer's is refunded
         workdir = self.settings.jobs_dir / request.id
+        kind_slot = self._kind_slots.get(request.kind) or contextlib.nullcontext()
+        device = None
         try:
-            async with self._slots:
+            async with kind_slot, self._slots:
                 if active.cancel_reason:
                     raise JobCancelled(active.cancel_reason)
+                if self._devices is not None:
+                    device = await self._devices.get()
                 self.store.set_state(request.id, "running", count_attempt=True)
                 limit = job_kind.time_limit or self.settings.job_time_limit
                 loop = asyncio.get_running_loop()
@@ -381,6 +428,7 @@ class Worker:
                     config=self.config.raw,
                     fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
                         self._fetch(url, into), loop).result(),
+                    device=device,
                 )
                 started = time.monotonic()
                 result = await self._call_plugin(active, ctx, limit)
@@ -409,6 +457,8 @@ class Worker:
                       plugin=job_kind.plugin, exc_info=exc)
             error = "internal error while running the job"
         finally:
+            if device is not None:
+                self._devices.put_nowait(device)
             self._active.pop(request.id, None)
             self._update_cancel_subscription()
             if active.progress_timer is not None:
@@ -481,6 +531,7 @@ class Worker:
         percent, message = active.progress_pending
         active.progress_pending = None
         active.last_progress_at = time.monotonic()
+        self.store.set_progress(active.request.id, percent, message)
         text = f"{percent:.0f}%" + (f" {message}" if message else "")
         self._spawn(self._publish(self._sign(*build_feedback(
             active.request, "processing", text, progress=percent, relay_hint=self.relay_hint,
