@@ -46,6 +46,9 @@ def load_keys(settings: Settings, env: dict[str, str] | None = None) -> Keys:
                 return Keys.from_secret(path.read_text())
             except ValueError as exc:
                 raise ConfigError(f"key file {path}: {exc}") from None
+            except OSError as exc:  # e.g. a root-only file under systemd's DynamicUser
+                raise ConfigError(f"key file {path} cannot be read ({exc.strerror}); under systemd "
+                                  "leave key_file unset and use LoadCredential=dvm.key:…") from None
     if candidates:
         raise ConfigError(f"key file {candidates[0]} does not exist: create one with `dvm keygen --out {candidates[0]}`")
     raise ConfigError("no key: set key_file in [dvm], or DVM_PRIVATE_KEY, or create one with `dvm keygen`")

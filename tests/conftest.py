@@ -111,11 +111,11 @@ class WorkerProcess:
         self.log = self.dir / "worker.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(self.config)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "textstats"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "textstats", **(env or {})},
         )
 
     def wait_log(self, text: str, timeout: float = 30.0) -> None:
