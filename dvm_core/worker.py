@@ -130,6 +130,8 @@ class Worker:
                                       role="announcement"))
         if self.settings.announce and self.kinds and self.settings.heartbeat_seconds > 0:
             self._spawn(self._heartbeat())
+        if self.cashier is not None:
+            self._spawn(self._check_mints())
         self.ready.set()
         log.info("worker ready", npub=self.keys.npub, kinds=sorted(self.kinds),
                  relays=self.settings.relays)
@@ -180,6 +182,17 @@ class Worker:
         since = (latest - CATCHUP_MARGIN_SECONDS if latest is not None
                  else int(time.time()) - self.settings.catchup_seconds)
         return [{"kinds": sorted(self.kinds), "since": since}]
+
+    async def _check_mints(self) -> None:
+        """A mint that is down at start is worth a clear line: payments will wait for it."""
+        import httpx
+        async with httpx.AsyncClient(timeout=5) as client:
+            for mint in self.settings.mints:
+                try:
+                    (await client.get(mint.rstrip("/") + "/v1/info")).raise_for_status()
+                except httpx.HTTPError as exc:
+                    log.warning("mint unreachable at start; paid jobs will wait for it",
+                                mint=mint, error=str(exc) or type(exc).__name__)
 
     async def _heartbeat(self) -> None:
         """Re-publish the announcement now and then: clients see from its `created_at` that the
