@@ -23,10 +23,11 @@ from dvm_core.localnet import start_mint
 from dvm_core.nip90 import HANDLER_KIND, JobInput
 from dvm_core.wallet import ProviderWallet, _cashu
 
+from .paying import (FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer, paid_worker,
+                     provider_balance)
+
 KIND = 5790
 TEXT = [JobInput("pay me in ecash", "text")]
-PRICE = 5
-FUNDS = 100
 DEAD_MINT = "http://127.0.0.1:9"     # the discard port: nothing listens there
 
 
@@ -40,48 +41,12 @@ def other_mint(tmp_path_factory):
     service.stop()
 
 
-async def _funded_customer(tmp_path, mint_url: str, relay_url: str, amount: int = FUNDS):
-    keys = Keys.generate()
-    wallet = ProviderWallet(directory=tmp_path / f"customer-wallet-{keys.public_key[:8]}",
-                            accepted_mints=[mint_url], p2pk_private_key=keys.private_key)
-    await wallet.mint_from_lightning(amount, mint_url)
-    customer = Customer(keys, [relay_url])
-    await customer.__aenter__()
-    await customer.pool.wait_all_connected(10)
-    customer.wallet = wallet
-    return customer
-
-
 @pytest.fixture
 async def funded(tmp_path, mint, relay):
     """A customer with FUNDS sat at the session mint; its P2PK key is its Nostr key (refunds)."""
-    customer = await _funded_customer(tmp_path, mint.url, relay.url)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
     yield customer
-    await customer.__aexit__(None, None, None)
-    await customer.wallet.close()
-
-
-async def paid_worker(workers, mint, **settings):
-    mints = settings.pop("mints", [mint.url])
-    return await workers.start(mints=mints, prices={"text-stats": PRICE}, **settings)
-
-
-async def provider_balance(worker) -> int:
-    return await worker.cashier.wallet.total_balance()
-
-
-async def claim_nutzaps(customer, expected: int, timeout: float = 15.0) -> int:
-    """Redeem the change/refund nutzaps sent to the customer; returns their total."""
-    total = 0
-    for _ in range(int(timeout / 0.25)):
-        zaps = await customer.nutzaps_received(timeout=2)
-        if sum(decode_token(z.token()).amount for z in zaps) >= expected:
-            for zap in zaps:
-                got = await customer.wallet.receive(zap.token(), min_amount=1, require_lock=True)
-                total += got.amount
-            return total
-        await asyncio.sleep(0.25)
-    return total
+    await close_customer(customer)
 
 
 def decode_b(token: str) -> dict:
@@ -432,7 +397,7 @@ async def own_mint(tmp_path):
 
 
 async def test_mint_down_mid_payment_the_job_waits_and_completes(workers, own_mint, relay, tmp_path):
-    customer = await _funded_customer(tmp_path, own_mint.url, relay.url, amount=20)
+    customer = await funded_customer(tmp_path, own_mint.url, relay.url, amount=20)
     try:
         worker = await paid_worker(workers, own_mint, mints=[own_mint.url], mint_retry_seconds=60)
         token = await customer.wallet.send(PRICE, mint=own_mint.url)
@@ -456,7 +421,7 @@ async def test_mint_down_mid_payment_the_job_waits_and_completes(workers, own_mi
 
 
 async def test_token_refused_during_an_outage_pays_when_sent_again(workers, own_mint, relay, tmp_path):
-    customer = await _funded_customer(tmp_path, own_mint.url, relay.url, amount=20)
+    customer = await funded_customer(tmp_path, own_mint.url, relay.url, amount=20)
     try:
         worker = await paid_worker(workers, own_mint, mints=[own_mint.url], mint_retry_seconds=1)
         token = await customer.wallet.send(PRICE, mint=own_mint.url)

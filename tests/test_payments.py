@@ -14,47 +14,18 @@ from dvm_core.client import Customer, JobFailed, result_json
 from dvm_core.ecash import decode_payment_request, decode_token, encode_token_a
 from dvm_core.events import Keys
 from dvm_core.nip90 import JobInput
-from dvm_core.wallet import ProviderWallet
+
+from .paying import PRICE, claim_nutzaps, close_customer, funded_customer, paid_worker, provider_balance
 
 KIND = 5790
 TEXT = [JobInput("pay me in ecash", "text")]
-PRICE = 5
 
 
 @pytest.fixture
 async def funded(tmp_path, mint, relay):
-    """A customer with a funded wallet whose P2PK key is its Nostr key (for refunds)."""
-    keys = Keys.generate()
-    wallet = ProviderWallet(directory=tmp_path / "customer-wallet", accepted_mints=[mint.url],
-                            p2pk_private_key=keys.private_key)
-    await wallet.mint_from_lightning(64, mint.url)
-    async with Customer(keys, [relay.url]) as customer:
-        await customer.pool.wait_all_connected(10)
-        customer.wallet = wallet
-        yield customer
-    await wallet.close()
-
-
-async def paid_worker(workers, mint, **settings):
-    return await workers.start(mints=[mint.url], prices={"text-stats": PRICE}, **settings)
-
-
-async def provider_balance(worker) -> int:
-    return await worker.cashier.wallet.total_balance()
-
-
-async def claim_nutzaps(customer, expected: int, timeout: float = 10.0) -> int:
-    """Redeem the change/refund nutzaps sent to the customer; returns their total."""
-    total = 0
-    for _ in range(int(timeout / 0.25)):
-        zaps = await customer.nutzaps_received(timeout=2)
-        if sum(z.token() and decode_token(z.token()).amount for z in zaps) >= expected:
-            for zap in zaps:
-                got = await customer.wallet.receive(zap.token(), min_amount=1, require_lock=True)
-                total += got.amount
-            return total
-        await asyncio.sleep(0.25)
-    return total
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    yield customer
+    await close_customer(customer)
 
 
 async def test_token_in_encrypted_params_pays_for_the_job(workers, mint, funded):
