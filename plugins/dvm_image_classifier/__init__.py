@@ -1,0 +1,193 @@
+"""Image-classifier training as a NIP-90 job (kind 5750, ``image-classifier``).
+
+The customer sends a labelled image dataset by URL; the DVM trains a small CNN (images up to
+32 px) or a small ResNet (larger) with PyTorch through Accelerate and returns the weights
+(``model.safetensors``), a model card (``model_card.json``) and the training curves
+(``training_curves.png``). `predict.load_model(weights, card)` rebuilds the classifier.
+
+Inputs (``url``, told apart by the ``i`` tag's marker):
+
+- no marker (or ``train``): the training set, an ``.npz`` (``x`` uint8 N×H×W[×C], ``y`` integer
+  labels, optional ``classes`` names) or a zip/tar with one folder of PNG/JPEG images per class;
+- ``validation``: a validation set in the same form (else ``validation_fraction`` is held out);
+- ``weights``: initial weights, a ``model.safetensors`` from an earlier result (fine-tuning).
+
+Params: see `params.PARAMS` (all optional). The price is samples × epochs × the provider's
+``sats_per_million_sample_epochs`` / 10⁶ (at least 1 sat), for the ``samples`` the customer
+declares, else the provider's ``max_samples``; `params` documents the provider's settings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dvm_core import Artifact, JobInputError, JobKind, JobResult, hookimpl
+
+from .params import NAME, PARAMS, ImageClassifierJob, Limits, parse_request, price
+
+__version__ = "0.1.0"
+KIND = 5750
+
+__all__ = ["KIND", "NAME", "run", "register_job_kinds", "price_job", "job_kind"]
+
+
+def job_kind(config: dict | None = None) -> JobKind:
+    """The `JobKind` with the provider's limits from `config` (the worker's whole config)."""
+    limits = Limits.from_config(config)
+    rate = limits.sats_per_million_sample_epochs
+    pricing = (f"Price: {rate:g} sats per million sample-epochs (images × epochs), at least 1 sat."
+               if rate > 0 else "Free.")
+    return JobKind(
+        kind=KIND, name=NAME,
+        description=(
+            "Trains an image classifier (a small CNN, or a small ResNet for images over 32 px) on your "
+            "labelled images and returns model.safetensors, model_card.json and training_curves.png. "
+            "Input: a url to an .npz (x: uint8 images N×H×W or N×H×W×C, y: integer labels, optional "
+            "classes: names) or a zip/tar with one folder of PNG/JPEG images per class; optional url "
+            "inputs marked 'validation' (a validation set) and 'weights' (initial safetensors weights). "
+            f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
+            f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
+        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS))
+
+
+@hookimpl
+def register_job_kinds(register, config):
+    """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``."""
+    register(job_kind(config))
+
+
+@hookimpl
+def price_job(job_kind, job):
+    """Price an image-classifier job by its work: samples × epochs × rate (see `params.price`)."""
+    if job_kind.name != NAME or not isinstance(job, ImageClassifierJob):
+        return None
+    return price(job, job.limits)
+
+
+def run(ctx, job: ImageClassifierJob) -> JobResult:
+    """Download and check the data, train, and return the weights, model card and curves."""
+    # Imported here, not at module level: the worker loads every plugin at start, and torch
+    # and Accelerate take seconds to import; only a running job needs them.
+    from . import data as datamod
+    from . import outputs
+    from .models import make_spec
+    from .train import choose_device, normalisation, split_indices, to_tensors, train
+
+    started = time.monotonic()
+    params, limits = job.params, job.limits
+    ctx.progress(0, "downloading the training set")
+    raw = datamod.load_labelled(ctx.fetch(job.dataset), what="training set", limits=limits,
+                                workdir=ctx.workdir, image_size=params.image_size,
+                                check_cancelled=ctx.check_cancelled)
+    n = raw.images.shape[0]
+    if n > limits.max_samples:
+        raise JobInputError(f"the training set holds {n} images; this provider trains on at most "
+                            f"{limits.max_samples} per job")
+    if job.declared_samples is not None and n > job.declared_samples:
+        raise JobInputError(f"the training set holds {n} images but param samples says "
+                            f"{job.declared_samples} (the price was computed for that many): "
+                            f"send samples={n} or more")
+    train_set = datamod.as_training_set(raw)
+    val_set = None
+    if job.validation is not None:
+        ctx.progress(1, "downloading the validation set")
+        raw_val = datamod.load_labelled(ctx.fetch(job.validation), what="validation set", limits=limits,
+                                        workdir=ctx.workdir, image_size=params.image_size,
+                                        check_cancelled=ctx.check_cancelled)
+        if raw_val.images.shape[0] > limits.max_samples:
+            raise JobInputError(f"the validation set holds {raw_val.images.shape[0]} images; at most "
+                                f"{limits.max_samples}")
+        val_set = datamod.as_validation_set(raw_val, train_set)
+    initial = None
+    weights_sha256 = None
+    if job.weights is not None:
+        ctx.progress(2, "downloading the initial weights")
+        weights_path = ctx.fetch(job.weights)
+        weights_sha256 = datamod.file_sha256(weights_path)
+        initial = _read_weights(weights_path, limits)
+    ctx.check_cancelled()
+
+    _, height, width, channels = train_set.images.shape
+    spec = make_spec(params.architecture, channels, len(train_set.classes), height, width)
+    x, y = to_tensors(train_set.images, train_set.labels)
+    if val_set is not None:
+        x_val, y_val = to_tensors(val_set.images, val_set.labels)
+        validation = {"source": "input", "samples": int(x_val.shape[0]), "sha256": val_set.sha256,
+                      "format": val_set.format}
+    else:
+        train_idx, val_idx = split_indices(n, params.validation_fraction, params.seed)
+        x_val, y_val = x[val_idx], y[val_idx]
+        x, y = x[train_idx], y[train_idx]
+        validation = {"source": "held out from the training set", "fraction": params.validation_fraction,
+                      "samples": int(x_val.shape[0])}
+    mean, std = normalisation(x)  # from the images trained on, never the validation ones
+
+    # Leave time before the job's deadline to evaluate and write the results.
+    left = ctx.time_left()
+    budget = max(1.0, min(params.time_limit, left - min(60.0, 0.1 * left)))
+    device = choose_device(getattr(ctx, "device", None))
+    ctx.progress(5, f"training a {spec['type']} on {x.shape[0]} images of {len(train_set.classes)} "
+                    f"classes ({height}×{width}×{channels}) on {device}")
+
+    def on_epoch(record: dict, epochs: int) -> None:
+        message = (f"epoch {record['epoch']}/{epochs} loss {record['train_loss']:.4f} "
+                   f"acc {record['train_accuracy']:.4f}")
+        if record["val_accuracy"] is not None:
+            message += f" val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}"
+        ctx.progress(5 + 90 * record["epoch"] / epochs, message)
+
+    outcome = train(train_images=x, train_labels=y,
+                    val_images=x_val if x_val.shape[0] else None, val_labels=y_val if x_val.shape[0] else None,
+                    spec=spec, params=params, mean=mean, std=std, initial_weights=initial,
+                    time_budget=budget, device=device, check_cancelled=ctx.check_cancelled,
+                    on_epoch=on_epoch)
+
+    ctx.progress(96, "writing the model")
+    out = ctx.workdir / "result"
+    out.mkdir(exist_ok=True)
+    weights_file = out / "model.safetensors"
+    card_file = out / "model_card.json"
+    curves_file = out / "training_curves.png"
+    outputs.save_weights(outcome.state_dict, weights_file, spec)
+    card = outputs.model_card(
+        spec=spec, classes=train_set.classes, mean=mean, std=std, params=params, outcome=outcome,
+        datasets={"train": {"sha256": train_set.sha256, "format": train_set.format, "samples": n,
+                            "trained_on": int(x.shape[0])},
+                  "validation": validation},
+        initial_weights_sha256=weights_sha256, weights_file=weights_file)
+    outputs.write_card(card_file, card)
+    outputs.plot_curves(outcome.history, curves_file)
+    ctx.progress(100, "done")
+
+    content = {
+        "classes": train_set.classes,
+        "epochs": len(outcome.history),
+        "architecture": spec["type"],
+        **card["metrics"],
+        "validation_samples": int(x_val.shape[0]),
+        "train_samples": int(x.shape[0]),
+        "stopped_early": outcome.stopped,
+    }
+    metrics = {"samples_per_s": round(outcome.samples_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
+               "job_seconds": round(time.monotonic() - started, 3), "samples": n, "epochs": len(outcome.history),
+               "val_accuracy": card["metrics"]["val_accuracy"], "device": outcome.device}
+    return JobResult(content, metrics=metrics, artifacts=[
+        Artifact(weights_file, "application/octet-stream", "model.safetensors"),
+        Artifact(card_file, "application/json", "model_card.json"),
+        Artifact(curves_file, "image/png", "training_curves.png"),
+    ])
+
+
+def _read_weights(path: Path, limits: Limits):
+    """The customer's initial weights: a safetensors file (never a pickle), within the limits."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    if size > limits.max_dataset_bytes:
+        raise JobInputError(f"the initial weights are {size} bytes; at most {limits.max_dataset_bytes}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise JobInputError(f"the initial weights are not a valid safetensors file ({exc})") from None

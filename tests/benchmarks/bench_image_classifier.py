@@ -1,0 +1,189 @@
+"""Benchmark of the image-classifier plugin's training loop against a bare PyTorch loop.
+
+    PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_image_classifier.py [--rounds 10] [--epochs 5]
+
+Prints one JSON object on stdout; progress goes to stderr. Not a pytest module. Needs
+scikit-learn (the digits data).
+
+Both sides train the same network (the plugin's ``cnn`` spec for 8×8 grey digits, 10 classes)
+from the same initial weights on the same images (digits, the split of
+tests/test_image_classifier.py: 1438 training images), with the same batch size, epochs,
+optimizer (AdamW, the plugin's param groups), cosine learning-rate schedule and thread count,
+in this process:
+
+- plugin: `dvm_image_classifier.train.train`, the function a job runs: Accelerate, the
+  DataLoader over uint8 tensors with a seeded batch sampler, per-batch normalisation, metrics,
+  NaN checks, cancellation and time checks between batches. No validation set, so no
+  evaluation passes.
+- bare: the loop one writes by hand: images normalised to float32 once, beforehand (not timed),
+  a `torch.randperm` per epoch, slicing, forward, cross-entropy, backward, step.
+
+Samples per second are over the training loops (the epochs); `ratio_whole_call` also counts
+what comes before the loop (building the model and optimizer, for the plugin Accelerate's
+set-up), a fixed cost that weighs more the shorter the run.
+
+One warm-up run of each first; then `--rounds` rounds, each running both back to back in
+alternating order. `ratio` (the goal: ≥ 0.95) is the median over rounds of plugin / bare
+samples per second within the round, which cancels the slow phases of a shared machine;
+`ratio_of_medians` and `ratio_of_best` (fastest run against fastest run) are there to compare.
+`plugin_samples_per_s` and `bare_samples_per_s` are medians. `test_accuracy` is the plugin's
+last model on the 359 held-out digits, loaded back with `predict.load_model` from the
+safetensors file and model card a job would return.
+
+`e2e_over_bare` (a whole job through a relay, the worker and the blob server, against the
+bare loop) is left null here: it needs the end-to-end set-up and is measured separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("dvm_image_classifier") is None:  # not installed yet: the source tree
+    sys.path.insert(0, str(REPO / "plugins"))
+
+from dvm_image_classifier import outputs  # noqa: E402
+from dvm_image_classifier.models import build_model, make_spec  # noqa: E402
+from dvm_image_classifier.params import TrainParams  # noqa: E402
+from dvm_image_classifier.predict import load_model  # noqa: E402
+from dvm_image_classifier.train import (cosine_schedule, make_optimizer, normalisation,  # noqa: E402
+                                        to_tensors, train)
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def digits_split(seed: int = 0, test_fraction: float = 0.2):
+    """The split of tests/test_image_classifier.py and examples/customer/make_digits_npz.py."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, :, :, None]
+    y = digits.target.astype(np.int64)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = round(len(x) * test_fraction)
+    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+
+
+def run_plugin(x: torch.Tensor, y: torch.Tensor, spec: dict, params: TrainParams, mean, std):
+    """(loop samples/s, whole-call samples/s, outcome) of the plugin's `train`."""
+    start = time.perf_counter()
+    outcome = train(train_images=x, train_labels=y, val_images=None, val_labels=None, spec=spec,
+                    params=params, mean=mean, std=std, device=torch.device("cpu"))
+    seconds = time.perf_counter() - start
+    return outcome.samples_per_s, outcome.samples_seen / seconds, outcome
+
+
+def run_bare(x_float: torch.Tensor, y: torch.Tensor, spec: dict, params: TrainParams) -> tuple[float, float]:
+    """(loop samples/s, whole-run samples/s) of the hand-written loop."""
+    start = time.perf_counter()
+    torch.manual_seed(params.seed)
+    model = build_model(spec)
+    optimizer = make_optimizer(model, params)
+    n = x_float.shape[0]
+    steps = params.epochs * math.ceil(n / params.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps))
+    generator = torch.Generator().manual_seed(params.seed)
+    model.train()
+    seen = 0
+    loop_start = time.perf_counter()
+    for _ in range(params.epochs):
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n, params.batch_size):
+            idx = perm[i:i + params.batch_size]
+            loss = F.cross_entropy(model(x_float[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += idx.shape[0]
+    end = time.perf_counter()
+    return seen / (end - loop_start), seen / (end - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    x_train, y_train, x_test, y_test = digits_split()
+    x, y = to_tensors(x_train, y_train)
+    mean, std = normalisation(x)
+    x_float = (x.float() / 255 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    spec = make_spec("auto", 1, 10, 8, 8)
+    params = TrainParams(epochs=args.epochs, batch_size=args.batch_size)
+
+    log("warm-up")
+    run_plugin(x, y, spec, replace(params, epochs=1), mean, std)
+    run_bare(x_float, y, spec, replace(params, epochs=1))
+    plugin_rates, bare_rates, ratios, call_ratios = [], [], [], []
+    outcome = None
+    for r in range(args.rounds):
+        # Each round runs both, back to back, alternating which goes first: a slow phase of the
+        # machine (other processes, a throttled CPU) then hits the pair alike, and the ratio
+        # within a round cancels it.
+        order = ("plugin", "bare") if r % 2 == 0 else ("bare", "plugin")
+        rates = {}
+        for side in order:
+            if side == "plugin":
+                *rates[side], outcome = run_plugin(x, y, spec, params, mean, std)
+            else:
+                rates[side] = run_bare(x_float, y, spec, params)
+        plugin_rates.append(rates["plugin"][0])
+        bare_rates.append(rates["bare"][0])
+        ratios.append(rates["plugin"][0] / rates["bare"][0])
+        call_ratios.append(rates["plugin"][1] / rates["bare"][1])
+        log(f"round {r + 1}: plugin {rates['plugin'][0]:.0f}, bare {rates['bare'][0]:.0f} samples/s, "
+            f"ratio {ratios[-1]:.3f} (whole calls: {call_ratios[-1]:.3f})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, card = Path(tmp) / "model.safetensors", Path(tmp) / "model_card.json"
+        outputs.save_weights(outcome.state_dict, weights, spec)
+        outputs.write_card(card, {"format": outputs.CARD_FORMAT, "architecture": spec,
+                                  "classes": [str(i) for i in range(10)],
+                                  "input": {"height": 8, "width": 8, "channels": 1, "mean": mean, "std": std}})
+        model, preprocess = load_model(weights, card)
+        with torch.no_grad():
+            accuracy = float((model(preprocess(x_test)).argmax(1).numpy() == y_test).mean())
+
+    plugin = statistics.median(plugin_rates)
+    bare = statistics.median(bare_rates)
+    print(json.dumps({
+        "plugin_samples_per_s": round(plugin, 1),
+        "bare_samples_per_s": round(bare, 1),
+        "ratio": round(statistics.median(ratios), 4),
+        "ratio_of_medians": round(plugin / bare, 4),
+        "ratio_of_best": round(max(plugin_rates) / max(bare_rates), 4),
+        "ratio_whole_call": round(statistics.median(call_ratios), 4),
+        "test_accuracy": round(accuracy, 4),
+        "e2e_over_bare": None,
+        "e2e_note": "end-to-end job (relay, worker, blob server) over the bare loop: measured separately",
+        "round_ratios": [round(v, 3) for v in ratios],
+        "train_samples": int(x.shape[0]), "test_samples": int(len(y_test)),
+        "epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads,
+        "model": spec, "torch": torch.__version__, "cpu_count": __import__("os").cpu_count(),
+        "machine": platform.machine(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
