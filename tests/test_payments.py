@@ -207,3 +207,22 @@ async def test_a_free_kind_asks_for_nothing(workers, mint, funded):
     await funded.result(request, timeout=20, on_feedback=feedback.append)
     assert [f.status for f in feedback][:1] == ["processing"]
     assert worker.store.payment_for_job(request["id"]) is None
+
+
+async def test_a_worker_without_mints_serves_plugin_priced_kinds_free(workers, customer):
+    from dvm_core import hookimpl
+    from dvm_core.plugins import plugin_manager
+
+    class AlwaysCharges:
+        @hookimpl
+        def price_job(self, job_kind):
+            return 7
+
+    pm = plugin_manager(only=["textstats"])
+    pm.register(AlwaysCharges(), name="always-charges")
+    worker = await workers.start(pm=pm)
+    request = await customer.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    feedback = []
+    result = await customer.result(request, timeout=20, on_feedback=feedback.append)
+    assert result_json(result)["words"] == 4
+    assert not any(f.status == "payment-required" for f in feedback)
