@@ -54,62 +54,11 @@ from dvm_core.nip90 import FEEDBACK_KIND, JobInput, build_request
 from dvm_core.plugins import plugin_manager
 from dvm_core.relay import RelayPool
 from dvm_core.worker import Worker
+from benchlib import CpuMeter, eprint, loadavg, ms, percentile, reply_to  # noqa: E402
 
 TEXT_STATS_KIND = 5790
 RESULT_KIND = TEXT_STATS_KIND + 1000
 PING_KIND = 1  # a regular kind: the relay stores it, as it stores requests and feedback
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-class CpuMeter:
-    """CPU seconds used by this process (worker, customer, responder) and by the relay."""
-
-    def __init__(self, relay_pid: int):
-        self.procs = ({"bench": psutil.Process(), "relay": psutil.Process(relay_pid)}
-                      if psutil is not None else {})
-        self.wall = 0.0
-        self.start: dict[str, float] = {}
-
-    def _now(self) -> dict[str, float]:
-        out = {}
-        for name, proc in self.procs.items():
-            t = proc.cpu_times()
-            out[name] = t.user + t.system
-        return out
-
-    def begin(self) -> None:
-        self.wall = time.perf_counter()
-        self.start = self._now()
-
-    def end(self) -> dict | None:
-        if not self.procs:
-            return None
-        wall = time.perf_counter() - self.wall
-        now = self._now()
-        out = {"wall_s": round(wall, 3)}
-        for name in self.procs:
-            used = now[name] - self.start[name]
-            out[f"{name}_cpu_s"] = round(used, 3)
-            out[f"{name}_cpu_share"] = round(used / wall, 3) if wall > 0 else None
-        return out
 
 
 class HopTracer:
@@ -235,13 +184,6 @@ def hops(ids: list[str], sent: dict, tracer: HopTracer, back: dict, worker_side:
     return {k: ms(percentile(v, 50)) for k, v in legs.items()}
 
 
-def loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def write_config(path: Path, relay_url: str, **settings) -> Path:
     """As tests/conftest.py writes it: a [dvm] table of JSON-encoded values."""
     values = {"relays": [relay_url], "state_dir": str(path.parent / "state"),
@@ -249,13 +191,6 @@ def write_config(path: Path, relay_url: str, **settings) -> Path:
     lines = ["[dvm]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def reply_to(event: dict) -> str | None:
-    for t in event["tags"]:
-        if len(t) >= 2 and t[0] == "e":
-            return t[1]
-    return None
 
 
 class Timings:
@@ -443,7 +378,7 @@ async def main_async(args) -> dict:
         if args.trace:
             tracer = HopTracer()
             tracer.install(worker, responder.pool)
-        cpu = CpuMeter(relay.process.pid)
+        cpu = CpuMeter(relay=relay.process.pid)
         profiler = cProfile.Profile() if args.profile else None
         out: dict = {"loadavg_1m_before": loadavg()}
         if args.n_latency:
