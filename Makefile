@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml examples/dvm-textstats/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
 	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
-	$(BIN)/uv pip install --python $(BIN)/python -c $(VENV)/constraints.txt \
+	# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (this kind of machine), every
+	# import would otherwise compile from source: torch alone took 7-10 s per process.
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -c $(VENV)/constraints.txt \
 		-e '.[train,dev]' -e examples/dvm-textstats
 	touch $@
 

@@ -77,6 +77,9 @@ class JobKind:
         in the NIP-89 announcement). A request with a param not listed here is refused with a
         clear error, unless `params` is None.
     :param time_limit: seconds a job may run (default: the worker's `job_time_limit`).
+    :param pricing: for a kind its plugin prices per job (the `price_job` hook), one line telling
+        customers how, e.g. ``"10 sats per million sample-epochs, at least 1 sat"``; the NIP-89
+        announcement shows it instead of the fixed ``[prices]`` figure the hook overrides.
     """
 
     kind: int
@@ -86,6 +89,7 @@ class JobKind:
     parse: Callable[[JobRequest], Any] | None = None
     params: dict[str, str] | None = field(default_factory=dict)
     time_limit: float | None = None
+    pricing: str | None = None
     plugin: str = field(default="", compare=False)  # set by the worker: who registered it
 
     def __post_init__(self) -> None:

@@ -226,7 +226,8 @@ class Worker:
                 "unit": self.settings.unit, "mints": self.settings.mints,
                 "p2pk_pubkey": self.cashier.p2pk_pubkey,
                 "prices": {k.name: self.prices.get(k.name, self.settings.default_price)
-                           for k in self.kinds.values()},
+                           for k in self.kinds.values() if not k.pricing},
+                "pricing": {k.name: k.pricing for k in self.kinds.values() if k.pricing},
                 "methods": ["cashu tag in encrypted params", "cashu tag P2PK-locked to p2pk_pubkey",
                             "NIP-61 nutzap after payment-required"],
             }

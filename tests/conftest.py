@@ -47,13 +47,17 @@ def fresh_relay(tmp_path):
     service.stop()
 
 
-def write_config(path: Path, relay_url: str | list[str], prices: dict | None = None, **settings) -> Path:
+def write_config(path: Path, relay_url: str | list[str], prices: dict | None = None,
+                 plugins: dict[str, dict] | None = None, **settings) -> Path:
+    """A worker's TOML: `settings` in [dvm], `prices` in [prices], `plugins` as [plugins.<name>]."""
     values = {"relays": [relay_url] if isinstance(relay_url, str) else relay_url,
               "state_dir": str(path.parent / "state"), "progress_interval": 0.2,
               "log_format": "json", **settings}
     lines = ["[dvm]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     if prices:
         lines += ["[prices]"] + [f"{json.dumps(k)} = {v}" for k, v in prices.items()]
+    for name, table in (plugins or {}).items():
+        lines += [f"[plugins.{json.dumps(name)}]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -67,12 +71,12 @@ class WorkerFactory:
         self.workers: list[Worker] = []
 
     async def start(self, keys: Keys | None = None, pm=None, name: str = "worker", prices: dict | None = None,
-                    **settings) -> Worker:
+                    plugins: dict[str, dict] | None = None, **settings) -> Worker:
         keys = keys or Keys.generate()
         directory = self.tmp_path / name
         directory.mkdir(exist_ok=True)
         config = load_config(write_config(directory / "dvm.toml", settings.pop("relay_url", self.relay_url),
-                                          prices=prices, **settings), env={})
+                                          prices=prices, plugins=plugins, **settings), env={})
         worker = Worker(config, keys, pm or plugin_manager(only=["textstats"]))
         await worker.start()
         await worker.pool.wait_all_connected(10)

@@ -36,6 +36,7 @@ except ImportError:  # not installed as a package yet: use the source tree
     sys.path.insert(0, str(REPO / "plugins"))
     import dvm_image_classifier as ic
 
+from dvm_image_classifier.digits import digits_split  # noqa: E402
 from dvm_image_classifier.models import build_model, make_spec  # noqa: E402
 from dvm_image_classifier.predict import classify, load_model  # noqa: E402
 from dvm_image_classifier.train import augment  # noqa: E402
@@ -81,18 +82,6 @@ def run_job(tmp_path, files, **params):
 def save_npz(path: Path, **arrays) -> Path:
     np.savez_compressed(path, **arrays)
     return path
-
-
-def digits_split(seed: int = 0, test_fraction: float = 0.2):
-    """Digits as uint8 N×8×8 images: (x_train, y_train, x_test, y_test). The same split as
-    examples/customer/make_digits_npz.py and the benchmark."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    y = digits.target.astype(np.int64)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    n_test = round(len(x) * test_fraction)
-    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
 
 
 def pattern_images(n_per_class: int = 24, size: int = 16, seed: int = 0) -> dict[str, list[np.ndarray]]:

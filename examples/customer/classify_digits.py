@@ -4,14 +4,13 @@
 
 Loads the model with dvm_image_classifier.predict.load_model (weights from safetensors, the
 network rebuilt from the model card) and prints its accuracy on the digits the training set
-left out: by default the same split as make_digits_npz.py (seed 0, 20% held out), or the
+left out: by default the split of make_digits_npz.py (seed 0, 20% held out), or the
 images and labels of an .npz given with --test (read with allow_pickle=False).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 
 from dvm_image_classifier.predict import load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_digits_npz, beside this file
 
 
 def main() -> int:
@@ -34,7 +32,7 @@ def main() -> int:
         with np.load(args.test, allow_pickle=False) as data:
             x_test, y_test = data["x"], data["y"]
     else:
-        from make_digits_npz import digits_split
+        from dvm_image_classifier.digits import digits_split
         _, _, x_test, y_test = digits_split(args.seed)
 
     model, preprocess = load_model(args.weights, args.card)

@@ -48,7 +48,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             "inputs marked 'validation' (a validation set) and 'weights' (initial safetensors weights). "
             f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
             f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
-        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS))
+        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        pricing=(f"{rate:g} sats per million sample-epochs (images × epochs; param samples, else "
+                 f"{limits.max_samples} images), at least 1 sat" if rate > 0 else None))
 
 
 @hookimpl

@@ -114,4 +114,35 @@ def classify(model: nn.Module, preprocess: Preprocess, images, batch_size: int =
     return [preprocess.classes[i] for i in indices]
 
 
-__all__ = ["load_model", "classify", "read_card", "Preprocess"]
+def accuracy(model: nn.Module, preprocess: Preprocess, images, labels, batch_size: int = 512) -> float:
+    """The share of `images` classified as their `labels`: class names, or the integer labels
+    of an .npz trained without names (whose class names are those integers as text)."""
+    predicted = classify(model, preprocess, images, batch_size)
+    return float(np.mean([p == str(label) for p, label in zip(predicted, labels, strict=True)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dvm_image_classifier.predict model.safetensors model_card.json --test test.npz``:
+    the model's accuracy on a labelled .npz (``x``, ``y``; read without pickles), as one JSON
+    line: ``{"samples": N, "accuracy": A}``."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m dvm_image_classifier.predict",
+                                     description="Accuracy of a trained image classifier on a labelled .npz")
+    parser.add_argument("weights", type=Path, help="model.safetensors from the job's result")
+    parser.add_argument("card", type=Path, help="model_card.json from the job's result")
+    parser.add_argument("--test", type=Path, required=True, help="an .npz with x (uint8 images) and y")
+    args = parser.parse_args(argv)
+    model, preprocess = load_model(args.weights, args.card)
+    with np.load(args.test, allow_pickle=False) as data:
+        x, y = data["x"], data["y"]
+        if "classes" in data.files:  # y indexes the names, as in a training .npz
+            y = np.asarray(data["classes"]).astype(str)[y]
+    print(json.dumps({"samples": int(len(y)), "accuracy": round(accuracy(model, preprocess, x, y), 6)}))
+    return 0
+
+
+__all__ = ["load_model", "classify", "accuracy", "read_card", "Preprocess"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
