@@ -16,7 +16,40 @@ from .logs import configure_logging
 from .plugins import PluginError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The built-in commands, then the plugins' (the `register_commands` hook), loaded only
+    when a command that is not built in, or the list of commands, is asked for."""
+
+    _loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from .plugins import plugin_manager
+        builtin = set(self.commands)
+        group = click.Group()
+        try:
+            plugin_manager().hook.register_commands(cli=group)
+        except PluginError as exc:
+            click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+            return
+        for name, command in group.commands.items():
+            if name in builtin:
+                raise click.ClickException(f"a plugin adds a command {name!r}, which is built in")
+            self.add_command(command, name)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:
+            self._load_plugin_commands()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dvm-worker")
 def main() -> None:
     """A NIP-90 Data Vending Machine worker for AI training, paid in Cashu ecash."""

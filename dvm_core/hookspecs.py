@@ -70,3 +70,24 @@ def price_job(job_kind, request, job, config):
     :param job: what ``job_kind.parse`` returned, e.g. to price by samples × epochs.
     :param config: the worker's whole configuration as a dict.
     """
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the ``dvm`` command line.
+
+    :param cli: the ``dvm`` `click.Group`; decorate new commands with ``@cli.command()``
+        (or ``cli.add_command``). A command named like a built-in one is an error.
+
+    Plugins are loaded for this only when a command that is not built in is asked for (or
+    ``dvm --help``), so keep heavy imports (torch) inside the command's function::
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command()
+            @click.argument("path")
+            def inspect(path):
+                "Show what a model file holds."
+                from .heavy import show      # imported only when the command runs
+                show(path)
+    """

@@ -424,12 +424,24 @@ def test_limits_and_params_refused_in_parse(tmp_path, patterns):
     assert "augment must be one of" in parse({"augment": "maybe"})
     assert "either a validation input or param validation_fraction" in parse(
         {"validation_fraction": 0.2}, {DATA_URL: patterns, VAL_URL: patterns})
+    assert "param normalisation must be 'mean1,…;std1,…'" in parse({"normalisation": "0.5"})
+    assert "as many means as stds" in parse({"normalisation": "0.5,0.4;0.2"})
+    assert "stds within (0, 1]" in parse({"normalisation": "0.5;0"})
     job = Job(tmp_path, {DATA_URL: patterns}, {}, config, markers={DATA_URL: "labels"})
     with pytest.raises(JobInputError, match="unknown input marker 'labels'"):
         job.parse()
     job = Job(tmp_path, {}, {}, config)
     with pytest.raises(JobInputError, match="send the training set as an input of type 'url'"):
         job.parse()
+
+
+def test_normalisation_given_by_the_customer(tmp_path, patterns):
+    """A federated round sends the whole dataset's normalisation: every provider uses it."""
+    result = run_job(tmp_path, {DATA_URL: patterns}, epochs=1, normalisation="0.25;0.5")
+    card = json.loads(next(a.path for a in result.artifacts if a.name == "model_card.json").read_text())
+    assert card["input"]["mean"] == [0.25] and card["input"]["std"] == [0.5]
+    with pytest.raises(JobInputError, match="gives 3 channel.s. but the images have 1"):
+        run_job(tmp_path / "rgb", {DATA_URL: patterns}, epochs=1, normalisation="0.2,0.2,0.2;0.5,0.5,0.5")
 
 
 def test_samples_checked_after_download(tmp_path, patterns):

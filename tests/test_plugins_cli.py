@@ -444,3 +444,67 @@ def test_config_keeps_plugin_tables_for_plugins(tmp_path):
                              '\n[kinds]\ntext-stats = 5795\n')
     raw = load_config(path, env={}).raw
     assert raw["plugins"]["textstats"] == {"max_words": 10} and raw["kinds"] == {"text-stats": 5795}
+
+
+# --- plugin commands (the register_commands hook) -------------------------------------------------
+
+def _group_with(monkeypatch, plugin):
+    """A fresh `dvm` group whose plugins are just `plugin`."""
+    import click
+
+    from dvm_core import cli as cli_module
+    from dvm_core import hookspecs, plugins
+
+    def only_this(*args, **kwargs):
+        pm = pluggy.PluginManager("dvm")
+        pm.add_hookspecs(hookspecs)
+        pm.register(plugin)
+        return pm
+
+    monkeypatch.setattr(plugins, "plugin_manager", only_this)
+    assert isinstance(main, click.Group)
+    return cli_module._Commands(name="dvm", commands=dict(main.commands))
+
+
+def test_a_plugin_adds_a_command(monkeypatch):
+    import click
+
+    class Greeter:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command()
+            @click.argument("name")
+            def hello(name):
+                """Say hello."""
+                click.echo(f"hello {name}")
+
+    group = _group_with(monkeypatch, Greeter())
+    assert CliRunner().invoke(group, ["hello", "you"]).output == "hello you\n"
+    listed = CliRunner().invoke(group, ["--help"]).output
+    assert "hello" in listed and "Say hello." in listed and "run" in listed
+
+
+def test_a_plugin_command_may_not_replace_a_built_in_one(monkeypatch):
+    import click
+
+    class Usurper:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command("run")
+            def run_():
+                click.echo("mine now")
+
+    group = _group_with(monkeypatch, Usurper())
+    result = CliRunner().invoke(group, ["--help"])
+    assert result.exit_code != 0 and "a plugin adds a command 'run', which is built in" in result.output
+
+
+def test_built_in_commands_do_not_load_plugins(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("plugins loaded for a built-in command")
+
+    from dvm_core import cli as cli_module
+    from dvm_core import plugins
+    monkeypatch.setattr(plugins, "plugin_manager", refuse)
+    group = cli_module._Commands(name="dvm", commands=dict(main.commands))
+    assert CliRunner().invoke(group, ["keygen", "--help"]).exit_code == 0

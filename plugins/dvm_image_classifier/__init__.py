@@ -123,7 +123,13 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         x, y = x[train_idx], y[train_idx]
         validation = {"source": "held out from the training set", "fraction": params.validation_fraction,
                       "samples": int(x_val.shape[0])}
-    mean, std = normalisation(x)  # from the images trained on, never the validation ones
+    if params.normalisation is not None:  # the customer's (a federated round: the whole dataset's)
+        mean, std = (list(v) for v in params.normalisation)
+        if len(mean) != x.shape[1]:
+            raise JobInputError(f"param normalisation gives {len(mean)} channel(s) but the images "
+                                f"have {x.shape[1]}")
+    else:
+        mean, std = normalisation(x)  # from the images trained on, never the validation ones
 
     # Leave time before the job's deadline to evaluate and write the results.
     left = ctx.time_left()

@@ -116,7 +116,8 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
            series: list[tuple[str, tuple[int, int, int], list[tuple[int, float]]]],
-           y_range: tuple[float, float] | None, font, small, legend_bottom: bool = False) -> None:
+           y_range: tuple[float, float] | None, font, small, legend_bottom: bool = False,
+           x_label: str = "epoch") -> None:
     """One line chart in `box` (left, top, right, bottom): axes, ticks, lines, and the legend
     in the top right corner (bottom right with `legend_bottom`, where rising curves are not)."""
     left, top, right, bottom = box
@@ -148,7 +149,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
         x, _ = px(e, y_low)
         draw.line([(x, plot_b), (x, plot_b + 4)], fill="black")
         draw.text((x, plot_b + 6), str(e), fill="black", font=small, anchor="mt")
-    draw.text(((plot_l + plot_r) // 2, bottom - 4), "epoch", fill="black", font=small, anchor="mb")
+    draw.text(((plot_l + plot_r) // 2, bottom - 4), x_label, fill="black", font=small, anchor="mb")
     draw.rectangle([plot_l, plot_t, plot_r, plot_b], outline="black")
     drawn = []
     for name, colour, pts in series:
@@ -189,4 +190,17 @@ def plot_curves(history: list[dict], path: Path) -> None:
            [("train", TRAIN_COLOUR, series("train_accuracy")),
             ("validation", VAL_COLOUR, series("val_accuracy"))],
            (max(0.0, min(low, 0.9)), 1.0), font, small, legend_bottom=True)
+    image.save(path, format="PNG", optimize=True)
+
+
+def plot_lines(path: Path, title: str, series: list[tuple[str, list[tuple[int, float]]]], *,
+               x_label: str = "epoch", y_range: tuple[float, float] | None = None) -> None:
+    """A PNG with one line chart: each series is (name, [(x ≥ 1, y), …]); e.g. the accuracy of
+    a federated model per round."""
+    colours = [TRAIN_COLOUR, VAL_COLOUR, (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    image = Image.new("RGB", (640, 420), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (0, 0, 640, 420), title,
+           [(name, colours[i % len(colours)], points) for i, (name, points) in enumerate(series)],
+           y_range, _font(16), _font(12), legend_bottom=True, x_label=x_label)
     image.save(path, format="PNG", optimize=True)

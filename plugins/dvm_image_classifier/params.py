@@ -58,6 +58,10 @@ PARAMS = {
                "or more (default no)",
     "time_limit": "stop training after this many seconds and return the model as it is "
                   "(default: the provider's max_seconds)",
+    "normalisation": "the input normalisation, per-channel mean and std on the 0-1 scale as "
+                     "'mean1,mean2,…;std1,std2,…' (default: computed from the training images); "
+                     "federated rounds send the whole dataset's, so every provider and the merged "
+                     "model normalise alike",
     "samples": "how many training images the dataset holds, for the price (default: the provider's "
                "max_samples); a dataset with more is refused",
 }
@@ -112,6 +116,7 @@ class TrainParams:
     image_size: int | None = None
     augment: bool = False
     time_limit: float = Limits.max_seconds
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) per channel
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,26 @@ def _choice(params: dict, name: str, choices: tuple[str, ...], default: str) -> 
     return value
 
 
+def _normalisation(params: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    raw = params.get("normalisation")
+    if raw is None:
+        return None
+    parts = raw.split(";")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in parts)
+    except ValueError:
+        raise JobInputError(f"param normalisation must be 'mean1,…;std1,…' (numbers, one per channel), "
+                            f"got {raw[:60]!r}") from None
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise JobInputError("param normalisation needs as many means as stds, 1 (grey) or 3 (RGB) of each")
+    if not all(math.isfinite(m) and 0 <= m <= 1 for m in mean) \
+            or not all(math.isfinite(v) and 0 < v <= 1 for v in std):
+        raise JobInputError("param normalisation: means must be within 0-1 and stds within (0, 1]")
+    return mean, std
+
+
 def parse_params(params: dict[str, str], limits: Limits, has_validation_input: bool) -> TrainParams:
     """Validate the request's params against the provider's limits and fill in the defaults.
     Raises JobInputError naming the param and the allowed range."""
@@ -180,6 +205,7 @@ def parse_params(params: dict[str, str], limits: Limits, has_validation_input: b
         image_size=_number(params, "image_size", int, MIN_IMAGE_SIZE, limits.max_image_size, None),
         augment=augment in ("yes", "true"),
         time_limit=_number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
+        normalisation=_normalisation(params),
     )
 
 
