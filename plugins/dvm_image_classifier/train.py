@@ -47,6 +47,10 @@ AUGMENT_MIN_SIDE = 16     # crops and flips only make sense on images at least t
 
 _init_lock = threading.Lock()
 _determinism_lock = threading.Lock()
+# Accelerate's state objects are per-process singletons, set up without locking: two jobs
+# building an Accelerator at once (two devices, or two workers in one process) raced, and one
+# failed with "'GradientState' object has no attribute 'plugin_kwargs'".
+_accelerate_lock = threading.Lock()
 _determinism_users = 0
 _determinism_before: tuple[bool, bool] | None = None
 
@@ -200,12 +204,13 @@ def make_accelerator(device: torch.device):
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
         precision = "no"
-    try:
-        return Accelerator(mixed_precision=precision, cpu=device.type == "cpu", device_placement=False)
-    except ValueError:
-        # Accelerate keeps one state per process; another job (another plugin) set it up first
-        # with other settings. Train with that state rather than fail.
-        return Accelerator(device_placement=False)
+    with _accelerate_lock:
+        try:
+            return Accelerator(mixed_precision=precision, cpu=device.type == "cpu", device_placement=False)
+        except ValueError:
+            # Accelerate keeps one state per process; another job (another plugin) set it up first
+            # with other settings. Train with that state rather than fail.
+            return Accelerator(device_placement=False)
 
 
 def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -298,7 +303,8 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
         # A last batch of one image is dropped: BatchNorm cannot train on a single value.
         steps_per_epoch = n_train // params.batch_size + (1 if n_train % params.batch_size >= 2 else 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps_per_epoch * params.epochs))
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        with _accelerate_lock:
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
         on_device = device.type != "cpu" and train_images.nbytes <= ON_DEVICE_MAX_BYTES
         if on_device:
