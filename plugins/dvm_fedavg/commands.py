@@ -1,0 +1,225 @@
+"""`dvm federate`: federated rounds across DVMs, from the customer's side (see `federate`).
+
+Two ways to run it:
+
+- against real providers: ``dvm federate --relay wss://… --provider npub1… --provider npub1…
+  --train train.npz --test test.npz --blossom https://… --wallet-dir wallet --mint https://…``;
+- all on this machine: ``dvm federate --local 3`` starts a relay, a Cashu mint (FakeWallet), a
+  blob server and three providers (``dvm run`` processes, three keys), funds a customer wallet,
+  and federates scikit-learn's digits (unless ``--train``/``--test`` are given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from dvm_core import hookimpl
+
+LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(federate_command)
+
+
+@click.command("federate")
+@click.option("--local", type=click.IntRange(1, 16), help="Start this many providers on this machine, "
+              "with a relay, a mint and a blob server, and federate with them.")
+@click.option("--relay", "relays", multiple=True, help="Relay URL (repeatable).")
+@click.option("--provider", "providers", multiple=True, help="A provider's npub or hex key (repeatable).")
+@click.option("--train", type=click.Path(exists=True, dir_okay=False), help="Training set (.npz: x, y[, classes]).")
+@click.option("--test", type=click.Path(exists=True, dir_okay=False), help="Held-out set (.npz) to evaluate on.")
+@click.option("--blossom", "servers", multiple=True, help="Blob server for the shards and weights (repeatable).")
+@click.option("--wallet-dir", type=click.Path(file_okay=False), help="The wallet that pays the providers.")
+@click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Your nsec key file (default: a fresh key).")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 1000), default=2, show_default=True, help="Local epochs per round.")
+@click.option("--batch-size", type=click.IntRange(2, 4096), default=32, show_default=True)
+@click.option("--learning-rate", type=float, help="Providers' learning rate (default: the plugin's).")
+@click.option("--split", type=click.Choice(["iid", "label"]), default="iid", show_default=True,
+              help="IID shards, or non-IID by label (each provider sees a few classes).")
+@click.option("--method", type=click.Choice(["fedavg", "median", "trimmed_mean", "krum", "multi_krum"]),
+              default="fedavg", show_default=True, help="How updates are merged.")
+@click.option("--trim-ratio", type=float, default=0.2, show_default=True)
+@click.option("--krum-f", type=int, default=1, show_default=True, help="Faulty providers Krum tolerates.")
+@click.option("--clip-norm", type=float, help="Clip each update's norm against the global model.")
+@click.option("--merge-dvm", help="Merge through this DVM (a kind-5752 job) instead of locally.")
+@click.option("--max-price", type=int, default=1000, show_default=True, help="Most sats paid per job.")
+@click.option("--job-timeout", type=float, default=600, show_default=True, help="Seconds before a provider is dropped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="federation", show_default=True,
+              help="Where the global models, rounds.json and accuracy.png go.")
+@click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
+                     epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
+                     merge_dvm, max_price, job_timeout, seed, out, allow_private) -> None:
+    """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
+    from dvm_core.events import parse_public_key
+    from dvm_core.logs import configure_logging
+
+    from .federate import FederationSettings
+
+    configure_logging("console", "warning")
+    settings = FederationSettings(
+        rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
+        method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
+        job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local))
+    try:
+        if merge_dvm:
+            settings.merge_provider = parse_public_key(merge_dvm)
+        provider_keys = [parse_public_key(p) for p in providers]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    out_dir = Path(out)
+    from .checks import MergeError, check_method
+    try:
+        check_method(method, local or len(provider_keys), trim_ratio, krum_f, None)
+    except MergeError as exc:
+        raise click.ClickException(f"--method {method} with {local or len(provider_keys)} providers: {exc}") from None
+    if local:
+        if relays or providers or servers or wallet_dir or mints:
+            raise click.ClickException("--local starts its own relay, providers, blob server and mint: "
+                                       "leave out --relay, --provider, --blossom, --wallet-dir and --mint")
+        code = asyncio.run(_run_local(local, train, test, settings, out_dir))
+    else:
+        missing = [name for name, value in (("--relay", relays), ("--provider", providers), ("--train", train),
+                                            ("--test", test), ("--blossom", servers), ("--wallet-dir", wallet_dir))
+                   if not value]
+        if missing:
+            raise click.ClickException(f"missing {', '.join(missing)} (or use --local N)")
+        code = asyncio.run(_run_remote(list(relays), provider_keys, Path(train), Path(test), list(servers),
+                                       Path(wallet_dir), list(mints), key_file, settings, out_dir))
+    sys.exit(code)
+
+
+def _say(text: str) -> None:
+    click.echo(text)
+
+
+async def _federate(customer, wallet, providers, train, test, servers, settings, out_dir) -> int:
+    from .federate import federate
+
+    reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
+    click.echo("\nround  accuracy  merged  dropped  paid(sat)")
+    for r in reports:
+        click.echo(f"{r.round:5d}  {r.accuracy:8.4f}  {len(r.providers):6d}  {len(r.dropped):7d}  "
+                   f"{sum(r.paid.values()):9d}")
+    click.echo(f"\nglobal model: {out_dir / f'global-{reports[-1].round}.safetensors'} "
+               f"(card: {out_dir / 'global_card.json'}); accuracy per round: {out_dir / 'accuracy.png'}")
+    return 0 if any(r.providers for r in reports) else 1
+
+
+async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints, key_file, settings,
+                      out_dir) -> int:
+    from dvm_core.client import Customer
+    from dvm_core.config import Settings
+    from dvm_core.events import Keys
+    from dvm_core.keys import load_keys
+    from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
+
+    keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
+    wallet = ProviderWallet(directory=wallet_dir, accepted_mints=mints,
+                            p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
+    try:
+        async with Customer(keys, relays) as customer:
+            return await _federate(customer, wallet, providers, train, test, servers, settings, out_dir)
+    finally:
+        await wallet.close()
+
+
+async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
+    """Everything on loopback: relay, mint, blob server, `count` providers, a funded customer."""
+    from dvm_core.client import Customer
+    from dvm_core.events import Keys
+    from dvm_core.keys import write_key_file
+    from dvm_core.localnet import start_blob_server_process, start_mint, start_relay
+    from dvm_core.wallet import ProviderWallet
+
+    from dvm_image_classifier.digits import digits_split, write_npz
+
+    root = Path(tempfile.mkdtemp(prefix="dvm-federate-"))
+    services, workers, wallet, code = [], [], None, 1
+    try:
+        relay = start_relay(root / "relay")
+        services.append(relay)
+        mint = start_mint(root / "mint")
+        services.append(mint)
+        blobs = start_blob_server_process(root / "blobs")
+        services.append(blobs)
+        click.echo(f"relay {relay.url}, mint {mint.url}, blob server {blobs.url}")
+        if train is None or test is None:
+            x_train, y_train, x_test, y_test = digits_split(settings.seed)
+            train = write_npz(root / "digits_train.npz", x_train, y_train)
+            test = write_npz(root / "digits_test.npz", x_test, y_test)
+            click.echo(f"data: scikit-learn's digits, {len(y_train)} to train on, {len(y_test)} held out")
+        providers = []
+        for i in range(count):
+            keys = Keys.generate()
+            home = root / f"provider-{i}"
+            home.mkdir()
+            write_key_file(home / "dvm.key", keys)
+            (home / "dvm.toml").write_text(
+                f'[dvm]\nname = "Local provider {i}"\nrelays = ["{relay.url}"]\nkey_file = "dvm.key"\n'
+                f'state_dir = "state"\nlog_format = "json"\nmints = ["{mint.url}"]\n'
+                f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n'
+                f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n')
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(home / "dvm.toml")],
+                stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "image-classifier"}))
+            providers.append(keys.public_key)
+        customer_keys = Keys.generate()
+        wallet = ProviderWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
+                                p2pk_private_key=customer_keys.private_key)
+        await wallet.mint_from_lightning(10_000, mint.url)
+        click.echo(f"customer wallet funded: {await wallet.total_balance()} sat")
+        async with Customer(customer_keys, [relay.url]) as customer:
+            await _wait_ready(customer, providers, workers, root)
+            click.echo(f"{count} providers up: " + ", ".join(p[:12] + "…" for p in providers))
+            code = await _federate(customer, wallet, providers, Path(train), Path(test), [blobs.url],
+                                   settings, out_dir)
+        click.echo(f"customer wallet now holds {await wallet.total_balance()} sat")
+        return code
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if wallet is not None:
+            await wallet.close()
+        for service in reversed(services):
+            service.stop()
+        if code == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            click.echo(f"files kept in {root}", err=True)
+
+
+async def _wait_ready(customer, providers: list[str], workers, root: Path, timeout: float = 120) -> None:
+    """Until every provider has announced itself (NIP-89)."""
+    from dvm_core.nip90 import HANDLER_KIND
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for worker in workers:
+            if worker.poll() is not None:
+                raise click.ClickException(f"a provider exited with {worker.returncode}; logs in {root}")
+        events = await customer.pool.query([{"kinds": [HANDLER_KIND], "authors": providers}], timeout=2)
+        if {e["pubkey"] for e in events} >= set(providers):
+            return
+        await asyncio.sleep(0.5)
+    raise click.ClickException(f"the providers did not announce themselves within {timeout:g}s; logs in {root}")

@@ -1,0 +1,354 @@
+"""Federated rounds, the customer's side (FEDSTR, arXiv 2404.15834): `dvm federate`.
+
+One call of `federate` runs R rounds of federated averaging over DVMs:
+
+1. once: split the training set (an image-classifier ``.npz``) into one shard per provider,
+   IID or non-IID by label (`split_indices`), and upload each shard to the blob servers,
+   encrypted with its own key;
+2. each round: upload the current global weights; send each provider a private
+   image-classifier job (kind 5750) on its shard, starting from those weights, with the whole
+   dataset's normalisation so every provider prepares images alike; pay each one's
+   ``payment-required`` with a nutzap (up to ``max_price``); collect the updates;
+3. merge the updates, weighted by shard size, with the chosen method (``fedavg``, ``median``,
+   ``trimmed_mean``, ``krum``, ``multi_krum``): locally (`dvm_fedavg.merge.merge_files`) or as
+   a merge job (kind 5752) sent to a DVM;
+4. evaluate the global model on the customer's held-out set, and report.
+
+A provider that fails, refuses, asks too much or times out is dropped from that round (its job
+cancelled) without stopping it; a round with no update left keeps the previous model. The
+first round starts every provider from the same weights, built and seeded here. The accuracy
+per round is printed and plotted (``accuracy.png``), and ``rounds.json`` holds every round's
+figures and merge report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dvm_core.client import Customer, download_artifacts, upload_dataset
+from dvm_core.nip90 import JobInput, Result
+
+IMAGE_CLASSIFIER_KIND = 5750
+MERGE_KIND = 5752
+SPLITS = ("iid", "label")
+
+
+@dataclass
+class FederationSettings:
+    """How the rounds run. `merge_provider`: a DVM's public key to merge through (a kind-5752
+    job), else the merge runs here."""
+
+    rounds: int = 3
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float | None = None
+    split: str = "iid"
+    method: str = "fedavg"
+    trim_ratio: float = 0.2
+    krum_f: int = 1
+    clip_norm: float | None = None
+    seed: int = 0
+    job_timeout: float = 300.0
+    max_price: int = 1000  # sats per job; a provider asking more is dropped
+    kind: int = IMAGE_CLASSIFIER_KIND
+    merge_kind: int = MERGE_KIND
+    merge_provider: str | None = None
+    allow_private_urls: bool = False  # download results from loopback/private blob servers
+    compare: tuple[str, ...] = ()  # other methods merged from the same updates and evaluated each round
+
+
+@dataclass
+class RoundReport:
+    round: int
+    accuracy: float
+    providers: list[str]  # whose updates went into the merge
+    dropped: dict[str, str]  # provider → why
+    paid: dict[str, int]  # provider → sats
+    seconds: float
+    merge: dict = field(default_factory=dict)
+    compared: dict[str, float] = field(default_factory=dict)  # method → held-out accuracy
+
+
+class ProviderFailed(Exception):
+    pass
+
+
+def split_indices(labels: np.ndarray, parts: int, how: str = "iid", seed: int = 0) -> list[np.ndarray]:
+    """Indices of each of `parts` shards. ``iid``: a random permutation cut in equal parts.
+    ``label``: non-IID, the classic pathological split (McMahan et al.): sorted by label, cut
+    in 2 × parts runs, two runs per shard, so each shard sees only a few classes."""
+    if parts < 1:
+        raise ValueError("split into at least one part")
+    rng = np.random.default_rng(seed)
+    if how == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), parts)]
+    if how != "label":
+        raise ValueError(f"unknown split {how!r}: use one of {', '.join(SPLITS)}")
+    order = np.argsort(labels, kind="stable")
+    runs = np.array_split(order, 2 * parts)
+    pick = rng.permutation(2 * parts)
+    return [np.sort(np.concatenate([runs[pick[2 * i]], runs[pick[2 * i + 1]]])) for i in range(parts)]
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(x, y as indices into the names, class names) of an image-classifier .npz: `y` indexes
+    its ``classes`` when it has them, else the labels' own values (as text) are the names."""
+    with np.load(path, allow_pickle=False) as data:
+        x, y = data["x"], data["y"].astype(np.int64)
+        names = [str(c) for c in data["classes"]] if "classes" in data.files else None
+    if names is None:
+        values = np.unique(y)
+        names = [str(int(v)) for v in values]
+        y = np.searchsorted(values, y).astype(np.int64)
+    return x, y, names
+
+
+class Federation:
+    """The state of one federated training: the data, the global model, the rounds so far."""
+
+    def __init__(self, customer: Customer, wallet, providers: Sequence[str], train: Path, test: Path,
+                 servers: Sequence[str], workdir: Path, settings: FederationSettings | None = None,
+                 say: Callable[[str], None] = print):
+        if not providers:
+            raise ValueError("name at least one provider")
+        self.customer, self.wallet = customer, wallet
+        self.providers = list(providers)
+        self.servers = list(servers)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.settings = settings or FederationSettings()
+        self.say = say
+        if self.settings.split not in SPLITS:
+            raise ValueError(f"unknown split {self.settings.split!r}: use one of {', '.join(SPLITS)}")
+        from .checks import check_method
+        s = self.settings
+        for method in (s.method, *s.compare):  # before any money is spent
+            check_method(method, len(self.providers), s.trim_ratio, s.krum_f, None)
+        self.x, self.y, self.classes = _read_npz(Path(train))
+        self.x_test, y_test, test_classes = _read_npz(Path(test))
+        self.test_labels = [test_classes[int(i)] for i in y_test]  # class names
+        if self.x.ndim == 3:
+            self.x = self.x[..., None]
+        self.shards: list[np.ndarray] = []
+        self.shard_urls: list[str] = []
+        self.reports: list[RoundReport] = []
+        self.global_weights: Path | None = None
+        self.card: Path | None = None
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _normalisation(self) -> tuple[list[float], list[float]]:
+        pixels = self.x.astype(np.float64) / 255.0
+        axes = (0, 1, 2)
+        return pixels.mean(axis=axes).tolist(), pixels.std(axis=axes).tolist()
+
+    def _initial_model(self) -> None:
+        """The first global weights (seeded), and the card the global model is read with."""
+        import torch
+
+        from dvm_image_classifier import outputs
+        from dvm_image_classifier.models import build_model, make_spec
+
+        _, height, width, channels = self.x.shape
+        self.spec = make_spec("auto", channels, len(self.classes), height, width)
+        torch.manual_seed(self.settings.seed)
+        model = build_model(self.spec)
+        self.global_weights = self.workdir / "global-0.safetensors"
+        outputs.save_weights(model.state_dict(), self.global_weights, self.spec)
+        self.mean, self.std = self._normalisation()
+        self.card = self.workdir / "global_card.json"
+        outputs.write_card(self.card, {
+            "format": outputs.CARD_FORMAT, "task": "image-classification", "architecture": self.spec,
+            "classes": self.classes,
+            "input": {"height": height, "width": width, "channels": channels, "layout": "NCHW",
+                      "mean": self.mean, "std": self.std},
+            "federated": {"method": self.settings.method, "providers": self.providers}})
+
+    async def prepare(self) -> None:
+        """Split the data and upload the shards (once)."""
+        s = self.settings
+        self._initial_model()
+        self.shards = split_indices(self.y, len(self.providers), s.split, s.seed)
+        for i, idx in enumerate(self.shards):
+            path = self.workdir / f"shard-{i}.npz"
+            np.savez(path, x=self.x[idx], y=self.y[idx], classes=np.array(self.classes))
+            self.shard_urls.append(await upload_dataset(path, self.servers, self.customer.keys, encrypt=True))
+            counts = np.bincount(self.y[idx], minlength=len(self.classes))
+            self.say(f"shard {i} → {self.providers[i][:12]}…: {len(idx)} images, "
+                     f"{int((counts > 0).sum())} classes")
+
+    # --- one round -----------------------------------------------------------------------------
+
+    def _params(self, provider_index: int, shard: np.ndarray, round_: int) -> dict[str, str]:
+        s = self.settings
+        params = {"epochs": str(s.epochs), "batch_size": str(s.batch_size), "samples": str(len(shard)),
+                  "validation_fraction": "0", "architecture": self.spec["type"],
+                  "seed": str(s.seed * 1000 + round_ * 100 + provider_index),
+                  "normalisation": ",".join(f"{m:.6f}" for m in self.mean) + ";"
+                                   + ",".join(f"{v:.6f}" for v in self.std)}
+        if s.learning_rate is not None:
+            params["learning_rate"] = str(s.learning_rate)
+        return params
+
+    async def _job(self, provider: str, kind: int, inputs: list[JobInput], params: dict[str, str],
+                   dest: Path) -> tuple[dict[str, Path], int]:
+        """One paid job on one provider: its downloaded files and what it cost."""
+        s = self.settings
+        request = await self.customer.submit(kind, inputs, params, provider=provider)
+        paid = 0
+        try:
+            async for update in self.customer.updates(request, timeout=s.job_timeout):
+                if isinstance(update, Result):
+                    files = await download_artifacts(update, dest, allow_private=s.allow_private_urls)
+                    return {p.name: p for p in files}, paid
+                if update.status == "error":
+                    raise ProviderFailed(update.message or "error")
+                if update.status == "payment-required":
+                    asked = (update.amount_msats or 0) // 1000
+                    if paid:
+                        raise ProviderFailed("asked to be paid twice")
+                    if asked > s.max_price:
+                        raise ProviderFailed(f"asks {asked} sat, more than max_price {s.max_price}")
+                    await self.customer.pay_with_nutzap(request, update, self.wallet)
+                    paid = asked
+        except TimeoutError:
+            await self.customer.cancel(request, "timed out")
+            raise ProviderFailed(f"no result within {s.job_timeout:g}s") from None
+        raise ProviderFailed("no result")
+
+    async def run_round(self, round_: int) -> RoundReport:
+        from .merge import merge_files
+
+        s = self.settings
+        started = time.monotonic()
+        weights_url = await upload_dataset(self.global_weights, self.servers, self.customer.keys, encrypt=True)
+        rdir = self.workdir / f"round-{round_}"
+        rdir.mkdir(parents=True, exist_ok=True)
+
+        async def train(i: int, provider: str):
+            inputs = [JobInput(self.shard_urls[i], "url"), JobInput(weights_url, "url", "", "weights")]
+            return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
+                                   rdir / f"provider-{i}")
+
+        outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
+                                        return_exceptions=True)
+        updates, weights, names, dropped, paid = [], [], [], {}, {}
+        for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, (ProviderFailed, OSError, ValueError, RuntimeError)):
+                    raise outcome
+                dropped[provider] = f"{type(outcome).__name__}: {outcome}" if not isinstance(
+                    outcome, ProviderFailed) else str(outcome)
+                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                continue
+            files, cost = outcome
+            paid[provider] = cost
+            if "model.safetensors" not in files:
+                dropped[provider] = "the result has no model.safetensors"
+                continue
+            updates.append(files["model.safetensors"])
+            weights.append(float(len(self.shards[i])))
+            names.append(provider)
+        merged = self.workdir / f"global-{round_}.safetensors"
+        report: dict = {}
+        compared = {}
+        base = self.global_weights
+        for method in s.compare if updates else ():
+            trial = rdir / f"merged-{method}.safetensors"
+            try:
+                await asyncio.to_thread(lambda: merge_files(
+                    updates, weights, trial, method=method, base=base, trim_ratio=s.trim_ratio,
+                    f=s.krum_f, clip_norm=s.clip_norm))
+            except ValueError as exc:
+                self.say(f"round {round_}: {method} could not merge: {exc}")
+                continue
+            compared[method] = await asyncio.to_thread(self.evaluate, trial)
+        if updates:
+            try:
+                if s.merge_provider:
+                    report = await self._merge_remote(updates, weights, merged, rdir)
+                else:
+                    report = await asyncio.to_thread(
+                        lambda: merge_files(updates, weights, merged, method=s.method, base=self.global_weights,
+                                            trim_ratio=s.trim_ratio, f=s.krum_f, clip_norm=s.clip_norm,
+                                            names=[n[:12] for n in names]).to_dict())
+                self.global_weights = merged
+            except (ValueError, ProviderFailed) as exc:  # MergeError is a ValueError
+                # E.g. the providers left are fewer than the method needs, or an update does not
+                # fit: the round is lost, the federation goes on from the model it had.
+                report = {"error": str(exc)}
+                names = []
+                self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
+        else:
+            self.say(f"round {round_}: no update came back; the global model stays as it was")
+        accuracy = await asyncio.to_thread(self.evaluate)
+        result = RoundReport(round=round_, accuracy=accuracy, providers=names, dropped=dropped, paid=paid,
+                             seconds=round(time.monotonic() - started, 3), merge=report, compared=compared)
+        self.reports.append(result)
+        self.say(f"round {round_}: {len(names)}/{len(self.providers)} updates merged ({s.method}), "
+                 f"held-out accuracy {accuracy:.4f}, paid {sum(paid.values())} sat, {result.seconds:.1f}s"
+                 + "".join(f"; {m} would give {a:.4f}" for m, a in compared.items()))
+        return result
+
+    async def _merge_remote(self, updates: list[Path], weights: list[float], out: Path, rdir: Path) -> dict:
+        s = self.settings
+        inputs = []
+        for path in updates:
+            url = await upload_dataset(path, self.servers, self.customer.keys, encrypt=True)
+            inputs.append(JobInput(url, "url", "", "update"))
+        base_url = await upload_dataset(self.global_weights, self.servers, self.customer.keys, encrypt=True)
+        inputs.append(JobInput(base_url, "url", "", "base"))
+        params = {"method": s.method, "weights": ",".join(f"{w:g}" for w in weights)}
+        if s.method == "trimmed_mean":
+            params["trim_ratio"] = str(s.trim_ratio)
+        if s.method in ("krum", "multi_krum"):
+            params["f"] = str(s.krum_f)
+        if s.clip_norm is not None:
+            params["clip_norm"] = str(s.clip_norm)
+        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge")
+        if "model.safetensors" not in files:
+            raise ProviderFailed("the merge result has no model.safetensors")
+        files["model.safetensors"].replace(out)
+        report = files.get("merge_report.json")
+        return json.loads(report.read_text()) if report else {}
+
+    def evaluate(self, weights: Path | None = None) -> float:
+        """The accuracy of the global model (or of `weights`) on the held-out set."""
+        from dvm_image_classifier.predict import accuracy, load_model
+
+        model, preprocess = load_model(weights or self.global_weights, self.card)
+        return accuracy(model, preprocess, self.x_test, self.test_labels)
+
+    # --- all rounds ----------------------------------------------------------------------------
+
+    async def run(self) -> list[RoundReport]:
+        if not self.shard_urls:
+            await self.prepare()
+        for round_ in range(1, self.settings.rounds + 1):
+            await self.run_round(round_)
+        self.write_reports()
+        return self.reports
+
+    def write_reports(self) -> None:
+        from dvm_image_classifier.outputs import plot_lines
+
+        (self.workdir / "rounds.json").write_text(json.dumps(
+            {"settings": asdict(self.settings), "providers": self.providers,
+             "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
+        plot_lines(self.workdir / "accuracy.png", f"held-out accuracy per round ({self.settings.method})",
+                   [("global model", [(r.round, r.accuracy) for r in self.reports])],
+                   x_label="round", y_range=(0.0, 1.0))
+
+
+async def federate(customer: Customer, wallet, providers: Sequence[str], train: Path, test: Path,
+                   servers: Sequence[str], workdir: Path, settings: FederationSettings | None = None,
+                   say: Callable[[str], None] = print) -> list[RoundReport]:
+    """Run the rounds (see the module docstring); returns one report per round."""
+    return await Federation(customer, wallet, providers, train, test, servers, workdir, settings, say).run()

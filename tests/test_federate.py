@@ -1,0 +1,217 @@
+"""Federated rounds across providers (FEDSTR): three workers with three keys on one relay and
+one mint train shards of the digits from the same global weights, the customer pays each,
+merges the updates and evaluates; a poisoning provider is survived by the robust methods and
+not by FedAvg; a provider that fails or never answers is dropped from the round."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from dvm_core import hookimpl  # noqa: E402
+from dvm_core.blobserver import start_blob_server  # noqa: E402
+from dvm_core.events import Keys  # noqa: E402
+from dvm_core.plugins import plugin_manager  # noqa: E402
+from dvm_fedavg.federate import FederationSettings, federate, split_indices  # noqa: E402
+from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import dvm_image_classifier as ic  # noqa: E402
+
+from .paying import close_customer, funded_customer  # noqa: E402
+
+RATE = 1000  # sats per million sample-epochs: a 480-image shard × 2 epochs → 1 sat
+
+
+@pytest.fixture
+async def blobs(tmp_path):
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    x_train, y_train, x_test, y_test = digits_split(0)
+    directory = tmp_path_factory.mktemp("digits")
+    return write_npz(directory / "train.npz", x_train, y_train), write_npz(directory / "test.npz", x_test, y_test)
+
+
+class Poisoner:
+    """A provider that trains, then returns poison instead of its update: `signflip` sends
+    base − 10 × (update − base), `random` sends noise; `fail` raises."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    @hookimpl
+    def register_job_kinds(self, register, config):
+        honest = ic.job_kind(config)
+
+        def run(ctx, job):
+            if self.mode == "fail":
+                raise RuntimeError("this provider's GPU caught fire")
+            result = honest.run(ctx, job)
+            path = next(a.path for a in result.artifacts if a.name == "model.safetensors")
+            update = load_file(path)
+            base = load_file(ctx.fetch(job.weights))
+            generator = torch.Generator().manual_seed(7)
+            for key, value in update.items():
+                if not value.is_floating_point():
+                    continue
+                if self.mode == "signflip":
+                    update[key] = base[key] - 10 * (value - base[key])
+                else:
+                    update[key] = torch.randn(value.shape, generator=generator) * 5
+            save_file(update, str(path), metadata={"poisoned": self.mode})
+            return result
+
+        register(dataclasses.replace(honest, run=run))
+
+
+async def start_providers(workers, mint, blobs, honest: int, poisoners: tuple[str, ...] = ()):
+    keys = []
+    for i in range(honest + len(poisoners)):
+        if i < honest:
+            pm = plugin_manager(only=["image-classifier"])
+        else:
+            pm = plugin_manager(only=[])
+            pm.register(Poisoner(poisoners[i - honest]), name=f"poisoner-{i}")
+        worker = await workers.start(
+            pm=pm, name=f"provider-{i}", mints=[mint.url], blob_servers=[blobs.url], allow_private_urls=True,
+            plugins={"image-classifier": {"sats_per_million_sample_epochs": RATE}})
+        keys.append(worker.keys.public_key)
+    return keys
+
+
+def test_split_iid_and_by_label():
+    labels = np.repeat(np.arange(10), 30)
+    iid = split_indices(labels, 3, "iid", seed=1)
+    assert sorted(np.concatenate(iid).tolist()) == list(range(300)) and [len(p) for p in iid] == [100] * 3
+    assert all(len(np.unique(labels[p])) == 10 for p in iid)
+    by_label = split_indices(labels, 3, "label", seed=1)
+    assert sorted(np.concatenate(by_label).tolist()) == list(range(300))
+    assert all(len(np.unique(labels[p])) <= 6 for p in by_label)  # 2 runs of 50: ≤ 3 classes each
+    with pytest.raises(ValueError, match="unknown split 'dirichlet'"):
+        split_indices(labels, 3, "dirichlet")
+
+
+async def test_three_providers_three_rounds_match_one_provider_on_all_data(
+        workers, mint, relay, blobs, digits, tmp_path):
+    providers = await start_providers(workers, mint, blobs, honest=3)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    try:
+        settings = FederationSettings(rounds=3, epochs=2, allow_private_urls=True)
+        rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
+                                tmp_path / "fed", settings, say=lines.append)
+        central = await federate(customer, customer.wallet, providers[:1], *digits, [blobs.url],
+                                 tmp_path / "central",
+                                 dataclasses.replace(settings, rounds=1, epochs=6), say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines))
+    assert [len(r.providers) for r in rounds] == [3, 3, 3] and not any(r.dropped for r in rounds)
+    assert all(sum(r.paid.values()) == 3 for r in rounds)  # 1 sat each, paid by nutzap
+    accuracies = [r.accuracy for r in rounds]
+    assert accuracies[-1] >= central[0].accuracy - 0.02, (accuracies, central[0].accuracy)
+    assert accuracies[-1] > accuracies[0] - 0.01
+    assert central[0].accuracy >= 0.9
+    saved = json.loads((tmp_path / "fed" / "rounds.json").read_text())
+    assert [r["accuracy"] for r in saved["rounds"]] == accuracies
+    assert (tmp_path / "fed" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = rounds[-1].merge
+    assert report["method"] == "fedavg" and len(report["inputs"]) == 3
+
+
+@pytest.mark.parametrize("poison", ["signflip", "random"])
+async def test_robust_methods_survive_a_poisoning_provider(workers, mint, relay, blobs, digits, tmp_path, poison):
+    providers = await start_providers(workers, mint, blobs, honest=4, poisoners=(poison,))
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    try:
+        settings = FederationSettings(rounds=2, epochs=2, method="median", allow_private_urls=True,
+                                      trim_ratio=0.2, krum_f=1, compare=("fedavg", "trimmed_mean", "krum"))
+        rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
+                                tmp_path / "fed", settings, say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines))
+    last = rounds[-1]
+    robust = {"median": last.accuracy, **{m: last.compared[m] for m in ("trimmed_mean", "krum")}}
+    assert all(a >= 0.85 for a in robust.values()), (robust, last.compared)
+    assert last.compared["fedavg"] < min(robust.values()) - 0.3, last.compared
+    assert rounds[0].merge["method"] == "median" and len(rounds[0].merge["inputs"]) == 5
+
+
+async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, blobs, digits, tmp_path):
+    providers = await start_providers(workers, mint, blobs, honest=1, poisoners=("fail",))
+    silent = Keys.generate().public_key  # no worker behind it: never answers
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    try:
+        settings = FederationSettings(rounds=1, epochs=1, allow_private_urls=True, job_timeout=15)
+        rounds = await federate(customer, customer.wallet, providers + [silent], *digits, [blobs.url],
+                                tmp_path / "fed", settings, say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines))
+    (only,) = rounds
+    assert only.providers == [providers[0]]
+    assert "internal error while running the job" in only.dropped[providers[1]]  # (and refunded)
+    assert "no result within 15s" in only.dropped[silent]
+    assert only.paid == {providers[0]: 1}
+    assert only.accuracy > 0.2  # one epoch on one shard from random weights: better than chance
+
+
+async def test_merging_through_a_merge_dvm(workers, mint, relay, blobs, digits, tmp_path):
+    """The merge as a kind-5752 job on another DVM gives the same global model as merging here."""
+    from dvm_fedavg.merge import merge_files
+
+    providers = await start_providers(workers, mint, blobs, honest=2)
+    merger = await workers.start(pm=plugin_manager(only=["fedavg"]), name="merger", mints=[mint.url],
+                                 blob_servers=[blobs.url], allow_private_urls=True)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        settings = FederationSettings(rounds=1, epochs=1, allow_private_urls=True,
+                                      merge_provider=merger.keys.public_key)
+        (only,) = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
+                                 tmp_path / "fed", settings, say=print)
+    finally:
+        await close_customer(customer)
+    fed = tmp_path / "fed"
+    updates = [next((fed / "round-1" / f"provider-{i}").glob("model.safetensors")) for i in range(2)]
+    sizes = [float(np.load(fed / f"shard-{i}.npz")["y"].size) for i in range(2)]
+    local = merge_files(updates, sizes, tmp_path / "local.safetensors", method="fedavg",
+                        base=fed / "global-0.safetensors")
+    remote, here = load_file(fed / "global-1.safetensors"), load_file(tmp_path / "local.safetensors")
+    assert remote.keys() == here.keys() and all(torch.equal(remote[k], here[k]) for k in here)
+    assert only.merge["method"] == "fedavg" and [i["weight"] for i in only.merge["inputs"]] == \
+        [i["weight"] for i in local.to_dict()["inputs"]]
+
+
+def test_dvm_federate_local_runs_from_one_command(tmp_path):
+    """`dvm federate --local N`: relay, mint, blob server and N provider processes, one command."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "federation"
+    run = subprocess.run(
+        [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--rounds", "2", "--epochs", "1",
+         "--split", "label", "--out", str(out)],
+        capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 providers up" in run.stdout and "round 2: 2/2 updates merged (fedavg)" in run.stdout
+    saved = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [1, 2] and saved["settings"]["split"] == "label"
+    assert (out / "global-2.safetensors").exists() and (out / "accuracy.png").exists()
+    assert "customer wallet now holds" in run.stdout
+    refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--method", "krum"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--method krum with 2 providers: " in refused.stderr
