@@ -1,0 +1,244 @@
+"""LLM fine-tuning as a NIP-90 job (kind 5751, ``llm-finetune``).
+
+The customer sends a base model and a text dataset; the DVM fine-tunes the model with
+transformers and peft through Accelerate and returns a LoRA adapter
+(``adapter_model.safetensors`` + ``adapter_config.json``) or the whole model (``model.safetensors``,
+config and tokenizer files), a model card (``model_card.json``: the base model and its hash, the
+method and hyperparameters, losses and perplexities before and after, tokens seen, time, device)
+and the loss curve (``loss_curve.png``).
+
+- Base model: param ``model``, a Hugging Face repo id in the provider's allow-list, served from
+  the provider's hub cache (never downloaded), or a ``url`` input marked ``model``: a zip/tar of
+  a model folder (config.json, ``*.safetensors``, tokenizer files). Pickle weights and model
+  code are refused (the latter unless the provider allows it).
+- Data: a ``url`` input (no marker) with a JSONL training set (``text``, or ``prompt`` and
+  ``completion``, or chat ``messages``; see `data`), optionally one marked ``eval``.
+- Params: `params.PARAMS`; settings of the provider: `params` (``[plugins.llm-finetune]``).
+
+Training runs in the worker's process on the CPU or one GPU, or, with ``processes`` > 1 (or the
+provider's ``launcher = "accelerate"``), under ``accelerate launch`` in a child process group
+that cancellation and the time limit kill (`launch`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
+
+from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
+
+__version__ = "0.1.0"
+KIND = 5751
+MAX_ARCHIVE_FILES = 1000
+
+__all__ = ["KIND", "NAME", "run", "register_job_kinds", "price_job", "job_kind"]
+
+
+def job_kind(config: dict | None = None) -> JobKind:
+    """The `JobKind` with the provider's limits from `config` (the worker's whole config)."""
+    limits = Limits.from_config(config)
+    rate = limits.sats_per_million_tokens
+    pricing = (f"Price: {rate:g} sats per million tokens (dataset tokens × epochs), at least 1 sat."
+               if rate > 0 else "Free.")
+    models = ", ".join(limits.allowed_models) or "none (send a model archive)"
+    return JobKind(
+        kind=KIND, name=NAME,
+        description=(
+            "Fine-tunes a causal language model (LoRA adapter or full weights) on your text and returns "
+            "the adapter (adapter_model.safetensors, adapter_config.json) or the model (model.safetensors, "
+            "config and tokenizer files), model_card.json (losses and perplexities before and after) and "
+            "loss_curve.png. Inputs: a url to a JSONL training set (each line {\"text\"}, or "
+            "{\"prompt\",\"completion\"}, or chat {\"messages\"}), optionally a url marked 'eval' (an "
+            "evaluation set) and a url marked 'model' (a zip/tar of a model folder with safetensors "
+            f"weights) instead of param model. Hub models offered: {models}. Limits: "
+            f"{limits.max_model_parameters:,} parameters, {limits.max_tokens:,} tokens, "
+            f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
+            f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
+        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS))
+
+
+@hookimpl
+def register_job_kinds(register, config):
+    """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``."""
+    register(job_kind(config))
+
+
+@hookimpl
+def price_job(job_kind, job):
+    """Price an llm-finetune job by its work: tokens × epochs × rate (see `params.price`)."""
+    if job_kind.name != NAME or not isinstance(job, FinetuneJob):
+        return None
+    return price(job, job.limits)
+
+
+def resolve_model(ctx, job: FinetuneJob):
+    """The checked base model folder (`model.BaseModel`), from the hub cache or the archive."""
+    from dvm_core.archives import ArchiveError, extract_archive
+
+    from . import model as modelmod
+    from .data import file_sha256
+
+    limits = job.limits
+    if job.model_repo is not None:
+        folder, commit = modelmod.hub_folder(job.model_repo, job.model_revision, limits.hub_cache_dir)
+        source = {"hub": job.model_repo, "revision": commit}
+    else:
+        archive = ctx.fetch(job.model_archive)
+        size = archive.stat().st_size
+        if size > limits.max_model_bytes:
+            raise JobInputError(f"the model archive is {size} bytes; this provider takes at most "
+                                f"{limits.max_model_bytes}")
+        target = ctx.workdir / "base_model"
+        if target.exists():  # a retried job in the same folder
+            shutil.rmtree(target)
+        try:
+            extract_archive(archive, target, max_total_bytes=limits.max_model_bytes + (64 << 20),
+                            max_files=MAX_ARCHIVE_FILES, check_cancelled=ctx.check_cancelled)
+        except ArchiveError as exc:
+            raise JobInputError(f"the model archive cannot be used: {exc}") from None
+        folder = modelmod.find_model_folder(target)
+        source = {"archive_sha256": file_sha256(archive)}
+    return modelmod.check_folder(folder, source=source, limits=limits, check_cancelled=ctx.check_cancelled)
+
+
+def run(ctx, job: FinetuneJob) -> JobResult:
+    """Fetch and check the model and data, fine-tune, return the weights, card and curve."""
+    # Imported here: the worker loads every plugin at start; torch and transformers take
+    # seconds to import and only a running job needs them.
+    from . import data as datamod
+    from . import model as modelmod
+    from . import outputs
+    from .train import TrainSpec
+
+    started = time.monotonic()
+    params, limits = job.params, job.limits
+    ctx.progress(0, "preparing the base model")
+    base = resolve_model(ctx, job)
+    tokenizer = modelmod.load_tokenizer(base.folder)
+
+    ctx.progress(1, "downloading the training set")
+    train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
+                                   max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
+    train_tok = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
+                                 check_cancelled=ctx.check_cancelled)
+    if train_tok.tokens > limits.max_tokens:
+        raise JobInputError(f"the training set holds {train_tok.tokens:,} tokens; this provider trains on at "
+                            f"most {limits.max_tokens:,} per epoch")
+    if job.declared_tokens is not None and train_tok.tokens > job.declared_tokens:
+        raise JobInputError(f"the training set holds {train_tok.tokens} tokens but param tokens says "
+                            f"{job.declared_tokens} (the price was computed for that many): send "
+                            f"tokens={train_tok.tokens} or more")
+    datasets = {"train": {"sha256": train_set.sha256, "format": train_set.format,
+                          "examples": len(train_set.records), "loss_on": train_tok.loss_on,
+                          "dropped_too_long": train_tok.dropped_too_long}}
+    if job.eval_dataset is not None:
+        ctx.progress(2, "downloading the evaluation set")
+        eval_set = datamod.read_jsonl(ctx.fetch(job.eval_dataset), what="evaluation set",
+                                      max_bytes=limits.max_dataset_bytes, max_examples=limits.max_examples,
+                                      check_cancelled=ctx.check_cancelled)
+        eval_tok = datamod.tokenize(eval_set, tokenizer, params.max_seq_length, what="evaluation set",
+                                    check_cancelled=ctx.check_cancelled)
+        train_examples, eval_examples = train_tok.examples, eval_tok.examples
+        datasets["eval"] = {"source": "input", "sha256": eval_set.sha256, "format": eval_set.format,
+                            "examples": len(eval_examples)}
+    else:
+        train_examples, eval_examples = datamod.split_eval(train_tok.examples, params.eval_fraction, params.seed)
+        datasets["eval"] = {"source": "held out from the training set", "fraction": params.eval_fraction,
+                            "examples": len(eval_examples)}
+    datasets["train"]["trained_on"] = len(train_examples)
+    ctx.check_cancelled()
+
+    left = ctx.time_left()
+    budget = max(1.0, min(params.time_limit, left - min(120.0, 0.1 * left)))
+    out = ctx.workdir / "result"
+    if out.exists():
+        shutil.rmtree(out)
+    base_name = job.model_repo or f"archive sha256:{base.source['archive_sha256']}"
+    spec = TrainSpec(model_folder=str(base.folder), model_type=base.model_type, base_model_name=base_name,
+                     params=params.as_dict(), output_dir=str(out), time_budget=budget,
+                     trust_remote_code=limits.trust_remote_code, device=getattr(ctx, "device", None))
+
+    def report(fraction: float, message: str, fields: dict) -> None:
+        ctx.progress(5 + 88 * fraction, message)
+
+    ctx.progress(4, f"fine-tuning ({params.method}) a {base.model_type} model of {base.parameters:,} parameters "
+                    f"on {len(train_examples)} examples ({train_tok.tokens:,} tokens)")
+    launched = params.processes > 1 or limits.launcher == "accelerate"
+    outcome = _train_in_child(ctx, spec, train_examples, eval_examples, params) if launched else \
+        _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params)
+
+    ctx.progress(95, "writing the model card")
+    weights = {name: datamod.file_sha256(out / name) for name in outcome.files if name.endswith(".safetensors")}
+    card_file = out / "model_card.json"
+    curve_file = out / "loss_curve.png"
+    card = outputs.model_card(base=base, params=params, outcome=outcome, datasets=datasets, weights=weights,
+                              job_seconds=time.monotonic() - started)
+    outputs.write_card(card_file, card)
+    outputs.plot_loss(outcome.history, outcome.before, outcome.after, curve_file)
+    ctx.progress(100, "done")
+
+    artifacts = [Artifact(out / name, _mime(name), name) for name in outcome.files]
+    artifacts += [Artifact(card_file, "application/json", "model_card.json"),
+                  Artifact(curve_file, "image/png", "loss_curve.png")]
+    content = {
+        "method": params.method,
+        "base_model": base_name,
+        "train_loss_before": outcome.before["train_loss"], "train_loss": outcome.after["train_loss"],
+        "eval_loss_before": outcome.before["eval_loss"], "eval_loss": outcome.after["eval_loss"],
+        "eval_perplexity_before": outcome.before["eval_perplexity"],
+        "eval_perplexity": outcome.after["eval_perplexity"],
+        "steps": outcome.steps, "tokens_seen": outcome.tokens_seen,
+        "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+        "stopped_early": outcome.stopped,
+    }
+    metrics = {"tokens_per_s": round(outcome.tokens_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
+               "job_seconds": round(time.monotonic() - started, 3), "steps": outcome.steps,
+               "eval_loss": outcome.after["eval_loss"], "device": outcome.device, "method": params.method}
+    return JobResult(content, metrics=metrics, artifacts=artifacts)
+
+
+def _mime(name: str) -> str:
+    return "application/json" if name.endswith(".json") else "application/octet-stream"
+
+
+def _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params):
+    """In this process. Out of memory: the training frames are gone by the time memory is freed
+    (the except block keeps no reference), and the worker goes on with a clear error."""
+    from .train import free_memory, is_oom, oom_message, train
+
+    try:
+        return train(spec, train_examples, eval_examples, tokenizer, check_cancelled=ctx.check_cancelled,
+                     report=lambda f, m, fields: ctx.progress(5 + 88 * f, m))
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled here
+        if not is_oom(exc):
+            raise
+        ctx.log.warning("out of memory", error=str(exc)[:300])
+    free_memory()
+    raise JobError(oom_message(params))
+
+
+def _train_in_child(ctx, spec, train_examples, eval_examples, params):
+    """Under ``accelerate launch`` (see `launch`): cancellation and the deadline kill it."""
+    import torch
+
+    from . import launch
+    from .train import choose_device, oom_message, outcome_from_dict, precision_for
+
+    device = choose_device(spec.device)
+    use_gpu = device.type == "cuda"
+    if params.processes > 1 and use_gpu and torch.cuda.device_count() < params.processes:
+        raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s), the job asks for "
+                       f"{params.processes} processes")
+    job_file = launch.write_job(ctx.workdir / "launch", spec, train_examples, eval_examples)
+    result = launch.run_launched(job_file, processes=params.processes, use_gpu=use_gpu,
+                                 precision=precision_for(device), check_cancelled=ctx.check_cancelled,
+                                 report=lambda f, m, fields: ctx.progress(5 + 88 * f, m), log=ctx.log)
+    if "outcome" in result:
+        return outcome_from_dict(result["outcome"])
+    if result.get("error") == "input":
+        raise JobInputError(result["message"])
+    if result.get("error") == "oom":
+        raise JobError(oom_message(params))
+    raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")

@@ -1,0 +1,360 @@
+"""Checking a request before any work or payment: the inputs, the params and the provider's limits.
+
+`parse_request` runs on the worker's event loop before the customer pays: quick, no I/O. What
+needs the files (the model's size and modules, the dataset's lines and tokens) is checked in
+`run` and still raised as `JobInputError`, which the core refunds.
+
+The provider's settings come from the worker's configuration::
+
+    [plugins.llm-finetune]
+    allowed_models = ["HuggingFaceTB/SmolLM2-135M"]  # hub repo ids served from the hub cache
+    hub_cache_dir = "/var/cache/huggingface/hub"     # default: huggingface_hub's own cache
+    max_model_parameters = 1000000000                # base models above this are refused
+    max_model_bytes = 4294967296                     # weights on disk (hub or archive)
+    max_dataset_bytes = 268435456                    # each JSONL file
+    max_examples = 200000
+    max_tokens = 50000000                            # tokens trained on per epoch
+    max_seq_length = 4096
+    max_epochs = 20
+    max_steps = 100000
+    max_seconds = 3600                               # training time a job may ask for
+    max_processes = 1                                # > 1: `accelerate launch` over that many GPUs
+    launcher = "auto"                                # "accelerate": always a child process
+    trust_remote_code = false                        # models with their own Python code
+    sats_per_million_tokens = 100                    # price: tokens × epochs × this / 10⁶, min 1
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from dvm_core import JobInputError
+
+NAME = "llm-finetune"
+METHODS = ("lora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+LAUNCHERS = ("auto", "accelerate")
+MAX_BATCH_SIZE = 1024
+# A Hugging Face repo id: "name" or "owner/name", letters, digits, "-", "_", ".".
+REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+
+DEFAULTS = {
+    "method": "lora",
+    "epochs": 1,
+    "max_seq_length": 512,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lr_schedule": "cosine",
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "eval_fraction": 0.05,
+    "packing": "no",
+    "gradient_checkpointing": "no",
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+}
+DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
+
+PARAMS = {
+    "model": "the base model: a Hugging Face repo id the provider allows (see the description); "
+             "or send a url input marked 'model' (a zip/tar of a model folder: config.json, "
+             "*.safetensors weights, tokenizer files)",
+    "revision": "with model: a branch, tag or commit in the provider's hub cache (default main)",
+    "method": "lora (a LoRA adapter) or full (all weights) (default lora)",
+    "learning_rate": "the peak learning rate (default 2e-4 for lora, 5e-5 for full)",
+    "lr_schedule": "cosine, linear (decay to 0 after warm-up) or constant (default cosine)",
+    "warmup_ratio": "share of the steps spent warming the learning rate up from 0, 0-0.5 (default 0.03)",
+    "weight_decay": "AdamW weight decay, 0-1 (default 0)",
+    "max_grad_norm": "clip the gradients' norm to this before each step, 0: no clipping (default 1)",
+    "epochs": "passes over the training set (default 1)",
+    "max_steps": "stop after this many optimizer steps (default: as many as the epochs take)",
+    "max_seq_length": "tokens per sequence; longer prompt/completion and chat examples are "
+                      "dropped, longer texts split (default 512)",
+    "batch_size": "sequences per step, per process (default 8)",
+    "gradient_accumulation_steps": "batches per optimizer step (default 1)",
+    "seed": "random seed: same seed, data and machine give the same weights (default 0)",
+    "packing": "yes: fill rows of max_seq_length tokens with whole examples, batch_size rows a step "
+               "(fewer, fuller steps); no: batch_size examples a step (default no). Either way examples "
+               "sharing a row never see each other",
+    "gradient_checkpointing": "yes: recompute activations in the backward pass, less memory, "
+                              "slower (default no)",
+    "lora_r": "LoRA rank, 1-1024 (default 8)",
+    "lora_alpha": "LoRA scaling alpha (default 16)",
+    "lora_dropout": "LoRA dropout, 0-0.9 (default 0.05)",
+    "target_modules": "comma-separated names of the linear layers LoRA adapts (default per "
+                      "architecture, e.g. c_attn for GPT-2, q_proj,k_proj,v_proj,o_proj for Llama)",
+    "eval_fraction": "share of the training set held out for evaluation when no input is marked "
+                     "'eval', 0-0.5 (default 0.05)",
+    "processes": "training processes (GPUs) for one job, launched with accelerate launch "
+                 "(default 1; at most the provider's max_processes)",
+    "time_limit": "stop training after this many seconds and return the model as it is "
+                  "(default: the provider's max_seconds)",
+    "tokens": "how many tokens the training set holds, for the price (default: the provider's "
+              "max_tokens); a dataset with more is refused",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a provider allows one job (from ``[plugins.llm-finetune]``)."""
+
+    allowed_models: tuple[str, ...] = ()
+    hub_cache_dir: str = ""
+    max_model_parameters: int = 1_000_000_000
+    max_model_bytes: int = 4 << 30
+    max_dataset_bytes: int = 256 << 20
+    max_examples: int = 200_000
+    max_tokens: int = 50_000_000
+    max_seq_length: int = 4096
+    max_epochs: int = 20
+    max_steps: int = 100_000
+    max_seconds: float = 3600.0
+    max_processes: int = 1
+    launcher: str = "auto"
+    trust_remote_code: bool = False
+    sats_per_million_tokens: float = 100.0
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Limits":
+        """Read the settings from the worker's whole configuration. Raises ValueError on a
+        setting that is unknown or of the wrong type: a typo must stop the worker at start."""
+        table = ((config or {}).get("plugins") or {}).get(NAME) or {}
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s) in [plugins.{NAME}]: {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
+        values: dict = {}
+        for name, value in table.items():
+            where = f"[plugins.{NAME}] {name}"
+            default = known[name].default
+            if name == "allowed_models":
+                if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+                        or not all(isinstance(v, str) and REPO_ID.match(v) for v in value):
+                    raise ValueError(f"{where} must be a list of Hugging Face repo ids, got {value!r}")
+                values[name] = tuple(value)
+            elif isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{where} must be true or false, got {value!r}")
+                values[name] = value
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where} must be a string, got {value!r}")
+                if name == "launcher" and value not in LAUNCHERS:
+                    raise ValueError(f"{where} must be one of {', '.join(LAUNCHERS)}, got {value!r}")
+                values[name] = value
+            else:
+                typ = type(default)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or (typ is int and not float(value).is_integer()):
+                    raise ValueError(f"{where} must be a {typ.__name__}, got {value!r}")
+                if value < 0 or (value == 0 and name != "sats_per_million_tokens"):
+                    raise ValueError(f"{where} must be positive, got {value!r}")
+                values[name] = typ(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """The hyperparameters of one job, validated, with the defaults filled in."""
+
+    method: str = DEFAULTS["method"]
+    learning_rate: float = DEFAULT_LR["lora"]
+    lr_schedule: str = DEFAULTS["lr_schedule"]
+    warmup_ratio: float = DEFAULTS["warmup_ratio"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    max_grad_norm: float = DEFAULTS["max_grad_norm"]
+    epochs: int = DEFAULTS["epochs"]
+    max_steps: int | None = None
+    max_seq_length: int = DEFAULTS["max_seq_length"]
+    batch_size: int = DEFAULTS["batch_size"]
+    gradient_accumulation_steps: int = DEFAULTS["gradient_accumulation_steps"]
+    seed: int = DEFAULTS["seed"]
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    lora_r: int = DEFAULTS["lora_r"]
+    lora_alpha: float = DEFAULTS["lora_alpha"]
+    lora_dropout: float = DEFAULTS["lora_dropout"]
+    target_modules: tuple[str, ...] | None = None
+    eval_fraction: float = DEFAULTS["eval_fraction"]
+    processes: int = 1
+    time_limit: float = Limits.max_seconds
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["target_modules"] = list(self.target_modules) if self.target_modules else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FinetuneParams":
+        data = dict(data)
+        if data.get("target_modules") is not None:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What `parse_request` hands to `run`."""
+
+    dataset: str                    # URL of the training JSONL
+    eval_dataset: str | None        # URL of the evaluation JSONL (input marked 'eval')
+    model_repo: str | None          # a hub repo id (param model) ...
+    model_revision: str | None
+    model_archive: str | None       # ... or the URL of a zip/tar of a model folder
+    params: FinetuneParams
+    declared_tokens: int | None
+    limits: Limits = field(compare=False, default_factory=Limits)
+
+    @property
+    def priced_tokens(self) -> int:
+        return self.declared_tokens if self.declared_tokens is not None else self.limits.max_tokens
+
+
+def _number(params: dict, name: str, kind: type, low: float, high: float, default=None):
+    raw = params.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    try:
+        value = int(text) if kind is int else float(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise JobInputError(f"param {name} must be {what}, got {raw[:40]!r}") from None
+    if not math.isfinite(value) or not low <= value <= high:
+        shown = (str(int(low)), str(int(high))) if kind is int else (f"{low:g}", f"{high:g}")
+        raise JobInputError(f"param {name} must be between {shown[0]} and {shown[1]}, got {text[:40]}")
+    return value
+
+
+def _choice(params: dict, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = params.get(name)
+    if value is None:
+        return default
+    value = value.strip().lower()
+    if value not in choices:
+        raise JobInputError(f"param {name} must be one of {', '.join(choices)}, got {params[name][:40]!r}")
+    return value
+
+
+def _flag(params: dict, name: str, default: str) -> bool:
+    return _choice(params, name, ("yes", "no", "true", "false"), default) in ("yes", "true")
+
+
+def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -> FinetuneParams:
+    """Validate the request's params against the provider's limits and fill in the defaults."""
+    method = _choice(params, "method", METHODS, DEFAULTS["method"])
+    fraction = _number(params, "eval_fraction", float, 0.0, 0.5,
+                       0.0 if has_eval_input else DEFAULTS["eval_fraction"])
+    if has_eval_input and fraction:
+        raise JobInputError("send either an input marked 'eval' or param eval_fraction, not both")
+    targets = None
+    if params.get("target_modules") is not None:
+        targets = tuple(t.strip() for t in params["target_modules"].split(",") if t.strip())
+        bad = [t for t in targets if not MODULE_NAME.match(t)]
+        if not targets or bad:
+            raise JobInputError("param target_modules must be comma-separated module names like "
+                                f"q_proj,v_proj, got {params['target_modules'][:80]!r}")
+        if method == "full":
+            raise JobInputError("param target_modules is for method lora; method full trains every weight")
+    if method == "full":
+        lora_given = sorted(p for p in ("lora_r", "lora_alpha", "lora_dropout") if p in params)
+        if lora_given:
+            raise JobInputError(f"param(s) {', '.join(lora_given)} are for method lora, not full")
+    return FinetuneParams(
+        method=method,
+        learning_rate=_number(params, "learning_rate", float, 1e-12, 1.0, DEFAULT_LR[method]),
+        lr_schedule=_choice(params, "lr_schedule", SCHEDULES, DEFAULTS["lr_schedule"]),
+        warmup_ratio=_number(params, "warmup_ratio", float, 0.0, 0.5, DEFAULTS["warmup_ratio"]),
+        weight_decay=_number(params, "weight_decay", float, 0.0, 1.0, DEFAULTS["weight_decay"]),
+        max_grad_norm=_number(params, "max_grad_norm", float, 0.0, 1e6, DEFAULTS["max_grad_norm"]),
+        epochs=_number(params, "epochs", int, 1, limits.max_epochs, DEFAULTS["epochs"]),
+        max_steps=_number(params, "max_steps", int, 1, limits.max_steps, None),
+        max_seq_length=_number(params, "max_seq_length", int, 8, limits.max_seq_length,
+                               min(DEFAULTS["max_seq_length"], limits.max_seq_length)),
+        batch_size=_number(params, "batch_size", int, 1, MAX_BATCH_SIZE, DEFAULTS["batch_size"]),
+        gradient_accumulation_steps=_number(params, "gradient_accumulation_steps", int, 1, 1024,
+                                            DEFAULTS["gradient_accumulation_steps"]),
+        seed=_number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
+        packing=_flag(params, "packing", DEFAULTS["packing"]),
+        gradient_checkpointing=_flag(params, "gradient_checkpointing", DEFAULTS["gradient_checkpointing"]),
+        lora_r=_number(params, "lora_r", int, 1, 1024, DEFAULTS["lora_r"]),
+        lora_alpha=_number(params, "lora_alpha", float, 1e-6, 1e6, DEFAULTS["lora_alpha"]),
+        lora_dropout=_number(params, "lora_dropout", float, 0.0, 0.9, DEFAULTS["lora_dropout"]),
+        target_modules=targets,
+        eval_fraction=fraction,
+        processes=_number(params, "processes", int, 1, limits.max_processes, 1),
+        time_limit=_number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
+    )
+
+
+def parse_request(request, limits: Limits) -> FinetuneJob:
+    """Turn a job request into a `FinetuneJob`, or raise JobInputError.
+
+    Inputs are ``url`` inputs told apart by their marker: none (or ``train``) for the training
+    JSONL, ``eval`` for an evaluation JSONL, ``model`` for a model-folder archive (instead of
+    param ``model``)."""
+    by_role: dict[str, list[str]] = {"train": [], "eval": [], "model": []}
+    for item in request.inputs:
+        if item.type != "url":
+            raise JobInputError(f"this job takes only inputs of type 'url' (got one of type {item.type!r}): "
+                                "the training JSONL, optionally one marked 'eval' and one marked 'model'")
+        marker = (item.marker or "").strip().lower()
+        role = "train" if marker in ("", "train", "dataset") else marker
+        if role not in by_role:
+            raise JobInputError(f"unknown input marker {item.marker[:40]!r}: use none (the training set), "
+                                "'eval' or 'model'")
+        by_role[role].append(item.data)
+    for role, urls in by_role.items():
+        if len(urls) > 1:
+            raise JobInputError(f"send at most one {role} input (got {len(urls)})")
+    if not by_role["train"]:
+        raise JobInputError("send the training set as an input of type 'url': a JSONL file whose lines "
+                            "hold 'text', or 'prompt' and 'completion', or chat 'messages'")
+    repo = request.params.get("model")
+    revision = request.params.get("revision")
+    archive = by_role["model"][0] if by_role["model"] else None
+    if repo is not None:
+        repo = repo.strip()
+        if archive is not None:
+            raise JobInputError("send either param model (a hub repo id) or an input marked 'model' "
+                                "(a model archive), not both")
+        if not REPO_ID.match(repo):
+            raise JobInputError(f"param model must be a Hugging Face repo id like owner/name, got {repo[:100]!r}")
+        if repo not in limits.allowed_models:
+            allowed = ", ".join(limits.allowed_models) or "none: send the model as an archive"
+            raise JobInputError(f"model {repo!r} is not offered by this provider (allowed: {allowed})")
+        if revision is not None and not REVISION.match(revision.strip()):
+            raise JobInputError(f"param revision is not a branch, tag or commit name: {revision[:60]!r}")
+    elif archive is None:
+        allowed = ", ".join(limits.allowed_models) or "none"
+        raise JobInputError("send the base model: param model (a Hugging Face repo id; this provider "
+                            f"allows {allowed}) or an input of type 'url' marked 'model' (a zip/tar "
+                            "of a model folder with safetensors weights)")
+    elif revision is not None:
+        raise JobInputError("param revision goes with param model, not with a model archive")
+    params = parse_params(request.params, limits, has_eval_input=bool(by_role["eval"]))
+    declared = _number(request.params, "tokens", int, 1, 2**62, None)
+    if declared is not None and declared > limits.max_tokens:
+        raise JobInputError(f"this provider trains on at most {limits.max_tokens} tokens per epoch "
+                            f"(param tokens is {declared})")
+    return FinetuneJob(dataset=by_role["train"][0], eval_dataset=by_role["eval"][0] if by_role["eval"] else None,
+                       model_repo=repo, model_revision=revision.strip() if revision else None,
+                       model_archive=archive, params=params, declared_tokens=declared, limits=limits)
+
+
+def price(job: FinetuneJob, limits: Limits) -> int:
+    """Tokens × epochs × the provider's rate per million tokens, rounded up, at least 1 sat
+    (0 when the rate is 0). A max_steps cap does not lower the price: the steps' size is only
+    known once the data is tokenized."""
+    rate = limits.sats_per_million_tokens
+    if rate <= 0:
+        return 0
+    return max(1, math.ceil(job.priced_tokens * job.params.epochs * rate / 1e6))

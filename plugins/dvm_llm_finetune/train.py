@@ -1,0 +1,408 @@
+"""The training loop: a causal language model, LoRA or full, through Accelerate.
+
+The same function runs in the worker's process (one device: the CPU or one GPU) and in each
+process of an ``accelerate launch`` (several GPUs; see `launch.py`). It loads the model, checks
+it against the tokenizer and the requested LoRA targets, evaluates before, trains, evaluates
+after and writes the weights: everything a job needs that touches the model.
+
+- Loss: token-level cross-entropy summed over the labelled tokens of all micro-batches of an
+  optimizer step and divided by their count, so long and short examples weigh per token, the
+  same with or without packing or gradient accumulation.
+- The batches are built beforehand (`data.epoch_batches`, seeded); between steps only
+  ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
+  steps, for the progress report and the loss curve.
+- Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU.
+- Reproducibility: weights and LoRA initialisation from ``torch.manual_seed(seed)`` under a
+  lock, dropout from the same seed, batches from ``random.Random(seed)``. Same seed, data and
+  thread count → the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from dvm_core import JobError, JobInputError
+
+from . import data as datamod
+from . import model as modelmod
+from .params import FinetuneParams
+
+EVAL_BATCH = 8
+EVAL_TRAIN_MAX_EXAMPLES = 256     # the training loss before/after is measured on this many
+CURVE_POINTS = 200                # about this many points on the loss curve
+
+_init_lock = threading.Lock()
+
+
+@dataclass
+class TrainSpec:
+    """Everything the loop needs besides the data; JSON-able, for the child processes."""
+
+    model_folder: str
+    model_type: str
+    base_model_name: str          # written into adapter_config.json
+    params: dict
+    output_dir: str
+    time_budget: float | None = None
+    trust_remote_code: bool = False
+    device: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What training produced (JSON-able): losses, speed, the files written."""
+
+    history: list[dict]
+    before: dict
+    after: dict
+    tokens_seen: int
+    loss_tokens_seen: int
+    steps: int
+    planned_steps: int
+    epochs_completed: float
+    train_seconds: float
+    stopped: str | None
+    device: str
+    mixed_precision: str
+    processes: int
+    threads: int
+    trainable_parameters: int
+    total_parameters: int
+    target_modules: list[str] | None
+    files: list[str]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class OutOfMemory(JobError):
+    """The job ran out of memory on its device."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def oom_message(params: FinetuneParams) -> str:
+    hints = ["a smaller batch_size (with more gradient_accumulation_steps)", "a shorter max_seq_length"]
+    if not params.gradient_checkpointing:
+        hints.append("gradient_checkpointing=yes")
+    if params.method == "full":
+        hints.append("method=lora")
+    return "the job ran out of memory on this provider's device: try " + ", ".join(hints)
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def choose_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_for(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _cache_accelerate_lomo_check() -> None:
+    """Accelerate's optimizer wrapper asks importlib whether `lomo` is installed on every step
+    (~0.5 ms); the answer cannot change while the process runs."""
+    import accelerate.optimizer as accelerated
+
+    check = getattr(accelerated, "is_lomo_available", None)
+    if check is not None and not hasattr(check, "cache_info"):
+        accelerated.is_lomo_available = functools.cache(check)
+
+
+def make_accelerator(device: torch.device | None, launched: bool):
+    """In a launched process: the Accelerator `accelerate launch` configured. In the worker's
+    process: one for `device`, our own placement (the worker may give this job ``cuda:1``)."""
+    from accelerate import Accelerator
+
+    _cache_accelerate_lomo_check()
+    if launched:
+        return Accelerator()
+    try:
+        return Accelerator(mixed_precision=precision_for(device), cpu=device.type == "cpu",
+                           device_placement=False)
+    except ValueError:
+        # Accelerate keeps one state per process; another job set it up first with other
+        # settings. Train with that state rather than fail.
+        return Accelerator(device_placement=False)
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def token_loss_sum(model, batch: datamod.Batch, device) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of `batch` (float32)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    mask = batch.attention_mask.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    extra = {}
+    if batch.position_ids is not None:
+        extra["position_ids"] = batch.position_ids.to(device, non_blocking=True)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=datamod.IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[datamod.Batch], device, check_cancelled=lambda: None) -> float | None:
+    """Mean per-token loss of `model` over `batches`, or None without batches."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for batch in batches:
+        check_cancelled()
+        total += token_loss_sum(model, batch, device)
+        count += batch.loss_tokens
+    model.train(was_training)
+    return float(total) / max(1, count)
+
+
+def _losses(model, train_eval, eval_batches, device, check_cancelled) -> dict:
+    train_loss = evaluate(model, train_eval, device, check_cancelled)
+    eval_loss = evaluate(model, eval_batches, device, check_cancelled)
+    out = {"train_loss": train_loss, "eval_loss": eval_loss}
+    for key in ("train", "eval"):
+        loss = out[f"{key}_loss"]
+        out[f"{key}_perplexity"] = math.exp(min(loss, 700.0)) if loss is not None else None
+    return out
+
+
+def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples: list[datamod.Example],
+          tokenizer, *, check_cancelled: Callable[[], None] = lambda: None,
+          report: Callable[[float, str, dict], None] = lambda fraction, message, fields: None,
+          launched: bool = False, model=None) -> Outcome:
+    """Fine-tune the model in `spec.model_folder` and write the result into `spec.output_dir`.
+
+    :param report: called every few steps with the fraction done (0-1), a message and fields
+        (loss, tokens/s, step) — from the main process only.
+    :param launched: running under ``accelerate launch`` (one of several processes).
+    :param model: an already loaded base model (tests); else loaded from the folder.
+    :raises JobInputError: the model does not fit the tokenizer or the LoRA targets, the loss
+        became NaN. Out-of-memory errors propagate (the caller frees memory and reports).
+    """
+    params = FinetuneParams.from_dict(spec.params)
+    device = None if launched else choose_device(spec.device)
+    accelerator = make_accelerator(device, launched)
+    if launched:
+        device = accelerator.device
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    say = report if main else (lambda fraction, message, fields: None)
+
+    with _init_lock:  # the global RNG is shared with other jobs' threads
+        torch.manual_seed(params.seed)
+        if model is None:
+            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code)
+        modelmod.check_tokenizer_fits(tokenizer, model)
+        targets = None
+        if params.method == "lora":
+            targets = modelmod.lora_targets(model, spec.model_type, params.target_modules)
+        if params.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if params.method == "lora":
+            model = modelmod.add_lora(model, targets, params)
+    model.config.use_cache = False
+    model.to(device)
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    pad_id = tokenizer.pad_token_id
+    rng = random.Random(params.seed)
+    length = params.max_seq_length
+    first_epoch = datamod.epoch_batches(train_examples, batch_size=params.batch_size, packing=params.packing,
+                                        length=length, pad_id=pad_id, rng=rng)
+    per_rank = max(1, len(first_epoch) // world)
+    steps_per_epoch = max(1, math.ceil(per_rank / params.gradient_accumulation_steps))
+    planned = steps_per_epoch * params.epochs
+    if params.max_steps is not None:
+        planned = min(planned, params.max_steps)
+    warmup = math.ceil(params.warmup_ratio * planned)
+    mean_step_tokens = max(1.0, sum(b.loss_tokens for b in first_epoch) / world / steps_per_epoch)
+
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    groups = [g for g in ({"params": decay, "weight_decay": params.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.lr_schedule, warmup, planned))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
+
+    train_eval = datamod.eval_batches(train_examples[:EVAL_TRAIN_MAX_EXAMPLES], batch_size=EVAL_BATCH, pad_id=pad_id)
+    eval_set = datamod.eval_batches(eval_examples, batch_size=EVAL_BATCH, pad_id=pad_id)
+    say(0.0, "evaluating the base model", {})
+    with accelerator.autocast():
+        before = _losses(model, train_eval, eval_set, device, check_cancelled)
+
+    history: list[dict] = []
+    log_every = max(1, min(10, planned // CURVE_POINTS or 1))
+    seed_dropout = params.seed + 1
+    torch.manual_seed(seed_dropout)  # dropout draws (process-wide RNG; reproducible per thread count)
+    step = 0
+    tokens_seen = 0
+    loss_tokens_seen = 0
+    stopped = None
+    train_seconds = 0.0
+    start = time.monotonic()
+    stop_at = start + spec.time_budget if spec.time_budget else math.inf
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_tokens = 0
+    window_real = 0
+    window_start = time.perf_counter()
+    batches_done = 0
+    model.train()
+    epoch = 0
+    while epoch < params.epochs and step < planned and stopped is None:
+        batches = first_epoch if epoch == 0 else datamod.epoch_batches(
+            train_examples, batch_size=params.batch_size, packing=params.packing, length=length,
+            pad_id=pad_id, rng=rng)
+        if len(batches) < world:
+            batches = batches * world
+        mine = batches[rank::world][:per_rank]
+        epoch_start = time.perf_counter()
+        for first in range(0, len(mine), params.gradient_accumulation_steps):
+            check_cancelled()
+            if time.monotonic() >= stop_at:
+                stopped = "time_limit"
+                break
+            group = mine[first:first + params.gradient_accumulation_steps]
+            # Divided by the epoch's mean, not this step's count: batches of long examples then
+            # weigh more than batches of short ones, as in random batches, and every token of
+            # the epoch weighs the same whatever batch length grouping put it in.
+            denominator = mean_step_tokens
+            for i, batch in enumerate(group):
+                last = i == len(group) - 1
+                sync = accelerator.no_sync(model) if not last else _nullcontext()
+                with sync, accelerator.autocast():
+                    loss_sum = token_loss_sum(model, batch, device)
+                    accelerator.backward(loss_sum / denominator)
+                window_loss += loss_sum.detach()
+                window_tokens += batch.loss_tokens
+                window_real += batch.tokens
+                tokens_seen += batch.tokens
+                loss_tokens_seen += batch.loss_tokens
+            if params.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            batches_done += len(group)
+            if step % log_every == 0 or step == planned:
+                loss = float(window_loss) / max(1, window_tokens)
+                if not math.isfinite(loss):
+                    raise JobInputError(f"the loss became NaN at step {step}: try a lower learning rate "
+                                        f"(param learning_rate is {params.learning_rate:g})")
+                now = time.perf_counter()
+                rate = window_real * world / max(1e-9, now - window_start)
+                history.append({"step": step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                                "tokens": tokens_seen * world})
+                say(step / planned, f"step {step}/{planned} loss {loss:.4f} {rate:,.0f} tokens/s",
+                    {"step": step, "loss": loss, "tokens_per_s": rate})
+                window_loss.zero_()
+                window_tokens = window_real = 0
+                window_start = time.perf_counter()
+            if step >= planned:
+                break
+        train_seconds += time.perf_counter() - epoch_start
+        epoch += 1
+    epochs_completed = batches_done / max(1, per_rank)
+
+    say(1.0, "evaluating the fine-tuned model", {})
+    with accelerator.autocast():
+        after = _losses(model, train_eval, eval_set, device, check_cancelled)
+    for value in (after["train_loss"], after["eval_loss"]):
+        if value is not None and not math.isfinite(value):
+            raise JobInputError("the fine-tuned model's loss is NaN: try a lower learning rate "
+                                f"(param learning_rate is {params.learning_rate:g})")
+
+    accelerator.wait_for_everyone()
+    files: list[str] = []
+    if main:
+        files = save(accelerator.unwrap_model(model), tokenizer, spec, params)
+    accelerator.wait_for_everyone()
+    return Outcome(history=history, before=before, after=after, tokens_seen=tokens_seen * world,
+                   loss_tokens_seen=loss_tokens_seen * world, steps=step, planned_steps=planned,
+                   epochs_completed=round(epochs_completed, 4), train_seconds=train_seconds, stopped=stopped,
+                   device=str(device), mixed_precision=precision, processes=world,
+                   threads=torch.get_num_threads(), trainable_parameters=n_trainable,
+                   total_parameters=total_params, target_modules=targets, files=files)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save(model, tokenizer, spec: TrainSpec, params: FinetuneParams) -> list[str]:
+    """Write the adapter (LoRA) or the whole model and tokenizer (full) as safetensors; the
+    names of the files written."""
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if params.method == "lora":
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = spec.base_model_name
+        # save_embedding_layers=False: LoRA targets only linear layers here, and "auto" would
+        # look the base model's config up on the hub (a network call) to decide.
+        model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
+        names = ["adapter_model.safetensors", "adapter_config.json"]
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        names = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "README.md")
+    for name in names:
+        if not (out / name).is_file():
+            raise RuntimeError(f"saving the model did not write {name}")
+    return names
+
+
+def outcome_to_dict(outcome: Outcome) -> dict:
+    return asdict(outcome)
+
+
+def outcome_from_dict(data: dict) -> Outcome:
+    return Outcome(**data)
