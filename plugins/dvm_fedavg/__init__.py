@@ -113,7 +113,7 @@ def run(ctx, job: MergeJob) -> JobResult:
                              trim_ratio=job.trim_ratio, f=job.f, m=job.m, clip_norm=job.clip_norm,
                              names=[_public(u) for u in job.updates], base_sha256=job.base_sha256,
                              progress=lambda fraction, message: ctx.progress(30 + 68 * fraction, message),
-                             check_cancelled=ctx.check_cancelled)
+                             check_cancelled=ctx.check_cancelled, distances=job.distances)
     except MergeError as exc:
         message = str(exc)
         if exc.index is not None:   # the customer counts updates, the library inputs

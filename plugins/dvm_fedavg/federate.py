@@ -278,7 +278,7 @@ class Federation:
                     report = await asyncio.to_thread(
                         lambda: merge_files(updates, weights, merged, method=s.method, base=self.global_weights,
                                             trim_ratio=s.trim_ratio, f=s.krum_f, clip_norm=s.clip_norm,
-                                            names=[n[:12] for n in names]).to_dict())
+                                            names=[n[:12] for n in names], distances=True).to_dict())
                 self.global_weights = merged
             except (ValueError, ProviderFailed) as exc:  # MergeError is a ValueError
                 # E.g. the providers left are fewer than the method needs, or an update does not
@@ -305,7 +305,7 @@ class Federation:
             inputs.append(JobInput(url, "url", "", "update"))
         base_url = await upload_dataset(self.global_weights, self.servers, self.customer.keys, encrypt=True)
         inputs.append(JobInput(base_url, "url", "", "base"))
-        params = {"method": s.method, "weights": ",".join(f"{w:g}" for w in weights)}
+        params = {"method": s.method, "weights": ",".join(f"{w:g}" for w in weights), "distances": "yes"}
         if s.method == "trimmed_mean":
             params["trim_ratio"] = str(s.trim_ratio)
         if s.method in ("krum", "multi_krum"):

@@ -32,6 +32,8 @@ PARAMS = {
     "f": "krum/multi_krum: number of faulty updates tolerated; needs more than 2f+2 updates (default 1)",
     "m": "multi_krum: updates kept and averaged (default: updates − f)",
     "clip_norm": "scale each update (model − base) to at most this L2 norm before merging (needs a base input)",
+    "distances": "yes: fedavg also reports each update's distance to the merged model (a second read of "
+                 "every update; the robust methods always report it) (default no)",
     "base_sha256": "the sha256 the base model must have; updates whose safetensors metadata names a "
                    "base_sha256 must name this one",
     "model_bytes": "size of one model file in bytes, for the price (default: the provider's max_input_bytes); "
@@ -85,6 +87,7 @@ class MergeJob:
     base_sha256: str | None
     model_bytes: int | None           # as declared by the customer
     limits: Limits
+    distances: bool = False
 
     @property
     def priced_bytes(self) -> int:
@@ -203,13 +206,17 @@ def parse_request(request, limits: Limits) -> MergeJob:
             if ref.key is None and ref.sha256 != base_sha256:
                 raise JobInputError(f"the base input ({ref.url}) has sha256 {ref.sha256}, not param "
                                     f"base_sha256 {base_sha256}")
+    distances = (params.get("distances") or "no").strip().lower()
+    if distances not in ("yes", "no", "true", "false"):
+        raise JobInputError(f"param distances must be yes or no, got {params['distances'][:20]!r}")
     model_bytes = _number(params, "model_bytes", int, 1, 2**62, None)
     if model_bytes is not None and model_bytes > limits.max_input_bytes:
         raise JobInputError(f"this provider merges files of at most {limits.max_input_bytes} bytes "
                             f"(param model_bytes is {model_bytes})")
     return MergeJob(updates=tuple(updates), weights=tuple(weights), base=base, adapter_config=adapter_config,
                     method=method, trim_ratio=trim_ratio, f=f, m=m, clip_norm=clip_norm,
-                    base_sha256=base_sha256, model_bytes=model_bytes, limits=limits)
+                    base_sha256=base_sha256, model_bytes=model_bytes, limits=limits,
+                    distances=distances in ("yes", "true"))
 
 
 def price(job: MergeJob, limits: Limits) -> int:

@@ -13,8 +13,10 @@ measured is the merge, not the disk.
 Each side runs in a fresh child process, so that one's memory does not pollute the other's, and
 its peak is the child's peak resident set (``VmHWM``), interpreter and libraries included:
 
-- ours: `merge_files(paths, weights, out)`: streamed, one chunk of every file at a time, the
-  merged model written to a file, distances to the merged model computed on the way.
+- ours: `merge_files(paths, weights, out)`, as a merge job runs it by default: FedAvg reads one
+  file at a time, memory-mapped, into one preallocated accumulator (BLAS axpy, the file's pages
+  given back as it goes), and writes the merged model to a file. `ours_with_distances_s` adds
+  the report's distances to the merged model (``distances=True``: a second read of every file).
 - Flower: what a Flower server needs for the same result: each file loaded into numpy
   (``safetensors.numpy.load_file``, the tensors in our file order), then
   ``flwr.server.strategy.aggregate.aggregate([(ndarrays, num_examples), ...])``; the time
@@ -69,7 +71,8 @@ from dvm_fedavg.merge import merge_files
 spec = json.loads(sys.argv[2])
 baseline = status("VmRSS")
 start = time.perf_counter()
-report = merge_files([Path(p) for p in spec["paths"]], spec["weights"], Path(spec["out"]))
+report = merge_files([Path(p) for p in spec["paths"]], spec["weights"], Path(spec["out"]),
+                     distances=spec.get("distances", False))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak": status("VmHWM"), "baseline": baseline,
                   "bytes_read": report.bytes_read, "threads": torch.get_num_threads()}))
@@ -195,10 +198,12 @@ def main() -> None:
         out = workdir / "merged.safetensors"
         spec = {"paths": [str(p) for p in paths], "weights": weights, "out": str(out), "keys": keys}
 
-        ours_runs, flower_runs = [], []
+        ours_runs, flower_runs, distance_runs = [], [], []
         for r in range(args.repeat):
             eprint(f"round {r + 1}/{args.repeat}: ours")
             ours_runs.append(run_child([sys.executable, "-c", OURS, str(REPO / "plugins"), json.dumps(spec)]))
+            distance_runs.append(run_child([sys.executable, "-c", OURS, str(REPO / "plugins"),
+                                            json.dumps({**spec, "distances": True})]))
             eprint(f"  ours {ours_runs[-1]['seconds']:.2f} s; Flower")
             flower_runs.append(run_child([flwr_python, "-c", FLOWER, json.dumps(spec)]))
             eprint(f"  flower {flower_runs[-1]['seconds']:.2f} s")
@@ -211,6 +216,8 @@ def main() -> None:
             "parameters_per_model": params,
             "model_mb": round(model_bytes / 1e6, 1),
             "ours_s": round(ours_s, 3),
+            "ours_with_distances_s": round(min(x["seconds"] for x in distance_runs), 3),
+            "speedup_with_distances": round(flower_s / min(x["seconds"] for x in distance_runs), 2),
             "flower_s": round(flower_s, 3),
             "speedup_vs_flower": round(flower_s / ours_s, 2),
             "merge_gb_per_s": round(bytes_read / ours_s / 1e9, 2),
