@@ -130,9 +130,10 @@ async def test_three_providers_three_rounds_match_one_provider_on_all_data(
     assert report["method"] == "fedavg" and len(report["inputs"]) == 3
 
 
-@pytest.mark.parametrize("poison", ["signflip", "random"])
-async def test_robust_methods_survive_a_poisoning_provider(workers, mint, relay, blobs, digits, tmp_path, poison):
-    providers = await start_providers(workers, mint, blobs, honest=4, poisoners=(poison,))
+async def test_robust_methods_survive_a_poisoning_provider(workers, mint, relay, blobs, digits, tmp_path):
+    """Sign-flipped ×10 updates from one of five providers, end to end. (Random updates, and
+    both attacks against every method, are in test_fedavg.py at the merge level.)"""
+    providers = await start_providers(workers, mint, blobs, honest=4, poisoners=("signflip",))
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     try:
@@ -156,7 +157,7 @@ async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, bl
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     try:
-        settings = FederationSettings(rounds=1, epochs=1, allow_private_urls=True, job_timeout=15)
+        settings = FederationSettings(rounds=1, epochs=1, allow_private_urls=True, job_timeout=8)
         rounds = await federate(customer, customer.wallet, providers + [silent], *digits, [blobs.url],
                                 tmp_path / "fed", settings, say=lines.append)
     finally:
@@ -165,7 +166,7 @@ async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, bl
     (only,) = rounds
     assert only.providers == [providers[0]]
     assert "internal error while running the job" in only.dropped[providers[1]]  # (and refunded)
-    assert "no result within 15s" in only.dropped[silent]
+    assert "no result within 8s" in only.dropped[silent]
     assert only.paid == {providers[0]: 1}
     assert only.accuracy > 0.2  # one epoch on one shard from random weights: better than chance
 
@@ -203,14 +204,14 @@ def test_dvm_federate_local_runs_from_one_command(tmp_path):
 
     out = tmp_path / "federation"
     run = subprocess.run(
-        [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--rounds", "2", "--epochs", "1",
+        [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--rounds", "1", "--epochs", "1",
          "--split", "label", "--out", str(out)],
         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "2 providers up" in run.stdout and "round 2: 2/2 updates merged (fedavg)" in run.stdout
+    assert "2 providers up" in run.stdout and "round 1: 2/2 updates merged (fedavg)" in run.stdout
     saved = json.loads((out / "rounds.json").read_text())
-    assert [r["round"] for r in saved["rounds"]] == [1, 2] and saved["settings"]["split"] == "label"
-    assert (out / "global-2.safetensors").exists() and (out / "accuracy.png").exists()
+    assert [r["round"] for r in saved["rounds"]] == [1] and saved["settings"]["split"] == "label"
+    assert (out / "global-1.safetensors").exists() and (out / "accuracy.png").exists()
     assert "customer wallet now holds" in run.stdout
     refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--method", "krum"],
                              capture_output=True, text=True, timeout=60)
