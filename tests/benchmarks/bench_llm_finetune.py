@@ -32,6 +32,7 @@ plugin_eval_loss ≤ baseline_eval_loss. The per-round values are printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import platform
@@ -100,7 +101,8 @@ def run_baseline(folder: Path, tokenizer, train_ex, eval_ex, args, out: Path, se
                                       save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=rows,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=datamod.IGNORE))
-    metrics = trainer.train().metrics
+    with contextlib.redirect_stdout(sys.stderr):   # Trainer prints its logs: stdout holds only our JSON
+        metrics = trainer.train().metrics
     tokens = sum(len(e.input_ids) for e in train_ex) * args.epochs
     seconds = metrics["train_runtime"]
     eval_batches = datamod.eval_batches(eval_ex, batch_size=8, pad_id=tokenizer.pad_token_id)
