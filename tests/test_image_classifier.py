@@ -490,6 +490,98 @@ def test_time_limit_returns_the_model_so_far(tmp_path, patterns):
     assert {a.name for a in result.artifacts} == {"model.safetensors", "model_card.json", "training_curves.png"}
 
 
+# --- several processes: accelerate launch ------------------------------------------------------
+
+LAUNCHED = {"plugins": {"image-classifier": {"processes": 2}}}
+
+
+def test_launched_training_in_two_processes(tmp_path, patterns):
+    """processes = 2: the job trains under `accelerate launch` (two CPU processes, DDP over gloo)."""
+    job = Job(tmp_path, {DATA_URL: patterns}, {"epochs": 6}, LAUNCHED)
+    result = job.run()
+    files = {a.name: a.path for a in result.artifacts}
+    assert set(files) == {"model.safetensors", "model_card.json", "training_curves.png"}
+    card = json.loads(files["model_card.json"].read_text())
+    assert card["training"]["launch"]["processes"] == 2
+    assert len(card["history"]) == 6 and result.content["epochs"] == 6
+    assert result.content["val_accuracy"] >= 0.8, result.content      # chance: 1/3
+    assert [m for _, m in job.reports if m.startswith("epoch ")][-1].startswith("epoch 6/6")   # forwarded
+    assert sorted(p.name for p in (tmp_path / "work" / "launch").glob("pid.*")) == ["pid.0", "pid.1"]
+    model = load_model(files["model.safetensors"], files["model_card.json"])
+    assert model is not None
+
+
+def live_processes_of(job_file: Path, pgid: int) -> list[int]:
+    """Processes still running (not zombies) in group `pgid` or with `job_file` on their command line."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().decode("utf-8", "replace")
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and (int(fields[2]) == pgid or str(job_file) in cmdline):
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_cancelling_kills_the_launched_processes(tmp_path, patterns, monkeypatch):
+    from dvm_image_classifier import launched
+
+    started: list = []
+    real_popen = launched.subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(launched.subprocess, "Popen", recording_popen)
+    job = Job(tmp_path, {DATA_URL: patterns}, {"epochs": 200}, LAUNCHED)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = job.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(m.startswith("epoch 1/") for _, m in job.reports) and time.monotonic() < deadline \
+            and thread.is_alive():
+        time.sleep(0.02)
+    assert any(m.startswith("epoch 1/") for _, m in job.reports), (job.reports, outcome)
+    cancelled_at = time.monotonic()
+    job.ctx.cancel("cancelled by the customer")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < launched.KILL_GRACE_S + 2
+    assert isinstance(outcome.get("error"), JobCancelled), outcome
+    [proc] = started
+    assert proc.poll() is not None
+    assert live_processes_of(tmp_path / "work" / "launch" / "job.json", proc.pid) == []
+    assert not any(m.startswith("epoch 100/") for _, m in job.reports)
+
+
+def test_launched_nan_loss_and_time_limit(tmp_path, patterns):
+    """As in-process: a NaN loss is the customer's error; the time limit returns the model so far."""
+    with pytest.raises(JobInputError, match="the loss became NaN.*lower learning rate"):
+        Job(tmp_path / "nan", {DATA_URL: patterns}, {"learning_rate": 1e6, "epochs": 2}, LAUNCHED).run()
+    result = Job(tmp_path / "limit", {DATA_URL: patterns}, {"epochs": 200, "time_limit": 2}, LAUNCHED).run()
+    assert result.content["stopped_early"] == "time_limit"
+    assert 1 <= result.content["epochs"] < 200
+
+
+def test_processes_setting_checked():
+    assert ic.params.Limits.from_config(LAUNCHED).processes == 2
+    assert ic.params.Limits.from_config({}).processes == 1
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="processes must be"):
+            ic.params.Limits.from_config({"plugins": {"image-classifier": {"processes": bad}}})
+
+
 # --- pricing, registration, hygiene ----------------------------------------------------------
 
 def test_price_by_work(tmp_path, patterns):

@@ -15,6 +15,9 @@ Inputs (``url``, told apart by the ``i`` tag's marker):
 Params: see `params.PARAMS` (all optional). The price is samples × epochs × the provider's
 ``sats_per_million_sample_epochs`` / 10⁶ (at least 1 sat), for the ``samples`` the customer
 declares, else the provider's ``max_samples``; `params` documents the provider's settings.
+
+Training runs in the worker's process, or, with the provider's ``processes = N`` (N > 1), under
+``accelerate launch`` in N child processes (several GPUs, or CPU processes; see `launched`).
 """
 
 from __future__ import annotations
@@ -145,11 +148,16 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
             message += f" val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}"
         ctx.progress(5 + 90 * record["epoch"] / epochs, message)
 
-    outcome = train(train_images=x, train_labels=y,
-                    val_images=x_val if x_val.shape[0] else None, val_labels=y_val if x_val.shape[0] else None,
-                    spec=spec, params=params, mean=mean, std=std, initial_weights=initial,
-                    time_budget=budget, device=device, check_cancelled=ctx.check_cancelled,
-                    on_epoch=on_epoch)
+    if limits.processes > 1:
+        outcome = _train_launched(ctx, limits.processes, device, x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
+                                  params=params, mean=mean, std=std, initial_weights=initial,
+                                  time_budget=budget, on_epoch=on_epoch)
+    else:
+        outcome = train(train_images=x, train_labels=y,
+                        val_images=x_val if x_val.shape[0] else None, val_labels=y_val if x_val.shape[0] else None,
+                        spec=spec, params=params, mean=mean, std=std, initial_weights=initial,
+                        time_budget=budget, device=device, check_cancelled=ctx.check_cancelled,
+                        on_epoch=on_epoch)
 
     ctx.progress(96, "writing the model")
     out = ctx.workdir / "result"
@@ -164,6 +172,8 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
                             "trained_on": int(x.shape[0])},
                   "validation": validation},
         initial_weights_sha256=weights_sha256, weights_file=weights_file)
+    if limits.processes > 1:
+        card["training"]["launch"] = {"processes": limits.processes, "launcher": "accelerate launch"}
     outputs.write_card(card_file, card)
     outputs.plot_curves(outcome.history, curves_file)
     ctx.progress(100, "done")
@@ -185,6 +195,34 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         Artifact(card_file, "application/json", "model_card.json"),
         Artifact(curves_file, "image/png", "training_curves.png"),
     ])
+
+
+def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, params, mean, std,
+                    initial_weights, time_budget, on_epoch):
+    """Train under ``accelerate launch`` in `processes` processes (see `launched`): cancellation
+    and the job's deadline kill them; the outcome is the in-process one's."""
+    import torch
+    from dvm_core import JobError
+    from safetensors.torch import load_file
+
+    from . import launched
+
+    use_gpu = device.type == "cuda"
+    if use_gpu and torch.cuda.device_count() < processes:
+        raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s) and is set to train with "
+                       f"{processes} processes")
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_gpu else "no"
+    job_file = launched.write_job(ctx.workdir / "launch", x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
+                                  params=params, mean=mean, std=std, initial_weights=initial_weights,
+                                  time_budget=time_budget, use_cpu=not use_gpu)
+    result = launched.run_launched(job_file, processes=processes, use_gpu=use_gpu, precision=precision,
+                                   check_cancelled=ctx.check_cancelled, on_epoch=on_epoch, log=ctx.log)
+    if "outcome" in result:
+        state = load_file(str(job_file.parent / "weights.safetensors"))
+        return launched.outcome_from_dict(result["outcome"], state)
+    if result.get("error") == "input":
+        raise JobInputError(result["message"])
+    raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")
 
 
 def _read_weights(path: Path, limits: Limits):

@@ -14,6 +14,14 @@ The provider's limits come from the worker's configuration::
     max_epochs = 200
     max_seconds = 3600               # training time a job may ask for (param time_limit)
     sats_per_million_sample_epochs = 10   # the price: samples × epochs × this / 10⁶, min 1 sat
+    processes = 1                    # > 1: train under `accelerate launch` in that many processes
+
+``processes``: 1 (the default) trains in the worker's process. N > 1 runs each job's training as
+``accelerate launch --num_processes N --multi_gpu -m dvm_image_classifier.launched`` in a child
+process group (see `launched`): N GPUs (the worker's machine needs that many; BatchNorm becomes
+SyncBatchNorm), or N CPU processes when the job's device is the CPU (DDP over gloo). The images
+per step stay ``batch_size``, split across the processes; cancellation and the job's deadline
+kill the processes.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class Limits:
     max_epochs: int = 200
     max_seconds: float = 3600.0
     sats_per_million_sample_epochs: float = 10.0
+    processes: int = 1
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":

@@ -16,6 +16,14 @@
   while a job trains. Same seed, data and thread count → bit-identical weights.
 - Between batches: ``check_cancelled()`` (cancellation, the job's deadline) and the training
   time limit, after which the model is returned as it is.
+- Under ``accelerate launch`` (``launched=True``, see `launched.py`) the same loop runs in each
+  process: every global batch of the seeded sampler is split across the processes
+  (`RankShard`, Accelerate's ``split_batches``: ``batch_size`` stays the images per step), DDP
+  averages the gradients, and once per step the processes agree (one all-reduce) on the time
+  limit and a non-finite loss, so they all stop at the same step. BatchNorm becomes SyncBatchNorm
+  only with several processes on GPUs; on CPUs each process normalises its own shard and DDP
+  broadcasts the main process's running statistics. One launched process trains exactly as
+  in-process training does.
 """
 
 from __future__ import annotations
@@ -213,6 +221,37 @@ def make_accelerator(device: torch.device):
             return Accelerator(device_placement=False)
 
 
+def make_launched_accelerator(use_cpu: bool):
+    """In a process of ``accelerate launch``: the Accelerator it configured (mixed precision from
+    the launcher), on the CPU when `use_cpu` (torchrun on CPUs needs it to pick gloo), with
+    ``split_batches`` (each process trains on its share of a global batch, so the learning-rate
+    scheduler steps once per step, not once per process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    _cache_accelerate_lomo_check()
+    return Accelerator(cpu=use_cpu, device_placement=False,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+class RankShard(Sampler):
+    """This process's part of each global batch of `batches`: the same seeded batches in every
+    process, each split in `world` nearly equal parts. Global batches too small to give every
+    process two images are dropped (in every process alike, so the steps stay in step)."""
+
+    def __init__(self, batches: ShuffledBatches, world: int, rank: int):
+        self.batches, self.world, self.rank = batches, world, rank
+
+    def __iter__(self):
+        for batch in self.batches:
+            if batch.numel() >= 2 * self.world:
+                yield batch.tensor_split(self.world)[self.rank]
+
+    def __len__(self) -> int:
+        n, size = self.batches.n, self.batches.batch_size
+        return n // size + (1 if n % size >= 2 * self.world else 0)
+
+
 def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
     """adam, adamw or sgd (Nesterov momentum 0.9) with the job's learning rate and weight decay.
     BatchNorm and bias parameters get no weight decay (decaying them only hurts)."""
@@ -277,14 +316,17 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
           std: list[float], initial_weights: dict[str, torch.Tensor] | None = None,
           time_budget: float | None = None, device: torch.device | None = None,
           check_cancelled: Callable[[], None] = lambda: None,
-          on_epoch: Callable[[dict, int], None] = lambda record, epochs: None) -> TrainOutcome:
+          on_epoch: Callable[[dict, int], None] = lambda record, epochs: None,
+          launched: bool = False, use_cpu: bool = False) -> TrainOutcome:
     """Train the network `spec` describes on uint8 images (N×C×H×W) with int64 labels.
 
     :param time_budget: seconds of training after which the model is returned as it is
         (`TrainOutcome.stopped` = "time_limit"); None: no limit.
     :param check_cancelled: called between batches; whatever it raises stops training.
     :param on_epoch: called after each epoch with its record (losses, accuracies) and the
-        number of planned epochs.
+        number of planned epochs (in the main process only).
+    :param launched: one process of ``accelerate launch`` (`launched.py`): the device is the one
+        the launcher gave; `use_cpu` trains on the CPU.
     :raises JobInputError: the loss became NaN, or the initial weights do not fit.
     """
     device = device or choose_device(None)
@@ -292,16 +334,26 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
     if n_train < 2:
         raise JobInputError("training needs at least two images after holding out the validation set")
     with deterministic_algorithms():
-        accelerator = make_accelerator(device)
+        if launched:
+            accelerator = make_launched_accelerator(use_cpu)
+            device = accelerator.device
+        else:
+            accelerator = make_accelerator(device)
+        world, main = accelerator.num_processes, accelerator.is_main_process
+        if world > 1 and params.batch_size < 2 * world:
+            raise JobInputError(f"param batch_size must be at least {2 * world} with {world} training "
+                                f"processes (two images per process), got {params.batch_size}")
         with _init_lock:  # the global RNG is shared with other threads: seed and draw at once
             torch.manual_seed(params.seed)
             model = build_model(spec)
         if initial_weights is not None:
             load_initial_weights(model, initial_weights, spec)
+        if world > 1 and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         optimizer = make_optimizer(model, params)
         # A last batch of one image is dropped: BatchNorm cannot train on a single value.
-        steps_per_epoch = n_train // params.batch_size + (1 if n_train % params.batch_size >= 2 else 0)
+        steps_per_epoch = n_train // params.batch_size + (1 if n_train % params.batch_size >= 2 * world else 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps_per_epoch * params.epochs))
         with _accelerate_lock:
             model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -311,6 +363,8 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
             train_images, train_labels = train_images.to(device), train_labels.to(device)
         dataset = TensorDataset(train_images, train_labels)
         sampler = ShuffledBatches(n_train, params.batch_size, torch.Generator().manual_seed(params.seed))
+        if world > 1:
+            sampler = RankShard(sampler, world, accelerator.process_index)
         # batch_size=None: the sampler already yields whole batches, fetched in one indexing.
         loader = DataLoader(dataset, sampler=sampler, batch_size=None,
                             pin_memory=device.type == "cuda" and not on_device)
@@ -335,7 +389,14 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
             seen = 0
             for step, (xb, yb) in enumerate(loader):
                 check_cancelled()
-                if time.monotonic() >= stop_at:
+                if world > 1:  # every process stops at the same step, or the others would wait forever
+                    time_up, bad = _agree(time.monotonic() >= stop_at, loss_sum, device)
+                    if bad:
+                        _nan(params, epoch)
+                    if time_up:
+                        stopped = "time_limit"
+                        break
+                elif time.monotonic() >= stop_at:
                     stopped = "time_limit"
                     break
                 if yb.shape[0] < 2:
@@ -355,8 +416,13 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
                 loss_sum += loss.detach() * yb.shape[0]
                 correct += (logits.detach().argmax(1) == yb).sum()
                 seen += yb.shape[0]
-                if step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+                if world == 1 and step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
                     _nan(params, epoch)
+            if world > 1:  # the epoch's figures over all processes
+                totals = torch.stack([loss_sum, correct.to(torch.float64),
+                                      torch.tensor(float(seen), dtype=torch.float64, device=device)])
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, seen = totals[0], int(totals[1].item()), int(totals[2].item())
             if seen and not torch.isfinite(loss_sum):
                 _nan(params, epoch)
             epoch_seconds = time.perf_counter() - epoch_start
@@ -367,11 +433,14 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
             record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
                       "val_loss": None, "val_accuracy": None, "seconds": round(epoch_seconds, 3),
                       "complete": stopped is None}
-            if val_images is not None and val_images.shape[0]:
-                record["val_loss"], record["val_accuracy"] = evaluate(model, val_images, val_labels,
-                                                                      scale, shift, device)
+            if val_images is not None and val_images.shape[0] and main:
+                # Several processes: the main one alone, on the bare module (no DDP collectives).
+                record["val_loss"], record["val_accuracy"] = evaluate(
+                    accelerator.unwrap_model(model) if world > 1 else model, val_images, val_labels,
+                    scale, shift, device)
             history.append(record)
-            on_epoch(record, params.epochs)
+            if main:
+                on_epoch(record, params.epochs)
             if stopped:
                 break
         unwrapped = accelerator.unwrap_model(model)
@@ -383,6 +452,15 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
     return TrainOutcome(state_dict=state, history=history, stopped=stopped, train_seconds=train_seconds,
                         samples_seen=samples_seen, device=str(device), mixed_precision=precision,
                         threads=torch.get_num_threads())
+
+
+def _agree(time_up: bool, loss_sum: torch.Tensor, device: torch.device) -> tuple[bool, bool]:
+    """All processes' verdict (the max over them): the time limit reached, a non-finite loss."""
+    flags = torch.stack([torch.tensor(float(time_up), device=device),
+                         (~torch.isfinite(loss_sum)).to(torch.float32)])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    time_up_any, bad_any = flags.tolist()
+    return bool(time_up_any), bool(bad_any)
 
 
 def _nan(params: TrainParams, epoch: int):
