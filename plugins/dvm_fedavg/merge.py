@@ -61,6 +61,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.linalg import blas   # axpy: FedAvg's one pass per input (imported once, with the plugin)
 
 from .checks import METHODS, MergeError, check_method, check_weights
 
@@ -895,8 +896,6 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
     plus the tensors being read (plus the base, when there is one, mapped once). With a base,
     each input's update norm ‖xᵢ − base‖ is measured first (clip_norm scales the update to it);
     with `distances`, a second read gives each input's distance to the merged model."""
-    from scipy.linalg import blas
-
     progress = progress or (lambda fraction, message: None)
     check = check_cancelled or (lambda: None)
     n = len(files)
@@ -909,7 +908,7 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
     for key in float_keys:
         offsets[key] = total
         total += first[key].numel
-    acc = np.zeros(total, dtype=acc_t)
+    acc = np.empty(total, dtype=acc_t)   # the first input is written into it, the others added
     tmp = np.empty(FEDAVG_CHUNK, dtype=acc_t)
     tmp2 = np.empty(FEDAVG_CHUNK, dtype=acc_t)
     diff = np.empty(FEDAVG_CHUNK, dtype=np.float64)
@@ -981,12 +980,17 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
                     into = merged_view(key)
                     for block in range(0, x_all.size, FEDAVG_BLOCK):
                         part = x_all[block:block + FEDAVG_BLOCK]
-                        if dtype in ("F32", "F64") and part.dtype == acc_t:
+                        if i == 0 and part.dtype == acc_t:
+                            np.multiply(part, c, out=into[block:block + part.size])   # into = c·x
+                        elif dtype in ("F32", "F64") and part.dtype == acc_t:
                             axpy(part, into[block:block + part.size], a=c)   # into += c·x, in place
                         else:
                             for b in range(0, part.size, FEDAVG_CHUNK):
                                 x = _as_float(part[b:b + FEDAVG_CHUNK], dtype, acc_t, tmp)
-                                axpy(x, into[block + b:block + b + x.size], a=c)
+                                if i == 0:
+                                    np.multiply(x, c, out=into[block + b:block + b + x.size])
+                                else:
+                                    axpy(x, into[block + b:block + b + x.size], a=c)
                         mapped.release(key, block, part.size)
                 bytes_read += float_bytes
             finally:
@@ -998,10 +1002,12 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
                 into = merged_view(key)
                 for b in range(0, x_all.size, FEDAVG_CHUNK):
                     axpy(_as_float(x_all[b:b + FEDAVG_CHUNK], dtype, acc_t, tmp), into[b:b + FEDAVG_CHUNK], a=base_coef)
-        for b in range(0, total, FEDAVG_CHUNK * 16):
-            if not np.isfinite(acc[b:b + FEDAVG_CHUNK * 16]).all():
-                non_finite(([base_file] if base_file else []) + list(files))
-                raise MergeError("the merged values overflow the dtype (inputs with extreme values)")
+        # A NaN or Inf anywhere makes the sum non-finite (a sum of huge finite values can overflow
+        # too: then look closer before blaming an input).
+        if not math.isfinite(float(np.add.reduce(acc))) and \
+                not all(np.isfinite(acc[b:b + FEDAVG_BLOCK]).all() for b in range(0, total, FEDAVG_BLOCK)):
+            non_finite(([base_file] if base_file else []) + list(files))
+            raise MergeError("the merged values overflow the dtype (inputs with extreme values)")
 
         layout = [(key, first[key].dtype, first[key].shape) for key in order]
         metadata = {k_: v for k_, v in files[0].metadata.items() if k_ != BASE_HASH_KEY}
@@ -1017,8 +1023,11 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
                     writer.write_bytes(memoryview(source.buf[start:start + info.nbytes]))
                     continue
                 merged = merged_view(key)
-                for b in range(0, merged.size, FEDAVG_CHUNK * 16):
-                    writer.write(_from_np(merged[b:b + FEDAVG_CHUNK * 16], info.torch_dtype))
+                for b in range(0, merged.size, FEDAVG_BLOCK):
+                    if merged.dtype == _NP[info.dtype]:   # already in the file's dtype: as it is
+                        writer.write_bytes(memoryview(merged[b:b + FEDAVG_BLOCK]).cast("B"))
+                    else:
+                        writer.write(_from_np(merged[b:b + FEDAVG_BLOCK], info.torch_dtype))
         finally:
             if source is not None:
                 source.close()

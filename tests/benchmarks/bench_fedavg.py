@@ -201,7 +201,9 @@ def main() -> None:
         ours_runs, flower_runs, distance_runs = [], [], []
         for r in range(args.repeat):
             eprint(f"round {r + 1}/{args.repeat}: ours")
+            out.unlink(missing_ok=True)   # as a job does, ours writes a new file (replacing one costs more)
             ours_runs.append(run_child([sys.executable, "-c", OURS, str(REPO / "plugins"), json.dumps(spec)]))
+            out.unlink(missing_ok=True)
             distance_runs.append(run_child([sys.executable, "-c", OURS, str(REPO / "plugins"),
                                             json.dumps({**spec, "distances": True})]))
             eprint(f"  ours {ours_runs[-1]['seconds']:.2f} s; Flower")
