@@ -557,7 +557,7 @@ def test_cancelling_kills_the_launched_processes(tmp_path, patterns, monkeypatch
     job.ctx.cancel("cancelled by the customer")
     thread.join(30)
     assert not thread.is_alive()
-    assert time.monotonic() - cancelled_at < launched.KILL_GRACE_S + 2
+    assert time.monotonic() - cancelled_at < launched.KILL_GRACE_S + 10   # slack for a loaded CI machine
     assert isinstance(outcome.get("error"), JobCancelled), outcome
     [proc] = started
     assert proc.poll() is not None

@@ -565,7 +565,7 @@ def test_cancelling_kills_the_launched_processes(assets, tmp_path, monkeypatch):
     job.ctx.cancel("cancelled by the customer")
     thread.join(30)
     assert not thread.is_alive()
-    assert time.monotonic() - cancelled_at < launchmod.KILL_GRACE_S + 2
+    assert time.monotonic() - cancelled_at < launchmod.KILL_GRACE_S + 10   # slack for a loaded CI machine
     assert isinstance(outcome.get("error"), JobCancelled), outcome
     [proc] = started
     assert proc.poll() is not None
@@ -600,7 +600,7 @@ def test_time_limit_returns_the_model_so_far(assets, tmp_path):
               {**FAST, "epochs": 20, "time_limit": 1})
     started = time.monotonic()
     result = job.run()
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 40   # 1 s of training; the rest is loading, evaluating, saving
     assert result.content["stopped_early"] == "time_limit" and 0 < result.content["steps"] < 900
     assert "adapter_model.safetensors" in files_of(result)
 
