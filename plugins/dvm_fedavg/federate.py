@@ -242,10 +242,12 @@ class Federation:
         updates, weights, names, dropped, paid = [], [], [], {}, {}
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, (ProviderFailed, OSError, ValueError, RuntimeError)):
+                if not isinstance(outcome, Exception):   # cancelled, interrupted: stop the federation
                     raise outcome
-                dropped[provider] = f"{type(outcome).__name__}: {outcome}" if not isinstance(
-                    outcome, ProviderFailed) else str(outcome)
+                # Whatever went wrong with this provider (its error, a download, a bad file):
+                # drop it from the round, go on with the others.
+                dropped[provider] = str(outcome) if isinstance(outcome, ProviderFailed) \
+                    else f"{type(outcome).__name__}: {outcome}"
                 self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
                 continue
             files, cost = outcome
