@@ -508,3 +508,41 @@ def test_built_in_commands_do_not_load_plugins(monkeypatch):
     monkeypatch.setattr(plugins, "plugin_manager", refuse)
     group = cli_module._Commands(name="dvm", commands=dict(main.commands))
     assert CliRunner().invoke(group, ["keygen", "--help"]).exit_code == 0
+
+
+# --- dvm_core.params: the helpers plugins read params and settings with -------------------------
+
+def test_plugin_settings_and_param_helpers():
+    from dataclasses import dataclass
+
+    from dvm_core import JobInputError
+    from dvm_core.params import choice, flag, number, plugin_settings
+
+    @dataclass(frozen=True)
+    class Settings_:
+        max_items: int = 10
+        rate: float = 1.0
+        strict: bool = False
+        names: tuple[str, ...] = ()
+
+    def read(table):
+        return plugin_settings(Settings_, {"plugins": {"demo": table}}, "demo", may_be_zero=("rate",))
+
+    assert read({"max_items": 3, "rate": 0, "names": ["a"]}) == Settings_(3, 0.0, False, ("a",))
+    for table, message in (({"max_item": 3}, "unknown setting(s) in [plugins.demo]: max_item"),
+                           ({"max_items": 0}, "max_items must be positive"),
+                           ({"max_items": 2.5}, "max_items must be a int"),
+                           ({"strict": "yes"}, "strict must be true or false"),
+                           ({"names": "a"}, "names must be a list of strings")):
+        with pytest.raises(ValueError) as info:
+            read(table)
+        assert message in str(info.value)
+    params = {"n": "7", "opt": " SGD ", "on": "yes"}
+    assert number(params, "n", int, 1, 9) == 7 and number(params, "x", int, 1, 9, 4) == 4
+    assert choice(params, "opt", ("adam", "sgd"), "adam") == "sgd" and flag(params, "on") is True
+    for call, message in ((lambda: number({"n": "70"}, "n", int, 1, 9), "param n must be between 1 and 9, got 70"),
+                          (lambda: number({"n": "x"}, "n", float, 0, 1), "param n must be a number"),
+                          (lambda: choice({"o": "lion"}, "o", ("adam",), "adam"), "param o must be one of adam"),
+                          (lambda: flag({"f": "maybe"}, "f"), "param f must be yes or no")):
+        with pytest.raises(JobInputError, match=message):
+            call()

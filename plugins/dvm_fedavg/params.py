@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from dvm_core import JobInputError
+from dvm_core.params import flag, number, plugin_settings
 from dvm_core.datarefs import parse_data_ref
 
 from .checks import METHODS, MergeError, check_method, check_weights
@@ -53,22 +54,7 @@ class Limits:
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":
         """The limits from the worker's whole config. ValueError on an unknown or bad setting."""
-        table = ((config or {}).get("plugins") or {}).get(NAME) or {}
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(table) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) in [plugins.{NAME}]: {', '.join(unknown)} "
-                             f"(known: {', '.join(known)})")
-        values = {}
-        for name, value in table.items():
-            typ = float if known[name].type in ("float", float) else int
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or (typ is int and not float(value).is_integer()):
-                raise ValueError(f"[plugins.{NAME}] {name} must be a {typ.__name__}, got {value!r}")
-            if value < 0 or (value == 0 and name != "sats_per_gb"):
-                raise ValueError(f"[plugins.{NAME}] {name} must be positive, got {value!r}")
-            values[name] = typ(value)
-        return cls(**values)
+        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_gb",))
 
 
 @dataclass(frozen=True)
@@ -95,18 +81,6 @@ class MergeJob:
         return files * (self.model_bytes if self.model_bytes is not None else self.limits.max_input_bytes)
 
 
-def _number(params: dict, name: str, kind: type, low: float, high: float, default=None):
-    raw = params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw.strip()) if kind is int else float(raw.strip())
-    except ValueError:
-        raise JobInputError(f"param {name} must be {'a whole number' if kind is int else 'a number'}, "
-                            f"got {raw[:40]!r}") from None
-    if not math.isfinite(value) or not low <= value <= high:
-        raise JobInputError(f"param {name} must be between {low:g} and {high:g}, got {raw.strip()[:40]}")
-    return value
 
 
 def _public(url: str) -> str:
@@ -181,10 +155,10 @@ def parse_request(request, limits: Limits) -> MergeJob:
         raise JobInputError(str(exc).replace("input ", "update ", 1)) from None
 
     method = (params.get("method") or "fedavg").strip().lower()
-    trim_ratio = _number(params, "trim_ratio", float, 0.0, 0.4999, 0.1)
-    f = _number(params, "f", int, 0, 10_000, 1)
-    m = _number(params, "m", int, 1, 10_000, None)
-    clip_norm = _number(params, "clip_norm", float, 1e-30, 1e30, None)
+    trim_ratio = number(params, "trim_ratio", float, 0.0, 0.4999, 0.1)
+    f = number(params, "f", int, 0, 10_000, 1)
+    m = number(params, "m", int, 1, 10_000, None)
+    clip_norm = number(params, "clip_norm", float, 1e-30, 1e30, None)
     if m is not None and method != "multi_krum":
         raise JobInputError("param m applies to method multi_krum only")
     try:
@@ -206,17 +180,15 @@ def parse_request(request, limits: Limits) -> MergeJob:
             if ref.key is None and ref.sha256 != base_sha256:
                 raise JobInputError(f"the base input ({ref.url}) has sha256 {ref.sha256}, not param "
                                     f"base_sha256 {base_sha256}")
-    distances = (params.get("distances") or "no").strip().lower()
-    if distances not in ("yes", "no", "true", "false"):
-        raise JobInputError(f"param distances must be yes or no, got {params['distances'][:20]!r}")
-    model_bytes = _number(params, "model_bytes", int, 1, 2**62, None)
+    distances = flag(params, "distances", "no")
+    model_bytes = number(params, "model_bytes", int, 1, 2**62, None)
     if model_bytes is not None and model_bytes > limits.max_input_bytes:
         raise JobInputError(f"this provider merges files of at most {limits.max_input_bytes} bytes "
                             f"(param model_bytes is {model_bytes})")
     return MergeJob(updates=tuple(updates), weights=tuple(weights), base=base, adapter_config=adapter_config,
                     method=method, trim_ratio=trim_ratio, f=f, m=m, clip_norm=clip_norm,
                     base_sha256=base_sha256, model_bytes=model_bytes, limits=limits,
-                    distances=distances in ("yes", "true"))
+                    distances=distances)
 
 
 def price(job: MergeJob, limits: Limits) -> int:

@@ -27,9 +27,10 @@ kill the processes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from dvm_core import JobInputError
+from dvm_core.params import choice, number, plugin_settings
 
 NAME = "image-classifier"
 ARCHITECTURES = ("cnn", "resnet")  # built by models.py
@@ -92,22 +93,7 @@ class Limits:
         """Read the limits from the worker's whole configuration. Raises ValueError on a
         setting that is unknown or not a positive number: a typo must stop the worker at start,
         not silently leave a limit at its default."""
-        table = ((config or {}).get("plugins") or {}).get(NAME) or {}
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(table) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) in [plugins.{NAME}]: {', '.join(unknown)} "
-                             f"(known: {', '.join(known)})")
-        values = {}
-        for name, value in table.items():
-            typ = float if known[name].type in ("float", float) else int
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or (typ is int and not float(value).is_integer()):
-                raise ValueError(f"[plugins.{NAME}] {name} must be a {typ.__name__}, got {value!r}")
-            if value < 0 or (value == 0 and name != "sats_per_million_sample_epochs"):
-                raise ValueError(f"[plugins.{NAME}] {name} must be positive, got {value!r}")
-            values[name] = typ(value)
-        return cls(**values)
+        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_sample_epochs",))
 
 
 @dataclass(frozen=True)
@@ -145,31 +131,8 @@ class ImageClassifierJob:
         return self.declared_samples if self.declared_samples is not None else self.limits.max_samples
 
 
-def _number(params: dict, name: str, kind: type, low: float, high: float, default=None):
-    """Param `name` as an int or float within [low, high], else JobInputError."""
-    raw = params.get(name)
-    if raw is None:
-        return default
-    text = raw.strip()
-    try:
-        value = int(text) if kind is int else float(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise JobInputError(f"param {name} must be {what}, got {raw[:40]!r}") from None
-    if not math.isfinite(value) or not low <= value <= high:
-        shown = (str(int(low)), str(int(high))) if kind is int else (f"{low:g}", f"{high:g}")
-        raise JobInputError(f"param {name} must be between {shown[0]} and {shown[1]}, got {text[:40]}")
-    return value
 
 
-def _choice(params: dict, name: str, choices: tuple[str, ...], default: str) -> str:
-    value = params.get(name)
-    if value is None:
-        return default
-    value = value.strip().lower()
-    if value not in choices:
-        raise JobInputError(f"param {name} must be one of {', '.join(choices)}, got {params[name][:40]!r}")
-    return value
 
 
 def _normalisation(params: dict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -195,25 +158,25 @@ def _normalisation(params: dict) -> tuple[tuple[float, ...], tuple[float, ...]] 
 def parse_params(params: dict[str, str], limits: Limits, has_validation_input: bool) -> TrainParams:
     """Validate the request's params against the provider's limits and fill in the defaults.
     Raises JobInputError naming the param and the allowed range."""
-    optimizer = _choice(params, "optimizer", OPTIMIZERS, DEFAULTS["optimizer"])
-    fraction = _number(params, "validation_fraction", float, 0.0, 0.5,
+    optimizer = choice(params, "optimizer", OPTIMIZERS, DEFAULTS["optimizer"])
+    fraction = number(params, "validation_fraction", float, 0.0, 0.5,
                        0.0 if has_validation_input else DEFAULTS["validation_fraction"])
     if has_validation_input and fraction:
         raise JobInputError("send either a validation input or param validation_fraction, not both")
-    augment = _choice(params, "augment", ("yes", "no", "true", "false"), DEFAULTS["augment"])
+    augment = choice(params, "augment", ("yes", "no", "true", "false"), DEFAULTS["augment"])
     return TrainParams(
-        architecture=_choice(params, "architecture", ("auto",) + ARCHITECTURES, DEFAULTS["architecture"]),
-        epochs=_number(params, "epochs", int, 1, limits.max_epochs, DEFAULTS["epochs"]),
+        architecture=choice(params, "architecture", ("auto",) + ARCHITECTURES, DEFAULTS["architecture"]),
+        epochs=number(params, "epochs", int, 1, limits.max_epochs, DEFAULTS["epochs"]),
         # At least 2: BatchNorm cannot learn from a batch of one image.
-        batch_size=_number(params, "batch_size", int, 2, MAX_BATCH_SIZE, DEFAULTS["batch_size"]),
-        learning_rate=_number(params, "learning_rate", float, 1e-12, 1e9, DEFAULT_LR[optimizer]),
+        batch_size=number(params, "batch_size", int, 2, MAX_BATCH_SIZE, DEFAULTS["batch_size"]),
+        learning_rate=number(params, "learning_rate", float, 1e-12, 1e9, DEFAULT_LR[optimizer]),
         optimizer=optimizer,
-        weight_decay=_number(params, "weight_decay", float, 0.0, 1.0, DEFAULTS["weight_decay"]),
-        seed=_number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
+        weight_decay=number(params, "weight_decay", float, 0.0, 1.0, DEFAULTS["weight_decay"]),
+        seed=number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
         validation_fraction=fraction,
-        image_size=_number(params, "image_size", int, MIN_IMAGE_SIZE, limits.max_image_size, None),
+        image_size=number(params, "image_size", int, MIN_IMAGE_SIZE, limits.max_image_size, None),
         augment=augment in ("yes", "true"),
-        time_limit=_number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
+        time_limit=number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
         normalisation=_normalisation(params),
     )
 
@@ -243,7 +206,7 @@ def parse_request(request, limits: Limits) -> ImageClassifierJob:
         raise JobInputError("send the training set as an input of type 'url': an .npz file with arrays "
                             "x (uint8 images) and y (integer labels), or a zip/tar of one folder per class")
     params = parse_params(request.params, limits, has_validation_input=bool(by_role["validation"]))
-    declared = _number(request.params, "samples", int, 1, 2**62, None)
+    declared = number(request.params, "samples", int, 1, 2**62, None)
     if declared is not None and declared > limits.max_samples:
         raise JobInputError(f"this provider trains on at most {limits.max_samples} images per job "
                             f"(param samples is {declared})")

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from dvm_core import JobInputError
+from dvm_core.params import choice, flag, number, plugin_settings
 
 NAME = "llm-finetune"
 METHODS = ("lora", "full")
@@ -101,6 +102,19 @@ PARAMS = {
 }
 
 
+def _repo_ids(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+            or not all(isinstance(v, str) and REPO_ID.match(v) for v in value):
+        raise ValueError(f"{where} must be a list of Hugging Face repo ids, got {value!r}")
+    return tuple(value)
+
+
+def _launcher(value, where: str) -> str:
+    if value not in LAUNCHERS:
+        raise ValueError(f"{where} must be one of {', '.join(LAUNCHERS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a provider allows one job (from ``[plugins.llm-finetune]``)."""
@@ -125,40 +139,8 @@ class Limits:
     def from_config(cls, config: dict | None) -> "Limits":
         """Read the settings from the worker's whole configuration. Raises ValueError on a
         setting that is unknown or of the wrong type: a typo must stop the worker at start."""
-        table = ((config or {}).get("plugins") or {}).get(NAME) or {}
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(table) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) in [plugins.{NAME}]: {', '.join(unknown)} "
-                             f"(known: {', '.join(known)})")
-        values: dict = {}
-        for name, value in table.items():
-            where = f"[plugins.{NAME}] {name}"
-            default = known[name].default
-            if name == "allowed_models":
-                if isinstance(value, str) or not isinstance(value, (list, tuple)) \
-                        or not all(isinstance(v, str) and REPO_ID.match(v) for v in value):
-                    raise ValueError(f"{where} must be a list of Hugging Face repo ids, got {value!r}")
-                values[name] = tuple(value)
-            elif isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{where} must be true or false, got {value!r}")
-                values[name] = value
-            elif isinstance(default, str):
-                if not isinstance(value, str):
-                    raise ValueError(f"{where} must be a string, got {value!r}")
-                if name == "launcher" and value not in LAUNCHERS:
-                    raise ValueError(f"{where} must be one of {', '.join(LAUNCHERS)}, got {value!r}")
-                values[name] = value
-            else:
-                typ = type(default)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or (typ is int and not float(value).is_integer()):
-                    raise ValueError(f"{where} must be a {typ.__name__}, got {value!r}")
-                if value < 0 or (value == 0 and name != "sats_per_million_tokens"):
-                    raise ValueError(f"{where} must be positive, got {value!r}")
-                values[name] = typ(value)
-        return cls(**values)
+        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_tokens",),
+                               checks={"allowed_models": _repo_ids, "launcher": _launcher})
 
 
 @dataclass(frozen=True)
@@ -218,40 +200,16 @@ class FinetuneJob:
         return self.declared_tokens if self.declared_tokens is not None else self.limits.max_tokens
 
 
-def _number(params: dict, name: str, kind: type, low: float, high: float, default=None):
-    raw = params.get(name)
-    if raw is None:
-        return default
-    text = raw.strip()
-    try:
-        value = int(text) if kind is int else float(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise JobInputError(f"param {name} must be {what}, got {raw[:40]!r}") from None
-    if not math.isfinite(value) or not low <= value <= high:
-        shown = (str(int(low)), str(int(high))) if kind is int else (f"{low:g}", f"{high:g}")
-        raise JobInputError(f"param {name} must be between {shown[0]} and {shown[1]}, got {text[:40]}")
-    return value
 
 
-def _choice(params: dict, name: str, choices: tuple[str, ...], default: str) -> str:
-    value = params.get(name)
-    if value is None:
-        return default
-    value = value.strip().lower()
-    if value not in choices:
-        raise JobInputError(f"param {name} must be one of {', '.join(choices)}, got {params[name][:40]!r}")
-    return value
 
 
-def _flag(params: dict, name: str, default: str) -> bool:
-    return _choice(params, name, ("yes", "no", "true", "false"), default) in ("yes", "true")
 
 
 def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -> FinetuneParams:
     """Validate the request's params against the provider's limits and fill in the defaults."""
-    method = _choice(params, "method", METHODS, DEFAULTS["method"])
-    fraction = _number(params, "eval_fraction", float, 0.0, 0.5,
+    method = choice(params, "method", METHODS, DEFAULTS["method"])
+    fraction = number(params, "eval_fraction", float, 0.0, 0.5,
                        0.0 if has_eval_input else DEFAULTS["eval_fraction"])
     if has_eval_input and fraction:
         raise JobInputError("send either an input marked 'eval' or param eval_fraction, not both")
@@ -270,28 +228,28 @@ def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -
             raise JobInputError(f"param(s) {', '.join(lora_given)} are for method lora, not full")
     return FinetuneParams(
         method=method,
-        learning_rate=_number(params, "learning_rate", float, 1e-12, 1.0, DEFAULT_LR[method]),
-        lr_schedule=_choice(params, "lr_schedule", SCHEDULES, DEFAULTS["lr_schedule"]),
-        warmup_ratio=_number(params, "warmup_ratio", float, 0.0, 0.5, DEFAULTS["warmup_ratio"]),
-        weight_decay=_number(params, "weight_decay", float, 0.0, 1.0, DEFAULTS["weight_decay"]),
-        max_grad_norm=_number(params, "max_grad_norm", float, 0.0, 1e6, DEFAULTS["max_grad_norm"]),
-        epochs=_number(params, "epochs", int, 1, limits.max_epochs, DEFAULTS["epochs"]),
-        max_steps=_number(params, "max_steps", int, 1, limits.max_steps, None),
-        max_seq_length=_number(params, "max_seq_length", int, 8, limits.max_seq_length,
+        learning_rate=number(params, "learning_rate", float, 1e-12, 1.0, DEFAULT_LR[method]),
+        lr_schedule=choice(params, "lr_schedule", SCHEDULES, DEFAULTS["lr_schedule"]),
+        warmup_ratio=number(params, "warmup_ratio", float, 0.0, 0.5, DEFAULTS["warmup_ratio"]),
+        weight_decay=number(params, "weight_decay", float, 0.0, 1.0, DEFAULTS["weight_decay"]),
+        max_grad_norm=number(params, "max_grad_norm", float, 0.0, 1e6, DEFAULTS["max_grad_norm"]),
+        epochs=number(params, "epochs", int, 1, limits.max_epochs, DEFAULTS["epochs"]),
+        max_steps=number(params, "max_steps", int, 1, limits.max_steps, None),
+        max_seq_length=number(params, "max_seq_length", int, 8, limits.max_seq_length,
                                min(DEFAULTS["max_seq_length"], limits.max_seq_length)),
-        batch_size=_number(params, "batch_size", int, 1, MAX_BATCH_SIZE, DEFAULTS["batch_size"]),
-        gradient_accumulation_steps=_number(params, "gradient_accumulation_steps", int, 1, 1024,
+        batch_size=number(params, "batch_size", int, 1, MAX_BATCH_SIZE, DEFAULTS["batch_size"]),
+        gradient_accumulation_steps=number(params, "gradient_accumulation_steps", int, 1, 1024,
                                             DEFAULTS["gradient_accumulation_steps"]),
-        seed=_number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
-        packing=_flag(params, "packing", DEFAULTS["packing"]),
-        gradient_checkpointing=_flag(params, "gradient_checkpointing", DEFAULTS["gradient_checkpointing"]),
-        lora_r=_number(params, "lora_r", int, 1, 1024, DEFAULTS["lora_r"]),
-        lora_alpha=_number(params, "lora_alpha", float, 1e-6, 1e6, DEFAULTS["lora_alpha"]),
-        lora_dropout=_number(params, "lora_dropout", float, 0.0, 0.9, DEFAULTS["lora_dropout"]),
+        seed=number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
+        packing=flag(params, "packing", DEFAULTS["packing"]),
+        gradient_checkpointing=flag(params, "gradient_checkpointing", DEFAULTS["gradient_checkpointing"]),
+        lora_r=number(params, "lora_r", int, 1, 1024, DEFAULTS["lora_r"]),
+        lora_alpha=number(params, "lora_alpha", float, 1e-6, 1e6, DEFAULTS["lora_alpha"]),
+        lora_dropout=number(params, "lora_dropout", float, 0.0, 0.9, DEFAULTS["lora_dropout"]),
         target_modules=targets,
         eval_fraction=fraction,
-        processes=_number(params, "processes", int, 1, limits.max_processes, 1),
-        time_limit=_number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
+        processes=number(params, "processes", int, 1, limits.max_processes, 1),
+        time_limit=number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
     )
 
 
@@ -341,7 +299,7 @@ def parse_request(request, limits: Limits) -> FinetuneJob:
     elif revision is not None:
         raise JobInputError("param revision goes with param model, not with a model archive")
     params = parse_params(request.params, limits, has_eval_input=bool(by_role["eval"]))
-    declared = _number(request.params, "tokens", int, 1, 2**62, None)
+    declared = number(request.params, "tokens", int, 1, 2**62, None)
     if declared is not None and declared > limits.max_tokens:
         raise JobInputError(f"this provider trains on at most {limits.max_tokens} tokens per epoch "
                             f"(param tokens is {declared})")
