@@ -526,17 +526,18 @@ def live_processes_of(job_file: Path, pgid: int) -> list[int]:
 
 
 def test_cancelling_kills_the_launched_processes(tmp_path, patterns, monkeypatch):
+    from dvm_core import childproc
     from dvm_image_classifier import launched
 
     started: list = []
-    real_popen = launched.subprocess.Popen
+    real_popen = childproc.subprocess.Popen
 
     def recording_popen(*args, **kwargs):
         proc = real_popen(*args, **kwargs)
         started.append(proc)
         return proc
 
-    monkeypatch.setattr(launched.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(childproc.subprocess, "Popen", recording_popen)
     job = Job(tmp_path, {DATA_URL: patterns}, {"epochs": 200}, LAUNCHED)
     outcome: dict = {}
 

@@ -548,15 +548,17 @@ def _wait_for_step(job, thread, seconds: float = 60) -> None:
 
 
 def test_cancelling_kills_the_launched_processes(assets, tmp_path, monkeypatch):
+    from dvm_core import childproc
+
     started: list = []
-    real_popen = launchmod.subprocess.Popen
+    real_popen = childproc.subprocess.Popen
 
     def recording_popen(*args, **kwargs):
         proc = real_popen(*args, **kwargs)
         started.append(proc)
         return proc
 
-    monkeypatch.setattr(launchmod.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(childproc.subprocess, "Popen", recording_popen)
     job = Job(tmp_path, {DATA_URL: assets["text"]}, {**FAST, "model": REPO_ID, "epochs": 20},
               config=hub_config(assets, launcher="accelerate"))
     thread, outcome = _run_in_thread(job)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,8 +31,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from dvm_core.childproc import KILL_GRACE_S, json_lines, run_process_group
+
 PROGRESS_PREFIX = "DVM-EPOCH "
-KILL_GRACE_S = 5.0
 WATCH_PARENT_S = 0.5
 
 
@@ -85,50 +85,26 @@ def run_launched(job_file: Path, *, processes: int, use_gpu: bool, precision: st
     env["HF_HUB_OFFLINE"] = "1"   # nothing to download: never reach the hub
     threads = max(1, torch.get_num_threads() // processes)
     stderr_path = folder / "launch.log"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(command(job_file, processes, use_gpu, precision, threads), stdout=subprocess.PIPE,
-                                stderr=stderr, stdin=subprocess.DEVNULL, env=env, cwd=str(folder),
-                                start_new_session=True)
-        reader = threading.Thread(target=_forward_progress, args=(proc.stdout, on_epoch), daemon=True)
-        reader.start()
-        try:
-            while proc.poll() is None:
-                check_cancelled()
-                time.sleep(0.1)
-        except BaseException:
-            kill(proc, job_file)
-            raise
-        finally:
-            reader.join(5)
+    returncode = run_process_group(
+        command(job_file, processes, use_gpu, precision, threads), cwd=folder, env=env,
+        stderr_path=stderr_path, check_cancelled=check_cancelled, grace=KILL_GRACE_S,
+        on_line=json_lines(PROGRESS_PREFIX, lambda item: on_epoch(item["record"], item["epochs"])),
+        on_kill=lambda: _kill_job_processes(job_file))
     # The main process's outcome.json, else another process's error (outcome.<rank>.json).
     outcomes = [folder / "outcome.json"] if (folder / "outcome.json").is_file() else \
         sorted(folder.glob("outcome.*.json"))
     if not outcomes:
         tail = stderr_path.read_text(errors="replace")[-2000:]
         if log is not None:
-            log.warning("launched training failed", returncode=proc.returncode, stderr=tail)
-        raise RuntimeError(f"the training processes exited with code {proc.returncode} without an outcome: "
+            log.warning("launched training failed", returncode=returncode, stderr=tail)
+        raise RuntimeError(f"the training processes exited with code {returncode} without an outcome: "
                            f"{tail[-500:]}")
     return json.loads(outcomes[0].read_text(encoding="utf-8"))
 
 
-def kill(proc: subprocess.Popen, job_file: Path) -> None:
-    """SIGTERM the process group, SIGKILL it after `KILL_GRACE_S`; wait for the launcher. Then
-    SIGKILL any training process of this job still alive (torchrun starts each in a session of
-    its own, outside the group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # also any grandchild still alive in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def _kill_job_processes(job_file: Path) -> None:
+    """SIGKILL any training process of this job still alive once its group is stopped (torchrun
+    starts each in a session of its own, outside the group)."""
     for pid in _job_processes(job_file):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -149,17 +125,6 @@ def _job_processes(job_file: Path) -> list[int]:
         if str(job_file) in cmdline:
             pids.append(pid)
     return pids
-
-
-def _forward_progress(stream, on_epoch) -> None:
-    for raw in stream:
-        line = raw.decode("utf-8", "replace").strip()
-        if line.startswith(PROGRESS_PREFIX):
-            try:
-                item = json.loads(line[len(PROGRESS_PREFIX):])
-                on_epoch(item["record"], item["epochs"])
-            except (ValueError, KeyError, TypeError):
-                pass
 
 
 def outcome_from_dict(content: dict, state_dict):

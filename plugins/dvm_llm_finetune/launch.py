@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
+from dvm_core.childproc import KILL_GRACE_S, json_lines, run_process_group
+
 PROGRESS_PREFIX = "DVM-PROGRESS "
-KILL_GRACE_S = 5.0
 
 
 def _examples_to_json(examples) -> list[list[list[int]]]:
@@ -67,57 +64,19 @@ def run_launched(job_file: Path, *, processes: int, use_gpu: bool, precision: st
 
     threads = max(1, torch.get_num_threads() // processes)
     stderr_path = folder / "launch.log"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(command(job_file, processes, use_gpu, precision, threads), stdout=subprocess.PIPE,
-                                stderr=stderr, stdin=subprocess.DEVNULL, env=env, cwd=str(folder),
-                                start_new_session=True)
-        reader = threading.Thread(target=_forward_progress, args=(proc.stdout, report), daemon=True)
-        reader.start()
-        try:
-            while proc.poll() is None:
-                check_cancelled()
-                time.sleep(0.1)
-        except BaseException:
-            kill_group(proc)
-            raise
-        finally:
-            reader.join(5)
+    returncode = run_process_group(
+        command(job_file, processes, use_gpu, precision, threads), cwd=folder, env=env,
+        stderr_path=stderr_path, check_cancelled=check_cancelled, grace=KILL_GRACE_S,
+        on_line=json_lines(PROGRESS_PREFIX, lambda item: report(item["fraction"], item["message"],
+                                                                item.get("fields") or {})))
     outcome_file = folder / "outcome.json"
     if not outcome_file.is_file():
         tail = stderr_path.read_text(errors="replace")[-2000:]
         if log is not None:
-            log.warning("launched training failed", returncode=proc.returncode, stderr=tail)
-        raise RuntimeError(f"the training processes exited with code {proc.returncode} without an outcome: "
+            log.warning("launched training failed", returncode=returncode, stderr=tail)
+        raise RuntimeError(f"the training processes exited with code {returncode} without an outcome: "
                            f"{tail[-500:]}")
     return json.loads(outcome_file.read_text(encoding="utf-8"))
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, SIGKILL it after `KILL_GRACE_S`; wait for the launcher."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # also any grandchild still alive in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _forward_progress(stream, report) -> None:
-    for raw in stream:
-        line = raw.decode("utf-8", "replace").strip()
-        if line.startswith(PROGRESS_PREFIX):
-            try:
-                item = json.loads(line[len(PROGRESS_PREFIX):])
-                report(item["fraction"], item["message"], item.get("fields") or {})
-            except (ValueError, KeyError, TypeError):
-                pass
 
 
 def main(argv: list[str]) -> int:
