@@ -121,6 +121,8 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
         elif name == "param":
             if len(tag) < 3 or not tag[1]:
                 raise InvalidRequest('a "param" tag needs a name and a value: ["param", name, value]')
+            if tag[1] == "cashu":
+                continue  # a payment, as some clients send it: the cashier reads it, not the plugin
             if tag[1] in params:
                 raise InvalidRequest(f"param {tag[1]!r} is given more than once")
             params[tag[1]] = tag[2]
@@ -221,13 +223,14 @@ def build_feedback(
     """A kind-7000 feedback's (kind, content, tags).
 
     For an encrypted request (`encrypt` given) the human-readable message and any content go
-    encrypted in the content, and the status tag carries the status alone.
+    encrypted in the content, and the status tag carries the status alone. With both, the
+    plaintext is the message, a newline, and the content (e.g. a NUT-18 `creqA`) as its last line.
     """
     if status not in STATUSES:
         raise ValueError(f"unknown feedback status {status!r}")
     if encrypt is not None:
         tags = [["status", status]]
-        body = content or message
+        body = f"{message}\n{content}" if message and content else (content or message)
         content = encrypt(body) if body else ""
     else:
         tags = [["status", status, message] if message else ["status", status]]
@@ -335,7 +338,11 @@ def parse_feedback(event: dict, decrypt: Callable[[str], str] | None = None) -> 
     content = event.get("content", "")
     if is_encrypted(event) and decrypt is not None and content:
         content = decrypt(content)
-        message = message or content
+        text, _, last = content.rpartition("\n")
+        if text and last.startswith(("creqA", "creqB", "cashuA", "cashuB", "lnbc")):
+            message, content = message or text, last   # the message, then what to pay
+        else:
+            message = message or content
     return Feedback(status, message, req, amount, bolt11, progress, content, event)
 
 

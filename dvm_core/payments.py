@@ -1,18 +1,25 @@
 """Getting paid in ecash for a job, and paying back: the worker's cashier.
 
 A job is paid before any work starts, and the customer never loses a sat:
+- a payment pays only the job its lock names, or the payer its refund key names (`locks`):
+  copied into someone else's request or nutzap it pays nothing there, and money goes back only
+  to the key the payer chose (its NUT-11 refund key) or to the job's customer;
 - a token is recorded in the store before anything is done with it, so it pays once, across
-  restarts; the swap at the mint happens before the job is queued;
+  restarts; the swap at the mint happens before the job is queued, and a job killed during the
+  swap finishes it after the restart;
 - a mint that is down means "wait and retry", never "lost": the token is kept until redeemed;
-- over-payment comes back as change, and a job that fails for a reason that is not the
-  customer's is refunded, both as NIP-61 nutzaps P2PK-locked to the customer.
+- ecash owed back (change, refunds) is written down before it is made, and delivered by a
+  retrying outbox: the nutzap is signed and stored with the proofs it carries.
 
 Ways to pay (the `cashu` tag holds a token; NIP-90 itself never mentions ecash):
-1. `["cashu", token]` inside the encrypted params of a private request;
-2. `["cashu", token]` in a public request, P2PK-locked (NUT-11) to the DVM's wallet key;
-3. nothing: the DVM answers `payment-required` with the amount and a NUT-18 request, and the
-   customer sends a kind-9321 nutzap that `e`-tags the job request;
-4. an unlocked token in a public tag: accepted, with a warning that anyone could have taken it.
+1. `["cashu", token]` (or `["param", "cashu", token]`) inside the encrypted params of a private
+   request: a plain token, or one locked as in 2;
+2. `["cashu", token]` in a public request, P2PK-locked (NUT-11) to the DVM's wallet key with a
+   `refund` key of the request's author (a lock without one cannot be told from a copy);
+3. nothing: the DVM answers `payment-required` with the amount and a NUT-18 request that asks for
+   a lock to the key derived for this job alone, and the customer sends a kind-9321 nutzap that
+   `e`-tags the job request.
+A plain token in a public tag is refused and left alone: anyone reading the relay could take it.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from .ecash import (NUTZAP_INFO_KIND, Nutzap, TokenFormatError, build_nutzap, build_nutzap_info,
+from .ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_nutzap, build_nutzap_info,
                     decode_token, encode_payment_request, p2pk_lock, parse_nutzap, parse_nutzap_info)
-from .events import Keys
+from .events import InvalidEvent, Keys, verify_event
+from .locks import Binding, bind, compressed, payer_named
 from .nip90 import JobRequest
 from .store import Store
 
@@ -50,23 +58,30 @@ class Paid:
     warning: str = ""
 
 
+NOT_BOUND = ("it is locked to this DVM's key but names no refund key of yours, so it cannot be "
+             "told from a copy of someone else's payment")
+
+
 class Cashier:
     def __init__(self, *, wallet, store: Store, keys: Keys, mints: list[str], unit: str,
-                 publish: Callable[[int, str, list, str, str | None], Awaitable[None]],
+                 sign: Callable[[int, str, list], dict],
+                 publish: Callable[[dict, str, str | None], Awaitable[bool]],
                  query: Callable[[list[dict], float], Awaitable[list[dict]]],
+                 spawn: Callable[[Awaitable], asyncio.Task],
                  mint_retry_seconds: float, payment_timeout: float):
         self.wallet = wallet
         self.store = store
         self.keys = keys
         self.mints = mints
         self.unit = unit
-        self._publish = publish    # (kind, content, tags, role, job_id) -> signs, stores, publishes
+        self._sign = sign          # (kind, content, tags) -> a signed event
+        self._publish = publish    # (event, role, job_id) -> published (retried while stored)
         self._query = query        # (filters, timeout) -> events
+        self._spawn = spawn
         self.mint_retry_seconds = mint_retry_seconds
         self.payment_timeout = payment_timeout
-        self._awaiting: dict[str, asyncio.Future] = {}
-        self._early: dict[str, Nutzap] = {}  # nutzaps that came before their job asked (a replay)
-        self._stray: set[str] = set()
+        self._signals: dict[str, asyncio.Event] = {}   # jobs waiting for a nutzap
+        self._delivering: set[int] = set()
 
     @property
     def p2pk_pubkey(self) -> str:
@@ -75,73 +90,156 @@ class Cashier:
     def nutzap_info(self, relays: list[str]) -> tuple[int, str, list[list[str]]]:
         return build_nutzap_info(relays, self.mints, [self.unit], self.p2pk_pubkey)
 
-    # paying for a job ----------------------------------------------------------
+    def start(self) -> None:
+        """After a restart: deliver what is still owed, settle nutzaps whose job has ended."""
+        for row in self.store.open_payouts():
+            self._spawn(self._deliver(row["id"]))
+        for row in self.store.pending_nutzaps():
+            if not self._waits_for_payment(row["job_id"]):
+                self._spawn(self._return_stray(row))
+
+    # whose payment is it? ------------------------------------------------------
     def token_in(self, request: JobRequest, private_tags: list | None) -> tuple[str, str] | None:
         """The token offered with a request and how it came: (token, method) or None."""
         for tag in private_tags or []:
             if len(tag) >= 2 and tag[0] == "cashu":
                 return tag[1], "encrypted"
+            if len(tag) >= 3 and tag[0] == "param" and tag[1] == "cashu":
+                return tag[2], "encrypted"
         for tag in request.event.get("tags", []):
-            if len(tag) >= 2 and tag[0] == "cashu":
+            if (len(tag) >= 2 and tag[0] == "cashu") or (len(tag) >= 3 and tag[:2] == ["param", "cashu"]):
+                text = tag[1] if tag[0] == "cashu" else tag[2]
                 try:
-                    token = decode_token(tag[1])
+                    token = decode_token(text)
                 except TokenFormatError:
-                    return tag[1], "public"
+                    return text, "public"
                 locks = {p2pk_lock(p)[0] for p in token.proofs}
-                return tag[1], "p2pk" if locks != {None} else "public"
+                return text, "p2pk" if locks != {None} else "public"
         return None
 
+    def _binding(self, proofs, job_id: str | None) -> Binding:
+        def job_for_key(key: str) -> str | None:
+            if job_id is not None and key == self.wallet.job_lock_pubkey(job_id):
+                return job_id
+            return self.store.job_for_lock(key)
+        return bind(proofs, dvm_pubkey=self.p2pk_pubkey, job_for_key=job_for_key)
+
+    async def _owner(self, request: JobRequest, token: str, method: str, sender: str) -> str | None:
+        """Check that `token` is this job's to take; returns the key money goes back to (None:
+        the customer's). Raises PaymentRefused, before anything is redeemed."""
+        from .wallet import PaymentError
+        try:
+            self.wallet.inspect(token)        # the wallet's checks, with its words
+            proofs = decode_token(token).proofs
+        except PaymentError as exc:
+            raise PaymentRefused(exc.customer_message) from None
+        except TokenFormatError as exc:
+            raise PaymentRefused(f"The Cashu token cannot be read: {exc}.") from None
+        binding = self._binding(proofs, request.id)
+        if binding.kind == "bearer":
+            if method == "encrypted":
+                return None
+            raise PaymentRefused(
+                "The token is not locked and was in a public event, where anyone reading the relay "
+                "can take it; this DVM did not redeem it. Move it back into your wallet now, then pay "
+                "inside an encrypted request or as the payment request asks.")
+        if binding.kind == "job":
+            if binding.job_id == request.id:
+                return binding.refund_key
+            raise PaymentRefused(f"The ecash is locked for another job ({binding.job_id[:12]}…), not "
+                                 "this one; it was not redeemed.")
+        if binding.kind == "payer":
+            if sender == request.pubkey:
+                if payer_named(binding, [request.pubkey]):
+                    return binding.refund_key
+                wallet_key = await self._wallet_key_of(request.pubkey)
+                if wallet_key and payer_named(binding, [wallet_key]):
+                    return binding.refund_key
+            raise PaymentRefused("The token's refund key is not a key of this request's author, so it "
+                                 "is someone else's payment; it was not redeemed.")
+        if binding.kind == "unbound":
+            raise PaymentRefused(f"The token was not redeemed: {NOT_BOUND}. Lock it to the key this "
+                                 "job's payment request names, or add your key as its NUT-11 refund key.")
+        if binding.kind == "foreign":
+            raise PaymentRefused(f"The token is locked to another key ({binding.lock_key}), not to this "
+                                 f"DVM's key {self.p2pk_pubkey}; it was not redeemed.")
+        raise PaymentRefused("The token mixes locked and unlocked proofs (or several locks); it was "
+                             "not redeemed.")
+
+    # paying for a job ----------------------------------------------------------
     async def collect(self, request: JobRequest, price: int, offered: tuple[str, str] | None,
                       time_limit: float, say: Callable[[str, str, str], None]) -> Paid:
         """Take payment of `price` for `request`, waiting for a nutzap when nothing was offered.
 
         `say(status, message, content)` sends feedback. Raises PaymentRefused; by then nothing
-        was taken from the customer (a token that was swapped and cannot pay is refunded).
+        was taken from the customer (a token that was swapped and cannot pay is sent back).
         """
+        min_locktime = int(time.time() + time_limit + LOCKTIME_MARGIN_SECONDS)
         done = self.store.payment_for_job(request.id)
         if done is not None and done["state"] in ("redeemed", "consumed"):
             # A restart between the swap and the job's start: run without asking again.
-            return Paid(done["token_id"], done["mint"], done["unit"], done["received"], done["price"], done["method"])
+            return Paid(done["token_id"], done["mint"], done["unit"], done["received"], done["price"],
+                        done["method"])
         if done is not None and done["state"] in ("received", "redeeming"):
-            offered = (done["token"], done["method"])
-        if offered is None:
-            offered = await self._ask_for_payment(request, price, say)
-        token, method = offered
-        min_locktime = int(time.time() + time_limit + LOCKTIME_MARGIN_SECONDS)
-        return await self._redeem(request, price, token, method, min_locktime, say)
+            # Killed while redeeming: finish the swap with the token it had recorded.
+            return await self._redeem(request, price, done["token"], done["method"], done["refund_to"],
+                                      min_locktime, say)
+        if offered is not None:
+            token, method = offered
+            refund_to = await self._owner(request, token, method, request.pubkey)
+            return await self._redeem(request, price, token, method, refund_to, min_locktime, say)
+        return await self._await_nutzap(request, price, min_locktime, say)
 
-    async def _ask_for_payment(self, request: JobRequest, price: int, say) -> tuple[str, str]:
-        early = self._early.pop(request.id, None)
-        if early is not None:
-            return early.token(), "nutzap"
-        future = asyncio.get_running_loop().create_future()
-        self._awaiting[request.id] = future
+    async def _await_nutzap(self, request: JobRequest, price: int, min_locktime: int, say) -> Paid:
+        lock = self.wallet.job_lock_pubkey(request.id)
+        self.store.add_job_lock(lock, request.id)
         self.store.set_state(request.id, "payment-required")
         creq = encode_payment_request(
             payment_id=request.id[:16], amount=price, unit=self.unit, mints=self.mints,
-            description=f"NIP-90 job {request.id}", nostr_target=self.keys.npub,
-            lock_pubkey=self.p2pk_pubkey)
-        say("payment-required",
-            f"pay {price} {self.unit}: a NIP-61 nutzap (kind 9321) tagging this job request, P2PK-locked "
-            f"to {self.p2pk_pubkey} on {', '.join(self.mints)}; or resend the request with a token",
-            creq)
+            description=f"NIP-90 job {request.id}", nostr_target=self.keys.npub, lock_pubkey=lock)
+        how = (f"pay {price} {self.unit}: a NIP-61 nutzap (kind 9321) tagging this job request, "
+               f"P2PK-locked to {lock} (this job's own key) on {', '.join(self.mints)}")
+        signal = self._signals.setdefault(request.id, asyncio.Event())
+        if not self.store.pending_nutzaps(request.id):
+            say("payment-required", how, creq)
+        deadline = time.monotonic() + self.payment_timeout
         try:
-            nutzap: Nutzap = await asyncio.wait_for(future, self.payment_timeout)
-        except asyncio.TimeoutError:
-            raise PaymentRefused(f"no payment arrived within {self.payment_timeout:g} s; the job was dropped") from None
+            while True:
+                for row in self.store.pending_nutzaps(request.id):
+                    try:
+                        refund_to = await self._owner(request, row["token"], "nutzap", row["sender"])
+                        paid = await self._redeem(request, price, row["token"], "nutzap", refund_to,
+                                                  min_locktime, say)
+                    except PaymentRefused as exc:
+                        self.store.set_nutzap(row["event_id"], "refused")
+                        log.warning("a nutzap did not pay its job; still waiting", job_id=request.id,
+                                    nutzap=row["event_id"], sender=row["sender"], reason=str(exc))
+                        if row["sender"] == request.pubkey:
+                            say("payment-required", f"{exc} Still waiting for payment; {how}", creq)
+                        continue
+                    self.store.set_nutzap(row["event_id"], "used")
+                    return paid
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PaymentRefused(f"no payment arrived within {self.payment_timeout:g} s; the job "
+                                         "was dropped")
+                signal.clear()
+                try:
+                    await asyncio.wait_for(signal.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
         finally:
-            self._awaiting.pop(request.id, None)
-        return nutzap.token(), "nutzap"
+            self._signals.pop(request.id, None)
 
     async def _redeem(self, request: JobRequest, price: int, token: str, method: str,
-                      min_locktime: int, say) -> Paid:
+                      refund_to: str | None, min_locktime: int, say) -> Paid:
         from .wallet import PaymentError  # the only door to Nutshell
         try:
             info = self.wallet.inspect(token)
         except PaymentError as exc:
             raise PaymentRefused(exc.customer_message) from None
         holder = self.store.record_payment(info.token_id, request.id, request.pubkey, method,
-                                           info.mint, info.unit, info.amount, price, token)
+                                           info.mint, info.unit, info.amount, price, token, refund_to)
         if holder is not None and holder["job_id"] != request.id:
             if holder["state"] in ("received", "redeeming"):
                 raise PaymentRefused(f"this token is being redeemed for job {holder['job_id']}; send a new one")
@@ -150,11 +248,12 @@ class Cashier:
         self.store.set_payment(info.token_id, "redeeming")
         deadline = time.monotonic() + self.mint_retry_seconds
         delay, told = 1.0, False
+        locked = method in ("p2pk", "nutzap") or info.locked
         while True:
             try:
                 received = await self.wallet.receive(
                     token, min_amount=price, require_lock=method in ("p2pk", "nutzap"),
-                    min_locktime=min_locktime)
+                    min_locktime=min_locktime, job_id=request.id)
                 break
             except PaymentError as exc:
                 if exc.retryable and time.monotonic() < deadline:
@@ -172,51 +271,73 @@ class Cashier:
                     self.store.set_payment(info.token_id, "redeemed", received=info.amount)
                     return Paid(info.token_id, info.mint, info.unit, info.amount, price, method)
                 self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
-                suffix = " Your token was not redeemed." if exc.retryable else ""
-                if not exc.retryable and await self.give_back_locked(request, token, exc.customer_message):
-                    suffix = " Only this DVM could spend it, so it was sent back to you as a nutzap."
-                raise PaymentRefused(exc.customer_message + suffix) from None
+                message = exc.customer_message
+                if not exc.retryable and locked:
+                    returned = await self._give_back(request, token, refund_to, message)
+                    if returned:
+                        message = (message.replace("; it was not redeemed.", ".").rstrip(".") +
+                                   f". Only this DVM could spend it, so it redeemed it: it was sent back "
+                                   f"to you as a nutzap ({returned} {info.unit}); send a new request "
+                                   "or payment.")
+                elif exc.retryable:
+                    message += " Your token was not redeemed."
+                raise PaymentRefused(message) from None
         self.store.set_payment(info.token_id, "redeemed", received=received.amount)
         paid = Paid(info.token_id, info.mint, info.unit, received.amount, price, method)
         if received.amount < price:
-            await self.refund(request, paid, f"after the mint's fees {received.amount} {info.unit} arrived")
+            self._owe(request, info.token_id, info.mint, info.unit, refund_to, received.amount, "refund",
+                      f"refund: after the mint's fees {received.amount} {info.unit} arrived",
+                      payment_state="refunded")
             raise PaymentRefused(f"after the mint's fees only {received.amount} {info.unit} arrived; the price "
                                  f"is {price} {info.unit}. It was sent back to you as a nutzap.")
-        if method == "public":
-            paid.warning = ("warning: your token was in a public tag, where anyone reading the relay could "
-                            f"have taken it first; encrypt the request or P2PK-lock the token to {self.p2pk_pubkey}")
         if received.amount > price:
-            await self._send_back(request, paid, received.amount - price, "change", "change for your job")
+            change = received.amount - price
+            self._owe(request, info.token_id, info.mint, info.unit, refund_to, change, "change",
+                      "change for your job")
+            paid.warning = f"{change} {info.unit} of change is on its way to you as a nutzap"
         return paid
 
-    async def give_back_locked(self, request: JobRequest, token: str, reason: str) -> bool:
-        """A refused token P2PK-locked to our key is spendable by us alone: refusing it would
-        burn it. Redeem it and send it back to the customer. True if it was sent back."""
+    async def give_back(self, request: JobRequest, token: str, method: str, reason: str) -> int:
+        """A token offered for a job that will not run: if it is this customer's and locked to
+        us (so spendable by us alone), redeem it and send it back. Returns the amount sent back."""
+        try:
+            refund_to = await self._owner(request, token, method, request.pubkey)
+        except PaymentRefused:
+            return 0
+        return await self._give_back(request, token, refund_to, reason)
+
+    async def _give_back(self, request: JobRequest, token: str, refund_to: str | None, reason: str) -> int:
         from .wallet import PaymentError
         try:
             info = self.wallet.inspect(token)
         except PaymentError:
-            return False
-        ours = self.p2pk_pubkey[2:]
-        if not info.conditions or not all(c is not None and ours in {k[2:] for k in c.pubkeys}
-                                          for c in info.conditions):
-            return False
+            return 0
+        if not info.locked:
+            return 0   # a plain token was never taken: it is still the customer's
         holder = self.store.record_payment(info.token_id, request.id, request.pubkey, "returned",
-                                           info.mint, info.unit, info.amount, 0, token)
-        if holder is not None and holder["job_id"] != request.id:
-            return False
+                                           info.mint, info.unit, info.amount, 0, token, refund_to)
+        if holder is not None and holder["state"] not in ("rejected", "received"):
+            return 0
+        self.store.set_payment(info.token_id, "redeeming")
         try:
-            received = await self.wallet.receive(token, min_amount=1, require_lock=True)
+            received = await self.wallet.receive(token, min_amount=1, require_lock=True, job_id=request.id)
         except PaymentError as exc:
             self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
-            return False  # not spendable (spent, fake, wrong mint): nothing to give back
+            return 0  # not spendable (spent, fake, wrong mint): nothing to give back
         self.store.set_payment(info.token_id, "redeemed", received=received.amount)
-        paid = Paid(info.token_id, info.mint, info.unit, received.amount, 0, "returned")
-        await self._send_back(request, paid, received.amount, "refund", f"refund: {reason}")
-        return True
+        self._owe(request, info.token_id, info.mint, info.unit, refund_to, received.amount, "refund",
+                  f"refund: {reason}", payment_state="refunded")
+        return received.amount
 
     # nutzaps --------------------------------------------------------------------
-    def on_nutzap(self, event: dict, spawn: Callable) -> None:
+    def _waits_for_payment(self, job_id: str) -> bool:
+        job = self.store.get_job(job_id)
+        if job is None or job.state not in ("received", "payment-required"):
+            return False
+        paid = self.store.payment_for_job(job_id)
+        return paid is None or paid["state"] not in ("redeemed", "consumed", "refunded")
+
+    def on_nutzap(self, event: dict) -> None:
         try:
             nutzap = parse_nutzap(event)
         except TokenFormatError as exc:
@@ -224,89 +345,155 @@ class Cashier:
             return
         if nutzap.recipient != self.keys.public_key:
             return
-        future = self._awaiting.get(nutzap.zapped_event or "")
-        if future is not None and not future.done():
-            future.set_result(nutzap)
-            return
+        binding = self._binding(nutzap.proofs, nutzap.zapped_event)
         job = self.store.get_job(nutzap.zapped_event) if nutzap.zapped_event else None
-        if job is not None and job.state in ("received", "payment-required") and \
-                self.store.payment_for_job(job.id) is None:
-            self._early[job.id] = nutzap  # its job is being read (or resumed) right now
+        job_id = None
+        if binding.kind == "job":
+            job_id = binding.job_id
+        elif job is not None and job.customer == nutzap.sender:
+            job_id = job.id   # the customer's own nutzap: it pays, or they hear why not
+        elif binding.kind == "payer" and payer_named(binding, [nutzap.sender]):
+            # The payer's own nutzap for no job of ours: theirs to get back.
+            self._spawn(self._return_stray({"event_id": nutzap.event_id, "job_id": nutzap.zapped_event,
+                                            "sender": nutzap.sender, "token": nutzap.token()},
+                                           kind=nutzap.zapped_kind))
             return
-        if nutzap.event_id not in self._stray:
-            self._stray.add(nutzap.event_id)
-            spawn(self._return_stray(nutzap))
-
-    async def _return_stray(self, nutzap: Nutzap) -> None:
-        """A nutzap for no job waiting for payment: it is locked to our key, so only we can
-        give it back. Redeem it and send it back to its sender."""
-        from .wallet import PaymentError
-        token = nutzap.token()
-        try:
-            info = self.wallet.inspect(token)
-        except PaymentError:
+        if job_id is None:
+            log.info("a nutzap names no job of this DVM's that it could pay; left alone",
+                     event_id=nutzap.event_id, sender=nutzap.sender, binding=binding.kind)
             return
-        job_id = nutzap.zapped_event or nutzap.event_id
-        if self.store.record_payment(info.token_id, job_id, nutzap.sender, "nutzap", info.mint, info.unit,
-                                     info.amount, 0, token) is not None:
+        if not self.store.add_nutzap(nutzap.event_id, job_id, nutzap.sender, nutzap.token()):
             return  # seen before
+        signal = self._signals.get(job_id)
+        if signal is not None:
+            signal.set()
+        elif not self._waits_for_payment(job_id) and self.store.get_job(job_id) is not None:
+            self._spawn(self._return_stray({"event_id": nutzap.event_id, "job_id": job_id,
+                                            "sender": nutzap.sender, "token": nutzap.token()}))
+        # else: its job is being read (or was not seen yet): it takes the nutzap when it asks
+
+    async def _return_stray(self, row: dict, kind: int | None = None) -> None:
+        """A nutzap for no job that waits for payment (paid already, ended, or unknown): if it is
+        that job's customer's money (or the payer's own), locked to us, send it back to them."""
+        job = self.store.get_job(row["job_id"]) if row["job_id"] else None
+        if job is not None:
+            request = JobRequest(id=job.id, pubkey=job.customer, kind=job.kind, created_at=job.created_at)
+        else:
+            request = JobRequest(id=row["job_id"] or row["event_id"], pubkey=row["sender"],
+                                 kind=kind or 0, created_at=0)
+        reason = ("no job of this DVM is waiting for this payment (unknown job, already paid, or "
+                  "ended); it was sent back to you")
         try:
-            received = await self.wallet.receive(token, min_amount=1, require_lock=True)
-        except PaymentError as exc:
-            self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
+            refund_to = await self._owner(request, row["token"], "nutzap", row["sender"])
+        except PaymentRefused as exc:
+            self.store.set_nutzap(row["event_id"], "refused")
+            log.info("a nutzap for no job that waits for payment; left alone",
+                     job_id=request.id, reason=str(exc))
             return
-        self.store.set_payment(info.token_id, "redeemed", received=received.amount)
-        request = JobRequest(id=job_id, pubkey=nutzap.sender, kind=nutzap.zapped_kind or 0, created_at=0)
-        paid = Paid(info.token_id, info.mint, info.unit, received.amount, 0, "nutzap")
-        reason = ("no job of this DVM is waiting for this payment (unknown job, or already paid); "
-                  "it was sent back to you")
-        await self._send_back(request, paid, received.amount, "refund", reason)
-        log.info("returned a nutzap for no waiting job", job_id=job_id, amount=received.amount)
+        returned = await self._give_back(request, row["token"], refund_to, reason)
+        self.store.set_nutzap(row["event_id"], "returned")
+        log.info("returned a nutzap for no waiting job", job_id=request.id, amount=returned)
 
     # paying back -------------------------------------------------------------------
-    async def refund(self, request: JobRequest, paid: Paid, reason: str) -> None:
-        await self._send_back(request, paid, paid.amount, "refund", f"refund: {reason}")
-
-    async def refund_job(self, request: JobRequest, reason: str) -> bool:
-        """Refund the payment of a job that failed through no fault of the customer's."""
+    def refund_job(self, request: JobRequest, reason: str,
+                         job_state: tuple[str, str] | None = None) -> int:
+        """Refund what is still held of a job's payment (one that failed through no fault of the
+        customer's); with `job_state`, the job's end is written in the same transaction.
+        Returns the amount owed back (0: nothing to refund)."""
         row = self.store.payment_for_job(request.id)
-        if row is None or row["state"] != "redeemed" or row["refund_sent"]:
-            return False
-        paid = Paid(row["token_id"], row["mint"], row["unit"], row["received"], row["price"], row["method"])
-        await self._send_back(request, paid, min(paid.amount, paid.price), "refund", f"refund: {reason}")
-        return True
+        if row is None or row["state"] != "redeemed":
+            return 0
+        amount = (row["received"] or 0) - row["change_sent"] - row["refund_sent"]
+        if amount <= 0:
+            return 0
+        self._owe(request, row["token_id"], row["mint"], row["unit"], row["refund_to"], amount, "refund",
+                  f"refund: {reason}", payment_state="refunded", job_state=job_state)
+        return amount
 
     def consumed(self, job_id: str) -> None:
         row = self.store.payment_for_job(job_id)
         if row is not None and row["state"] == "redeemed":
             self.store.set_payment(row["token_id"], "consumed")
 
-    async def _send_back(self, request: JobRequest, paid: Paid, amount: int, role: str, comment: str) -> None:
+    def _owe(self, request: JobRequest, token_id: str | None, mint: str, unit: str,
+             refund_to: str | None, amount: int, role: str, comment: str, *,
+             payment_state: str | None = None, job_state: tuple[str, str] | None = None) -> None:
         if amount <= 0:
             return
-        lock = await self._customer_lock(request.pubkey)
-        token = await self.wallet.send(amount, mint=paid.mint, lock_to=lock)
-        decoded = decode_token(token)
-        if role == "refund":
-            self.store.set_payment(paid.token_id, "refunded", refund_sent=amount)
-        else:
-            self.store.set_payment(paid.token_id, "redeemed", change_sent=amount)
-        kind, content, tags = build_nutzap(decoded.mint, list(decoded.proofs), request.pubkey,
-                                           unit=decoded.unit, zapped_event=request.id,
-                                           zapped_kind=request.kind or None, comment=comment)
-        await self._publish(kind, content, tags, role, request.id)
-        log.info("ecash sent back", role=role, job_id=request.id, amount=amount, locked_to=lock[:10])
+        payout = self.store.owe(job_id=request.id, token_id=token_id, role=role, customer=request.pubkey,
+                                lock_to=refund_to, mint=mint, unit=unit, amount=amount, comment=comment,
+                                zapped_kind=request.kind or None, payment_state=payment_state,
+                                job_state=job_state)
+        self._spawn(self._deliver(payout))
 
-    async def _customer_lock(self, pubkey: str) -> str:
-        """The key to lock ecash for a customer: their NIP-61 wallet key if they publish one,
-        else their Nostr key (as NIP-61 says, prefixed 02)."""
+    async def _deliver(self, payout_id: int) -> None:
+        """Make the ecash of a payout and hand its nutzap to the outbox, retrying until done."""
+        from .wallet import PaymentError
+        if payout_id in self._delivering:
+            return
+        self._delivering.add(payout_id)
+        delay = 1.0
+        try:
+            while True:
+                row = self.store.payout(payout_id)
+                if row is None or row["state"] == "sent":
+                    return
+                try:
+                    await self._deliver_once(row)
+                    return
+                except PaymentError as exc:
+                    self.store.set_payout(payout_id, row["state"], error=exc.customer_message)
+                    log.warning("could not send ecash back yet; retrying", job_id=row["job_id"],
+                                amount=row["amount"], role=row["role"], error=exc.customer_message,
+                                retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 300.0)
+        finally:
+            self._delivering.discard(payout_id)
+
+    async def _deliver_once(self, row: dict) -> None:
+        lock = row["lock_to"] or await self._customer_lock(row["customer"])
+        proofs = []
+        if row["state"] == "sending":
+            # Killed while the mint was making them: they may be in our wallet already.
+            found = await self.wallet.locked_proofs(row["mint"], lock, exclude=self.store.payout_secrets())
+            if sum(p["amount"] for p in found) == row["amount"]:
+                proofs = found
+        if not proofs:
+            self.store.set_payout(row["id"], "sending", lock_to=lock, attempt=True)
+            proofs = await self.wallet.send_proofs(row["amount"], row["mint"], lock_to=lock)
+        kind, content, tags = build_nutzap(row["mint"], proofs, row["customer"], unit=row["unit"],
+                                           zapped_event=row["job_id"], zapped_kind=row["zapped_kind"],
+                                           comment=row["comment"])
+        event = self._sign(kind, content, tags)
+        self.store.payout_sent(row["id"], proofs, event, row["role"], row["job_id"])
+        log.info("ecash sent back", role=row["role"], job_id=row["job_id"], amount=row["amount"],
+                 locked_to=lock[:10])
+        await self._publish(event, row["role"], row["job_id"])
+
+    async def _wallet_key_of(self, pubkey: str) -> str | None:
+        """The P2PK key in `pubkey`'s own kind 10019 (NIP-61), if it publishes one. Only events
+        signed by `pubkey` count: a relay can return anyone's."""
         try:
             events = await self._query([{"kinds": [NUTZAP_INFO_KIND], "authors": [pubkey], "limit": 1}], 2.0)
         except Exception:
             events = []
         for event in sorted(events, key=lambda e: e["created_at"], reverse=True):
+            if event.get("pubkey") != pubkey or event.get("kind") != NUTZAP_INFO_KIND:
+                continue
+            try:
+                verify_event(event)   # the pool checks too; a refund's key is worth checking twice
+            except InvalidEvent:
+                continue
             info = parse_nutzap_info(event)
             if info.p2pk_pubkey:
-                key = info.p2pk_pubkey
-                return key if len(key) == 66 else "02" + key
-        return "02" + pubkey
+                try:
+                    return compressed(info.p2pk_pubkey)
+                except ValueError:
+                    continue
+        return None
+
+    async def _customer_lock(self, pubkey: str) -> str:
+        """The key to lock ecash for a customer: their NIP-61 wallet key if they publish one,
+        else their Nostr key (as NIP-61 says, prefixed 02)."""
+        return await self._wallet_key_of(pubkey) or "02" + pubkey

@@ -57,9 +57,44 @@ CREATE TABLE IF NOT EXISTS payments (
     change_sent INTEGER NOT NULL DEFAULT 0,
     refund_sent INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    refund_to TEXT                  -- the key money goes back to (the token's NUT-11 refund key)
 );
 CREATE INDEX IF NOT EXISTS payments_job ON payments(job_id);
+CREATE TABLE IF NOT EXISTS job_locks (
+    lock_key TEXT PRIMARY KEY,      -- the P2PK key derived for one job (locks.job_lock_pubkey)
+    job_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nutzaps (
+    event_id TEXT PRIMARY KEY,      -- a nutzap that may pay a job, kept until it is used or returned
+    job_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    token TEXT NOT NULL,
+    state TEXT NOT NULL,            -- pending, used, refused, returned
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nutzaps_pending ON nutzaps(job_id) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS payouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,   -- ecash this DVM owes: written before it is made
+    job_id TEXT NOT NULL,
+    token_id TEXT,                  -- the payment it comes out of
+    role TEXT NOT NULL,             -- refund, change
+    customer TEXT NOT NULL,         -- who gets it (their Nostr key)
+    lock_to TEXT,                   -- the key it is locked to, once chosen
+    mint TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    comment TEXT NOT NULL,
+    zapped_kind INTEGER,
+    state TEXT NOT NULL,            -- owed, sending (at the mint), sent (a nutzap in the outbox)
+    proofs TEXT,                    -- JSON: the proofs made for it
+    event_id TEXT,                  -- the nutzap that carries them
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payouts_open ON payouts(state) WHERE state != 'sent';
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -101,6 +136,8 @@ class Store:
         for column, typ in (("progress", "REAL"), ("progress_message", "TEXT")):
             if column not in columns:  # a store made by an older version
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {typ}")
+        if "refund_to" not in {r[1] for r in self.db.execute("PRAGMA table_info(payments)")}:
+            self.db.execute("ALTER TABLE payments ADD COLUMN refund_to TEXT")
         if self.path != ":memory:":
             Path(self.path).chmod(0o600)  # it holds tokens until they are redeemed
 
@@ -211,7 +248,8 @@ class Store:
 
     # payments ---------------------------------------------------------------
     def record_payment(self, token_id: str, job_id: str, customer: str, method: str, mint: str,
-                       unit: str, offered: int, price: int, token: str) -> dict | None:
+                       unit: str, offered: int, price: int, token: str,
+                       refund_to: str | None = None) -> dict | None:
         """Record a token before anything is done with it (a token is redeemed at most once,
         across restarts). Returns None when the token is new to this job, else the row that
         already holds it. A token refused earlier (state `rejected`) is taken over by the new
@@ -219,15 +257,17 @@ class Store:
         now = time.time()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO payments (token_id, job_id, customer, method, mint, unit, offered,"
-            " price, token, state, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)",
-            (token_id, job_id, customer, method, mint, unit, offered, price, token, now, now),
+            " price, token, state, created, updated, refund_to)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?)",
+            (token_id, job_id, customer, method, mint, unit, offered, price, token, now, now, refund_to),
         )
         if cur.rowcount == 1:
             return None
         cur = self.db.execute(
             "UPDATE payments SET job_id = ?, customer = ?, method = ?, price = ?, token = ?,"
-            " state = 'received', error = NULL, updated = ? WHERE token_id = ? AND state = 'rejected'",
-            (job_id, customer, method, price, token, now, token_id),
+            " state = 'received', error = NULL, updated = ?, refund_to = ?"
+            " WHERE token_id = ? AND state = 'rejected'",
+            (job_id, customer, method, price, token, now, refund_to, token_id),
         )
         if cur.rowcount == 1:
             return None
@@ -252,9 +292,100 @@ class Store:
             " updated DESC LIMIT 1", (job_id,)).fetchone()
         return dict(row) if row else None
 
+    def payment(self, token_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM payments WHERE token_id = ?", (token_id,)).fetchone()
+        return dict(row) if row else None
+
     def payments(self, limit: int = 1000) -> list[dict]:
         return [dict(r) for r in self.db.execute(
             "SELECT * FROM payments ORDER BY created DESC LIMIT ?", (limit,))]
+
+    # job locks and nutzaps -------------------------------------------------------
+    def add_job_lock(self, lock_key: str, job_id: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO job_locks (lock_key, job_id) VALUES (?, ?)", (lock_key, job_id))
+
+    def job_for_lock(self, lock_key: str) -> str | None:
+        row = self.db.execute("SELECT job_id FROM job_locks WHERE lock_key = ?", (lock_key,)).fetchone()
+        return row[0] if row else None
+
+    def add_nutzap(self, event_id: str, job_id: str, sender: str, token: str) -> bool:
+        """Keep a nutzap that may pay `job_id` until it is used or returned; False if known."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO nutzaps (event_id, job_id, sender, token, state, created)"
+            " VALUES (?, ?, ?, ?, 'pending', ?)", (event_id, job_id, sender, token, time.time()))
+        return cur.rowcount == 1
+
+    def pending_nutzaps(self, job_id: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM nutzaps WHERE state = 'pending'", ()
+        if job_id is not None:
+            sql, args = sql + " AND job_id = ?", (job_id,)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY created", args)]
+
+    def set_nutzap(self, event_id: str, state: str) -> None:
+        self.db.execute("UPDATE nutzaps SET state = ? WHERE event_id = ?", (state, event_id))
+
+    # money owed -------------------------------------------------------------------
+    def owe(self, *, job_id: str, token_id: str | None, role: str, customer: str, lock_to: str | None,
+            mint: str, unit: str, amount: int, comment: str, zapped_kind: int | None,
+            payment_state: str | None = None, job_state: tuple[str, str] | None = None) -> int:
+        """Write down ecash to send back before anything is made: one transaction with the
+        payment's ledger (`refund_sent` or `change_sent`, and its new state) and, with
+        `job_state` = (state, error), the job's end."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "INSERT INTO payouts (job_id, token_id, role, customer, lock_to, mint, unit, amount,"
+                " comment, zapped_kind, state, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'owed', ?, ?)",
+                (job_id, token_id, role, customer, lock_to, mint, unit, amount, comment, zapped_kind,
+                 now, now))
+            if token_id is not None:
+                column = "refund_sent" if role == "refund" else "change_sent"
+                self.db.execute(
+                    f"UPDATE payments SET {column} = {column} + ?, state = COALESCE(?, state),"
+                    " updated = ? WHERE token_id = ?", (amount, payment_state, now, token_id))
+            if job_state is not None:
+                self.set_state(job_id, job_state[0], error=job_state[1])
+            return cur.lastrowid
+
+    def payout(self, payout_id: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM payouts WHERE id = ?", (payout_id,)).fetchone()
+        return dict(row) if row else None
+
+    def open_payouts(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM payouts WHERE state != 'sent' ORDER BY id")]
+
+    def payouts(self, job_id: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM payouts", ()
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", (job_id,)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY id", args)]
+
+    def set_payout(self, payout_id: int, state: str, *, lock_to: str | None = None,
+                   error: str | None = None, attempt: bool = False) -> None:
+        self.db.execute(
+            "UPDATE payouts SET state = ?, lock_to = COALESCE(?, lock_to), error = ?,"
+            " attempts = attempts + ?, updated = ? WHERE id = ?",
+            (state, lock_to, error, 1 if attempt else 0, time.time(), payout_id))
+
+    def payout_sent(self, payout_id: int, proofs: list[dict], event: dict, role: str, job_id: str) -> None:
+        """The proofs made for a payout and the nutzap that carries them, in one transaction:
+        after a crash the nutzap is in the outbox, published again until a relay takes it."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "UPDATE payouts SET state = 'sent', proofs = ?, event_id = ?, error = NULL, updated = ?"
+                " WHERE id = ?", (json.dumps(proofs), event["id"], time.time(), payout_id))
+            self.add_outgoing(event, role, job_id)
+
+    def payout_secrets(self) -> set[str]:
+        """Secrets of every proof already given to a payout."""
+        secrets = set()
+        for (proofs,) in self.db.execute("SELECT proofs FROM payouts WHERE proofs IS NOT NULL"):
+            secrets.update(p["secret"] for p in json.loads(proofs))
+        return secrets
 
     # meta -----------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

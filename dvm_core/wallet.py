@@ -336,6 +336,12 @@ def _mint_error(exc: BaseException, mint: str, subject: str = "this token") -> P
     return PaymentError(f"The payment failed: {detail or type(exc).__name__}.")
 
 
+def _plain(proof) -> bool:
+    """A proof with a plain secret: ours to spend. A locked one in our database was made for
+    someone else (a payout whose send a crash interrupted) and is never counted as ours."""
+    return not proof.secret.startswith("[")
+
+
 # -- the wallet ------------------------------------------------------------------------------
 
 class ProviderWallet:
@@ -433,14 +439,14 @@ class ProviderWallet:
 
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
-                      min_locktime: int | None = None) -> Received:
+                      min_locktime: int | None = None, job_id: str | None = None) -> Received:
         """Take a payment: check the token, swap it at the mint for our own proofs, and report
         what arrived after the mint's fee.
 
         `require_lock`: every proof must be P2PK-locked to `p2pk_pubkey`. `min_locktime` (unix
         time): refuse locks whose locktime comes earlier, since the sender could reclaim the
-        token from then on. Raises PaymentError; if it is `retryable`, keep the token and try
-        again later.
+        token from then on. `job_id`: the key derived for this job (`locks.job_lock_pubkey`) is
+        ours too. Raises PaymentError; if it is `retryable`, keep the token and try again later.
         """
         info, proofs = self._parse(token)
         # Offline checks first: a token from a mint we do not accept must not make us connect.
@@ -456,7 +462,8 @@ class ProviderWallet:
             # Without DLEQ proofs we could not tell a forged token from a real one before the swap.
             raise PaymentError("The token carries no DLEQ proofs, so its signatures cannot be "
                                "checked; please send it with DLEQ proofs included.")
-        self._check_conditions(info, require_lock, min_locktime)
+        job_secret = self._job_secret(job_id)
+        self._check_conditions(info, require_lock, min_locktime, job_secret)
 
         wallet = await self._online(info.mint)
         await self._resolve_keysets(wallet, info.mint, proofs)
@@ -469,7 +476,7 @@ class ProviderWallet:
             raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
                                f"fee of {fee} {self.unit} that is less than the price of "
                                f"{min_amount} {self.unit}; it was not redeemed.")
-        self._sign_negated_locks(proofs)
+        self._sign_own_locks(proofs, job_secret)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
@@ -481,8 +488,24 @@ class ProviderWallet:
         return Received(amount=amount, fee=info.amount - amount, mint=info.mint, unit=self.unit,
                         token_id=info.token_id)
 
-    def _check_conditions(self, info: TokenInfo, require_lock: bool, min_locktime: int | None) -> None:
+    def _job_secret(self, job_id: str | None) -> str | None:
+        if job_id is None or self._p2pk_secret is None:
+            return None
+        from .locks import job_lock_secret
+        return job_lock_secret(self._p2pk_secret, job_id)
+
+    def job_lock_pubkey(self, job_id: str) -> str:
+        """The key a payment for `job_id` is locked to (see `locks`)."""
+        from .locks import job_lock_pubkey
+        return job_lock_pubkey(self.p2pk_pubkey, job_id)
+
+    def _check_conditions(self, info: TokenInfo, require_lock: bool, min_locktime: int | None,
+                          job_secret: str | None = None) -> None:
         ours = self._p2pk_secret and self.p2pk_pubkey
+        if job_secret is not None:
+            job_x = coincurve.PrivateKey(bytes.fromhex(job_secret)).public_key.format()[1:].hex()
+            if any(c is not None and job_x in {k[2:] for k in c.pubkeys} for c in info.conditions):
+                ours = "02" + job_x   # the lock names the job's key: check against that one
         for cond in info.conditions:
             if cond is None:
                 if require_lock:
@@ -510,21 +533,27 @@ class ProviderWallet:
                     f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
                     "the sender could take it back while the job runs. Lock it for longer.")
 
-    def _sign_negated_locks(self, proofs: list) -> None:
-        """Sign proofs locked to "03"+x of our key ourselves: Nutshell only signs for "02"+x."""
+    def _sign_own_locks(self, proofs: list, job_secret: str | None = None) -> None:
+        """Sign the proofs Nutshell would not: those locked to "03"+x of our key (Nutshell signs
+        only for "02"+x) and those locked to the key derived for a job."""
         if self._p2pk_secret is None:
             return
         c = _cashu()
+        signers = {}
+        for secret in filter(None, (self._p2pk_secret, job_secret)):
+            x = coincurve.PrivateKey(bytes.fromhex(secret)).public_key.format()[1:].hex()
+            signers[x] = c.PrivateKey(bytes.fromhex(secret))
         ours = self.p2pk_pubkey
-        negated = "03" + ours[2:]
-        key = c.PrivateKey(bytes.fromhex(self._p2pk_secret))
         for proof in proofs:
             cond = c.nut10.parse_spending_condition(proof.secret)
             if cond is None or cond.kind != "P2PK":
                 continue
             keys = {k.lower() for k in [cond.data] + cond.tags.get_tag_all("pubkeys")}
             keys |= {k.lower() for k in cond.tags.get_tag_all("refund")}
-            if negated in keys and ours not in keys:
+            if ours in keys:
+                continue   # Nutshell signs this one itself
+            key = next((signers[k[2:]] for k in keys if k[2:] in signers), None)
+            if key is not None:
                 signature = c.schnorr_sign(proof.secret.encode(), key).hex()
                 proof.witness = c.P2PKWitness(signatures=[signature]).model_dump_json()
 
@@ -565,6 +594,34 @@ class ProviderWallet:
             return False
 
     # -- sending and paying -----------------------------------------------------------------
+    async def send_proofs(self, amount: int, mint: str, lock_to: str | None = None) -> list[dict]:
+        """Like `send`, but the proofs themselves (NUT-00 dicts with DLEQ and the mint's full
+        keyset id), as a NIP-61 nutzap carries them."""
+        mint = self._accepted(mint)
+        c = _cashu()
+        wallet = await self._online(mint)
+        async with self._spend_lock(mint):
+            chosen = await self._choose_to_send(c, wallet, mint, amount, lock_to, None, None)
+        return [p.to_dict(include_dleq=True) for p in chosen]
+
+    async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
+        """Proofs in our wallet's database that are locked to `lock_to` (made for someone else by
+        a send whose answer a crash cut off), leaving out the secrets in `exclude`."""
+        from .ecash import p2pk_lock
+        wallet = await self._open(self._accepted(mint))
+        await wallet.load_proofs(reload=True)
+        want = compressed_pubkey(lock_to)
+        found = []
+        for p in wallet.proofs:
+            if p.secret in exclude or p.dleq is None:
+                continue
+            data, _, _ = p2pk_lock({"secret": p.secret})
+            if data is not None and data.lower() == want:
+                found.append(p)
+        if found:
+            await wallet.set_reserved_for_send(found, reserved=True)   # never ours to spend
+        return [p.to_dict(include_dleq=True) for p in found]
+
     async def send(self, amount: int, mint: str | None = None, lock_to: str | None = None, *,
                    locktime: int | None = None, refund_to: str | None = None) -> str:
         """A cashuB token worth exactly `amount`, with DLEQ proofs, for change and refunds.
@@ -583,7 +640,11 @@ class ProviderWallet:
             return await self._send_locked(c, wallet, mint, amount, lock_to, locktime, refund_to)
 
     async def _send_locked(self, c, wallet, mint, amount, lock_to, locktime, refund_to) -> str:
-        proofs = wallet.active_proofs(wallet.proofs)       # unreserved, of our unit
+        chosen = await self._choose_to_send(c, wallet, mint, amount, lock_to, locktime, refund_to)
+        return await wallet.serialize_proofs(chosen, include_dleq=True)
+
+    async def _choose_to_send(self, c, wallet, mint, amount, lock_to, locktime, refund_to) -> list:
+        proofs = [p for p in wallet.active_proofs(wallet.proofs) if _plain(p)]  # unreserved, of our unit
         try:
             if lock_to is None:
                 chosen = wallet.coinselect(proofs, amount)
@@ -605,7 +666,7 @@ class ProviderWallet:
                                f"(available: {self._available(wallet)}).") from None
         except Exception as exc:
             raise _mint_error(exc, mint) from exc
-        return await wallet.serialize_proofs(chosen, include_dleq=True)
+        return chosen
 
     async def melt(self, bolt11: str, mint: str | None = None) -> dict:
         """Pay a Lightning invoice with our ecash (melt quote, then melt).
@@ -715,7 +776,7 @@ class ProviderWallet:
 
     @staticmethod
     def _available(wallet) -> int:
-        return sum(p.amount for p in wallet.proofs if not p.reserved)
+        return sum(p.amount for p in wallet.proofs if not p.reserved and _plain(p))
 
     # -- opening Nutshell wallets -----------------------------------------------------------
     async def _open(self, mint: str):

@@ -42,6 +42,7 @@ log = structlog.get_logger("dvm.worker")
 
 STOP_GRACE_SECONDS = 10.0
 CATCHUP_MARGIN_SECONDS = 120
+FUTURE_SLACK_SECONDS = 600   # a request dated further ahead than this is not taken
 
 
 @dataclass
@@ -103,13 +104,12 @@ class Worker:
                                 unit=self.settings.unit,
                                 p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
 
-        async def publish(kind, content, tags, role, job_id):
-            event = self._sign(kind, content, tags)
-            self.store.add_outgoing(event, role, job_id)
-            await self._publish(event, role=role, job_id=job_id, stored=True)
+        async def publish(event, role, job_id):  # the event is in the outbox already
+            return await self._publish(event, role=role, job_id=job_id, stored=True)
 
         return Cashier(wallet=wallet, store=self.store, keys=self.keys, mints=self.settings.mints,
-                       unit=self.settings.unit, publish=publish, query=self.pool.query,
+                       unit=self.settings.unit, sign=self._sign, publish=publish,
+                       query=self.pool.query, spawn=self._spawn,
                        mint_retry_seconds=self.settings.mint_retry_seconds,
                        payment_timeout=self.settings.payment_timeout)
 
@@ -123,6 +123,8 @@ class Worker:
         if self.cashier is not None:
             await self.pool.subscribe("dvm-nutzaps", self._nutzap_filters)
         self._recover()
+        if self.cashier is not None:
+            self.cashier.start()
         if self.settings.announce and self.kinds:
             self._spawn(self._publish(self._sign(*self.announcement()), role="announcement"))
         if self.cashier is not None:
@@ -178,9 +180,11 @@ class Worker:
         return task
 
     def _request_filters(self) -> list[dict]:
+        # An event's created_at is the author's claim: it never moves `since` past our own clock.
+        now = int(time.time())
         latest = self.store.latest_request_time()
-        since = (latest - CATCHUP_MARGIN_SECONDS if latest is not None
-                 else int(time.time()) - self.settings.catchup_seconds)
+        since = (min(latest, now) - CATCHUP_MARGIN_SECONDS if latest is not None
+                 else now - self.settings.catchup_seconds)
         return [{"kinds": sorted(self.kinds), "since": since}]
 
     async def _check_mints(self) -> None:
@@ -249,7 +253,7 @@ class Worker:
         for job_id, role, event in self.store.unpublished():
             log.info("publishing again after restart", job_id=job_id, role=role, event_id=event["id"])
             self._spawn(self._publish(event, role=role, job_id=job_id, stored=True))
-        for record in self.store.jobs(ACTIVE_STATES + ("payment-required",)):
+        for record in self.store.jobs(ACTIVE_STATES + ("received", "payment-required")):
             if self.store.outgoing_for_job(record.id, "result") is not None:
                 self.store.set_state(record.id, "succeeded")
                 continue
@@ -264,7 +268,7 @@ class Worker:
         if event["kind"] in self.kinds and not self._stopping:
             return self._accept(event)
         if event["kind"] == NUTZAP_KIND and self.cashier is not None:
-            self.cashier.on_nutzap(event, self._spawn)
+            self.cashier.on_nutzap(event)
         return None
 
     def _on_deletion(self, event: dict) -> None:
@@ -280,6 +284,11 @@ class Worker:
             return  # addressed to other DVMs
         if is_encrypted(event) and self.keys.public_key not in providers:
             return  # private to another DVM: we could not read it anyway
+        if not resumed and event["created_at"] > time.time() + FUTURE_SLACK_SECONDS:
+            # Dated in the future: recorded, it would move where the next catch-up starts.
+            log.warning("request dated in the future ignored", job_id=event["id"],
+                        ahead_seconds=int(event["created_at"] - time.time()))
+            return
         if not resumed and not self.store.record_request(event):
             return  # seen before (on another relay, or before a restart)
         with structlog.contextvars.bound_contextvars(job_id=event["id"]):
@@ -317,7 +326,8 @@ class Worker:
                         except ValueError as exc:
                             raise InvalidRequest(f"input {job_input.data[:80]!r}: {exc}") from None
                 parsed = job_kind.parse(request) if job_kind.parse else request
-                await self._probe_inputs(request)
+                if not (resumed and self._paid_already(request.id)):
+                    await self._probe_inputs(request)   # a paid job's inputs are retried, then refunded
             except (InvalidRequest, JobInputError) as exc:
                 self._reject(event, str(exc), scheme)
                 return
@@ -354,6 +364,12 @@ class Worker:
             active.task = asyncio.current_task()
             await self._run(active)
 
+    def _paid_already(self, job_id: str) -> bool:
+        if self.cashier is None:
+            return False
+        row = self.store.payment_for_job(job_id)
+        return row is not None and row["state"] in ("received", "redeeming", "redeemed", "consumed")
+
     def _waiting(self) -> list[ActiveJob]:
         """Accepted jobs that have not started yet, oldest first."""
         return [a for a in self._active.values() if a.ctx is None]
@@ -377,9 +393,14 @@ class Worker:
         if request.bid_msats is not None and request.bid_msats < price * 1000:
             reason = (f"the price of this job is {price} {unit} ({price * 1000} msats); "
                       f"your bid was {request.bid_msats} msats")
-            if offered is not None and await self.cashier.give_back_locked(request, offered[0], reason):
-                reason += "; your token, locked to this DVM, was sent back to you as a nutzap"
-            self._reject(request.event, reason, scheme)
+            if offered is not None:
+                returned = await self.cashier.give_back(request, offered[0], offered[1], reason)
+                if returned:
+                    reason += (f"; your token, locked to this DVM, was redeemed and its {returned} {unit} "
+                               "sent back to you as a nutzap")
+                else:
+                    reason += "; your token was not redeemed"
+            self._reject(request.event, reason, scheme, amount_msats=price * 1000)
             return False
         encrypt = self._encrypter(request, scheme)
 
@@ -398,15 +419,13 @@ class Worker:
         except Exception:
             log.exception("taking payment failed", job_id=request.id)
             reason = "internal error while taking payment"
-            try:
-                if await self.cashier.refund_job(request, reason):
-                    reason += "; what was redeemed was refunded as a nutzap"
-            except Exception:
-                log.exception("refund failed; it stays owed in the ledger", job_id=request.id)
+            if self.cashier.refund_job(request, reason):
+                reason += "; what was redeemed was refunded as a nutzap"
             self._reject(request.event, reason, scheme)
             return False
 
-    def _reject(self, event: dict, reason: str, scheme: Scheme | None, private_detail: bool = True) -> None:
+    def _reject(self, event: dict, reason: str, scheme: Scheme | None, private_detail: bool = True,
+                amount_msats: int | None = None) -> None:
         # The reason can quote decrypted params: for a private request only the customer gets it.
         logged = reason if scheme is None or not private_detail else "invalid private request (reason sent encrypted)"
         log.warning("request rejected", kind=event["kind"], reason=logged)
@@ -414,7 +433,7 @@ class Worker:
         self.store.set_state(event["id"], "rejected", error=logged)
         request = _bare_request(event)
         encrypt = self._encrypter(request, scheme)
-        self._finish_feedback(request, reason, encrypt)
+        self._finish_feedback(request, reason, encrypt, amount_msats)
 
     def _encrypter(self, request: JobRequest, scheme: Scheme | None):
         return encrypter(scheme, self.keys.private_key, request.pubkey) if scheme else None
@@ -482,13 +501,14 @@ class Worker:
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if outcome in ("failed", "cancelled"):
-            self.store.set_state(request.id, outcome, error=error)
+            refunded = 0
             if active.paid is not None and self.cashier is not None and refund:
-                try:
-                    if await self.cashier.refund_job(request, error):
-                        error += f"; your {active.paid.amount} {active.paid.unit} were refunded as a nutzap"
-                except Exception:
-                    log.exception("refund failed; it stays owed in the ledger", job_id=request.id)
+                # The refund is owed in the same transaction that ends the job.
+                refunded = self.cashier.refund_job(request, error, job_state=(outcome, error))
+            if refunded:
+                error += f"; your {refunded} {active.paid.unit} were refunded as a nutzap"
+            else:
+                self.store.set_state(request.id, outcome, error=error)
             self._finish_feedback(request, error, self._encrypter(request, active.scheme))
         elif outcome == "succeeded" and self.cashier is not None:
             self.cashier.consumed(request.id)
@@ -652,9 +672,10 @@ class Worker:
             self.store.set_state(request.id, "succeeded", summary=metrics)
         self._spawn(self._publish(event, role="result", job_id=request.id, stored=True))
 
-    def _finish_feedback(self, request: JobRequest, message: str, encrypt) -> None:
+    def _finish_feedback(self, request: JobRequest, message: str, encrypt,
+                         amount_msats: int | None = None) -> None:
         event = self._sign(*build_feedback(request, "error", message, relay_hint=self.relay_hint,
-                                           encrypt=encrypt))
+                                           encrypt=encrypt, amount_msats=amount_msats))
         self.store.add_outgoing(event, "feedback", request.id)
         self._spawn(self._publish(event, role="feedback", job_id=request.id, stored=True))
 

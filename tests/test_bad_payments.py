@@ -17,7 +17,7 @@ import cbor2
 import pytest
 
 from dvm_core.client import Customer, JobFailed, result_json
-from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_token
+from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
 from dvm_core.events import Keys, sign_event
 from dvm_core.localnet import start_mint
 from dvm_core.nip90 import HANDLER_KIND, JobInput
@@ -297,9 +297,11 @@ async def test_customer_wallet_reclaims_an_expired_lock_with_its_refund_key(mint
 
 async def test_underpaying_token_locked_to_the_worker_is_sent_back(workers, mint, funded):
     worker = await paid_worker(workers, mint)
-    token = await funded.wallet.send(3, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    token = await funded.wallet.send(3, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey,
+                                     refund_to=funded.keys.public_key)
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
-    await refused(funded, request, "worth 3 sat", f"price is {PRICE} sat")
+    await refused(funded, request, "worth 3 sat", f"price is {PRICE} sat", "sent back to you as a nutzap",
+                  "send a new request")
     no_work_done(worker, request)
     # The customer cannot redeem it (locked to the worker): the worker must give it back.
     assert await claim_nutzaps(funded, 3, timeout=3) == 3
@@ -307,26 +309,33 @@ async def test_underpaying_token_locked_to_the_worker_is_sent_back(workers, mint
     assert await provider_balance(worker) == 0
 
 
-async def test_underpaying_nutzap_is_sent_back(workers, mint, funded):
+async def test_underpaying_nutzap_is_sent_back_and_the_job_still_waits(workers, mint, funded):
     worker = await paid_worker(workers, mint)
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
-    async for update in funded.updates(request, timeout=20):
-        assert update.status == "payment-required", update
-        break
-    token = await funded.wallet.send(3, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    updates = funded.updates(request, timeout=30)
+    asked = await anext(updates)
+    assert asked.status == "payment-required", asked
+    lock = decode_payment_request(asked.content)["nut10"]["d"]
+    token = await funded.wallet.send(3, mint=mint.url, lock_to=lock)
     await funded.pool.publish(send_nutzap(funded, token, worker.keys.public_key, request["id"]))
-    await refused(funded, request, "worth 3 sat", f"price is {PRICE} sat")
-    no_work_done(worker, request)
-    assert await claim_nutzaps(funded, 3, timeout=3) == 3
+    told = await anext(updates)
+    assert told.status == "payment-required" and "worth 3 sat" in told.message, told
+    assert "Still waiting for payment" in told.message
+    assert await claim_nutzaps(funded, 3, timeout=5) == 3
     assert await funded.wallet.total_balance() == FUNDS
     assert await provider_balance(worker) == 0
+    # The job was not ended by a bad payment: a good one still pays it.
+    await funded.pay_with_nutzap(request, asked, funded.wallet)
+    assert result_json(await funded.result(request, timeout=30))["words"] == 4
+    assert await provider_balance(worker) == PRICE
 
 
 # -- nutzaps that pay for nothing ----------------------------------------------------------------
 
 async def test_nutzap_for_a_job_that_does_not_exist_is_sent_back(workers, mint, funded):
     worker = await paid_worker(workers, mint)
-    token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey,
+                                     refund_to=funded.keys.public_key)
     assert await funded.wallet.total_balance() == FUNDS - PRICE
     nobody = os.urandom(32).hex()
     await funded.pool.publish(send_nutzap(funded, token, worker.keys.public_key, nobody))
@@ -344,7 +353,8 @@ async def test_second_nutzap_for_a_paid_job_is_sent_back(workers, mint, funded):
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key,
                                   cashu=await funded.wallet.send(PRICE, mint=mint.url))
     assert result_json(await funded.result(request, timeout=30))["words"] == 4
-    again = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    again = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey,
+                                     refund_to=funded.keys.public_key)
     await funded.pool.publish(send_nutzap(funded, again, worker.keys.public_key, request["id"]))
     assert await claim_nutzaps(funded, PRICE) == PRICE
     assert await funded.wallet.total_balance() == FUNDS - PRICE     # the job was paid once

@@ -43,14 +43,17 @@ async def test_token_in_encrypted_params_pays_for_the_job(workers, mint, funded)
 
 
 async def test_p2pk_locked_token_in_a_public_request(workers, mint, funded):
+    """Locked to the DVM with the author's key as NUT-11 refund key: the lock says whose it is."""
     worker = await paid_worker(workers, mint)
-    token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey)
+    token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=worker.cashier.p2pk_pubkey,
+                                     refund_to=funded.keys.public_key)
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
     feedback = []
     await funded.result(request, timeout=30, on_feedback=feedback.append)
     assert not any("warning" in f.message for f in feedback)
     assert await provider_balance(worker) == PRICE
-    assert worker.store.payment_for_job(request["id"])["method"] == "p2pk"
+    payment = worker.store.payment_for_job(request["id"])
+    assert payment["method"] == "p2pk" and payment["refund_to"] == "02" + funded.keys.public_key
 
 
 async def test_no_token_gets_payment_required_then_a_nutzap_pays(workers, mint, funded):
@@ -62,8 +65,12 @@ async def test_no_token_gets_payment_required_then_a_nutzap_pays(workers, mint, 
         break
     assert update.amount_msats == PRICE * 1000
     creq = decode_payment_request(update.content)
-    assert creq["a"] == PRICE and creq["m"] == [mint.url] and creq["nut10"]["d"] == worker.cashier.p2pk_pubkey
-    assert creq["nut10"]["d"][2:] != worker.keys.public_key  # a dedicated wallet key, not the identity
+    # The lock asked for is this job's own key: derived from the wallet key and the job id, so
+    # ecash made for this job can pay no other.
+    from dvm_core.locks import job_lock_pubkey
+    assert creq["a"] == PRICE and creq["m"] == [mint.url]
+    assert creq["nut10"]["d"] == job_lock_pubkey(worker.cashier.p2pk_pubkey, request["id"])
+    assert creq["nut10"]["d"][2:] not in (worker.keys.public_key, worker.cashier.p2pk_pubkey[2:])
     await funded.pay_with_nutzap(request, update, funded.wallet)
     result = await funded.result(request, timeout=30)
     assert result_json(result)["words"] == 4
@@ -71,14 +78,15 @@ async def test_no_token_gets_payment_required_then_a_nutzap_pays(workers, mint, 
     assert await funded.wallet.total_balance() == start - PRICE
 
 
-async def test_unlocked_token_in_a_public_tag_is_taken_with_a_warning(workers, mint, funded):
+async def test_unlocked_token_in_a_public_tag_is_refused_and_left_alone(workers, mint, funded):
+    """Anyone reading the relay could take a plain token from a public tag: so the DVM does not."""
     worker = await paid_worker(workers, mint)
     token = await funded.wallet.send(PRICE, mint=mint.url)
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
-    feedback = []
-    await funded.result(request, timeout=30, on_feedback=feedback.append)
-    assert any("anyone reading the relay could have taken it" in f.message for f in feedback)
-    assert await provider_balance(worker) == PRICE
+    with pytest.raises(JobFailed, match="anyone reading the relay can take it; this DVM did not redeem it"):
+        await funded.result(request, timeout=30)
+    assert await provider_balance(worker) == 0
+    assert await funded.wallet.check_spent(token) is False
 
 
 async def test_bid_below_the_price_is_refused_before_any_work(workers, mint, funded):
