@@ -25,6 +25,7 @@ A plain token in a public tag is refused and left alone: anyone reading the rela
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -41,6 +42,11 @@ from .store import Store
 log = structlog.get_logger("dvm.payments")
 
 LOCKTIME_MARGIN_SECONDS = 600
+
+
+@dataclass
+class _Received:
+    amount: int
 
 
 class PaymentRefused(Exception):
@@ -244,7 +250,6 @@ class Cashier:
             if holder["state"] in ("received", "redeeming"):
                 raise PaymentRefused(f"this token is being redeemed for job {holder['job_id']}; send a new one")
             raise PaymentRefused(f"this token already paid for job {holder['job_id']}; send a new one")
-        retrying = holder is not None  # the same job again, after a restart
         self.store.set_payment(info.token_id, "redeeming")
         deadline = time.monotonic() + self.mint_retry_seconds
         delay, told = 1.0, False
@@ -253,7 +258,8 @@ class Cashier:
             try:
                 received = await self.wallet.receive(
                     token, min_amount=price, require_lock=method in ("p2pk", "nutzap"),
-                    min_locktime=min_locktime, job_id=request.id)
+                    min_locktime=min_locktime, job_id=request.id,
+                    before_swap=lambda mark: self.store.add_payment_swap(info.token_id, mark))
                 break
             except PaymentError as exc:
                 if exc.retryable and time.monotonic() < deadline:
@@ -265,11 +271,25 @@ class Cashier:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     continue
-                if "already spent" in exc.customer_message and retrying:
-                    # Our own swap went through before a crash: the ecash is ours already.
-                    log.warning("token spent during an earlier attempt; counting it as paid", job_id=request.id)
-                    self.store.set_payment(info.token_id, "redeemed", received=info.amount)
-                    return Paid(info.token_id, info.mint, info.unit, info.amount, price, method)
+                swap = (self.store.payment(info.token_id) or {}).get("swap")
+                if exc.code == "spent" and swap:
+                    # Spent, and we had swapped it: the mint's answer (or we) got lost on the way.
+                    # Its signatures are asked for again (NUT-09) and the job runs.
+                    try:
+                        happened, recovered = await self.wallet.recover_swap(info.mint, json.loads(swap))
+                    except PaymentError as recover_error:
+                        if recover_error.retryable and time.monotonic() < deadline:
+                            await asyncio.sleep(delay)
+                            delay = min(delay * 2, 30.0)
+                            continue
+                        raise PaymentRefused(recover_error.customer_message + " Your token is kept; "
+                                             "send the request again later.") from None
+                    if happened:
+                        amount = min(info.amount, recovered) if recovered else info.amount
+                        log.warning("the mint had swapped the token before its answer was lost; "
+                                    "recovered the ecash", job_id=request.id, recovered=recovered)
+                        received = _Received(amount)
+                        break
                 self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
                 message = exc.customer_message
                 if not exc.retryable and locked:

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS payments (
     refund_sent INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    refund_to TEXT                  -- the key money goes back to (the token's NUT-11 refund key)
+    refund_to TEXT,                 -- the key money goes back to (the token's NUT-11 refund key)
+    swap TEXT                       -- JSON: where each swap attempt's outputs start (NUT-09 restore)
 );
 CREATE INDEX IF NOT EXISTS payments_job ON payments(job_id);
 CREATE TABLE IF NOT EXISTS job_locks (
@@ -136,8 +137,10 @@ class Store:
         for column, typ in (("progress", "REAL"), ("progress_message", "TEXT")):
             if column not in columns:  # a store made by an older version
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {typ}")
-        if "refund_to" not in {r[1] for r in self.db.execute("PRAGMA table_info(payments)")}:
-            self.db.execute("ALTER TABLE payments ADD COLUMN refund_to TEXT")
+        payment_columns = {r[1] for r in self.db.execute("PRAGMA table_info(payments)")}
+        for column in ("refund_to", "swap"):
+            if column not in payment_columns:  # a store made by an older version
+                self.db.execute(f"ALTER TABLE payments ADD COLUMN {column} TEXT")
         if self.path != ":memory:":
             Path(self.path).chmod(0o600)  # it holds tokens until they are redeemed
 
@@ -291,6 +294,13 @@ class Store:
             "SELECT * FROM payments WHERE job_id = ? ORDER BY state IN ('redeemed', 'consumed') DESC,"
             " updated DESC LIMIT 1", (job_id,)).fetchone()
         return dict(row) if row else None
+
+    def add_payment_swap(self, token_id: str, mark: dict) -> None:
+        """Note, before a swap, where its outputs' secrets start (one mark per attempt)."""
+        row = self.db.execute("SELECT swap FROM payments WHERE token_id = ?", (token_id,)).fetchone()
+        marks = json.loads(row[0]) if row and row[0] else []
+        self.db.execute("UPDATE payments SET swap = ? WHERE token_id = ?",
+                        (json.dumps(marks + [mark]), token_id))
 
     def payment(self, token_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM payments WHERE token_id = ?", (token_id,)).fetchone()

@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 from urllib.parse import urlsplit
 
 import coincurve
@@ -44,6 +45,8 @@ _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD036414
 # names a keyset we have not seen.
 KEYSET_REFRESH_SECONDS = 600.0
 MINT_QUOTE_TIMEOUT = 60.0
+# Outputs asked for again after a swap whose answer was lost: more than one swap makes.
+RESTORE_WINDOW = 64
 
 
 class PaymentError(Exception):
@@ -54,10 +57,11 @@ class PaymentError(Exception):
     keep it and try again later. False means the token itself is unacceptable.
     """
 
-    def __init__(self, customer_message: str, *, retryable: bool = False):
+    def __init__(self, customer_message: str, *, retryable: bool = False, code: str = ""):
         super().__init__(customer_message)
         self.customer_message = customer_message
         self.retryable = retryable
+        self.code = code          # "spent" when the mint says a proof is spent already
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,9 @@ def _import_cashu() -> SimpleNamespace:
                 from cashu.core.p2pk import SigFlags, schnorr_sign
                 from cashu.core.secret import Tags
                 from cashu.core.settings import settings
+                from cashu.wallet.crud import bump_secret_derivation
                 from cashu.wallet.errors import BalanceTooLowError
+                from cashu.wallet.v1_api import LedgerAPI
                 from cashu.wallet.helpers import deserialize_token_from_string
                 from cashu.wallet.wallet import Wallet
         finally:
@@ -206,6 +212,7 @@ def _import_cashu() -> SimpleNamespace:
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
         deserialize_token_from_string=deserialize_token_from_string,
+        bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,
     )
 
 
@@ -327,7 +334,8 @@ def _mint_error(exc: BaseException, mint: str, subject: str = "this token") -> P
     code = int(code_match.group(1)) if code_match else None
     detail = re.sub(r"^Mint Error: |\s*\(Code: \d+\)$", "", text).strip().rstrip(".")
     if code == 11001:
-        return PaymentError("This token was already spent; a Cashu token can be used only once.")
+        return PaymentError("This token was already spent; a Cashu token can be used only once.",
+                            code="spent")
     if code == 11002:
         return PaymentError("The mint says this token is being spent in another payment right "
                             "now; it can be tried again later.", retryable=True)
@@ -439,14 +447,17 @@ class ProviderWallet:
 
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
-                      min_locktime: int | None = None, job_id: str | None = None) -> Received:
+                      min_locktime: int | None = None, job_id: str | None = None,
+                      before_swap: Callable[[dict], None] | None = None) -> Received:
         """Take a payment: check the token, swap it at the mint for our own proofs, and report
         what arrived after the mint's fee.
 
         `require_lock`: every proof must be P2PK-locked to `p2pk_pubkey`. `min_locktime` (unix
         time): refuse locks whose locktime comes earlier, since the sender could reclaim the
         token from then on. `job_id`: the key derived for this job (`locks.job_lock_pubkey`) is
-        ours too. Raises PaymentError; if it is `retryable`, keep the token and try again later.
+        ours too. `before_swap(mark)` is called just before the swap with where its outputs'
+        secrets start: store it, and `recover_swap(mint, mark)` gets them back if the mint's answer
+        is lost. Raises PaymentError; if it is `retryable`, keep the token and try again later.
         """
         info, proofs = self._parse(token)
         # Offline checks first: a token from a mint we do not accept must not make us connect.
@@ -481,12 +492,54 @@ class ProviderWallet:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
             async with self._spend_lock(info.mint):
+                if before_swap is not None:
+                    counter = await _cashu().bump_secret_derivation(db=wallet.db, keyset_id=wallet.keyset_id, by=0)
+                    before_swap({"keyset": wallet.keyset_id, "counter": counter})
                 kept, _ = await wallet.redeem(proofs)     # the swap
         except Exception as exc:
             raise _mint_error(exc, info.mint) from exc
         amount = sum(p.amount for p in kept)
         return Received(amount=amount, fee=info.amount - amount, mint=info.mint, unit=self.unit,
                         token_id=info.token_id)
+
+    async def recover_swap(self, mint: str, marks: list[dict]) -> tuple[bool, int]:
+        """NUT-09: ask the mint again for the signatures of swaps whose answer was lost (their
+        outputs' secrets are derived from our seed, from each of `marks` on), and keep those that
+        are still unspent and not already ours. Returns (whether one of those swaps took place at
+        the mint, the amount recovered)."""
+        c = _cashu()
+        wallet = await self._online(self._accepted(mint))
+        recovered, happened = 0, False
+        async with self._spend_lock(mint):
+            for keyset in dict.fromkeys(str(m["keyset"]) for m in marks):
+                starts = sorted(int(m["counter"]) for m in marks if str(m["keyset"]) == keyset)
+                first, last = starts[0], starts[-1] + RESTORE_WINDOW - 1
+                secrets, rs, paths = await wallet.generate_secrets_from_to(first, last, keyset_id=keyset)
+                outputs, _ = wallet._construct_outputs([1] * len(secrets), secrets, rs, keyset_id=keyset)
+                try:
+                    restored, promises = await c.LedgerAPI.restore_promises(wallet, outputs)
+                except Exception as exc:
+                    raise _mint_error(exc, mint) from exc
+                await wallet.load_proofs(reload=True)
+                known = {p.secret for p in wallet.proofs}
+                where = {o.B_: i for i, o in enumerate(outputs)}
+                signed = {where[o.B_] for o in restored if o.B_ in where}
+                happened |= any(start - first in signed for start in starts)  # a swap's first output
+                found = [(promise, where[o.B_]) for o, promise in zip(restored, promises)
+                         if o.B_ in where and secrets[where[o.B_]] not in known]
+                if found:
+                    proofs = await wallet._construct_proofs(
+                        [p for p, _ in found], [secrets[i] for _, i in found], [rs[i] for _, i in found],
+                        [paths[i] for _, i in found])
+                    try:
+                        spendable = await wallet.invalidate(proofs, check_spendable=True)
+                    except Exception as exc:
+                        raise _mint_error(exc, mint) from exc
+                    recovered += sum(p.amount for p in spendable)
+                counter = await c.bump_secret_derivation(db=wallet.db, keyset_id=keyset, by=0)
+                if counter <= last:   # never hand out a secret of this window again
+                    await c.bump_secret_derivation(db=wallet.db, keyset_id=keyset, by=last + 1 - counter)
+        return happened, recovered
 
     def _job_secret(self, job_id: str | None) -> str | None:
         if job_id is None or self._p2pk_secret is None:

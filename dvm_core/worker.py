@@ -43,6 +43,8 @@ log = structlog.get_logger("dvm.worker")
 STOP_GRACE_SECONDS = 10.0
 CATCHUP_MARGIN_SECONDS = 120
 FUTURE_SLACK_SECONDS = 600   # a request dated further ahead than this is not taken
+FETCH_ATTEMPTS = 3           # tries of a paid job's input download before it is refunded
+FETCH_RETRY_SECONDS = 2.0
 
 
 @dataclass
@@ -231,9 +233,13 @@ class Worker:
                 "p2pk_pubkey": self.cashier.p2pk_pubkey,
                 "prices": {k.name: self.prices.get(k.name, self.settings.default_price)
                            for k in self.kinds.values() if not k.pricing},
-                "pricing": {k.name: k.pricing for k in self.kinds.values() if k.pricing},
-                "methods": ["cashu tag in encrypted params", "cashu tag P2PK-locked to p2pk_pubkey",
-                            "NIP-61 nutzap after payment-required"],
+                # Every kind says how it is priced, in words: a rule for kinds priced by work.
+                "pricing": {k.name: k.pricing or _fixed_pricing(
+                    self.prices.get(k.name, self.settings.default_price), self.settings.unit)
+                    for k in self.kinds.values()},
+                "methods": ["cashu tag (or param cashu) in encrypted params",
+                            "cashu tag P2PK-locked to p2pk_pubkey with a NUT-11 refund key of the author",
+                            "NIP-61 nutzap after payment-required, locked to the key it names"],
             }
         return build_handler_announcement(
             identifier=f"dvm-{self.keys.public_key[:16]}", name=self.settings.name,
@@ -614,12 +620,19 @@ class Worker:
         except ValueError as exc:
             raise JobInputError(str(exc)) from None
         s = self.settings
-        try:
-            path = await fetch(ref.url, ref.sha256, into, cache_dir=s.cache_dir,
-                               max_bytes=s.max_download_bytes, timeout=s.download_timeout,
-                               allow_private=s.allow_private_urls)
-        except FetchError as exc:
-            raise JobError(f"could not fetch an input: {exc}") from None
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            # The job is paid: a server that is briefly down is tried again before the job is
+            # given up (and refunded).
+            try:
+                path = await fetch(ref.url, ref.sha256, into, cache_dir=s.cache_dir,
+                                   max_bytes=s.max_download_bytes, timeout=s.download_timeout,
+                                   allow_private=s.allow_private_urls)
+                break
+            except FetchError as exc:
+                if attempt == FETCH_ATTEMPTS:
+                    raise JobError(f"could not fetch an input after {attempt} tries: {exc}") from None
+                log.warning("fetching an input failed; trying again", url=ref.url[:80], error=str(exc))
+                await asyncio.sleep(FETCH_RETRY_SECONDS * attempt)
         if ref.key is None:
             return path
         plain = into / f"{ref.sha256}.plain"
@@ -697,6 +710,10 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+
+def _fixed_pricing(price: int, unit: str) -> str:
+    return f"{price} {unit} per job" if price else "free"
 
 
 def _bare_request(event: dict) -> JobRequest:

@@ -52,7 +52,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             "they were trained from) and one marked adapter_config. Returns model.safetensors and "
             f"merge_report.json. Limits: {limits.max_inputs} updates, {limits.max_input_bytes} bytes "
             f"per file. {pricing}"),
-        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS))
+        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        pricing=(f"{rate:g} sats per GB merged (update files × model size), at least 1 sat"
+                 if rate > 0 else None))
 
 
 @hookimpl

@@ -56,7 +56,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"{limits.max_model_parameters:,} parameters, {limits.max_tokens:,} tokens, "
             f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
             f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
-        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS))
+        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        pricing=(f"{rate:g} sats per million tokens (dataset tokens × epochs; param tokens, else "
+                 f"{limits.max_tokens:,} tokens), at least 1 sat" if rate > 0 else None))
 
 
 @hookimpl
