@@ -13,7 +13,7 @@ TORCH_WHEEL := $(firstword $(wildcard $(addsuffix /torch-*.whl,$(subst :, ,$(PIP
 TORCH_PIN := $(if $(TORCH_WHEEL),torch==$(firstword $(subst +, ,$(word 2,$(subst -, ,$(notdir $(TORCH_WHEEL)))))))
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
-.PHONY: demo test venv js clean
+.PHONY: demo test test-all venv js clean
 
 $(STAMP): pyproject.toml examples/dvm-textstats/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: $(STAMP)
 
 test: $(STAMP) js
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# Everything: the slow examples and the whole fault matrix too.
+test-all: $(STAMP) js
+	$(BIN)/python -m pytest -q -ra -m "slow or not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules

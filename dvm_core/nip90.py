@@ -215,6 +215,9 @@ def _amount_tag(amount_msats: int | None, bolt11: str | None) -> list[list[str]]
     return [["amount", str(int(amount_msats))] + ([bolt11] if bolt11 else [])]
 
 
+PAYABLE_PREFIXES = ("creqA", "creqB", "lnbc", "lntb", "lnbcrt")
+
+
 def build_feedback(
     request: JobRequest, status: str, message: str = "", *, content: str = "",
     amount_msats: int | None = None, bolt11: str | None = None, progress: float | None = None,
@@ -223,14 +226,16 @@ def build_feedback(
     """A kind-7000 feedback's (kind, content, tags).
 
     For an encrypted request (`encrypt` given) the human-readable message and any content go
-    encrypted in the content, and the status tag carries the status alone. With both, the
-    plaintext is the message, a newline, and the content (e.g. a NUT-18 `creqA`) as its last line.
+    encrypted in the content, and the status tag carries the status alone. When the content is
+    something to pay (a NUT-18 `creqA`, an invoice), the plaintext is the message, a newline, and
+    the content as its last line, so the customer reads what to pay and why.
     """
     if status not in STATUSES:
         raise ValueError(f"unknown feedback status {status!r}")
     if encrypt is not None:
         tags = [["status", status]]
-        body = f"{message}\n{content}" if message and content else (content or message)
+        payable = message and content.startswith(PAYABLE_PREFIXES)
+        body = f"{message}\n{content}" if payable else (content or message)
         content = encrypt(body) if body else ""
     else:
         tags = [["status", status, message] if message else ["status", status]]
@@ -339,7 +344,7 @@ def parse_feedback(event: dict, decrypt: Callable[[str], str] | None = None) -> 
     if is_encrypted(event) and decrypt is not None and content:
         content = decrypt(content)
         text, _, last = content.rpartition("\n")
-        if text and last.startswith(("creqA", "creqB", "cashuA", "cashuB", "lnbc")):
+        if text and last.startswith(PAYABLE_PREFIXES):
             message, content = message or text, last   # the message, then what to pay
         else:
             message = message or content

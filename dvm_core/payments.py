@@ -35,6 +35,7 @@ import structlog
 from .ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_nutzap, build_nutzap_info,
                     decode_token, encode_payment_request, p2pk_lock, parse_nutzap, parse_nutzap_info)
 from .events import InvalidEvent, Keys, verify_event
+from .crashpoints import crashpoint
 from .locks import Binding, bind, compressed, payer_named
 from .nip90 import JobRequest
 from .store import Store
@@ -188,8 +189,12 @@ class Cashier:
                         done["method"])
         if done is not None and done["state"] in ("received", "redeeming"):
             # Killed while redeeming: finish the swap with the token it had recorded.
-            return await self._redeem(request, price, done["token"], done["method"], done["refund_to"],
+            paid = await self._redeem(request, price, done["token"], done["method"], done["refund_to"],
                                       min_locktime, say)
+            for row in self.store.pending_nutzaps(request.id):   # the nutzap that brought it
+                if row["token"] == done["token"]:
+                    self.store.set_nutzap(row["event_id"], "used")
+            return paid
         if offered is not None:
             token, method = offered
             refund_to = await self._owner(request, token, method, request.pubkey)
@@ -198,8 +203,10 @@ class Cashier:
 
     async def _await_nutzap(self, request: JobRequest, price: int, min_locktime: int, say) -> Paid:
         lock = self.wallet.job_lock_pubkey(request.id)
-        self.store.add_job_lock(lock, request.id)
-        self.store.set_state(request.id, "payment-required")
+        with self.store.atomic():
+            self.store.add_job_lock(lock, request.id)
+            self.store.set_state(request.id, "payment-required")
+        crashpoint("payment-required")
         creq = encode_payment_request(
             payment_id=request.id[:16], amount=price, unit=self.unit, mints=self.mints,
             description=f"NIP-90 job {request.id}", nostr_target=self.keys.npub, lock_pubkey=lock)
@@ -227,6 +234,7 @@ class Cashier:
                     return paid
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self.settle(request.id)
                     raise PaymentRefused(f"no payment arrived within {self.payment_timeout:g} s; the job "
                                          "was dropped")
                 signal.clear()
@@ -251,6 +259,7 @@ class Cashier:
                 raise PaymentRefused(f"this token is being redeemed for job {holder['job_id']}; send a new one")
             raise PaymentRefused(f"this token already paid for job {holder['job_id']}; send a new one")
         self.store.set_payment(info.token_id, "redeeming")
+        crashpoint("payment-recorded")
         deadline = time.monotonic() + self.mint_retry_seconds
         delay, told = 1.0, False
         locked = method in ("p2pk", "nutzap") or info.locked
@@ -302,19 +311,23 @@ class Cashier:
                 elif exc.retryable:
                     message += " Your token was not redeemed."
                 raise PaymentRefused(message) from None
-        self.store.set_payment(info.token_id, "redeemed", received=received.amount)
+        crashpoint("after-swap")
         paid = Paid(info.token_id, info.mint, info.unit, received.amount, price, method)
+        # What arrived, and what of it is owed back, in one transaction.
         if received.amount < price:
             self._owe(request, info.token_id, info.mint, info.unit, refund_to, received.amount, "refund",
                       f"refund: after the mint's fees {received.amount} {info.unit} arrived",
-                      payment_state="refunded")
+                      payment_state="refunded", received=received.amount)
             raise PaymentRefused(f"after the mint's fees only {received.amount} {info.unit} arrived; the price "
                                  f"is {price} {info.unit}. It was sent back to you as a nutzap.")
         if received.amount > price:
             change = received.amount - price
             self._owe(request, info.token_id, info.mint, info.unit, refund_to, change, "change",
-                      "change for your job")
+                      "change for your job", payment_state="redeemed", received=received.amount)
             paid.warning = f"{change} {info.unit} of change is on its way to you as a nutzap"
+        else:
+            self.store.set_payment(info.token_id, "redeemed", received=received.amount)
+        crashpoint("payment-redeemed")
         return paid
 
     async def give_back(self, request: JobRequest, token: str, method: str, reason: str) -> int:
@@ -344,9 +357,8 @@ class Cashier:
         except PaymentError as exc:
             self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
             return 0  # not spendable (spent, fake, wrong mint): nothing to give back
-        self.store.set_payment(info.token_id, "redeemed", received=received.amount)
         self._owe(request, info.token_id, info.mint, info.unit, refund_to, received.amount, "refund",
-                  f"refund: {reason}", payment_state="refunded")
+                  f"refund: {reason}", payment_state="refunded", received=received.amount)
         return received.amount
 
     # nutzaps --------------------------------------------------------------------
@@ -384,6 +396,7 @@ class Cashier:
             return
         if not self.store.add_nutzap(nutzap.event_id, job_id, nutzap.sender, nutzap.token()):
             return  # seen before
+        crashpoint("nutzap-kept")
         signal = self._signals.get(job_id)
         if signal is not None:
             signal.set()
@@ -391,6 +404,11 @@ class Cashier:
             self._spawn(self._return_stray({"event_id": nutzap.event_id, "job_id": job_id,
                                             "sender": nutzap.sender, "token": nutzap.token()}))
         # else: its job is being read (or was not seen yet): it takes the nutzap when it asks
+
+    def settle(self, job_id: str) -> None:
+        """A job that will not be paid: nutzaps kept for it go back to their payers."""
+        for row in self.store.pending_nutzaps(job_id):
+            self._spawn(self._return_stray(row))
 
     async def _return_stray(self, row: dict, kind: int | None = None) -> None:
         """A nutzap for no job that waits for payment (paid already, ended, or unknown): if it is
@@ -415,19 +433,22 @@ class Cashier:
         log.info("returned a nutzap for no waiting job", job_id=request.id, amount=returned)
 
     # paying back -------------------------------------------------------------------
-    def refund_job(self, request: JobRequest, reason: str,
-                         job_state: tuple[str, str] | None = None) -> int:
-        """Refund what is still held of a job's payment (one that failed through no fault of the
-        customer's); with `job_state`, the job's end is written in the same transaction.
-        Returns the amount owed back (0: nothing to refund)."""
-        row = self.store.payment_for_job(request.id)
+    def refundable(self, job_id: str) -> int:
+        """What is still held of a job's payment: what would be refunded."""
+        row = self.store.payment_for_job(job_id)
         if row is None or row["state"] != "redeemed":
             return 0
-        amount = (row["received"] or 0) - row["change_sent"] - row["refund_sent"]
-        if amount <= 0:
-            return 0
-        self._owe(request, row["token_id"], row["mint"], row["unit"], row["refund_to"], amount, "refund",
-                  f"refund: {reason}", payment_state="refunded", job_state=job_state)
+        return max(0, (row["received"] or 0) - row["change_sent"] - row["refund_sent"])
+
+    def refund_job(self, request: JobRequest, reason: str) -> int:
+        """Refund what is still held of a job's payment (one that failed through no fault of the
+        customer's). Returns the amount owed back (0: nothing to refund). Inside the caller's
+        `store.atomic()`, the debt is written with whatever else the caller writes there."""
+        amount = self.refundable(request.id)
+        if amount:
+            row = self.store.payment_for_job(request.id)
+            self._owe(request, row["token_id"], row["mint"], row["unit"], row["refund_to"], amount,
+                      "refund", f"refund: {reason}", payment_state="refunded")
         return amount
 
     def consumed(self, job_id: str) -> None:
@@ -437,14 +458,15 @@ class Cashier:
 
     def _owe(self, request: JobRequest, token_id: str | None, mint: str, unit: str,
              refund_to: str | None, amount: int, role: str, comment: str, *,
-             payment_state: str | None = None, job_state: tuple[str, str] | None = None) -> None:
+             payment_state: str | None = None, received: int | None = None) -> None:
         if amount <= 0:
             return
         payout = self.store.owe(job_id=request.id, token_id=token_id, role=role, customer=request.pubkey,
                                 lock_to=refund_to, mint=mint, unit=unit, amount=amount, comment=comment,
                                 zapped_kind=request.kind or None, payment_state=payment_state,
-                                job_state=job_state)
-        self._spawn(self._deliver(payout))
+                                received=received)
+        crashpoint("payout-owed")
+        self._spawn(self._deliver(payout))   # starts after the caller's transaction, if any
 
     async def _deliver(self, payout_id: int) -> None:
         """Make the ecash of a payout and hand its nutzap to the outbox, retrying until done."""
@@ -481,12 +503,15 @@ class Cashier:
                 proofs = found
         if not proofs:
             self.store.set_payout(row["id"], "sending", lock_to=lock, attempt=True)
+            crashpoint("payout-sending")
             proofs = await self.wallet.send_proofs(row["amount"], row["mint"], lock_to=lock)
+            crashpoint("payout-made")
         kind, content, tags = build_nutzap(row["mint"], proofs, row["customer"], unit=row["unit"],
                                            zapped_event=row["job_id"], zapped_kind=row["zapped_kind"],
                                            comment=row["comment"])
         event = self._sign(kind, content, tags)
         self.store.payout_sent(row["id"], proofs, event, row["role"], row["job_id"])
+        crashpoint("payout-stored")
         log.info("ecash sent back", role=row["role"], job_id=row["job_id"], amount=row["amount"],
                  locked_to=lock[:10])
         await self._publish(event, row["role"], row["job_id"])

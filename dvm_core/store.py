@@ -8,6 +8,7 @@ customer sees one result).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -126,6 +127,7 @@ class Store:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._depth = 0
         self.db.row_factory = sqlite3.Row
         # WAL with synchronous=NORMAL survives a killed process (the data is in the OS); only a
         # power cut can take the last commits, and costs no fsync per job.
@@ -146,6 +148,29 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def atomic(self):
+        """One transaction for the calls inside (nested uses join the outer one): what must not
+        be half-written by a crash is written together."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
 
     # jobs -----------------------------------------------------------------
     def record_request(self, event: dict, state: str = "received") -> bool:
@@ -337,13 +362,11 @@ class Store:
     # money owed -------------------------------------------------------------------
     def owe(self, *, job_id: str, token_id: str | None, role: str, customer: str, lock_to: str | None,
             mint: str, unit: str, amount: int, comment: str, zapped_kind: int | None,
-            payment_state: str | None = None, job_state: tuple[str, str] | None = None) -> int:
+            payment_state: str | None = None, received: int | None = None) -> int:
         """Write down ecash to send back before anything is made: one transaction with the
-        payment's ledger (`refund_sent` or `change_sent`, and its new state) and, with
-        `job_state` = (state, error), the job's end."""
+        payment's ledger (`refund_sent` or `change_sent`, its new state and what arrived)."""
         now = time.time()
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.atomic():
             cur = self.db.execute(
                 "INSERT INTO payouts (job_id, token_id, role, customer, lock_to, mint, unit, amount,"
                 " comment, zapped_kind, state, created, updated)"
@@ -354,9 +377,8 @@ class Store:
                 column = "refund_sent" if role == "refund" else "change_sent"
                 self.db.execute(
                     f"UPDATE payments SET {column} = {column} + ?, state = COALESCE(?, state),"
-                    " updated = ? WHERE token_id = ?", (amount, payment_state, now, token_id))
-            if job_state is not None:
-                self.set_state(job_id, job_state[0], error=job_state[1])
+                    " received = COALESCE(?, received), updated = ? WHERE token_id = ?",
+                    (amount, payment_state, received, now, token_id))
             return cur.lastrowid
 
     def payout(self, payout_id: int) -> dict | None:
@@ -383,8 +405,7 @@ class Store:
     def payout_sent(self, payout_id: int, proofs: list[dict], event: dict, role: str, job_id: str) -> None:
         """The proofs made for a payout and the nutzap that carries them, in one transaction:
         after a crash the nutzap is in the outbox, published again until a relay takes it."""
-        with self.db:
-            self.db.execute("BEGIN")
+        with self.atomic():
             self.db.execute(
                 "UPDATE payouts SET state = 'sent', proofs = ?, event_id = ?, error = NULL, updated = ?"
                 " WHERE id = ?", (json.dumps(proofs), event["id"], time.time(), payout_id))

@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 import coincurve
 import httpx
 
+from .crashpoints import crashpoint
+
 # secp256k1 group order: d and n - d have the same x-coordinate, opposite Y parity.
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 # Mint keysets (fees, active flag) are read again after this long, or at once when a token
@@ -495,6 +497,7 @@ class ProviderWallet:
                 if before_swap is not None:
                     counter = await _cashu().bump_secret_derivation(db=wallet.db, keyset_id=wallet.keyset_id, by=0)
                     before_swap({"keyset": wallet.keyset_id, "counter": counter})
+                    crashpoint("before-swap")
                 kept, _ = await wallet.redeem(proofs)     # the swap
         except Exception as exc:
             raise _mint_error(exc, info.mint) from exc
@@ -718,7 +721,16 @@ class ProviderWallet:
             raise PaymentError(f"Not enough ecash at {mint} to send {amount} {self.unit} "
                                f"(available: {self._available(wallet)}).") from None
         except Exception as exc:
-            raise _mint_error(exc, mint) from exc
+            error = _mint_error(exc, mint)
+            if error.code == "spent":
+                # Our own coins are spent at the mint: an earlier swap went through but its answer
+                # was lost. Drop them here (NUT-07) so that the next try picks others.
+                try:
+                    await wallet.invalidate(proofs, check_spendable=True)
+                except Exception:
+                    pass
+                raise PaymentError(error.customer_message, retryable=True, code="spent") from exc
+            raise error from exc
         return chosen
 
     async def melt(self, bolt11: str, mint: str | None = None) -> dict:

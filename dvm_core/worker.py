@@ -33,6 +33,7 @@ from .ecash import NUTZAP_KIND
 from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
                     build_feedback, build_handler_announcement, build_result, deleted_event_ids,
                     is_encrypted, parse_job_request)
+from .crashpoints import crashpoint
 from .payments import Cashier, Paid, PaymentRefused
 from .plugins import collect_job_kinds, plugin_manager
 from .relay import RelayPool
@@ -297,6 +298,7 @@ class Worker:
             return
         if not resumed and not self.store.record_request(event):
             return  # seen before (on another relay, or before a restart)
+        crashpoint("request-recorded")
         with structlog.contextvars.bound_contextvars(job_id=event["id"]):
             if not resumed:
                 self.counts["received"] += 1
@@ -351,6 +353,7 @@ class Worker:
             if paid is False:
                 return
             self.store.set_state(request.id, "queued")
+            crashpoint("job-queued")
             active = ActiveJob(request=request, job_kind=job_kind, parsed=parsed, scheme=scheme, paid=paid)
             self._active[request.id] = active
             self._update_cancel_subscription()
@@ -360,7 +363,7 @@ class Worker:
                                         self._kind_slots[request.kind].locked()):
                 message += f"; queued, position {ahead + 1}"
             if paid is not None:
-                message += f"; paid {paid.amount} {paid.unit}"
+                message += f"; paid {min(paid.amount, paid.price)} {paid.unit}"
                 if paid.warning:
                     message += f". {paid.warning}"
             self._spawn(self._publish(self._sign(*build_feedback(
@@ -425,9 +428,10 @@ class Worker:
         except Exception:
             log.exception("taking payment failed", job_id=request.id)
             reason = "internal error while taking payment"
-            if self.cashier.refund_job(request, reason):
-                reason += "; what was redeemed was refunded as a nutzap"
-            self._reject(request.event, reason, scheme)
+            with self.store.atomic():
+                if self.cashier.refund_job(request, reason):
+                    reason += "; what was redeemed was refunded as a nutzap"
+                self._reject(request.event, reason, scheme)
             return False
 
     def _reject(self, event: dict, reason: str, scheme: Scheme | None, private_detail: bool = True,
@@ -436,10 +440,13 @@ class Worker:
         logged = reason if scheme is None or not private_detail else "invalid private request (reason sent encrypted)"
         log.warning("request rejected", kind=event["kind"], reason=logged)
         self.counts["rejected"] += 1
-        self.store.set_state(event["id"], "rejected", error=logged)
         request = _bare_request(event)
         encrypt = self._encrypter(request, scheme)
-        self._finish_feedback(request, reason, encrypt, amount_msats)
+        with self.store.atomic():
+            self.store.set_state(event["id"], "rejected", error=logged)
+            self._finish_feedback(request, reason, encrypt, amount_msats)
+        if self.cashier is not None:
+            self.cashier.settle(event["id"])   # nutzaps kept for it go back
 
     def _encrypter(self, request: JobRequest, scheme: Scheme | None):
         return encrypter(scheme, self.keys.private_key, request.pubkey) if scheme else None
@@ -459,6 +466,7 @@ class Worker:
                 if self._devices is not None:
                     device = await self._devices.get()
                 self.store.set_state(request.id, "running", count_attempt=True)
+                crashpoint("job-running")
                 limit = job_kind.time_limit or self.settings.job_time_limit
                 loop = asyncio.get_running_loop()
                 ctx = active.ctx = JobContext(
@@ -507,17 +515,16 @@ class Worker:
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if outcome in ("failed", "cancelled"):
-            refunded = 0
-            if active.paid is not None and self.cashier is not None and refund:
-                # The refund is owed in the same transaction that ends the job.
-                refunded = self.cashier.refund_job(request, error, job_state=(outcome, error))
-            if refunded:
-                error += f"; your {refunded} {active.paid.unit} were refunded as a nutzap"
-            else:
+            # The refund owed, the job's end and the customer's error feedback: one transaction.
+            with self.store.atomic():
+                refunded = 0
+                if active.paid is not None and self.cashier is not None and refund:
+                    refunded = self.cashier.refund_job(request, error)
+                message = error
+                if refunded:
+                    message += f"; your {refunded} {active.paid.unit} were refunded as a nutzap"
                 self.store.set_state(request.id, outcome, error=error)
-            self._finish_feedback(request, error, self._encrypter(request, active.scheme))
-        elif outcome == "succeeded" and self.cashier is not None:
-            self.cashier.consumed(request.id)
+                self._finish_feedback(request, message, self._encrypter(request, active.scheme))
         if outcome != "queued":
             self.counts[outcome] += 1
         log.info("job finished", job_id=request.id, kind=request.kind, job_kind=job_kind.name,
@@ -679,10 +686,12 @@ class Worker:
                                          encrypt=self._encrypter(request, active.scheme)))
         # Stored with the state change in one transaction: after a crash the result is either
         # published again or the job is run again, never both.
-        with self.store.db:
-            self.store.db.execute("BEGIN")
+        with self.store.atomic():
             self.store.add_outgoing(event, "result", request.id)
             self.store.set_state(request.id, "succeeded", summary=metrics)
+            if self.cashier is not None:
+                self.cashier.consumed(request.id)
+        crashpoint("result-stored")
         self._spawn(self._publish(event, role="result", job_id=request.id, stored=True))
 
     def _finish_feedback(self, request: JobRequest, message: str, encrypt,

@@ -117,3 +117,46 @@ async def test_js_nostr_tools_client_gets_feedback_and_result(workers, relay, mo
     # every event the relay sent passed nostr-tools' verifyEvent, and all were for this job
     assert seen["invalid_events"] == [], seen["invalid_events"]
     assert seen["ignored_events"] == [], seen["ignored_events"]
+
+
+async def test_change_and_refunds_are_redeemed_by_a_stock_cashu_ts_wallet(workers, mint, relay, tmp_path):
+    """A NIP-61 `proof` tag is a bare proof with the mint's full keyset id: cashu-ts 4.8
+    `wallet.receive(proofs)` refuses a 16-hex short id ("Proof has unrecognised keyset")."""
+    from dvm_core.client import result_json
+    from dvm_core.nip90 import JobInput
+
+    from .paying import PRICE, close_customer, funded_customer, paid_worker
+    node = node_and_modules()
+    if not (JS_DIR / "node_modules" / "@cashu" / "cashu-ts" / "package.json").is_file():
+        pytest.fail("tests/js/node_modules/@cashu/cashu-ts is missing: run `make js`")
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        worker = await paid_worker(workers, mint)
+        request = await customer.submit(KIND, [JobInput("change please", "text")], {},
+                                        provider=worker.keys.public_key,
+                                        cashu=await customer.wallet.send(PRICE + 3, mint=mint.url))
+        assert result_json(await customer.result(request, timeout=30))["words"] == 2
+        zaps = []
+        for _ in range(60):
+            zaps = await customer.nutzaps_received(timeout=2)
+            if zaps:
+                break
+            await asyncio.sleep(0.25)
+        assert len(zaps) == 1, zaps
+        proofs = list(zaps[0].proofs)
+        assert all(len(p["id"]) == 66 for p in proofs), [p["id"] for p in proofs]  # full keyset ids
+        code, out, err = await asyncio.wait_for(_run_node(
+            node, "cashu_receive.mjs", json.dumps({"mint": mint.url, "proofs": proofs,
+                                                   "privkey": customer.keys.private_key})), 60)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1]) == {"ok": True, "amount": 3}
+    finally:
+        await close_customer(customer)
+
+
+async def _run_node(node: str, script: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        node, str(JS_DIR / script), *args, cwd=JS_DIR,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()

@@ -552,3 +552,14 @@ def _bad_checksum(bech32: str) -> str:
 def test_malformed_bech32_is_a_value_error(parse, value):
     with pytest.raises(ValueError):
         parse(value)
+
+
+def test_encrypted_payment_required_carries_the_words_and_the_request():
+    """A customer of a private job reads why and how to pay, not only an opaque creqA."""
+    enc = encrypter("nip44", DVM.private_key, CUSTOMER.public_key)
+    event = signed(DVM, build_feedback(_request(), "payment-required", "pay 5 sat: a nutzap",
+                                       content="creqAbcdef", amount_msats=5000, encrypt=enc))
+    assert "creqA" not in json.dumps(event)
+    dec = lambda text: decrypt(CUSTOMER.private_key, DVM.public_key, text)[0]  # noqa: E731
+    feedback = parse_feedback(event, dec)
+    assert feedback.message == "pay 5 sat: a nutzap" and feedback.content == "creqAbcdef"
