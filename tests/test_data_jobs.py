@@ -202,3 +202,56 @@ async def test_dvm_job_submit_uploads_follows_and_saves_the_result(workers, rela
     assert json.loads(stdout)["words"] == 11
     assert (out / "word_counts.csv").read_text().startswith("word,count")
     assert json.loads((out / "result.json").read_text())["words"] == 11
+
+
+@pytest.fixture
+async def flaky_site():
+    """Serves one file; `site.failures` requests after the first (the probe) answer 503."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    body = b"words from a flaky server"
+    site = SimpleNamespace(failures=0, served=0, url="", sha256=hashlib.sha256(body).hexdigest())
+
+    async def handler(request):
+        site.served += 1
+        if site.served > 1 and site.failures > 0:
+            site.failures -= 1
+            return web.Response(status=503, text="busy")
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    site.url = f"http://127.0.0.1:{tcp._server.sockets[0].getsockname()[1]}/data.txt#sha256={site.sha256}"
+    yield site
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("failures,outcome", [(2, "done"), (100, "refunded")])
+async def test_an_input_server_down_after_payment_is_tried_again_then_refunded(
+        workers, customer, mint, flaky_site, tmp_path, failures, outcome):
+    """Once paid, an input that does not come is tried again (3 tries); if it never comes, the
+    job is refunded, never kept."""
+    from dvm_core.wallet import ProviderWallet
+    worker = await workers.start(allow_private_urls=True, mints=[mint.url], prices={"text-stats": 2})
+    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                            p2pk_private_key=customer.keys.private_key)
+    await wallet.mint_from_lightning(2, mint.url)
+    flaky_site.failures = failures
+    try:
+        request = await customer.submit(KIND, [JobInput(flaky_site.url, "url")], {},
+                                        provider=worker.keys.public_key,
+                                        cashu=await wallet.send(2, mint=mint.url))
+        if outcome == "done":
+            assert result_json(await customer.result(request, timeout=40))["words"] == 5
+            assert worker.store.payment_for_job(request["id"])["state"] == "consumed"
+        else:
+            with pytest.raises(JobFailed, match="after 3 tries.*refunded as a nutzap"):
+                await customer.result(request, timeout=40)
+            assert worker.store.payment_for_job(request["id"])["state"] == "refunded"
+    finally:
+        await wallet.close()

@@ -7,6 +7,7 @@ loses a sat.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -234,3 +235,53 @@ async def test_a_worker_without_mints_serves_plugin_priced_kinds_free(workers, c
     result = await customer.result(request, timeout=20, on_feedback=feedback.append)
     assert result_json(result)["words"] == 4
     assert not any(f.status == "payment-required" for f in feedback)
+
+
+async def test_a_token_as_param_cashu_in_the_encrypted_params_pays(workers, mint, funded):
+    """What other clients send: ["param", "cashu", token] inside the encrypted params."""
+    worker = await paid_worker(workers, mint)
+    token = await funded.wallet.send(PRICE, mint=mint.url)
+    request = await funded.submit(KIND, TEXT, {"cashu": token}, provider=worker.keys.public_key)
+    assert result_json(await funded.result(request, timeout=30))["words"] == 4
+    assert await provider_balance(worker) == PRICE
+    assert worker.store.payment_for_job(request["id"])["method"] == "encrypted"
+
+
+async def test_a_bid_below_the_price_gets_the_price_in_an_amount_tag(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, bid_msats=1000)
+    with pytest.raises(JobFailed) as caught:
+        await funded.result(request, timeout=20)
+    assert caught.value.feedback.amount_msats == PRICE * 1000
+
+
+async def test_overpayment_says_the_change_is_on_its_way(workers, mint, funded):
+    worker = await paid_worker(workers, mint)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key,
+                                  cashu=await funded.wallet.send(PRICE + 3, mint=mint.url))
+    feedback = []
+    await funded.result(request, timeout=30, on_feedback=feedback.append)
+    assert any(f"paid {PRICE} sat" in f.message and "3 sat of change is on its way" in f.message
+               for f in feedback), [f.message for f in feedback]
+
+
+def test_every_kind_announces_how_it_is_priced(tmp_path):
+    """The NIP-89 content names a pricing rule for every kind, those priced by work included."""
+    from dvm_core.config import load_config
+    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker import Worker
+
+    from .conftest import write_config
+    config = load_config(write_config(tmp_path / "dvm.toml", "ws://127.0.0.1:9", mints=["http://127.0.0.1:9"],
+                                      prices={"text-stats": 3}), env={})
+    worker = Worker(config, Keys.generate(), plugin_manager())
+    try:
+        content = json.loads(worker.announcement()[1])
+        pricing = content["payment"]["pricing"]
+        assert set(pricing) == {k.name for k in worker.kinds.values()}, pricing
+        assert pricing["text-stats"] == "3 sat per job"
+        assert "per million tokens" in pricing["llm-finetune"]
+        assert "per GB merged" in pricing["fedavg"]
+        assert "per million sample-epochs" in pricing["image-classifier"]
+    finally:
+        worker.store.close()
