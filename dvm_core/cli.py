@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
+from dataclasses import dataclass, field
 
 import click
 
@@ -149,9 +151,18 @@ def _open_wallet(config_path, wallet_dir, mints):
     directory = Path(wallet_dir) if wallet_dir else (settings.wallet_dir if settings else None)
     if directory is None:
         raise click.ClickException("give --config (a worker's wallet) or --wallet-dir")
-    mints = list(mints) or (settings.mints if settings else [])
+    remembered = directory / "mints.json"   # a wallet of its own remembers its mints
+    known = json.loads(remembered.read_text()) if remembered.is_file() else []
+    mints = list(mints) or (settings.mints if settings else []) or known
     if not mints:
-        raise click.ClickException("no mint: give --mint URL or set mints in the config")
+        raise click.ClickException("no mint: give --mint URL (remembered for this wallet) or set mints "
+                                   "in the config")
+    if wallet_dir and set(mints) - set(known):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(remembered, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(list(dict.fromkeys(known + list(mints)))))
+        mints = list(dict.fromkeys(list(mints) + known))
     unit = settings.unit if settings else "sat"
     return ProviderWallet(directory=directory, accepted_mints=mints, unit=unit,
                           p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
@@ -173,11 +184,18 @@ def _run_wallet(config_path, wallet_dir, mints, action):
 
 @wallet.command()
 @_wallet_options
-def balance(config_path, wallet_dir, mints) -> None:
-    """Balance per mint, as JSON."""
+@click.option("--json", "as_json", is_flag=True, help="Print the balance per mint as JSON.")
+def balance(config_path, wallet_dir, mints, as_json) -> None:
+    """Balance per mint."""
     async def action(w):
         return await w.balance()
-    click.echo(json.dumps(_run_wallet(config_path, wallet_dir, mints, action), indent=2))
+    balances = _run_wallet(config_path, wallet_dir, mints, action)
+    if as_json:
+        click.echo(json.dumps(balances, indent=2))
+        return
+    for mint, amount in balances.items():
+        click.echo(f"{amount} sat at {mint}")
+    click.echo(f"total: {sum(balances.values())} sat")
 
 
 @wallet.command()
@@ -204,6 +222,30 @@ def receive(config_path, wallet_dir, mints, token) -> None:
         return await w.receive(token, min_amount=1)
     got = _run_wallet(config_path, wallet_dir, mints, action)
     click.echo(f"received {got.amount} {got.unit} from {got.mint} (mint fee {got.fee})")
+
+
+@wallet.command()
+@_wallet_options
+@click.option("--relay", "relays", multiple=True, required=True, help="Relay URL (repeatable).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="Your nsec key file: the key DVMs sent change and refunds to.")
+def collect(config_path, wallet_dir, mints, relays, key_file) -> None:
+    """Redeem the nutzaps sent to your key (change, refunds) into the wallet, and publish the
+    wallet's key (kind 10019) so that later ones come locked to it."""
+    from .client import Customer
+    from .config import Settings
+    try:
+        keys = load_keys(Settings(key_file=key_file), env={})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def action(w):
+        async with Customer(keys, list(relays)) as customer:
+            await customer.publish_wallet_info(w)
+            got = await customer.collect_nutzaps(w, timeout=3)
+            return got, await w.total_balance()
+    got, total = _run_wallet(config_path, wallet_dir, mints, action)
+    click.echo(f"collected {got} sat; balance {total} sat")
 
 
 @wallet.command()
@@ -357,19 +399,34 @@ def job() -> None:
 @click.option("--url", "urls", multiple=True, help="A data URL input with its sha256 (repeatable).")
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A local file: uploaded to --blossom (encrypted unless --clear) and sent as a url input.")
+@click.option("--file-as", "marked_files", multiple=True, nargs=2, metavar="MARKER PATH",
+              help="A local file sent as a url input marked MARKER (e.g. model, eval, validation, weights).")
+@click.option("--url-as", "marked_urls", multiple=True, nargs=2, metavar="MARKER URL",
+              help="A data URL input marked MARKER.")
 @click.option("--param", "params", multiple=True, help="A param as name=value (repeatable).")
 @click.option("--blossom", "servers", multiple=True, help="Blossom server for --file uploads (repeatable).")
 @click.option("--clear", is_flag=True, help="Send the request and files unencrypted.")
-@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Your nsec key file (default: a throwaway key).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="Your nsec key file (default: a new key, saved as OUT/customer.nsec for `dvm job fetch`).")
 @click.option("--wallet-dir", type=click.Path(file_okay=False), help="A wallet to pay from when payment is required.")
 @click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
+@click.option("--max-price", type=click.IntRange(0), default=None,
+              help="Pay without asking up to this many sat; a higher price is refused (the job is cancelled).")
+@click.option("--yes", is_flag=True, help="Pay the price the DVM asks without asking (still checked).")
+@click.option("--dry-run", is_flag=True, help="Show the DVM's quote, pay nothing, and cancel the job.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (job, price paid, files, balance).")
 @click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True,
               help="Where to save the result and its files.")
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
-def submit(relays, dvm, kind, texts, urls, files, params, servers, clear, key_file, wallet_dir, mints,
-           out, timeout, allow_private) -> None:
-    """Send a job, follow its progress, then download, verify and decrypt its result files."""
+def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, params, servers, clear, key_file,
+           wallet_dir, mints, max_price, yes, dry_run, as_json, out, timeout, allow_private) -> None:
+    """Send a job, follow its progress, then download, verify and decrypt its result files.
+
+    When the DVM asks for payment, its quote is shown and checked (signed by this DVM, the amount
+    it announces, a lock to this job's key) before anything is paid; without --yes or a
+    --max-price that covers it, you are asked. Ctrl-C cancels the job (a kind-5 deletion): a
+    paid job that has not started is refunded."""
     from pathlib import Path
 
     from .events import parse_public_key
@@ -385,62 +442,281 @@ def submit(relays, dvm, kind, texts, urls, files, params, servers, clear, key_fi
         param_map = dict(p.split("=", 1) for p in params)
     except ValueError:
         raise click.ClickException("--param takes name=value") from None
+    files = [("", f) for f in files] + list(marked_files)
+    urls = [("", u) for u in urls] + list(marked_urls)
+    for _, path in marked_files:
+        if not Path(path).is_file():
+            raise click.ClickException(f"--file-as: no file {path}")
     if files and not servers:
         raise click.ClickException("--file needs a --blossom server to upload to")
-    code = asyncio.run(_submit(relays, provider, kind, texts, urls, files, param_map, servers, clear,
-                               keys, wallet_dir, mints, Path(out), timeout, allow_private))
+    if not key_file:   # keep the key: it finds the job again and decrypts its result
+        key_path = Path(out) / "customer.nsec"
+        if key_path.exists():
+            keys = load_keys(Settings(key_file=str(key_path)), env={})
+        else:
+            write_key_file(key_path, keys)
+    options = _SubmitOptions(max_price=max_price, yes=yes, dry_run=dry_run, as_json=as_json)
+    try:
+        code = asyncio.run(_submit(relays, provider, kind, texts, urls, files, param_map, servers, clear,
+                                   keys, wallet_dir, mints, Path(out), timeout, allow_private, options))
+    except KeyboardInterrupt:
+        code = 130
     sys.exit(code)
 
 
+@dataclass
+class _SubmitOptions:
+    max_price: int | None = None
+    yes: bool = False
+    dry_run: bool = False
+    as_json: bool = False
+    report: dict = field(default_factory=dict)
+
+
 async def _submit(relays, provider, kind, texts, urls, files, params, servers, clear, keys, wallet_dir,
-                  mints, out, timeout, allow_private) -> int:
+                  mints, out, timeout, allow_private, options: _SubmitOptions | None = None) -> int:
     from pathlib import Path
 
-    from .client import Customer, JobFailed, download_artifacts, upload_dataset
-    from .nip90 import JobInput, Result
-    inputs = [JobInput(t, "text") for t in texts] + [JobInput(u, "url") for u in urls]
-    for f in files:
-        url = await upload_dataset(Path(f), list(servers), keys, encrypt=not clear)
-        click.echo(f"uploaded {f} ({'encrypted' if not clear else 'in the clear'})", err=True)
-        inputs.append(JobInput(url, "url"))
+    from .client import Customer, upload_dataset
+    from .nip90 import JobInput
+    options = options or _SubmitOptions()
+    report = options.report
+    report.update(job_id=None, provider=provider, status="error", paid_sat=0, files=[], message="")
+    inputs = [JobInput(t, "text") for t in texts] + [JobInput(u, "url", marker=m) for m, u in urls]
+    for marker, f in files:
+        try:
+            url = await upload_dataset(Path(f), list(servers), keys, encrypt=not clear)
+        except Exception as exc:   # BlossomError, an unreachable server
+            click.echo(f"error: could not upload {f}: {exc}", err=True)
+            report["message"] = f"could not upload {f}: {exc}"
+            if options.as_json:
+                click.echo(json.dumps(report))
+            return 1
+        click.echo(f"uploaded {f} ({'encrypted' if not clear else 'in the clear'})"
+                   + (f" as {marker}" if marker else ""), err=True)
+        inputs.append(JobInput(url, "url", marker=marker))
     wallet = None
     if wallet_dir:
         from .wallet import ProviderWallet, load_or_create_p2pk_key
         wallet = ProviderWallet(directory=Path(wallet_dir), accepted_mints=list(mints),
                                 p2pk_private_key=load_or_create_p2pk_key(Path(wallet_dir) / "p2pk.key"))
+    request = None
     try:
         async with Customer(keys, list(relays)) as customer:
-            request = await customer.submit(kind, inputs, params, provider=provider,
-                                            encrypt=None if clear else "nip44")
-            click.echo(f"job {request['id']} sent", err=True)
-            async for update in customer.updates(request, timeout=timeout):
-                if isinstance(update, Result):
-                    result = update
-                    break
-                if update.status == "payment-required":
-                    if wallet is None:
-                        click.echo(f"payment required: {update.message} (give --wallet-dir to pay)", err=True)
-                        return 2
-                    await customer.pay_with_nutzap(request, update, wallet)
-                    click.echo(f"paid {update.amount_msats // 1000} sat with a nutzap", err=True)
-                elif update.status == "error":
-                    click.echo(f"error: {update.message}", err=True)
+            if wallet is not None:
+                await customer.publish_wallet_info(wallet)   # change and refunds come to this wallet
+            try:
+                try:
+                    request = await customer.submit(kind, inputs, params, provider=provider,
+                                                    encrypt=None if clear else "nip44")
+                except RuntimeError as exc:   # no relay took it
+                    click.echo(f"error: {exc}", err=True)
+                    report["message"] = str(exc)
                     return 1
-                else:
-                    click.echo(_progress_line(update), err=True)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "result.json").write_text(result.content)
-            saved = await download_artifacts(result, out, allow_private=allow_private)
-            for path in saved:
-                click.echo(f"saved {path} (sha256 verified{', decrypted' if not clear else ''})", err=True)
-            click.echo(result.content)
-            return 0
-    except (JobFailed, TimeoutError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
+                report["job_id"] = request["id"]
+                click.echo(f"job {request['id']} sent", err=True)
+                code = await _follow(customer, request, wallet, out, timeout, allow_private, options)
+            except asyncio.CancelledError:   # Ctrl-C
+                asyncio.current_task().uncancel()   # what follows must still run
+                if request is not None:
+                    await asyncio.shield(customer.cancel(request, "cancelled by the customer"))
+                    click.echo(f"cancelled job {request['id']} (a paid job that had not started is "
+                               "refunded)", err=True)
+                report.update(status="cancelled", message="cancelled by the customer")
+                code = 130
+            if wallet is not None:
+                # Change, or the refund of a paid job that did not run, comes back as a nutzap.
+                owed = report["paid_sat"] if report["status"] != "succeeded" else 0
+                back = await customer.collect_nutzaps(wallet, expect=owed, timeout=20 if owed else 3)
+                if back:
+                    report["collected_sat"] = back
+                    click.echo(f"collected {back} sat sent back to you (change or refund)", err=True)
+                report["balance_sat"] = await wallet.total_balance()
+                click.echo(f"balance: {report['balance_sat']} sat", err=True)
+            return code
     finally:
         if wallet is not None:
             await wallet.close()
+        if options.as_json:
+            click.echo(json.dumps(report))
+
+
+async def _follow(customer, request, wallet, out, timeout, allow_private, options) -> int:
+    from .client import JobFailed
+    from .nip90 import Result
+    report = options.report
+    try:
+        async for update in customer.updates(request, timeout=timeout):
+            if isinstance(update, Result):
+                result = update
+                break
+            if update.status == "payment-required":
+                code = await _pay(customer, request, update, wallet, options)
+                if code is not None:
+                    await customer.cancel(request, report["message"])
+                    return code
+            elif update.status == "error":
+                click.echo(f"error: {update.message}", err=True)
+                report["message"] = update.message
+                return 1
+            else:
+                click.echo(_progress_line(update), err=True)
+    except (JobFailed, TimeoutError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        report["message"] = str(exc)
+        return 1
+    report.update(status="succeeded", result=result.content)
+    code = await _save_result(result, out, allow_private, report)
+    if code == 0 and not options.as_json:
+        click.echo(result.content)
+    return code
+
+
+async def _save_result(result, out, allow_private, report) -> int:
+    """Save result.json and the result's files (sha256 verified, decrypted); one clear line and
+    exit code 5 when a download fails: `dvm job fetch` tries again."""
+    from .blobcrypt import BlobDecryptError
+    from .client import download_artifacts
+    from .fetch import FetchError
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(result.content)
+    try:
+        saved = await download_artifacts(result, out, allow_private=allow_private)
+    except (FetchError, BlobDecryptError, OSError, ValueError) as exc:
+        click.echo(f"error: the result is in {out / 'result.json'}, but its files could not be "
+                   f"downloaded: {exc}. Try again with `dvm job fetch {result.request_id}`.", err=True)
+        report["message"] = f"download failed: {exc}"
+        return 5
+    for path in saved:
+        click.echo(f"saved {path} (sha256 verified{', decrypted' if result.encrypted else ''})", err=True)
+    report["files"] = [str(p) for p in saved]
+    return 0
+
+
+async def _pay(customer, request, update, wallet, options) -> int | None:
+    """Answer a payment-required: the quote, checked; asked or capped; paid. None once paid,
+    else the exit code."""
+    from .client import PaymentDeclined
+    from .wallet import PaymentError
+    report = options.report
+    mints = list(wallet.accepted_mints) if wallet is not None else None
+    try:
+        creq = await customer.check_payment_request(request, update, max_price=options.max_price,
+                                                    mints=mints)
+    except PaymentDeclined as exc:
+        click.echo(f"error: not paying: {exc}; the job is cancelled", err=True)
+        report["message"] = f"not paying: {exc}"
+        return 3
+    info = await customer.wallet_info(update.event["pubkey"])
+    name = info.names.get(str(request["kind"]), str(request["kind"]))
+    rule = _pricing_rule(info, name)
+    click.echo(f"quote: {creq['a']} sat for this {name} job" + (f" ({rule})" if rule else ""), err=True)
+    report["quote_sat"] = creq["a"]
+    if options.dry_run:
+        report.update(status="quoted", message="dry run: nothing paid, the job is cancelled")
+        click.echo("dry run: nothing paid; the job is cancelled", err=True)
+        return 0
+    if wallet is None:
+        click.echo(f"payment required: {update.message} (give --wallet-dir to pay)", err=True)
+        report["message"] = "payment required, no wallet given"
+        return 2
+    if not options.yes and options.max_price is None:
+        if not sys.stdin.isatty() or not click.confirm(f"pay {creq['a']} sat?", default=False, err=True):
+            click.echo("not paid (give --yes or --max-price to pay without asking); the job is "
+                       "cancelled", err=True)
+            report["message"] = "not paid: not confirmed"
+            return 4
+    try:
+        await customer.pay_with_nutzap(request, update, wallet, max_price=options.max_price)
+    except PaymentDeclined as exc:
+        click.echo(f"error: not paying: {exc}", err=True)
+        report["message"] = f"not paying: {exc}"
+        return 3
+    except PaymentError as exc:
+        click.echo(f"error: {exc.customer_message}", err=True)
+        report["message"] = exc.customer_message
+        return 3
+    report["paid_sat"] = creq["a"]
+    click.echo(f"paid {creq['a']} sat with a nutzap", err=True)
+    return None
+
+
+def _pricing_rule(info, name: str) -> str:
+    return info.pricing.get(name) or ""
+
+
+def _job_customer(relays, key_file):
+    from .client import Customer
+    from .config import Settings
+    try:
+        keys = load_keys(Settings(key_file=key_file), env={})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return Customer(keys, list(relays))
+
+
+def _job_lookup_options(f):
+    f = click.argument("job_id")(f)
+    f = click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True), required=True,
+                     help="The nsec key file that sent the job (`dvm job submit` saves OUT/customer.nsec).")(f)
+    f = click.option("--relay", "relays", multiple=True, required=True, help="Relay URL (repeatable).")(f)
+    return f
+
+
+@job.command("status")
+@_job_lookup_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def job_status(relays, key_file, job_id, as_json) -> None:
+    """Where one of your jobs stands: its last feedback, and whether its result is there."""
+    async def go():
+        async with _job_customer(relays, key_file) as customer:
+            return await customer.recover(job_id)
+    try:
+        request, feedback, result = asyncio.run(go())
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    last = feedback[-1] if feedback else None
+    state = "succeeded" if result else (last.status if last else "sent, no answer yet")
+    if as_json:
+        click.echo(json.dumps({"job_id": job_id, "kind": request["kind"], "state": state,
+                               "message": last.message if last else "", "result": result.content if result else None}))
+        return
+    click.echo(f"job {job_id} (kind {request['kind']}): {state}" + (f": {last.message}" if last and not result else ""))
+
+
+@job.command("fetch")
+@_job_lookup_options
+@click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True)
+@click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+def job_fetch(relays, key_file, job_id, out, allow_private) -> None:
+    """Download one of your jobs' result again (files verified and decrypted)."""
+    from pathlib import Path
+
+    async def go():
+        async with _job_customer(relays, key_file) as customer:
+            _, _, result = await customer.recover(job_id)
+            if result is None:
+                raise click.ClickException(f"job {job_id} has no result yet (see `dvm job status`)")
+            return await _save_result(result, Path(out), allow_private, {})
+    try:
+        sys.exit(asyncio.run(go()))
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@job.command("cancel")
+@_job_lookup_options
+def job_cancel(relays, key_file, job_id) -> None:
+    """Cancel one of your jobs (a kind-5 deletion): one paid and not started yet is refunded."""
+    async def go():
+        async with _job_customer(relays, key_file) as customer:
+            request, _, _ = await customer.recover(job_id)
+            await customer.cancel(request, "cancelled by the customer")
+    try:
+        asyncio.run(go())
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"cancel sent for job {job_id}")
 
 
 def _progress_line(feedback) -> str:

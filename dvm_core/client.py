@@ -12,11 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from .ecash import NUTZAP_KIND, build_nutzap, decode_payment_request, decode_token, parse_nutzap
+from dataclasses import dataclass
+
+from .ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
+                    decode_token, parse_nutzap, parse_nutzap_info)
 from .encryption import Scheme, decrypt, encrypter
-from .events import Keys, sign_event
-from .nip90 import (DELETION_KIND, FEEDBACK_KIND, Feedback, JobInput, Result, build_request,
-                    parse_feedback, parse_result)
+from .events import InvalidEvent, Keys, sign_event, verify_event
+from .locks import job_lock_pubkey
+from .nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, Feedback, JobInput, Result,
+                    addressed_providers, build_request, is_encrypted, parse_feedback,
+                    parse_handler_announcement, parse_result)
 from .relay import RelayPool
 
 
@@ -28,12 +33,32 @@ class JobFailed(Exception):
         self.feedback = feedback
 
 
+class PaymentDeclined(Exception):
+    """The customer's side refuses to pay what a `payment-required` asks; the message says why."""
+
+
+@dataclass(frozen=True)
+class WalletInfo:
+    """How a DVM says it takes ecash, from events it signed itself (kind 10019, NIP-89)."""
+
+    p2pk_pubkey: str | None
+    mints: tuple[str, ...]
+    prices: dict             # kind name -> fixed price, for kinds with one
+    names: dict              # kind number -> kind name
+    pricing: dict = None     # kind name -> how it is priced, in words
+
+
 class Customer:
+    """A NIP-90 customer. Feedback and results count only when signed by the DVM the request
+    named (anyone can tag a request), and payment goes only where that DVM's own events say."""
+
     def __init__(self, keys: Keys, relays: list[str]):
         self.keys = keys
         self.pool = RelayPool(relays, self._on_event)
         self._queues: dict[str, asyncio.Queue] = {}
         self._schemes: dict[str, tuple[Scheme | None, str | None]] = {}
+        self._wallet_infos: dict[str, WalletInfo] = {}
+        self._collected: set[str] = set()
 
     async def __aenter__(self) -> "Customer":
         await self.pool.start()
@@ -45,6 +70,9 @@ class Customer:
     def _on_event(self, event: dict, relay: str) -> None:
         for t in event["tags"]:
             if len(t) >= 2 and t[0] == "e" and t[1] in self._queues:
+                provider = self._schemes[t[1]][1]
+                if provider is not None and event["pubkey"] != provider:
+                    return  # not from the DVM we asked: a forged result, error or payment request
                 self._queues[t[1]].put_nowait(event)
                 return
 
@@ -70,7 +98,7 @@ class Customer:
             providers=[provider] if provider else [], encrypt=enc, cashu=cashu)
         event = sign_event(self.keys, kind_, content, tags)
         self._queues[event["id"]] = asyncio.Queue()
-        self._schemes[event["id"]] = (encrypt, provider)
+        self._schemes[event["id"]] = (encrypt or None, provider)
         await self.pool.subscribe(f"job-{event['id'][:16]}", [
             {"kinds": [FEEDBACK_KIND, kind + 1000], "#e": [event["id"]]}])
         results = await self.pool.publish(event)
@@ -78,6 +106,39 @@ class Customer:
             raise RuntimeError("no relay accepted the request: "
                                + "; ".join(f"{r.relay}: {r.message}" for r in results))
         return event
+
+    async def recover(self, job_id: str, timeout: float = 5.0) -> tuple[dict, list[Feedback], Result | None]:
+        """Find one of this customer's jobs again by its id: the request, the feedback so far and
+        the result, if any, decrypted with this customer's key (only the named DVM's count).
+        Afterwards `updates` follows it as if it had just been submitted. Raises LookupError."""
+        events = await self.pool.query([{"ids": [job_id]}], timeout)
+        request = None
+        for event in events:
+            try:
+                verify_event(event)
+            except InvalidEvent:
+                continue
+            if event["id"] == job_id and event["pubkey"] == self.keys.public_key:
+                request = event
+        if request is None:
+            raise LookupError(f"no job {job_id} of this key on these relays (give the key that sent it)")
+        providers = addressed_providers(request)
+        provider = providers[0] if providers else None
+        self._schemes[job_id] = ("nip44" if is_encrypted(request) else None, provider)
+        self._queues.setdefault(job_id, asyncio.Queue())
+        filters = [{"kinds": [FEEDBACK_KIND, request["kind"] + 1000], "#e": [job_id]}]
+        await self.pool.subscribe(f"job-{job_id[:16]}", filters)
+        replies = await self.pool.query(filters, timeout)
+        replies = sorted((e for e in replies if provider is None or e["pubkey"] == provider),
+                         key=lambda e: e["created_at"])
+        feedback, result = [], None
+        for event in replies:
+            dec = self._decrypter(job_id, event)
+            if event["kind"] == FEEDBACK_KIND:
+                feedback.append(parse_feedback(event, dec))
+            else:
+                result = parse_result(event, dec)
+        return request, feedback, result
 
     async def updates(self, request: dict, timeout: float = 600.0) -> AsyncIterator[Feedback | Result]:
         """Feedback and results for `request` as they arrive; ends after a result or an error."""
@@ -114,13 +175,99 @@ class Customer:
                 raise JobFailed(update)
         raise RuntimeError("unreachable")
 
-    async def pay_with_nutzap(self, request: dict, feedback: Feedback, wallet) -> dict:
-        """Answer a `payment-required` feedback: a NIP-61 nutzap of the amount asked, on the
-        first accepted mint, P2PK-locked to the key in its NUT-18 request."""
-        creq = decode_payment_request(feedback.content)
-        token = decode_token(await wallet.send(int(creq["a"]), mint=creq["m"][0],
-                                               lock_to=creq["nut10"]["d"]))
-        kind, content, tags = build_nutzap(token.mint, list(token.proofs), feedback.event["pubkey"],
+    async def wallet_info(self, provider: str, refresh: bool = False) -> WalletInfo:
+        """The DVM's wallet key, mints and fixed prices, read from its own kind 10019 and NIP-89
+        announcement: only events it signed count, whatever a relay returns."""
+        if provider in self._wallet_infos and not refresh:
+            return self._wallet_infos[provider]
+        events = await self.pool.query([{"kinds": [NUTZAP_INFO_KIND, HANDLER_KIND], "authors": [provider]}], 5.0)
+        key, mints, prices, names, pricing = None, (), {}, {}, {}
+        for event in sorted(events, key=lambda e: e["created_at"]):   # newest last, so it wins
+            if event.get("pubkey") != provider:
+                continue
+            try:
+                verify_event(event)
+            except InvalidEvent:
+                continue
+            if event["kind"] == NUTZAP_INFO_KIND:
+                info = parse_nutzap_info(event)
+                key, mints = info.p2pk_pubkey or key, tuple(_mint_url(m) for m in info.mints) or mints
+            else:
+                try:
+                    content, _ = parse_handler_announcement(event)
+                except ValueError:
+                    continue
+                payment = content.get("payment") if isinstance(content, dict) else None
+                if isinstance(payment, dict):
+                    key = payment.get("p2pk_pubkey") or key
+                    mints = tuple(_mint_url(m) for m in payment.get("mints") or ()) or mints
+                    prices = payment.get("prices") if isinstance(payment.get("prices"), dict) else {}
+                    pricing = payment.get("pricing") if isinstance(payment.get("pricing"), dict) else {}
+                kinds = content.get("nip90") if isinstance(content, dict) else None
+                if isinstance(kinds, dict):
+                    names = {str(k): v.get("name") for k, v in kinds.items() if isinstance(v, dict)}
+        info = WalletInfo(key, tuple(mints), prices, names, pricing)
+        self._wallet_infos[provider] = info
+        return info
+
+    async def check_payment_request(self, request: dict, feedback: Feedback, *,
+                                    max_price: int | None = None, mints: list[str] | None = None) -> dict:
+        """What a `payment-required` asks, checked before any sat moves: signed by the DVM the
+        request named, the same amount in its `amount` tag and its NUT-18 request, no more than
+        `max_price`, no other than the DVM's announced fixed price, on a mint the DVM announced
+        (and `mints`, ours), locked to the key derived for this job from the wallet key the DVM
+        advertises. Returns the NUT-18 request with `m` narrowed to the usable mints; raises
+        PaymentDeclined."""
+        signer = feedback.event.get("pubkey")
+        named = self._schemes.get(request["id"], (None, None))[1]
+        if named is not None and signer != named:
+            raise PaymentDeclined("the payment request is not signed by the DVM you asked")
+        provider = named or signer
+        try:
+            creq = decode_payment_request(feedback.content)
+            amount, unit = int(creq["a"]), creq.get("u", "sat")
+        except (ValueError, KeyError, TypeError):
+            raise PaymentDeclined("the payment request is not a NUT-18 creqA with an amount") from None
+        if unit != "sat":
+            raise PaymentDeclined(f"the DVM asks to be paid in {unit!r}, not sat")
+        if feedback.amount_msats is None or feedback.amount_msats != amount * 1000:
+            raise PaymentDeclined(f"the DVM's amount tag ({feedback.amount_msats} msats) and its payment "
+                                  f"request ({amount} sat) disagree")
+        if amount <= 0:
+            raise PaymentDeclined("the payment request asks for nothing")
+        if max_price is not None and amount > max_price:
+            raise PaymentDeclined(f"the DVM asks {amount} sat, more than your limit of {max_price} sat")
+        info = await self.wallet_info(provider)
+        name = info.names.get(str(request["kind"]))
+        fixed = info.prices.get(name) if name else None
+        if isinstance(fixed, int) and amount != fixed:
+            raise PaymentDeclined(f"the DVM asks {amount} sat, but announces {fixed} sat for {name}")
+        if not info.p2pk_pubkey:
+            raise PaymentDeclined("the DVM publishes no wallet key of its own (kind 10019 or NIP-89), "
+                                  "so there is no key to check the payment request's lock against")
+        nut10 = creq.get("nut10") or {}
+        expected = job_lock_pubkey(info.p2pk_pubkey, request["id"])
+        if nut10.get("k") != "P2PK" or str(nut10.get("d", "")).lower() != expected:
+            raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
+                                  "key derived from the DVM's advertised wallet key")
+        offered = [_mint_url(m) for m in creq.get("m") or []]
+        usable = [m for m in offered if (not info.mints or m in info.mints)
+                  and (mints is None or m in mints)]
+        if not usable:
+            raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
+                                  "is one it announces and your wallet holds")
+        return dict(creq, m=usable, a=amount)
+
+    async def pay_with_nutzap(self, request: dict, feedback: Feedback, wallet, *,
+                              max_price: int | None = None) -> dict:
+        """Answer a `payment-required` feedback, once `check_payment_request` passed: a NIP-61
+        nutzap of exactly the amount asked, on a mint the DVM announced, P2PK-locked to this
+        job's key, sent to the DVM the request named. Raises PaymentDeclined."""
+        creq = await self.check_payment_request(request, feedback, max_price=max_price,
+                                                mints=list(wallet.accepted_mints))
+        provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
+        token = decode_token(await wallet.send(creq["a"], mint=creq["m"][0], lock_to=creq["nut10"]["d"]))
+        kind, content, tags = build_nutzap(token.mint, list(token.proofs), provider,
                                            unit=token.unit, zapped_event=request["id"],
                                            zapped_kind=request["kind"], comment="payment")
         event = sign_event(self.keys, kind, content, tags)
@@ -128,6 +275,36 @@ class Customer:
         if not any(r.ok for r in results):
             raise RuntimeError("no relay accepted the nutzap")
         return event
+
+    async def publish_wallet_info(self, wallet) -> dict:
+        """Kind 10019 (NIP-61) for this customer: change and refunds come locked to `wallet`'s
+        P2PK key, on its mints, so that `collect_nutzaps` can redeem them."""
+        kind, content, tags = build_nutzap_info([r.url for r in self.pool.relays], list(wallet.accepted_mints),
+                                                [wallet.unit], wallet.p2pk_pubkey)
+        event = sign_event(self.keys, kind, content, tags)
+        await self.pool.publish(event)
+        return event
+
+    async def collect_nutzaps(self, wallet, *, expect: int = 0, timeout: float = 10.0) -> int:
+        """Redeem the nutzaps sent to this customer (change, refunds) into `wallet`, waiting up to
+        `timeout` seconds for at least `expect` sat. Returns the amount collected."""
+        from .wallet import PaymentError
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        total = 0
+        while True:
+            for zap in await self.nutzaps_received(timeout=2):
+                if zap.event_id in self._collected or zap.mint not in wallet.accepted_mints:
+                    continue
+                try:
+                    total += (await wallet.receive(zap.token(), min_amount=1, require_lock=True)).amount
+                except PaymentError as exc:
+                    if exc.retryable:
+                        continue          # the mint is down: try again next time
+                self._collected.add(zap.event_id)   # redeemed, spent already, or not ours
+            if total >= expect or loop.time() >= deadline:
+                return total
+            await asyncio.sleep(0.5)
 
     async def nutzaps_received(self, timeout: float = 5.0) -> list:
         """Nutzaps sent to this customer (change and refunds), parsed."""
@@ -138,6 +315,14 @@ class Customer:
         event = sign_event(self.keys, DELETION_KIND, reason,
                            [["e", request["id"]], ["k", str(request["kind"])]])
         await self.pool.publish(event)
+
+
+def _mint_url(url: str) -> str:
+    from .wallet import normalize_mint_url   # the wallet's rules, so that both sides compare alike
+    try:
+        return normalize_mint_url(url)
+    except ValueError:
+        return url
 
 
 def result_json(result: Result) -> dict:

@@ -88,6 +88,7 @@ class Cashier:
         self.mint_retry_seconds = mint_retry_seconds
         self.payment_timeout = payment_timeout
         self._signals: dict[str, asyncio.Event] = {}   # jobs waiting for a nutzap
+        self._cancelled: set[str] = set()              # ...whose customer cancelled the wait
         self._delivering: set[int] = set()
 
     @property
@@ -232,6 +233,9 @@ class Cashier:
                         continue
                     self.store.set_nutzap(row["event_id"], "used")
                     return paid
+                if request.id in self._cancelled:
+                    self.settle(request.id)
+                    raise PaymentRefused("cancelled by the customer before paying; nothing was charged")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.settle(request.id)
@@ -244,6 +248,7 @@ class Cashier:
                     pass
         finally:
             self._signals.pop(request.id, None)
+            self._cancelled.discard(request.id)
 
     async def _redeem(self, request: JobRequest, price: int, token: str, method: str,
                       refund_to: str | None, min_locktime: int, say) -> Paid:
@@ -404,6 +409,14 @@ class Cashier:
             self._spawn(self._return_stray({"event_id": nutzap.event_id, "job_id": job_id,
                                             "sender": nutzap.sender, "token": nutzap.token()}))
         # else: its job is being read (or was not seen yet): it takes the nutzap when it asks
+
+    def cancel_waiting(self, job_id: str) -> None:
+        """The customer cancelled a job that waits for payment: stop waiting (nutzaps that came
+        for it go back)."""
+        signal = self._signals.get(job_id)
+        if signal is not None:
+            self._cancelled.add(job_id)
+            signal.set()
 
     def settle(self, job_id: str) -> None:
         """A job that will not be paid: nutzaps kept for it go back to their payers."""

@@ -79,6 +79,7 @@ class Worker:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._active: dict[str, ActiveJob] = {}
+        self._unpaid: dict[str, str] = {}   # jobs waiting for payment -> their customer
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
         capacity = config.raw.get("capacity") or {}
         self._kind_slots = {k.kind: asyncio.Semaphore(capacity[k.name])
@@ -280,6 +281,10 @@ class Worker:
 
     def _on_deletion(self, event: dict) -> None:
         for job_id in deleted_event_ids(event):
+            if self._unpaid.get(job_id) == event["pubkey"] and self.cashier is not None:
+                log.info("job cancelled by the customer before paying", job_id=job_id)
+                self.cashier.cancel_waiting(job_id)
+                continue
             active = self._active.get(job_id)
             if active is not None and active.request.pubkey == event["pubkey"]:
                 log.info("job cancelled by the customer", job_id=job_id)
@@ -415,13 +420,18 @@ class Worker:
 
         def say(status: str, message: str, content: str) -> None:
             amount = price * 1000 if status == "payment-required" else None
+            if status == "payment-required" and request.id not in self._unpaid:
+                self._unpaid[request.id] = request.pubkey   # a kind-5 from them cancels the wait
+                self._update_cancel_subscription()
             self._spawn(self._publish(self._sign(*build_feedback(
                 request, status, message, content=content, amount_msats=amount,
                 relay_hint=self.relay_hint, encrypt=encrypt))))
 
         limit = job_kind.time_limit or self.settings.job_time_limit
         try:
-            return await self.cashier.collect(request, price, offered, limit, say)
+            paid = await self.cashier.collect(request, price, offered, limit, say)
+            self.cashier.settle(request.id)   # nutzaps kept for it that did not pay go back
+            return paid
         except PaymentRefused as exc:
             self._reject(request.event, str(exc), scheme, private_detail=False)
             return False
@@ -433,6 +443,9 @@ class Worker:
                     reason += "; what was redeemed was refunded as a nutzap"
                 self._reject(request.event, reason, scheme)
             return False
+        finally:
+            if self._unpaid.pop(request.id, None) is not None:
+                self._update_cancel_subscription()
 
     def _reject(self, event: dict, reason: str, scheme: Scheme | None, private_detail: bool = True,
                 amount_msats: int | None = None) -> None:
@@ -596,7 +609,7 @@ class Worker:
         self._cancel_sub_timer = None
         if self._stopping:
             return
-        ids = sorted(self._active)
+        ids = sorted(set(self._active) | set(self._unpaid))
         if ids:
             self._spawn(self.pool.subscribe("dvm-cancels", [{"kinds": [DELETION_KIND], "#e": ids}]))
         else:

@@ -255,3 +255,41 @@ async def test_an_input_server_down_after_payment_is_tried_again_then_refunded(
             assert worker.store.payment_for_job(request["id"])["state"] == "refunded"
     finally:
         await wallet.close()
+
+
+async def _cli(*args: str, timeout: float = 90) -> tuple[int, str, str]:
+    import sys
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "dvm_core.cli", *args,
+                                                stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_dvm_job_fetch_recovers_a_result_whose_download_failed(workers, relay, blobs, tmp_path):
+    """The result's files are refused by the customer's own setting (a loopback blob server
+    without --allow-private): one clear line, a non-zero exit, and the saved key finds the job
+    again for `dvm job status` and `dvm job fetch`."""
+    worker = await data_worker(workers, blobs)
+    dataset = tmp_path / "words.txt"
+    dataset.write_text(TEXT)
+    out = tmp_path / "out"
+    code, stdout, err = await _cli(
+        "job", "submit", "--relay", relay.url, "--dvm", worker.keys.npub, "--kind", str(KIND),
+        "--file-as", "training", str(dataset), "--blossom", blobs.url, "--param", "counts_file=yes",
+        "--out", str(out), "--timeout", "60", "--json")
+    assert code == 5, err
+    assert "Traceback" not in err and "could not be downloaded" in err and "dvm job fetch" in err, err
+    job_id = json.loads(stdout.strip().splitlines()[-1])["job_id"]
+    key = out / "customer.nsec"
+    assert key.is_file() and oct(key.stat().st_mode & 0o777) == "0o600"
+    request = worker.store.get_job(job_id).request
+    assert request["tags"][0] == ["encrypted"]   # the marker travelled inside the encrypted params
+    code, stdout, err = await _cli("job", "status", job_id, "--relay", relay.url, "--key", str(key))
+    assert code == 0 and f"job {job_id} (kind {KIND}): succeeded" in stdout, err
+    again = tmp_path / "again"
+    code, stdout, err = await _cli("job", "fetch", job_id, "--relay", relay.url, "--key", str(key),
+                                   "--out", str(again), "--allow-private")
+    assert code == 0, err
+    rows = list(csv.reader((again / "word_counts.csv").read_text().splitlines()))
+    assert ["the", "3"] in rows, rows

@@ -19,7 +19,7 @@ from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_reques
 from dvm_core.events import Keys, sign_event
 from dvm_core.nip90 import JobInput
 
-from .paying import FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer, paid_worker, provider_balance
+from .paying import FUNDS, PRICE, close_customer, funded_customer, paid_worker, provider_balance
 
 KIND = 5790
 TEXT = [JobInput("pay me in ecash", "text")]

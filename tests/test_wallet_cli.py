@@ -23,7 +23,7 @@ def test_wallet_commands_move_ecash_end_to_end(tmp_path, mint):
     out = dvm("mint", "50", *alice)
     assert out.returncode == 0, out.stderr
     assert "minted 50" in out.stdout
-    assert json.loads(dvm("balance", *alice).stdout) == {mint.url: 50}
+    assert json.loads(dvm("balance", "--json", *alice).stdout) == {mint.url: 50}
 
     sent = dvm("send", "20", *alice)
     assert sent.returncode == 0, sent.stderr
@@ -38,8 +38,11 @@ def test_wallet_commands_move_ecash_end_to_end(tmp_path, mint):
 
     melted = dvm("melt", external_invoice(5), *bob)
     assert melted.returncode == 0, melted.stderr
-    assert json.loads(dvm("balance", *bob).stdout)[mint.url] <= 15
-    assert json.loads(dvm("balance", *alice).stdout) == {mint.url: 30}
+    assert json.loads(dvm("balance", "--json", *bob).stdout)[mint.url] <= 15
+    assert json.loads(dvm("balance", "--json", *alice).stdout) == {mint.url: 30}
+    # The wallet remembers its mint, and says its balance in words.
+    words = dvm("balance", "--wallet-dir", str(tmp_path / "alice"))
+    assert words.returncode == 0 and words.stdout.splitlines() == [f"30 sat at {mint.url}", "total: 30 sat"]
 
     directory = tmp_path / "alice"
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700

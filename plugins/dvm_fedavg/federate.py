@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.client import Customer, download_artifacts, upload_dataset
+from dvm_core.client import Customer, PaymentDeclined, download_artifacts, upload_dataset
 from dvm_core.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -214,9 +214,11 @@ class Federation:
                     asked = (update.amount_msats or 0) // 1000
                     if paid:
                         raise ProviderFailed("asked to be paid twice")
-                    if asked > s.max_price:
-                        raise ProviderFailed(f"asks {asked} sat, more than max_price {s.max_price}")
-                    await self.customer.pay_with_nutzap(request, update, self.wallet)
+                    try:   # checked by the client: signer, amount, cap, mint, lock
+                        await self.customer.pay_with_nutzap(request, update, self.wallet,
+                                                            max_price=s.max_price)
+                    except PaymentDeclined as exc:
+                        raise ProviderFailed(f"not paid: {exc}") from None
                     paid = asked
         except TimeoutError:
             await self.customer.cancel(request, "timed out")

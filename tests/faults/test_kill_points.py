@@ -20,7 +20,6 @@ import time
 import pytest
 
 from dvm_core.client import JobFailed, result_json
-from dvm_core.ecash import decode_token
 from dvm_core.events import Keys
 from dvm_core.nip90 import JobInput
 from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
