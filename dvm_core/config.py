@@ -44,6 +44,8 @@ class Settings:
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
     max_download_bytes: int = 2 * 1024**3   # per input file
     download_timeout: float = 600.0
+    precheck_seconds: float = 120.0  # a plugin's look at the inputs before pricing (free to the customer)
+    max_prechecks: int = 2           # ...at most this many at once
     allow_private_urls: bool = False  # fetch inputs from loopback/private addresses (tests, demo)
     log_format: str = "auto"        # auto, json or console
     log_level: str = "info"

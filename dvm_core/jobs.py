@@ -80,6 +80,12 @@ class JobKind:
     :param pricing: for a kind its plugin prices per job (the `price_job` hook), one line telling
         customers how, e.g. ``"10 sats per million sample-epochs, at least 1 sat"``; the NIP-89
         announcement shows it instead of the fixed ``[prices]`` figure the hook overrides.
+    :param precheck: ``precheck(ctx, job) -> job``: before pricing and payment, read the inputs
+        (`ctx.fetch`; downloads are cached, so `run` finds them again) and return the job with
+        its real size, which `price_job` then prices; raise `JobInputError` for data that cannot
+        be used, and the customer is told before paying anything. It runs in a worker thread,
+        under the worker's `precheck_seconds` and at most `max_prechecks` at once, with
+        `ctx.progress` ignored: keep it to what pricing and refusing need.
     """
 
     kind: int
@@ -90,6 +96,7 @@ class JobKind:
     params: dict[str, str] | None = field(default_factory=dict)
     time_limit: float | None = None
     pricing: str | None = None
+    precheck: Callable[["JobContext", Any], Any] | None = None
     plugin: str = field(default="", compare=False)  # set by the worker: who registered it
 
     def __post_init__(self) -> None:

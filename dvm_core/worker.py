@@ -92,6 +92,8 @@ class Worker:
         # Jobs get threads of their own, so long training never starves the default executor
         # that asyncio and libraries share.
         self._executor = ThreadPoolExecutor(self.settings.max_concurrent_jobs, thread_name_prefix="dvm-job")
+        self._precheck_slots = asyncio.Semaphore(self.settings.max_prechecks)
+        self._precheck_executor = ThreadPoolExecutor(self.settings.max_prechecks, thread_name_prefix="dvm-precheck")
         self._tasks: set[asyncio.Task] = set()
         self._cancel_sub_timer: asyncio.TimerHandle | None = None
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
@@ -175,6 +177,7 @@ class Worker:
             await self.cashier.wallet.close()
         self.store.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._precheck_executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -339,7 +342,8 @@ class Worker:
                         except ValueError as exc:
                             raise InvalidRequest(f"input {job_input.data[:80]!r}: {exc}") from None
                 parsed = job_kind.parse(request) if job_kind.parse else request
-                if not (resumed and self._paid_already(request.id)):
+                paid_already = resumed and self._paid_already(request.id)
+                if not paid_already:
                     await self._probe_inputs(request)   # a paid job's inputs are retried, then refunded
             except (InvalidRequest, JobInputError) as exc:
                 self._reject(event, str(exc), scheme)
@@ -354,6 +358,16 @@ class Worker:
                                     f"{self.settings.max_queued_jobs}; nothing was charged, try again later",
                              None if scheme is None else scheme, private_detail=False)
                 return
+            if job_kind.precheck is not None and not paid_already:
+                try:
+                    parsed = await self._precheck(request, job_kind, parsed)
+                except InvalidRequest as exc:
+                    self._reject(event, str(exc), scheme)
+                    return
+                except Exception:
+                    log.exception("plugin failed to check a request's inputs", kind=event["kind"])
+                    self._reject(event, "internal error while checking the inputs; nothing was charged", scheme)
+                    return
             paid = await self._take_payment(request, job_kind, parsed, private_tags, scheme)
             if paid is False:
                 return
@@ -619,6 +633,37 @@ class Worker:
     def _sign(self, kind: int, content: str, tags: list[list[str]]) -> dict:
         return sign_event(self.keys, kind, content, tags)
 
+    async def _precheck(self, request: JobRequest, job_kind: JobKind, parsed: Any) -> Any:
+        """The plugin's look at the inputs before pricing and payment (`JobKind.precheck`): the
+        job with its real size, or InvalidRequest for data it cannot use."""
+        workdir = self.settings.jobs_dir / f"{request.id}.precheck"
+        loop = asyncio.get_running_loop()
+        limit = self.settings.precheck_seconds
+        ctx = JobContext(job_id=request.id, request=request, workdir=workdir,
+                         log=log.bind(job_id=request.id, kind=request.kind, step="precheck"),
+                         deadline=time.monotonic() + limit, report=lambda pct, msg: None,
+                         config=self.config.raw, device=None,
+                         fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
+                             self._fetch(url, into, attempts=1), loop).result())
+        try:
+            async with self._precheck_slots:
+                context = contextvars.copy_context()
+                task = loop.run_in_executor(self._precheck_executor, context.run,
+                                            job_kind.precheck, ctx, parsed)
+                done, _ = await asyncio.wait({task}, timeout=limit)
+                if not done:
+                    ctx.cancel("time limit")
+                    raise InvalidRequest(f"reading the inputs took longer than {limit:g} s, the most this "
+                                         "DVM spends before a job is paid; send a smaller dataset")
+                return task.result()
+        except (JobInputError, JobTimeout) as exc:
+            raise InvalidRequest(str(exc) or "the inputs could not be read in time") from None
+        except JobError as exc:
+            raise InvalidRequest(f"the inputs could not be read: {exc}") from None
+        finally:
+            if workdir.exists():
+                await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+
     async def _probe_inputs(self, request: JobRequest) -> None:
         """Before any work or payment: every url input answers, is not an HTML page and is not
         announced larger than the limit. Raises InvalidRequest."""
@@ -631,7 +676,7 @@ class Worker:
             except FetchError as exc:
                 raise InvalidRequest(str(exc)) from None
 
-    async def _fetch(self, url: str, into: Path) -> Path:
+    async def _fetch(self, url: str, into: Path, attempts: int = 0) -> Path:
         """Download a url input for a running job: verified, cached, decrypted if need be."""
         from .blobcrypt import BlobDecryptError, decrypt_file
         from .fetch import FetchError, fetch
@@ -640,7 +685,8 @@ class Worker:
         except ValueError as exc:
             raise JobInputError(str(exc)) from None
         s = self.settings
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+        attempts = attempts or FETCH_ATTEMPTS
+        for attempt in range(1, attempts + 1):
             # The job is paid: a server that is briefly down is tried again before the job is
             # given up (and refunded).
             try:
@@ -649,8 +695,9 @@ class Worker:
                                    allow_private=s.allow_private_urls)
                 break
             except FetchError as exc:
-                if attempt == FETCH_ATTEMPTS:
-                    raise JobError(f"could not fetch an input after {attempt} tries: {exc}") from None
+                if attempt == attempts:
+                    tries = f" after {attempt} tries" if attempt > 1 else ""
+                    raise JobError(f"could not fetch an input{tries}: {exc}") from None
                 log.warning("fetching an input failed; trying again", url=ref.url[:80], error=str(exc))
                 await asyncio.sleep(FETCH_RETRY_SECONDS * attempt)
         if ref.key is None:

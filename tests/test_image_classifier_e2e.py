@@ -90,3 +90,50 @@ async def test_digits_job_paid_over_relay_and_mint_reaches_090(workers, mint, re
         assert await provider_balance(worker) == price
     finally:
         await close_customer(customer)
+
+
+async def test_the_price_is_the_rate_times_the_images_sent_and_bad_files_cost_nothing(
+        workers, mint, relay, blobs, tmp_path):
+    """Without a `samples` param the worker counts the images before it asks (not the provider's
+    maximum), and data it cannot train on is refused before anything is paid."""
+    worker = await workers.start(
+        pm=plugin_manager(only=["image-classifier"]), mints=[mint.url], blob_servers=[blobs.url],
+        allow_private_urls=True, plugins={"image-classifier": {"sats_per_million_sample_epochs": RATE}})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        x_train, y_train, _, _ = digits_split(0)
+        good = tmp_path / "good.npz"
+        np.savez(good, x=x_train, y=y_train)
+        url = await upload_dataset(good, [blobs.url], customer.keys, encrypt=True)
+        request = await customer.submit(KIND, [JobInput(url, "url")], {"epochs": "10"},
+                                        provider=worker.keys.public_key)
+        asked = await anext(customer.updates(request, timeout=60))
+        assert asked.status == "payment-required", asked
+        assert asked.amount_msats == -(-len(y_train) * 10 * RATE // 1_000_000) * 1000  # 15 sat, not 2000
+        await customer.cancel(request)
+
+        bad = {
+            "text.txt": b"not images at all\n",
+            "truncated.npz": good.read_bytes()[: len(good.read_bytes()) // 2],
+        }
+        np.savez(tmp_path / "no_labels.npz", x=x_train)
+        np.savez(tmp_path / "other_names.npz", images=x_train, labels=y_train)
+        np.savez(tmp_path / "one_class.npz", x=x_train[:50], y=np.zeros(50, dtype=np.int64))
+        for name in ("no_labels.npz", "other_names.npz", "one_class.npz"):
+            bad[name] = (tmp_path / name).read_bytes()
+        before = await customer.wallet.total_balance()
+        for name, data in bad.items():
+            path = tmp_path / name
+            path.write_bytes(data)
+            url = await upload_dataset(path, [blobs.url], customer.keys, encrypt=True)
+            request = await customer.submit(KIND, [JobInput(url, "url")], {"epochs": "10"},
+                                            provider=worker.keys.public_key)
+            first = await anext(customer.updates(request, timeout=60))
+            assert first.status == "error", (name, first)
+            assert first.message and "internal error" not in first.message, (name, first.message)
+            if name == "other_names.npz":
+                assert "no array 'x'" in first.message and "images, labels" in first.message, first.message
+        assert await customer.wallet.total_balance() == before
+        assert await provider_balance(worker) == 0
+    finally:
+        await close_customer(customer)

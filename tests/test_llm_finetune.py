@@ -899,3 +899,27 @@ def test_smollm2_lora_example(tmp_path, capsys, request):
           f"({result.content['steps']} steps, {result.metrics['tokens_per_s']} tokens/s), "
           f"eval loss {result.content['eval_loss_before']:.3f} -> {result.content['eval_loss']:.3f}, "
           f"answer {answer.strip()!r}", file=sys.stderr)
+
+
+def test_precheck_counts_the_tokens_the_customer_pays_for(assets, tmp_path):
+    """Priced before payment on the tokens the set really holds (the model's tokenizer), not on
+    the provider's maximum; a declared `tokens` below the truth no longer fails the paid job."""
+    import math
+    config = {"plugins": {"llm-finetune": {"sats_per_million_tokens": 1000}}}
+    job = Job(tmp_path, {DATA_URL: assets["text"], MODEL_URL: assets["gpt2_zip"]},
+              {**FAST, "method": "lora", "tokens": "100"}, config=config)
+    parsed = job.parse()
+    checked = job.kind.precheck(job.ctx, parsed)
+    dataset = datamod.read_jsonl(assets["text"], what="training set", max_bytes=10**9, max_examples=10**6)
+    tokens = datamod.tokenize(dataset, assets["tokenizer"], FAST["max_seq_length"], what="training set").tokens
+    assert checked.declared_tokens == tokens > 100
+    assert lf.price(checked, checked.limits) == math.ceil(tokens * FAST["epochs"] * 1000 / 1e6)
+    assert lf.price(parsed, parsed.limits) != lf.price(checked, checked.limits)
+
+
+def test_precheck_refuses_unusable_data_before_payment(assets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    job = Job(tmp_path, {DATA_URL: bad, MODEL_URL: assets["gpt2_zip"]}, {**FAST, "method": "lora"})
+    with pytest.raises(JobInputError, match="line 1"):
+        job.kind.precheck(job.ctx, job.parse())

@@ -22,6 +22,7 @@ Training runs in the worker's process, or, with the provider's ``processes = N``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
             f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
-        pricing=(f"{rate:g} sats per million sample-epochs (images × epochs; param samples, else "
-                 f"{limits.max_samples} images), at least 1 sat" if rate > 0 else None))
+        precheck=precheck,
+        pricing=(f"{rate:g} sats per million sample-epochs (images × epochs, counted in your "
+                 "dataset before you pay), at least 1 sat" if rate > 0 else None))
 
 
 @hookimpl
@@ -68,6 +70,31 @@ def price_job(job_kind, job):
     if job_kind.name != NAME or not isinstance(job, ImageClassifierJob):
         return None
     return price(job, job.limits)
+
+
+def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:
+    """Before the price: read the training set (and the validation set), refuse what cannot be
+    trained on, and count the images, so the customer pays for the images they sent."""
+    import numpy as np
+
+    from . import data as datamod
+
+    limits = job.limits
+    counts = {}
+    for what, url in (("training set", job.dataset), ("validation set", job.validation)):
+        if url is None:
+            continue
+        raw = datamod.load_labelled(ctx.fetch(url), what=what, limits=limits, workdir=ctx.workdir,
+                                    image_size=job.params.image_size, check_cancelled=ctx.check_cancelled)
+        n, classes = raw.images.shape[0], len(np.unique(raw.codes))
+        if n > limits.max_samples:
+            raise JobInputError(f"the {what} holds {n} images; this provider trains on at most "
+                                f"{limits.max_samples} per job")
+        if what == "training set" and classes < 2:
+            raise JobInputError(f"the training set holds images of {classes} class only: a classifier "
+                                "needs at least two")
+        counts[what] = n
+    return dataclasses.replace(job, declared_samples=counts["training set"])
 
 
 def run(ctx, job: ImageClassifierJob) -> JobResult:

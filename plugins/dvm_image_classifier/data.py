@@ -168,7 +168,8 @@ def _is_npz(path: Path) -> bool:
             names = set(zf.namelist())
     except (zipfile.BadZipFile, OSError, ValueError):
         return False  # let the archive extractor give its precise error
-    return "x.npy" in names or "y.npy" in names
+    # A zip of .npy arrays is an .npz, whatever its arrays are called (then: a clear error).
+    return "x.npy" in names or "y.npy" in names or bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -198,7 +199,9 @@ def _load_npz(path: Path, what: str, limits: Limits):
             infos = {i.filename: i for i in zf.infolist()}
             for required, meaning in (("x", "the images"), ("y", "the labels")):
                 if f"{required}.npy" not in infos:
-                    raise JobInputError(f"the {what} .npz has no array {required!r} ({meaning})")
+                    held = ", ".join(sorted(n[:-4] for n in infos if n.endswith(".npy"))) or "none"
+                    raise JobInputError(f"the {what} .npz has no array {required!r} ({meaning}); it "
+                                        f"holds: {held}. Save it as np.savez(path, x=images, y=labels)")
             total = 0
             headers = {}
             for key in ("x", "y", "classes"):

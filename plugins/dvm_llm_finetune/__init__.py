@@ -22,6 +22,7 @@ that cancellation and the time limit kill (`launch`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 
@@ -57,8 +58,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
             f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
-        pricing=(f"{rate:g} sats per million tokens (dataset tokens × epochs; param tokens, else "
-                 f"{limits.max_tokens:,} tokens), at least 1 sat" if rate > 0 else None))
+        precheck=precheck,
+        pricing=(f"{rate:g} sats per million tokens (dataset tokens × epochs, counted with the base "
+                 "model's tokenizer before you pay), at least 1 sat" if rate > 0 else None))
 
 
 @hookimpl
@@ -103,6 +105,25 @@ def resolve_model(ctx, job: FinetuneJob):
         folder = modelmod.find_model_folder(target)
         source = {"archive_sha256": file_sha256(archive)}
     return modelmod.check_folder(folder, source=source, limits=limits, check_cancelled=ctx.check_cancelled)
+
+
+def precheck(ctx, job: FinetuneJob) -> FinetuneJob:
+    """Before the price: check the base model and the training set, and count the set's tokens
+    with the model's tokenizer, so the customer pays for the tokens they sent."""
+    from . import data as datamod
+    from . import model as modelmod
+
+    limits, params = job.limits, job.params
+    base = resolve_model(ctx, job)
+    tokenizer = modelmod.load_tokenizer(base.folder)
+    train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
+                                   max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
+    tokens = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
+                              check_cancelled=ctx.check_cancelled).tokens
+    if tokens > limits.max_tokens:
+        raise JobInputError(f"the training set holds {tokens:,} tokens; this provider trains on at "
+                            f"most {limits.max_tokens:,} per epoch")
+    return dataclasses.replace(job, declared_tokens=tokens)
 
 
 def run(ctx, job: FinetuneJob) -> JobResult:
