@@ -201,6 +201,10 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         initial_weights_sha256=weights_sha256, weights_file=weights_file)
     if limits.processes > 1:
         card["training"]["launch"] = {"processes": limits.processes, "launcher": "accelerate launch"}
+    warning = _no_better_than_chance(card["metrics"]["val_accuracy"], y_val)
+    if warning:
+        card["warning"] = warning
+        ctx.log.warning("model no better than chance", val_accuracy=card["metrics"]["val_accuracy"])
     outputs.write_card(card_file, card)
     outputs.plot_curves(outcome.history, curves_file)
     ctx.progress(100, "done")
@@ -214,6 +218,8 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         "train_samples": int(x.shape[0]),
         "stopped_early": outcome.stopped,
     }
+    if warning:
+        content["warning"] = warning
     metrics = {"samples_per_s": round(outcome.samples_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
                "job_seconds": round(time.monotonic() - started, 3), "samples": n, "epochs": len(outcome.history),
                "val_accuracy": card["metrics"]["val_accuracy"], "device": outcome.device}
@@ -222,6 +228,22 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         Artifact(card_file, "application/json", "model_card.json"),
         Artifact(curves_file, "image/png", "training_curves.png"),
     ])
+
+
+def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:
+    """A plain sentence when the model does no better on the validation set than always
+    answering its most common class (which a model that learned nothing does)."""
+    import numpy as np
+
+    if val_accuracy is None or y_val is None or len(y_val) == 0:
+        return None
+    labels = np.asarray(y_val.cpu() if hasattr(y_val, "cpu") else y_val)
+    chance = np.bincount(labels).max() / len(labels)
+    if val_accuracy > chance + 0.5 * (1 - chance) / max(2, len(labels)) ** 0.5:
+        return None
+    return (f"this model is no better than chance: validation accuracy {val_accuracy:.3f}, while "
+            f"always answering the most common class scores {chance:.3f}. It has not learned to tell "
+            "the classes apart: send more images per class, train for more epochs, or check the labels.")
 
 
 def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, params, mean, std,

@@ -51,6 +51,8 @@ from .params import TrainParams
 ON_DEVICE_MAX_BYTES = 2 << 30
 EVAL_BATCH = 512
 NAN_CHECK_EVERY = 10      # steps between checks that the loss is finite (a check syncs a GPU)
+BN_SETTLE_STEPS = 300     # before this many steps BatchNorm's running statistics are recomputed
+BN_CALIBRATION_IMAGES = 4096   # ...over this many training images at most
 AUGMENT_MIN_SIDE = 16     # crops and flips only make sense on images at least this large
 
 _init_lock = threading.Lock()
@@ -293,6 +295,35 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                          device: torch.device, batch_size: int, max_images: int = BN_CALIBRATION_IMAGES) -> None:
+    """Set every BatchNorm's running statistics to their exact averages over the training images
+    (up to `max_images`) under the current weights ("precise BatchNorm").
+
+    After a few dozen steps the running averages (momentum 0.1) still remember the early
+    weights: the model in eval mode then scores at chance on images it classifies perfectly
+    in train mode. Small datasets train for few steps, so they are recalibrated."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None          # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    batch = max(2, batch_size)
+    for start in range(0, min(images.shape[0], max_images), batch):
+        xb = images[start:start + batch]
+        if xb.shape[0] < 2:
+            break
+        model(xb.to(device, non_blocking=True).float().mul_(scale).add_(shift))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
              shift: torch.Tensor, device: torch.device) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of `model` on uint8 `images` (N×C×H×W)."""
@@ -433,6 +464,9 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
             record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
                       "val_loss": None, "val_accuracy": None, "seconds": round(epoch_seconds, 3),
                       "complete": stopped is None}
+            steps_done = epoch * steps_per_epoch
+            if world == 1 and steps_done < BN_SETTLE_STEPS:
+                recalibrate_batchnorm(model, train_images, scale, shift, device, params.batch_size)
             if val_images is not None and val_images.shape[0] and main:
                 # Several processes: the main one alone, on the bare module (no DDP collectives).
                 record["val_loss"], record["val_accuracy"] = evaluate(
