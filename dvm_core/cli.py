@@ -495,11 +495,7 @@ async def _submit(relays, provider, kind, texts, urls, files, params, servers, c
         click.echo(f"uploaded {f} ({'encrypted' if not clear else 'in the clear'})"
                    + (f" as {marker}" if marker else ""), err=True)
         inputs.append(JobInput(url, "url", marker=marker))
-    wallet = None
-    if wallet_dir:
-        from .wallet import ProviderWallet, load_or_create_p2pk_key
-        wallet = ProviderWallet(directory=Path(wallet_dir), accepted_mints=list(mints),
-                                p2pk_private_key=load_or_create_p2pk_key(Path(wallet_dir) / "p2pk.key"))
+    wallet = _open_wallet(None, wallet_dir, mints) if wallet_dir else None   # it remembers its mints
     request = None
     try:
         async with Customer(keys, list(relays)) as customer:

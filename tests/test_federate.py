@@ -119,6 +119,8 @@ async def test_three_providers_three_rounds_match_one_provider_on_all_data(
     print("\n".join(lines))
     assert [len(r.providers) for r in rounds] == [3, 3, 3] and not any(r.dropped for r in rounds)
     assert all(sum(r.paid.values()) == 3 for r in rounds)  # 1 sat each, paid by nutzap
+    assert all(len(r.payments) == 3 and all(w.startswith("paid 1 sat") for w in r.payments.values())
+               for r in rounds)
     accuracies = [r.accuracy for r in rounds]
     assert accuracies[-1] >= central[0].accuracy - 0.02, (accuracies, central[0].accuracy)
     assert accuracies[-1] > accuracies[0] - 0.01
@@ -167,7 +169,10 @@ async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, bl
     assert only.providers == [providers[0]]
     assert "internal error while running the job" in only.dropped[providers[1]]  # (and refunded)
     assert "no result within 12s" in only.dropped[silent]
+    # What was paid to whom, and why (the failing provider serves for free; the silent one never asked).
     assert only.paid == {providers[0]: 1}
+    assert only.payments[providers[0]].startswith("paid 1 sat (its quote, within max_price")
+    assert set(only.payments) == {providers[0]}
     assert only.accuracy > 0.2  # one epoch on one shard from random weights: better than chance
 
 

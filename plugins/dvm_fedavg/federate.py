@@ -70,10 +70,11 @@ class RoundReport:
     accuracy: float
     providers: list[str]  # whose updates went into the merge
     dropped: dict[str, str]  # provider → why
-    paid: dict[str, int]  # provider → sats
+    paid: dict[str, int]  # provider → sats (paid ones dropped later included)
     seconds: float
     merge: dict = field(default_factory=dict)
     compared: dict[str, float] = field(default_factory=dict)  # method → held-out accuracy
+    payments: dict[str, str] = field(default_factory=dict)  # provider → what it asked and why paid (or not)
 
 
 class ProviderFailed(Exception):
@@ -139,6 +140,8 @@ class Federation:
         self.shards: list[np.ndarray] = []
         self.shard_urls: list[str] = []
         self.reports: list[RoundReport] = []
+        self._paid: dict[str, int] = {}        # this round: provider → sats paid
+        self._payments: dict[str, str] = {}    # this round: provider → what it asked, why paid or not
         self.global_weights: Path | None = None
         self.card: Path | None = None
 
@@ -218,8 +221,12 @@ class Federation:
                         await self.customer.pay_with_nutzap(request, update, self.wallet,
                                                             max_price=s.max_price)
                     except PaymentDeclined as exc:
+                        self._payments[provider] = f"not paid: {exc}"
                         raise ProviderFailed(f"not paid: {exc}") from None
                     paid = asked
+                    self._paid[provider] = asked
+                    self._payments[provider] = (f"paid {asked} sat (its quote, within max_price "
+                                                f"{s.max_price}): {update.message[:160]}")
         except TimeoutError:
             await self.customer.cancel(request, "timed out")
             raise ProviderFailed(f"no result within {s.job_timeout:g}s") from None
@@ -239,9 +246,13 @@ class Federation:
             return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
                                    rdir / f"provider-{i}")
 
+        self._paid, self._payments = {}, {}
         outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
                                         return_exceptions=True)
-        updates, weights, names, dropped, paid = [], [], [], {}, {}
+        updates, weights, names, dropped = [], [], [], {}
+        paid, payments = dict(self._paid), dict(self._payments)   # dropped after paying counts too
+        for provider, why in payments.items():
+            self.say(f"round {round_}: provider {provider[:12]}… {why}")
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):   # cancelled, interrupted: stop the federation
@@ -252,8 +263,7 @@ class Federation:
                     else f"{type(outcome).__name__}: {outcome}"
                 self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
                 continue
-            files, cost = outcome
-            paid[provider] = cost
+            files, _cost = outcome
             if "model.safetensors" not in files:
                 dropped[provider] = "the result has no model.safetensors"
                 continue
@@ -294,7 +304,8 @@ class Federation:
             self.say(f"round {round_}: no update came back; the global model stays as it was")
         accuracy = await asyncio.to_thread(self.evaluate)
         result = RoundReport(round=round_, accuracy=accuracy, providers=names, dropped=dropped, paid=paid,
-                             seconds=round(time.monotonic() - started, 3), merge=report, compared=compared)
+                             seconds=round(time.monotonic() - started, 3), merge=report, compared=compared,
+                             payments=payments)
         self.reports.append(result)
         self.say(f"round {round_}: {len(names)}/{len(self.providers)} updates merged ({s.method}), "
                  f"held-out accuracy {accuracy:.4f}, paid {sum(paid.values())} sat, {result.seconds:.1f}s"
