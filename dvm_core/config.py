@@ -39,6 +39,7 @@ class Settings:
     mints: list[str] = field(default_factory=list)  # accepted Cashu mints; none: every job is free
     unit: str = "sat"
     default_price: int = 0          # sats per job for kinds with no [prices] entry and no plugin price
+    input_error_fee: int = 0        # kept of a paid job that fails on the customer's data (announced)
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files

@@ -453,11 +453,11 @@ class Cashier:
             return 0
         return max(0, (row["received"] or 0) - row["change_sent"] - row["refund_sent"])
 
-    def refund_job(self, request: JobRequest, reason: str) -> int:
-        """Refund what is still held of a job's payment (one that failed through no fault of the
-        customer's). Returns the amount owed back (0: nothing to refund). Inside the caller's
+    def refund_job(self, request: JobRequest, reason: str, keep: int = 0) -> int:
+        """Refund what is still held of a job's payment, less `keep` (a fee the provider
+        announces). Returns the amount owed back (0: nothing to refund). Inside the caller's
         `store.atomic()`, the debt is written with whatever else the caller writes there."""
-        amount = self.refundable(request.id)
+        amount = max(0, self.refundable(request.id) - keep)
         if amount:
             row = self.store.payment_for_job(request.id)
             self._owe(request, row["token_id"], row["mint"], row["unit"], row["refund_to"], amount,

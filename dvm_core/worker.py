@@ -239,6 +239,7 @@ class Worker:
                 "prices": {k.name: self.prices.get(k.name, self.settings.default_price)
                            for k in self.kinds.values() if not k.pricing},
                 # Every kind says how it is priced, in words: a rule for kinds priced by work.
+                "input_error_fee": self.settings.input_error_fee,
                 "pricing": {k.name: k.pricing or _fixed_pricing(
                     self.prices.get(k.name, self.settings.default_price), self.settings.unit)
                     for k in self.kinds.values()},
@@ -482,7 +483,8 @@ class Worker:
     async def _run(self, active: ActiveJob) -> None:
         request, job_kind = active.request, active.job_kind
         outcome, error, metrics = "failed", "", {}
-        refund = True  # a failure that is not the customer's is refunded
+        refund = True  # a paid job that did not deliver is refunded
+        fee = 0        # ...less the announced fee when the customer's data was at fault
         workdir = self.settings.jobs_dir / request.id
         kind_slot = self._kind_slots.get(request.kind) or contextlib.nullcontext()
         device = None
@@ -525,7 +527,7 @@ class Worker:
             error = f"the job ran past its time limit of {limit:g} s"
         except JobInputError as exc:
             error = str(exc)
-            refund = False  # the customer's own mistake, found only once the work began
+            fee = self.settings.input_error_fee   # the customer's data, found out only while working
         except JobError as exc:  # e.g. an input that could not be fetched: refunded
             error = str(exc)
         except Exception as exc:
@@ -546,7 +548,7 @@ class Worker:
             with self.store.atomic():
                 refunded = 0
                 if active.paid is not None and self.cashier is not None and refund:
-                    refunded = self.cashier.refund_job(request, error)
+                    refunded = self.cashier.refund_job(request, error, keep=fee)
                 message = error
                 if refunded:
                     message += f"; your {refunded} {active.paid.unit} were refunded as a nutzap"

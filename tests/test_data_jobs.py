@@ -293,3 +293,32 @@ async def test_dvm_job_fetch_recovers_a_result_whose_download_failed(workers, re
     assert code == 0, err
     rows = list(csv.reader((again / "word_counts.csv").read_text().splitlines()))
     assert ["the", "3"] in rows, rows
+
+
+async def test_a_paid_job_that_fails_on_the_customers_data_is_refunded_less_the_announced_fee(
+        workers, customer, blobs, mint, tmp_path):
+    from dvm_core.blobcrypt import encrypt_bytes, generate_key
+    from dvm_core.wallet import ProviderWallet
+    worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
+                                 prices={"text-stats": 3}, input_error_fee=1)
+    assert json.loads(worker.announcement()[1])["payment"]["input_error_fee"] == 1
+    sealed, _ = encrypt_bytes(TEXT.encode())
+    blob = await BlossomClient([blobs.url], customer.keys).upload(sealed, "application/octet-stream")
+    wrong_key = DataRef(blob.url, blob.sha256, generate_key()).to_url()
+    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                            p2pk_private_key=customer.keys.private_key)
+    await wallet.mint_from_lightning(3, mint.url)
+    try:
+        request = await customer.submit(KIND, [JobInput(wrong_key, "url")], {}, provider=worker.keys.public_key,
+                                        cashu=await wallet.send(3, mint=mint.url))
+        with pytest.raises(JobFailed, match="could not decrypt.*your 2 sat were refunded"):
+            await customer.result(request, timeout=30)
+        for _ in range(100):
+            payouts = worker.store.payouts(request["id"])
+            if payouts and payouts[0]["state"] == "sent":
+                break
+            await asyncio.sleep(0.1)
+        assert [(p["role"], p["amount"], p["state"]) for p in payouts] == [("refund", 2, "sent")]
+        assert await worker.cashier.wallet.total_balance() == 1
+    finally:
+        await wallet.close()
