@@ -415,12 +415,14 @@ def job() -> None:
 @click.option("--yes", is_flag=True, help="Pay the price the DVM asks without asking (still checked).")
 @click.option("--dry-run", is_flag=True, help="Show the DVM's quote, pay nothing, and cancel the job.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (job, price paid, files, balance).")
+@click.option("--no-local-check", is_flag=True,
+              help="Upload without first running the kind's own data checks here (when its plugin is installed).")
 @click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True,
               help="Where to save the result and its files.")
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, params, servers, clear, key_file,
-           wallet_dir, mints, max_price, yes, dry_run, as_json, out, timeout, allow_private) -> None:
+           wallet_dir, mints, max_price, yes, dry_run, as_json, no_local_check, out, timeout, allow_private) -> None:
     """Send a job, follow its progress, then download, verify and decrypt its result files.
 
     When the DVM asks for payment, its quote is shown and checked (signed by this DVM, the amount
@@ -449,6 +451,11 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
             raise click.ClickException(f"--file-as: no file {path}")
     if files and not servers:
         raise click.ClickException("--file needs a --blossom server to upload to")
+    if files and not no_local_check:
+        problem = _local_check(kind, texts, files, param_map)
+        if problem:
+            raise click.ClickException(f"not sent: {problem} (this kind's own check of your files, run "
+                                       "here before uploading; --no-local-check skips it)")
     if not key_file:   # keep the key: it finds the job again and decrypts its result
         key_path = Path(out) / "customer.nsec"
         if key_path.exists():
@@ -462,6 +469,50 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _local_check(kind: int, texts, files, params: dict) -> str | None:
+    """Run the plugin's own checks of a job's files here, before anything is uploaded, when the
+    plugin of this kind is installed: the same `parse` and `precheck` the DVM runs before it asks
+    for payment (with the plugin's default limits). Returns what is wrong with the data, or None
+    (also when the check cannot run here, e.g. a model only the provider has)."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import structlog
+
+    from .fetch import sha256_file
+    from .jobs import JobContext, JobInputError
+    from .nip90 import JobInput, JobRequest
+    from .plugins import collect_job_kinds, plugin_manager
+    try:
+        job_kind = collect_job_kinds(plugin_manager(), {}).get(kind)
+    except Exception:
+        return None
+    if job_kind is None or job_kind.precheck is None:
+        return None
+    local = {f"https://local.invalid/{sha256_file(path)}": Path(path) for _, path in files}
+    inputs = [JobInput(t, "text") for t in texts]
+    inputs += [JobInput(url, "url", marker=marker) for url, (marker, _) in zip(local, files)]
+    request = JobRequest(id="0" * 64, pubkey="0" * 64, kind=kind, created_at=0, inputs=tuple(inputs),
+                         params=dict(params))
+    try:
+        job = job_kind.parse(request) if job_kind.parse else request
+    except Exception:
+        return None   # the request itself is judged by the DVM, with its own limits
+    with tempfile.TemporaryDirectory(prefix="dvm-check-") as tmp:
+        ctx = JobContext(job_id=request.id, request=request, workdir=Path(tmp) / "work",
+                         log=structlog.get_logger("dvm.check"), deadline=time.monotonic() + 600,
+                         report=lambda percent, message: None, config={},
+                         fetcher=lambda url, into: local[url])
+        try:
+            job_kind.precheck(ctx, job)
+        except JobInputError as exc:
+            return str(exc)
+        except Exception:
+            return None
+    return None
 
 
 @dataclass

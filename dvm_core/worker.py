@@ -254,9 +254,16 @@ class Worker:
     def price(self, job_kind: JobKind, request: JobRequest, parsed: Any) -> int:
         if self.cashier is None:
             return 0  # no mints configured: this DVM serves every job free, whatever plugins ask
+        fixed = self.prices.get(job_kind.name, self.settings.default_price)
         price = self.pm.hook.price_job(job_kind=job_kind, request=request, job=parsed, config=self.config.raw)
         if price is None:
-            price = self.prices.get(job_kind.name, self.settings.default_price)
+            price = fixed
+        elif not job_kind.pricing and price != fixed:
+            # The announcement says this kind costs `fixed`: a customer pays only what was
+            # announced, so a price the kind does not announce (JobKind.pricing) is not asked.
+            log.warning("a plugin priced a kind that announces a fixed price; asking the fixed price",
+                        kind=job_kind.name, plugin_price=price, announced=fixed)
+            price = fixed
         if isinstance(price, bool) or not isinstance(price, int) or price < 0:
             raise ValueError(f"price of {job_kind.name!r} must be a whole number ≥ 0, got {price!r}")
         return price

@@ -96,6 +96,26 @@ async def workers(tmp_path, relay):
 
 
 @pytest.fixture
+async def funded_customers(tmp_path, mint, relay):
+    """Make customers with FUNDS sat each at the session mint (see paying.py); closed at the end."""
+    from .paying import close_customer, funded_customer
+    made = []
+
+    async def make():
+        made.append(await funded_customer(tmp_path, mint.url, relay.url))
+        return made[-1]
+    yield make
+    for made_customer in made:
+        await close_customer(made_customer)
+
+
+@pytest.fixture
+async def funded(funded_customers):
+    """A customer with FUNDS sat at the session mint; its P2PK key is its Nostr key (refunds)."""
+    return await funded_customers()
+
+
+@pytest.fixture
 async def customer(relay):
     async with Customer(Keys.generate(), [relay.url]) as c:
         await c.pool.wait_all_connected(10)

@@ -23,7 +23,7 @@ from dvm_core.localnet import start_mint
 from dvm_core.nip90 import HANDLER_KIND, JobInput
 from dvm_core.wallet import ProviderWallet, _cashu
 
-from .paying import (FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer, paid_worker,
+from .paying import (FUNDS, PRICE, claim_nutzaps, funded_customer, paid_worker,
                      provider_balance)
 
 KIND = 5790
@@ -39,14 +39,6 @@ def other_mint(tmp_path_factory):
     service = start_mint(tmp_path_factory.mktemp("other-mint"))
     yield service
     service.stop()
-
-
-@pytest.fixture
-async def funded(tmp_path, mint, relay):
-    """A customer with FUNDS sat at the session mint; its P2PK key is its Nostr key (refunds)."""
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
-    yield customer
-    await close_customer(customer)
 
 
 def decode_b(token: str) -> dict:

@@ -22,13 +22,6 @@ KIND = 5790
 TEXT = [JobInput("pay only who you asked", "text")]
 
 
-@pytest.fixture
-async def funded(tmp_path, mint, relay):
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
-    yield customer
-    await close_customer(customer)
-
-
 def forged_feedback(keys: Keys, request: dict, status: str, message: str = "", content: str = "",
                     amount_msats: int | None = None) -> dict:
     tags = [["status", status, message], ["e", request["id"]], ["p", request["pubkey"]]]

@@ -137,3 +137,22 @@ async def test_the_price_is_the_rate_times_the_images_sent_and_bad_files_cost_no
         assert await provider_balance(worker) == 0
     finally:
         await close_customer(customer)
+
+
+async def test_dvm_job_submit_checks_the_files_here_before_uploading(relay, blobs, tmp_path):
+    """The image classifier is installed on the customer's side too: its own checks run on the
+    local file first, and a set it cannot train on is never uploaded, let alone paid for."""
+    import asyncio
+    import sys
+    x_train, _, _, _ = digits_split(0)
+    one_class = tmp_path / "one_class.npz"
+    np.savez(one_class, x=x_train[:50], y=np.zeros(50, dtype=np.int64))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dvm_core.cli", "job", "submit", "--relay", relay.url,
+        "--dvm", "ab" * 32, "--kind", str(KIND), "--file", str(one_class), "--blossom", blobs.url,
+        "--out", str(tmp_path / "out"), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode != 0
+    assert "not sent:" in err.decode() and "at least two" in err.decode(), err.decode()
+    assert "uploaded" not in err.decode()   # nothing left this machine

@@ -16,17 +16,10 @@ from dvm_core.ecash import decode_payment_request, decode_token, encode_token_a
 from dvm_core.events import Keys
 from dvm_core.nip90 import JobInput
 
-from .paying import PRICE, claim_nutzaps, close_customer, funded_customer, paid_worker, provider_balance
+from .paying import PRICE, claim_nutzaps, paid_worker, provider_balance
 
 KIND = 5790
 TEXT = [JobInput("pay me in ecash", "text")]
-
-
-@pytest.fixture
-async def funded(tmp_path, mint, relay):
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
-    yield customer
-    await close_customer(customer)
 
 
 async def test_token_in_encrypted_params_pays_for_the_job(workers, mint, funded):
@@ -187,26 +180,52 @@ async def test_restart_between_payment_and_start_runs_without_asking_again(worke
     assert await provider_balance(again) == 2 * PRICE  # each job paid once
 
 
-async def test_a_plugin_prices_by_work_through_the_price_job_hook(workers, mint, funded):
-    from dvm_core import hookimpl
-    from dvm_core.plugins import plugin_manager
+def _per_word_plugin(announce: bool):
+    """A kind of its own (5792), priced one sat per word by a price_job hook; with `announce`
+    its JobKind says so (JobKind.pricing), as the NIP-89 announcement then does."""
+    from dvm_core import JobKind, hookimpl
 
     class PerWord:
         @hookimpl
-        def price_job(self, job_kind, job):
-            if job_kind.name == "text-stats":
-                return len(job.text.split())  # one sat per word
+        def register_job_kinds(self, register):
+            register(JobKind(kind=5792, name="per-word", description="counts words, a sat each",
+                             run=lambda ctx, job: {"words": len(job.inputs[0].data.split())},
+                             pricing="1 sat per word" if announce else None))
 
+        @hookimpl
+        def price_job(self, job_kind, job):
+            if job_kind.name == "per-word":
+                return len(job.inputs[0].data.split())  # one sat per word
+    return PerWord()
+
+
+async def test_a_plugin_prices_by_work_through_the_price_job_hook(workers, mint, funded):
+    from dvm_core.plugins import plugin_manager
     pm = plugin_manager(only=["textstats"])
-    pm.register(PerWord(), name="per-word")
-    worker = await workers.start(pm=pm, mints=[mint.url], prices={"text-stats": 1})
-    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    pm.register(_per_word_plugin(announce=True), name="per-word")
+    worker = await workers.start(pm=pm, mints=[mint.url], prices={"per-word": 1})
+    request = await funded.submit(5792, TEXT, {}, provider=worker.keys.public_key)
     async for update in funded.updates(request, timeout=20):
         break
     assert update.status == "payment-required" and update.amount_msats == 4 * 1000
     await funded.pay_with_nutzap(request, update, funded.wallet)
     await funded.result(request, timeout=30)
     assert await provider_balance(worker) == 4
+
+
+async def test_a_plugin_price_the_kind_does_not_announce_is_not_asked(workers, mint, funded):
+    """The announcement says 1 sat per job: a hook's other price would make the customer pay
+    what was not announced, so the announced price is asked."""
+    from dvm_core.plugins import plugin_manager
+    pm = plugin_manager(only=["textstats"])
+    pm.register(_per_word_plugin(announce=False), name="per-word")
+    worker = await workers.start(pm=pm, mints=[mint.url], prices={"per-word": 1})
+    request = await funded.submit(5792, TEXT, {}, provider=worker.keys.public_key)
+    async for update in funded.updates(request, timeout=20):
+        break
+    assert update.status == "payment-required" and update.amount_msats == 1000
+    await funded.pay_with_nutzap(request, update, funded.wallet)
+    assert result_json(await funded.result(request, timeout=30))["words"] == 4
 
 
 async def test_a_free_kind_asks_for_nothing(workers, mint, funded):

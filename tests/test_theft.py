@@ -19,24 +19,20 @@ from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_reques
 from dvm_core.events import Keys, sign_event
 from dvm_core.nip90 import JobInput
 
-from .paying import FUNDS, PRICE, close_customer, funded_customer, paid_worker, provider_balance
+from .paying import FUNDS, PRICE, paid_worker, provider_balance
 
 KIND = 5790
 TEXT = [JobInput("pay me in ecash", "text")]
 
 
 @pytest.fixture
-async def victim(tmp_path, mint, relay):
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
-    yield customer
-    await close_customer(customer)
+async def victim(funded_customers):
+    return await funded_customers()
 
 
 @pytest.fixture
-async def attacker(tmp_path, mint, relay):
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
-    yield customer
-    await close_customer(customer)
+async def attacker(funded_customers):
+    return await funded_customers()
 
 
 def nutzap_of(sender, proofs: list[dict], mint_url: str, recipient: str, job_id: str) -> dict:
