@@ -9,16 +9,26 @@ mirror can serve them:
 A private dataset is encrypted before upload (see `blobcrypt.py`); its key rides in the same
 fragment, `#sha256=<hex>&key=<key>`, which only ever appears inside an encrypted request (the
 fragment is never sent to the server). The sha256 is the hash of the bytes as stored, that is
-of the ciphertext for an encrypted blob. Pure: no I/O.
+of the ciphertext for an encrypted blob. Pure but for `sha256_file`, which hashes a local file.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import os
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+from .events import HEX64 as _HEX64
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """The sha256 of a file as 64 lowercase hex digits, read in chunks (any size of file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

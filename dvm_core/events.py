@@ -18,7 +18,8 @@ import coincurve
 from pynostr.key import PrivateKey, PublicKey
 
 # fullmatch, never match: "$" also matches before a trailing newline
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX64 = re.compile(r"[0-9a-f]{64}")   # ids, keys, hashes (used with fullmatch)
+_HEX64 = HEX64
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
@@ -139,18 +140,6 @@ def verify_event(event: object) -> dict:
     if not ok:
         raise InvalidEvent("invalid signature")
     return event
-
-
-def tag_values(event: dict, name: str) -> list[list[str]]:
-    """All tags named `name`, each without its name."""
-    return [t[1:] for t in event.get("tags", []) if t and t[0] == name]
-
-
-def first_tag(event: dict, name: str) -> str | None:
-    for t in event.get("tags", []):
-        if len(t) >= 2 and t[0] == name:
-            return t[1]
-    return None
 
 
 _key_cache: dict[str, coincurve.PrivateKey] = {}

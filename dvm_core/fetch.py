@@ -58,15 +58,7 @@ class FetchError(Exception):
     """A download that failed or was refused; the message is meant for the customer."""
 
 
-# --- hashing -------------------------------------------------------------------------------
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """The sha256 of a file as 64 lowercase hex digits, read in chunks (any size of file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+from .datarefs import sha256_file  # noqa: E402  (re-exported: the one copy lives there)
 
 
 # --- address checks ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ REQUEST_KINDS = range(5000, 6000)
 INPUT_TYPES = ("url", "event", "job", "text")
 STATUSES = ("payment-required", "processing", "error", "success", "partial")
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch
+from .events import HEX64 as _HEX64  # noqa: E402
 
 
 def _is_uint(text: str) -> bool:

@@ -257,7 +257,7 @@ def test_lora_loss_goes_down_and_returns_an_adapter(lora_job):
 def test_model_card_and_curve(lora_job, assets):
     from PIL import Image
 
-    from dvm_llm_finetune.data import file_sha256
+    from dvm_core.datarefs import sha256_file as file_sha256
 
     card = json.loads(lora_job["files"]["model_card.json"].read_text())
     assert card["format"] == "dvm-llm-finetune/1" and card["method"] == "lora"

@@ -47,7 +47,6 @@ No pickle is ever loaded: the safetensors header is JSON, the data raw little-en
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -62,6 +61,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from scipy.linalg import blas   # axpy: FedAvg's one pass per input (imported once, with the plugin)
+
+from dvm_core.datarefs import sha256_file
 
 from .checks import METHODS, MergeError, check_method, check_weights
 
@@ -297,19 +298,11 @@ def _check_same_architecture(files: list[_File], base: _File | None) -> None:
                                  f"{t.dtype}; send every model in the same dtype", other.index)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_base_hash(files: list[_File], base: _File | None, base_sha256: str | None) -> str | None:
     named = [(f, f.metadata[BASE_HASH_KEY].strip().lower()) for f in files if f.metadata.get(BASE_HASH_KEY)]
     expected = base_sha256.strip().lower() if base_sha256 else None
     if base is not None and (named or expected):
-        actual = _sha256(base.path)
+        actual = sha256_file(base.path)
         if expected and actual != expected:
             raise MergeError(f"{base.what} has sha256 {actual}, not the expected base {expected}")
         expected = actual

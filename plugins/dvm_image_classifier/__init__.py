@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from dvm_core import Artifact, JobInputError, JobKind, JobResult, hookimpl
+from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, ImageClassifierJob, Limits, parse_request, price
 
@@ -136,7 +137,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     if job.weights is not None:
         ctx.progress(2, "downloading the initial weights")
         weights_path = ctx.fetch(job.weights)
-        weights_sha256 = datamod.file_sha256(weights_path)
+        weights_sha256 = sha256_file(weights_path)
         initial = _read_weights(weights_path, limits)
     ctx.check_cancelled()
 

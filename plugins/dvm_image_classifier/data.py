@@ -20,7 +20,6 @@ class, an empty set, images of different sizes (unless ``image_size`` resizes th
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import zipfile
 import zlib
@@ -34,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 
 from dvm_core import JobInputError
+from dvm_core.datarefs import sha256_file
 from dvm_core.archives import ArchiveError, archive_format, extract_archive
 
 from .params import MIN_IMAGE_SIZE, Limits
@@ -75,15 +75,6 @@ class Dataset:
     sha256: str
     format: str
     fixed: bool = False         # the classes came from an .npz 'classes' array
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resize_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -133,7 +124,7 @@ def load_labelled(path: Path, *, what: str, limits: Limits, workdir: Path, image
                             f"{limits.max_dataset_bytes}")
     if size == 0:
         raise JobInputError(f"the {what} is an empty file")
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if _is_npz(path):
         images, codes, names, fixed = _load_npz(path, what, limits)
         if image_size is not None:

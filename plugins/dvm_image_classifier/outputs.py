@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 
-from .data import file_sha256
+from dvm_core.datarefs import sha256_file
 
 CARD_FORMAT = "dvm-image-classifier/1"
 TRAIN_COLOUR = (31, 119, 180)
@@ -73,7 +73,7 @@ def model_card(*, spec: dict, classes: list[str], mean: list[float], std: list[f
                      "stopped_early": outcome.stopped, "device": outcome.device,
                      "mixed_precision": outcome.mixed_precision, "threads": outcome.threads},
         "versions": environment(),
-        "weights": {"file": weights_file.name, "sha256": file_sha256(weights_file)},
+        "weights": {"file": weights_file.name, "sha256": sha256_file(weights_file)},
     }
 
 

@@ -27,6 +27,7 @@ import shutil
 import time
 
 from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
+from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
 
@@ -82,7 +83,6 @@ def resolve_model(ctx, job: FinetuneJob):
     from dvm_core.archives import ArchiveError, extract_archive
 
     from . import model as modelmod
-    from .data import file_sha256
 
     limits = job.limits
     if job.model_repo is not None:
@@ -103,7 +103,7 @@ def resolve_model(ctx, job: FinetuneJob):
         except ArchiveError as exc:
             raise JobInputError(f"the model archive cannot be used: {exc}") from None
         folder = modelmod.find_model_folder(target)
-        source = {"archive_sha256": file_sha256(archive)}
+        source = {"archive_sha256": sha256_file(archive)}
     return modelmod.check_folder(folder, source=source, limits=limits, check_cancelled=ctx.check_cancelled)
 
 
@@ -193,7 +193,7 @@ def run(ctx, job: FinetuneJob) -> JobResult:
         _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params)
 
     ctx.progress(95, "writing the model card")
-    weights = {name: datamod.file_sha256(out / name) for name in outcome.files if name.endswith(".safetensors")}
+    weights = {name: sha256_file(out / name) for name in outcome.files if name.endswith(".safetensors")}
     card_file = out / "model_card.json"
     curve_file = out / "loss_curve.png"
     card = outputs.model_card(base=base, params=params, outcome=outcome, datasets=datasets, weights=weights,

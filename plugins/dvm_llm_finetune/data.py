@@ -25,7 +25,6 @@ would on each example alone. Each epoch draws a new order from the job's seed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from dvm_core import JobInputError
+from dvm_core.datarefs import sha256_file
 
 IGNORE = -100
 FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
@@ -67,14 +67,6 @@ class Tokenized:
     @property
     def tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.examples)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
@@ -115,7 +107,7 @@ def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
                 raise JobInputError(f"the {what} has more than {max_examples} examples (this provider's limit)")
     if not records:
         raise JobInputError(f"the {what} holds no examples: send one JSON object per line")
-    return Dataset(records=records, format=fmt, sha256=file_sha256(path), bytes=size)
+    return Dataset(records=records, format=fmt, sha256=sha256_file(path), bytes=size)
 
 
 def _format_of(record: dict, what: str, number: int) -> str:

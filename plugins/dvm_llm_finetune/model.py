@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvm_core import JobInputError
+from dvm_core.datarefs import sha256_file
 
 # LoRA targets per architecture (model_type in config.json): the attention projections.
 DEFAULT_TARGETS = {
@@ -147,11 +148,7 @@ def check_folder(folder: Path, *, source: dict, limits, check_cancelled=lambda: 
                             f"{limits.max_model_parameters:,}")
     for path in weights:
         check_cancelled()
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        digest.update(f"{path.name}:{h.hexdigest()}\n".encode())
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return BaseModel(folder=folder, source=source, model_type=config["model_type"], parameters=parameters,
                      weights_bytes=size, weights_sha256=digest.hexdigest())
 
