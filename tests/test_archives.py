@@ -342,3 +342,45 @@ def test_cancellation_removes_what_was_extracted(tmp_path):
     with pytest.raises(Stop):
         extract_archive(archive, tmp_path / "out", **LIMITS, check_cancelled=check)
     assert not (tmp_path / "out").exists()
+
+
+def _huge_header_tar(path: Path, typeflag: bytes, declared: int) -> Path:
+    """A .tar.gz whose first header declares `declared` bytes of GNU long name (typeflag L) or
+    PAX attributes (x): a few hundred KB compressed, a gigabyte once read whole."""
+    import gzip
+    header = bytearray(512)
+    name = b"././@LongLink" if typeflag == b"L" else b"./PaxHeaders/x"
+    header[0:len(name)] = name
+    header[100:108] = b"0000644\x00"
+    header[108:116] = header[116:124] = b"0000000\x00"
+    header[124:136] = f"{declared:011o}\x00".encode()
+    header[136:148] = b"00000000000\x00"
+    header[156:157] = typeflag
+    header[257:263] = b"ustar\x00"
+    header[263:265] = b"00"
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\x00 ".encode()
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(bytes(header))
+        zeros = b"a" * (1 << 20)
+        for _ in range(declared >> 20):
+            f.write(zeros)
+    return path
+
+
+@pytest.mark.parametrize("typeflag", [b"L", b"x"], ids=["gnu-long-name", "pax-header"])
+def test_a_tar_header_declaring_a_gigabyte_is_refused_without_reading_it(tmp_path, typeflag):
+    import subprocess
+    import sys
+    bomb = _huge_header_tar(tmp_path / "bomb.tar.gz", typeflag, 256 << 20)
+    assert bomb.stat().st_size < 2 << 20
+    code = ("import resource, sys\n"
+            "from dvm_core.archives import ArchiveError, extract_archive\n"
+            f"try:\n    extract_archive({str(bomb)!r}, {str(tmp_path / 'out')!r}, max_total_bytes=1 << 30, "
+            "max_files=1000)\n"
+            "except ArchiveError as exc:\n    print('refused:', exc)\n"
+            "print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused: a tar header declares" in out.stdout, out.stdout + out.stderr
+    peak = int(out.stdout.split("peak_mb")[1])
+    assert peak < 150, out.stdout   # the header's 256 MiB were never read
