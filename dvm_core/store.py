@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     summary TEXT,                   -- JSON metrics of the finished job
     progress REAL,                  -- last reported percent, for `dvm status`
-    progress_message TEXT
+    progress_message TEXT,
+    crashes INTEGER NOT NULL DEFAULT 0  -- times the worker died while this job ran
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -136,7 +137,8 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        for column, typ in (("progress", "REAL"), ("progress_message", "TEXT")):
+        for column, typ in (("progress", "REAL"), ("progress_message", "TEXT"),
+                            ("crashes", "INTEGER NOT NULL DEFAULT 0")):
             if column not in columns:  # a store made by an older version
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {typ}")
         payment_columns = {r[1] for r in self.db.execute("PRAGMA table_info(payments)")}
@@ -192,6 +194,11 @@ class Store:
             (state, time.time(), error, json.dumps(summary) if summary is not None else None,
              1 if count_attempt else 0, job_id),
         )
+
+    def count_crash(self, job_id: str) -> int:
+        """The worker died while this job ran: count it; returns the count."""
+        self.db.execute("UPDATE jobs SET crashes = crashes + 1 WHERE id = ?", (job_id,))
+        return self.db.execute("SELECT crashes FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
     def set_progress(self, job_id: str, percent: float, message: str) -> None:
         self.db.execute("UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ?",

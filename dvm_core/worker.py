@@ -44,6 +44,7 @@ log = structlog.get_logger("dvm.worker")
 STOP_GRACE_SECONDS = 10.0
 CATCHUP_MARGIN_SECONDS = 120
 FUTURE_SLACK_SECONDS = 600   # a request dated further ahead than this is not taken
+MAX_CRASHES = 2              # a job that took the worker down this often is failed and refunded
 FETCH_ATTEMPTS = 3           # tries of a paid job's input download before it is refunded
 FETCH_RETRY_SECONDS = 2.0
 
@@ -276,8 +277,35 @@ class Worker:
             if self.store.outgoing_for_job(record.id, "result") is not None:
                 self.store.set_state(record.id, "succeeded")
                 continue
+            if record.state == "running" and self.store.count_crash(record.id) >= MAX_CRASHES:
+                self._give_up(record)
+                continue
             log.info("resuming job after restart", job_id=record.id, state=record.state)
             self._spawn(self._accept(record.request, resumed=True))
+
+    def _give_up(self, record) -> None:
+        """A job that took the worker down MAX_CRASHES times is not run again: failed, refunded,
+        and its customer told, in one transaction."""
+        event = record.request
+        request = _bare_request(event)
+        scheme = None
+        if request.encrypted:
+            try:
+                _, scheme = decrypt(self.keys.private_key, event["pubkey"], event["content"])
+            except DecryptionError:
+                scheme = None
+        error = (f"this job stopped the worker {MAX_CRASHES} times (it ran out of memory or crashed "
+                 "it); it is not run again")
+        log.error("job gave up after crashing the worker", job_id=record.id, crashes=MAX_CRASHES)
+        with self.store.atomic():
+            message = error
+            if self.cashier is not None:
+                refunded = self.cashier.refund_job(request, error)
+                if refunded:
+                    message += f"; your {refunded} {self.settings.unit} were refunded as a nutzap"
+            self.store.set_state(record.id, "failed", error=error)
+            self._finish_feedback(request, message, self._encrypter(request, scheme))
+        self.counts["failed"] += 1
 
     # incoming events -------------------------------------------------------
     def _on_event(self, event: dict, relay_url: str):

@@ -170,3 +170,33 @@ async def _provider_balance(worker: WorkerProcess) -> int:
 def worker_mint(worker: WorkerProcess) -> str:
     import tomllib
     return tomllib.loads(worker.config.read_text())["dvm"]["mints"][0]
+
+
+async def test_a_job_that_takes_the_worker_down_twice_is_refunded_not_retried(tmp_path, relay, mint):
+    """A job that kills its worker (out of memory, say) would kill it again at every restart:
+    after the second time it is failed and refunded, and the worker stays up."""
+    keys = Keys.generate()
+    worker = WorkerProcess(tmp_path, relay.url, keys, mints=[mint.url], prices={"text-stats": PRICE})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        request = None
+        for crash in (1, 2):
+            worker.start(env={"DVM_CRASH_AT": "job-running"})   # dies as the job starts running
+            worker.wait_log("worker ready")
+            if request is None:
+                request = await customer.submit(KIND, [JobInput("deadly", "text")], {}, provider=keys.public_key,
+                                                cashu=await customer.wallet.send(PRICE, mint=mint.url))
+            for _ in range(600):
+                if worker.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.proc.returncode == -9, f"crash {crash}:\n{worker.log.read_text()[-2000:]}"
+        worker.start()
+        with pytest.raises(JobFailed, match="stopped the worker 2 times.*refunded as a nutzap"):
+            await customer.result(request, timeout=30)
+        assert await claim_nutzaps(customer, PRICE, timeout=20) == PRICE
+        assert worker.proc.poll() is None     # still up
+        assert await customer.wallet.total_balance() == FUNDS
+    finally:
+        worker.stop()
+        await close_customer(customer)
