@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 KILL_GRACE_S = 5.0
+# The worker's secrets never reach a child that runs a customer's job (and its code, a model's
+# or a chat template's): the identity key, systemd's credentials.
+SECRET_VARIABLES = ("DVM_PRIVATE_KEY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                    "WATCHDOG_PID")
+
+
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the worker's secrets (SECRET_VARIABLES)."""
+    return {k: v for k, v in env.items() if k not in SECRET_VARIABLES}
 
 
 def run_process_group(cmd: list[str], *, cwd: Path, env: dict[str, str], stderr_path: Path,
@@ -29,6 +38,7 @@ def run_process_group(cmd: list[str], *, cwd: Path, env: dict[str, str], stderr_
     """Run `cmd` to its end and return its exit code; its stderr goes to `stderr_path`. If
     `check_cancelled` raises, stop the group (then call `on_kill`, for processes that left the
     group) and re-raise."""
+    env = child_environment(env)
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                 env=env, cwd=str(cwd), start_new_session=True)

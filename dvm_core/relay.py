@@ -141,7 +141,9 @@ class RelayConnection:
         if kind == "EVENT" and len(msg) >= 3 and isinstance(msg[2], dict):
             self._on_event(msg[2], self.url, msg[1])
         elif kind == "OK" and len(msg) >= 3:
-            self._resolve_ok(str(msg[1]), bool(msg[2]), str(msg[3]) if len(msg) > 3 else "")
+            message = str(msg[3]) if len(msg) > 3 else ""
+            # NIP-01: "duplicate:" means the relay already holds the event: it is delivered.
+            self._resolve_ok(str(msg[1]), bool(msg[2]) or message.startswith("duplicate:"), message)
         elif kind == "EOSE" and len(msg) >= 2:
             self.eose.setdefault(msg[1], asyncio.Event()).set()
         elif kind == "CLOSED" and len(msg) >= 2:

@@ -546,3 +546,18 @@ def test_plugin_settings_and_param_helpers():
                           (lambda: flag({"f": "maybe"}, "f"), "param f must be yes or no")):
         with pytest.raises(JobInputError, match=message):
             call()
+
+
+def test_training_children_never_see_the_workers_secrets(tmp_path):
+    import os
+    import sys
+
+    from dvm_core.childproc import run_process_group
+    lines = []
+    env = {**os.environ, "DVM_PRIVATE_KEY": "nsec1secret", "CREDENTIALS_DIRECTORY": "/run/credentials/x",
+           "KEEP_ME": "yes"}
+    code = run_process_group([sys.executable, "-c", "import os; print(sorted(k for k in os.environ if "
+                              "k in ('DVM_PRIVATE_KEY', 'CREDENTIALS_DIRECTORY', 'KEEP_ME')))"],
+                             cwd=tmp_path, env=env, stderr_path=tmp_path / "err", check_cancelled=lambda: None,
+                             on_line=lines.append)
+    assert code == 0 and lines == ["['KEEP_ME']"], lines

@@ -99,3 +99,17 @@ async def test_publish_to_an_unreachable_relay_times_out_with_a_reason():
     result = await conn.publish(sign_event(Keys.generate(), 1, "x"), timeout=0.5)
     assert not result.ok and "not connected" in result.message
     await conn.close()
+
+
+async def test_an_event_the_relay_already_holds_counts_as_delivered(relay):
+    """A re-sent result (the outbox after a restart) is answered `OK false "duplicate: …"` by
+    some relays: NIP-01 says the relay has it, so it is not sent again and again."""
+    pool = RelayPool([relay.url])
+    await pool.start()
+    try:
+        event = sign_event(Keys.generate(), 1, "sent twice")
+        first = await pool.publish(event)
+        again = await pool.publish(event)
+        assert first[0].ok and again[0].ok, again
+    finally:
+        await pool.close()
