@@ -351,6 +351,9 @@ async def upload_dataset(path: Path, servers: list[str], keys: Keys, *, encrypt:
     return DataRef(blob.url, blob.sha256, key).to_url()
 
 
+MAX_ARTIFACTS = 64
+
+
 async def download_artifacts(result: Result, dest: Path, *, allow_private: bool = False,
                              max_bytes: int = 10 * 1024**3) -> list[Path]:
     """Fetch every file listed in a result, check its sha256, decrypt it, save it in `dest`."""
@@ -358,8 +361,13 @@ async def download_artifacts(result: Result, dest: Path, *, allow_private: bool 
     from .fetch import fetch
     dest.mkdir(parents=True, exist_ok=True)
     saved = []
-    for entry in result_json(result).get("artifacts", []):
-        name = Path(entry["name"]).name  # never a path from the provider
+    entries = result_json(result).get("artifacts", [])
+    if not isinstance(entries, list) or len(entries) > MAX_ARTIFACTS:
+        raise ValueError(f"the result lists more than {MAX_ARTIFACTS} files (or no list): not downloaded")
+    for entry in entries:
+        name = Path(str(entry.get("name") or "")).name  # never a path from the provider
+        if name in ("", ".", "..") or name.startswith("."):
+            raise ValueError(f"the result names a file {str(entry.get('name'))[:60]!r}: not a file name")
         with tempfile.TemporaryDirectory(prefix="dvm-download-") as tmp:
             path = await fetch(entry["url"], entry["sha256"], Path(tmp), cache_dir=None,
                                max_bytes=max_bytes, allow_private=allow_private)

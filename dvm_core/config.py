@@ -41,6 +41,7 @@ class Settings:
     default_price: int = 0          # sats per job for kinds with no [prices] entry and no plugin price
     input_error_fee: int = 0        # kept of a paid job that fails on the customer's data (announced)
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
+    max_unpaid_jobs: int = 100      # jobs waiting for payment at once; beyond: "busy"
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
     max_download_bytes: int = 2 * 1024**3   # per input file

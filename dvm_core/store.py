@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -127,6 +128,10 @@ class Store:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # It holds tokens until they are redeemed, and so do its -wal and -shm files, which
+            # SQLite creates with the mode of the main file: make that one 0600 first.
+            for suffix in ("", "-wal", "-shm"):
+                _private_file(Path(self.path + suffix), create=not suffix)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._depth = 0
         self.db.row_factory = sqlite3.Row
@@ -146,7 +151,8 @@ class Store:
             if column not in payment_columns:  # a store made by an older version
                 self.db.execute(f"ALTER TABLE payments ADD COLUMN {column} TEXT")
         if self.path != ":memory:":
-            Path(self.path).chmod(0o600)  # it holds tokens until they are redeemed
+            for suffix in ("", "-wal", "-shm"):
+                _private_file(Path(self.path + suffix), create=False)
 
     def close(self) -> None:
         self.db.close()
@@ -432,6 +438,14 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _private_file(path: Path, create: bool) -> None:
+    """Readable by its owner alone (0600): created so when `create`, else tightened if it exists."""
+    if create and not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    if path.exists():
+        path.chmod(0o600)
 
 
 def _job(row: sqlite3.Row) -> JobRecord:

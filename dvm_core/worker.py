@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 import structlog
 
-from .config import Config
+from .config import Config, ConfigError
 from .encryption import DecryptionError, Scheme, decrypt, encrypter
 from .events import Keys, sign_event
 from .datarefs import parse_data_ref
@@ -73,6 +73,7 @@ class Worker:
         self.keys = keys
         self.pm = pm or plugin_manager()
         self.kinds: dict[int, JobKind] = collect_job_kinds(self.pm, config.raw)
+        self._state_lock = lock_state_dir(Path(self.settings.state_dir))
         self.store = Store(self.settings.store_path)
         self.pool = RelayPool(self.settings.relays, self._on_event)
         self.relay_hint = self.settings.relays[0]
@@ -177,6 +178,7 @@ class Worker:
         if self.cashier is not None:
             await self.cashier.wallet.close()
         self.store.close()
+        self._state_lock.close()   # another worker may use this state directory now
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._precheck_executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
@@ -393,6 +395,12 @@ class Worker:
                 self._reject(event, f"busy: {len(waiting)} jobs are waiting and this DVM queues at most "
                                     f"{self.settings.max_queued_jobs}; nothing was charged, try again later",
                              None if scheme is None else scheme, private_detail=False)
+                return
+            if not resumed and len(self._unpaid) >= self.settings.max_unpaid_jobs:
+                # Each holds a coroutine (and a subscription) until paid or payment_timeout.
+                self._reject(event, f"busy: {len(self._unpaid)} jobs are waiting for payment, the most "
+                                    "this DVM keeps; nothing was charged, try again later",
+                             scheme, private_detail=False)
                 return
             if job_kind.precheck is not None and not paid_already:
                 try:
@@ -816,6 +824,29 @@ class Worker:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+
+def lock_state_dir(state_dir: Path):
+    """Hold the state directory for this worker alone (an flock on `state_dir/lock`, released
+    when the returned file is closed or the process ends). Raises ConfigError when another
+    worker holds it: two on one store would answer every request twice and spend one wallet."""
+    import fcntl
+    import os
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"another worker (pid {holder}) uses the state directory {state_dir}: "
+                          "stop it first, or give this one a state_dir of its own") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _fixed_pricing(price: int, unit: str) -> str:

@@ -73,11 +73,15 @@ class WorkerFactory:
     async def start(self, keys: Keys | None = None, pm=None, name: str = "worker", prices: dict | None = None,
                     plugins: dict[str, dict] | None = None, **settings) -> Worker:
         keys = keys or Keys.generate()
+        live = {w.factory_name for w in self.workers if not w._stopped.is_set()}
+        if name in live:   # a worker holds that state directory: this one gets its own
+            name = f"{name}-{len(self.workers)}"
         directory = self.tmp_path / name
         directory.mkdir(exist_ok=True)
         config = load_config(write_config(directory / "dvm.toml", settings.pop("relay_url", self.relay_url),
                                           prices=prices, plugins=plugins, **settings), env={})
         worker = Worker(config, keys, pm or plugin_manager(only=["textstats"]))
+        worker.factory_name = name
         await worker.start()
         await worker.pool.wait_all_connected(10)
         self.workers.append(worker)

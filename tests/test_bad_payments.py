@@ -465,3 +465,15 @@ async def test_nutzap_info_and_announcement_describe_how_to_pay(workers, mint, r
     assert payment["unit"] == "sat"
     assert payment["p2pk_pubkey"] == p2pk
     assert payment["prices"] == {"text-stats": PRICE}
+
+
+async def test_jobs_waiting_for_payment_are_bounded(workers, mint, funded):
+    """Each unpaid job holds a coroutine for up to payment_timeout: a flood of them is told busy."""
+    worker = await paid_worker(workers, mint, max_unpaid_jobs=1)
+    first = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    asked = await anext(funded.updates(first, timeout=20))
+    assert asked.status == "payment-required"
+    second = await funded.submit(KIND, [JobInput("one more", "text")], {}, provider=worker.keys.public_key)
+    await refused(funded, second, "busy: 1 jobs are waiting for payment", "nothing was charged")
+    await funded.pay_with_nutzap(first, asked, funded.wallet)     # the first one still runs
+    assert result_json(await funded.result(first, timeout=30))["words"] == 4

@@ -167,3 +167,24 @@ async def test_dvm_run_speaks_sd_notify_to_a_real_socket(tmp_path, relay):
         proc.stop()
         sock.close()
         os.unlink(path)
+
+
+def test_a_second_worker_on_the_same_state_directory_refuses_to_start(tmp_path, relay):
+    """Two workers on one store would answer every request twice and spend one wallet."""
+    import subprocess
+    import sys
+
+    from dvm_core.events import Keys
+
+    from .conftest import WorkerProcess
+    first = WorkerProcess(tmp_path, relay.url, Keys.generate())
+    first.start()
+    try:
+        first.wait_log("worker ready")
+        second = subprocess.run([sys.executable, "-m", "dvm_core.cli", "run", "--config", str(first.config)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**__import__("os").environ, "DVM_PLUGINS": "textstats"})
+        assert second.returncode != 0
+        assert f"another worker (pid {first.proc.pid}) uses the state directory" in second.stderr, second.stderr
+    finally:
+        first.stop()

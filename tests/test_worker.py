@@ -176,3 +176,39 @@ async def test_killed_worker_finishes_the_job_after_restart_with_one_result(
         assert len(results) == 1
     finally:
         proc.stop()
+
+
+def test_the_store_and_its_wal_files_are_readable_by_the_worker_alone(tmp_path):
+    """They hold tokens until redeemed: the -wal and -shm files too (SQLite gives them the main
+    file's mode, which used to be tightened only after they existed)."""
+    import os
+    import stat
+
+    from dvm_core.store import Store
+    old = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "state" / "dvm.sqlite3")
+        store.record_request({"id": "ab" * 32, "kind": 5790, "pubkey": "cd" * 32, "created_at": 0,
+                              "tags": [], "content": ""})
+        files = sorted(tmp_path.joinpath("state").iterdir())
+        assert {f.name for f in files} >= {"dvm.sqlite3", "dvm.sqlite3-wal", "dvm.sqlite3-shm"}
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o600" for f in files}
+        store.close()
+    finally:
+        os.umask(old)
+
+
+async def test_a_result_naming_files_outside_the_folder_downloads_nothing(tmp_path):
+    import json
+
+    from dvm_core.client import download_artifacts
+    from dvm_core.nip90 import Result
+    for name in ("..", ".", "", ".hidden"):
+        result = Result("ab" * 32, "cd" * 32, json.dumps({"artifacts": [
+            {"name": name, "url": "http://127.0.0.1:9/x", "sha256": "00" * 32}]}), None, False)
+        with pytest.raises(ValueError, match="not a file name"):
+            await download_artifacts(result, tmp_path / "out")
+    many = Result("ab" * 32, "cd" * 32, json.dumps({"artifacts": [
+        {"name": f"f{i}", "url": "http://127.0.0.1:9/x", "sha256": "00" * 32} for i in range(65)]}), None, False)
+    with pytest.raises(ValueError, match="more than 64 files"):
+        await download_artifacts(many, tmp_path / "out")
