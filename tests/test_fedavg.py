@@ -583,3 +583,13 @@ def test_no_pickle_anywhere():
     source += (REPO / "tests" / "benchmarks" / "bench_fedavg.py").read_text()
     assert "torch.load" not in source and "import pickle" not in source
     assert all("allow_pickle=False" in args for args in re.findall(r"np\.load\(([^)]*)\)", source))
+
+
+def test_a_header_nested_too_deep_is_refused_naming_the_input(tmp_path):
+    """`[[[[…]]]]` 100,000 deep made json.loads raise RecursionError, not a MergeError."""
+    models, _ = random_models(2)
+    paths = write(tmp_path, models)
+    header = b"[" * 100_000 + b"]" * 100_000
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(len(header).to_bytes(8, "little") + header)
+    expect_error(tmp_path, r"input 1 \(deep.safetensors\) .*nests JSON too deeply", 1, [paths[0], deep])

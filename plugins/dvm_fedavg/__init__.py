@@ -103,8 +103,8 @@ def run(ctx, job: MergeJob) -> JobResult:
             adapter_config = json.loads(config_path.read_text())
             if not isinstance(adapter_config, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise JobInputError(f"the adapter_config input is not a JSON object ({exc})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise JobInputError(f"the adapter_config input is not a JSON object ({type(exc).__name__})") from None
 
     out_dir = ctx.workdir / "result"
     out_dir.mkdir(exist_ok=True)

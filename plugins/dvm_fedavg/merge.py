@@ -199,6 +199,8 @@ def _parse_header(fh, size: int) -> tuple[dict[str, _Tensor], dict[str, str]]:
         header = json.loads(fh.read(n))
     except (UnicodeDecodeError, ValueError):
         raise MergeError("its header is not JSON") from None
+    except RecursionError:   # "[[[[…]]]]" nested deeper than Python's stack
+        raise MergeError("its header nests JSON too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise MergeError("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
