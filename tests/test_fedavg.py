@@ -387,8 +387,11 @@ def test_bad_inputs_are_refused_naming_the_input(tmp_path):
         poisoned[4]["fc.weight"] = poisoned[4]["fc.weight"].clone()
         poisoned[4]["fc.weight"][-1, -1] = value
         bad = write(tmp_path, poisoned, "n")
-        for method in ("fedavg", "median", "krum"):
-            expect_error(tmp_path, r"input 4 .*'fc.weight' holds NaN or Inf", 4, bad, method=method)
+        expect_error(tmp_path, r"input 4 .*'fc.weight' holds NaN or Inf", 4, bad, method="fedavg")
+        for method in ("median",):   # the robust methods merge around it (issue 19)
+            report = merge_files(bad, [1] * 5, tmp_path / "merged.safetensors", method=method)
+            assert [(e["index"], "holds NaN or Inf" in e["reason"]) for e in report.excluded
+                    if e["reason"].startswith("left out")] == [(4, True)]
 
 
 def test_base_hash_mismatch(tmp_path):
@@ -593,3 +596,21 @@ def test_a_header_nested_too_deep_is_refused_naming_the_input(tmp_path):
     deep = tmp_path / "deep.safetensors"
     deep.write_bytes(len(header).to_bytes(8, "little") + header)
     expect_error(tmp_path, r"input 1 \(deep.safetensors\) .*nests JSON too deeply", 1, [paths[0], deep])
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean", "krum"])
+def test_robust_methods_leave_a_broken_update_out_with_its_reason(tmp_path, method):
+    """One update with NaN and one of another shape: the round is merged from the others, and
+    the report says who was left out and why (FedAvg still refuses: it cannot merge around one)."""
+    models, _ = random_models(7)
+    broken = [dict(m) for m in models]
+    broken[2]["fc.weight"] = torch.full_like(models[0]["fc.weight"], float("nan"))
+    broken[5]["fc.weight"] = torch.zeros(3, 3)
+    paths = write(tmp_path, broken)
+    report = merge_files(paths, [1] * 7, tmp_path / "merged.safetensors", method=method, trim_ratio=0.2, f=1)
+    left = {e["index"]: e["reason"] for e in report.excluded if e["reason"].startswith("left out")}
+    assert set(left) == {2, 5}, report.excluded
+    assert "NaN" in left[2] or "nan" in left[2].lower(), left[2]
+    assert "shape" in left[5], left[5]
+    assert sorted(i["index"] for i in report.inputs) == [0, 1, 3, 4, 6]
+    expect_error(tmp_path, "input 5", 5, paths, method="fedavg")   # the shape is found first

@@ -71,6 +71,7 @@ __all__ = ["METHODS", "MergeError", "MergeReport", "merge_files", "stacked_adapt
 
 CHUNK_ELEMENTS = 1 << 18          # values per input read at once: 1 MB of fp32, stays in cache
 ROBUST_CHUNK_ELEMENTS = 1 << 16   # median / trimmed mean
+LEAVE_OUT_METHODS = ("median", "trimmed_mean", "krum", "multi_krum")   # merge around a bad input
 MAX_HEADER_BYTES = 100 << 20      # safetensors' own limit
 BASE_HASH_KEY = "base_sha256"     # the metadata key by which an update names its base
 
@@ -608,9 +609,37 @@ def merge_files(paths: Sequence[Path], weights: Sequence[float], out: Path, *, m
     """
     # NaN/Inf are found and refused after the pass, naming the input: no numpy warnings meanwhile.
     with np.errstate(invalid="ignore", over="ignore"):
-        return _merge(paths, weights, out, method=method, base=base, trim_ratio=trim_ratio, f=f, m=m,
-                      clip_norm=clip_norm, names=names, base_sha256=base_sha256, progress=progress,
-                      check_cancelled=check_cancelled, distances=distances)
+        if method not in LEAVE_OUT_METHODS:
+            return _merge(paths, weights, out, method=method, base=base, trim_ratio=trim_ratio, f=f, m=m,
+                          clip_norm=clip_norm, names=names, base_sha256=base_sha256, progress=progress,
+                          check_cancelled=check_cancelled, distances=distances)
+        # The robust methods exist to merge around bad inputs: one that cannot be read (NaN, a
+        # wrong shape, not safetensors) is left out with its reason, as long as enough remain.
+        paths = [Path(p) for p in paths]
+        labels = [str(x) for x in names] if names is not None else [p.name for p in paths]
+        if len(labels) == len(paths) == len(weights):
+            check_weights(weights, labels)   # the customer's weights are not an input's fault
+        keep, left_out = list(range(len(paths))), []
+        while True:
+            try:
+                report = _merge([paths[i] for i in keep], [weights[i] for i in keep], out, method=method,
+                                base=base, trim_ratio=trim_ratio, f=f, m=m, clip_norm=clip_norm,
+                                names=[labels[i] for i in keep], base_sha256=base_sha256, progress=progress,
+                                check_cancelled=check_cancelled, distances=distances)
+            except MergeError as exc:
+                if exc.index is None:   # the set, the base or the params: nothing to leave out
+                    if left_out:
+                        raise MergeError(f"{exc} (after leaving out "
+                                         + "; ".join(f"{e['name']}: {e['reason']}" for e in left_out) + ")") from None
+                    raise
+                original = keep.pop(exc.index)
+                left_out.append({"index": original, "name": labels[original], "reason": f"left out: {exc}"})
+                continue
+            for entry in report.inputs + report.excluded:
+                if entry.get("index") is not None:
+                    entry["index"] = keep[entry["index"]]
+            report.excluded = left_out + report.excluded
+            return report
 
 
 def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, names, base_sha256,
