@@ -342,7 +342,11 @@ class Worker:
             log.warning("request dated in the future ignored", job_id=event["id"],
                         ahead_seconds=int(event["created_at"] - time.time()))
             return
-        if not resumed and not self.store.record_request(event):
+        size = len(json.dumps(event, ensure_ascii=False).encode())
+        # An oversized request is recorded without its body: the store keeps no stranger's megabytes.
+        recorded = event if size <= self.settings.max_request_bytes else \
+            dict(event, content="", tags=[t for t in event["tags"][:16] if t and t[0] in ("p", "encrypted")])
+        if not resumed and not self.store.record_request(recorded):
             return  # seen before (on another relay, or before a restart)
         crashpoint("request-recorded")
         with structlog.contextvars.bound_contextvars(job_id=event["id"]):
@@ -350,7 +354,6 @@ class Worker:
                 self.counts["received"] += 1
             scheme: Scheme | None = None
             try:
-                size = len(json.dumps(event, ensure_ascii=False).encode())
                 if size > self.settings.max_request_bytes:
                     raise InvalidRequest(f"the request is {size} bytes; this DVM accepts at most "
                                          f"{self.settings.max_request_bytes}: send large inputs by URL")
