@@ -263,7 +263,7 @@ async def fetch(url: str, sha256: str, dest_dir: Path, *, cache_dir: Path | None
 
     own_client = client is None
     if own_client:
-        client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        client = httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=_tls_context())
     tmp = work_dir / f".{sha256}.{secrets.token_hex(6)}.part"
     try:
         try:
@@ -291,6 +291,22 @@ async def fetch(url: str, sha256: str, dest_dir: Path, *, cache_dir: Path | None
             await client.aclose()
 
 
+_TLS_CONTEXT = None
+
+
+def _tls_context():
+    """One TLS context for every client: building one loads the CA bundle, ≈ 37 ms of event-loop
+    CPU per probed URL (a flood of requests starved the watchdog); shared, a client costs 0.2 ms.
+    Verification is unchanged."""
+    global _TLS_CONTEXT
+    if _TLS_CONTEXT is None:
+        import ssl
+
+        import certifi
+        _TLS_CONTEXT = ssl.create_default_context(cafile=certifi.where())
+    return _TLS_CONTEXT
+
+
 async def probe(url: str, *, max_bytes: int, timeout: float = 20, connect_timeout: float = 10,
                 max_redirects: int = 5, allow_private: bool = False, expect_binary: bool = True,
                 allowed_hosts: Collection[str] = ()) -> None:
@@ -301,7 +317,7 @@ async def probe(url: str, *, max_bytes: int, timeout: float = 20, connect_timeou
     :raises FetchError: with a message for the customer.
     """
     start_url = _parse_url(url)
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=_tls_context()) as client:
         try:
             async with asyncio.timeout(timeout):
                 await _download(client, start_url, "", Path(), max_bytes=max_bytes,
