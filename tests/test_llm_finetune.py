@@ -923,3 +923,28 @@ def test_precheck_refuses_unusable_data_before_payment(assets, tmp_path):
     job = Job(tmp_path, {DATA_URL: bad, MODEL_URL: assets["gpt2_zip"]}, {**FAST, "method": "lora"})
     with pytest.raises(JobInputError, match="line 1"):
         job.kind.precheck(job.ctx, job.parse())
+
+
+def test_a_shard_index_naming_files_outside_the_model_is_refused(assets, tmp_path):
+    """transformers joins the shard names of model.safetensors.index.json to the folder: one
+    naming '../elsewhere' would load files past the checked size (issue 19)."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(assets["gpt2"], folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "../../other-job/model.safetensors"}}))
+    archive = zip_folder(folder, tmp_path / "model.zip")
+    expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: archive}, {"method": "lora"},
+                 match="names shards that are not safetensors files of the model folder")
+
+
+def test_negative_tensor_sizes_do_not_lower_the_parameter_count(assets, tmp_path):
+    import shutil
+    import struct
+    folder = tmp_path / "model"
+    shutil.copytree(assets["gpt2"], folder)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [-1000000, 4], "data_offsets": [0, 16]}}).encode()
+    (folder / "extra.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    archive = zip_folder(folder, tmp_path / "model.zip")
+    expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: archive}, {"method": "lora"},
+                 match="extra.safetensors is not a safetensors file")

@@ -94,8 +94,10 @@ def _safetensors_size(path: Path) -> tuple[int, int]:
             raise JobInputError(f"{path.name} is not a safetensors file (header of {n} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise JobInputError(f"{path.name} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise JobInputError(f"{path.name} is not a safetensors file (its header is not an object)")
     params = 0
     data = 0
     for name, info in header.items():
@@ -104,13 +106,36 @@ def _safetensors_size(path: Path) -> tuple[int, int]:
         try:
             count = 1
             for d in info["shape"]:
-                count *= int(d)
+                if not isinstance(d, int) or d < 0:   # a negative size would lower the count
+                    raise ValueError(d)
+                count *= d
             start, end = info["data_offsets"]
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+                raise ValueError(info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise JobInputError(f"{path.name} is not a safetensors file (tensor {name[:60]!r})") from None
         params += count
         data = max(data, int(end))
     return params, data
+
+
+def _check_shard_index(folder: Path, weights: list[Path]) -> None:
+    """transformers loads the shards a `*.safetensors.index.json` names by joining them to the
+    folder: each must be a plain file name of this folder's checked weights, or a shard outside
+    it (another job's files, anything) would be loaded, past the size and parameter limits."""
+    names = {p.name for p in weights}
+    for index in folder.glob("*.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            shards = set(weight_map.values()) if isinstance(weight_map, dict) else None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            shards = None
+        if shards is None or not all(isinstance(s, str) for s in shards):
+            raise JobInputError(f"the model's {index.name} is not a shard index (weight_map of file names)")
+        outside = sorted(s for s in shards if s not in names)
+        if outside:
+            raise JobInputError(f"the model's {index.name} names shards that are not safetensors files of "
+                                f"the model folder: {', '.join(repr(s[:60]) for s in outside[:3])}")
 
 
 def check_folder(folder: Path, *, source: dict, limits, check_cancelled=lambda: None) -> BaseModel:
@@ -133,6 +158,7 @@ def check_folder(folder: Path, *, source: dict, limits, check_cancelled=lambda: 
             raise JobInputError(f"the model has only pickle weights ({', '.join(pickled[:3])}), which are "
                                 "never loaded here: convert them to safetensors (save_pretrained does)")
         raise JobInputError("the model folder has no *.safetensors weights")
+    _check_shard_index(folder, weights)
     parameters = 0
     size = 0
     digest = hashlib.sha256()
