@@ -43,6 +43,7 @@ from .store import Store
 log = structlog.get_logger("dvm.payments")
 
 LOCKTIME_MARGIN_SECONDS = 600
+MAX_PENDING_FOR_UNKNOWN_JOBS = 1000   # nutzaps kept for job requests this DVM has not seen (yet)
 
 
 @dataclass
@@ -99,11 +100,16 @@ class Cashier:
         return build_nutzap_info(relays, self.mints, [self.unit], self.p2pk_pubkey)
 
     def start(self) -> None:
-        """After a restart: deliver what is still owed, settle nutzaps whose job has ended."""
+        """After a restart: deliver what is still owed, settle nutzaps whose job has ended, and
+        forget those kept for a request that never came."""
         for row in self.store.open_payouts():
             self._spawn(self._deliver(row["id"]))
+        stale = time.time() - self.payment_timeout
         for row in self.store.pending_nutzaps():
-            if not self._waits_for_payment(row["job_id"]):
+            if self.store.get_job(row["job_id"]) is None:
+                if row["created"] < stale:
+                    self.store.set_nutzap(row["event_id"], "expired")
+            elif not self._waits_for_payment(row["job_id"]):
                 self._spawn(self._return_stray(row))
 
     # whose payment is it? ------------------------------------------------------
@@ -398,6 +404,13 @@ class Cashier:
         if job_id is None:
             log.info("a nutzap names no job of this DVM's that it could pay; left alone",
                      event_id=nutzap.event_id, sender=nutzap.sender, binding=binding.kind)
+            return
+        if self.store.get_job(job_id) is None and \
+                self.store.count_pending_nutzaps(unknown_jobs=True) >= MAX_PENDING_FOR_UNKNOWN_JOBS:
+            # Kept for a request not seen yet: anyone can make such nutzaps (the proofs need not
+            # even be real), so only so many are kept.
+            log.warning("too many nutzaps wait for requests not seen; this one is left alone",
+                        event_id=nutzap.event_id, job_id=job_id)
             return
         if not self.store.add_nutzap(nutzap.event_id, job_id, nutzap.sender, nutzap.token()):
             return  # seen before

@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS nutzaps (
     job_id TEXT NOT NULL,
     sender TEXT NOT NULL,
     token TEXT NOT NULL,
-    state TEXT NOT NULL,            -- pending, used, refused, returned
+    state TEXT NOT NULL,            -- pending, used, refused, returned, expired
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS nutzaps_pending ON nutzaps(job_id) WHERE state = 'pending';
@@ -368,6 +368,14 @@ class Store:
         if job_id is not None:
             sql, args = sql + " AND job_id = ?", (job_id,)
         return [dict(r) for r in self.db.execute(sql + " ORDER BY created", args)]
+
+    def count_pending_nutzaps(self, unknown_jobs: bool = False) -> int:
+        """Nutzaps kept, waiting for their job; with `unknown_jobs`, only those for requests
+        not recorded."""
+        sql = "SELECT COUNT(*) FROM nutzaps WHERE state = 'pending'"
+        if unknown_jobs:
+            sql += " AND job_id NOT IN (SELECT id FROM jobs)"
+        return self.db.execute(sql).fetchone()[0]
 
     def set_nutzap(self, event_id: str, state: str) -> None:
         self.db.execute("UPDATE nutzaps SET state = ? WHERE event_id = ?", (state, event_id))

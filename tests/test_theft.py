@@ -209,3 +209,38 @@ async def test_a_request_dated_in_the_future_does_not_blind_the_worker(workers, 
     request = await victim.submit(KIND, TEXT, {}, provider=worker.keys.public_key,
                                   cashu=await victim.wallet.send(PRICE, mint=mint.url))
     assert result_json(await victim.result(request, timeout=30))["words"] == 4
+
+
+def test_nutzaps_for_requests_never_seen_are_kept_only_so_many(tmp_path, monkeypatch):
+    """Anyone can make nutzaps locked to the key of a job id this DVM never saw (the proofs need
+    not even be real: nothing is redeemed before the request comes). Only so many are kept, and
+    those older than the payment time-out are forgotten at the next start."""
+    import json as jsonlib
+    from types import SimpleNamespace
+    import os
+    import time as timelib
+
+    from dvm_core import payments
+    from dvm_core.locks import job_lock_pubkey
+    from dvm_core.payments import Cashier
+    from dvm_core.store import Store
+    from dvm_core.wallet import ProviderWallet
+    monkeypatch.setattr(payments, "MAX_PENDING_FOR_UNKNOWN_JOBS", 3)
+    dvm = Keys.generate()
+    wallet = ProviderWallet(tmp_path / "w", ["http://127.0.0.1:9"], p2pk_private_key=Keys.generate().private_key)
+    store = Store(tmp_path / "dvm.sqlite3")
+    cashier = Cashier(wallet=wallet, store=store, keys=dvm, mints=["http://127.0.0.1:9"], unit="sat",
+                      sign=None, publish=None, query=None, spawn=lambda coro: coro.close(),
+                      mint_retry_seconds=1, payment_timeout=60)
+    spammer = Keys.generate()
+    for _ in range(10):
+        job_id = os.urandom(32).hex()
+        secret = jsonlib.dumps(["P2PK", {"nonce": os.urandom(16).hex(),
+                                         "data": job_lock_pubkey(wallet.p2pk_pubkey, job_id), "tags": []}])
+        proof = {"id": "00" * 8, "amount": 1, "secret": secret, "C": "02" + "11" * 32}
+        cashier.on_nutzap(nutzap_of(SimpleNamespace(keys=spammer), [proof], "http://127.0.0.1:9", dvm.public_key, job_id))
+    assert store.count_pending_nutzaps(unknown_jobs=True) == 3
+    store.db.execute("UPDATE nutzaps SET created = ?", (timelib.time() - 3600,))
+    cashier.start()
+    assert store.count_pending_nutzaps() == 0
+    store.close()
