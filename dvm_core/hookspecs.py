@@ -61,13 +61,17 @@ def register_job_kinds(register, config):
 def price_job(job_kind, request, job, config):
     """Price one job, in the worker's unit (sats by default), before any work is done.
 
-    Called once per request, after `JobKind.parse` accepted it. Return a whole number (0 makes
-    the job free) or None to leave it to the next plugin and finally to the config
-    (``[prices] <kind name> = N``, else ``default_price``). Stops at the first non-None result.
+    Called once per request, after `JobKind.parse` (and `JobKind.precheck`, if the kind has
+    one) accepted it. Return a whole number (0 makes the job free) or None to leave it to the
+    next plugin and finally to the config (``[prices] <kind name> = N``, else
+    ``default_price``). Stops at the first non-None result. A kind priced here must say how in
+    `JobKind.pricing`: the announcement shows it, and for a kind without it the worker asks the
+    fixed price it announces, whatever this hook returns (customers pay only what was announced).
 
     :param job_kind: the `JobKind` being priced; check ``job_kind.name`` to price only yours.
     :param request: the parsed `JobRequest` (its ``bid_msats`` is the customer's ceiling).
-    :param job: what ``job_kind.parse`` returned, e.g. to price by samples × epochs.
+    :param job: what ``job_kind.precheck`` (else ``parse``) returned, e.g. to price by the samples
+        × epochs counted in the data.
     :param config: the worker's whole configuration as a dict.
     """
 
