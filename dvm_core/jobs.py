@@ -24,8 +24,18 @@ class JobInputError(JobError):
     """The customer's request cannot be served as sent (bad params, bad data). Not retried."""
 
 
+# Why a job is stopped (`JobContext.cancel`): decisions are taken on these, never on the words.
+TIME_LIMIT = "time limit"
+WORKER_STOPPING = "worker stopping"
+
+
 class JobCancelled(JobError):
-    """The customer cancelled the job (kind-5 deletion) or the worker is stopping."""
+    """The customer cancelled the job (kind-5 deletion) or the worker is stopping (then
+    `stopping` is true: the job goes back to the queue)."""
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.args) and self.args[0] == WORKER_STOPPING
 
 
 class JobTimeout(JobError):
@@ -161,7 +171,7 @@ class JobContext:
     def check_cancelled(self) -> None:
         """Raise JobCancelled (or JobTimeout) if the job should stop now."""
         if self.cancelled.is_set():
-            if self.cancel_reason == "time limit":
+            if self.cancel_reason == TIME_LIMIT:
                 raise JobTimeout("the job ran past its time limit")
             raise JobCancelled(self.cancel_reason or "cancelled")
         if time.monotonic() > self.deadline:

@@ -32,6 +32,18 @@ class PublishResult:
     ok: bool
     message: str = ""
 
+    @property
+    def prefix(self) -> str:
+        """NIP-01's machine-readable prefix of the message ("invalid", "duplicate", "blocked",
+        "rate-limited", "pow", "restricted", "error"), or "" when there is none."""
+        head, colon, _ = self.message.partition(":")
+        return head.strip() if colon and head.strip().replace("-", "").isalpha() else ""
+
+    @property
+    def refused_for_good(self) -> bool:
+        """The relay will never take this event (sending it again cannot help)."""
+        return not self.ok and self.prefix in ("invalid", "blocked", "pow", "restricted")
+
 
 class RelayConnection:
     """One relay: a connection kept open, subscriptions kept alive, publishes acknowledged.

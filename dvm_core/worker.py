@@ -28,7 +28,8 @@ from .config import Config, ConfigError
 from .encryption import DecryptionError, Scheme, decrypt, encrypter
 from .events import Keys, sign_event
 from .datarefs import parse_data_ref
-from .jobs import (JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout)
+from .jobs import (TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobContext, JobError, JobInputError, JobKind,
+                   JobResult, JobTimeout)
 from .ecash import NUTZAP_KIND
 from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
                     build_feedback, build_handler_announcement, build_result, deleted_event_ids,
@@ -165,7 +166,7 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for active in list(self._active.values()):
-            self._cancel(active, "worker stopping")
+            self._cancel(active, WORKER_STOPPING)
         tasks = [a.task for a in self._active.values() if a.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
@@ -562,7 +563,7 @@ class Worker:
                 await self._deliver_result(active, result, metrics)
                 outcome = "succeeded"
         except JobCancelled as exc:
-            if str(exc) == "worker stopping":
+            if exc.stopping:
                 outcome = "queued"  # run again after the restart
                 self.store.set_state(request.id, "queued")
             else:
@@ -620,7 +621,7 @@ class Worker:
             ctx.cancel(active.cancel_reason)
         done, _ = await asyncio.wait({task}, timeout=limit)
         if not done:
-            ctx.cancel("time limit")
+            ctx.cancel(TIME_LIMIT)
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
             if not done:
@@ -700,7 +701,7 @@ class Worker:
                                             job_kind.precheck, ctx, parsed)
                 done, _ = await asyncio.wait({task}, timeout=limit)
                 if not done:
-                    ctx.cancel("time limit")
+                    ctx.cancel(TIME_LIMIT)
                     raise InvalidRequest(f"reading the inputs took longer than {limit:g} s, the most this "
                                          "DVM spends before a job is paid; send a smaller dataset")
                 return task.result()
@@ -823,7 +824,7 @@ class Worker:
                 return True
             log.warning("no relay accepted an event", role=role, job_id=job_id, event_id=event["id"],
                         reasons={r.relay: r.message for r in results})
-            if not stored or self._stopping or any("invalid" in r.message for r in results):
+            if not stored or self._stopping or any(r.refused_for_good for r in results):
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)

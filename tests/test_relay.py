@@ -113,3 +113,14 @@ async def test_an_event_the_relay_already_holds_counts_as_delivered(relay):
         assert first[0].ok and again[0].ok, again
     finally:
         await pool.close()
+
+
+def test_publish_results_are_read_by_their_nip01_prefix():
+    from dvm_core.relay import PublishResult
+    assert PublishResult("r", False, "invalid: event too large").refused_for_good
+    assert PublishResult("r", False, "blocked: you are banned").refused_for_good
+    assert not PublishResult("r", False, "rate-limited: slow down").refused_for_good
+    assert not PublishResult("r", False, "error: could not store, invalid state").refused_for_good
+    assert not PublishResult("r", False, "no OK from the relay within 10 s").refused_for_good
+    assert PublishResult("r", False, "rate-limited: slow down").prefix == "rate-limited"
+    assert PublishResult("r", True, "duplicate: have it").prefix == "duplicate"
