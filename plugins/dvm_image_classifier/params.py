@@ -71,8 +71,8 @@ PARAMS = {
                      "'mean1,mean2,…;std1,std2,…' (default: computed from the training images); "
                      "federated rounds send the whole dataset's, so every provider and the merged "
                      "model normalise alike",
-    "samples": "how many training images the dataset holds, for the price (default: the provider's "
-               "max_samples); a dataset with more is refused",
+    "samples": "not needed: the worker counts the images before it prices the job (an older way to "
+               "say how many; a number above the provider's max_samples is refused at once)",
 }
 
 

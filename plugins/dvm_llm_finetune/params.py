@@ -97,8 +97,8 @@ PARAMS = {
                  "(default 1; at most the provider's max_processes)",
     "time_limit": "stop training after this many seconds and return the model as it is "
                   "(default: the provider's max_seconds)",
-    "tokens": "how many tokens the training set holds, for the price (default: the provider's "
-              "max_tokens); a dataset with more is refused",
+    "tokens": "not needed: the worker counts the tokens before it prices the job (an older way to "
+              "say how many; a number above the provider's max_tokens is refused at once)",
 }
 
 
