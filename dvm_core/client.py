@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
-                    decode_token, parse_nutzap, parse_nutzap_info)
+                    parse_nutzap, parse_nutzap_info)
 from .encryption import Scheme, decrypt, encrypter
 from .events import InvalidEvent, Keys, sign_event, verify_event
 from .locks import job_lock_pubkey
@@ -266,10 +266,12 @@ class Customer:
         creq = await self.check_payment_request(request, feedback, max_price=max_price,
                                                 mints=list(wallet.accepted_mints))
         provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
-        token = decode_token(await wallet.send(creq["a"], mint=creq["m"][0], lock_to=creq["nut10"]["d"]))
-        kind, content, tags = build_nutzap(token.mint, list(token.proofs), provider,
-                                           unit=token.unit, zapped_event=request["id"],
-                                           zapped_kind=request["kind"], comment="payment")
+        # Bare proofs with the mint's full keyset ids, as NIP-61 wants (a cashuB token's 16-hex
+        # short ids are refused by stock wallets).
+        proofs = await wallet.send_proofs(creq["a"], creq["m"][0], lock_to=creq["nut10"]["d"])
+        kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
+                                           zapped_event=request["id"], zapped_kind=request["kind"],
+                                           comment="payment")
         event = sign_event(self.keys, kind, content, tags)
         results = await self.pool.publish(event)
         if not any(r.ok for r in results):

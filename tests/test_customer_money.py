@@ -203,3 +203,15 @@ async def test_the_text_stats_example_pays_when_asked(workers, relay, mint, tmp_
     assert proc.returncode == 0, out.decode() + err.decode()
     assert f"paid {PRICE} sat with a nutzap" in out.decode() and '"words": 4' in out.decode()
     assert f"balance: {FUNDS - PRICE} sat" in out.decode()
+
+
+async def test_our_nutzaps_carry_the_mints_full_keyset_ids(workers, mint, funded):
+    """NIP-61 proof tags are bare proofs: a stock wallet (cashu-ts) refuses 16-hex short ids."""
+    from dvm_core.ecash import NUTZAP_KIND, parse_nutzap
+    worker = await paid_worker(workers, mint)
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    asked = await anext(funded.updates(request, timeout=20))
+    event = await funded.pay_with_nutzap(request, asked, funded.wallet)
+    assert event["kind"] == NUTZAP_KIND
+    assert all(len(p["id"]) == 66 for p in parse_nutzap(event).proofs), parse_nutzap(event).proofs
+    assert result_json(await funded.result(request, timeout=30))["words"] == 5
