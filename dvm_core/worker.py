@@ -300,15 +300,21 @@ class Worker:
         error = (f"this job stopped the worker {MAX_CRASHES} times (it ran out of memory or crashed "
                  "it); it is not run again")
         log.error("job gave up after crashing the worker", job_id=record.id, crashes=MAX_CRASHES)
-        with self.store.atomic():
-            message = error
-            if self.cashier is not None:
-                refunded = self.cashier.refund_job(request, error)
-                if refunded:
-                    message += f"; your {refunded} {self.settings.unit} were refunded as a nutzap"
-            self.store.set_state(record.id, "failed", error=error)
-            self._finish_feedback(request, message, self._encrypter(request, scheme))
+        self._end_job(request, "failed", error, scheme)
         self.counts["failed"] += 1
+
+    def _end_job(self, request: JobRequest, state: str, error: str, scheme: Scheme | None, *,
+                 refund: bool = True, keep: int = 0) -> None:
+        """A job that will not deliver: the refund owed (less `keep`), its end and the customer's
+        error feedback, in one transaction."""
+        with self.store.atomic():
+            refunded = self.cashier.refund_job(request, error, keep=keep) \
+                if refund and self.cashier is not None else 0
+            message = error
+            if refunded:
+                message += f"; your {refunded} {self.settings.unit} were refunded as a nutzap"
+            self.store.set_state(request.id, state, error=error)
+            self._finish_feedback(request, message, self._encrypter(request, scheme))
 
     # incoming events -------------------------------------------------------
     def _on_event(self, event: dict, relay_url: str):
@@ -545,16 +551,9 @@ class Worker:
                 crashpoint("job-running")
                 limit = job_kind.time_limit or self.settings.job_time_limit
                 loop = asyncio.get_running_loop()
-                ctx = active.ctx = JobContext(
-                    job_id=request.id, request=request, workdir=workdir,
-                    log=log.bind(job_id=request.id, kind=request.kind),
-                    deadline=time.monotonic() + limit,
-                    report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg),
-                    config=self.config.raw,
-                    fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
-                        self._fetch(url, into), loop).result(),
-                    device=device,
-                )
+                ctx = active.ctx = self._job_context(
+                    request, workdir, limit, device=device,
+                    report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg))
                 started = time.monotonic()
                 result = await self._call_plugin(active, ctx, limit)
                 if not isinstance(result, JobResult):
@@ -591,16 +590,8 @@ class Worker:
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         if outcome in ("failed", "cancelled"):
-            # The refund owed, the job's end and the customer's error feedback: one transaction.
-            with self.store.atomic():
-                refunded = 0
-                if active.paid is not None and self.cashier is not None and refund:
-                    refunded = self.cashier.refund_job(request, error, keep=fee)
-                message = error
-                if refunded:
-                    message += f"; your {refunded} {active.paid.unit} were refunded as a nutzap"
-                self.store.set_state(request.id, outcome, error=error)
-                self._finish_feedback(request, message, self._encrypter(request, active.scheme))
+            self._end_job(request, outcome, error, active.scheme,
+                          refund=refund and active.paid is not None, keep=fee)
         if outcome != "queued":
             self.counts[outcome] += 1
         log.info("job finished", job_id=request.id, kind=request.kind, job_kind=job_kind.name,
@@ -682,18 +673,26 @@ class Worker:
     def _sign(self, kind: int, content: str, tags: list[list[str]]) -> dict:
         return sign_event(self.keys, kind, content, tags)
 
+    def _job_context(self, request: JobRequest, workdir: Path, limit: float, *, device: str | None = None,
+                     report=lambda percent, message: None, fetch_attempts: int = 0,
+                     **bind) -> JobContext:
+        """The context a plugin's function runs in, from a worker thread: downloads go through
+        this event loop (`_fetch`), progress through `report`."""
+        loop = asyncio.get_running_loop()
+        return JobContext(
+            job_id=request.id, request=request, workdir=workdir,
+            log=log.bind(job_id=request.id, kind=request.kind, **bind),
+            deadline=time.monotonic() + limit, report=report, config=self.config.raw, device=device,
+            fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
+                self._fetch(url, into, attempts=fetch_attempts), loop).result())
+
     async def _precheck(self, request: JobRequest, job_kind: JobKind, parsed: Any) -> Any:
         """The plugin's look at the inputs before pricing and payment (`JobKind.precheck`): the
         job with its real size, or InvalidRequest for data it cannot use."""
         workdir = self.settings.jobs_dir / f"{request.id}.precheck"
         loop = asyncio.get_running_loop()
         limit = self.settings.precheck_seconds
-        ctx = JobContext(job_id=request.id, request=request, workdir=workdir,
-                         log=log.bind(job_id=request.id, kind=request.kind, step="precheck"),
-                         deadline=time.monotonic() + limit, report=lambda pct, msg: None,
-                         config=self.config.raw, device=None,
-                         fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
-                             self._fetch(url, into, attempts=1), loop).result())
+        ctx = self._job_context(request, workdir, limit, fetch_attempts=1, step="precheck")
         try:
             async with self._precheck_slots:
                 context = contextvars.copy_context()
