@@ -6,7 +6,7 @@ What a plugin needs is importable from here: `hookimpl`, `JobKind`, `JobResult`,
 import pluggy
 
 from .jobs import Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout
-from .nip90 import JobInput, JobRequest
+from .protocol.nip90 import JobInput, JobRequest
 
 hookimpl = pluggy.HookimplMarker("dvm")
 

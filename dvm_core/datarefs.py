@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .events import HEX64 as _HEX64
+from .protocol.events import HEX64 as _HEX64
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:

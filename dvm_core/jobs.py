@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .nip90 import JobRequest
+from .protocol.nip90 import JobRequest
 
 
 class JobError(Exception):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dvm_core.client import Customer
-from dvm_core.config import load_config
-from dvm_core.events import Keys
-from dvm_core.keys import write_key_file
-from dvm_core.localnet import start_mint, start_relay
-from dvm_core.plugins import plugin_manager
-from dvm_core.worker import Worker
+from dvm_core.customer.client import Customer
+from dvm_core.worker.config import load_config
+from dvm_core.protocol.events import Keys
+from dvm_core.worker.keys import write_key_file
+from dvm_core.devtools.localnet import start_mint, start_relay
+from dvm_core.worker.plugins import plugin_manager
+from dvm_core.worker.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 

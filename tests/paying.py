@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from dvm_core.client import Customer
-from dvm_core.ecash import decode_token
-from dvm_core.events import Keys
+from dvm_core.customer.client import Customer
+from dvm_core.protocol.ecash import decode_token
+from dvm_core.protocol.events import Keys
 
 FUNDS = 100
 PRICE = 5
@@ -15,7 +15,7 @@ PRICE = 5
 async def funded_customer(tmp_path, mint_url: str, relay_url: str, amount: int = FUNDS) -> Customer:
     """A customer with `amount` sat at the mint; its wallet's P2PK key is its Nostr key, so it
     can redeem the change and refunds locked to it. Close with `close_customer`."""
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments.wallet import ProviderWallet
     keys = Keys.generate()
     wallet = ProviderWallet(directory=tmp_path / f"customer-wallet-{keys.public_key[:8]}",
                             accepted_mints=[mint_url], p2pk_private_key=keys.private_key)

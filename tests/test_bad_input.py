@@ -14,12 +14,12 @@ import time
 import pytest
 
 from dvm_core import JobInputError, JobKind, JobResult, hookimpl
-from dvm_core.client import result_json
-from dvm_core.encryption import decrypt, encrypt
-from dvm_core.events import Keys, sign_event
-from dvm_core.nip90 import FEEDBACK_KIND, JobInput, build_request, parse_feedback, parse_result
-from dvm_core.plugins import check, plugin_manager
-from dvm_core.relay import RelayConnection, RelayPool
+from dvm_core.customer.client import result_json
+from dvm_core.protocol.encryption import decrypt, encrypt
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, build_request, parse_feedback, parse_result
+from dvm_core.worker.plugins import check, plugin_manager
+from dvm_core.transport.relay import RelayConnection, RelayPool
 
 KIND = 5790
 TEXT = [JobInput("the cat and the hat", "text")]

@@ -16,12 +16,12 @@ import time
 import cbor2
 import pytest
 
-from dvm_core.client import Customer, JobFailed, result_json
-from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
-from dvm_core.events import Keys, sign_event
-from dvm_core.localnet import start_mint
-from dvm_core.nip90 import HANDLER_KIND, JobInput
-from dvm_core.wallet import ProviderWallet, _cashu
+from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.devtools.localnet import start_mint
+from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput
+from dvm_core.payments.wallet import ProviderWallet, _cashu
 
 from .paying import (FUNDS, PRICE, claim_nutzaps, funded_customer, paid_worker,
                      provider_balance)

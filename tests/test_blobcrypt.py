@@ -11,7 +11,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dvm_core.blobcrypt import (DEFAULT_CHUNK_SIZE, HEADER_SIZE, TAG_SIZE, BlobDecryptError,
+from dvm_core.transport.blobcrypt import (DEFAULT_CHUNK_SIZE, HEADER_SIZE, TAG_SIZE, BlobDecryptError,
                                 decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file)
 
 CHUNK = 64  # small chunks keep multi-chunk cases small

@@ -1,4 +1,4 @@
-"""Blossom: the embedded server (dvm_core.blobserver) and the client (dvm_core.blossom), over
+"""Blossom: the embedded server (dvm_core.devtools.blobserver) and the client (dvm_core.transport.blossom), over
 real HTTP on loopback.
 
 The spec-only tests speak BUD-01/02/11 with raw httpx and Authorization headers built here by
@@ -19,13 +19,13 @@ import httpx
 import pytest
 from aiohttp import web
 
-from dvm_core.blobserver import start_blob_server
-from dvm_core.blossom import (
-    BlobDescriptor, BlossomAuthError, BlossomClient, BlossomError, auth_header, build_auth_event,
-    check_auth, parse_auth_header,
+from dvm_core.devtools.blobserver import start_blob_server
+from dvm_core.protocol.blossom import (
+    BlobDescriptor, BlossomAuthError, auth_header, build_auth_event, check_auth, parse_auth_header,
 )
-from dvm_core.events import Keys, sign_event
-from dvm_core.localnet import free_port, start_blob_server_process
+from dvm_core.transport.blossom import BlossomClient, BlossomError
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.devtools.localnet import free_port, start_blob_server_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +34,7 @@ MAX = 64 * 1024  # the small server's limit
 
 def spec_header(keys: Keys, verb: str, *xs: str, kind: int = 24242, expires_in: int = 600,
                 created_at: int | None = None, extra_tags=(), drop_expiration: bool = False) -> str:
-    """An Authorization header made from the spec alone (BUD-11), not with dvm_core.blossom."""
+    """An Authorization header made from the spec alone (BUD-11), not with dvm_core.protocol.blossom."""
     now = int(time.time())
     tags = [["t", verb]] + [["x", x] for x in xs] + [list(t) for t in extra_tags]
     if not drop_expiration:

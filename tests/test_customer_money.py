@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from dvm_core.client import PaymentDeclined, result_json
-from dvm_core.ecash import encode_payment_request
-from dvm_core.events import Keys, sign_event
-from dvm_core.locks import job_lock_pubkey
-from dvm_core.nip90 import FEEDBACK_KIND, JobInput, parse_feedback
+from dvm_core.customer.client import PaymentDeclined, result_json
+from dvm_core.protocol.ecash import encode_payment_request
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.payments.locks import job_lock_pubkey
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, parse_feedback
 
 from .paying import FUNDS, PRICE, close_customer, funded_customer, paid_worker, provider_balance
 
@@ -94,7 +94,7 @@ async def test_a_payment_request_from_the_right_dvm_is_checked_before_paying(wor
 # -- `dvm job submit`: the quote, the cap, the question, the JSON ------------------------------
 
 async def cli_wallet(tmp_path, mint_url: str, amount: int = FUNDS):
-    from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
     directory = tmp_path / "cli-wallet"
     wallet = ProviderWallet(directory, [mint_url], p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     await wallet.mint_from_lightning(amount, mint_url)
@@ -207,7 +207,7 @@ async def test_the_text_stats_example_pays_when_asked(workers, relay, mint, tmp_
 
 async def test_our_nutzaps_carry_the_mints_full_keyset_ids(workers, mint, funded):
     """NIP-61 proof tags are bare proofs: a stock wallet (cashu-ts) refuses 16-hex short ids."""
-    from dvm_core.ecash import NUTZAP_KIND, parse_nutzap
+    from dvm_core.protocol.ecash import NUTZAP_KIND, parse_nutzap
     worker = await paid_worker(workers, mint)
     request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
     asked = await anext(funded.updates(request, timeout=20))

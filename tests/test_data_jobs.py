@@ -12,11 +12,11 @@ import json
 import httpx
 import pytest
 
-from dvm_core.blobserver import start_blob_server
-from dvm_core.blossom import BlossomClient
-from dvm_core.client import JobFailed, download_artifacts, result_json, upload_dataset
+from dvm_core.devtools.blobserver import start_blob_server
+from dvm_core.transport.blossom import BlossomClient
+from dvm_core.customer.client import JobFailed, download_artifacts, result_json, upload_dataset
 from dvm_core.datarefs import DataRef
-from dvm_core.nip90 import JobInput
+from dvm_core.protocol.nip90 import JobInput
 
 KIND = 5790
 TEXT = "the quick brown fox jumps over the lazy dog the end"
@@ -121,7 +121,7 @@ async def upload_plain(blobs, keys, data: bytes) -> str:
 @pytest.mark.parametrize("case", ["no-sha256", "unreachable", "html-page", "too-large", "private-address"])
 async def test_bad_data_references_are_refused_before_payment(workers, customer, blobs, mint, html_site,
                                                               tmp_path, case):
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments.wallet import ProviderWallet
     allow_private = case != "private-address"
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=allow_private,
                                  max_download_bytes=1000, mints=[mint.url], prices={"text-stats": 2})
@@ -148,7 +148,7 @@ async def test_bad_data_references_are_refused_before_payment(workers, customer,
 
 
 async def test_sha256_mismatch_after_payment_is_refunded(workers, customer, blobs, mint, tmp_path):
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments.wallet import ProviderWallet
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
                                  prices={"text-stats": 2})
     url = await upload_plain(blobs, customer.keys, b"real words")
@@ -168,7 +168,7 @@ async def test_sha256_mismatch_after_payment_is_refunded(workers, customer, blob
 
 @pytest.mark.parametrize("damage", ["wrong-key", "corrupt-ciphertext"])
 async def test_undecryptable_private_dataset_fails_clearly(workers, customer, blobs, tmp_path, damage):
-    from dvm_core.blobcrypt import encrypt_bytes, generate_key
+    from dvm_core.transport.blobcrypt import encrypt_bytes, generate_key
     worker = await data_worker(workers, blobs)
     sealed, key = encrypt_bytes(TEXT.encode())
     if damage == "corrupt-ciphertext":
@@ -236,7 +236,7 @@ async def test_an_input_server_down_after_payment_is_tried_again_then_refunded(
         workers, customer, mint, flaky_site, tmp_path, failures, outcome):
     """Once paid, an input that does not come is tried again (3 tries); if it never comes, the
     job is refunded, never kept."""
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments.wallet import ProviderWallet
     worker = await workers.start(allow_private_urls=True, mints=[mint.url], prices={"text-stats": 2})
     wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
                             p2pk_private_key=customer.keys.private_key)
@@ -297,8 +297,8 @@ async def test_dvm_job_fetch_recovers_a_result_whose_download_failed(workers, re
 
 async def test_a_paid_job_that_fails_on_the_customers_data_is_refunded_less_the_announced_fee(
         workers, customer, blobs, mint, tmp_path):
-    from dvm_core.blobcrypt import encrypt_bytes, generate_key
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.transport.blobcrypt import encrypt_bytes, generate_key
+    from dvm_core.payments.wallet import ProviderWallet
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
                                  prices={"text-stats": 3}, input_error_fee=1)
     assert json.loads(worker.announcement()[1])["payment"]["input_error_fee"] == 1

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from dvm_core import JobCancelled, JobError, JobInputError, hookspecs  # noqa: E402
 from dvm_core.jobs import JobContext  # noqa: E402
-from dvm_core.nip90 import JobInput, JobRequest  # noqa: E402
-from dvm_core.plugins import check, collect_job_kinds  # noqa: E402
+from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+from dvm_core.worker.plugins import check, collect_job_kinds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -397,7 +397,7 @@ def test_bad_inputs_are_refused_naming_the_input(tmp_path):
 def test_base_hash_mismatch(tmp_path):
     models, centre = random_models(3)
     save_file({**centre, "norm.num_batches_tracked": torch.tensor(0)}, tmp_path / "base.safetensors")
-    from dvm_core.fetch import sha256_file
+    from dvm_core.transport.fetch import sha256_file
     good = sha256_file(tmp_path / "base.safetensors")
     paths = write(tmp_path, models, metadata=[{"base_sha256": good}, {"base_sha256": good}, {"base_sha256": "ab" * 32}])
     expect_error(tmp_path, f"input 2 .*trained from base abab.*not from {good[:16]}", 2, paths,

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from dvm_core import fetch as fetch_module
-from dvm_core.fetch import FetchError, blocked_reason, fetch, fetch_sync, resolve_checked, sha256_file
+from dvm_core.transport import fetch as fetch_module
+from dvm_core.transport.fetch import FetchError, blocked_reason, fetch, fetch_sync, resolve_checked, sha256_file
 
 GOOD = os.urandom(200_000)
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()

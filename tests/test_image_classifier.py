@@ -26,8 +26,8 @@ torch = pytest.importorskip("torch")
 
 from dvm_core import JobCancelled, JobInputError, hookspecs  # noqa: E402
 from dvm_core.jobs import JobContext  # noqa: E402
-from dvm_core.nip90 import JobInput, JobRequest  # noqa: E402
-from dvm_core.plugins import check, collect_job_kinds  # noqa: E402
+from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+from dvm_core.worker.plugins import check, collect_job_kinds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 try:

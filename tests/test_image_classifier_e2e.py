@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from dvm_core.blobserver import start_blob_server  # noqa: E402
-from dvm_core.client import download_artifacts, upload_dataset  # noqa: E402
-from dvm_core.nip90 import HANDLER_KIND, JobInput, Result, parse_handler_announcement  # noqa: E402
-from dvm_core.plugins import plugin_manager  # noqa: E402
+from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
+from dvm_core.customer.client import download_artifacts, upload_dataset  # noqa: E402
+from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput, Result, parse_handler_announcement  # noqa: E402
+from dvm_core.worker.plugins import plugin_manager  # noqa: E402
 
 from .paying import close_customer, funded_customer, provider_balance  # noqa: E402
 

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from dvm_core.events import verify_event
+from dvm_core.protocol.events import verify_event
 
 from .conftest import REPO
 
@@ -122,8 +122,8 @@ async def test_js_nostr_tools_client_gets_feedback_and_result(workers, relay, mo
 async def test_change_and_refunds_are_redeemed_by_a_stock_cashu_ts_wallet(workers, mint, relay, tmp_path):
     """A NIP-61 `proof` tag is a bare proof with the mint's full keyset id: cashu-ts 4.8
     `wallet.receive(proofs)` refuses a 16-hex short id ("Proof has unrecognised keyset")."""
-    from dvm_core.client import result_json
-    from dvm_core.nip90 import JobInput
+    from dvm_core.customer.client import result_json
+    from dvm_core.protocol.nip90 import JobInput
 
     from .paying import PRICE, close_customer, funded_customer, paid_worker
     node = node_and_modules()

@@ -14,10 +14,10 @@ import pytest
 import structlog
 
 from dvm_core import JobInputError, JobKind, JobResult, hookimpl
-from dvm_core.client import JobFailed, result_json
-from dvm_core.logs import configure_logging
-from dvm_core.nip90 import JobInput
-from dvm_core.plugins import check, plugin_manager
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.worker.logs import configure_logging
+from dvm_core.protocol.nip90 import JobInput
+from dvm_core.worker.plugins import check, plugin_manager
 
 KIND = 5790
 NOISY = ("websockets", "asyncio", "httpx", "urllib3")

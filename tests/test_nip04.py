@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pynostr.key import PrivateKey
 
-from dvm_core.nip04 import Nip04Error, decrypt_from, encrypt_to, looks_like_nip04
+from dvm_core.protocol.nip04 import Nip04Error, decrypt_from, encrypt_to, looks_like_nip04
 
 ALICE = PrivateKey(bytes.fromhex("11" * 32))
 BOB = PrivateKey(bytes.fromhex("22" * 32))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dvm_core.nip44 import (
+from dvm_core.protocol.nip44 import (
     Nip44Error,
     calc_padded_len,
     decrypt,

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from dvm_core.encryption import decrypt, encrypter
-from dvm_core.events import (InvalidEvent, Keys, _private_key, compute_event_id, parse_public_key,
+from dvm_core.protocol.encryption import decrypt, encrypter
+from dvm_core.protocol.events import (InvalidEvent, Keys, _private_key, compute_event_id, parse_public_key,
                              sign_event, verify_event)
-from dvm_core.nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, STATUSES, Feedback,
+from dvm_core.protocol.nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, STATUSES, Feedback,
                             InvalidRequest, JobInput, JobRequest, KindDescription, Result,
                             build_feedback, build_handler_announcement, build_request, build_result,
                             deleted_event_ids, parse_feedback, parse_handler_announcement,

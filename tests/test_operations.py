@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from dvm_core.client import JobFailed, result_json
-from dvm_core.events import Keys
-from dvm_core.nip90 import JobInput
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.protocol.events import Keys
+from dvm_core.protocol.nip90 import JobInput
 
 from .conftest import WorkerProcess
 
@@ -42,7 +42,7 @@ async def test_a_full_queue_answers_busy_before_payment_and_queued_jobs_get_a_po
 
 async def test_per_kind_slots_and_devices_are_handed_out(workers, customer, tmp_path):
     from dvm_core import JobKind, JobResult, hookimpl
-    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker.plugins import plugin_manager
     seen: list[str] = []
 
     class Device:
@@ -174,7 +174,7 @@ def test_a_second_worker_on_the_same_state_directory_refuses_to_start(tmp_path, 
     import subprocess
     import sys
 
-    from dvm_core.events import Keys
+    from dvm_core.protocol.events import Keys
 
     from .conftest import WorkerProcess
     first = WorkerProcess(tmp_path, relay.url, Keys.generate())

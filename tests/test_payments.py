@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from dvm_core.client import Customer, JobFailed, result_json
-from dvm_core.ecash import decode_payment_request, decode_token, encode_token_a
-from dvm_core.events import Keys
-from dvm_core.nip90 import JobInput
+from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.protocol.ecash import decode_payment_request, decode_token, encode_token_a
+from dvm_core.protocol.events import Keys
+from dvm_core.protocol.nip90 import JobInput
 
 from .paying import PRICE, claim_nutzaps, paid_worker, provider_balance
 
@@ -61,7 +61,7 @@ async def test_no_token_gets_payment_required_then_a_nutzap_pays(workers, mint, 
     creq = decode_payment_request(update.content)
     # The lock asked for is this job's own key: derived from the wallet key and the job id, so
     # ecash made for this job can pay no other.
-    from dvm_core.locks import job_lock_pubkey
+    from dvm_core.payments.locks import job_lock_pubkey
     assert creq["a"] == PRICE and creq["m"] == [mint.url]
     assert creq["nut10"]["d"] == job_lock_pubkey(worker.cashier.p2pk_pubkey, request["id"])
     assert creq["nut10"]["d"][2:] not in (worker.keys.public_key, worker.cashier.p2pk_pubkey[2:])
@@ -130,7 +130,7 @@ def _crashing_plugin():
 
 
 async def test_plugin_crash_after_payment_is_refunded(workers, mint, funded):
-    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker.plugins import plugin_manager
     pm = plugin_manager(only=[])
     pm.register(_crashing_plugin(), name="crash")
     worker = await workers.start(pm=pm, mints=[mint.url], prices={"crash": PRICE})
@@ -200,7 +200,7 @@ def _per_word_plugin(announce: bool):
 
 
 async def test_a_plugin_prices_by_work_through_the_price_job_hook(workers, mint, funded):
-    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker.plugins import plugin_manager
     pm = plugin_manager(only=["textstats"])
     pm.register(_per_word_plugin(announce=True), name="per-word")
     worker = await workers.start(pm=pm, mints=[mint.url], prices={"per-word": 1})
@@ -216,7 +216,7 @@ async def test_a_plugin_prices_by_work_through_the_price_job_hook(workers, mint,
 async def test_a_plugin_price_the_kind_does_not_announce_is_not_asked(workers, mint, funded):
     """The announcement says 1 sat per job: a hook's other price would make the customer pay
     what was not announced, so the announced price is asked."""
-    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker.plugins import plugin_manager
     pm = plugin_manager(only=["textstats"])
     pm.register(_per_word_plugin(announce=False), name="per-word")
     worker = await workers.start(pm=pm, mints=[mint.url], prices={"per-word": 1})
@@ -239,7 +239,7 @@ async def test_a_free_kind_asks_for_nothing(workers, mint, funded):
 
 async def test_a_worker_without_mints_serves_plugin_priced_kinds_free(workers, customer):
     from dvm_core import hookimpl
-    from dvm_core.plugins import plugin_manager
+    from dvm_core.worker.plugins import plugin_manager
 
     class AlwaysCharges:
         @hookimpl
@@ -286,9 +286,9 @@ async def test_overpayment_says_the_change_is_on_its_way(workers, mint, funded):
 
 def test_every_kind_announces_how_it_is_priced(tmp_path):
     """The NIP-89 content names a pricing rule for every kind, those priced by work included."""
-    from dvm_core.config import load_config
-    from dvm_core.plugins import plugin_manager
-    from dvm_core.worker import Worker
+    from dvm_core.worker.config import load_config
+    from dvm_core.worker.plugins import plugin_manager
+    from dvm_core.worker.worker import Worker
 
     from .conftest import write_config
     config = load_config(write_config(tmp_path / "dvm.toml", "ws://127.0.0.1:9", mints=["http://127.0.0.1:9"],

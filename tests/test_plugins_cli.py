@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from dvm_core import JobKind, JobResult, hookimpl
 from dvm_core.cli import main
-from dvm_core.config import ConfigError, Settings, load_config
-from dvm_core.events import Keys
-from dvm_core.plugins import PluginError, check, collect_job_kinds, describe, plugin_manager
+from dvm_core.worker.config import ConfigError, Settings, load_config
+from dvm_core.protocol.events import Keys
+from dvm_core.worker.plugins import PluginError, check, collect_job_kinds, describe, plugin_manager
 
 @pytest.fixture(autouse=True)
 def no_dvm_env(monkeypatch):
@@ -453,7 +453,8 @@ def _group_with(monkeypatch, plugin):
     import click
 
     from dvm_core import cli as cli_module
-    from dvm_core import hookspecs, plugins
+    from dvm_core import hookspecs
+    from dvm_core.worker import plugins
 
     def only_this(*args, **kwargs):
         pm = pluggy.PluginManager("dvm")
@@ -504,7 +505,7 @@ def test_built_in_commands_do_not_load_plugins(monkeypatch):
         raise AssertionError("plugins loaded for a built-in command")
 
     from dvm_core import cli as cli_module
-    from dvm_core import plugins
+    from dvm_core.worker import plugins
     monkeypatch.setattr(plugins, "plugin_manager", refuse)
     group = cli_module._Commands(name="dvm", commands=dict(main.commands))
     assert CliRunner().invoke(group, ["keygen", "--help"]).exit_code == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from dvm_core.events import Keys, sign_event
-from dvm_core.localnet import start_relay
-from dvm_core.relay import RelayConnection, RelayPool
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.devtools.localnet import start_relay
+from dvm_core.transport.relay import RelayConnection, RelayPool
 
 
 async def test_publish_waits_for_ok_and_reports_a_rejection_reason(tmp_path):
@@ -116,7 +116,7 @@ async def test_an_event_the_relay_already_holds_counts_as_delivered(relay):
 
 
 def test_publish_results_are_read_by_their_nip01_prefix():
-    from dvm_core.relay import PublishResult
+    from dvm_core.transport.relay import PublishResult
     assert PublishResult("r", False, "invalid: event too large").refused_for_good
     assert PublishResult("r", False, "blocked: you are banned").refused_for_good
     assert not PublishResult("r", False, "rate-limited: slow down").refused_for_good

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dvm_core.keys import CREDENTIAL_NAME
-from dvm_core.sdnotify import STATUS_ONLY_INTERVAL, SystemdNotifier, watchdog_loop
+from dvm_core.worker.keys import CREDENTIAL_NAME
+from dvm_core.worker.sdnotify import STATUS_ONLY_INTERVAL, SystemdNotifier, watchdog_loop
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "dvm-worker.service"

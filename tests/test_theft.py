@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from dvm_core.client import JobFailed, result_json
-from dvm_core.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
-from dvm_core.events import Keys, sign_event
-from dvm_core.nip90 import JobInput
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.protocol.nip90 import JobInput
 
 from .paying import FUNDS, PRICE, paid_worker, provider_balance
 
@@ -172,9 +172,9 @@ async def test_a_strangers_bad_nutzap_does_not_end_a_job_that_waits_for_payment(
 async def test_a_kind_10019_signed_by_someone_else_is_never_used_for_a_refund(tmp_path, mint):
     """A relay may answer a query for the victim's kind 10019 with anyone's event: only one
     signed by the victim counts."""
-    from dvm_core.payments import Cashier
-    from dvm_core.store import Store
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments.cashier import Cashier
+    from dvm_core.worker.store import Store
+    from dvm_core.payments.wallet import ProviderWallet
     victim_keys, attacker_keys = Keys.generate(), Keys.generate()
     forged = sign_event(attacker_keys, NUTZAP_INFO_KIND, "", [["pubkey", "02" + attacker_keys.public_key]])
     forged_for_victim = dict(forged)
@@ -220,11 +220,11 @@ def test_nutzaps_for_requests_never_seen_are_kept_only_so_many(tmp_path, monkeyp
     import os
     import time as timelib
 
-    from dvm_core import payments
-    from dvm_core.locks import job_lock_pubkey
-    from dvm_core.payments import Cashier
-    from dvm_core.store import Store
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.payments import cashier as payments
+    from dvm_core.payments.locks import job_lock_pubkey
+    from dvm_core.payments.cashier import Cashier
+    from dvm_core.worker.store import Store
+    from dvm_core.payments.wallet import ProviderWallet
     monkeypatch.setattr(payments, "MAX_PENDING_FOR_UNKNOWN_JOBS", 3)
     dvm = Keys.generate()
     wallet = ProviderWallet(tmp_path / "w", ["http://127.0.0.1:9"], p2pk_private_key=Keys.generate().private_key)

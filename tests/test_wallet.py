@@ -1,4 +1,4 @@
-"""dvm_core.wallet against real Nutshell mints (FakeWallet backend) on loopback: no mocks.
+"""dvm_core.payments.wallet against real Nutshell mints (FakeWallet backend) on loopback: no mocks.
 
 Tokens are tampered with the way an attacker would: decode the cashuB CBOR, change a field,
 encode it again.
@@ -25,8 +25,8 @@ from bolt11 import Bolt11, MilliSatoshi, TagChar
 from bolt11 import Tags as Bolt11Tags
 from bolt11 import encode as bolt11_encode
 
-from dvm_core.localnet import start_mint
-from dvm_core.wallet import PaymentError, ProviderWallet, Received
+from dvm_core.devtools.localnet import start_mint
+from dvm_core.payments.wallet import PaymentError, ProviderWallet, Received
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -405,7 +405,7 @@ def test_importing_nutshell_leaves_the_process_alone(tmp_path, mint):
         logging.getLogger("cashu").addHandler(Keep())
         logging.getLogger("cashu").setLevel(logging.DEBUG)
 
-        from dvm_core.wallet import ProviderWallet, _cashu
+        from dvm_core.payments.wallet import ProviderWallet, _cashu
 
         async def main():
             wallet = ProviderWallet("wallet", [sys.argv[1]])

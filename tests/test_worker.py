@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from dvm_core.client import Customer, JobFailed, result_json
-from dvm_core.events import Keys, sign_event
-from dvm_core.nip90 import FEEDBACK_KIND, JobInput, Result
+from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, Result
 
-from dvm_core.config import load_config
-from dvm_core.plugins import plugin_manager
-from dvm_core.worker import Worker
+from dvm_core.worker.config import load_config
+from dvm_core.worker.plugins import plugin_manager
+from dvm_core.worker.worker import Worker
 
 from .conftest import WorkerProcess, write_config
 
@@ -184,7 +184,7 @@ def test_the_store_and_its_wal_files_are_readable_by_the_worker_alone(tmp_path):
     import os
     import stat
 
-    from dvm_core.store import Store
+    from dvm_core.worker.store import Store
     old = os.umask(0o022)
     try:
         store = Store(tmp_path / "state" / "dvm.sqlite3")
@@ -201,8 +201,8 @@ def test_the_store_and_its_wal_files_are_readable_by_the_worker_alone(tmp_path):
 async def test_a_result_naming_files_outside_the_folder_downloads_nothing(tmp_path):
     import json
 
-    from dvm_core.client import download_artifacts
-    from dvm_core.nip90 import Result
+    from dvm_core.customer.client import download_artifacts
+    from dvm_core.protocol.nip90 import Result
     for name in ("..", ".", "", ".hidden"):
         result = Result("ab" * 32, "cd" * 32, json.dumps({"artifacts": [
             {"name": name, "url": "http://127.0.0.1:9/x", "sha256": "00" * 32}]}), None, False)

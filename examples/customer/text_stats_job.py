@@ -14,9 +14,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from dvm_core.client import Customer, PaymentDeclined
-from dvm_core.events import Keys, parse_public_key
-from dvm_core.nip90 import JobInput, Result
+from dvm_core.customer.client import Customer, PaymentDeclined
+from dvm_core.protocol.events import Keys, parse_public_key
+from dvm_core.protocol.nip90 import JobInput, Result
 
 
 async def main() -> int:
@@ -33,7 +33,7 @@ async def main() -> int:
 
     wallet = None
     if args.wallet_dir:
-        from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
+        from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
         directory = Path(args.wallet_dir)
         wallet = ProviderWallet(directory, args.mint, p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     try:

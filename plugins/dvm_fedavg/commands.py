@@ -65,8 +65,8 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
                      merge_dvm, max_price, job_timeout, seed, out, allow_private) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
-    from dvm_core.events import parse_public_key
-    from dvm_core.logs import configure_logging
+    from dvm_core.protocol.events import parse_public_key
+    from dvm_core.worker.logs import configure_logging
 
     from .federate import FederationSettings
 
@@ -122,11 +122,11 @@ async def _federate(customer, wallet, providers, train, test, servers, settings,
 
 async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints, key_file, settings,
                       out_dir) -> int:
-    from dvm_core.client import Customer
-    from dvm_core.config import Settings
-    from dvm_core.events import Keys
-    from dvm_core.keys import load_keys
-    from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.customer.client import Customer
+    from dvm_core.worker.config import Settings
+    from dvm_core.protocol.events import Keys
+    from dvm_core.worker.keys import load_keys
+    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
 
     keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
     wallet = ProviderWallet(directory=wallet_dir, accepted_mints=mints,
@@ -140,11 +140,11 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
 
 async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
     """Everything on loopback: relay, mint, blob server, `count` providers, a funded customer."""
-    from dvm_core.client import Customer
-    from dvm_core.events import Keys
-    from dvm_core.keys import write_key_file
-    from dvm_core.localnet import start_blob_server_process, start_mint, start_relay
-    from dvm_core.wallet import ProviderWallet
+    from dvm_core.customer.client import Customer
+    from dvm_core.protocol.events import Keys
+    from dvm_core.worker.keys import write_key_file
+    from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
+    from dvm_core.payments.wallet import ProviderWallet
 
     from dvm_image_classifier.digits import digits_split, write_npz
 
@@ -211,7 +211,7 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
 
 async def _wait_ready(customer, providers: list[str], workers, root: Path, timeout: float = 120) -> None:
     """Until every provider has announced itself (NIP-89)."""
-    from dvm_core.nip90 import HANDLER_KIND
+    from dvm_core.protocol.nip90 import HANDLER_KIND
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.client import Customer, PaymentDeclined, download_artifacts, upload_dataset
-from dvm_core.nip90 import JobInput, Result
+from dvm_core.customer.client import Customer, PaymentDeclined, download_artifacts, upload_dataset
+from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
 MERGE_KIND = 5752

@@ -21,7 +21,7 @@ child process on 127.0.0.1, fresh for each run.
 - burst: N requests published at once (asyncio.gather in chunks); counts results in time.
 
 The customer is a bare RelayPool with one standing subscription (kinds 7000/6790/1, `#p` = the
-customer), as a NIP-90 client keeps; `dvm_core.client.Customer` would add a REQ per job.
+customer), as a NIP-90 client keeps; `dvm_core.customer.client.Customer` would add a REQ per job.
 `--trace` adds a hop-by-hop breakdown and the event-loop time of the worker's blocking calls
 (it wraps a few methods, so leave it off for the headline numbers); `--profile` runs cProfile.
 """
@@ -46,14 +46,14 @@ try:
 except ImportError:  # CPU accounting is left out without it
     psutil = None
 
-from dvm_core.config import load_config
-from dvm_core.events import Keys, sign_event
-from dvm_core.localnet import start_relay
-from dvm_core.logs import configure_logging
-from dvm_core.nip90 import FEEDBACK_KIND, JobInput, build_request
-from dvm_core.plugins import plugin_manager
-from dvm_core.relay import RelayPool
-from dvm_core.worker import Worker
+from dvm_core.worker.config import load_config
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.devtools.localnet import start_relay
+from dvm_core.worker.logs import configure_logging
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, build_request
+from dvm_core.worker.plugins import plugin_manager
+from dvm_core.transport.relay import RelayPool
+from dvm_core.worker.worker import Worker
 from benchlib import CpuMeter, eprint, loadavg, ms, percentile, reply_to  # noqa: E402
 
 TEXT_STATS_KIND = 5790
@@ -94,8 +94,8 @@ class HopTracer:
     def _install_blocking(self, worker: Worker) -> None:
         import types
 
-        import dvm_core.relay as relay_mod
-        import dvm_core.worker as worker_mod
+        import dvm_core.transport.relay as relay_mod
+        import dvm_core.worker.worker as worker_mod
         self.blocking: dict[str, float] = {}
         self.blocking_calls: dict[str, int] = {}
         timed = self._timed

@@ -118,15 +118,15 @@ def e2e_seconds(x_train: np.ndarray, y_train: np.ndarray, epochs: int, batch_siz
     import asyncio
     import os
 
-    from dvm_core.blobserver import start_blob_server
-    from dvm_core.client import Customer, download_artifacts, upload_dataset
-    from dvm_core.config import load_config
-    from dvm_core.events import Keys
-    from dvm_core.localnet import start_relay
-    from dvm_core.logs import configure_logging
-    from dvm_core.nip90 import JobInput
-    from dvm_core.plugins import plugin_manager
-    from dvm_core.worker import Worker
+    from dvm_core.devtools.blobserver import start_blob_server
+    from dvm_core.customer.client import Customer, download_artifacts, upload_dataset
+    from dvm_core.worker.config import load_config
+    from dvm_core.protocol.events import Keys
+    from dvm_core.devtools.localnet import start_relay
+    from dvm_core.worker.logs import configure_logging
+    from dvm_core.protocol.nip90 import JobInput
+    from dvm_core.worker.plugins import plugin_manager
+    from dvm_core.worker.worker import Worker
 
     async def measure(root: Path) -> list[float]:
         configure_logging("json", "warning")

@@ -10,7 +10,7 @@ functions, and the file name does not match test_*.py).
 Fresh for each run, in a temporary directory: a relay (`nostr-relay`) and a mint (Nutshell,
 FakeWallet backend, no fees), each a child process on 127.0.0.1. In this process, on one event
 loop: the worker (textstats plugin only, `mints = [mint]`, `[prices] "text-stats" = price`), a
-`dvm_core.client.Customer` with a funded customer wallet, two bare receiving wallets on the
+`dvm_core.customer.client.Customer` with a funded customer wallet, two bare receiving wallets on the
 same mint, and a bare echo responder.
 
 Every token is made before any timing (`ProviderWallet.send(price)` on the funded customer
@@ -71,16 +71,16 @@ try:
 except ImportError:  # CPU accounting is left out without it
     psutil = None
 
-from dvm_core.client import Customer, JobFailed, result_json
-from dvm_core.config import load_config
-from dvm_core.events import Keys, sign_event
-from dvm_core.localnet import start_mint, start_relay
-from dvm_core.logs import configure_logging
-from dvm_core.nip90 import FEEDBACK_KIND, JobInput
-from dvm_core.plugins import plugin_manager
-from dvm_core.relay import RelayPool
-from dvm_core.wallet import ProviderWallet, _cashu
-from dvm_core.worker import Worker
+from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.worker.config import load_config
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.devtools.localnet import start_mint, start_relay
+from dvm_core.worker.logs import configure_logging
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput
+from dvm_core.worker.plugins import plugin_manager
+from dvm_core.transport.relay import RelayPool
+from dvm_core.payments.wallet import ProviderWallet, _cashu
+from dvm_core.worker.worker import Worker
 from benchlib import CpuMeter, eprint, loadavg, ms, percentile, reply_to  # noqa: E402
 
 TEXT_STATS_KIND = 5790

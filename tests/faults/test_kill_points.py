@@ -1,7 +1,7 @@
 """SIGKILL the worker at each step of a paid job; after the restart nothing is lost.
 
 A real `dvm run` child process, a real relay and a real Nutshell mint. The worker kills itself
-(`DVM_CRASH_AT`, see dvm_core/crashpoints.py) at one step of a paid job, in one way of paying,
+(`DVM_CRASH_AT`, see dvm_core/payments/crashpoints.py) at one step of a paid job, in one way of paying,
 and is started again. Then:
 - the job has exactly one result (or, when it was meant to fail, exactly one refund),
 - no token paid twice, and the job's payment is settled (consumed, or refunded),
@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from dvm_core.client import JobFailed, result_json
-from dvm_core.events import Keys
-from dvm_core.nip90 import JobInput
-from dvm_core.wallet import ProviderWallet, load_or_create_p2pk_key
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.protocol.events import Keys
+from dvm_core.protocol.nip90 import JobInput
+from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
 
 from ..conftest import WorkerProcess
 from ..paying import FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer
@@ -147,7 +147,7 @@ async def test_a_kill_at_any_step_loses_nothing(tmp_path, relay, mint, mode, poi
 
 async def _wallet_key(customer, provider: str) -> str:
     """The P2PK key the worker advertises in its kind 10019, signed by it."""
-    from dvm_core.ecash import NUTZAP_INFO_KIND, parse_nutzap_info
+    from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, parse_nutzap_info
     for _ in range(100):
         events = await customer.pool.query([{"kinds": [NUTZAP_INFO_KIND], "authors": [provider]}], 2)
         for event in events:

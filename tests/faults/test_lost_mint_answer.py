@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from dvm_core.client import result_json
-from dvm_core.ecash import build_nutzap, decode_payment_request, decode_token
-from dvm_core.events import sign_event
-from dvm_core.nip90 import JobInput
+from dvm_core.customer.client import result_json
+from dvm_core.protocol.ecash import build_nutzap, decode_payment_request, decode_token
+from dvm_core.protocol.events import sign_event
+from dvm_core.protocol.nip90 import JobInput
 
 from ..paying import PRICE, close_customer, funded_customer, paid_worker, provider_balance
 from .proxy import DroppingProxy

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Literal
 
 import coincurve
 
-from .ecash import p2pk_lock
+from dvm_core.protocol.ecash import p2pk_lock
 
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 TWEAK_TAG = b"nip90-dvm/job-lock/v1"

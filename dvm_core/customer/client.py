@@ -14,15 +14,15 @@ from typing import AsyncIterator, Callable
 
 from dataclasses import dataclass
 
-from .ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
+from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
                     parse_nutzap, parse_nutzap_info)
-from .encryption import Scheme, decrypt, encrypter
-from .events import InvalidEvent, Keys, sign_event, verify_event
-from .locks import job_lock_pubkey
-from .nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, Feedback, JobInput, Result,
+from dvm_core.protocol.encryption import Scheme, decrypt, encrypter
+from dvm_core.protocol.events import InvalidEvent, Keys, sign_event, verify_event
+from dvm_core.payments.locks import job_lock_pubkey
+from dvm_core.protocol.nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, Feedback, JobInput, Result,
                     addressed_providers, build_request, is_encrypted, parse_feedback,
                     parse_handler_announcement, parse_result)
-from .relay import RelayPool
+from dvm_core.transport.relay import RelayPool
 
 
 class JobFailed(Exception):
@@ -290,7 +290,7 @@ class Customer:
     async def collect_nutzaps(self, wallet, *, expect: int = 0, timeout: float = 10.0) -> int:
         """Redeem the nutzaps sent to this customer (change, refunds) into `wallet`, waiting up to
         `timeout` seconds for at least `expect` sat. Returns the amount collected."""
-        from .wallet import PaymentError
+        from dvm_core.payments.wallet import PaymentError
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         total = 0
@@ -320,7 +320,7 @@ class Customer:
 
 
 def _mint_url(url: str) -> str:
-    from .wallet import normalize_mint_url   # the wallet's rules, so that both sides compare alike
+    from dvm_core.payments.wallet import normalize_mint_url   # the wallet's rules, so that both sides compare alike
     try:
         return normalize_mint_url(url)
     except ValueError:
@@ -336,9 +336,9 @@ async def upload_dataset(path: Path, servers: list[str], keys: Keys, *, encrypt:
 
     With `encrypt` (the default) the file is encrypted with a fresh key first and the key rides
     in the URL's fragment, so send that URL only inside an encrypted request."""
-    from .blobcrypt import encrypt_file
-    from .blossom import BlossomClient
-    from .datarefs import DataRef
+    from dvm_core.transport.blobcrypt import encrypt_file
+    from dvm_core.transport.blossom import BlossomClient
+    from dvm_core.datarefs import DataRef
     client = BlossomClient(servers, keys)
     key = None
     if encrypt:
@@ -359,8 +359,8 @@ MAX_ARTIFACTS = 64
 async def download_artifacts(result: Result, dest: Path, *, allow_private: bool = False,
                              max_bytes: int = 10 * 1024**3) -> list[Path]:
     """Fetch every file listed in a result, check its sha256, decrypt it, save it in `dest`."""
-    from .blobcrypt import decrypt_file
-    from .fetch import fetch
+    from dvm_core.transport.blobcrypt import decrypt_file
+    from dvm_core.transport.fetch import fetch
     dest.mkdir(parents=True, exist_ok=True)
     saved = []
     entries = result_json(result).get("artifacts", [])

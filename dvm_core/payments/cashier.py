@@ -32,13 +32,13 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from .ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_nutzap, build_nutzap_info,
+from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_nutzap, build_nutzap_info,
                     decode_token, encode_payment_request, p2pk_lock, parse_nutzap, parse_nutzap_info)
-from .events import InvalidEvent, Keys, verify_event
+from dvm_core.protocol.events import InvalidEvent, Keys, verify_event
 from .crashpoints import crashpoint
 from .locks import Binding, bind, compressed, payer_named
-from .nip90 import JobRequest
-from .store import Store
+from dvm_core.protocol.nip90 import JobRequest
+from dvm_core.worker.store import Store
 
 log = structlog.get_logger("dvm.payments")
 

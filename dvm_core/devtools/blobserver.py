@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .blossom import (
+from dvm_core.protocol.blossom import (
     BlobDescriptor, BlossomAuthError, _tag_values, check_auth, is_sha256, parse_auth_header,
 )
 
@@ -48,7 +48,7 @@ CHUNK = 1024 * 1024
 _BLOB_NAME = re.compile(r"([0-9a-fA-F]{64})(\.[A-Za-z0-9]{1,16})?")
 _MIME = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}"
                    r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]{1,64}=(\"[^\"\\\r\n]{0,64}\"|[A-Za-z0-9!#$&^_.+-]{1,64}))*")
-from .events import HEX64 as _HEX64  # noqa: E402
+from dvm_core.protocol.events import HEX64 as _HEX64  # noqa: E402
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "*",

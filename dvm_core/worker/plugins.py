@@ -12,8 +12,8 @@ import os
 import pluggy
 import structlog
 
-from . import hookspecs
-from .jobs import JobKind
+from dvm_core import hookspecs
+from dvm_core.jobs import JobKind
 
 ENTRY_POINT_GROUP = "dvm"
 log = structlog.get_logger("dvm.plugins")

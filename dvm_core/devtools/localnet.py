@@ -166,7 +166,7 @@ _MINT_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONPA
 def start_blob_server_process(workdir: str | Path, port: int | None = None, *,
                               max_bytes: int | None = None, allowed_pubkeys: list[str] | None = None,
                               public_url: str | None = None, timeout: float = 30.0) -> LocalService:
-    """Start the embedded Blossom server (`dvm_core.blobserver.serve`) as a child process on
+    """Start the embedded Blossom server (`dvm_core.devtools.blobserver.serve`) as a child process on
     127.0.0.1, storing blobs under `workdir/blobs`; returns once `GET /` answers."""
     import json
 
@@ -175,7 +175,7 @@ def start_blob_server_process(workdir: str | Path, port: int | None = None, *,
     port = port or free_port()
     options = {"max_bytes": max_bytes, "allowed_pubkeys": allowed_pubkeys, "public_url": public_url}
     options = {k: v for k, v in options.items() if v is not None}
-    code = ("import json, sys; from dvm_core.blobserver import serve; "
+    code = ("import json, sys; from dvm_core.devtools.blobserver import serve; "
             "serve(sys.argv[1], '127.0.0.1', int(sys.argv[2]), **json.loads(sys.argv[3]))")
     log_path = workdir / "blobserver.log"
     with open(log_path, "ab") as log_file:

@@ -58,7 +58,7 @@ class FetchError(Exception):
     """A download that failed or was refused; the message is meant for the customer."""
 
 
-from .datarefs import sha256_file  # noqa: E402  (re-exported: the one copy lives there)
+from dvm_core.datarefs import sha256_file  # noqa: E402  (re-exported: the one copy lives there)
 
 
 # --- address checks ------------------------------------------------------------------------

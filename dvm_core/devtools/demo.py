@@ -24,12 +24,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .client import Customer, JobFailed, download_artifacts, result_json, upload_dataset
-from .events import Keys
-from .keys import write_key_file
+from dvm_core.customer.client import Customer, JobFailed, download_artifacts, result_json, upload_dataset
+from dvm_core.protocol.events import Keys
+from dvm_core.worker.keys import write_key_file
 from .localnet import start_blob_server_process, start_mint, start_relay
-from .logs import configure_logging
-from .nip90 import HANDLER_KIND, JobInput, Result, parse_handler_announcement
+from dvm_core.worker.logs import configure_logging
+from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput, Result, parse_handler_announcement
 
 TEXT_STATS_KIND = 5790
 PRICE = 5  # sats
@@ -89,7 +89,7 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         customer_keys = Keys.generate()
-        from .wallet import ProviderWallet
+        from dvm_core.payments.wallet import ProviderWallet
         customer_wallet = ProviderWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
                                          p2pk_private_key=customer_keys.private_key)
         await customer_wallet.mint_from_lightning(100, mint.url)

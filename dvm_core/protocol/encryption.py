@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-from . import nip04, nip44
+from . import nip04
+from . import nip44
 
 Scheme = Literal["nip44", "nip04"]
 

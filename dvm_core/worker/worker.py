@@ -25,19 +25,19 @@ import pluggy
 import structlog
 
 from .config import Config, ConfigError
-from .encryption import DecryptionError, Scheme, decrypt, encrypter
-from .events import Keys, sign_event
-from .datarefs import parse_data_ref
-from .jobs import (TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobContext, JobError, JobInputError, JobKind,
+from dvm_core.protocol.encryption import DecryptionError, Scheme, decrypt, encrypter
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.datarefs import parse_data_ref
+from dvm_core.jobs import (TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobContext, JobError, JobInputError, JobKind,
                    JobResult, JobTimeout)
-from .ecash import NUTZAP_KIND
-from .nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
+from dvm_core.protocol.ecash import NUTZAP_KIND
+from dvm_core.protocol.nip90 import (DELETION_KIND, InvalidRequest, JobRequest, KindDescription, addressed_providers,
                     build_feedback, build_handler_announcement, build_result, deleted_event_ids,
                     is_encrypted, parse_job_request)
-from .crashpoints import crashpoint
-from .payments import Cashier, Paid, PaymentRefused
+from dvm_core.payments.crashpoints import crashpoint
+from dvm_core.payments.cashier import Cashier, Paid, PaymentRefused
 from .plugins import collect_job_kinds, plugin_manager
-from .relay import RelayPool
+from dvm_core.transport.relay import RelayPool
 from .store import ACTIVE_STATES, Store
 
 log = structlog.get_logger("dvm.worker")
@@ -106,7 +106,7 @@ class Worker:
             self.cashier = self._open_cashier()
 
     def _open_cashier(self) -> Cashier:
-        from .wallet import ProviderWallet, load_or_create_p2pk_key, preload
+        from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key, preload
         preload()  # Nutshell's import has process-wide side effects: take them now, contained
         directory = self.settings.wallet_dir
         wallet = ProviderWallet(directory=directory, accepted_mints=self.settings.mints,
@@ -715,7 +715,7 @@ class Worker:
     async def _probe_inputs(self, request: JobRequest) -> None:
         """Before any work or payment: every url input answers, is not an HTML page and is not
         announced larger than the limit. Raises InvalidRequest."""
-        from .fetch import FetchError, probe
+        from dvm_core.transport.fetch import FetchError, probe
         urls = [i.data for i in request.inputs if i.type == "url"]
         for url in urls:
             try:
@@ -726,8 +726,8 @@ class Worker:
 
     async def _fetch(self, url: str, into: Path, attempts: int = 0) -> Path:
         """Download a url input for a running job: verified, cached, decrypted if need be."""
-        from .blobcrypt import BlobDecryptError, decrypt_file
-        from .fetch import FetchError, fetch
+        from dvm_core.transport.blobcrypt import BlobDecryptError, decrypt_file
+        from dvm_core.transport.fetch import FetchError, fetch
         try:
             ref = parse_data_ref(url)
         except ValueError as exc:
@@ -763,8 +763,8 @@ class Worker:
             return []
         if not self.settings.blob_servers:
             raise JobError("this provider has no blob server configured to deliver result files")
-        from .blobcrypt import encrypt_file
-        from .blossom import BlossomClient, BlossomError
+        from dvm_core.transport.blobcrypt import encrypt_file
+        from dvm_core.transport.blossom import BlossomClient, BlossomError
         client = BlossomClient(self.settings.blob_servers, self.keys)
         entries = []
         for artifact in result.artifacts:

@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 
 from .config import ConfigError, Settings
-from .events import Keys
+from dvm_core.protocol.events import Keys
 
 log = structlog.get_logger("dvm.keys")
 CREDENTIAL_NAME = "dvm.key"

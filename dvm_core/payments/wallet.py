@@ -663,7 +663,7 @@ class ProviderWallet:
     async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
         """Proofs in our wallet's database that are locked to `lock_to` (made for someone else by
         a send whose answer a crash cut off), leaving out the secrets in `exclude`."""
-        from .ecash import p2pk_lock
+        from dvm_core.protocol.ecash import p2pk_lock
         wallet = await self._open(self._accepted(mint))
         await wallet.load_proofs(reload=True)
         want = compressed_pubkey(lock_to)

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 import structlog
 import websockets
 
-from .events import InvalidEvent, verify_event
+from dvm_core.protocol.events import InvalidEvent, verify_event
 
 log = structlog.get_logger("dvm.relay")
 

@@ -11,10 +11,10 @@ from typing import Callable
 
 import httpx
 
-from .config import ConfigError, load_config
-from .keys import load_keys
-from .plugins import PluginError, collect_job_kinds, plugin_manager
-from .relay import RelayConnection
+from dvm_core.worker.config import ConfigError, load_config
+from dvm_core.worker.keys import load_keys
+from dvm_core.worker.plugins import PluginError, collect_job_kinds, plugin_manager
+from dvm_core.transport.relay import RelayConnection
 
 
 async def run_checks(config_path: str, say: Callable[[str], None]) -> bool:
