@@ -59,8 +59,10 @@ def register_job_kinds(register, config):
 
 @hookspec(firstresult=True)
 def price_job(job_kind, request, job, config):
-    """Price one job, in the worker's unit (sats by default), before any work is done.
+    """Price one job of a kind that has no `JobKind.price` of its own, in the worker's unit.
 
+    A plugin prices its own kinds with `JobKind.price` (next to their `pricing` text); this hook
+    is for pricing across plugins, e.g. a provider's plugin that prices other plugins' kinds.
     Called once per request, after `JobKind.parse` (and `JobKind.precheck`, if the kind has
     one) accepted it. Return a whole number (0 makes the job free) or None to leave it to the
     next plugin and finally to the config (``[prices] <kind name> = N``, else

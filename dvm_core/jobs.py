@@ -13,33 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobError, JobInputError, JobTimeout
 from .protocol.nip90 import JobRequest
 
-
-class JobError(Exception):
-    """Base of the errors a plugin raises on purpose; the message goes to the customer."""
-
-
-class JobInputError(JobError):
-    """The customer's request cannot be served as sent (bad params, bad data). Not retried."""
-
-
-# Why a job is stopped (`JobContext.cancel`): decisions are taken on these, never on the words.
-TIME_LIMIT = "time limit"
-WORKER_STOPPING = "worker stopping"
-
-
-class JobCancelled(JobError):
-    """The customer cancelled the job (kind-5 deletion) or the worker is stopping (then
-    `stopping` is true: the job goes back to the queue)."""
-
-    @property
-    def stopping(self) -> bool:
-        return bool(self.args) and self.args[0] == WORKER_STOPPING
-
-
-class JobTimeout(JobError):
-    """The job ran past its time limit."""
+__all__ = ["TIME_LIMIT", "WORKER_STOPPING", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
+           "Artifact", "JobResult", "JobKind", "JobContext"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +65,15 @@ class JobKind:
         in the NIP-89 announcement). A request with a param not listed here is refused with a
         clear error, unless `params` is None.
     :param time_limit: seconds a job may run (default: the worker's `job_time_limit`).
-    :param pricing: for a kind its plugin prices per job (the `price_job` hook), one line telling
-        customers how, e.g. ``"10 sats per million sample-epochs, at least 1 sat"``; the NIP-89
-        announcement shows it instead of the fixed ``[prices]`` figure the hook overrides.
+    :param price: ``price(job) -> int``: this kind's price for one job, in the worker's unit,
+        from what `precheck` (else `parse`) returned; it must come with `pricing`, so the
+        announcement and the charge cannot drift apart. Without it the kind costs the fixed
+        ``[prices] <name>`` (else ``default_price``) of the config.
+    :param pricing: how `price` prices, in one line for customers, e.g. ``"10 sats per million
+        sample-epochs, at least 1 sat"``; the NIP-89 announcement shows it instead of a figure.
     :param precheck: ``precheck(ctx, job) -> job``: before pricing and payment, read the inputs
         (`ctx.fetch`; downloads are cached, so `run` finds them again) and return the job with
-        its real size, which `price_job` then prices; raise `JobInputError` for data that cannot
+        its real size, which `price` then prices; raise `JobInputError` for data that cannot
         be used, and the customer is told before paying anything. It runs in a worker thread,
         under the worker's `precheck_seconds` and at most `max_prechecks` at once, with
         `ctx.progress` ignored: keep it to what pricing and refusing need.
@@ -106,6 +87,7 @@ class JobKind:
     params: dict[str, str] | None = field(default_factory=dict)
     time_limit: float | None = None
     pricing: str | None = None
+    price: Callable[[Any], int] | None = field(default=None, compare=False)
     precheck: Callable[["JobContext", Any], Any] | None = None
     plugin: str = field(default="", compare=False)  # set by the worker: who registered it
 
@@ -114,6 +96,9 @@ class JobKind:
             raise ValueError(f"job kind {self.kind} of {self.name!r} is not in 5000-5999")
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"job kind name {self.name!r} must be letters, digits, - and _")
+        if self.price is not None and not self.pricing:
+            raise ValueError(f"job kind {self.name!r} has a price but no pricing: say how it prices, "
+                             "customers see it in the announcement")
 
 
 class JobContext:

@@ -546,16 +546,13 @@ def test_price_by_bytes_merged(tmp_path):
     p = tmp_path / "x.safetensors"
     config = {"plugins": {"fedavg": {"sats_per_gb": 2}}}
     job = Job(tmp_path, [("", p)] * 8 + [("base", p)], {"model_bytes": 400_000_000}, config)
-    assert fa.price_job(job_kind=job.kind, job=job.parse()) == 8       # 9 × 0.4 GB × 2 = 7.2 → 8
+    assert job.kind.price(job.parse()) == 8       # 9 × 0.4 GB × 2 = 7.2 → 8
     small = Job(tmp_path, [("", p)] * 2, {"model_bytes": 1000}, config)
-    assert fa.price_job(job_kind=small.kind, job=small.parse()) == 1    # at least 1 sat
+    assert small.kind.price(small.parse()) == 1    # at least 1 sat
     undeclared = Job(tmp_path, [("", p)] * 2, {}, config)
-    assert fa.price_job(job_kind=undeclared.kind, job=undeclared.parse()) == math.ceil(2 * (4 << 30) / 1e9 * 2)
+    assert undeclared.kind.price(undeclared.parse()) == math.ceil(2 * (4 << 30) / 1e9 * 2)
     free = Job(tmp_path, [("", p)] * 2, {}, {"plugins": {"fedavg": {"sats_per_gb": 0}}})
-    assert fa.price_job(job_kind=free.kind, job=free.parse()) == 0
-    other = fa.job_kind({})
-    other.name = "text-stats"
-    assert fa.price_job(job_kind=other, job=object()) is None
+    assert free.kind.price is None   # a rate of 0: no price of its own (the config's fixed price)
 
 
 def test_registers_through_pluggy():

@@ -588,17 +588,14 @@ def test_processes_setting_checked():
 def test_price_by_work(tmp_path, patterns):
     config = {"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 50, "max_samples": 100000}}}
     job = Job(tmp_path, {DATA_URL: patterns}, {"samples": 2000, "epochs": 30}, config)
-    assert ic.price_job(job_kind=job.kind, job=job.parse()) == 3          # 60 000 × 50 / 10⁶ = 3
+    assert job.kind.price(job.parse()) == 3          # 60 000 × 50 / 10⁶ = 3
     small = Job(tmp_path, {DATA_URL: patterns}, {"samples": 10, "epochs": 1}, config)
-    assert ic.price_job(job_kind=small.kind, job=small.parse()) == 1      # at least 1 sat
+    assert small.kind.price(small.parse()) == 1      # at least 1 sat
     undeclared = Job(tmp_path, {DATA_URL: patterns}, {"epochs": 2}, config)
-    assert ic.price_job(job_kind=undeclared.kind, job=undeclared.parse()) == 10   # max_samples
+    assert undeclared.kind.price(undeclared.parse()) == 10   # max_samples
     free = Job(tmp_path, {DATA_URL: patterns}, {},
                {"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 0}}})
-    assert ic.price_job(job_kind=free.kind, job=free.parse()) == 0
-    other = ic.job_kind({})
-    other.name = "text-stats"
-    assert ic.price_job(job_kind=other, job=object()) is None
+    assert free.kind.price is None   # a rate of 0: no price of its own (the config's fixed price)
 
 
 def test_registers_through_pluggy():

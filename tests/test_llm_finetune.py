@@ -783,14 +783,11 @@ def test_price_by_tokens(assets):
     config = {"plugins": {"llm-finetune": {"sats_per_million_tokens": 50, "max_tokens": 1_000_000}}}
     files = {DATA_URL: assets["text"], MODEL_URL: assets["gpt2_zip"]}
     job = Job(Path("/x"), files, {"tokens": 200_000, "epochs": 3}, config)
-    assert lf.price_job(job_kind=job.kind, job=job.parse()) == 30        # 600 000 × 50 / 10⁶
+    assert job.kind.price(job.parse()) == 30        # 600 000 × 50 / 10⁶
     undeclared = Job(Path("/x"), files, {}, config)
-    assert lf.price_job(job_kind=undeclared.kind, job=undeclared.parse()) == 50
+    assert undeclared.kind.price(undeclared.parse()) == 50
     free = Job(Path("/x"), files, {}, {"plugins": {"llm-finetune": {"sats_per_million_tokens": 0}}})
-    assert lf.price_job(job_kind=free.kind, job=free.parse()) == 0
-    other = lf.job_kind({})
-    other.name = "image-classifier"
-    assert lf.price_job(job_kind=other, job=object()) is None
+    assert free.kind.price is None   # a rate of 0: no price of its own (the config's fixed price)
 
 
 def test_declared_tokens_checked_after_tokenizing(assets, tmp_path):

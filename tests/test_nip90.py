@@ -1,5 +1,5 @@
 """NIP-90 messages and NIP-01 events, without a network: every builder's output, signed and
-verified, parses back to what went in; every parser refuses malformed input with InvalidRequest
+verified, parses back to what went in; every parser refuses malformed input with JobInputError
 (or InvalidEvent) and a message a customer can act on."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import json
 
 import pytest
 
+from dvm_core import JobInputError
 from dvm_core.protocol.encryption import decrypt, encrypter
 from dvm_core.protocol.events import (InvalidEvent, Keys, _private_key, compute_event_id, parse_public_key,
                              sign_event, verify_event)
 from dvm_core.protocol.nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, STATUSES, Feedback,
-                            InvalidRequest, JobInput, JobRequest, KindDescription, Result,
+                            JobInput, JobRequest, KindDescription, Result,
                             build_feedback, build_handler_announcement, build_request, build_result,
                             deleted_event_ids, parse_feedback, parse_handler_announcement,
                             parse_job_request, parse_result, request_private_tags)
@@ -176,21 +177,21 @@ ENCRYPTED_P = [["encrypted"], ["p", DVM.public_key]]
     (ENCRYPTED_P, [["param", "a", "1"], ["param", "a", "2"]], "given more than once"),
 ])
 def test_parse_job_request_refuses(tags, private, message):
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(JobInputError) as info:
         parse_job_request(raw_request(tags, "x" if private is not None else ""), private)
     assert message in str(info.value)
 
 
 def test_a_public_param_repeated_in_the_private_tags_is_refused():
-    with pytest.raises(InvalidRequest, match="given more than once"):
+    with pytest.raises(JobInputError, match="given more than once"):
         parse_job_request(raw_request([["param", "top", "1"], *ENCRYPTED_P], "x"),
                           [["param", "top", "2"]])
 
 
 def test_parse_job_request_refuses_a_non_request_kind():
-    with pytest.raises(InvalidRequest, match="not a job request kind"):
+    with pytest.raises(JobInputError, match="not a job request kind"):
         parse_job_request(raw_request([], kind=1))
-    with pytest.raises(InvalidRequest, match="5000-5999"):
+    with pytest.raises(JobInputError, match="5000-5999"):
         parse_job_request(raw_request([], kind=6790))
 
 
@@ -204,7 +205,7 @@ def test_accepted_input_forms():
 
 
 def test_bid_with_non_ascii_digits_is_an_invalid_request():
-    with pytest.raises(InvalidRequest, match="whole number of millisats"):
+    with pytest.raises(JobInputError, match="whole number of millisats"):
         parse_job_request(raw_request([["bid", "²"]]))
 
 
@@ -219,7 +220,7 @@ def test_customer_parsers_skip_non_ascii_digits(parse, kind, tags):
 
 @pytest.mark.parametrize("tag", [["p", DVM.public_key + "\n"], ["i", EVENT_ID + "\n", "event"]])
 def test_hex_with_a_trailing_newline_is_refused(tag):
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(JobInputError):
         parse_job_request(raw_request([tag]))
 
 

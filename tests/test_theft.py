@@ -173,7 +173,7 @@ async def test_a_kind_10019_signed_by_someone_else_is_never_used_for_a_refund(tm
     """A relay may answer a query for the victim's kind 10019 with anyone's event: only one
     signed by the victim counts."""
     from dvm_core.payments.cashier import Cashier
-    from dvm_core.worker.store import Store
+    from dvm_core.state.store import Store
     from dvm_core.payments.wallet import ProviderWallet
     victim_keys, attacker_keys = Keys.generate(), Keys.generate()
     forged = sign_event(attacker_keys, NUTZAP_INFO_KIND, "", [["pubkey", "02" + attacker_keys.public_key]])
@@ -203,8 +203,8 @@ async def test_a_request_dated_in_the_future_does_not_blind_the_worker(workers, 
     await asyncio.sleep(1.0)
     assert worker.store.get_job(future["id"]) is None
     now = time.time()
-    assert worker._request_filters()[0]["since"] <= now
-    assert worker._nutzap_filters()[0]["since"] <= now
+    assert worker.intake.request_filters()[0]["since"] <= now
+    assert worker.intake.nutzap_filters()[0]["since"] <= now
     # The worker still sees requests of the present.
     request = await victim.submit(KIND, TEXT, {}, provider=worker.keys.public_key,
                                   cashu=await victim.wallet.send(PRICE, mint=mint.url))
@@ -223,7 +223,7 @@ def test_nutzaps_for_requests_never_seen_are_kept_only_so_many(tmp_path, monkeyp
     from dvm_core.payments import cashier as payments
     from dvm_core.payments.locks import job_lock_pubkey
     from dvm_core.payments.cashier import Cashier
-    from dvm_core.worker.store import Store
+    from dvm_core.state.store import Store
     from dvm_core.payments.wallet import ProviderWallet
     monkeypatch.setattr(payments, "MAX_PENDING_FOR_UNKNOWN_JOBS", 3)
     dvm = Keys.generate()

@@ -184,7 +184,7 @@ def test_the_store_and_its_wal_files_are_readable_by_the_worker_alone(tmp_path):
     import os
     import stat
 
-    from dvm_core.worker.store import Store
+    from dvm_core.state.store import Store
     old = os.umask(0o022)
     try:
         store = Store(tmp_path / "state" / "dvm.sqlite3")

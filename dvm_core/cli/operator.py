@@ -86,7 +86,7 @@ def plugins(config_path: str | None) -> None:
 
 
 def _store(config_path):
-    from dvm_core.worker.store import Store
+    from dvm_core.state.store import Store
     try:
         settings = load_config(config_path).settings
     except ConfigError as exc:

@@ -38,7 +38,8 @@ from dvm_core.protocol.events import InvalidEvent, Keys, verify_event
 from .crashpoints import crashpoint
 from .locks import Binding, bind, compressed, payer_named
 from dvm_core.protocol.nip90 import JobRequest
-from dvm_core.worker.store import Store
+from dvm_core.state.jobstate import UNPAID, JobState
+from dvm_core.state.store import Store
 
 log = structlog.get_logger("dvm.payments")
 
@@ -212,7 +213,7 @@ class Cashier:
         lock = self.wallet.job_lock_pubkey(request.id)
         with self.store.atomic():
             self.store.add_job_lock(lock, request.id)
-            self.store.set_state(request.id, "payment-required")
+            self.store.set_state(request.id, JobState.PAYMENT_REQUIRED)
         crashpoint("payment-required")
         creq = encode_payment_request(
             payment_id=request.id[:16], amount=price, unit=self.unit, mints=self.mints,
@@ -375,7 +376,7 @@ class Cashier:
     # nutzaps --------------------------------------------------------------------
     def _waits_for_payment(self, job_id: str) -> bool:
         job = self.store.get_job(job_id)
-        if job is None or job.state not in ("received", "payment-required"):
+        if job is None or job.state not in UNPAID:
             return False
         paid = self.store.payment_for_job(job_id)
         return paid is None or paid["state"] not in ("redeemed", "consumed", "refunded")

@@ -19,16 +19,14 @@ REQUEST_KINDS = range(5000, 6000)
 INPUT_TYPES = ("url", "event", "job", "text")
 STATUSES = ("payment-required", "processing", "error", "success", "partial")
 
+from dvm_core.errors import JobInputError  # noqa: E402  (the customer's fault, one exception)
+
 from .events import HEX64 as _HEX64  # noqa: E402
 
 
 def _is_uint(text: str) -> bool:
     # str.isdigit() accepts "²", which int() refuses
     return text.isascii() and text.isdigit()
-
-
-class InvalidRequest(ValueError):
-    """A job request that cannot be served; the message is meant for the customer."""
 
 
 @dataclass(frozen=True)
@@ -88,21 +86,21 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
     """Parse a verified job request event.
 
     For an encrypted request, `private_tags` is the decrypted content (a JSON array of `i` and
-    `param` tags); they are merged with the public tags. Raises InvalidRequest with a message
+    `param` tags); they are merged with the public tags. Raises JobInputError with a message
     for the customer.
     """
     kind = event["kind"]
     if kind not in REQUEST_KINDS:
-        raise InvalidRequest(f"kind {kind} is not a job request kind (5000-5999)")
+        raise JobInputError(f"kind {kind} is not a job request kind (5000-5999)")
     encrypted = is_encrypted(event)
     tags = list(event["tags"])
     if encrypted:
         if private_tags is None:
-            raise InvalidRequest("encrypted request without decrypted params")
+            raise JobInputError("encrypted request without decrypted params")
         if not isinstance(private_tags, list) or not all(
             isinstance(t, list) and t and all(isinstance(x, str) for x in t) for t in private_tags
         ):
-            raise InvalidRequest("encrypted content must be a JSON array of tags (lists of strings)")
+            raise JobInputError("encrypted content must be a JSON array of tags (lists of strings)")
         tags += private_tags
 
     inputs: list[JobInput] = []
@@ -120,32 +118,32 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
             inputs.append(_parse_input(tag))
         elif name == "param":
             if len(tag) < 3 or not tag[1]:
-                raise InvalidRequest('a "param" tag needs a name and a value: ["param", name, value]')
+                raise JobInputError('a "param" tag needs a name and a value: ["param", name, value]')
             if tag[1] == "cashu":
                 continue  # a payment, as some clients send it: the cashier reads it, not the plugin
             if tag[1] in params:
-                raise InvalidRequest(f"param {tag[1]!r} is given more than once")
+                raise JobInputError(f"param {tag[1]!r} is given more than once")
             params[tag[1]] = tag[2]
         elif name == "output":
             if len(tag) < 2 or not tag[1]:
-                raise InvalidRequest('an "output" tag needs a MIME type')
+                raise JobInputError('an "output" tag needs a MIME type')
             output = tag[1]
         elif name == "bid":
             if len(tag) < 2 or not _is_uint(tag[1]):
-                raise InvalidRequest('the "bid" tag must be a whole number of millisats')
+                raise JobInputError('the "bid" tag must be a whole number of millisats')
             bid = int(tag[1])
         elif name == "relays":
             relays.extend(r for r in tag[1:] if r)
         elif name == "p":
             if len(tag) < 2 or not _HEX64.fullmatch(tag[1]):
-                raise InvalidRequest('a "p" tag must hold a 64-hex public key')
+                raise JobInputError('a "p" tag must hold a 64-hex public key')
             providers.append(tag[1])
         elif name == "encrypted":
             continue
         else:
             extra.append(tuple(tag))
     if encrypted and not providers:
-        raise InvalidRequest('an encrypted request must name its provider in a "p" tag')
+        raise JobInputError('an encrypted request must name its provider in a "p" tag')
     return JobRequest(
         id=event["id"], pubkey=event["pubkey"], kind=kind, created_at=event["created_at"],
         inputs=tuple(inputs), params=params, output=output, bid_msats=bid, relays=tuple(relays),
@@ -156,14 +154,14 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
 
 def _parse_input(tag: list[str]) -> JobInput:
     if len(tag) < 3:
-        raise InvalidRequest('an "i" tag needs data and a type: ["i", data, type, relay, marker]')
+        raise JobInputError('an "i" tag needs data and a type: ["i", data, type, relay, marker]')
     data, typ = tag[1], tag[2]
     if typ not in INPUT_TYPES:
-        raise InvalidRequest(f"input type {typ!r} is not one of {', '.join(INPUT_TYPES)}")
+        raise JobInputError(f"input type {typ!r} is not one of {', '.join(INPUT_TYPES)}")
     if typ in ("event", "job") and not _HEX64.fullmatch(data):
-        raise InvalidRequest(f"an input of type {typ!r} must be a 64-hex event id")
+        raise JobInputError(f"an input of type {typ!r} must be a 64-hex event id")
     if typ == "url" and not re.match(r"^[a-z][a-z0-9+.-]*://", data, re.I):
-        raise InvalidRequest("an input of type 'url' must be an absolute URL")
+        raise JobInputError("an input of type 'url' must be an absolute URL")
     relay = tag[3] if len(tag) > 3 else ""
     marker = tag[4] if len(tag) > 4 else ""
     return JobInput(data=data, type=typ, relay=relay, marker=marker)

@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 KIND = 5752
 MAX_CONFIG_BYTES = 1 << 20
 
-__all__ = ["KIND", "NAME", "run", "register_job_kinds", "price_job", "job_kind"]
+__all__ = ["KIND", "NAME", "run", "register_job_kinds", "job_kind"]
 
 
 def job_kind(config: dict | None = None) -> JobKind:
@@ -53,6 +53,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"merge_report.json. Limits: {limits.max_inputs} updates, {limits.max_input_bytes} bytes "
             f"per file. {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per GB merged (update files × model size), at least 1 sat"
                  if rate > 0 else None))
 
@@ -61,14 +62,6 @@ def job_kind(config: dict | None = None) -> JobKind:
 def register_job_kinds(register, config):
     """Register kind 5752 ``fedavg`` with the limits of ``[plugins.fedavg]``."""
     register(job_kind(config))
-
-
-@hookimpl
-def price_job(job_kind, job):
-    """Price a merge by the bytes it reads: files × model size × ``sats_per_gb`` (min 1 sat)."""
-    if job_kind.name != NAME or not isinstance(job, MergeJob):
-        return None
-    return price(job, job.limits)
 
 
 def _fetch(ctx, url: str, what: str, max_bytes: int):

@@ -34,7 +34,7 @@ from .params import NAME, PARAMS, ImageClassifierJob, Limits, parse_request, pri
 __version__ = "0.1.0"
 KIND = 5750
 
-__all__ = ["KIND", "NAME", "run", "register_job_kinds", "price_job", "job_kind"]
+__all__ = ["KIND", "NAME", "run", "register_job_kinds", "job_kind"]
 
 
 def job_kind(config: dict | None = None) -> JobKind:
@@ -55,6 +55,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         precheck=precheck,
+        price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per million sample-epochs (images × epochs, counted in your "
                  "dataset before you pay), at least 1 sat" if rate > 0 else None))
 
@@ -63,14 +64,6 @@ def job_kind(config: dict | None = None) -> JobKind:
 def register_job_kinds(register, config):
     """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``."""
     register(job_kind(config))
-
-
-@hookimpl
-def price_job(job_kind, job):
-    """Price an image-classifier job by its work: samples × epochs × rate (see `params.price`)."""
-    if job_kind.name != NAME or not isinstance(job, ImageClassifierJob):
-        return None
-    return price(job, job.limits)
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:

@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 KIND = 5751
 MAX_ARCHIVE_FILES = 1000
 
-__all__ = ["KIND", "NAME", "run", "register_job_kinds", "price_job", "job_kind"]
+__all__ = ["KIND", "NAME", "run", "register_job_kinds", "job_kind"]
 
 
 def job_kind(config: dict | None = None) -> JobKind:
@@ -60,6 +60,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         precheck=precheck,
+        price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per million tokens (dataset tokens × epochs, counted with the base "
                  "model's tokenizer before you pay), at least 1 sat" if rate > 0 else None))
 
@@ -68,14 +69,6 @@ def job_kind(config: dict | None = None) -> JobKind:
 def register_job_kinds(register, config):
     """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``."""
     register(job_kind(config))
-
-
-@hookimpl
-def price_job(job_kind, job):
-    """Price an llm-finetune job by its work: tokens × epochs × rate (see `params.price`)."""
-    if job_kind.name != NAME or not isinstance(job, FinetuneJob):
-        return None
-    return price(job, job.limits)
 
 
 def resolve_model(ctx, job: FinetuneJob):

@@ -80,7 +80,7 @@ class HopTracer:
             for conn in pool.relays:
                 conn._on_event = self._wrap_recv(conn._on_event)
             pool.publish = self._wrap_publish(pool.publish)
-        original = worker._publish
+        original = worker.outbox.publish
 
         def _publish(event, *a, **kw):
             if event["kind"] == FEEDBACK_KIND:
@@ -88,21 +88,21 @@ class HopTracer:
                 if ref is not None:
                     self.queued.setdefault(ref, time.perf_counter())
             return original(event, *a, **kw)
-        worker._publish = _publish
+        worker.outbox.publish = _publish
 
     # Calls that block the event loop the worker shares with everything else: seconds per kind.
     def _install_blocking(self, worker: Worker) -> None:
         import types
 
         import dvm_core.transport.relay as relay_mod
-        import dvm_core.worker.worker as worker_mod
+        import dvm_core.worker.runner as worker_mod
         self.blocking: dict[str, float] = {}
         self.blocking_calls: dict[str, int] = {}
         timed = self._timed
         for name in ("record_request", "set_state", "add_outgoing", "mark_published"):
             setattr(worker.store, name, timed(f"store.{name}", getattr(worker.store, name)))
-        worker._sign = timed("sign_event", worker._sign)
-        worker._deliver_result = timed("deliver_result (sign+store+spawn)", worker._deliver_result)
+        worker.outbox.sign = timed("sign_event", worker.outbox.sign)
+        worker.runner._deliver = timed("deliver_result (sign+store+spawn)", worker.runner._deliver)
         real_shutil = worker_mod.shutil
 
         class TimedShutil(types.ModuleType):  # the worker's `shutil`, with rmtree timed

@@ -213,12 +213,12 @@ class PayTracer:
         self._restore = None
 
     def install(self, worker: Worker) -> None:
-        accept = worker._accept
+        accept = worker._handle
 
         def _accept(event, *a, **kw):
             self.accept.setdefault(event["id"], time.perf_counter())
             return accept(event, *a, **kw)
-        worker._accept = _accept
+        worker._handle = _accept
 
         wallet = worker.cashier.wallet
         receive = wallet.receive
@@ -233,7 +233,7 @@ class PayTracer:
                 self.recv_end.setdefault(token, time.perf_counter())
         wallet.receive = timed_receive
 
-        publish = worker._publish
+        publish = worker.outbox.publish
 
         def _publish(event, *a, **kw):
             if event["kind"] == FEEDBACK_KIND:
@@ -241,7 +241,7 @@ class PayTracer:
                 if ref is not None:
                     self.fb_queued.setdefault(ref, time.perf_counter())
             return publish(event, *a, **kw)
-        worker._publish = _publish
+        worker.outbox.publish = _publish
 
         from cashu.wallet.v1_api import LedgerAPI  # imported already, by _cashu()
         split = LedgerAPI.split

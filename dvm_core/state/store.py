@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jobstate import ACTIVE, FINAL, JobState, check_transition
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,            -- the job request's event id
@@ -102,8 +104,8 @@ CREATE INDEX IF NOT EXISTS payouts_open ON payouts(state) WHERE state != 'sent';
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-ACTIVE_STATES = ("queued", "running")
-FINAL_STATES = ("rejected", "succeeded", "failed", "cancelled")
+ACTIVE_STATES = tuple(s.value for s in ACTIVE)
+FINAL_STATES = tuple(s.value for s in FINAL)
 
 
 @dataclass(frozen=True)
@@ -181,23 +183,28 @@ class Store:
             self._depth = 0
 
     # jobs -----------------------------------------------------------------
-    def record_request(self, event: dict, state: str = "received") -> bool:
+    def record_request(self, event: dict, state: str = JobState.RECEIVED) -> bool:
         """Record a job request; False if it was seen before (so it is never handled twice)."""
         now = time.time()
         cur = self.db.execute(
             "INSERT OR IGNORE INTO jobs (id, kind, customer, created_at, received_at, updated_at,"
             " state, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (event["id"], event["kind"], event["pubkey"], event["created_at"], now, now, state,
+            (event["id"], event["kind"], event["pubkey"], event["created_at"], now, now, JobState(state).value,
              json.dumps(event, separators=(",", ":"), ensure_ascii=False)),
         )
         return cur.rowcount == 1
 
-    def set_state(self, job_id: str, state: str, error: str | None = None,
+    def set_state(self, job_id: str, state: JobState | str, error: str | None = None,
                   summary: dict | None = None, count_attempt: bool = False) -> None:
+        """Move a job to `state`; only the moves in `jobstate.TRANSITIONS` are allowed."""
+        row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return
+        new = check_transition(job_id, row[0], state)
         self.db.execute(
             "UPDATE jobs SET state = ?, updated_at = ?, error = COALESCE(?, error),"
             " summary = COALESCE(?, summary), attempts = attempts + ? WHERE id = ?",
-            (state, time.time(), error, json.dumps(summary) if summary is not None else None,
+            (new.value, time.time(), error, json.dumps(summary) if summary is not None else None,
              1 if count_attempt else 0, job_id),
         )
 

@@ -1,0 +1,265 @@
+"""Running accepted jobs: concurrency and device slots, the time limit, cancellation, progress,
+and delivering the result (files uploaded, the result event stored with the job's end).
+
+`Runner.run` takes one accepted, paid job to its end and says how it ended (`Outcome`); ending
+a job that did not deliver (refund, error feedback) is the worker's, which owns the cashier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from dvm_core.jobs import (TIME_LIMIT, JobCancelled, JobContext, JobError, JobInputError, JobKind,
+                           JobResult, JobTimeout)
+from dvm_core.payments.cashier import Paid
+from dvm_core.payments.crashpoints import crashpoint
+from dvm_core.protocol.nip90 import JobRequest
+from dvm_core.state.jobstate import JobState
+from dvm_core.state.store import Store
+
+from .config import Settings
+from .inputs import job_context
+from .outbox import Outbox, Reply
+
+log = structlog.get_logger("dvm.worker")
+
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class ActiveJob:
+    """An accepted job, from `queued` to its end."""
+
+    request: JobRequest
+    job_kind: JobKind
+    parsed: Any
+    reply: Reply
+    paid: Paid | None = None
+    ctx: JobContext | None = None
+    task: asyncio.Task | None = None        # the request's task (accept, queue, run, answer)
+    job_task: asyncio.Future | None = None  # the plugin's run itself
+    cancel_reason: str = ""
+    last_progress_at: float = 0.0
+    progress_pending: tuple[float, str] | None = None
+    progress_timer: asyncio.TimerHandle | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Outcome:
+    """How a job ended: `state` is queued (stopped with the worker, run again after the
+    restart), succeeded, failed or cancelled; for the last two, whether the customer's money
+    goes back and how much of it the provider keeps (the announced fee for bad data)."""
+
+    state: JobState
+    error: str = ""
+    refund: bool = True
+    keep: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class Runner:
+    def __init__(self, *, settings: Settings, config: dict, store: Store, outbox: Outbox,
+                 on_finished: Callable[[ActiveJob], None], on_delivered: Callable[[str], None]):
+        self.settings = settings
+        self.config = config
+        self.store = store
+        self.outbox = outbox
+        self._on_finished = on_finished     # the job left `active` (the worker re-subscribes)
+        self._on_delivered = on_delivered   # inside the result's transaction (the cashier's books)
+        self.active: dict[str, ActiveJob] = {}
+        self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._kind_slots: dict[int, asyncio.Semaphore] = {}
+        self._devices: asyncio.Queue[str] | None = None
+        if settings.devices:
+            self._devices = asyncio.Queue()
+            for device in settings.devices:
+                self._devices.put_nowait(device)
+        # Jobs get threads of their own, so long training never starves the default executor
+        # that asyncio and libraries share.
+        self._executor = ThreadPoolExecutor(settings.max_concurrent_jobs, thread_name_prefix="dvm-job")
+
+    def limit_kinds(self, kinds: dict[int, JobKind], capacity: dict) -> None:
+        """At most ``capacity[name]`` jobs of a kind at once (the config's [capacity] table)."""
+        self._kind_slots = {k.kind: asyncio.Semaphore(capacity[k.name])
+                            for k in kinds.values() if k.name in capacity}
+
+    # what the rest of the worker asks --------------------------------------------------------
+    def waiting(self) -> list[ActiveJob]:
+        """Accepted jobs that have not started yet, oldest first."""
+        return [a for a in self.active.values() if a.ctx is None]
+
+    def running(self) -> int:
+        return sum(1 for a in self.active.values() if a.ctx is not None)
+
+    def is_full(self) -> bool:
+        return self._slots.locked()
+
+    def would_wait(self, kind: int) -> bool:
+        return self._slots.locked() or (kind in self._kind_slots and self._kind_slots[kind].locked())
+
+    def cancel(self, active: ActiveJob, reason: str) -> None:
+        active.cancel_reason = reason
+        if active.ctx is not None:
+            active.ctx.cancel(reason)
+            if active.job_task is not None and inspect.iscoroutinefunction(active.job_kind.run):
+                active.job_task.cancel()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # one job --------------------------------------------------------------------------------
+    async def run(self, active: ActiveJob) -> Outcome:
+        request, job_kind = active.request, active.job_kind
+        outcome = Outcome(JobState.FAILED)
+        workdir = self.settings.jobs_dir / request.id
+        kind_slot = self._kind_slots.get(request.kind) or contextlib.nullcontext()
+        device = None
+        limit = job_kind.time_limit or self.settings.job_time_limit
+        try:
+            async with kind_slot, self._slots:
+                if active.cancel_reason:
+                    raise JobCancelled(active.cancel_reason)
+                if self._devices is not None:
+                    device = await self._devices.get()
+                self.store.set_state(request.id, JobState.RUNNING, count_attempt=True)
+                crashpoint("job-running")
+                loop = asyncio.get_running_loop()
+                ctx = active.ctx = job_context(
+                    self.settings, self.config, request, workdir, limit, device=device,
+                    report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg))
+                started = time.monotonic()
+                result = await self._call_plugin(active, ctx, limit)
+                if not isinstance(result, JobResult):
+                    result = JobResult(result)
+                metrics = dict(result.metrics, run_seconds=round(time.monotonic() - started, 3))
+                await self._deliver(active, result, metrics)
+                outcome = Outcome(JobState.SUCCEEDED, metrics=metrics)
+        except JobCancelled as exc:
+            if exc.stopping:
+                outcome = Outcome(JobState.QUEUED)  # run again after the restart
+                self.store.set_state(request.id, JobState.QUEUED)
+            else:   # cancelled before it started: nothing was done, the money goes back
+                outcome = Outcome(JobState.CANCELLED, str(exc), refund=active.ctx is None)
+        except JobTimeout:
+            outcome.error = f"the job ran past its time limit of {limit:g} s"
+        except JobInputError as exc:
+            # The customer's data, found out only while working: the announced fee is kept.
+            outcome.error, outcome.keep = str(exc), self.settings.input_error_fee
+        except JobError as exc:  # e.g. an input that could not be fetched: refunded
+            outcome.error = str(exc)
+        except Exception as exc:
+            log.error("job failed in its plugin", job_id=request.id, kind=request.kind,
+                      plugin=job_kind.plugin, exc_info=exc)
+            outcome.error = "internal error while running the job"
+        finally:
+            if device is not None:
+                self._devices.put_nowait(device)
+            self.active.pop(request.id, None)
+            self._on_finished(active)
+            if active.progress_timer is not None:
+                active.progress_timer.cancel()
+            if workdir.exists():
+                await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+        return outcome
+
+    async def _call_plugin(self, active: ActiveJob, ctx: JobContext, limit: float):
+        run = active.job_kind.run
+        if inspect.iscoroutinefunction(run):
+            task = asyncio.ensure_future(run(ctx, active.parsed))
+        else:
+            # Training blocks: run it in a thread, carrying the contextvars (the bound job_id).
+            context = contextvars.copy_context()
+            task = asyncio.get_running_loop().run_in_executor(
+                self._executor, context.run, run, ctx, active.parsed)
+        active.job_task = task
+        if active.cancel_reason:
+            ctx.cancel(active.cancel_reason)
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            ctx.cancel(TIME_LIMIT)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            if not done:
+                log.error("job ignored its time limit; its thread is left running", job_id=ctx.job_id)
+            raise JobTimeout()
+        try:
+            return task.result()
+        except asyncio.CancelledError:
+            raise JobCancelled(ctx.cancel_reason or "cancelled") from None
+
+    # progress, throttled to one feedback per progress_interval -------------------------------
+    def _progress(self, active: ActiveJob, percent: float, message: str) -> None:
+        if active.request.id not in self.active:
+            return
+        active.progress_pending = (percent, message)
+        wait = active.last_progress_at + self.settings.progress_interval - time.monotonic()
+        if wait <= 0:
+            self._send_progress(active)
+        elif active.progress_timer is None:
+            active.progress_timer = asyncio.get_running_loop().call_later(wait, self._send_progress, active)
+
+    def _send_progress(self, active: ActiveJob) -> None:
+        active.progress_timer = None
+        if active.progress_pending is None or active.request.id not in self.active:
+            return
+        percent, message = active.progress_pending
+        active.progress_pending = None
+        active.last_progress_at = time.monotonic()
+        self.store.set_progress(active.request.id, percent, message)
+        active.reply.feedback("processing", f"{percent:.0f}%" + (f" {message}" if message else ""),
+                              progress=percent)
+
+    # delivery -------------------------------------------------------------------------------
+    async def _upload_artifacts(self, active: ActiveJob, result: JobResult) -> list[dict]:
+        """Upload the job's files; encrypted with a fresh key each when the request was."""
+        if not result.artifacts:
+            return []
+        if not self.settings.blob_servers:
+            raise JobError("this provider has no blob server configured to deliver result files")
+        from dvm_core.transport.blobcrypt import encrypt_file
+        from dvm_core.transport.blossom import BlossomClient, BlossomError
+        client = BlossomClient(self.settings.blob_servers, self.outbox.keys)
+        entries = []
+        for artifact in result.artifacts:
+            path, key = artifact.path, None
+            if active.request.encrypted:
+                sealed = path.with_name(path.name + ".sealed")
+                key = await asyncio.to_thread(encrypt_file, path, sealed)
+                path = sealed
+            try:
+                blob = await client.upload(path, "application/octet-stream" if key else artifact.type)
+            except BlossomError as exc:
+                raise JobError(f"could not upload the result files: {exc}") from None
+            entry = {"name": artifact.name or artifact.path.name, "url": blob.url, "sha256": blob.sha256,
+                     "size": blob.size, "type": artifact.type}
+            if key:
+                entry |= {"encrypted": True, "key": key}
+            entries.append(entry)
+        return entries
+
+    async def _deliver(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
+        request = active.request
+        artifacts = await self._upload_artifacts(active, result)
+        if artifacts:
+            content = result.content if isinstance(result.content, dict) else {"output": result.content}
+            result = JobResult(dict(content, artifacts=artifacts), result.metrics)
+        event = active.reply.result(result.payload())
+        # Stored with the state change in one transaction: after a crash the result is either
+        # published again or the job is run again, never both.
+        with self.store.atomic():
+            self.store.add_outgoing(event, "result", request.id)
+            self.store.set_state(request.id, JobState.SUCCEEDED, summary=metrics)
+            self._on_delivered(request.id)
+        crashpoint("result-stored")
+        self.outbox.send_stored(event, "result", request.id)
