@@ -352,14 +352,14 @@ class Federation:
         return self.reports
 
     def write_reports(self) -> None:
-        from dvm_image_classifier.outputs import plot_lines
+        from dvm_core.charts import plot_lines
 
         (self.workdir / "rounds.json").write_text(json.dumps(
             {"settings": asdict(self.settings), "providers": self.providers,
              "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
         plot_lines(self.workdir / "accuracy.png", f"held-out accuracy per round ({self.settings.method})",
                    [("global model", [(r.round, r.accuracy) for r in self.reports])],
-                   x_label="round", y_range=(0.0, 1.0))
+                   x_label="round", y_label="accuracy", y_range=(0.0, 1.0))
 
 
 async def federate(customer: Customer, wallet, providers: Sequence[str], train: Path, test: Path,

@@ -200,7 +200,9 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         card["warning"] = warning
         ctx.log.warning("model no better than chance", val_accuracy=card["metrics"]["val_accuracy"])
     outputs.write_card(card_file, card)
-    outputs.plot_curves(outcome.history, curves_file)
+    outputs.plot_curves(outcome.history, curves_file,
+                        title=f"{spec['type']} on {int(x.shape[0]):,} images of {len(train_set.classes)} classes "
+                              f"({height}×{width}×{channels})")
     ctx.progress(100, "done")
 
     content = {

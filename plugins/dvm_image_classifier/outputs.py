@@ -5,7 +5,7 @@ the architecture spec (`models.build_model` rebuilds the network from it), the c
 the input shape and normalisation, and how the model was trained (hyperparameters, per-epoch
 losses and accuracies, seed, dataset sha256s, time, device, library versions).
 
-The curves are drawn with Pillow (matplotlib is not a dependency of the worker).
+The curves are drawn with matplotlib (`dvm_core.charts`), imported only when they are drawn.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import platform
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 
+from dvm_core.charts import figure, plot_series, save_png
 from dvm_core.datarefs import sha256_file
 
 CARD_FORMAT = "dvm-image-classifier/1"
-TRAIN_COLOUR = (31, 119, 180)
-VAL_COLOUR = (255, 127, 14)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, spec: dict) -> None:
@@ -91,116 +89,18 @@ def environment() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round tick values covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: list[tuple[str, tuple[int, int, int], list[tuple[int, float]]]],
-           y_range: tuple[float, float] | None, font, small, legend_bottom: bool = False,
-           x_label: str = "epoch") -> None:
-    """One line chart in `box` (left, top, right, bottom): axes, ticks, lines, and the legend
-    in the top right corner (bottom right with `legend_bottom`, where rising curves are not)."""
-    left, top, right, bottom = box
-    plot_l, plot_t, plot_r, plot_b = left + 60, top + 30, right - 15, bottom - 40
-    points = [p for _, _, pts in series for p in pts if p[1] is not None and math.isfinite(p[1])]
-    draw.text(((left + right) // 2, top + 5), title, fill="black", font=font, anchor="mt")
-    if not points:
-        draw.text(((left + right) // 2, (top + bottom) // 2), "no data", fill="gray", font=font, anchor="mm")
-        return
-    x_max = max(1, max(p[0] for p in points))
-    if y_range is None:
-        y_low, y_high = 0.0, max(p[1] for p in points) * 1.05 or 1.0
-    else:
-        y_low, y_high = y_range
-    y_ticks = [t for t in _nice_ticks(y_low, y_high) if y_low - 1e-9 <= t <= y_high + 1e-9]
-    y_low, y_high = min(y_low, y_ticks[0]), max(y_high, y_ticks[-1])
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        fx = (x - 1) / (x_max - 1) if x_max > 1 else 0.5
-        fy = (y - y_low) / (y_high - y_low) if y_high > y_low else 0.5
-        return plot_l + fx * (plot_r - plot_l), plot_b - fy * (plot_b - plot_t)
-
-    for t in y_ticks:
-        _, y = px(1, t)
-        draw.line([(plot_l, y), (plot_r, y)], fill=(230, 230, 230))
-        draw.text((plot_l - 6, y), f"{t:g}", fill="black", font=small, anchor="rm")
-    x_step = max(1, math.ceil(x_max / 10))
-    for e in range(1, x_max + 1, x_step):
-        x, _ = px(e, y_low)
-        draw.line([(x, plot_b), (x, plot_b + 4)], fill="black")
-        draw.text((x, plot_b + 6), str(e), fill="black", font=small, anchor="mt")
-    draw.text(((plot_l + plot_r) // 2, bottom - 4), x_label, fill="black", font=small, anchor="mb")
-    draw.rectangle([plot_l, plot_t, plot_r, plot_b], outline="black")
-    drawn = []
-    for name, colour, pts in series:
-        pts = [px(x, y) for x, y in pts if y is not None and math.isfinite(y)]
-        if not pts:
-            continue
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
-        drawn.append((name, colour))
-    if drawn:
-        legend_h = 18 * len(drawn) + 6
-        legend_t = plot_b - 8 - legend_h if legend_bottom else plot_t + 8
-        draw.rectangle([plot_r - 110, legend_t, plot_r - 8, legend_t + legend_h], fill="white", outline=(180, 180, 180))
-        for i, (name, colour) in enumerate(drawn):
-            y = legend_t + 5 + 18 * i
-            draw.line([(plot_r - 102, y + 7), (plot_r - 82, y + 7)], fill=colour, width=3)
-            draw.text((plot_r - 77, y), name, fill="black", font=small)
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """A PNG with two charts: loss and accuracy per epoch, training and validation."""
-    width, height = 1000, 420
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(12)
-
+def plot_curves(history: list[dict], path: Path, title: str = "training curves") -> None:
+    """A PNG with two charts side by side, loss and accuracy per epoch, each with training and
+    validation; `title` (above both) says what was trained."""
     def series(key: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
 
-    _panel(draw, (0, 0, width // 2, height), "loss",
-           [("train", TRAIN_COLOUR, series("train_loss")), ("validation", VAL_COLOUR, series("val_loss"))],
-           None, font, small)
+    fig, (loss, accuracy) = figure(title, (1000, 420), panels=2)
+    plot_series(loss, [("train", series("train_loss")), ("validation", series("val_loss"))],
+                title="loss", x_label="epoch", y_label="cross-entropy", y_range=(0.0, None))
     accuracies = [v for _, v in series("train_accuracy") + series("val_accuracy")]
     low = math.floor(min(accuracies, default=0.0) * 10) / 10
-    _panel(draw, (width // 2, 0, width, height), "accuracy",
-           [("train", TRAIN_COLOUR, series("train_accuracy")),
-            ("validation", VAL_COLOUR, series("val_accuracy"))],
-           (max(0.0, min(low, 0.9)), 1.0), font, small, legend_bottom=True)
-    image.save(path, format="PNG", optimize=True)
-
-
-def plot_lines(path: Path, title: str, series: list[tuple[str, list[tuple[int, float]]]], *,
-               x_label: str = "epoch", y_range: tuple[float, float] | None = None) -> None:
-    """A PNG with one line chart: each series is (name, [(x ≥ 1, y), …]); e.g. the accuracy of
-    a federated model per round."""
-    colours = [TRAIN_COLOUR, VAL_COLOUR, (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    image = Image.new("RGB", (640, 420), "white")
-    draw = ImageDraw.Draw(image)
-    _panel(draw, (0, 0, 640, 420), title,
-           [(name, colours[i % len(colours)], points) for i, (name, points) in enumerate(series)],
-           y_range, _font(16), _font(12), legend_bottom=True, x_label=x_label)
-    image.save(path, format="PNG", optimize=True)
+    plot_series(accuracy, [("train", series("train_accuracy")), ("validation", series("val_accuracy"))],
+                title="accuracy", x_label="epoch", y_label="fraction correct",
+                y_range=(max(0.0, min(low, 0.9)), 1.0))
+    save_png(fig, path)

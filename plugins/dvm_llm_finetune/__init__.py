@@ -192,7 +192,10 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     card = outputs.model_card(base=base, params=params, outcome=outcome, datasets=datasets, weights=weights,
                               job_seconds=time.monotonic() - started)
     outputs.write_card(card_file, card)
-    outputs.plot_loss(outcome.history, outcome.before, outcome.after, curve_file)
+    shown = job.model_repo or f"an archive (sha256 {base.source['archive_sha256'][:12]}…)"
+    outputs.plot_loss(outcome.history, outcome.before, outcome.after, curve_file,
+                      title=f"{'LoRA' if params.method == 'lora' else 'full'} fine-tuning of {shown} "
+                            f"({base.model_type}, {len(train_examples):,} examples)")
     ctx.progress(100, "done")
 
     artifacts = [Artifact(out / name, _mime(name), name) for name in outcome.files]
