@@ -15,7 +15,7 @@ import pytest
 from dvm_core.customer.client import Customer
 from dvm_core.worker.config import load_config
 from dvm_core.protocol.events import Keys
-from dvm_core.worker.keys import write_key_file
+from dvm_core.state.keyfiles import write_key_file
 from dvm_core.devtools.localnet import start_mint, start_relay
 from dvm_core.worker.plugins import plugin_manager
 from dvm_core.worker.worker import Worker

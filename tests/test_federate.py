@@ -18,7 +18,7 @@ from dvm_core import hookimpl  # noqa: E402
 from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
 from dvm_core.protocol.events import Keys  # noqa: E402
 from dvm_core.worker.plugins import plugin_manager  # noqa: E402
-from dvm_fedavg.federate import FederationSettings, federate, split_indices  # noqa: E402
+from dvm_federate.rounds import FederationSettings, federate, split_indices  # noqa: E402
 from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 

@@ -15,7 +15,7 @@ import structlog
 
 from dvm_core import JobInputError, JobKind, JobResult, hookimpl
 from dvm_core.customer.client import JobFailed, result_json
-from dvm_core.worker.logs import configure_logging
+from dvm_core.cli.logs import configure_logging
 from dvm_core.protocol.nip90 import JobInput
 from dvm_core.worker.plugins import check, plugin_manager
 

@@ -11,8 +11,8 @@ import click
 
 from dvm_core.worker.config import ConfigError
 from dvm_core.protocol.events import Keys
-from dvm_core.worker.keys import load_keys, write_key_file
-from dvm_core.worker.logs import configure_logging
+from dvm_core.state.keyfiles import KeyFileError, read_key_file, write_key_file
+from .logs import configure_logging
 
 from . import main
 from .wallet import open_wallet
@@ -64,12 +64,10 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     from pathlib import Path
 
     from dvm_core.protocol.events import parse_public_key
-    from dvm_core.worker.keys import load_keys
-    from dvm_core.worker.config import Settings
     configure_logging("console", "warning")
     try:
         provider = parse_public_key(dvm)
-        keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
+        keys = read_key_file(key_file) if key_file else Keys.generate()
     except (ValueError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -91,7 +89,7 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     if not key_file:   # keep the key: it finds the job again and decrypts its result
         key_path = Path(out) / "customer.nsec"
         if key_path.exists():
-            keys = load_keys(Settings(key_file=str(key_path)), env={})
+            keys = read_key_file(key_path)
         else:
             write_key_file(key_path, keys)
     options = _SubmitOptions(max_price=max_price, yes=yes, dry_run=dry_run, as_json=as_json)
@@ -326,10 +324,9 @@ def _pricing_rule(info, name: str) -> str:
 
 def _job_customer(relays, key_file):
     from dvm_core.customer.client import Customer
-    from dvm_core.worker.config import Settings
     try:
-        keys = load_keys(Settings(key_file=key_file), env={})
-    except ConfigError as exc:
+        keys = read_key_file(key_file)
+    except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
     return Customer(keys, list(relays))
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from dvm_core.worker.logs import configure_logging
+from .logs import configure_logging
 
 from . import main
 
@@ -44,4 +44,5 @@ def demo(workdir: str | None, verbose: bool) -> None:
 
     Exits 0 only when every step succeeded."""
     from dvm_core.devtools.demo import run_demo
+    configure_logging("console", "warning")
     sys.exit(asyncio.run(run_demo(workdir, verbose)))

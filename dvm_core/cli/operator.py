@@ -12,7 +12,7 @@ import click
 from dvm_core.worker.config import ConfigError, load_config
 from dvm_core.protocol.events import Keys
 from dvm_core.worker.keys import load_keys, write_key_file
-from dvm_core.worker.logs import configure_logging
+from .logs import configure_logging
 from dvm_core.worker.plugins import PluginError
 
 from . import main

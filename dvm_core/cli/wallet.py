@@ -9,7 +9,7 @@ import os
 import click
 
 from dvm_core.worker.config import ConfigError, load_config
-from dvm_core.worker.keys import load_keys
+from dvm_core.state.keyfiles import KeyFileError, read_key_file
 
 from . import main
 
@@ -123,10 +123,9 @@ def collect(config_path, wallet_dir, mints, relays, key_file) -> None:
     """Redeem the nutzaps sent to your key (change, refunds) into the wallet, and publish the
     wallet's key (kind 10019) so that later ones come locked to it."""
     from dvm_core.customer.client import Customer
-    from dvm_core.worker.config import Settings
     try:
-        keys = load_keys(Settings(key_file=key_file), env={})
-    except ConfigError as exc:
+        keys = read_key_file(key_file)
+    except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
 
     async def action(w):

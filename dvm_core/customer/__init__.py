@@ -1,1 +1,14 @@
-"""."""
+"""The customer's side, for scripts and customer software (`dvm job`, `dvm federate`,
+`examples/customer/`): find a DVM's terms, send a job, pay only what was announced, follow it,
+fetch and decrypt its result, get change and refunds back.
+
+Import from here: this is the customer's public API.
+"""
+
+from dvm_core.state.keyfiles import KeyFileError, read_key_file, write_key_file
+
+from .client import (Customer, JobFailed, PaymentDeclined, download_artifacts, result_json,
+                     upload_dataset)
+
+__all__ = ["Customer", "JobFailed", "PaymentDeclined", "download_artifacts", "result_json",
+           "upload_dataset", "KeyFileError", "read_key_file", "write_key_file"]

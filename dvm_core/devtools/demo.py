@@ -26,9 +26,8 @@ from pathlib import Path
 
 from dvm_core.customer.client import Customer, JobFailed, download_artifacts, result_json, upload_dataset
 from dvm_core.protocol.events import Keys
-from dvm_core.worker.keys import write_key_file
+from dvm_core.state.keyfiles import write_key_file
 from .localnet import start_blob_server_process, start_mint, start_relay
-from dvm_core.worker.logs import configure_logging
 from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput, Result, parse_handler_announcement
 
 TEXT_STATS_KIND = 5790
@@ -61,7 +60,6 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
     root = Path(workdir or tempfile.mkdtemp(prefix="dvm-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     steps = Steps()
-    configure_logging("console", "warning")
     print("dvm demo: a NIP-90 marketplace on loopback\n")
     relay = worker = mint = blobs = None
     customer_wallet = None

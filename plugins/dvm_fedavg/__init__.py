@@ -27,7 +27,6 @@ import time
 
 from dvm_core import Artifact, JobCancelled, JobError, JobInputError, JobKind, JobResult, JobTimeout, hookimpl
 
-from .commands import register_commands  # noqa: F401  (`dvm federate`, the customer's rounds)
 from .params import NAME, PARAMS, Limits, MergeJob, _public, parse_request, price
 
 __version__ = "0.1.0"

@@ -49,7 +49,7 @@ except ImportError:  # CPU accounting is left out without it
 from dvm_core.worker.config import load_config
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_relay
-from dvm_core.worker.logs import configure_logging
+from dvm_core.cli.logs import configure_logging
 from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, build_request
 from dvm_core.worker.plugins import plugin_manager
 from dvm_core.transport.relay import RelayPool

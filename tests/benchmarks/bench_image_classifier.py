@@ -123,7 +123,7 @@ def e2e_seconds(x_train: np.ndarray, y_train: np.ndarray, epochs: int, batch_siz
     from dvm_core.worker.config import load_config
     from dvm_core.protocol.events import Keys
     from dvm_core.devtools.localnet import start_relay
-    from dvm_core.worker.logs import configure_logging
+    from dvm_core.cli.logs import configure_logging
     from dvm_core.protocol.nip90 import JobInput
     from dvm_core.worker.plugins import plugin_manager
     from dvm_core.worker.worker import Worker

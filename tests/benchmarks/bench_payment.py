@@ -75,7 +75,7 @@ from dvm_core.customer.client import Customer, JobFailed, result_json
 from dvm_core.worker.config import load_config
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_mint, start_relay
-from dvm_core.worker.logs import configure_logging
+from dvm_core.cli.logs import configure_logging
 from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput
 from dvm_core.worker.plugins import plugin_manager
 from dvm_core.transport.relay import RelayPool

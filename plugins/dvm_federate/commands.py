@@ -22,14 +22,7 @@ from pathlib import Path
 
 import click
 
-from dvm_core import hookimpl
-
 LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
-
-
-@hookimpl
-def register_commands(cli):
-    cli.add_command(federate_command)
 
 
 @click.command("federate")
@@ -66,9 +59,9 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
                      merge_dvm, max_price, job_timeout, seed, out, allow_private) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
-    from dvm_core.worker.logs import configure_logging
+    from dvm_core.cli.logs import configure_logging
 
-    from .federate import FederationSettings
+    from .rounds import FederationSettings
 
     configure_logging("console", "warning")
     settings = FederationSettings(
@@ -82,7 +75,7 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     out_dir = Path(out)
-    from .checks import MergeError, check_method
+    from dvm_fedavg.checks import MergeError, check_method
     try:
         check_method(method, local or len(provider_keys), trim_ratio, krum_f, None)
     except MergeError as exc:
@@ -108,7 +101,7 @@ def _say(text: str) -> None:
 
 
 async def _federate(customer, wallet, providers, train, test, servers, settings, out_dir) -> int:
-    from .federate import federate
+    from .rounds import federate
 
     reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
     click.echo("\nround  accuracy  merged  dropped  paid(sat)")
@@ -122,13 +115,12 @@ async def _federate(customer, wallet, providers, train, test, servers, settings,
 
 async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints, key_file, settings,
                       out_dir) -> int:
-    from dvm_core.customer.client import Customer
-    from dvm_core.worker.config import Settings
+    from dvm_core.customer import Customer
     from dvm_core.protocol.events import Keys
-    from dvm_core.worker.keys import load_keys
+    from dvm_core.customer import read_key_file
     from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
 
-    keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
+    keys = read_key_file(key_file) if key_file else Keys.generate()
     wallet = ProviderWallet(directory=wallet_dir, accepted_mints=mints,
                             p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
     try:
@@ -140,9 +132,9 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
 
 async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
     """Everything on loopback: relay, mint, blob server, `count` providers, a funded customer."""
-    from dvm_core.customer.client import Customer
+    from dvm_core.customer import Customer
     from dvm_core.protocol.events import Keys
-    from dvm_core.worker.keys import write_key_file
+    from dvm_core.customer import write_key_file
     from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
     from dvm_core.payments.wallet import ProviderWallet
 

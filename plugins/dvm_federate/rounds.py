@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.customer.client import Customer, PaymentDeclined, download_artifacts, upload_dataset
+from dvm_core.customer import Customer, PaymentDeclined, download_artifacts, upload_dataset
 from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -128,7 +128,7 @@ class Federation:
         self.say = say
         if self.settings.split not in SPLITS:
             raise ValueError(f"unknown split {self.settings.split!r}: use one of {', '.join(SPLITS)}")
-        from .checks import check_method
+        from dvm_fedavg.checks import check_method
         s = self.settings
         for method in (s.method, *s.compare):  # before any money is spent
             check_method(method, len(self.providers), s.trim_ratio, s.krum_f, None)
@@ -233,7 +233,7 @@ class Federation:
         raise ProviderFailed("no result")
 
     async def run_round(self, round_: int) -> RoundReport:
-        from .merge import merge_files
+        from dvm_fedavg.merge import merge_files
 
         s = self.settings
         started = time.monotonic()
