@@ -15,18 +15,19 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
 from dvm_core.jobs import (TIME_LIMIT, JobCancelled, JobContext, JobError, JobInputError, JobKind,
                            JobResult, JobTimeout)
-from dvm_core.payments.cashier import Paid
+from dvm_core.payments.cashier import Cashier, Paid
 from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.nip90 import JobRequest
 from dvm_core.state.jobstate import JobState
 from dvm_core.state.store import Store
 
+from .cancels import Cancels
 from .config import Settings
 from .inputs import job_context
 from .outbox import Outbox, Reply
@@ -70,13 +71,13 @@ class Outcome:
 
 class Runner:
     def __init__(self, *, settings: Settings, config: dict, store: Store, outbox: Outbox,
-                 on_finished: Callable[[ActiveJob], None], on_delivered: Callable[[str], None]):
+                 cancels: Cancels, cashier: Cashier | None):
         self.settings = settings
         self.config = config
         self.store = store
         self.outbox = outbox
-        self._on_finished = on_finished     # the job left `active` (the worker re-subscribes)
-        self._on_delivered = on_delivered   # inside the result's transaction (the cashier's books)
+        self.cancels = cancels
+        self.cashier = cashier
         self.active: dict[str, ActiveJob] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._kind_slots: dict[int, asyncio.Semaphore] = {}
@@ -166,7 +167,7 @@ class Runner:
             if device is not None:
                 self._devices.put_nowait(device)
             self.active.pop(request.id, None)
-            self._on_finished(active)
+            self.cancels.forget(request.id)
             if active.progress_timer is not None:
                 active.progress_timer.cancel()
             if workdir.exists():
@@ -260,6 +261,7 @@ class Runner:
         with self.store.atomic():
             self.store.add_outgoing(event, "result", request.id)
             self.store.set_state(request.id, JobState.SUCCEEDED, summary=metrics)
-            self._on_delivered(request.id)
+            if self.cashier is not None:
+                self.cashier.consumed(request.id)
         crashpoint("result-stored")
         self.outbox.send_stored(event, "result", request.id)

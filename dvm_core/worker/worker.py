@@ -35,6 +35,7 @@ from dvm_core.protocol.nip90 import DELETION_KIND, JobRequest, deleted_event_ids
 from dvm_core.state.jobstate import ACTIVE, UNPAID, JobState
 from dvm_core.state.store import Store
 
+from .cancels import Cancels
 from .config import Config, ConfigError
 from .intake import Intake, Job, Refused
 from .offer import Offer
@@ -70,16 +71,15 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()      # background work: publishing, heartbeat
         self._requests: set[asyncio.Task] = set()   # one per request being handled
         self._unpaid: dict[str, str] = {}           # jobs waiting for payment -> their customer
-        self._cancel_sub_timer: asyncio.TimerHandle | None = None
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
         self.outbox = Outbox(pool=self.pool, store=self.store, keys=keys, relay_hint=s.relays[0],
                              spawn=self._spawn)
+        self.cancels = Cancels(self.pool, self._spawn)
         self.cashier: Cashier | None = self._open_cashier() if s.mints else None
         self.offer = Offer(settings=s, config=config.raw, kinds=self.kinds, pm=self.pm,
                            public_key=keys.public_key)
         self.runner = Runner(settings=s, config=config.raw, store=self.store, outbox=self.outbox,
-                             on_finished=lambda active: self._update_cancel_subscription(),
-                             on_delivered=self._on_delivered)
+                             cancels=self.cancels, cashier=self.cashier)
         self.runner.limit_kinds(self.kinds, config.raw.get("capacity") or {})
         self.intake = Intake(settings=s, config=config.raw, keys=keys, kinds=self.kinds, store=self.store,
                              queue_length=lambda: len(self.runner.waiting()), queue_full=self.runner.is_full,
@@ -138,8 +138,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = self.outbox.stopping = True
-        if self._cancel_sub_timer is not None:
-            self._cancel_sub_timer.cancel()
+        self.cancels.stop()
         log.info("worker stopping", active=len(self.runner.active))
         await self.pool.unsubscribe("dvm-requests")
         for attempt in range(2):   # first let them finish, then stop them and let them wind down
@@ -323,9 +322,8 @@ class Worker:
 
         def say(status: str, message: str, content: str) -> None:
             if status == "payment-required":
-                if request.id not in self._unpaid:
-                    self._unpaid[request.id] = request.pubkey   # a kind-5 from them cancels the wait
-                    self._update_cancel_subscription()
+                self._unpaid[request.id] = request.pubkey   # a kind-5 from them cancels the wait
+                self.cancels.watch(request.id, request.pubkey)
                 reply.feedback(status, message, content=content, amount_msats=price * 1000)
             else:
                 reply.feedback(status, message, content=content)
@@ -348,7 +346,7 @@ class Worker:
             return False
         finally:
             if self._unpaid.pop(request.id, None) is not None:
-                self._update_cancel_subscription()
+                self.cancels.forget(request.id)
 
     def _queue(self, job: Job, reply: Reply, paid: Paid | None, resumed: bool) -> ActiveJob:
         request = job.request
@@ -356,7 +354,7 @@ class Worker:
         crashpoint("job-queued")
         active = ActiveJob(request=request, job_kind=job.job_kind, parsed=job.parsed, reply=reply, paid=paid)
         self.runner.active[request.id] = active
-        self._update_cancel_subscription()
+        self.cancels.watch(request.id, request.pubkey)
         message = "resumed after a restart" if resumed else "job accepted"
         if self.runner.would_wait(request.kind):
             message += f"; queued, position {len(self.runner.waiting())}"
@@ -377,10 +375,6 @@ class Worker:
         log.info("job finished", job_id=request.id, kind=request.kind, job_kind=active.job_kind.name,
                  outcome=outcome.state.value, error=outcome.error or None, encrypted=request.encrypted,
                  seconds=round(time.monotonic() - active.started, 3), metrics=outcome.metrics)
-
-    def _on_delivered(self, job_id: str) -> None:
-        if self.cashier is not None:
-            self.cashier.consumed(job_id)
 
     # answers that end a job -------------------------------------------------
     def _refuse(self, reply: Reply, reason: str, private_detail: bool = True,
@@ -408,23 +402,6 @@ class Worker:
                 message += f"; your {refunded} {self.settings.unit} were refunded as a nutzap"
             self.store.set_state(reply.request.id, state, error=error)
             reply.final_error(message)
-
-    # cancellations ---------------------------------------------------------
-    def _update_cancel_subscription(self) -> None:
-        # One subscription for deletions of every active job, re-sent (debounced) as the set
-        # changes: relays keep deletions, so one sent before the job started is seen too.
-        if self._cancel_sub_timer is None and not self._stopping:
-            self._cancel_sub_timer = asyncio.get_running_loop().call_later(0.05, self._resubscribe_cancels)
-
-    def _resubscribe_cancels(self) -> None:
-        self._cancel_sub_timer = None
-        if self._stopping:
-            return
-        ids = sorted(set(self.runner.active) | set(self._unpaid))
-        if ids:
-            self._spawn(self.pool.subscribe("dvm-cancels", [{"kinds": [DELETION_KIND], "#e": ids}]))
-        else:
-            self._spawn(self.pool.unsubscribe("dvm-cancels"))
 
 
 def lock_state_dir(state_dir: Path):

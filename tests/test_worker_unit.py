@@ -1,0 +1,142 @@
+"""The worker without a relay: it takes its transport from outside, so the intake, the replies
+and the job states can be checked in milliseconds against an in-memory pool (the end-to-end
+tests against a real relay are in test_worker.py and the payment suites)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.protocol.encryption import decrypt, encrypter
+from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, build_request, parse_feedback, parse_result
+from dvm_core.transport.relay import PublishResult
+from dvm_core.worker.config import load_config
+from dvm_core.worker.plugins import plugin_manager
+from dvm_core.worker.worker import Worker
+
+from .conftest import write_config
+
+pytestmark = pytest.mark.timeout(30)
+KIND = 5790
+
+
+class MemoryPool:
+    """What the worker needs of a relay pool, in memory: events in by `deliver`, out in `published`."""
+
+    def __init__(self):
+        self.handler = None
+        self.published: list[dict] = []
+        self.subscriptions: dict[str, object] = {}
+        self.changed = asyncio.Event()
+
+    def set_handler(self, handler) -> None:
+        self.handler = handler
+
+    async def start(self, wait=None) -> bool:
+        return True
+
+    async def subscribe(self, sub_id, filters) -> None:
+        self.subscriptions[sub_id] = filters
+
+    async def unsubscribe(self, sub_id) -> None:
+        self.subscriptions.pop(sub_id, None)
+
+    async def publish(self, event: dict) -> list[PublishResult]:
+        self.published.append(event)
+        self.changed.set()
+        return [PublishResult("memory", True, "")]
+
+    async def query(self, filters, timeout=5.0) -> list[dict]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+    def deliver(self, event: dict) -> None:
+        self.handler(event, "memory")
+
+    async def replies(self, request: dict, count: int, timeout: float = 10.0) -> list[dict]:
+        """The first `count` events that answer `request`."""
+        async def enough():
+            while True:
+                found = [e for e in self.published if ["e", request["id"], "memory"] in e["tags"]
+                         or any(t[:2] == ["e", request["id"]] for t in e["tags"])]
+                if len(found) >= count:
+                    return found
+                self.changed.clear()
+                await self.changed.wait()
+        return await asyncio.wait_for(enough(), timeout)
+
+
+@pytest.fixture
+async def worker(tmp_path):
+    pool = MemoryPool()
+    config = load_config(write_config(tmp_path / "dvm.toml", "ws://memory.invalid"), env={})
+    w = Worker(config, Keys.generate(), plugin_manager(only=["textstats"]), pool=pool)
+    await w.start()
+    yield w
+    await w.stop(grace=1.0)
+
+
+def request(customer: Keys, worker: Worker, text: str = "one two three", params=None, encrypted=False,
+            provider: str | None = None) -> dict:
+    provider = provider or worker.keys.public_key
+    encrypt = encrypter("nip44", customer.private_key, provider) if encrypted else None
+    kind, content, tags = build_request(KIND, inputs=[JobInput(text, "text")], params=params or {},
+                                        providers=[provider], encrypt=encrypt)
+    return sign_event(customer, kind, content, tags)
+
+
+async def test_a_request_gets_processing_then_its_result(worker):
+    customer = Keys.generate()
+    event = request(customer, worker)
+    worker.pool.deliver(event)
+    feedback, result = await worker.pool.replies(event, 2)
+    assert parse_feedback(feedback).status == "processing"
+    assert json.loads(parse_result(result).content)["words"] == 3
+    assert worker.store.get_job(event["id"]).state == "succeeded"
+
+
+async def test_the_same_request_twice_is_answered_once(worker):
+    event = request(Keys.generate(), worker)
+    worker.pool.deliver(event)
+    worker.pool.deliver(event)
+    await worker.pool.replies(event, 2)
+    await asyncio.sleep(0.2)
+    assert len([e for e in worker.pool.published if e["kind"] == KIND + 1000]) == 1
+    assert worker.counts["received"] == 1
+
+
+async def test_an_unknown_param_is_refused_with_the_reason(worker):
+    event = request(Keys.generate(), worker, params={"colour": "blue"})
+    worker.pool.deliver(event)
+    [feedback] = await worker.pool.replies(event, 1)
+    parsed = parse_feedback(feedback)
+    assert parsed.status == "error" and "unknown param(s) colour" in parsed.message
+    assert worker.store.get_job(event["id"]).state == "rejected"
+
+
+async def test_a_private_request_is_answered_encrypted(worker):
+    customer = Keys.generate()
+    event = request(customer, worker, encrypted=True)
+    worker.pool.deliver(event)
+    feedback, result = await worker.pool.replies(event, 2)
+    assert ["encrypted"] in result["tags"] and "three" not in result["content"]
+    assert json.loads(parse_result(result, lambda text: decrypt(customer.private_key, worker.keys.public_key,
+                                                                   text)[0]).content)["words"] == 3
+
+
+async def test_a_request_for_another_dvm_is_left_alone(worker):
+    event = request(Keys.generate(), worker, provider=Keys.generate().public_key)
+    worker.pool.deliver(event)
+    await asyncio.sleep(0.2)
+    assert worker.store.get_job(event["id"]) is None
+    assert not [e for e in worker.pool.published if e["kind"] in (FEEDBACK_KIND, KIND + 1000)]
+
+
+async def test_the_worker_subscribes_to_requests_of_its_kinds(worker):
+    filters = worker.pool.subscriptions["dvm-requests"]()
+    assert filters[0]["kinds"] == [KIND]
