@@ -6,6 +6,7 @@ turn them into checked values or raise `JobInputError` with a message for the cu
     epochs = number(request.params, "epochs", int, 1, limits.max_epochs, default=10)
     optimizer = choice(request.params, "optimizer", ("adam", "sgd"), default="adam")
     augment = flag(request.params, "augment", default="no")
+    inputs = url_inputs(request, ("train", "eval"), what="the training set, optionally one marked 'eval'")
 
 A plugin's provider settings are a frozen dataclass read with `plugin_settings`, which refuses
 unknown keys and values of the wrong type, so that a typo stops the worker at start instead of
@@ -106,3 +107,25 @@ def plugin_settings(cls: type[T], config: dict | None, name: str, *, may_be_zero
 
 
 __all__ = ["number", "choice", "flag", "plugin_settings", "YES_NO"]
+
+
+def url_inputs(request, roles: tuple[str, ...], *, what: str) -> dict[str, str | None]:
+    """A request's ``url`` inputs by role, told apart by their marker (the ``i`` tag's 5th
+    element): no marker, ``train`` or ``dataset`` is the first role (the training set), any
+    other marker must name one of `roles`; at most one input per role. Returns each role's URL
+    or None; `what` tells the customer what to send, should they send another type of input."""
+    found: dict[str, list[str]] = {role: [] for role in roles}
+    for item in request.inputs:
+        if item.type != "url":
+            raise JobInputError(f"this job takes only inputs of type 'url' (got one of type {item.type!r}): {what}")
+        marker = (item.marker or "").strip().lower()
+        role = roles[0] if marker in ("", "train", "dataset") else marker
+        if role not in found:
+            others = [f"'{r}'" for r in roles[1:]]
+            named = " or ".join(others) if len(others) <= 2 else ", ".join(others[:-1]) + " or " + others[-1]
+            raise JobInputError(f"unknown input marker {item.marker[:40]!r}: use none (the training set), {named}")
+        found[role].append(item.data)
+    for role, urls in found.items():
+        if len(urls) > 1:
+            raise JobInputError(f"send at most one {role} input (got {len(urls)})")
+    return {role: urls[0] if urls else None for role, urls in found.items()}

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from dvm_core import JobInputError
-from dvm_core.params import choice, number, plugin_settings
+from dvm_core.params import choice, number, plugin_settings, url_inputs
 
 NAME = "image-classifier"
 ARCHITECTURES = ("cnn", "resnet")  # built by models.py
@@ -188,32 +188,20 @@ def parse_request(request, limits: Limits) -> ImageClassifierJob:
     none (or ``train``/``dataset``) for the training set, ``validation`` for a validation set,
     ``weights`` for initial weights (a safetensors file from an earlier result).
     """
-    by_role: dict[str, list[str]] = {"dataset": [], "validation": [], "weights": []}
-    for item in request.inputs:
-        if item.type != "url":
-            raise JobInputError(f"this job takes only inputs of type 'url' (got one of type {item.type!r}): "
-                                "the dataset, and optionally a validation set and initial weights")
-        marker = (item.marker or "").strip().lower()
-        role = "dataset" if marker in ("", "train", "dataset") else marker
-        if role not in by_role:
-            raise JobInputError(f"unknown input marker {item.marker[:40]!r}: use none (the training set), "
-                                "'validation' or 'weights'")
-        by_role[role].append(item.data)
-    for role, urls in by_role.items():
-        if len(urls) > 1:
-            raise JobInputError(f"send at most one {role} input (got {len(urls)})")
-    if not by_role["dataset"]:
+    urls = url_inputs(request, ("dataset", "validation", "weights"),
+                      what="the dataset, and optionally a validation set and initial weights")
+    if urls["dataset"] is None:
         raise JobInputError("send the training set as an input of type 'url': an .npz file with arrays "
                             "x (uint8 images) and y (integer labels), or a zip/tar of one folder per class")
-    params = parse_params(request.params, limits, has_validation_input=bool(by_role["validation"]))
+    params = parse_params(request.params, limits, has_validation_input=urls["validation"] is not None)
     declared = number(request.params, "samples", int, 1, 2**62, None)
     if declared is not None and declared > limits.max_samples:
         raise JobInputError(f"this provider trains on at most {limits.max_samples} images per job "
                             f"(param samples is {declared})")
     return ImageClassifierJob(
-        dataset=by_role["dataset"][0],
-        validation=by_role["validation"][0] if by_role["validation"] else None,
-        weights=by_role["weights"][0] if by_role["weights"] else None,
+        dataset=urls["dataset"],
+        validation=urls["validation"],
+        weights=urls["weights"],
         params=params, declared_samples=declared, limits=limits)
 
 

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from dvm_core import JobInputError
-from dvm_core.params import choice, flag, number, plugin_settings
+from dvm_core.params import choice, flag, number, plugin_settings, url_inputs
 
 NAME = "llm-finetune"
 METHODS = ("lora", "full")
@@ -259,26 +259,14 @@ def parse_request(request, limits: Limits) -> FinetuneJob:
     Inputs are ``url`` inputs told apart by their marker: none (or ``train``) for the training
     JSONL, ``eval`` for an evaluation JSONL, ``model`` for a model-folder archive (instead of
     param ``model``)."""
-    by_role: dict[str, list[str]] = {"train": [], "eval": [], "model": []}
-    for item in request.inputs:
-        if item.type != "url":
-            raise JobInputError(f"this job takes only inputs of type 'url' (got one of type {item.type!r}): "
-                                "the training JSONL, optionally one marked 'eval' and one marked 'model'")
-        marker = (item.marker or "").strip().lower()
-        role = "train" if marker in ("", "train", "dataset") else marker
-        if role not in by_role:
-            raise JobInputError(f"unknown input marker {item.marker[:40]!r}: use none (the training set), "
-                                "'eval' or 'model'")
-        by_role[role].append(item.data)
-    for role, urls in by_role.items():
-        if len(urls) > 1:
-            raise JobInputError(f"send at most one {role} input (got {len(urls)})")
-    if not by_role["train"]:
+    urls = url_inputs(request, ("train", "eval", "model"),
+                      what="the training JSONL, optionally one marked 'eval' and one marked 'model'")
+    if urls["train"] is None:
         raise JobInputError("send the training set as an input of type 'url': a JSONL file whose lines "
                             "hold 'text', or 'prompt' and 'completion', or chat 'messages'")
     repo = request.params.get("model")
     revision = request.params.get("revision")
-    archive = by_role["model"][0] if by_role["model"] else None
+    archive = urls["model"]
     if repo is not None:
         repo = repo.strip()
         if archive is not None:
@@ -298,12 +286,12 @@ def parse_request(request, limits: Limits) -> FinetuneJob:
                             "of a model folder with safetensors weights)")
     elif revision is not None:
         raise JobInputError("param revision goes with param model, not with a model archive")
-    params = parse_params(request.params, limits, has_eval_input=bool(by_role["eval"]))
+    params = parse_params(request.params, limits, has_eval_input=urls["eval"] is not None)
     declared = number(request.params, "tokens", int, 1, 2**62, None)
     if declared is not None and declared > limits.max_tokens:
         raise JobInputError(f"this provider trains on at most {limits.max_tokens} tokens per epoch "
                             f"(param tokens is {declared})")
-    return FinetuneJob(dataset=by_role["train"][0], eval_dataset=by_role["eval"][0] if by_role["eval"] else None,
+    return FinetuneJob(dataset=urls["train"], eval_dataset=urls["eval"],
                        model_repo=repo, model_revision=revision.strip() if revision else None,
                        model_archive=archive, params=params, declared_tokens=declared, limits=limits)
 
