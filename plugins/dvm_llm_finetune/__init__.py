@@ -247,7 +247,9 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     import torch
 
     from . import launch
-    from .train import choose_device, oom_message, outcome_from_dict, precision_for
+    from dvm_core.devices import choose_device, precision_for
+
+    from .train import oom_message, outcome_from_dict
 
     device = choose_device(spec.device)
     use_gpu = device.type == "cuda"
