@@ -254,7 +254,7 @@ def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, pa
     """Train under ``accelerate launch`` in `processes` processes (see `launched`): cancellation
     and the job's deadline kill them; the outcome is the in-process one's."""
     import torch
-    from dvm_core import JobError
+    from dvm_core import JobError, launch
     from dvm_core.devices import precision_for
     from safetensors.torch import load_file
 
@@ -268,8 +268,10 @@ def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, pa
     job_file = launched.write_job(ctx.workdir / "launch", x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
                                   params=params, mean=mean, std=std, initial_weights=initial_weights,
                                   time_budget=time_budget, use_cpu=not use_gpu)
-    result = launched.run_launched(job_file, processes=processes, use_gpu=use_gpu, precision=precision,
-                                   check_cancelled=ctx.check_cancelled, on_epoch=on_epoch, log=ctx.log)
+    result = launch.run(job_file, module=launched.__name__, processes=processes, use_gpu=use_gpu,
+                        precision=precision, threads=torch.get_num_threads(), check_cancelled=ctx.check_cancelled,
+                        on_progress=lambda item: on_epoch(item["record"], item["epochs"]),
+                        device=getattr(ctx, "device", None), log=ctx.log)
     if "outcome" in result:
         state = load_file(str(job_file.parent / "weights.safetensors"))
         return launched.outcome_from_dict(result["outcome"], state)
