@@ -24,9 +24,9 @@ passes each line a child prints on stdout that starts with `PROGRESS_PREFIX` (a 
 follows: `print_progress`) to the plugin's callback, and when the launcher exits returns
 ``outcome.json``'s content, else the lowest rank's ``outcome.<rank>.json``, else raises with
 the tail of ``launch.log``. On cancellation or the job's deadline it kills the process group
-(SIGTERM, then SIGKILL after `KILL_GRACE_S`) and then every child named in a pid file; a child
-also exits by itself once its launcher is gone (`watch_launcher`), so no training process
-outlives its job.
+(SIGTERM, then SIGKILL after `KILL_GRACE_S`), then every child named in a pid file, and waits
+until those are gone; a child also exits by itself once its launcher is gone (`watch_launcher`),
+so no training process outlives its job.
 
 Command line: ``python -m accelerate.commands.launch --num_processes N ... -m <module>
 <folder>/job.json``, with the job's share of the worker's threads per process (Accelerate's
@@ -57,6 +57,7 @@ PROGRESS_PREFIX = "DVM-PROGRESS "
 WATCH_PARENT_S = 0.5          # how often a child checks that its launcher is alive
 ERROR_MESSAGE_MAX = 1000      # characters of an exception's text in an outcome file
 STDERR_TAIL = 2000            # characters of launch.log logged when no outcome came back
+KILL_WAIT_S = 5.0             # how long a cancelled job waits for its killed children to be gone
 
 
 # --- the parent's side ---------------------------------------------------------------------------
@@ -181,19 +182,38 @@ def read_outcome(folder: Path) -> dict | None:
     return json.loads(min(ranked)[1].read_text(encoding="utf-8"))
 
 
-def kill_job_processes(job_file: Path) -> None:
+def kill_job_processes(job_file: Path, wait: float = KILL_WAIT_S) -> None:
     """SIGKILL any child of this job still alive once its group is stopped (torchrun starts each
-    in a session of its own, outside the group)."""
+    in a session of its own, outside the group), and wait up to `wait` seconds until they are
+    dead: a killed process holds its memory (a GPU's too) until the kernel has torn it down,
+    and the job's error must not reach the worker, which starts the next job, before that."""
     for pid in job_processes(job_file):
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    pids = job_processes(job_file, exiting=True)
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _running(pid)]
+        if pids:
+            time.sleep(0.02)
 
 
-def job_processes(job_file: Path) -> list[int]:
+def _running(pid: int) -> bool:
+    """Whether `pid` is a process not yet dead (a zombie is dead: only its exit status is left)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def job_processes(job_file: Path, *, exiting: bool = False) -> list[int]:
     """The live children of this job, from their pid files, each checked against its command
-    line (which names `job_file`) so that a reused pid is never killed."""
+    line (which names `job_file`) so that a reused pid is never killed. With `exiting`, also
+    those on their way out: a dying process's command line is gone (empty) while the kernel
+    still frees its memory, which on a loaded machine takes a while."""
     pids = []
     for pid_file in job_file.parent.glob("pid.*"):
         try:
@@ -201,7 +221,7 @@ def job_processes(job_file: Path) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
         except (OSError, ValueError):
             continue
-        if str(job_file) in cmdline:
+        if str(job_file) in cmdline or (exiting and not cmdline):
             pids.append(pid)
     return pids
 
