@@ -34,7 +34,9 @@ default is all cores in every process). Several processes run under torchrun (``
 on CPUs too: there each child asks for the CPU itself (``Accelerator(cpu=True)``, DDP over
 gloo), because ``--cpu`` picks Accelerate's single-process launcher, which starts one process
 whatever ``--num_processes`` says. A plugin whose children do not ask for the CPU keeps ``--cpu``
-(``multi_cpu=False``), and trains in one process there.
+(``multi_cpu=False``), and trains in one process there. The children import the plugin from
+where the worker does (its package's parent first on ``PYTHONPATH``), never reach the Hugging
+Face hub, and, for a one-process job given a GPU (``ctx.device``), see only that GPU.
 
 Stdlib only (and `childproc`): no torch here; the plugin passes the thread count.
 """
