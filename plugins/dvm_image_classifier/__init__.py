@@ -95,10 +95,12 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     """Download and check the data, train, and return the weights, model card and curves."""
     # Imported here, not at module level: the worker loads every plugin at start, and torch
     # and Accelerate take seconds to import; only a running job needs them.
+    from dvm_core.devices import choose_device
+
     from . import data as datamod
     from . import outputs
     from .models import make_spec
-    from .train import choose_device, normalisation, split_indices, to_tensors, train
+    from .train import normalisation, split_indices, to_tensors, train
 
     started = time.monotonic()
     params, limits = job.params, job.limits
@@ -247,7 +249,8 @@ def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, pa
     """Train under ``accelerate launch`` in `processes` processes (see `launched`): cancellation
     and the job's deadline kill them; the outcome is the in-process one's."""
     import torch
-    from dvm_core import JobError
+    from dvm_core import JobError, launch
+    from dvm_core.devices import precision_for
     from safetensors.torch import load_file
 
     from . import launched
@@ -256,12 +259,14 @@ def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, pa
     if use_gpu and torch.cuda.device_count() < processes:
         raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s) and is set to train with "
                        f"{processes} processes")
-    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_gpu else "no"
+    precision = precision_for(device)
     job_file = launched.write_job(ctx.workdir / "launch", x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
                                   params=params, mean=mean, std=std, initial_weights=initial_weights,
                                   time_budget=time_budget, use_cpu=not use_gpu)
-    result = launched.run_launched(job_file, processes=processes, use_gpu=use_gpu, precision=precision,
-                                   check_cancelled=ctx.check_cancelled, on_epoch=on_epoch, log=ctx.log)
+    result = launch.run(job_file, module=launched.__name__, processes=processes, use_gpu=use_gpu,
+                        precision=precision, threads=torch.get_num_threads(), check_cancelled=ctx.check_cancelled,
+                        on_progress=lambda item: on_epoch(item["record"], item["epochs"]),
+                        device=getattr(ctx, "device", None), log=ctx.log)
     if "outcome" in result:
         state = load_file(str(job_file.parent / "weights.safetensors"))
         return launched.outcome_from_dict(result["outcome"], state)

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from dvm_core import JobInputError
+from dvm_core.devices import choose_device, precision_for
 
 from .models import build_model
 from .params import TrainParams
@@ -82,16 +83,6 @@ class TrainOutcome:
     @property
     def samples_per_s(self) -> float:
         return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
-
-
-def choose_device(requested: str | None) -> torch.device:
-    """The device the worker gave this job, else a GPU if there is one, else the CPU."""
-    if requested:
-        try:
-            return torch.device(requested)
-        except (RuntimeError, ValueError):
-            raise RuntimeError(f"the worker gave this job an unknown device {requested!r}") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def normalisation(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -210,13 +201,9 @@ def make_accelerator(device: torch.device):
 
     _cache_accelerate_lomo_check()
 
-    if device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "no"
     with _accelerate_lock:
         try:
-            return Accelerator(mixed_precision=precision, cpu=device.type == "cpu", device_placement=False)
+            return Accelerator(mixed_precision=precision_for(device), cpu=device.type == "cpu", device_placement=False)
         except ValueError:
             # Accelerate keeps one state per process; another job (another plugin) set it up first
             # with other settings. Train with that state rather than fail.

@@ -242,8 +242,11 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     """Under ``accelerate launch`` (see `launch`): cancellation and the deadline kill it."""
     import torch
 
+    from dvm_core import launch as launcher
+    from dvm_core.devices import choose_device, precision_for
+
     from . import launch
-    from .train import choose_device, oom_message, outcome_from_dict, precision_for
+    from .train import oom_message, outcome_from_dict
 
     device = choose_device(spec.device)
     use_gpu = device.type == "cuda"
@@ -251,9 +254,11 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
         raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s), the job asks for "
                        f"{params.processes} processes")
     job_file = launch.write_job(ctx.workdir / "launch", spec, train_examples, eval_examples)
-    result = launch.run_launched(job_file, processes=params.processes, use_gpu=use_gpu,
-                                 precision=precision_for(device), check_cancelled=ctx.check_cancelled,
-                                 report=lambda f, m, fields: ctx.progress(5 + 88 * f, m), log=ctx.log)
+    result = launcher.run(job_file, module=launch.__name__, processes=params.processes, use_gpu=use_gpu,
+                          precision=precision_for(device), threads=torch.get_num_threads(),
+                          check_cancelled=ctx.check_cancelled,
+                          on_progress=lambda item: ctx.progress(5 + 88 * item["fraction"], item["message"]),
+                          multi_cpu=launch.MULTI_CPU, device=spec.device, log=ctx.log)
     if "outcome" in result:
         return outcome_from_dict(result["outcome"])
     if result.get("error") == "input":

@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from dvm_core import JobError, JobInputError
+from dvm_core.devices import choose_device, precision_for
 
 from . import data as datamod
 from . import model as modelmod
@@ -112,18 +113,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def choose_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def precision_for(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
 
 
 def _cache_accelerate_lomo_check() -> None:
