@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class JobError(Exception):
     """Base of the errors a plugin raises on purpose; the message goes to the customer."""
@@ -14,9 +16,18 @@ class JobInputError(JobError, ValueError):
     request is refused for nothing, during a paid job the announced `input_error_fee` is kept."""
 
 
-# Why a job is stopped (`JobContext.cancel`): decisions are taken on these, never on the words.
-TIME_LIMIT = "time limit"
-WORKER_STOPPING = "worker stopping"
+class StopReason(enum.StrEnum):
+    """Why a job is stopped (`JobContext.cancel`): the worker decides on these codes (a
+    time-out fails the job, a stopping worker puts it back in the queue, a customer's
+    cancellation ends it), and each one's text is what the customer reads."""
+
+    TIME_LIMIT = "time limit"
+    WORKER_STOPPING = "worker stopping"
+    CUSTOMER = "cancelled by the customer"
+
+
+TIME_LIMIT = StopReason.TIME_LIMIT
+WORKER_STOPPING = StopReason.WORKER_STOPPING
 
 
 class JobCancelled(JobError):
@@ -24,8 +35,13 @@ class JobCancelled(JobError):
     `stopping` is true: the job goes back to the queue)."""
 
     @property
+    def reason(self) -> StopReason | None:
+        """The code the job was stopped with, if it was one of `StopReason`."""
+        return StopReason(self.args[0]) if self.args and self.args[0] in set(StopReason) else None
+
+    @property
     def stopping(self) -> bool:
-        return bool(self.args) and self.args[0] == WORKER_STOPPING
+        return self.reason is StopReason.WORKER_STOPPING
 
 
 class JobTimeout(JobError):

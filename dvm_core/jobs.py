@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobError, JobInputError, JobTimeout
+from .errors import TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobError, JobInputError, JobTimeout, StopReason
 from .protocol.nip90 import JobRequest
 
-__all__ = ["TIME_LIMIT", "WORKER_STOPPING", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
+__all__ = ["TIME_LIMIT", "WORKER_STOPPING", "StopReason", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
            "Artifact", "JobResult", "JobKind", "JobContext"]
 
 
@@ -156,14 +156,15 @@ class JobContext:
     def check_cancelled(self) -> None:
         """Raise JobCancelled (or JobTimeout) if the job should stop now."""
         if self.cancelled.is_set():
-            if self.cancel_reason == TIME_LIMIT:
+            if self.cancel_reason is StopReason.TIME_LIMIT:
                 raise JobTimeout("the job ran past its time limit")
             raise JobCancelled(self.cancel_reason or "cancelled")
         if time.monotonic() > self.deadline:
             raise JobTimeout("the job ran past its time limit")
 
     def cancel(self, reason: str) -> None:
-        self.cancel_reason = reason
+        """Stop the job; `reason` is a `StopReason` (or words of the plugin's own)."""
+        self.cancel_reason = StopReason(reason) if reason in set(StopReason) else reason
         self.cancelled.set()
 
     async def sleep(self, seconds: float) -> None:

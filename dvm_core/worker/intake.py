@@ -22,7 +22,7 @@ from typing import Any, Callable
 import structlog
 
 from dvm_core.datarefs import parse_data_ref
-from dvm_core.jobs import TIME_LIMIT, JobError, JobInputError, JobKind, JobTimeout
+from dvm_core.jobs import JobError, JobInputError, JobKind, JobTimeout, StopReason
 from dvm_core.protocol.ecash import NUTZAP_KIND
 from dvm_core.protocol.encryption import DecryptionError, Scheme, decrypt
 from dvm_core.protocol.events import Keys
@@ -179,7 +179,7 @@ class Intake:
                                             job_kind.precheck, ctx, parsed)
                 done, _ = await asyncio.wait({task}, timeout=limit)
                 if not done:
-                    ctx.cancel(TIME_LIMIT)
+                    ctx.cancel(StopReason.TIME_LIMIT)
                     raise Refused(f"reading the inputs took longer than {limit:g} s, the most this "
                                   "DVM spends before a job is paid; send a smaller dataset", scheme)
                 return task.result()

@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
-from dvm_core.jobs import (TIME_LIMIT, JobCancelled, JobContext, JobError, JobInputError, JobKind,
-                           JobResult, JobTimeout)
+from dvm_core.jobs import (JobCancelled, JobContext, JobError, JobInputError, JobKind,
+                           JobResult, JobTimeout, StopReason)
 from dvm_core.payments.cashier import Cashier, Paid
 from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.nip90 import JobRequest
@@ -49,7 +49,7 @@ class ActiveJob:
     ctx: JobContext | None = None
     task: asyncio.Task | None = None        # the request's task (accept, queue, run, answer)
     job_task: asyncio.Future | None = None  # the plugin's run itself
-    cancel_reason: str = ""
+    cancel_reason: str = ""            # a StopReason, once stopped
     last_progress_at: float = 0.0
     progress_pending: tuple[float, str] | None = None
     progress_timer: asyncio.TimerHandle | None = None
@@ -188,7 +188,7 @@ class Runner:
             ctx.cancel(active.cancel_reason)
         done, _ = await asyncio.wait({task}, timeout=limit)
         if not done:
-            ctx.cancel(TIME_LIMIT)
+            ctx.cancel(StopReason.TIME_LIMIT)
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
             if not done:

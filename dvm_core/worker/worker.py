@@ -25,7 +25,7 @@ from pathlib import Path
 import pluggy
 import structlog
 
-from dvm_core.jobs import WORKER_STOPPING, JobKind
+from dvm_core.jobs import JobKind, StopReason
 from dvm_core.payments.cashier import Cashier, Paid, PaymentRefused
 from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.ecash import NUTZAP_KIND
@@ -144,7 +144,7 @@ class Worker:
         for attempt in range(2):   # first let them finish, then stop them and let them wind down
             if attempt:
                 for active in list(self.runner.active.values()):
-                    self.runner.cancel(active, WORKER_STOPPING)
+                    self.runner.cancel(active, StopReason.WORKER_STOPPING)
             tasks = [a.task for a in self.runner.active.values() if a.task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=grace)
@@ -254,7 +254,7 @@ class Worker:
             active = self.runner.active.get(job_id)
             if active is not None and active.request.pubkey == event["pubkey"]:
                 log.info("job cancelled by the customer", job_id=job_id)
-                self.runner.cancel(active, "cancelled by the customer")
+                self.runner.cancel(active, StopReason.CUSTOMER)
 
     # one request, from the relay to its answer -----------------------------
     async def _handle(self, event: dict, resumed: bool = False) -> None:
