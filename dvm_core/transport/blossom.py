@@ -59,6 +59,15 @@ def _failure_reason(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {reason}"
 
 
+def _found(response: httpx.Response, what: str, server: str) -> bool:
+    """A HEAD or DELETE of one blob: True if done, False if the server has no such blob."""
+    if response.status_code == 404:
+        return False
+    if response.is_success:
+        return True
+    raise BlossomError(f"{what} failed", [(server, _failure_reason(response))])
+
+
 class BlossomClient:
     """Upload to, and manage blobs on, Blossom servers, signing BUD-11 authorizations with `keys`.
 
@@ -151,11 +160,7 @@ class BlossomClient:
                 response = await http.head(f"{server}/{sha256}")
         except httpx.HTTPError as exc:
             raise BlossomError(f"HEAD {sha256} failed", [(server, f"{type(exc).__name__}: {exc}")]) from exc
-        if response.status_code == 404:
-            return False
-        if response.is_success:
-            return True
-        raise BlossomError(f"HEAD {sha256} failed", [(server, _failure_reason(response))])
+        return _found(response, f"HEAD {sha256}", server)
 
     async def list(self, server: str, pubkey: str, *, since: int | None = None,
                    until: int | None = None) -> list[BlobDescriptor]:
@@ -191,8 +196,4 @@ class BlossomClient:
                                              headers=self._auth("delete", server, [sha256]))
         except httpx.HTTPError as exc:
             raise BlossomError(f"delete of {sha256} failed", [(server, f"{type(exc).__name__}: {exc}")]) from exc
-        if response.status_code == 404:
-            return False
-        if response.is_success:
-            return True
-        raise BlossomError(f"delete of {sha256} failed", [(server, _failure_reason(response))])
+        return _found(response, f"delete of {sha256}", server)
