@@ -6,7 +6,7 @@
 1. `Intake.take` — ours to answer? recorded once, across restarts;
 2. `Intake.read` — decrypted, parsed, checked, inputs probed, room in the queue, sized by the
    plugin's precheck (or `Refused`, answered by `_refuse`);
-3. `Offer.price` and `Cashier.collect` — priced and paid (`_take_payment`);
+3. `Checkout.pay` — priced (`Offer.price`) and paid (`Cashier.collect`), or `Refused`;
 4. queued with `processing` feedback, then `Runner.run` — run under slots, a time limit and
    cancellation, the result stored with the job's end and published by the `Outbox`;
 5. a job that did not deliver is ended by `_end_job`: refund, state and error in one
@@ -26,7 +26,7 @@ import pluggy
 import structlog
 
 from dvm_core.jobs import JobKind, StopReason
-from dvm_core.payments.cashier import Cashier, Paid, PaymentRefused
+from dvm_core.payments.cashier import Cashier, Paid
 from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.ecash import NUTZAP_KIND
 from dvm_core.protocol.encryption import DecryptionError, decrypt
@@ -36,6 +36,7 @@ from dvm_core.state.jobstate import ACTIVE, UNPAID, JobState
 from dvm_core.state.store import Store
 
 from .cancels import Cancels
+from .checkout import Checkout
 from .config import Config, ConfigError
 from .intake import Intake, Job, Refused
 from .offer import Offer
@@ -70,7 +71,6 @@ class Worker:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()      # background work: publishing, heartbeat
         self._requests: set[asyncio.Task] = set()   # one per request being handled
-        self._unpaid: dict[str, str] = {}           # jobs waiting for payment -> their customer
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
         self.outbox = Outbox(pool=self.pool, store=self.store, keys=keys, relay_hint=s.relays[0],
                              spawn=self._spawn)
@@ -81,9 +81,10 @@ class Worker:
         self.runner = Runner(settings=s, config=config.raw, store=self.store, outbox=self.outbox,
                              cancels=self.cancels, cashier=self.cashier)
         self.runner.limit_kinds(self.kinds, config.raw.get("capacity") or {})
+        self.checkout = Checkout(settings=s, offer=self.offer, cashier=self.cashier, cancels=self.cancels)
         self.intake = Intake(settings=s, config=config.raw, keys=keys, kinds=self.kinds, store=self.store,
                              queue_length=lambda: len(self.runner.waiting()), queue_full=self.runner.is_full,
-                             unpaid=lambda: len(self._unpaid), paid_already=self._paid_already)
+                             unpaid=lambda: len(self.checkout.unpaid), paid_already=self._paid_already)
 
     def _open_cashier(self) -> Cashier:
         from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key, preload
@@ -203,11 +204,6 @@ class Worker:
         return self.offer.announcement(queued=len(self.runner.active) - running, running=running,
                                        payment=payment)
 
-    def price(self, job_kind: JobKind, request: JobRequest, parsed) -> int:
-        if self.cashier is None:
-            return 0  # no mints configured: this DVM serves every job free, whatever plugins ask
-        return self.offer.price(job_kind, request, parsed)
-
     # restarts --------------------------------------------------------------
     def _recover(self) -> None:
         self.outbox.resend_unpublished()
@@ -247,7 +243,7 @@ class Worker:
 
     def _on_deletion(self, event: dict) -> None:
         for job_id in deleted_event_ids(event):
-            if self._unpaid.get(job_id) == event["pubkey"] and self.cashier is not None:
+            if self.checkout.unpaid.get(job_id) == event["pubkey"] and self.cashier is not None:
                 log.info("job cancelled by the customer before paying", job_id=job_id)
                 self.cashier.cancel_waiting(job_id)
                 continue
@@ -265,15 +261,13 @@ class Worker:
             with structlog.contextvars.bound_contextvars(job_id=event["id"]):
                 if not resumed:
                     self.counts["received"] += 1
+                reply = None
                 try:
                     job = await self.intake.read(event, resumed)
+                    reply = Reply(job.request, job.scheme, self.outbox)
+                    paid = await self.checkout.pay(job, reply)
                 except Refused as refusal:
-                    self._refuse(Reply(_bare_request(event), refusal.scheme, self.outbox), refusal.reason,
-                                 private_detail=refusal.private_detail)
-                    return
-                reply = Reply(job.request, job.scheme, self.outbox)
-                paid = await self._take_payment(job, reply)
-                if paid is False:
+                    self._refuse(reply or Reply(_bare_request(event), refusal.scheme, self.outbox), refusal)
                     return
                 active = self._queue(job, reply, paid, resumed)
                 await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
@@ -290,63 +284,6 @@ class Worker:
             return False
         row = self.store.payment_for_job(job_id)
         return row is not None and row["state"] in ("received", "redeeming", "redeemed", "consumed")
-
-    async def _take_payment(self, job: Job, reply: Reply) -> Paid | None | bool:
-        """Paid, None for a free job, or False when the request was refused (and answered)."""
-        request = job.request
-        try:
-            price = self.price(job.job_kind, request, job.parsed)
-        except Exception:
-            log.exception("pricing failed", kind=request.kind)
-            self._refuse(reply, "internal error while pricing the job; nothing was charged")
-            return False
-        if price == 0:
-            return None
-        unit = self.settings.unit
-        if self.cashier is None:  # prices without mints are refused at start; be safe anyway
-            self._refuse(reply, "this DVM cannot take payments right now")
-            return False
-        offered = self.cashier.token_in(request, job.private_tags)
-        if request.bid_msats is not None and request.bid_msats < price * 1000:
-            reason = (f"the price of this job is {price} {unit} ({price * 1000} msats); "
-                      f"your bid was {request.bid_msats} msats")
-            if offered is not None:
-                returned = await self.cashier.give_back(request, offered[0], offered[1], reason)
-                if returned:
-                    reason += (f"; your token, locked to this DVM, was redeemed and its {returned} {unit} "
-                               "sent back to you as a nutzap")
-                else:
-                    reason += "; your token was not redeemed"
-            self._refuse(reply, reason, amount_msats=price * 1000)
-            return False
-
-        def say(status: str, message: str, content: str) -> None:
-            if status == "payment-required":
-                self._unpaid[request.id] = request.pubkey   # a kind-5 from them cancels the wait
-                self.cancels.watch(request.id, request.pubkey)
-                reply.feedback(status, message, content=content, amount_msats=price * 1000)
-            else:
-                reply.feedback(status, message, content=content)
-
-        limit = job.job_kind.time_limit or self.settings.job_time_limit
-        try:
-            paid = await self.cashier.collect(request, price, offered, limit, say)
-            self.cashier.settle(request.id)   # nutzaps kept for it that did not pay go back
-            return paid
-        except PaymentRefused as exc:
-            self._refuse(reply, str(exc), private_detail=False)
-            return False
-        except Exception:
-            log.exception("taking payment failed", job_id=request.id)
-            reason = "internal error while taking payment"
-            with self.store.atomic():
-                if self.cashier.refund_job(request, reason):
-                    reason += "; what was redeemed was refunded as a nutzap"
-                self._refuse(reply, reason)
-            return False
-        finally:
-            if self._unpaid.pop(request.id, None) is not None:
-                self.cancels.forget(request.id)
 
     def _queue(self, job: Job, reply: Reply, paid: Paid | None, resumed: bool) -> ActiveJob:
         request = job.request
@@ -377,17 +314,20 @@ class Worker:
                  seconds=round(time.monotonic() - active.started, 3), metrics=outcome.metrics)
 
     # answers that end a job -------------------------------------------------
-    def _refuse(self, reply: Reply, reason: str, private_detail: bool = True,
-                amount_msats: int | None = None) -> None:
-        """A request not taken (nothing done, nothing kept): rejected, with the reason."""
-        # The reason can quote decrypted params: for a private request only the customer gets it.
-        private = reply.scheme is not None and private_detail
-        logged = "invalid private request (reason sent encrypted)" if private else reason
-        log.warning("request rejected", kind=reply.request.kind, reason=logged)
-        self.counts["rejected"] += 1
+    def _refuse(self, reply: Reply, refusal: Refused) -> None:
+        """A request not taken: rejected with the reason, and what was redeemed for it (if
+        `refusal.refund`) refunded, in one transaction."""
+        reason = refusal.reason
         with self.store.atomic():
+            if refusal.refund and self.cashier is not None and self.cashier.refund_job(reply.request, reason):
+                reason += "; what was redeemed was refunded as a nutzap"
+            # The reason can quote decrypted params: for a private request only the customer gets it.
+            private = reply.scheme is not None and refusal.private_detail
+            logged = "invalid private request (reason sent encrypted)" if private else reason
+            log.warning("request rejected", kind=reply.request.kind, reason=logged)
+            self.counts["rejected"] += 1
             self.store.set_state(reply.request.id, JobState.REJECTED, error=logged)
-            reply.final_error(reason, amount_msats)
+            reply.final_error(reason, refusal.amount_msats)
         if self.cashier is not None:
             self.cashier.settle(reply.request.id)   # nutzaps kept for it go back
 
