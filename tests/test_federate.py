@@ -72,7 +72,8 @@ class Poisoner:
             save_file(update, str(path), metadata={"poisoned": self.mode})
             return result
 
-        register(dataclasses.replace(honest, run=run))
+        # Poisoners serve for free (the image classifier's price stays with its own provider).
+        register(dataclasses.replace(honest, run=run, price=None, pricing=None))
 
 
 async def start_providers(workers, mint, blobs, honest: int, poisoners: tuple[str, ...] = ()):
