@@ -12,8 +12,7 @@ from scipy.linalg import blas   # axpy: FedAvg's one pass per input (imported on
 
 from .checks import MergeError
 from .report import MergeReport
-from .robust import _Merger
-from .safetensors_io import _FLOATS, BASE_HASH_KEY, _File, _from_np, _Writer
+from .safetensors_io import _FLOATS, _File, _from_np, _Writer, blame_non_finite, find_non_finite, merged_metadata
 
 _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 FEDAVG_CHUNK = 1 << 16   # values converted / compared at once: 256 KB of fp32, in cache
@@ -77,10 +76,10 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
     check = check_cancelled or (lambda: None)
     n = len(files)
     first = files[0].tensors
-    order = sorted(first, key=lambda key: first[key].start)
-    float_keys = [key for key in order if first[key].dtype in _FLOATS]
+    order = files[0].order
+    float_keys = files[0].float_keys
     acc_t = np.float64 if any(first[key].dtype == "F64" for key in float_keys) else np.float32
-    axpy, dot = (blas.daxpy, blas.ddot) if acc_t == np.float64 else (blas.saxpy, blas.sdot)
+    axpy = blas.daxpy if acc_t == np.float64 else blas.saxpy
     offsets, total = {}, 0
     for key in float_keys:
         offsets[key] = total
@@ -124,17 +123,6 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
     def merged_view(key: str) -> np.ndarray:
         return acc[offsets[key]:offsets[key] + first[key].numel]
 
-    def non_finite(candidates) -> None:
-        """Raise MergeError naming the first of `candidates` that holds NaN or Inf."""
-        for c in candidates:
-            c.open()
-        try:
-            _Merger(files, base_file, weights, "fedavg", 0, n, None, None, check_cancelled).find_non_finite(candidates)
-        finally:
-            for c in candidates:
-                c.close()
-
-    writer = None
     try:
         base_coef = 0.0
         passes = 1 + bool(distances)
@@ -145,7 +133,7 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
                     s2 = sq_distance(mapped.array, base_map.array)
                     bytes_read += 2 * float_bytes
                     if not math.isfinite(s2):
-                        non_finite([base_file, f])
+                        find_non_finite([base_file, f], float_keys)
                     update_sq[i] = s2
                     if clip_norm is not None and s2 > 0:
                         scales[i] = min(1.0, clip_norm / math.sqrt(s2))
@@ -183,33 +171,28 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
         # too: then look closer before blaming an input).
         if not math.isfinite(float(np.add.reduce(acc))) and \
                 not all(np.isfinite(acc[b:b + FEDAVG_BLOCK]).all() for b in range(0, total, FEDAVG_BLOCK)):
-            non_finite(([base_file] if base_file else []) + list(files))
-            raise MergeError("the merged values overflow the dtype (inputs with extreme values)")
+            blame_non_finite(([base_file] if base_file else []) + list(files), float_keys)
 
         layout = [(key, first[key].dtype, first[key].shape) for key in order]
-        metadata = {k_: v for k_, v in files[0].metadata.items() if k_ != BASE_HASH_KEY}
-        metadata.update({"format": metadata.get("format", "pt"), "merge_method": "fedavg",
-                         "merged_inputs": str(n)})
-        writer = _Writer(out, layout, metadata)
-        source = _Mapped(base_file if base_file is not None else files[0]) if len(float_keys) < len(order) else None
-        try:
-            for key in order:
-                info = first[key]
-                if info.dtype not in _FLOATS:   # copied as they are (e.g. BatchNorm's counters)
-                    start = source.f.tensors[key].start
-                    writer.write_bytes(memoryview(source.buf[start:start + info.nbytes]))
-                    continue
-                merged = merged_view(key)
-                for b in range(0, merged.size, FEDAVG_BLOCK):
-                    if merged.dtype == _NP[info.dtype]:   # already in the file's dtype: as it is
-                        writer.write_bytes(memoryview(merged[b:b + FEDAVG_BLOCK]).cast("B"))
-                    else:
-                        writer.write(_from_np(merged[b:b + FEDAVG_BLOCK], info.torch_dtype))
-        finally:
-            if source is not None:
-                source.close()
-        writer.commit()
-        writer = None
+        with _Writer(out, layout, merged_metadata(files[0], "fedavg", n)) as writer:
+            source = _Mapped(base_file if base_file is not None else files[0]) if len(float_keys) < len(order) else None
+            try:
+                for key in order:
+                    info = first[key]
+                    if info.dtype not in _FLOATS:   # copied as they are (e.g. BatchNorm's counters)
+                        start = source.f.tensors[key].start
+                        writer.write_bytes(memoryview(source.buf[start:start + info.nbytes]))
+                        continue
+                    merged = merged_view(key)
+                    for b in range(0, merged.size, FEDAVG_BLOCK):
+                        if merged.dtype == _NP[info.dtype]:   # already in the file's dtype: as it is
+                            writer.write_bytes(memoryview(merged[b:b + FEDAVG_BLOCK]).cast("B"))
+                        else:
+                            writer.write(_from_np(merged[b:b + FEDAVG_BLOCK], info.torch_dtype))
+            finally:
+                if source is not None:
+                    source.close()
+            writer.commit()
 
         to_merged: list[float | None] = [None] * n
         if distances:
@@ -222,10 +205,6 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
                 bytes_read += float_bytes
                 progress((n + i + 1) / (n * passes), "measuring distances to the merged model")
         merged_to_base = sq_distance(merged_view, base_map.array) if base_map is not None else None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     finally:
         if base_map is not None:
             base_map.close()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checks import MergeError
-from .safetensors_io import _FLOATS, CHUNK_ELEMENTS, _Buffer, _File, _Writer
+from .safetensors_io import _FLOATS, CHUNK_ELEMENTS, _Buffer, _File, _Writer, check_finite
 
 if TYPE_CHECKING:
     from .robust import _Merger
@@ -84,16 +84,14 @@ def _write_lora_and_rest(merger: _Merger, writer: _Writer, pairs, coefs, layout,
         if key in pair_of:
             parts = [whole(f) for f in files]
             ranks.add(info.shape[0])
-            for i, part in enumerate(parts):
-                if not torch.isfinite(part).all():
-                    raise MergeError(f"{files[i].what}: tensor {key!r} holds NaN or Inf values", i)
+            for f, part in zip(files, parts):
+                check_finite(part, f, key)
             writer.write(torch.cat(parts, dim=0))
         elif key in a_of:
             parts = []
             for i, f in enumerate(files):
                 part = whole(f)
-                if not torch.isfinite(part).all():
-                    raise MergeError(f"{f.what}: tensor {key!r} holds NaN or Inf values", i)
+                check_finite(part, f, key)
                 parts.append((part.to(merger.acc) * coefs[i]).to(part.dtype))
             writer.write(torch.cat(parts, dim=1))
         elif key in float_set:
@@ -102,14 +100,11 @@ def _write_lora_and_rest(merger: _Merger, writer: _Writer, pairs, coefs, layout,
                 xs, _ = merger._read_all(key, begin, count)
                 merged = None
                 for i, x in enumerate(xs):
-                    if not torch.isfinite(x).all():
-                        raise MergeError(f"{files[i].what}: tensor {key!r} holds NaN or Inf values", i)
+                    check_finite(x, files[i], key)
                     merged = torch.mul(x.to(merger.acc), coefs[i]) if merged is None else merged.add_(x, alpha=coefs[i])
                 writer.write(merged.to(info.torch_dtype))
         else:
-            for begin in range(0, info.numel, CHUNK_ELEMENTS):
-                count = min(CHUNK_ELEMENTS, info.numel - begin)
-                writer.write(files[0].read(key, begin, count, buf))
+            writer.copy(files[0], key, buf)
         merger.progress(start + span, "stacking LoRA adapters")
     merger.bytes_read += sum(f.size for f in files)
     return {"modules": len(pairs), "rank_in": sorted(ranks), "rank_multiplier": n,

@@ -62,7 +62,8 @@ from .fedavg import _fedavg_one_at_a_time
 from .lora import _lora_pairs, _write_lora_and_rest, is_lora_key, stacked_adapter_config
 from .report import MergeReport
 from .robust import _Merger
-from .safetensors_io import _FLOATS, BASE_HASH_KEY, CHUNK_ELEMENTS, _File, _Writer, read_header
+from .safetensors_io import (_FLOATS, BASE_HASH_KEY, CHUNK_ELEMENTS, _File, _Writer, blame_non_finite,
+                             find_non_finite, merged_metadata, read_header)
 
 __all__ = ["METHODS", "MergeError", "MergeReport", "merge_files", "stacked_adapter_config",
            "is_lora_key", "read_header", "CHUNK_ELEMENTS"]
@@ -224,7 +225,6 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
     all_files = files + ([base_file] if base_file else [])
     for x in all_files:
         x.open()
-    writer = None
     try:
         report_inputs = [{"index": i, "name": labels[i], "weight": weights[i]} for i in range(n)]
         excluded: list[dict] = []
@@ -234,7 +234,7 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
             sq = merger.update_norms(at, span)
             at += span
             if not torch.isfinite(sq).all():
-                merger.find_non_finite([base_file] + files)
+                find_non_finite([base_file] + files, merger.float_keys)
             for i, s2 in enumerate(sq.tolist()):
                 norm = math.sqrt(s2)
                 merger.scales[i] = min(1.0, clip_norm / norm) if norm > 0 else 1.0
@@ -248,7 +248,7 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
                 d2 = merger.pairwise(at, span)
                 at += span
                 if not torch.isfinite(d2).all():
-                    merger.find_non_finite(([base_file] if base_file else []) + files)
+                    find_non_finite(([base_file] if base_file else []) + files, merger.float_keys)
                 neighbours = n - f - 2
                 scores = []
                 for i in range(n):
@@ -288,25 +288,17 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
                 layout.append((key, t.dtype, (t.shape[0], t.shape[1] * n) + t.shape[2:]))
             else:
                 layout.append((key, t.dtype, t.shape))
-        metadata = {k_: v for k_, v in files[0].metadata.items() if k_ != BASE_HASH_KEY}
-        metadata.update({"format": metadata.get("format", "pt"), "merge_method": method, "merged_inputs": str(n)})
-        writer = _Writer(Path(out), layout, metadata)
-        if pairs:
-            lora_info = _write_lora_and_rest(merger, writer, pairs, coefs, layout, at, 1.0 - at)
-            to_merged = to_base = picked = None
-            merged_to_base = None
-        else:
-            to_merged, to_base, merged_to_base, picked = merger.combine(writer, coefs, base_coef, at, 1.0 - at)
-            bad = [files[i] for i in range(n) if not math.isfinite(float(to_merged[i]) + float(to_base[i]))]
-            if bad or (base_file and not math.isfinite(float(merged_to_base))):
-                merger.find_non_finite(([base_file] if base_file else []) + bad)
-                raise MergeError("the merged values overflow the dtype (inputs with extreme values)")
-        writer.commit()
-        writer = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        with _Writer(Path(out), layout, merged_metadata(files[0], method, n)) as writer:
+            if pairs:
+                lora_info = _write_lora_and_rest(merger, writer, pairs, coefs, layout, at, 1.0 - at)
+                to_merged = to_base = picked = None
+                merged_to_base = None
+            else:
+                to_merged, to_base, merged_to_base, picked = merger.combine(writer, coefs, base_coef, at, 1.0 - at)
+                bad = [files[i] for i in range(n) if not math.isfinite(float(to_merged[i]) + float(to_base[i]))]
+                if bad or (base_file and not math.isfinite(float(merged_to_base))):
+                    blame_non_finite(([base_file] if base_file else []) + bad, merger.float_keys)
+            writer.commit()
     finally:
         for x in all_files:
             x.close()

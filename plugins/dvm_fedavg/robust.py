@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .checks import MergeError
 from .lora import is_lora_key
-from .safetensors_io import _DTYPES, _FLOATS, CHUNK_ELEMENTS, _Buffer, _chunks, _File, _from_np, _Writer
+from .safetensors_io import _DTYPES, _FLOATS, CHUNK_ELEMENTS, _Buffer, _chunks, _from_np, _Writer
 
 ROBUST_CHUNK_ELEMENTS = 1 << 16   # median / trimmed mean
 
@@ -144,9 +143,7 @@ class _Merger:
             if key not in float_set:
                 if is_lora_key(key):
                     continue   # written by the LoRA stacking
-                for begin in range(0, info.numel, CHUNK_ELEMENTS):
-                    count = min(CHUNK_ELEMENTS, info.numel - begin)
-                    writer.write(source.read(key, begin, count, copy_buf))
+                writer.copy(source, key, copy_buf)
                 continue
             for begin in range(0, info.numel, chunk):
                 _key, _begin, count, xs, b = next(stream)
@@ -195,11 +192,3 @@ class _Merger:
                 self._tick(done, start, span, "merging")
         stream.close()
         return to_merged, to_base, merged_to_base, picked
-
-    def find_non_finite(self, candidates: list[_File]) -> None:
-        """Raise MergeError naming the first file (of `candidates`) holding NaN or Inf."""
-        buf = _Buffer(CHUNK_ELEMENTS * 8)
-        for f in candidates:
-            for key, begin, count in _chunks(self.float_keys, [f]):
-                if not torch.isfinite(f.read(key, begin, count, buf)).all():
-                    raise MergeError(f"{f.what}: tensor {key!r} holds NaN or Inf values", f.index)

@@ -1,8 +1,10 @@
 """Reading and writing safetensors without the library: a JSON header, then raw arrays.
 
-The header is parsed with safetensors' own limits and checked before any value is read;
-`_File.read` copies a range of a tensor's values with ``pread``; `_Writer` streams a file whose
-header is known up front and commits it atomically. No pickle is ever loaded.
+The header is parsed with safetensors' own limits and checked (offsets inside the file, no two
+tensors overlapping) before any value is read, so a hostile file fails as a `MergeError`
+naming it. `_File.read` copies a range of a tensor's values with ``pread`` (no mmap here: the
+page cache never counts against the process); `_Writer` streams a file whose header is known up
+front and commits it atomically. No pickle is ever loaded. Shared by both merge engines.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -29,7 +32,6 @@ _DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _FLOATS = {"F64", "F32", "F16", "BF16"}
-
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,16 @@ class _File:
     @property
     def what(self) -> str:
         return f"input {self.index} ({self.label})" if self.index is not None else f"the base model ({self.label})"
+
+    @property
+    def order(self) -> list[str]:
+        """The tensor names in the order of their data in the file: the order merges read and write."""
+        return sorted(self.tensors, key=lambda key: self.tensors[key].start)
+
+    @property
+    def float_keys(self) -> list[str]:
+        """The floating-point tensors, in file order: the ones a merge combines (the others are copied)."""
+        return [key for key in self.order if self.tensors[key].dtype in _FLOATS]
 
     def open(self) -> None:
         if self.fd is None:
@@ -152,13 +164,70 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return ({k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in f.tensors.items()}, f.metadata)
 
 
+def _chunks(keys: list[str], files: list[_File], size: int = CHUNK_ELEMENTS):
+    """(key, begin, count) over the tensors `keys`, `size` values at a time."""
+    for key in keys:
+        n = files[0].tensors[key].numel
+        for begin in range(0, n, size):
+            yield key, begin, min(size, n - begin)
+
+
+# --- finding the input at fault ------------------------------------------------------------------
+
+def check_finite(values: torch.Tensor, f: _File, key: str) -> None:
+    """MergeError naming `f` and its tensor `key` if `values`, read from it, hold NaN or Inf."""
+    if not torch.isfinite(values).all():
+        raise MergeError(f"{f.what}: tensor {key!r} holds NaN or Inf values", f.index)
+
+
+def find_non_finite(candidates: list[_File], keys: list[str]) -> None:
+    """Raise MergeError naming the first of `candidates` holding NaN or Inf in the tensors `keys`;
+    return if none does (a non-finite result then came from finite inputs: an overflow). A
+    second read: the engines look here only when a sum or a distance came out non-finite."""
+    opened = [f for f in candidates if f.fd is None]   # FedAvg maps its inputs: no descriptor open
+    for f in opened:
+        f.open()
+    try:
+        buf = _Buffer(CHUNK_ELEMENTS * 8)
+        for f in candidates:
+            for key, begin, count in _chunks(keys, [f]):
+                check_finite(f.read(key, begin, count, buf), f, key)
+    finally:
+        for f in opened:
+            f.close()
+
+
+def blame_non_finite(candidates: list[_File], keys: list[str]) -> NoReturn:
+    """A merged value is not finite: MergeError naming the first of `candidates` holding NaN or
+    Inf, else one saying that finite inputs overflowed."""
+    find_non_finite(candidates, keys)
+    raise MergeError("the merged values overflow the dtype (inputs with extreme values)")
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def merged_metadata(first: _File, method: str, n: int) -> dict[str, str]:
+    """The merged file's metadata: input 0's, less its `BASE_HASH_KEY` (the merged model was not
+    trained from that base: it is the next one), plus how it was made."""
+    metadata = {k: v for k, v in first.metadata.items() if k != BASE_HASH_KEY}
+    metadata.update({"format": metadata.get("format", "pt"), "merge_method": method, "merged_inputs": str(n)})
+    return metadata
+
+
+def _from_np(merged: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The merged chunk in the output dtype, rounded to nearest."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(merged).to(dtype)
+    return torch.from_numpy(merged.astype(torch.empty(0, dtype=dtype).numpy().dtype, copy=False))
+
+
 class _Writer:
-    """Writes a safetensors file whose header is known up front, data streamed in order."""
+    """Writes a safetensors file whose header is known up front, data streamed in order. As a
+    context manager it removes the partial file unless `commit` was reached."""
 
     def __init__(self, out: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
-        self.expected = []
         for key, dtype, shape in layout:
             nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
             header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -167,9 +236,17 @@ class _Writer:
         raw += b" " * (-len(raw) % 8)   # the data starts 8-byte aligned, as safetensors writes it
         self.out = out
         self.tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.part")
+        self.committed = False
         self.fh = open(self.tmp, "wb")
         self.fh.write(len(raw).to_bytes(8, "little") + raw)
         self.size = 8 + len(raw) + offset
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.committed:
+            self.abort()
 
     def write(self, tensor: torch.Tensor) -> None:
         self.fh.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
@@ -177,28 +254,19 @@ class _Writer:
     def write_bytes(self, data) -> None:
         self.fh.write(data)
 
+    def copy(self, source: _File, key: str, buf: _Buffer) -> None:
+        """Tensor `key` of `source` (open) as it is, chunk by chunk through `buf`."""
+        for _key, begin, count in _chunks([key], [source]):
+            self.write(source.read(key, begin, count, buf))
+
     def commit(self) -> None:
         # Atomic, not durable: no fsync (0.3 s per 400 MB); a result lost to a power cut is redone.
         self.fh.close()
         if self.tmp.stat().st_size != self.size:
             raise RuntimeError(f"wrote {self.tmp.stat().st_size} bytes, expected {self.size}")
         os.replace(self.tmp, self.out)
+        self.committed = True
 
     def abort(self) -> None:
         self.fh.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _chunks(keys: list[str], files: list[_File], size: int = CHUNK_ELEMENTS):
-    """(key, begin, count) over the floating-point tensors, `size` values at a time."""
-    for key in keys:
-        n = files[0].tensors[key].numel
-        for begin in range(0, n, size):
-            yield key, begin, min(size, n - begin)
-
-
-def _from_np(merged: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The merged chunk in the output dtype, rounded to nearest."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(merged).to(dtype)
-    return torch.from_numpy(merged.astype(torch.empty(0, dtype=dtype).numpy().dtype, copy=False))
