@@ -1,17 +1,28 @@
-"""FedAvg, streamed one input at a time into one accumulator (BLAS axpy)."""
+"""FedAvg, the weighted mean Σ wᵢxᵢ / Σ wᵢ, streamed one input at a time.
+
+Input i is memory-mapped, added into one preallocated accumulator (scipy's BLAS axpy, in
+place) and unmapped before input i + 1, its pages given back block by block as it goes: memory
+is the accumulator (every floating-point value of the model, in float32, or float64 when a
+tensor is F64) plus the pages being read, whatever N. Each input is read once; with a base,
+its update norm ‖xᵢ − base‖ is measured from the same mapping just before it is added (a second
+read, from the page cache; `clip_norm` scales the update by it); with `distances`, one more read
+of every input gives its distance to the merged model. NaN and Inf show as a non-finite sum of
+the accumulator (or of an update norm), and only then are looked for input by input. Not for
+LoRA adapters: those are stacked (`lora`).
+"""
 
 from __future__ import annotations
 
 import math
 import mmap
-import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from scipy.linalg import blas   # axpy: FedAvg's one pass per input (imported once, with the plugin)
+from scipy.linalg import blas   # axpy: one pass per input (imported once, with this module)
 
 from .checks import MergeError
-from .report import MergeReport
+from .report import Measures
 from .safetensors_io import _FLOATS, _File, _from_np, _Writer, blame_non_finite, find_non_finite, merged_metadata
 
 _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -23,7 +34,7 @@ class _Mapped:
     """A safetensors file mapped read-only: tensors as numpy views, no copy. `close` unmaps it,
     so its pages leave this process's resident set (they stay in the page cache)."""
 
-    def __init__(self, f: "_File"):
+    def __init__(self, f: _File):
         self.f = f
         with open(f.path, "rb") as fh:
             self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -65,15 +76,10 @@ def _as_float(x: np.ndarray, dtype: str, acc, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, distances, expected_base,
-                          progress, check_cancelled, started) -> MergeReport:
-    """Weighted FedAvg, streaming: input i is mapped, added into one preallocated accumulator
-    (BLAS axpy, one pass) and unmapped before input i + 1, so memory stays at the accumulator
-    plus the tensors being read (plus the base, when there is one, mapped once). With a base,
-    each input's update norm ‖xᵢ − base‖ is measured first (clip_norm scales the update to it);
-    with `distances`, a second read gives each input's distance to the merged model."""
-    progress = progress or (lambda fraction, message: None)
-    check = check_cancelled or (lambda: None)
+def merge_fedavg(files: list[_File], base_file: _File | None, weights: list[float], out: Path, *,
+                 clip_norm: float | None, distances: bool, progress: Callable[[float, str], None],
+                 check: Callable[[], None]) -> Measures:
+    """Weighted FedAvg into `out` (committed atomically); what it measured (see the module)."""
     n = len(files)
     first = files[0].tensors
     order = files[0].order
@@ -209,22 +215,7 @@ def _fedavg_one_at_a_time(files, base_file, weights, out: Path, *, clip_norm, di
         if base_map is not None:
             base_map.close()
 
-    report_inputs = []
-    for i, f in enumerate(files):
-        r = {"index": i, "name": f.label, "weight": weights[i], "weight_used": shares[i]}
-        if update_sq[i] is not None:
-            r["update_norm"] = math.sqrt(update_sq[i])
-        if clip_norm is not None:
-            r["clip_scale"] = scales[i]
-        if to_merged[i] is not None:
-            r["distance_to_merged"] = math.sqrt(to_merged[i])
-        report_inputs.append(r)
-    params = {"clip_norm": clip_norm} if clip_norm is not None else {}
-    return MergeReport(
-        method="fedavg", inputs=report_inputs, excluded=[], params=params,
-        base={"name": base_file.label, "sha256": expected_base} if base_file else (
-            {"sha256": expected_base} if expected_base else None),
-        merged_distance_to_base=math.sqrt(merged_to_base) if merged_to_base is not None else None,
-        tensors=len(first), parameters=total,
-        copied_tensors=[key for key in order if first[key].dtype not in _FLOATS],
-        bytes_read=bytes_read, output_bytes=out.stat().st_size, seconds=round(time.monotonic() - started, 4))
+    return Measures(weight_used=shares, bytes_read=bytes_read,
+                    update_sq=update_sq if base_file is not None else None,
+                    clip_scales=scales if clip_norm is not None else None,
+                    to_merged_sq=to_merged if distances else None, merged_to_base_sq=merged_to_base)

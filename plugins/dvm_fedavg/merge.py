@@ -58,11 +58,11 @@ import torch
 from dvm_core.datarefs import sha256_file
 
 from .checks import METHODS, MergeError, check_method, check_weights
-from .fedavg import _fedavg_one_at_a_time
+from .fedavg import merge_fedavg
 from .lora import _lora_pairs, _write_lora_and_rest, is_lora_key, stacked_adapter_config
-from .report import MergeReport
+from .report import Measures, MergeReport, build_report, method_params
 from .robust import _Merger
-from .safetensors_io import (_FLOATS, BASE_HASH_KEY, CHUNK_ELEMENTS, _File, _Writer, blame_non_finite,
+from .safetensors_io import (BASE_HASH_KEY, CHUNK_ELEMENTS, _File, _Writer, blame_non_finite,
                              find_non_finite, merged_metadata, read_header)
 
 __all__ = ["METHODS", "MergeError", "MergeReport", "merge_files", "stacked_adapter_config",
@@ -216,18 +216,30 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
             raise MergeError("these are LoRA adapters: a base model and clip_norm do not apply to them "
                              "(their update is the adapter itself); send the adapters alone")
     expected_base = _check_base_hash(files, base_file, base_sha256)
+    progress = progress or (lambda fraction, message: None)
+    check = check_cancelled or (lambda: None)
+    out = Path(out)
     if method == "fedavg" and not pairs:
-        return _fedavg_one_at_a_time(files, base_file, weights, Path(out), clip_norm=clip_norm,
-                                     distances=distances, expected_base=expected_base, progress=progress,
-                                     check_cancelled=check_cancelled, started=started)
+        measures = merge_fedavg(files, base_file, weights, out, clip_norm=clip_norm, distances=distances,
+                                progress=progress, check=check)
+    else:
+        measures = _merge_chunked(files, base_file, weights, out, pairs, method=method, k=k, f=f, keep=keep,
+                                  clip_norm=clip_norm, progress=progress, check=check)
+    return build_report(method, files, base_file, expected_base, weights,
+                        method_params(method, trim_ratio, k, f, keep, clip_norm), measures, out, started)
 
-    merger = _Merger(files, base_file, weights, method, k, keep, clip_norm, progress, check_cancelled)
+
+def _merge_chunked(files, base_file, weights, out, pairs, *, method, k, f, keep, clip_norm, progress,
+                   check) -> Measures:
+    n = len(files)
+    merger = _Merger(files, base_file, weights, method, k, keep, clip_norm, progress, check)
     all_files = files + ([base_file] if base_file else [])
     for x in all_files:
         x.open()
     try:
-        report_inputs = [{"index": i, "name": labels[i], "weight": weights[i]} for i in range(n)]
+        extra: list[dict] = [{} for _ in range(n)]
         excluded: list[dict] = []
+        weight_used: list[float | None] = [None] * n
         passes = 1 + (clip_norm is not None) + (method in ("krum", "multi_krum"))
         span, at = 1.0 / passes, 0.0
         if clip_norm is not None:
@@ -238,7 +250,6 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
             for i, s2 in enumerate(sq.tolist()):
                 norm = math.sqrt(s2)
                 merger.scales[i] = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-                report_inputs[i]["clip_scale"] = merger.scales[i]
 
         coefs: list[float] | None = None
         base_coef = 0.0
@@ -258,10 +269,10 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
                 chosen = sorted(ranking[:keep])
                 cutoff = scores[ranking[keep - 1]]
                 for i in range(n):
-                    report_inputs[i]["krum_score"] = scores[i]
-                    report_inputs[i]["selected"] = i in chosen
+                    extra[i]["krum_score"] = scores[i]
+                    extra[i]["selected"] = i in chosen
                 for i in ranking[keep:]:
-                    excluded.append({"index": i, "name": labels[i], "reason":
+                    excluded.append({"index": i, "name": files[i].label, "reason":
                                      f"Krum score {scores[i]:.6g} (sum of squared distances to its {neighbours} "
                                      f"nearest inputs) is higher than those of the {keep} kept "
                                      f"(the highest kept: {cutoff:.6g})"})
@@ -270,11 +281,7 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
             for i in chosen:
                 coefs[i] = weights[i] * merger.scales[i] / total
                 base_coef += weights[i] * (1.0 - merger.scales[i]) / total
-            for i in range(n):
-                report_inputs[i]["weight_used"] = weights[i] / total if i in chosen else 0.0
-        else:
-            for i in range(n):
-                report_inputs[i]["weight_used"] = None
+            weight_used = [weights[i] / total if i in chosen else 0.0 for i in range(n)]
 
         first = files[0].tensors
         layout, lora_info = [], None
@@ -288,7 +295,7 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
                 layout.append((key, t.dtype, (t.shape[0], t.shape[1] * n) + t.shape[2:]))
             else:
                 layout.append((key, t.dtype, t.shape))
-        with _Writer(Path(out), layout, merged_metadata(files[0], method, n)) as writer:
+        with _Writer(out, layout, merged_metadata(files[0], method, n)) as writer:
             if pairs:
                 lora_info = _write_lora_and_rest(merger, writer, pairs, coefs, layout, at, 1.0 - at)
                 to_merged = to_base = picked = None
@@ -303,38 +310,23 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
         for x in all_files:
             x.close()
 
-    for i in range(n):
-        r = report_inputs[i]
-        if to_merged is not None:
-            r["distance_to_merged"] = math.sqrt(float(to_merged[i]))
-        if base_file is not None:
-            r["update_norm"] = math.sqrt(float(to_base[i]))
-        if picked is not None and method in ("median", "trimmed_mean"):
+    if picked is not None and method in ("median", "trimmed_mean"):
+        for i in range(n):
             values = merger.total
             share = float(picked[i]) / max(1, values)
             if method == "trimmed_mean":
-                r["trimmed_fraction"] = share
+                extra[i]["trimmed_fraction"] = share
                 if share >= 1.0 and values:
-                    excluded.append({"index": i, "name": labels[i],
+                    excluded.append({"index": i, "name": files[i].label,
                                      "reason": "trimmed at every coordinate (always among the extremes)"})
             else:
-                r["median_fraction"] = share
+                extra[i]["median_fraction"] = share
                 if share == 0.0 and values:
-                    excluded.append({"index": i, "name": labels[i],
+                    excluded.append({"index": i, "name": files[i].label,
                                      "reason": "never the median (or one of the two middle values) at any coordinate"})
-    params = {"trim_ratio": trim_ratio, "trimmed_each_end": k} if method == "trimmed_mean" else {}
-    if method in ("krum", "multi_krum"):
-        params = {"f": f, "m": keep}
-    if clip_norm is not None:
-        params["clip_norm"] = clip_norm
-    first = files[0].tensors
-    return MergeReport(
-        method=method, inputs=report_inputs, excluded=sorted(excluded, key=lambda e: e["index"]),
-        params=params,
-        base={"name": base_file.label, "sha256": expected_base} if base_file else (
-            {"sha256": expected_base} if expected_base else None),
-        merged_distance_to_base=math.sqrt(float(merged_to_base)) if merged_to_base is not None and base_file else None,
-        tensors=len(first), parameters=sum(t.numel for t in first.values() if t.dtype in _FLOATS),
-        copied_tensors=[key for key in merger.order if first[key].dtype not in _FLOATS],
-        lora=lora_info, bytes_read=merger.bytes_read, output_bytes=Path(out).stat().st_size,
-        seconds=round(time.monotonic() - started, 4))
+    return Measures(weight_used=weight_used, bytes_read=merger.bytes_read,
+                    update_sq=to_base.tolist() if base_file is not None else None,
+                    clip_scales=list(merger.scales) if clip_norm is not None else None,
+                    to_merged_sq=to_merged.tolist() if to_merged is not None else None,
+                    merged_to_base_sq=float(merged_to_base) if base_file is not None else None,
+                    extra=extra, excluded=excluded, lora=lora_info)
