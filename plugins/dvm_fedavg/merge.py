@@ -53,17 +53,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from dvm_core.datarefs import sha256_file
 
 from .checks import METHODS, MergeError, check_method, check_weights
 from .fedavg import merge_fedavg
-from .lora import _lora_pairs, _write_lora_and_rest, is_lora_key, stacked_adapter_config
-from .report import Measures, MergeReport, build_report, method_params
-from .robust import _Merger
-from .safetensors_io import (BASE_HASH_KEY, CHUNK_ELEMENTS, _File, _Writer, blame_non_finite,
-                             find_non_finite, merged_metadata, read_header)
+from .lora import _check_lora_request, _lora_pairs, is_lora_key, merge_lora, stacked_adapter_config
+from .report import MergeReport, build_report, method_params
+from .robust import merge_robust
+from .safetensors_io import BASE_HASH_KEY, CHUNK_ELEMENTS, _File, read_header
 
 __all__ = ["METHODS", "MergeError", "MergeReport", "merge_files", "stacked_adapter_config",
            "is_lora_key", "read_header", "CHUNK_ELEMENTS"]
@@ -208,125 +206,18 @@ def _merge(paths, weights, out, *, method, base, trim_ratio, f, m, clip_norm, na
     _check_same_architecture(files, base_file)
     pairs = _lora_pairs(files)
     if pairs:
-        if method != "fedavg":
-            raise MergeError(f"these are LoRA adapters: {method} on separate A and B factors is not "
-                             "defined (the factors of two adapters are not comparable); use fedavg, "
-                             "which stacks them exactly")
-        if base_file is not None or clip_norm is not None:
-            raise MergeError("these are LoRA adapters: a base model and clip_norm do not apply to them "
-                             "(their update is the adapter itself); send the adapters alone")
+        _check_lora_request(method, base_file, clip_norm)
     expected_base = _check_base_hash(files, base_file, base_sha256)
     progress = progress or (lambda fraction, message: None)
     check = check_cancelled or (lambda: None)
     out = Path(out)
-    if method == "fedavg" and not pairs:
+    if pairs:
+        measures = merge_lora(files, weights, pairs, out, progress=progress, check=check)
+    elif method == "fedavg":
         measures = merge_fedavg(files, base_file, weights, out, clip_norm=clip_norm, distances=distances,
                                 progress=progress, check=check)
     else:
-        measures = _merge_chunked(files, base_file, weights, out, pairs, method=method, k=k, f=f, keep=keep,
-                                  clip_norm=clip_norm, progress=progress, check=check)
+        measures = merge_robust(files, base_file, weights, out, method=method, k=k, f=f, keep=keep,
+                                clip_norm=clip_norm, progress=progress, check=check)
     return build_report(method, files, base_file, expected_base, weights,
                         method_params(method, trim_ratio, k, f, keep, clip_norm), measures, out, started)
-
-
-def _merge_chunked(files, base_file, weights, out, pairs, *, method, k, f, keep, clip_norm, progress,
-                   check) -> Measures:
-    n = len(files)
-    merger = _Merger(files, base_file, weights, method, k, keep, clip_norm, progress, check)
-    all_files = files + ([base_file] if base_file else [])
-    for x in all_files:
-        x.open()
-    try:
-        extra: list[dict] = [{} for _ in range(n)]
-        excluded: list[dict] = []
-        weight_used: list[float | None] = [None] * n
-        passes = 1 + (clip_norm is not None) + (method in ("krum", "multi_krum"))
-        span, at = 1.0 / passes, 0.0
-        if clip_norm is not None:
-            sq = merger.update_norms(at, span)
-            at += span
-            if not torch.isfinite(sq).all():
-                find_non_finite([base_file] + files, merger.float_keys)
-            for i, s2 in enumerate(sq.tolist()):
-                norm = math.sqrt(s2)
-                merger.scales[i] = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-
-        coefs: list[float] | None = None
-        base_coef = 0.0
-        if method in ("fedavg", "krum", "multi_krum"):
-            chosen = list(range(n))
-            if method != "fedavg":
-                d2 = merger.pairwise(at, span)
-                at += span
-                if not torch.isfinite(d2).all():
-                    find_non_finite(([base_file] if base_file else []) + files, merger.float_keys)
-                neighbours = n - f - 2
-                scores = []
-                for i in range(n):
-                    others = torch.cat([d2[i, :i], d2[i, i + 1:]])
-                    scores.append(float(torch.sort(others).values[:neighbours].sum()))
-                ranking = sorted(range(n), key=lambda i: (scores[i], i))
-                chosen = sorted(ranking[:keep])
-                cutoff = scores[ranking[keep - 1]]
-                for i in range(n):
-                    extra[i]["krum_score"] = scores[i]
-                    extra[i]["selected"] = i in chosen
-                for i in ranking[keep:]:
-                    excluded.append({"index": i, "name": files[i].label, "reason":
-                                     f"Krum score {scores[i]:.6g} (sum of squared distances to its {neighbours} "
-                                     f"nearest inputs) is higher than those of the {keep} kept "
-                                     f"(the highest kept: {cutoff:.6g})"})
-            total = sum(weights[i] for i in chosen)
-            coefs = [0.0] * n
-            for i in chosen:
-                coefs[i] = weights[i] * merger.scales[i] / total
-                base_coef += weights[i] * (1.0 - merger.scales[i]) / total
-            weight_used = [weights[i] / total if i in chosen else 0.0 for i in range(n)]
-
-        first = files[0].tensors
-        layout, lora_info = [], None
-        pair_of = {a: b for a, b in pairs}
-        b_keys = set(pair_of.values())
-        for key in merger.order:
-            t = first[key]
-            if key in pair_of:
-                layout.append((key, t.dtype, (t.shape[0] * n,) + t.shape[1:]))
-            elif key in b_keys:
-                layout.append((key, t.dtype, (t.shape[0], t.shape[1] * n) + t.shape[2:]))
-            else:
-                layout.append((key, t.dtype, t.shape))
-        with _Writer(out, layout, merged_metadata(files[0], method, n)) as writer:
-            if pairs:
-                lora_info = _write_lora_and_rest(merger, writer, pairs, coefs, layout, at, 1.0 - at)
-                to_merged = to_base = picked = None
-                merged_to_base = None
-            else:
-                to_merged, to_base, merged_to_base, picked = merger.combine(writer, coefs, base_coef, at, 1.0 - at)
-                bad = [files[i] for i in range(n) if not math.isfinite(float(to_merged[i]) + float(to_base[i]))]
-                if bad or (base_file and not math.isfinite(float(merged_to_base))):
-                    blame_non_finite(([base_file] if base_file else []) + bad, merger.float_keys)
-            writer.commit()
-    finally:
-        for x in all_files:
-            x.close()
-
-    if picked is not None and method in ("median", "trimmed_mean"):
-        for i in range(n):
-            values = merger.total
-            share = float(picked[i]) / max(1, values)
-            if method == "trimmed_mean":
-                extra[i]["trimmed_fraction"] = share
-                if share >= 1.0 and values:
-                    excluded.append({"index": i, "name": files[i].label,
-                                     "reason": "trimmed at every coordinate (always among the extremes)"})
-            else:
-                extra[i]["median_fraction"] = share
-                if share == 0.0 and values:
-                    excluded.append({"index": i, "name": files[i].label,
-                                     "reason": "never the median (or one of the two middle values) at any coordinate"})
-    return Measures(weight_used=weight_used, bytes_read=merger.bytes_read,
-                    update_sq=to_base.tolist() if base_file is not None else None,
-                    clip_scales=list(merger.scales) if clip_norm is not None else None,
-                    to_merged_sq=to_merged.tolist() if to_merged is not None else None,
-                    merged_to_base_sq=float(merged_to_base) if base_file is not None else None,
-                    extra=extra, excluded=excluded, lora=lora_info)
