@@ -1,19 +1,26 @@
 """Merging models from federated clients, streamed: FedAvg and robust aggregators.
 
 `merge_files` reads N safetensors files (and optionally the base model they were trained from)
-chunk by chunk and writes the merged ``model.safetensors`` atomically. It never holds N models,
-nor even one: every method walks the tensors in chunks of `CHUNK_ELEMENTS` values, reading the
-same chunk of every input with ``pread`` (no mmap, so the page cache never counts against the
-process), combining them and writing the result's chunk before the next. Peak memory is a few
-megabytes of buffers over the interpreter's, whatever N and the model's size. Distances to the
-merged model and update norms are computed in the same pass, from the chunks already in cache.
-A thread reads the next chunk while the current one is merged; the arithmetic is numpy's,
-single-threaded (torch's OpenMP on 1 MB chunks stalls on busy cores).
+and writes the merged ``model.safetensors`` atomically; it never holds N models. It checks the
+inputs (this module), then hands them to one of two engines:
+
+- FedAvg (`fedavg`) maps one input at a time and adds it into one accumulator that holds the
+  model's floating-point values (in float32, or float64 for F64 models), with BLAS axpy, giving
+  the input's pages back as it goes: memory is that accumulator, whatever N.
+- The robust methods (`robust`) walk the tensors in chunks on `chunked._ChunkReader`: the same
+  chunk (`CHUNK_ELEMENTS` values; `robust.ROBUST_CHUNK_ELEMENTS` in the median's and trimmed
+  mean's merging pass) of every input and of the base is read with ``pread`` (no mmap, so the
+  page cache never counts against the process) while a thread reads the next: memory is a few
+  megabytes per input, whatever the model's size. Distances to the merged model and to the base
+  are measured in the merging pass, from the chunks already in cache. LoRA adapters (`lora`)
+  are small: each factor is read whole, every input's at once.
+
+Both parse and write the files with `safetensors_io`; `report.build_report` reports for both.
 
 Methods (`METHODS`):
 
 - ``fedavg``: the weighted mean Σ wᵢxᵢ / Σ wᵢ (McMahan et al. 2017); wᵢ = the input's number
-  of training examples. One pass.
+  of training examples. One read of each input (see `fedavg` for what a base and `distances` add).
 - ``median``: the coordinate-wise median (the mean of the two middle values for even N), and
 - ``trimmed_mean``: per coordinate, drop the ⌊trim_ratio·N⌋ largest and smallest values and
   average the rest (Yin et al. 2018). Both are unweighted, as published: a weight cannot buy a
@@ -23,24 +30,25 @@ Methods (`METHODS`):
   multi_krum) and take their weighted mean (Blanchard et al. 2017). Needs N > 2f + 2. Two
   passes: pairwise distances accumulated chunk by chunk, then the mean of the kept inputs.
 - ``clip_norm`` (any method; needs a base): each update uᵢ = xᵢ − base is scaled to an L2 norm of
-  at most clip_norm (over all floating-point tensors) before merging. One extra pass for norms.
+  at most clip_norm (over all floating-point tensors) before merging. FedAvg measures each
+  norm just before adding that input; the robust methods make one extra pass for the norms.
 
 Tensors that are not floating point (e.g. BatchNorm's ``num_batches_tracked``) are copied from
 the base if given, else from input 0.
 
 LoRA adapters (PEFT safetensors whose keys hold ``lora_A``/``lora_B``): averaging A and B
-separately is wrong (the mean of products is not the product of means), so `fedavg` stacks them
-(FLoRA, Wang et al. 2024): A' = [A₁; …; A_N] along the rank, B' = [p₁B₁ | … | p_N B_N] with
-pᵢ = wᵢ / Σw, so B'A' = Σ pᵢ BᵢAᵢ exactly. The adapter's rank becomes r·N; to keep its scaling
-α/r, its ``lora_alpha`` must become α·N too: `stacked_adapter_config` rewrites an
-``adapter_config.json`` that way. The robust methods, `clip_norm` and a base are refused for
-adapters (MergeError): they are not defined on factor pairs.
+separately is wrong, so `fedavg` stacks them exactly (FLoRA; see `lora`): the adapter's rank
+becomes r·N, and `stacked_adapter_config` rewrites its ``adapter_config.json`` to match. The
+robust methods, `clip_norm` and a base are refused for adapters (MergeError): they are not
+defined on factor pairs.
 
 Validation, each failure a `MergeError` naming the input (index and name): unreadable or invalid
 safetensors, different tensor names, shapes or dtypes (inputs and base), NaN or Inf anywhere, a
 weight that is not a positive finite number, too few inputs for the method, and a base mismatch:
 an update whose safetensors metadata names ``base_sha256`` must name the base's sha256 (given as
-`base_sha256`, else computed from the `base` file), and updates naming a base must agree.
+`base_sha256`, else computed from the `base` file), and updates naming a base must agree. The
+robust methods exist to merge around bad inputs: there an input at fault is left out, with its
+reason in the report's ``excluded``, as long as enough remain; FedAvg refuses the whole merge.
 
 No pickle is ever loaded: the safetensors header is JSON, the data raw little-endian arrays.
 """
@@ -124,9 +132,11 @@ def merge_files(paths: Sequence[Path], weights: Sequence[float], out: Path, *, m
     """Merge the safetensors models at `paths` into `out` (written atomically) and report.
 
     FedAvg (not of LoRA adapters) reads one input at a time, memory-mapped, into one
-    preallocated accumulator (`_fedavg_one_at_a_time`): each input is read once, or twice with
-    a base (its update norm first, for the report and `clip_norm`). The other methods read a
-    chunk of every input at a time (`_Merger`).
+    preallocated accumulator (`fedavg.merge_fedavg`): each input is read once, or twice with a
+    base (its update norm first, for the report and `clip_norm`). The robust methods and the
+    stacking of LoRA adapters read a chunk of every input at a time (`robust.merge_robust`,
+    `lora.merge_lora`). The inputs are checked here first; one report is built for all
+    (`report.build_report`).
 
     :param weights: one per input, in order: its number of training examples (> 0). FedAvg and
         (multi-)Krum's mean use them; median and trimmed_mean are unweighted.
@@ -143,9 +153,12 @@ def merge_files(paths: Sequence[Path], weights: Sequence[float], out: Path, *, m
     :param progress: called with (fraction 0-1, message) as the merge goes.
     :param check_cancelled: called between chunks; raise from it to stop (nothing is written).
     :param distances: FedAvg: also report each input's distance to the merged model, at the
-        cost of a second read of every input (its update norm, with a base, comes free). The
-        coordinate-wise methods and Krum always report them: they cost nothing there.
-    :raises MergeError: naming the input at fault (`.index`), before writing anything.
+        cost of one more read of every input (its update norm, with a base, is measured
+        anyway). The coordinate-wise methods and Krum always report them: they cost nothing
+        there. LoRA stacking never does (factors of different adapters are not comparable).
+    :raises MergeError: naming the input at fault (`.index`; None for the base, the parameters
+        or the whole set); nothing is written to `out`. The robust methods leave an input at
+        fault out instead, and raise only when too few remain or the fault is not an input's.
     """
     # NaN/Inf are found and refused after the pass, naming the input: no numpy warnings meanwhile.
     with np.errstate(invalid="ignore", over="ignore"):
