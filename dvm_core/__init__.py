@@ -1,16 +1,20 @@
 """NIP-90 Data Vending Machine worker core: protocol, relays, payment, persistence, plugins.
 
-What a plugin needs is importable from here: `hookimpl`, `JobKind`, `JobResult`, the errors.
+This top level is the plugin API: what a plugin needs is importable from here (`hookimpl`,
+`JobKind`, `JobResult`, the errors), with `hookspecs` (the contract), `params`, `archives`,
+`childproc`, `launch`, `devices`, `charts` and `datarefs` beside it. The rest of the core is in
+layers below (see dvm_core/README.md); plugins do not import them.
 """
 
 import pluggy
 
-from .jobs import Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout
+from .jobs import (Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind, JobResult, JobTimeout,
+                   StopReason)
 from .protocol.nip90 import JobInput, JobRequest
 
 hookimpl = pluggy.HookimplMarker("dvm")
 
 __all__ = [
     "hookimpl", "Artifact", "JobKind", "JobResult", "JobContext", "JobError", "JobInputError",
-    "JobCancelled", "JobTimeout", "JobRequest", "JobInput",
+    "JobCancelled", "JobTimeout", "StopReason", "JobRequest", "JobInput",
 ]
