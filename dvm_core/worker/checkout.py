@@ -67,7 +67,7 @@ class Checkout:
             else:
                 reply.feedback(status, message, content=content)
 
-        limit = job.job_kind.time_limit or self.settings.job_time_limit
+        limit = self.settings.time_limit(job.job_kind)
         try:
             paid = await self.cashier.collect(request, price, offered, limit, say)
             self.cashier.settle(request.id)   # nutzaps kept for it that did not pay go back

@@ -68,6 +68,10 @@ class Settings:
     def jobs_dir(self) -> Path:
         return Path(self.state_dir) / "jobs"
 
+    def time_limit(self, job_kind) -> float:
+        """Seconds a job of `job_kind` may run: its own limit, else `job_time_limit`."""
+        return job_kind.time_limit or self.job_time_limit
+
 
 @dataclass
 class Config:

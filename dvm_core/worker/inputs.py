@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import structlog
 
-from dvm_core.datarefs import parse_data_ref
+from dvm_core.datarefs import DataRef, parse_data_ref
 from dvm_core.jobs import JobContext, JobError, JobInputError
 from dvm_core.protocol.nip90 import JobRequest
 
@@ -28,28 +28,22 @@ FETCH_ATTEMPTS = 3           # tries of a paid job's input download before it is
 FETCH_RETRY_SECONDS = 2.0
 
 
-async def probe(settings: Settings, request: JobRequest) -> None:
+async def probe(settings: Settings, refs: Iterable[DataRef]) -> None:
     """Before any work or payment: every url input answers, is not an HTML page and is not
     announced larger than the limit. Raises JobInputError."""
     from dvm_core.transport.fetch import FetchError, probe as probe_url
-    for job_input in request.inputs:
-        if job_input.type != "url":
-            continue
+    for ref in refs:
         try:
-            await probe_url(parse_data_ref(job_input.data).url, max_bytes=settings.max_download_bytes,
+            await probe_url(ref.url, max_bytes=settings.max_download_bytes,
                             allow_private=settings.allow_private_urls)
         except FetchError as exc:
             raise JobInputError(str(exc)) from None
 
 
-async def fetch(settings: Settings, url: str, into: Path, attempts: int = 0) -> Path:
+async def fetch(settings: Settings, ref: DataRef, into: Path, attempts: int = 0) -> Path:
     """Download a url input for a running job: verified, cached, decrypted if need be."""
     from dvm_core.transport.blobcrypt import BlobDecryptError, decrypt_file
     from dvm_core.transport.fetch import FetchError, fetch as fetch_url
-    try:
-        ref = parse_data_ref(url)
-    except ValueError as exc:
-        raise JobInputError(str(exc)) from None
     s = settings
     attempts = attempts or FETCH_ATTEMPTS
     for attempt in range(1, attempts + 1):
@@ -77,14 +71,23 @@ async def fetch(settings: Settings, url: str, into: Path, attempts: int = 0) -> 
 
 
 def job_context(settings: Settings, config: dict, request: JobRequest, workdir: Path, limit: float, *,
-                device: str | None = None, report: Callable[[float, str], None] = lambda percent, message: None,
+                refs: dict[str, DataRef], device: str | None = None,
+                report: Callable[[float, str], None] = lambda percent, message: None,
                 fetch_attempts: int = 0, **bind) -> JobContext:
     """The context a plugin's function runs in, from a worker thread: downloads go through
-    this event loop (`fetch`), progress through `report`."""
+    this event loop (`fetch`, with the inputs' references as the intake parsed them), progress
+    through `report`."""
     loop = asyncio.get_running_loop()
+
+    def fetcher(url: str, into: Path) -> Path:
+        try:
+            ref = refs.get(url) or parse_data_ref(url)
+        except ValueError as exc:
+            raise JobInputError(str(exc)) from None
+        return asyncio.run_coroutine_threadsafe(fetch(settings, ref, into, attempts=fetch_attempts), loop).result()
+
     return JobContext(
         job_id=request.id, request=request, workdir=workdir,
         log=log.bind(job_id=request.id, kind=request.kind, **bind),
         deadline=time.monotonic() + limit, report=report, config=config, device=device,
-        fetcher=lambda url, into: asyncio.run_coroutine_threadsafe(
-            fetch(settings, url, into, attempts=fetch_attempts), loop).result())
+        fetcher=fetcher)

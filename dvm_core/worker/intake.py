@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import structlog
 
-from dvm_core.datarefs import parse_data_ref
+from dvm_core.datarefs import DataRef, parse_data_ref
 from dvm_core.jobs import JobError, JobInputError, JobKind, JobTimeout, StopReason
 from dvm_core.protocol.ecash import NUTZAP_KIND
 from dvm_core.protocol.encryption import DecryptionError, Scheme, decrypt
@@ -47,6 +47,7 @@ class Job:
     parsed: Any
     scheme: Scheme | None
     private_tags: list | None     # the decrypted tags, where a private request carries its token
+    refs: dict[str, DataRef]      # each url input's data reference, parsed once
     paid_already: bool = False    # resumed after a restart with its payment taken
 
 
@@ -97,7 +98,7 @@ class Intake:
                  "since": self.request_filters()[0]["since"]}]
 
     # taking a request ------------------------------------------------------------------------
-    def take(self, event: dict, resumed: bool) -> bool:
+    def take(self, event: dict, size: int, resumed: bool) -> bool:
         """Whether this request is ours to answer, recorded (once: False if seen before)."""
         providers = addressed_providers(event)
         if providers and self.keys.public_key not in providers and not self.settings.accept_jobs_for_others:
@@ -112,15 +113,14 @@ class Intake:
                         ahead_seconds=int(event["created_at"] - time.time()))
             return False
         # An oversized request is recorded without its body: the store keeps no stranger's megabytes.
-        recorded = event if _size(event) <= self.settings.max_request_bytes else \
+        recorded = event if size <= self.settings.max_request_bytes else \
             dict(event, content="", tags=[t for t in event["tags"][:16] if t and t[0] in ("p", "encrypted")])
         return self.store.record_request(recorded)  # False: seen before (another relay, a restart)
 
-    async def read(self, event: dict, resumed: bool) -> Job:
-        """The request as a job its plugin accepted and sized, or Refused."""
+    async def read(self, event: dict, size: int, resumed: bool) -> Job:
+        """The request (`size` bytes of JSON) as a job its plugin accepted and sized, or Refused."""
         scheme: Scheme | None = None
         try:
-            size = _size(event)
             if size > self.settings.max_request_bytes:
                 raise JobInputError(f"the request is {size} bytes; this DVM accepts at most "
                                     f"{self.settings.max_request_bytes}: send large inputs by URL")
@@ -137,11 +137,11 @@ class Intake:
                                         "array of i and param tags") from None
             request = parse_job_request(event, private_tags)
             job_kind = self.kinds[request.kind]
-            _check_params(request, job_kind)
+            refs = _check_inputs(request, job_kind)
             parsed = job_kind.parse(request) if job_kind.parse else request
             paid_already = resumed and self._paid_already(request.id)
             if not paid_already:
-                await inputs.probe(self.settings, request)  # a paid job's inputs are retried, then refunded
+                await inputs.probe(self.settings, refs.values())  # a paid job's are retried, then refunded
         except JobInputError as exc:
             raise Refused(str(exc), scheme) from None
         except Exception:
@@ -149,8 +149,8 @@ class Intake:
             raise Refused("internal error while reading the request", scheme) from None
         self._admit(resumed, scheme)
         if job_kind.precheck is not None and not paid_already:
-            parsed = await self._precheck(request, job_kind, parsed, scheme)
-        return Job(request, job_kind, parsed, scheme, private_tags, paid_already)
+            parsed = await self._precheck(request, job_kind, parsed, scheme, refs)
+        return Job(request, job_kind, parsed, scheme, private_tags, refs, paid_already)
 
     def _admit(self, resumed: bool, scheme: Scheme | None) -> None:
         """Refuse a new request the DVM has no room for (a resumed one was admitted before)."""
@@ -167,14 +167,15 @@ class Intake:
             raise Refused(f"busy: {unpaid} jobs are waiting for payment, the most this DVM keeps; "
                           "nothing was charged, try again later", scheme, private_detail=False)
 
-    async def _precheck(self, request: JobRequest, job_kind: JobKind, parsed: Any, scheme: Scheme | None) -> Any:
+    async def _precheck(self, request: JobRequest, job_kind: JobKind, parsed: Any, scheme: Scheme | None,
+                        refs: dict[str, DataRef]) -> Any:
         """The plugin's look at the inputs before pricing and payment (`JobKind.precheck`): the
         job with its real size, or Refused for data it cannot use."""
         workdir = self.settings.jobs_dir / f"{request.id}.precheck"
         loop = asyncio.get_running_loop()
         limit = self.settings.precheck_seconds
-        ctx = inputs.job_context(self.settings, self.config, request, workdir, limit, fetch_attempts=1,
-                                 step="precheck")
+        ctx = inputs.job_context(self.settings, self.config, request, workdir, limit, refs=refs,
+                                 fetch_attempts=1, step="precheck")
         try:
             async with self._precheck_slots:
                 context = contextvars.copy_context()
@@ -200,21 +201,25 @@ class Intake:
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
 
-def _size(event: dict) -> int:
+def event_size(event: dict) -> int:
+    """The request's size in bytes, as JSON: what `max_request_bytes` bounds."""
     return len(json.dumps(event, ensure_ascii=False).encode())
 
 
-def _check_params(request: JobRequest, job_kind: JobKind) -> None:
-    """Only the params the kind announces; every url input a valid data reference."""
+def _check_inputs(request: JobRequest, job_kind: JobKind) -> dict[str, DataRef]:
+    """Only the params the kind announces; every url input a valid data reference (returned
+    by URL, parsed once for the probe, the precheck and the run)."""
     if job_kind.params is not None:
         unknown = sorted(set(request.params) - set(job_kind.params))
         if unknown:
             accepted = ", ".join(sorted(job_kind.params)) or "none"
             raise JobInputError(f"unknown param(s) {', '.join(unknown)} for kind "
                                 f"{request.kind} ({job_kind.name}); accepted: {accepted}")
+    refs = {}
     for job_input in request.inputs:
         if job_input.type == "url":
             try:
-                parse_data_ref(job_input.data)
+                refs[job_input.data] = parse_data_ref(job_input.data)
             except ValueError as exc:
                 raise JobInputError(f"input {job_input.data[:80]!r}: {exc}") from None
+    return refs

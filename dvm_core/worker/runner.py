@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from dvm_core.datarefs import DataRef
 from dvm_core.jobs import (JobCancelled, JobContext, JobError, JobInputError, JobKind,
                            JobResult, JobTimeout, StopReason)
 from dvm_core.payments.cashier import Cashier, Paid
@@ -45,6 +46,7 @@ class ActiveJob:
     job_kind: JobKind
     parsed: Any
     reply: Reply
+    refs: dict[str, DataRef] = field(default_factory=dict)   # its url inputs, parsed by the intake
     paid: Paid | None = None
     ctx: JobContext | None = None
     task: asyncio.Task | None = None        # the request's task (accept, queue, run, answer)
@@ -126,7 +128,7 @@ class Runner:
         workdir = self.settings.jobs_dir / request.id
         kind_slot = self._kind_slots.get(request.kind) or contextlib.nullcontext()
         device = None
-        limit = job_kind.time_limit or self.settings.job_time_limit
+        limit = self.settings.time_limit(job_kind)
         try:
             async with kind_slot, self._slots:
                 if active.cancel_reason:
@@ -137,7 +139,7 @@ class Runner:
                 crashpoint("job-running")
                 loop = asyncio.get_running_loop()
                 ctx = active.ctx = job_context(
-                    self.settings, self.config, request, workdir, limit, device=device,
+                    self.settings, self.config, request, workdir, limit, refs=active.refs, device=device,
                     report=lambda pct, msg: loop.call_soon_threadsafe(self._progress, active, pct, msg))
                 started = time.monotonic()
                 result = await self._call_plugin(active, ctx, limit)

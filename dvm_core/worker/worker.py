@@ -38,7 +38,7 @@ from dvm_core.state.store import Store
 from .cancels import Cancels
 from .checkout import Checkout
 from .config import Config, ConfigError
-from .intake import Intake, Job, Refused
+from .intake import Intake, Job, Refused, event_size
 from .offer import Offer
 from .outbox import Outbox, Reply
 from .plugins import collect_job_kinds, plugin_manager
@@ -255,7 +255,8 @@ class Worker:
     # one request, from the relay to its answer -----------------------------
     async def _handle(self, event: dict, resumed: bool = False) -> None:
         try:
-            if not self.intake.take(event, resumed):
+            size = event_size(event)
+            if not self.intake.take(event, size, resumed):
                 return
             crashpoint("request-recorded")
             with structlog.contextvars.bound_contextvars(job_id=event["id"]):
@@ -263,7 +264,7 @@ class Worker:
                     self.counts["received"] += 1
                 reply = None
                 try:
-                    job = await self.intake.read(event, resumed)
+                    job = await self.intake.read(event, size, resumed)
                     reply = Reply(job.request, job.scheme, self.outbox)
                     paid = await self.checkout.pay(job, reply)
                 except Refused as refusal:
@@ -289,7 +290,8 @@ class Worker:
         request = job.request
         self.store.set_state(request.id, JobState.QUEUED)
         crashpoint("job-queued")
-        active = ActiveJob(request=request, job_kind=job.job_kind, parsed=job.parsed, reply=reply, paid=paid)
+        active = ActiveJob(request=request, job_kind=job.job_kind, parsed=job.parsed, reply=reply,
+                           refs=job.refs, paid=paid)
         self.runner.active[request.id] = active
         self.cancels.watch(request.id, request.pubkey)
         message = "resumed after a restart" if resumed else "job accepted"
