@@ -21,7 +21,7 @@ from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payme
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_mint
 from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput
-from dvm_core.payments.wallet import ProviderWallet, _cashu
+from dvm_core.payments.wallet import ProviderWallet
 
 from .paying import (FUNDS, PRICE, claim_nutzaps, funded_customer, paid_worker,
                      provider_balance)

@@ -26,7 +26,8 @@ from bolt11 import Tags as Bolt11Tags
 from bolt11 import encode as bolt11_encode
 
 from dvm_core.devtools.localnet import start_mint
-from dvm_core.payments.wallet import PaymentError, ProviderWallet, Received
+from dvm_core.payments.wallet import ProviderWallet
+from dvm_core.payments.wallet_types import PaymentError, Received
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -405,7 +406,8 @@ def test_importing_nutshell_leaves_the_process_alone(tmp_path, mint):
         logging.getLogger("cashu").addHandler(Keep())
         logging.getLogger("cashu").setLevel(logging.DEBUG)
 
-        from dvm_core.payments.wallet import ProviderWallet, _cashu
+        from dvm_core.payments import nutshell
+        from dvm_core.payments.wallet import ProviderWallet
 
         async def main():
             wallet = ProviderWallet("wallet", [sys.argv[1]])
@@ -415,7 +417,7 @@ def test_importing_nutshell_leaves_the_process_alone(tmp_path, mint):
             return balance
 
         balance = asyncio.run(main())
-        cashu = _cashu()
+        cashu = nutshell.load()
         from cashu.core.secret import Tags
         Tags([["locktime", "soon"]]).get_tag_int("locktime")     # Nutshell logs a warning
         sys.stderr.write("RESULT " + json.dumps({

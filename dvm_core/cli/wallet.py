@@ -33,7 +33,8 @@ def _wallet_options(f):
 def open_wallet(config_path, wallet_dir, mints):
     from pathlib import Path
 
-    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+    from dvm_core.payments.wallet import ProviderWallet
     try:
         settings = load_config(config_path).settings if config_path else None
     except ConfigError as exc:
@@ -65,7 +66,7 @@ def _run_wallet(config_path, wallet_dir, mints, action):
             return await action(w)
         finally:
             await w.close()
-    from dvm_core.payments.wallet import PaymentError
+    from dvm_core.payments.wallet_types import PaymentError
     try:
         return asyncio.run(go())
     except PaymentError as exc:

@@ -290,7 +290,7 @@ class Customer:
     async def collect_nutzaps(self, wallet, *, expect: int = 0, timeout: float = 10.0) -> int:
         """Redeem the nutzaps sent to this customer (change, refunds) into `wallet`, waiting up to
         `timeout` seconds for at least `expect` sat. Returns the amount collected."""
-        from dvm_core.payments.wallet import PaymentError
+        from dvm_core.payments.wallet_types import PaymentError
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         total = 0

@@ -86,7 +86,9 @@ class Worker:
                              unpaid=lambda: len(self._unpaid), paid_already=self._paid_already)
 
     def _open_cashier(self) -> Cashier:
-        from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key, preload
+        from dvm_core.payments.nutshell import preload
+        from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+        from dvm_core.payments.wallet import ProviderWallet
         preload()  # Nutshell's import has process-wide side effects: take them now, contained
         directory = self.settings.wallet_dir
         wallet = ProviderWallet(directory=directory, accepted_mints=self.settings.mints,

@@ -126,7 +126,8 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
     from dvm_core.worker.config import Settings
     from dvm_core.protocol.events import Keys
     from dvm_core.worker.keys import load_keys
-    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+    from dvm_core.payments.wallet import ProviderWallet
 
     keys = load_keys(Settings(key_file=key_file), env={}) if key_file else Keys.generate()
     wallet = ProviderWallet(directory=wallet_dir, accepted_mints=mints,

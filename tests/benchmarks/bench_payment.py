@@ -79,7 +79,8 @@ from dvm_core.worker.logs import configure_logging
 from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput
 from dvm_core.worker.plugins import plugin_manager
 from dvm_core.transport.relay import RelayPool
-from dvm_core.payments.wallet import ProviderWallet, _cashu
+from dvm_core.payments import nutshell
+from dvm_core.payments.wallet import ProviderWallet
 from dvm_core.worker.worker import Worker
 from benchlib import CpuMeter, eprint, loadavg, ms, percentile, reply_to  # noqa: E402
 
@@ -161,7 +162,7 @@ class BareNutshell:
         self.directory = directory
         self.mint_url = mint_url
         self.wallet = None
-        self.c = _cashu()  # import Nutshell with its side effects contained
+        self.c = nutshell.load()  # import Nutshell with its side effects contained
 
     async def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -243,7 +244,7 @@ class PayTracer:
             return publish(event, *a, **kw)
         worker.outbox.publish = _publish
 
-        from cashu.wallet.v1_api import LedgerAPI  # imported already, by _cashu()
+        from cashu.wallet.v1_api import LedgerAPI  # imported already, by nutshell.load()
         split = LedgerAPI.split
         names = self.wallet_names
         swap_http = self.swap_http

@@ -22,7 +22,8 @@ import pytest
 from dvm_core.customer.client import JobFailed, result_json
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import JobInput
-from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+from dvm_core.payments.wallet import ProviderWallet
 
 from ..conftest import WorkerProcess
 from ..paying import FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer
