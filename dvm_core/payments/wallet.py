@@ -22,9 +22,8 @@ import re
 import time
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
 
-from dvm_core.protocol.ecash import p2pk_lock
+from dvm_core.protocol.ecash import normalize_mint_url, p2pk_lock
 
 from . import nutshell
 from .crashpoints import crashpoint
@@ -38,14 +37,6 @@ KEYSET_REFRESH_SECONDS = 600.0
 MINT_QUOTE_TIMEOUT = 60.0
 # Outputs asked for again after a swap whose answer was lost: more than one swap makes.
 RESTORE_WINDOW = 64
-
-
-def normalize_mint_url(url: str) -> str:
-    """`HTTPS://Mint.Example/` and `https://mint.example` are the same mint."""
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not a mint URL: {url!r}")
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
 
 
 def _wallet_name(mint: str, unit: str) -> str:

@@ -1,6 +1,8 @@
-"""Cashu ecash on Nostr, the pure parts: tokens (NUT-00), payment requests (NUT-18), nutzaps
-and the nutzap informational event (NIP-61). No network and no Nutshell import here: the mint
-and the wallet live in `wallet.py`.
+"""Cashu ecash on Nostr, the pure parts: tokens (NUT-00), mint URLs, payment requests (NUT-18),
+nutzaps and the nutzap informational event (NIP-61). No network and no Nutshell import here: the
+wallet lives in `dvm_core.payments.wallet`.
+
+May import: the standard library and cbor2.
 """
 
 from __future__ import annotations
@@ -8,11 +10,14 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import cbor2
 
 NUTZAP_KIND = 9321
 NUTZAP_INFO_KIND = 10019
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class TokenFormatError(ValueError):
@@ -20,12 +25,42 @@ class TokenFormatError(ValueError):
 
 
 def normalize_mint_url(url: str) -> str:
-    return url.strip().rstrip("/")
+    """The one form of a mint's URL, to compare and store: `HTTPS://Mint.Example:443/` and
+    `https://mint.example` are the same mint.
+
+    Lower-case scheme and host, no default port, no trailing slash; the path keeps its case, and
+    http and https stay different mints. Raises ValueError for anything but an http(s) URL of a
+    host, and for one with credentials, a query or a fragment (cashu-ts refuses those too).
+    """
+    text = url.strip() if isinstance(url, str) else ""
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or port == -1 or "@" in parts.netloc \
+            or "?" in text or "#" in text:
+        raise ValueError(f"not a mint URL: {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
+def normalize_mint_url_or_keep(url: str) -> str:
+    """`normalize_mint_url(url)`, or `url` as written (stripped) when it is not a mint URL: for
+    mints that others name (nutzaps, announcements), where a bad URL must still be kept, and
+    compare unequal to every good one."""
+    try:
+        return normalize_mint_url(url)
+    except ValueError:
+        return url.strip() if isinstance(url, str) else url
 
 
 @dataclass(frozen=True)
 class Token:
-    """A decoded token: one mint, one unit, NUT-00 JSON proofs."""
+    """A decoded token: one mint (normalised), one unit, NUT-00 JSON proofs."""
 
     mint: str
     unit: str
@@ -79,7 +114,11 @@ def decode_token(token: str) -> Token:
     for p in proofs:
         if not isinstance(p.get("secret"), str) or not isinstance(p.get("amount"), int) or p["amount"] <= 0:
             raise TokenFormatError("the token holds a malformed proof")
-    return Token(normalize_mint_url(str(mint)), str(unit), tuple(proofs), str(memo))
+    try:
+        mint = normalize_mint_url(str(mint))
+    except ValueError:
+        raise TokenFormatError("the token names no valid mint URL") from None
+    return Token(mint, str(unit), tuple(proofs), str(memo))
 
 
 def encode_token_a(mint: str, proofs: list[dict], unit: str = "sat", memo: str = "") -> str:
@@ -150,7 +189,7 @@ def parse_nutzap_info(event: dict) -> NutzapInfo:
         if len(t) >= 2 and t[0] == "relay":
             relays.append(t[1])
         elif len(t) >= 2 and t[0] == "mint":
-            mints[normalize_mint_url(t[1])] = tuple(t[2:]) or ("sat",)
+            mints[normalize_mint_url_or_keep(t[1])] = tuple(t[2:]) or ("sat",)
         elif len(t) >= 2 and t[0] == "pubkey":
             pubkey = t[1]
     return NutzapInfo(tuple(relays), mints, pubkey)
@@ -205,7 +244,7 @@ def parse_nutzap(event: dict) -> Nutzap:
                 raise TokenFormatError("a nutzap proof tag is not a Cashu proof")
             proofs.append(proof)
         elif t[0] == "u":
-            mint = normalize_mint_url(t[1])
+            mint = normalize_mint_url_or_keep(t[1])
         elif t[0] == "unit":
             unit = t[1]
         elif t[0] == "e" and zapped is None:
