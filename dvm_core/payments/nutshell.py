@@ -69,7 +69,7 @@ def _import() -> SimpleNamespace:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 from loguru import logger
 
-                from cashu.core.base import P2PKWitness, TokenV3
+                from cashu.core.base import P2PKWitness, Proof
                 from cashu.core.crypto import b_dhke
                 from cashu.core.crypto.secp import PrivateKey, PublicKey
                 from cashu.core.nuts import nut10
@@ -79,7 +79,6 @@ def _import() -> SimpleNamespace:
                 from cashu.wallet.crud import bump_secret_derivation
                 from cashu.wallet.errors import BalanceTooLowError
                 from cashu.wallet.v1_api import LedgerAPI
-                from cashu.wallet.helpers import deserialize_token_from_string
                 from cashu.wallet.wallet import Wallet
         finally:
             os.getcwd = real_getcwd
@@ -117,10 +116,9 @@ def _import() -> SimpleNamespace:
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
     return SimpleNamespace(
-        Wallet=Wallet, TokenV3=TokenV3, P2PKWitness=P2PKWitness, SigFlags=SigFlags, Tags=Tags,
+        Wallet=Wallet, Proof=Proof, P2PKWitness=P2PKWitness, SigFlags=SigFlags, Tags=Tags,
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
-        deserialize_token_from_string=deserialize_token_from_string,
         bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,
     )
 

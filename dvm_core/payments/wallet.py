@@ -6,6 +6,11 @@ request leaves the process, the DLEQ proofs are verified against the mint's keys
 is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s whose
 `customer_message` can go into a job's feedback as it is.
 
+Tokens are read with `protocol.ecash.decode_token`, the one token parser, into its NUT-00 proof
+dicts; Nutshell's `Proof` objects are made from those only where proofs go to Nutshell (the swap,
+the spent check). Spending conditions are read with Nutshell's NUT-10 parser (see
+`read_token`).
+
 May import: the standard library, `dvm_core.protocol.ecash`, and the other modules of this
 package: `nutshell` (its only way to Nutshell), `p2pk_keys`, `wallet_types`, `locks`,
 `crashpoints`.
@@ -17,13 +22,12 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import json
 import re
 import time
 from pathlib import Path
 from typing import Callable
 
-from dvm_core.protocol.ecash import normalize_mint_url, p2pk_lock
+from dvm_core.protocol.ecash import TokenFormatError, decode_token, normalize_mint_url, p2pk_lock
 
 from . import nutshell
 from .crashpoints import crashpoint
@@ -37,6 +41,47 @@ KEYSET_REFRESH_SECONDS = 600.0
 MINT_QUOTE_TIMEOUT = 60.0
 # Outputs asked for again after a swap whose answer was lost: more than one swap makes.
 RESTORE_WINDOW = 64
+
+
+def read_token(token: str) -> TokenInfo:
+    """Read a cashuA/cashuB token without any network access; raises PaymentError.
+
+    The token itself is decoded by `protocol.ecash.decode_token`, as everywhere in dvm_core. The
+    spending conditions of its proofs are read with Nutshell's NUT-10 parser, not a pure one: it
+    is the parser of the Nutshell code that signs our P2PK proofs, so a lock is judged here by the
+    same rules (duplicate keys, tag shapes, n_sigs, locktime, SIG_ALL) as it is signed by.
+    """
+    try:
+        decoded = decode_token(token)
+    except TokenFormatError as exc:
+        raise PaymentError(str(exc)) from None
+    c = nutshell.load()
+    conditions = []
+    for proof in decoded.proofs:
+        try:
+            cond = c.nut10.parse_spending_condition(proof["secret"])
+        except Exception as exc:
+            raise PaymentError(f"The Cashu token has a malformed spending condition ({exc}).") from None
+        if cond is None:
+            conditions.append(None)
+            continue
+        signers = ([cond.data] if cond.kind == "P2PK" else []) + cond.tags.get_tag_all("pubkeys")
+        conditions.append(SpendingCondition(
+            kind=cond.kind,
+            pubkeys=tuple(k.lower() for k in signers),
+            n_sigs=cond.n_sigs or 1,
+            locktime=cond.locktime,
+            refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
+            sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
+        ))
+    return TokenInfo(decoded.mint, decoded.unit, decoded.proofs, decoded.memo, tuple(conditions))
+
+
+def _nutshell_proofs(info: TokenInfo) -> list:
+    """Nutshell `Proof` objects for the proofs of a token read by `read_token` (new ones on each
+    call: Nutshell changes them as it works on them)."""
+    c = nutshell.load()
+    return [c.Proof.from_dict(dict(p)) for p in info.proofs]
 
 
 def _wallet_name(mint: str, unit: str) -> str:
@@ -87,63 +132,8 @@ class ProviderWallet:
 
     # -- reading tokens ---------------------------------------------------------------------
     def inspect(self, token: str) -> TokenInfo:
-        """Parse a cashuA/cashuB token without any network access."""
-        info, _ = self._parse(token)
-        return info
-
-    def _parse(self, token: str) -> tuple[TokenInfo, list]:
-        c = nutshell.load()
-        text = token.strip() if isinstance(token, str) else ""
-        if text.startswith("cashu:"):       # NUT-00 URI form
-            text = text[len("cashu:"):]
-        if not text.startswith(("cashuA", "cashuB")):
-            raise PaymentError("This is not a Cashu token (it should start with cashuA or cashuB).")
-        try:
-            parsed = c.deserialize_token_from_string(text)
-            proofs = parsed.proofs          # builds new Proof objects on each access: read once
-            mints = parsed.mints if isinstance(parsed, c.TokenV3) else [parsed.mint]
-            unit, memo = parsed.unit, parsed.memo
-        except Exception:
-            raise PaymentError("The Cashu token is damaged or incomplete; "
-                               "please copy the whole token again.") from None
-        if not proofs:
-            raise PaymentError("The Cashu token contains no proofs, so it is worth nothing.")
-        if len(set(mints)) != 1 or not mints[0]:
-            raise PaymentError("The Cashu token must come from exactly one mint.")
-        try:
-            mint = normalize_mint_url(mints[0])
-        except ValueError:
-            raise PaymentError("The Cashu token names no valid mint URL.") from None
-        secrets = [p.secret for p in proofs]
-        if len(set(secrets)) != len(secrets):
-            raise PaymentError("The Cashu token contains the same proof twice.")
-        if any(not isinstance(p.amount, int) or p.amount <= 0 for p in proofs):
-            raise PaymentError("The Cashu token contains a proof with an invalid amount.")
-        conditions = []
-        for p in proofs:
-            try:
-                cond = c.nut10.parse_spending_condition(p.secret)
-            except Exception as exc:
-                raise PaymentError(f"The Cashu token has a malformed spending condition ({exc}).") from None
-            if cond is None:
-                conditions.append(None)
-                continue
-            signers = ([cond.data] if cond.kind == "P2PK" else []) + cond.tags.get_tag_all("pubkeys")
-            conditions.append(SpendingCondition(
-                kind=cond.kind,
-                pubkeys=tuple(k.lower() for k in signers),
-                n_sigs=cond.n_sigs or 1,
-                locktime=cond.locktime,
-                refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
-                sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
-            ))
-        info = TokenInfo(
-            mint=mint, unit=unit or "sat", amount=sum(p.amount for p in proofs),
-            proof_count=len(proofs), has_dleq=all(p.dleq is not None for p in proofs),
-            keyset_ids=tuple(dict.fromkeys(p.id for p in proofs)), conditions=tuple(conditions),
-            token_id=hashlib.sha256(json.dumps(sorted(secrets)).encode()).hexdigest(), memo=memo,
-        )
-        return info, proofs
+        """Read a cashuA/cashuB token without any network access (`read_token`)."""
+        return read_token(token)
 
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
@@ -159,7 +149,7 @@ class ProviderWallet:
         secrets start: store it, and `recover_swap(mint, mark)` gets them back if the mint's answer
         is lost. Raises PaymentError; if it is `retryable`, keep the token and try again later.
         """
-        info, proofs = self._parse(token)
+        info = read_token(token)
         # Offline checks first: a token from a mint we do not accept must not make us connect.
         if info.mint not in self.accepted_mints:
             raise PaymentError(f"This worker does not accept ecash from the mint {info.mint}; "
@@ -177,6 +167,7 @@ class ProviderWallet:
         self._check_conditions(info, require_lock, min_locktime, job_secret)
 
         wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)
         await self._resolve_keysets(wallet, info.mint, proofs)
         for proof in proofs:
             if not self._dleq_valid(wallet.keysets[proof.id], proof):
@@ -187,7 +178,7 @@ class ProviderWallet:
             raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
                                f"fee of {fee} {self.unit} that is less than the price of "
                                f"{min_amount} {self.unit}; it was not redeemed.")
-        self._sign_own_locks(proofs, job_secret)
+        self._sign_own_locks(proofs, info.conditions, job_secret)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
@@ -288,9 +279,11 @@ class ProviderWallet:
                     f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
                     "the sender could take it back while the job runs. Lock it for longer.")
 
-    def _sign_own_locks(self, proofs: list, job_secret: str | None = None) -> None:
+    def _sign_own_locks(self, proofs: list, conditions: tuple[SpendingCondition | None, ...],
+                        job_secret: str | None = None) -> None:
         """Sign the proofs Nutshell would not: those locked to "03"+x of our key (Nutshell signs
-        only for "02"+x) and those locked to the key derived for a job."""
+        only for "02"+x) and those locked to the key derived for a job. `conditions`: the
+        proofs' spending conditions, from `read_token`."""
         if self._p2pk_secret is None:
             return
         c = nutshell.load()
@@ -298,12 +291,10 @@ class ProviderWallet:
         for secret in filter(None, (self._p2pk_secret, job_secret)):
             signers[xonly_pubkey(secret)] = c.PrivateKey(bytes.fromhex(secret))
         ours = self.p2pk_pubkey
-        for proof in proofs:
-            cond = c.nut10.parse_spending_condition(proof.secret)
+        for proof, cond in zip(proofs, conditions):
             if cond is None or cond.kind != "P2PK":
                 continue
-            keys = {k.lower() for k in [cond.data] + cond.tags.get_tag_all("pubkeys")}
-            keys |= {k.lower() for k in cond.tags.get_tag_all("refund")}
+            keys = set(cond.pubkeys) | set(cond.refund)
             if ours in keys:
                 continue   # Nutshell signs this one itself
             key = next((signers[k[2:]] for k in keys if k[2:] in signers), None)
@@ -501,12 +492,12 @@ class ProviderWallet:
     async def check_spent(self, token: str) -> bool:
         """NUT-07: True once any proof of the token is spent (or being spent) at its mint, i.e.
         the token can no longer be redeemed whole."""
-        info, proofs = self._parse(token)
+        info = read_token(token)
         if info.mint not in self.accepted_mints:
             raise PaymentError(f"The mint {info.mint} is not one of this wallet's mints.")
         wallet = await self._online(info.mint)
         try:
-            states = await wallet.check_proof_state(proofs)
+            states = await wallet.check_proof_state(_nutshell_proofs(info))
         except Exception as exc:
             raise mint_error(exc, info.mint) from exc
         return any(not state.unspent for state in states.states)

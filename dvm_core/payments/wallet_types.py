@@ -2,16 +2,20 @@
 failure at the mint into one), and the values `TokenInfo`, `SpendingCondition`, `Invoice` and
 `Received`.
 
-May import: the standard library and httpx (to tell an unreachable mint from its answer). Not
-Nutshell: these are read by callers that never touch it.
+May import: the standard library, httpx (to tell an unreachable mint from its answer) and
+`dvm_core.protocol.ecash`. Not Nutshell: these are read by callers that never touch it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
 import httpx
+
+from dvm_core.protocol.ecash import Token
 
 
 class PaymentError(Exception):
@@ -76,18 +80,30 @@ class SpendingCondition:
 
 
 @dataclass(frozen=True)
-class TokenInfo:
-    """What a token claims, read without asking the mint."""
+class TokenInfo(Token):
+    """A token as the wallet reads it, without asking the mint: a `protocol.ecash.Token` (the one
+    token model: normalised `mint`, `unit`, NUT-00 `proofs`, `memo`) with the spending condition
+    of each proof."""
 
-    mint: str                     # normalised mint URL
-    unit: str
-    amount: int
-    proof_count: int
-    has_dleq: bool                # every proof carries a DLEQ proof
-    keyset_ids: tuple[str, ...]
-    conditions: tuple[SpendingCondition | None, ...]   # per proof; None = plain bearer proof
-    token_id: str                 # sha256 of the sorted proof secrets: the same token, the same id
-    memo: str | None = None
+    conditions: tuple[SpendingCondition | None, ...] = ()   # per proof; None = plain bearer proof
+
+    @property
+    def proof_count(self) -> int:
+        return len(self.proofs)
+
+    @property
+    def has_dleq(self) -> bool:
+        """Every proof carries a DLEQ proof."""
+        return all("dleq" in p for p in self.proofs)
+
+    @property
+    def keyset_ids(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p["id"] for p in self.proofs))
+
+    @property
+    def token_id(self) -> str:
+        """sha256 of the sorted proof secrets: the same token, the same id."""
+        return hashlib.sha256(json.dumps(sorted(p["secret"] for p in self.proofs)).encode()).hexdigest()
 
     @property
     def locked(self) -> bool:

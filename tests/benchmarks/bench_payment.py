@@ -174,7 +174,8 @@ class BareNutshell:
         await self.wallet.load_proofs(reload=True)
 
     async def proofs_of(self, token: str) -> list:
-        proofs = self.c.deserialize_token_from_string(token).proofs  # a new list on each access
+        from cashu.wallet.helpers import deserialize_token_from_string  # imported already, by load()
+        proofs = deserialize_token_from_string(token).proofs  # a new list on each access
         await self.wallet._expand_short_keyset_ids(proofs)
         return proofs
 
