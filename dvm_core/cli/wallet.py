@@ -34,7 +34,7 @@ def open_wallet(config_path, wallet_dir, mints):
     from pathlib import Path
 
     from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     try:
         settings = load_config(config_path).settings if config_path else None
     except ConfigError as exc:
@@ -55,8 +55,8 @@ def open_wallet(config_path, wallet_dir, mints):
             f.write(json.dumps(list(dict.fromkeys(known + list(mints)))))
         mints = list(dict.fromkeys(list(mints) + known))
     unit = settings.unit if settings else "sat"
-    return ProviderWallet(directory=directory, accepted_mints=mints, unit=unit,
-                          p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+    return EcashWallet(directory=directory, accepted_mints=mints, unit=unit,
+                       p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
 
 
 def _run_wallet(config_path, wallet_dir, mints, action):

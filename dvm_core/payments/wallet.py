@@ -1,6 +1,6 @@
-"""The ecash wallet (`ProviderWallet`) of the worker and of its customers, on Nutshell's `Wallet`.
+"""The ecash wallet (`EcashWallet`) of the worker and of its customers, on Nutshell's `Wallet`.
 
-`ProviderWallet.receive` is the safe way to take a payment: everything that can be checked without
+`EcashWallet.receive` is the safe way to take a payment: everything that can be checked without
 the mint (allow-list, unit, amount, DLEQ present, P2PK lock, locktime) is checked before any
 request leaves the process, the DLEQ proofs are verified against the mint's keys, and the token
 is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s whose
@@ -97,7 +97,7 @@ def _plain(proof) -> bool:
 
 # -- the wallet ------------------------------------------------------------------------------
 
-class ProviderWallet:
+class EcashWallet:
     """Ecash wallets of one party, one Nutshell `Wallet` per (mint, unit), in one directory.
 
     The worker uses it to take payments (`receive`), give change and refunds (`send`) and cash

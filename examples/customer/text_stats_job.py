@@ -34,9 +34,9 @@ async def main() -> int:
     wallet = None
     if args.wallet_dir:
         from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
-        from dvm_core.payments.wallet import ProviderWallet
+        from dvm_core.payments.wallet import EcashWallet
         directory = Path(args.wallet_dir)
-        wallet = ProviderWallet(directory, args.mint, p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+        wallet = EcashWallet(directory, args.mint, p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     try:
         async with Customer(Keys.generate(), args.relay) as customer:
             if wallet is not None:
