@@ -15,10 +15,10 @@ PRICE = 5
 async def funded_customer(tmp_path, mint_url: str, relay_url: str, amount: int = FUNDS) -> Customer:
     """A customer with `amount` sat at the mint; its wallet's P2PK key is its Nostr key, so it
     can redeem the change and refunds locked to it. Close with `close_customer`."""
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     keys = Keys.generate()
-    wallet = ProviderWallet(directory=tmp_path / f"customer-wallet-{keys.public_key[:8]}",
-                            accepted_mints=[mint_url], p2pk_private_key=keys.private_key)
+    wallet = EcashWallet(directory=tmp_path / f"customer-wallet-{keys.public_key[:8]}",
+                         accepted_mints=[mint_url], p2pk_private_key=keys.private_key)
     await wallet.mint_from_lightning(amount, mint_url)
     customer = Customer(keys, [relay_url])
     await customer.__aenter__()

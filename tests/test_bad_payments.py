@@ -21,7 +21,7 @@ from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payme
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_mint
 from dvm_core.protocol.nip90 import HANDLER_KIND, JobInput
-from dvm_core.payments.wallet import ProviderWallet, _cashu
+from dvm_core.payments.wallet import EcashWallet
 
 from .paying import (FUNDS, PRICE, claim_nutzaps, funded_customer, paid_worker,
                      provider_balance)
@@ -130,7 +130,7 @@ async def test_garbage_truncated_and_empty_tokens_are_refused(workers, mint, fun
 
 async def test_token_of_a_mint_not_accepted_is_refused(workers, mint, funded, other_mint, tmp_path):
     worker = await paid_worker(workers, mint)
-    elsewhere = ProviderWallet(tmp_path / "elsewhere", [other_mint.url], p2pk_private_key=funded.keys.private_key)
+    elsewhere = EcashWallet(tmp_path / "elsewhere", [other_mint.url], p2pk_private_key=funded.keys.private_key)
     try:
         await elsewhere.mint_from_lightning(10, other_mint.url)
         token = await elsewhere.send(PRICE, mint=other_mint.url)
@@ -243,7 +243,7 @@ async def test_token_spent_before_it_arrives(workers, mint, funded):
 async def test_token_locked_to_someone_elses_key_in_a_public_request(workers, mint, funded, tmp_path):
     worker = await paid_worker(workers, mint)
     holder_keys = Keys.generate()
-    holder = ProviderWallet(tmp_path / "holder", [mint.url], p2pk_private_key=holder_keys.private_key)
+    holder = EcashWallet(tmp_path / "holder", [mint.url], p2pk_private_key=holder_keys.private_key)
     try:
         token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=holder.p2pk_pubkey)
         request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key, encrypt=None, cashu=token)
@@ -274,8 +274,8 @@ async def test_lock_expiring_before_the_job_ends_is_refused_and_the_refund_key_t
 
 
 async def test_customer_wallet_reclaims_an_expired_lock_with_its_refund_key(mint, funded):
-    other = ProviderWallet(funded.wallet.directory.parent / "someone", [mint.url],
-                           p2pk_private_key=Keys.generate().private_key)
+    other = EcashWallet(funded.wallet.directory.parent / "someone", [mint.url],
+                        p2pk_private_key=Keys.generate().private_key)
     try:
         locktime = int(time.time()) + 1
         token = await funded.wallet.send(PRICE, mint=mint.url, lock_to=other.p2pk_pubkey,

@@ -94,9 +94,10 @@ async def test_a_payment_request_from_the_right_dvm_is_checked_before_paying(wor
 # -- `dvm job submit`: the quote, the cap, the question, the JSON ------------------------------
 
 async def cli_wallet(tmp_path, mint_url: str, amount: int = FUNDS):
-    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+    from dvm_core.payments.wallet import EcashWallet
     directory = tmp_path / "cli-wallet"
-    wallet = ProviderWallet(directory, [mint_url], p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+    wallet = EcashWallet(directory, [mint_url], p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     await wallet.mint_from_lightning(amount, mint_url)
     return wallet
 

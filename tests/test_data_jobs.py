@@ -121,7 +121,7 @@ async def upload_plain(blobs, keys, data: bytes) -> str:
 @pytest.mark.parametrize("case", ["no-sha256", "unreachable", "html-page", "too-large", "private-address"])
 async def test_bad_data_references_are_refused_before_payment(workers, customer, blobs, mint, html_site,
                                                               tmp_path, case):
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     allow_private = case != "private-address"
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=allow_private,
                                  max_download_bytes=1000, mints=[mint.url], prices={"text-stats": 2})
@@ -133,7 +133,7 @@ async def test_bad_data_references_are_refused_before_payment(workers, customer,
         "too-large": (await upload_plain(blobs, customer.keys, b"x" * 5000), "more than the 1000 bytes allowed"),
         "private-address": (good, "loopback"),
     }[case]
-    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url])
+    wallet = EcashWallet(directory=tmp_path / "w", accepted_mints=[mint.url])
     await wallet.mint_from_lightning(2, mint.url)
     token = await wallet.send(2, mint=mint.url)
     try:
@@ -148,13 +148,13 @@ async def test_bad_data_references_are_refused_before_payment(workers, customer,
 
 
 async def test_sha256_mismatch_after_payment_is_refunded(workers, customer, blobs, mint, tmp_path):
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
                                  prices={"text-stats": 2})
     url = await upload_plain(blobs, customer.keys, b"real words")
     lying = DataRef(url.rsplit("/", 1)[0] + "/" + url.rsplit("/", 1)[1], "b" * 64).to_url()
-    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
-                            p2pk_private_key=customer.keys.private_key)
+    wallet = EcashWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                         p2pk_private_key=customer.keys.private_key)
     await wallet.mint_from_lightning(2, mint.url)
     try:
         request = await customer.submit(KIND, [JobInput(lying, "url")], {}, provider=worker.keys.public_key,
@@ -236,10 +236,10 @@ async def test_an_input_server_down_after_payment_is_tried_again_then_refunded(
         workers, customer, mint, flaky_site, tmp_path, failures, outcome):
     """Once paid, an input that does not come is tried again (3 tries); if it never comes, the
     job is refunded, never kept."""
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     worker = await workers.start(allow_private_urls=True, mints=[mint.url], prices={"text-stats": 2})
-    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
-                            p2pk_private_key=customer.keys.private_key)
+    wallet = EcashWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                         p2pk_private_key=customer.keys.private_key)
     await wallet.mint_from_lightning(2, mint.url)
     flaky_site.failures = failures
     try:
@@ -298,15 +298,15 @@ async def test_dvm_job_fetch_recovers_a_result_whose_download_failed(workers, re
 async def test_a_paid_job_that_fails_on_the_customers_data_is_refunded_less_the_announced_fee(
         workers, customer, blobs, mint, tmp_path):
     from dvm_core.transport.blobcrypt import encrypt_bytes, generate_key
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     worker = await workers.start(blob_servers=[blobs.url], allow_private_urls=True, mints=[mint.url],
                                  prices={"text-stats": 3}, input_error_fee=1)
     assert json.loads(worker.announcement()[1])["payment"]["input_error_fee"] == 1
     sealed, _ = encrypt_bytes(TEXT.encode())
     blob = await BlossomClient([blobs.url], customer.keys).upload(sealed, "application/octet-stream")
     wrong_key = DataRef(blob.url, blob.sha256, generate_key()).to_url()
-    wallet = ProviderWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
-                            p2pk_private_key=customer.keys.private_key)
+    wallet = EcashWallet(directory=tmp_path / "w", accepted_mints=[mint.url],
+                         p2pk_private_key=customer.keys.private_key)
     await wallet.mint_from_lightning(3, mint.url)
     try:
         request = await customer.submit(KIND, [JobInput(wrong_key, "url")], {}, provider=worker.keys.public_key,

@@ -174,7 +174,7 @@ async def test_a_kind_10019_signed_by_someone_else_is_never_used_for_a_refund(tm
     signed by the victim counts."""
     from dvm_core.payments.cashier import Cashier
     from dvm_core.state.store import Store
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     victim_keys, attacker_keys = Keys.generate(), Keys.generate()
     forged = sign_event(attacker_keys, NUTZAP_INFO_KIND, "", [["pubkey", "02" + attacker_keys.public_key]])
     forged_for_victim = dict(forged)
@@ -183,7 +183,7 @@ async def test_a_kind_10019_signed_by_someone_else_is_never_used_for_a_refund(tm
     async def lying_query(filters, timeout):
         return [forged, forged_for_victim]
 
-    wallet = ProviderWallet(tmp_path / "w", [mint.url], p2pk_private_key=Keys.generate().private_key)
+    wallet = EcashWallet(tmp_path / "w", [mint.url], p2pk_private_key=Keys.generate().private_key)
     cashier = Cashier(wallet=wallet, store=Store(":memory:"), keys=Keys.generate(), mints=[mint.url],
                       unit="sat", sign=None, publish=None, query=lying_query, spawn=None,
                       mint_retry_seconds=1, payment_timeout=1)
@@ -224,10 +224,10 @@ def test_nutzaps_for_requests_never_seen_are_kept_only_so_many(tmp_path, monkeyp
     from dvm_core.payments.locks import job_lock_pubkey
     from dvm_core.payments.cashier import Cashier
     from dvm_core.state.store import Store
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.payments.wallet import EcashWallet
     monkeypatch.setattr(payments, "MAX_PENDING_FOR_UNKNOWN_JOBS", 3)
     dvm = Keys.generate()
-    wallet = ProviderWallet(tmp_path / "w", ["http://127.0.0.1:9"], p2pk_private_key=Keys.generate().private_key)
+    wallet = EcashWallet(tmp_path / "w", ["http://127.0.0.1:9"], p2pk_private_key=Keys.generate().private_key)
     store = Store(tmp_path / "dvm.sqlite3")
     cashier = Cashier(wallet=wallet, store=store, keys=dvm, mints=["http://127.0.0.1:9"], unit="sat",
                       sign=None, publish=None, query=None, spawn=lambda coro: coro.close(),

@@ -26,7 +26,8 @@ from bolt11 import Tags as Bolt11Tags
 from bolt11 import encode as bolt11_encode
 
 from dvm_core.devtools.localnet import start_mint
-from dvm_core.payments.wallet import PaymentError, ProviderWallet, Received
+from dvm_core.payments.wallet import EcashWallet
+from dvm_core.payments.wallet_types import PaymentError, Received
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,11 +42,11 @@ def fee_mint(tmp_path_factory):
 
 @pytest.fixture
 async def wallets(tmp_path):
-    """make(name, mints, **kwargs) -> ProviderWallet in tmp_path/name, closed after the test."""
-    opened: list[ProviderWallet] = []
+    """make(name, mints, **kwargs) -> EcashWallet in tmp_path/name, closed after the test."""
+    opened: list[EcashWallet] = []
 
-    def make(name: str, mints: list[str], **kwargs) -> ProviderWallet:
-        wallet = ProviderWallet(tmp_path / name, mints, **kwargs)
+    def make(name: str, mints: list[str], **kwargs) -> EcashWallet:
+        wallet = EcashWallet(tmp_path / name, mints, **kwargs)
         opened.append(wallet)
         return wallet
 
@@ -405,17 +406,18 @@ def test_importing_nutshell_leaves_the_process_alone(tmp_path, mint):
         logging.getLogger("cashu").addHandler(Keep())
         logging.getLogger("cashu").setLevel(logging.DEBUG)
 
-        from dvm_core.payments.wallet import ProviderWallet, _cashu
+        from dvm_core.payments import nutshell
+        from dvm_core.payments.wallet import EcashWallet
 
         async def main():
-            wallet = ProviderWallet("wallet", [sys.argv[1]])
+            wallet = EcashWallet("wallet", [sys.argv[1]])
             balance = await wallet.balance()         # creates the wallet database
             await wallet.mint_from_lightning(4, sys.argv[1])
             await wallet.close()
             return balance
 
         balance = asyncio.run(main())
-        cashu = _cashu()
+        cashu = nutshell.load()
         from cashu.core.secret import Tags
         Tags([["locktime", "soon"]]).get_tag_int("locktime")     # Nutshell logs a warning
         sys.stderr.write("RESULT " + json.dumps({

@@ -274,7 +274,7 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
     """Answer a payment-required: the quote, checked; asked or capped; paid. None once paid,
     else the exit code."""
     from dvm_core.customer.client import PaymentDeclined
-    from dvm_core.payments.wallet import PaymentError
+    from dvm_core.payments.wallet_types import PaymentError
     report = options.report
     mints = list(wallet.accepted_mints) if wallet is not None else None
     try:

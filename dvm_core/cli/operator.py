@@ -117,9 +117,9 @@ def status(config_path, as_json) -> None:
     balance = None
     if settings.mints and settings.wallet_dir.exists():
         async def read_balance():
-            from dvm_core.payments.wallet import ProviderWallet
-            async with ProviderWallet(directory=settings.wallet_dir, accepted_mints=settings.mints,
-                                      unit=settings.unit) as w:
+            from dvm_core.payments.wallet import EcashWallet
+            async with EcashWallet(directory=settings.wallet_dir, accepted_mints=settings.mints,
+                                   unit=settings.unit) as w:
                 return await w.balance()
         try:
             balance = asyncio.run(read_balance())

@@ -33,7 +33,8 @@ def _wallet_options(f):
 def open_wallet(config_path, wallet_dir, mints):
     from pathlib import Path
 
-    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+    from dvm_core.payments.wallet import EcashWallet
     try:
         settings = load_config(config_path).settings if config_path else None
     except ConfigError as exc:
@@ -54,8 +55,8 @@ def open_wallet(config_path, wallet_dir, mints):
             f.write(json.dumps(list(dict.fromkeys(known + list(mints)))))
         mints = list(dict.fromkeys(list(mints) + known))
     unit = settings.unit if settings else "sat"
-    return ProviderWallet(directory=directory, accepted_mints=mints, unit=unit,
-                          p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+    return EcashWallet(directory=directory, accepted_mints=mints, unit=unit,
+                       p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
 
 
 def _run_wallet(config_path, wallet_dir, mints, action):
@@ -65,7 +66,7 @@ def _run_wallet(config_path, wallet_dir, mints, action):
             return await action(w)
         finally:
             await w.close()
-    from dvm_core.payments.wallet import PaymentError
+    from dvm_core.payments.wallet_types import PaymentError
     try:
         return asyncio.run(go())
     except PaymentError as exc:

@@ -5,10 +5,14 @@ fetch and decrypt its result, get change and refunds back.
 Import from here: this is the customer's public API.
 """
 
+from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+from dvm_core.payments.wallet import EcashWallet
+from dvm_core.payments.wallet_types import PaymentError
 from dvm_core.state.keyfiles import KeyFileError, read_key_file, write_key_file
 
 from .client import (Customer, JobFailed, PaymentDeclined, download_artifacts, result_json,
                      upload_dataset)
 
 __all__ = ["Customer", "JobFailed", "PaymentDeclined", "download_artifacts", "result_json",
-           "upload_dataset", "KeyFileError", "read_key_file", "write_key_file"]
+           "upload_dataset", "KeyFileError", "read_key_file", "write_key_file", "EcashWallet",
+           "PaymentError", "load_or_create_p2pk_key"]

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
-                    parse_nutzap, parse_nutzap_info)
+                    normalize_mint_url_or_keep, parse_nutzap, parse_nutzap_info)
 from dvm_core.protocol.encryption import Scheme, decrypt, encrypter
 from dvm_core.protocol.events import InvalidEvent, Keys, sign_event, verify_event
 from dvm_core.payments.locks import job_lock_pubkey
@@ -191,7 +191,8 @@ class Customer:
                 continue
             if event["kind"] == NUTZAP_INFO_KIND:
                 info = parse_nutzap_info(event)
-                key, mints = info.p2pk_pubkey or key, tuple(_mint_url(m) for m in info.mints) or mints
+                key = info.p2pk_pubkey or key
+                mints = tuple(normalize_mint_url_or_keep(m) for m in info.mints) or mints
             else:
                 try:
                     content, _ = parse_handler_announcement(event)
@@ -200,7 +201,7 @@ class Customer:
                 payment = content.get("payment") if isinstance(content, dict) else None
                 if isinstance(payment, dict):
                     key = payment.get("p2pk_pubkey") or key
-                    mints = tuple(_mint_url(m) for m in payment.get("mints") or ()) or mints
+                    mints = tuple(normalize_mint_url_or_keep(m) for m in payment.get("mints") or ()) or mints
                     prices = payment.get("prices") if isinstance(payment.get("prices"), dict) else {}
                     pricing = payment.get("pricing") if isinstance(payment.get("pricing"), dict) else {}
                 kinds = content.get("nip90") if isinstance(content, dict) else None
@@ -250,7 +251,7 @@ class Customer:
         if nut10.get("k") != "P2PK" or str(nut10.get("d", "")).lower() != expected:
             raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
                                   "key derived from the DVM's advertised wallet key")
-        offered = [_mint_url(m) for m in creq.get("m") or []]
+        offered = [normalize_mint_url_or_keep(m) for m in creq.get("m") or []]
         usable = [m for m in offered if (not info.mints or m in info.mints)
                   and (mints is None or m in mints)]
         if not usable:
@@ -290,7 +291,7 @@ class Customer:
     async def collect_nutzaps(self, wallet, *, expect: int = 0, timeout: float = 10.0) -> int:
         """Redeem the nutzaps sent to this customer (change, refunds) into `wallet`, waiting up to
         `timeout` seconds for at least `expect` sat. Returns the amount collected."""
-        from dvm_core.payments.wallet import PaymentError
+        from dvm_core.payments.wallet_types import PaymentError
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         total = 0
@@ -317,14 +318,6 @@ class Customer:
         event = sign_event(self.keys, DELETION_KIND, reason,
                            [["e", request["id"]], ["k", str(request["kind"])]])
         await self.pool.publish(event)
-
-
-def _mint_url(url: str) -> str:
-    from dvm_core.payments.wallet import normalize_mint_url   # the wallet's rules, so that both sides compare alike
-    try:
-        return normalize_mint_url(url)
-    except ValueError:
-        return url
 
 
 def result_json(result: Result) -> dict:

@@ -87,9 +87,9 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         customer_keys = Keys.generate()
-        from dvm_core.payments.wallet import ProviderWallet
-        customer_wallet = ProviderWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
-                                         p2pk_private_key=customer_keys.private_key)
+        from dvm_core.payments.wallet import EcashWallet
+        customer_wallet = EcashWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
+                                      p2pk_private_key=customer_keys.private_key)
         await customer_wallet.mint_from_lightning(100, mint.url)
         paid = 0
         customer_before = await customer_wallet.total_balance()
@@ -150,7 +150,7 @@ async def run_demo(workdir: str | None = None, verbose: bool = False) -> int:
         else:
             steps.bad(f"worker exited with {code}; see {log_path}")
         customer_after = await customer_wallet.total_balance()
-        async with ProviderWallet(directory=root / "state" / "wallet", accepted_mints=[mint.url]) as earned:
+        async with EcashWallet(directory=root / "state" / "wallet", accepted_mints=[mint.url]) as earned:
             provider_after = await earned.total_balance()
         line = (f"balances: customer {customer_before} → {customer_after} sat, "
                 f"provider 0 → {provider_after} sat")

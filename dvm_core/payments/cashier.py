@@ -36,7 +36,9 @@ from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_n
                     decode_token, encode_payment_request, p2pk_lock, parse_nutzap, parse_nutzap_info)
 from dvm_core.protocol.events import InvalidEvent, Keys, verify_event
 from .crashpoints import crashpoint
-from .locks import Binding, bind, compressed, payer_named
+from .locks import Binding, bind, payer_named
+from .p2pk_keys import compressed_pubkey
+from .wallet_types import PaymentError
 from dvm_core.protocol.nip90 import JobRequest
 from dvm_core.state.jobstate import UNPAID, JobState
 from dvm_core.state.store import Store
@@ -142,14 +144,10 @@ class Cashier:
     async def _owner(self, request: JobRequest, token: str, method: str, sender: str) -> str | None:
         """Check that `token` is this job's to take; returns the key money goes back to (None:
         the customer's). Raises PaymentRefused, before anything is redeemed."""
-        from .wallet import PaymentError
         try:
-            self.wallet.inspect(token)        # the wallet's checks, with its words
-            proofs = decode_token(token).proofs
+            proofs = self.wallet.inspect(token).proofs    # the wallet's checks, with its words
         except PaymentError as exc:
             raise PaymentRefused(exc.customer_message) from None
-        except TokenFormatError as exc:
-            raise PaymentRefused(f"The Cashu token cannot be read: {exc}.") from None
         binding = self._binding(proofs, request.id)
         if binding.kind == "bearer":
             if method == "encrypted":
@@ -259,7 +257,6 @@ class Cashier:
 
     async def _redeem(self, request: JobRequest, price: int, token: str, method: str,
                       refund_to: str | None, min_locktime: int, say) -> Paid:
-        from .wallet import PaymentError  # the only door to Nutshell
         try:
             info = self.wallet.inspect(token)
         except PaymentError as exc:
@@ -352,7 +349,6 @@ class Cashier:
         return await self._give_back(request, token, refund_to, reason)
 
     async def _give_back(self, request: JobRequest, token: str, refund_to: str | None, reason: str) -> int:
-        from .wallet import PaymentError
         try:
             info = self.wallet.inspect(token)
         except PaymentError:
@@ -497,7 +493,6 @@ class Cashier:
 
     async def _deliver(self, payout_id: int) -> None:
         """Make the ecash of a payout and hand its nutzap to the outbox, retrying until done."""
-        from .wallet import PaymentError
         if payout_id in self._delivering:
             return
         self._delivering.add(payout_id)
@@ -560,7 +555,7 @@ class Cashier:
             info = parse_nutzap_info(event)
             if info.p2pk_pubkey:
                 try:
-                    return compressed(info.p2pk_pubkey)
+                    return compressed_pubkey(info.p2pk_pubkey)
                 except ValueError:
                     continue
         return None

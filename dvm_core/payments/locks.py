@@ -32,7 +32,7 @@ import coincurve
 
 from dvm_core.protocol.ecash import p2pk_lock
 
-_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+from .p2pk_keys import SECP256K1_ORDER, compressed_pubkey
 TWEAK_TAG = b"nip90-dvm/job-lock/v1"
 
 Kind = Literal["job", "payer", "bearer", "unbound", "foreign", "mixed"]
@@ -41,7 +41,7 @@ Kind = Literal["job", "payer", "bearer", "unbound", "foreign", "mixed"]
 def _tweak(base_pubkey: str, job_id: str) -> bytes:
     """t = sha256(tag || base key (33 bytes) || job id (32 bytes)) mod n."""
     digest = hashlib.sha256(TWEAK_TAG + bytes.fromhex(base_pubkey) + bytes.fromhex(job_id)).digest()
-    t = int.from_bytes(digest, "big") % _N
+    t = int.from_bytes(digest, "big") % SECP256K1_ORDER
     if t == 0:  # probability 2^-256; a key of 0 would not be a key
         raise ValueError("degenerate job-lock tweak")
     return t.to_bytes(32, "big")
@@ -50,7 +50,7 @@ def _tweak(base_pubkey: str, job_id: str) -> bytes:
 def job_lock_pubkey(base_pubkey: str, job_id: str) -> str:
     """The compressed key (66 hex) that ecash for `job_id` is locked to: P + t·G, where P is the
     DVM's P2PK key as it advertises it (compressed) and t is `_tweak(P, job_id)`."""
-    base = compressed(base_pubkey)
+    base = compressed_pubkey(base_pubkey)
     point = coincurve.PublicKey(bytes.fromhex(base)).add(_tweak(base, job_id))
     return point.format().hex()
 
@@ -60,16 +60,6 @@ def job_lock_secret(base_secret: str, job_id: str) -> str:
     key = coincurve.PrivateKey(bytes.fromhex(base_secret))
     base = key.public_key.format().hex()
     return key.add(_tweak(base, job_id)).to_hex()
-
-
-def compressed(pubkey: str) -> str:
-    """A 66-hex compressed key as it is (lower case), a 64-hex x-only key as "02" + x."""
-    pubkey = pubkey.strip().lower()
-    if len(pubkey) == 64:
-        pubkey = "02" + pubkey
-    if len(pubkey) != 66 or pubkey[:2] not in ("02", "03"):
-        raise ValueError(f"not a compressed public key: {pubkey!r}")
-    return pubkey
 
 
 def _x(key: str) -> str:
@@ -117,7 +107,7 @@ def bind(proofs: Iterable[dict], *, dvm_pubkey: str,
     if _x(lock) == _x(dvm_pubkey):
         return Binding("payer" if refund_keys else "unbound", refund_keys=refund_keys, lock_key=lock)
     try:
-        job_id = job_for_key(compressed(lock))
+        job_id = job_for_key(compressed_pubkey(lock))
     except ValueError:
         job_id = None
     if job_id is not None:

@@ -1,18 +1,19 @@
-"""Cashu ecash for the worker and its customers, on Nutshell's `Wallet`.
+"""The ecash wallet (`EcashWallet`) of the worker and of its customers, on Nutshell's `Wallet`.
 
-This is the only module of dvm_core that imports `cashu`, and it imports it late (`_cashu()`),
-because importing Nutshell changes the whole process: it loads `./.env` and `~/.cashu/.env` over
-`os.environ`, sets `sys.tracebacklimit = 0`, replaces loguru's sinks with its own stderr sink,
-reads every environment variable as a setting (`DEBUG=1` turns off TLS verification, `TOR=1`
-starts a Tor daemon), its wallets print a mnemonic notice to stdout, and the aiosqlite driver
-under it logs SQL parameters (the mnemonic among them) at DEBUG. `_cashu()` undoes or
-fences off each of these; the tests in tests/test_wallet.py prove it.
+`EcashWallet.receive` is the safe way to take a payment: everything that can be checked without
+the mint (allow-list, unit, amount, DLEQ present, P2PK lock, locktime) is checked before any
+request leaves the process, the DLEQ proofs are verified against the mint's keys, and the token
+is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s whose
+`customer_message` can go into a job's feedback as it is.
 
-`ProviderWallet.receive` is the safe way to take a payment: everything that can be checked
-without the mint (allow-list, unit, amount, DLEQ present, P2PK lock, locktime) is checked before
-any request leaves the process, the DLEQ proofs are verified against the mint's keys, and the
-token is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s
-whose `customer_message` can go into a job's feedback as it is.
+Tokens are read with `protocol.ecash.decode_token`, the one token parser, into its NUT-00 proof
+dicts; Nutshell's `Proof` objects are made from those only where proofs go to Nutshell (the swap,
+the spent check). Spending conditions are read with Nutshell's NUT-10 parser (see
+`read_token`).
+
+May import: the standard library, `dvm_core.protocol.ecash`, and the other modules of this
+package: `nutshell` (its only way to Nutshell), `p2pk_keys`, `wallet_types`, `locks`,
+`crashpoints`.
 """
 
 from __future__ import annotations
@@ -21,28 +22,19 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import json
-import logging
-import os
 import re
-import sys
-import tempfile
-import threading
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
-from urllib.parse import urlsplit
 
-import coincurve
-import httpx
+from dvm_core.protocol.ecash import TokenFormatError, decode_token, normalize_mint_url, p2pk_lock
 
+from . import nutshell
 from .crashpoints import crashpoint
+from .p2pk_keys import compressed_pubkey, create_private_file, even_y_secret, xonly_pubkey
+from .wallet_types import (Invoice, PaymentError, Received, SpendingCondition, TokenInfo,
+                           mint_error)
 
-# secp256k1 group order: d and n - d have the same x-coordinate, opposite Y parity.
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 # Mint keysets (fees, active flag) are read again after this long, or at once when a token
 # names a keyset we have not seen.
 KEYSET_REFRESH_SECONDS = 600.0
@@ -51,299 +43,50 @@ MINT_QUOTE_TIMEOUT = 60.0
 RESTORE_WINDOW = 64
 
 
-class PaymentError(Exception):
-    """A payment that did not go through.
+def read_token(token: str) -> TokenInfo:
+    """Read a cashuA/cashuB token without any network access; raises PaymentError.
 
-    `customer_message` is a sentence for the customer (job feedback). `retryable` is True when
-    the mint could not be reached or was busy: the token may still be good, so the caller should
-    keep it and try again later. False means the token itself is unacceptable.
+    The token itself is decoded by `protocol.ecash.decode_token`, as everywhere in dvm_core. The
+    spending conditions of its proofs are read with Nutshell's NUT-10 parser, not a pure one: it
+    is the parser of the Nutshell code that signs our P2PK proofs, so a lock is judged here by the
+    same rules (duplicate keys, tag shapes, n_sigs, locktime, SIG_ALL) as it is signed by.
     """
-
-    def __init__(self, customer_message: str, *, retryable: bool = False, code: str = ""):
-        super().__init__(customer_message)
-        self.customer_message = customer_message
-        self.retryable = retryable
-        self.code = code          # "spent" when the mint says a proof is spent already
-
-
-@dataclass(frozen=True)
-class SpendingCondition:
-    """A NUT-10 spending condition of one proof (P2PK per NUT-11, HTLC per NUT-14)."""
-
-    kind: str                     # "P2PK" or "HTLC"
-    pubkeys: tuple[str, ...]      # keys that can sign now: the P2PK data key plus the `pubkeys` tag
-    n_sigs: int                   # signatures needed from `pubkeys`
-    locktime: int | None          # unix time after which the refund keys (or anyone) may spend
-    refund: tuple[str, ...]       # keys that may spend after `locktime`
-    sig_all: bool                 # SIG_ALL rather than SIG_INPUTS
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """What a token claims, read without asking the mint."""
-
-    mint: str                     # normalised mint URL
-    unit: str
-    amount: int
-    proof_count: int
-    has_dleq: bool                # every proof carries a DLEQ proof
-    keyset_ids: tuple[str, ...]
-    conditions: tuple[SpendingCondition | None, ...]   # per proof; None = plain bearer proof
-    token_id: str                 # sha256 of the sorted proof secrets: the same token, the same id
-    memo: str | None = None
-
-    @property
-    def locked(self) -> bool:
-        return any(c is not None for c in self.conditions)
-
-
-@dataclass(frozen=True)
-class Invoice:
-    """A Lightning invoice that, once paid, lets us mint `amount` of ecash (a NUT-04 quote)."""
-
-    quote_id: str
-    bolt11: str
-    mint: str
-    amount: int
-
-
-@dataclass(frozen=True)
-class Received:
-    """A payment that arrived: `amount` is what we hold now, after the mint's `fee`."""
-
-    amount: int
-    fee: int
-    mint: str
-    unit: str
-    token_id: str
-
-
-# -- importing Nutshell, fenced off ---------------------------------------------------------
-
-_cashu_ns: SimpleNamespace | None = None
-_cashu_lock = threading.Lock()
-_HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
-
-
-def preload() -> None:
-    """Import Nutshell now (several seconds) instead of at the first payment.
-
-    Call it at startup before other threads run: while it imports, HOME and the working
-    directory that Nutshell's settings look at point to an empty temporary directory.
-    """
-    _cashu()
-
-
-def _cashu() -> SimpleNamespace:
-    """Nutshell's classes, imported once with their side effects undone."""
-    global _cashu_ns
-    if _cashu_ns is None:
-        with _cashu_lock:
-            if _cashu_ns is None:
-                _cashu_ns = _import_cashu()
-    return _cashu_ns
-
-
-def _import_cashu() -> SimpleNamespace:
-    environ = dict(os.environ)
-    had_limit = hasattr(sys, "tracebacklimit")
-    limit = getattr(sys, "tracebacklimit", None)
-    stdout = sys.stdout
-    real_getcwd = os.getcwd
-    with tempfile.TemporaryDirectory(prefix="dvm-cashu-import-") as empty:
-        try:
-            # cashu.core.settings.find_env_file() loads os.getcwd()/.env, else ~/.cashu/.env, into
-            # os.environ (override=True) and into the settings. Show it an empty directory as both
-            # the working and the home directory; no chdir, so relative paths stay valid.
-            os.environ["HOME"] = empty
-            os.getcwd = lambda: empty
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                # environs warns about marshmallow's __version_info__ on import
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from loguru import logger
-
-                from cashu.core.base import P2PKWitness, TokenV3
-                from cashu.core.crypto import b_dhke
-                from cashu.core.crypto.secp import PrivateKey, PublicKey
-                from cashu.core.nuts import nut10
-                from cashu.core.p2pk import SigFlags, schnorr_sign
-                from cashu.core.secret import Tags
-                from cashu.core.settings import settings
-                from cashu.wallet.crud import bump_secret_derivation
-                from cashu.wallet.errors import BalanceTooLowError
-                from cashu.wallet.v1_api import LedgerAPI
-                from cashu.wallet.helpers import deserialize_token_from_string
-                from cashu.wallet.wallet import Wallet
-        finally:
-            os.getcwd = real_getcwd
-            os.environ.clear()
-            os.environ.update(environ)
-            sys.stdout = stdout
-            if had_limit:
-                sys.tracebacklimit = limit
-            elif hasattr(sys, "tracebacklimit"):
-                del sys.tracebacklimit
-
-    # Settings came from our environment (DEBUG, TOR, HTTP_PROXY, CASHU_DIR...): take the
-    # defaults instead. Everything the wallet needs is passed explicitly.
-    for name, field in type(settings).model_fields.items():
-        setattr(settings, name, field.get_default(call_default_factory=True))
-    settings.debug = False                  # True would disable TLS checks and timeouts
-    settings.tor = False                    # True would start a Tor daemon
-    settings.wallet_verbose_requests = False  # True prints every request to stdout
-    settings.db_backup_path = None
-
-    # cashu.wallet's import ran logger.remove() and added an INFO sink on stderr. Send Nutshell's
-    # warnings to the stdlib logger "cashu" (long hex runs, which may be proof secrets or keys,
-    # are masked) and give other loguru users back loguru's default sink.
-    logger.remove()
-    logger.add(_loguru_to_logging, level="WARNING", filter="cashu", format="{message}")
-    logger.add(sys.stderr, level="DEBUG", filter=lambda record: not record["name"].startswith("cashu"))
-    # Nutshell builds a new httpx client for every call to a mint, and each one loads the CA
-    # bundle again: ~65 ms of CPU that blocks the event loop. Give those clients one shared TLS
-    # context; verification is unchanged.
-    from cashu.wallet import v1_api
-    v1_api.httpx = _SharedTLSHttpx()
-
-    # aiosqlite (under Nutshell's SQLAlchemy) logs each statement with its parameters at DEBUG:
-    # the wallet's seed and mnemonic, proof secrets. Never let a debug log level show them.
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
-
-    return SimpleNamespace(
-        Wallet=Wallet, TokenV3=TokenV3, P2PKWitness=P2PKWitness, SigFlags=SigFlags, Tags=Tags,
-        PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
-        schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
-        deserialize_token_from_string=deserialize_token_from_string,
-        bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,
-    )
-
-
-class _SharedTLSHttpx:
-    """`httpx` as Nutshell's v1_api sees it: the same module, but AsyncClient(verify=True)
-    reuses one SSL context."""
-
-    _context = None
-
-    def __getattr__(self, name):
-        return getattr(httpx, name)
-
-    def AsyncClient(self, *args, verify=True, **kwargs):  # noqa: N802 - mirrors httpx
-        if verify is True:
-            if _SharedTLSHttpx._context is None:
-                import ssl
-
-                import certifi
-                _SharedTLSHttpx._context = ssl.create_default_context(cafile=certifi.where())
-            verify = _SharedTLSHttpx._context
-        return httpx.AsyncClient(*args, verify=verify, **kwargs)
-
-
-def _loguru_to_logging(message) -> None:
-    record = message.record
-    logging.getLogger("cashu").log(record["level"].no, "%s",
-                                   _HEX_RUN.sub("[redacted]", record["message"]))
-
-
-# -- helpers -------------------------------------------------------------------------------
-
-def normalize_mint_url(url: str) -> str:
-    """`HTTPS://Mint.Example/` and `https://mint.example` are the same mint."""
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"not a mint URL: {url!r}")
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-
-
-def even_y_secret(secret_hex: str) -> str:
-    """The secret key with the same x-only public key whose public key has even Y (BIP-340).
-
-    Nutshell signs a P2PK proof only when the lock equals its own compressed key, and locks to
-    Nostr keys are written "02" + x: with the even-Y secret, that is our key.
-    """
-    d = int(secret_hex, 16)
-    if not 0 < d < _SECP256K1_N:
-        raise ValueError("not a secp256k1 secret key")
-    if coincurve.PrivateKey(d.to_bytes(32, "big")).public_key.format()[0] == 3:
-        d = _SECP256K1_N - d
-    return d.to_bytes(32, "big").hex()
-
-
-def compressed_pubkey(pubkey: str) -> str:
-    """A 66-hex compressed key as it is, or a 64-hex x-only (Nostr) key as "02" + x."""
-    pubkey = pubkey.strip().lower()
-    if len(pubkey) == 64:
-        pubkey = "02" + pubkey
     try:
-        coincurve.PublicKey(bytes.fromhex(pubkey))
-    except ValueError:
-        raise ValueError(f"not a secp256k1 public key: {pubkey!r}") from None
-    if len(pubkey) != 66:
-        raise ValueError(f"not a compressed public key: {pubkey!r}")
-    return pubkey
+        decoded = decode_token(token)
+    except TokenFormatError as exc:
+        raise PaymentError(str(exc)) from None
+    c = nutshell.load()
+    conditions = []
+    for proof in decoded.proofs:
+        try:
+            cond = c.nut10.parse_spending_condition(proof["secret"])
+        except Exception as exc:
+            raise PaymentError(f"The Cashu token has a malformed spending condition ({exc}).") from None
+        if cond is None:
+            conditions.append(None)
+            continue
+        signers = ([cond.data] if cond.kind == "P2PK" else []) + cond.tags.get_tag_all("pubkeys")
+        conditions.append(SpendingCondition(
+            kind=cond.kind,
+            pubkeys=tuple(k.lower() for k in signers),
+            n_sigs=cond.n_sigs or 1,
+            locktime=cond.locktime,
+            refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
+            sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
+        ))
+    return TokenInfo(decoded.mint, decoded.unit, decoded.proofs, decoded.memo, tuple(conditions))
 
 
-def _private_path(path: Path) -> None:
-    """Create an empty file readable by us only, so SQLite (and its -wal/-shm files) keep 0600."""
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    path.chmod(0o600)
-
-
-def load_or_create_p2pk_key(path: str | Path) -> str:
-    """The wallet's dedicated P2PK key (hex), made on first use and kept 0600 beside the wallet.
-
-    NIP-61 forbids locking ecash to the Nostr identity key, so the DVM receives on this one."""
-    path = Path(path)
-    if path.exists():
-        secret = path.read_text().strip()
-        if len(secret) != 64:
-            raise ValueError(f"{path} does not hold a 64-hex private key")
-        return secret
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = even_y_secret(os.urandom(32).hex())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
+def _nutshell_proofs(info: TokenInfo) -> list:
+    """Nutshell `Proof` objects for the proofs of a token read by `read_token` (new ones on each
+    call: Nutshell changes them as it works on them)."""
+    c = nutshell.load()
+    return [c.Proof.from_dict(dict(p)) for p in info.proofs]
 
 
 def _wallet_name(mint: str, unit: str) -> str:
     readable = re.sub(r"[^a-z0-9]+", "_", mint.split("://", 1)[1]).strip("_")[:40]
     return f"{readable}-{unit}-{hashlib.sha256(f'{mint} {unit}'.encode()).hexdigest()[:8]}"
-
-
-def _mint_error(exc: BaseException, mint: str, subject: str = "this token") -> PaymentError:
-    """Turn what Nutshell raised while talking to the mint into a PaymentError."""
-    if isinstance(exc, PaymentError):
-        return exc
-    if isinstance(exc, httpx.TransportError):     # refused, reset, timed out, DNS
-        return PaymentError(
-            f"The mint {mint} is unreachable right now, so the payment could not be completed; "
-            "it can be tried again later.", retryable=True)
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        if status >= 500 or status == 429:
-            return PaymentError(
-                f"The mint {mint} is not working right now (HTTP {status}); "
-                "the payment can be tried again later.", retryable=True)
-        return PaymentError(f"The mint {mint} answered with an error (HTTP {status}).")
-    text = str(exc)
-    if "failed to acquire database locks" in text or "database is locked" in text:
-        # Nutshell's own SQLite, busy with another payment: nothing reached the mint.
-        return PaymentError("The provider's wallet is busy; the payment can be tried again in a "
-                            "moment.", retryable=True)
-    code_match = re.search(r"\(Code: (\d+)\)", text)
-    code = int(code_match.group(1)) if code_match else None
-    detail = re.sub(r"^Mint Error: |\s*\(Code: \d+\)$", "", text).strip().rstrip(".")
-    if code == 11001:
-        return PaymentError("This token was already spent; a Cashu token can be used only once.",
-                            code="spent")
-    if code == 11002:
-        return PaymentError("The mint says this token is being spent in another payment right "
-                            "now; it can be tried again later.", retryable=True)
-    if code is not None:
-        return PaymentError(f"The mint refused {subject}: {detail} (code {code}).")
-    return PaymentError(f"The payment failed: {detail or type(exc).__name__}.")
 
 
 def _plain(proof) -> bool:
@@ -354,7 +97,7 @@ def _plain(proof) -> bool:
 
 # -- the wallet ------------------------------------------------------------------------------
 
-class ProviderWallet:
+class EcashWallet:
     """Ecash wallets of one party, one Nutshell `Wallet` per (mint, unit), in one directory.
 
     The worker uses it to take payments (`receive`), give change and refunds (`send`) and cash
@@ -385,67 +128,12 @@ class ProviderWallet:
         """The compressed public key ("02" + x) to advertise for P2PK payments (kind 10019)."""
         if self._p2pk_secret is None:
             raise RuntimeError("this wallet has no P2PK key")
-        return "02" + coincurve.PrivateKey(bytes.fromhex(self._p2pk_secret)).public_key.format()[1:].hex()
+        return "02" + xonly_pubkey(self._p2pk_secret)
 
     # -- reading tokens ---------------------------------------------------------------------
     def inspect(self, token: str) -> TokenInfo:
-        """Parse a cashuA/cashuB token without any network access."""
-        info, _ = self._parse(token)
-        return info
-
-    def _parse(self, token: str) -> tuple[TokenInfo, list]:
-        c = _cashu()
-        text = token.strip() if isinstance(token, str) else ""
-        if text.startswith("cashu:"):       # NUT-00 URI form
-            text = text[len("cashu:"):]
-        if not text.startswith(("cashuA", "cashuB")):
-            raise PaymentError("This is not a Cashu token (it should start with cashuA or cashuB).")
-        try:
-            parsed = c.deserialize_token_from_string(text)
-            proofs = parsed.proofs          # builds new Proof objects on each access: read once
-            mints = parsed.mints if isinstance(parsed, c.TokenV3) else [parsed.mint]
-            unit, memo = parsed.unit, parsed.memo
-        except Exception:
-            raise PaymentError("The Cashu token is damaged or incomplete; "
-                               "please copy the whole token again.") from None
-        if not proofs:
-            raise PaymentError("The Cashu token contains no proofs, so it is worth nothing.")
-        if len(set(mints)) != 1 or not mints[0]:
-            raise PaymentError("The Cashu token must come from exactly one mint.")
-        try:
-            mint = normalize_mint_url(mints[0])
-        except ValueError:
-            raise PaymentError("The Cashu token names no valid mint URL.") from None
-        secrets = [p.secret for p in proofs]
-        if len(set(secrets)) != len(secrets):
-            raise PaymentError("The Cashu token contains the same proof twice.")
-        if any(not isinstance(p.amount, int) or p.amount <= 0 for p in proofs):
-            raise PaymentError("The Cashu token contains a proof with an invalid amount.")
-        conditions = []
-        for p in proofs:
-            try:
-                cond = c.nut10.parse_spending_condition(p.secret)
-            except Exception as exc:
-                raise PaymentError(f"The Cashu token has a malformed spending condition ({exc}).") from None
-            if cond is None:
-                conditions.append(None)
-                continue
-            signers = ([cond.data] if cond.kind == "P2PK" else []) + cond.tags.get_tag_all("pubkeys")
-            conditions.append(SpendingCondition(
-                kind=cond.kind,
-                pubkeys=tuple(k.lower() for k in signers),
-                n_sigs=cond.n_sigs or 1,
-                locktime=cond.locktime,
-                refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
-                sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
-            ))
-        info = TokenInfo(
-            mint=mint, unit=unit or "sat", amount=sum(p.amount for p in proofs),
-            proof_count=len(proofs), has_dleq=all(p.dleq is not None for p in proofs),
-            keyset_ids=tuple(dict.fromkeys(p.id for p in proofs)), conditions=tuple(conditions),
-            token_id=hashlib.sha256(json.dumps(sorted(secrets)).encode()).hexdigest(), memo=memo,
-        )
-        return info, proofs
+        """Read a cashuA/cashuB token without any network access (`read_token`)."""
+        return read_token(token)
 
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
@@ -461,7 +149,7 @@ class ProviderWallet:
         secrets start: store it, and `recover_swap(mint, mark)` gets them back if the mint's answer
         is lost. Raises PaymentError; if it is `retryable`, keep the token and try again later.
         """
-        info, proofs = self._parse(token)
+        info = read_token(token)
         # Offline checks first: a token from a mint we do not accept must not make us connect.
         if info.mint not in self.accepted_mints:
             raise PaymentError(f"This worker does not accept ecash from the mint {info.mint}; "
@@ -479,6 +167,7 @@ class ProviderWallet:
         self._check_conditions(info, require_lock, min_locktime, job_secret)
 
         wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)
         await self._resolve_keysets(wallet, info.mint, proofs)
         for proof in proofs:
             if not self._dleq_valid(wallet.keysets[proof.id], proof):
@@ -489,18 +178,19 @@ class ProviderWallet:
             raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
                                f"fee of {fee} {self.unit} that is less than the price of "
                                f"{min_amount} {self.unit}; it was not redeemed.")
-        self._sign_own_locks(proofs, job_secret)
+        self._sign_own_locks(proofs, info.conditions, job_secret)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
             async with self._spend_lock(info.mint):
                 if before_swap is not None:
-                    counter = await _cashu().bump_secret_derivation(db=wallet.db, keyset_id=wallet.keyset_id, by=0)
+                    counter = await nutshell.load().bump_secret_derivation(
+                        db=wallet.db, keyset_id=wallet.keyset_id, by=0)
                     before_swap({"keyset": wallet.keyset_id, "counter": counter})
                     crashpoint("before-swap")
                 kept, _ = await wallet.redeem(proofs)     # the swap
         except Exception as exc:
-            raise _mint_error(exc, info.mint) from exc
+            raise mint_error(exc, info.mint) from exc
         amount = sum(p.amount for p in kept)
         return Received(amount=amount, fee=info.amount - amount, mint=info.mint, unit=self.unit,
                         token_id=info.token_id)
@@ -510,7 +200,7 @@ class ProviderWallet:
         outputs' secrets are derived from our seed, from each of `marks` on), and keep those that
         are still unspent and not already ours. Returns (whether one of those swaps took place at
         the mint, the amount recovered)."""
-        c = _cashu()
+        c = nutshell.load()
         wallet = await self._online(self._accepted(mint))
         recovered, happened = 0, False
         async with self._spend_lock(mint):
@@ -522,7 +212,7 @@ class ProviderWallet:
                 try:
                     restored, promises = await c.LedgerAPI.restore_promises(wallet, outputs)
                 except Exception as exc:
-                    raise _mint_error(exc, mint) from exc
+                    raise mint_error(exc, mint) from exc
                 await wallet.load_proofs(reload=True)
                 known = {p.secret for p in wallet.proofs}
                 where = {o.B_: i for i, o in enumerate(outputs)}
@@ -537,7 +227,7 @@ class ProviderWallet:
                     try:
                         spendable = await wallet.invalidate(proofs, check_spendable=True)
                     except Exception as exc:
-                        raise _mint_error(exc, mint) from exc
+                        raise mint_error(exc, mint) from exc
                     recovered += sum(p.amount for p in spendable)
                 counter = await c.bump_secret_derivation(db=wallet.db, keyset_id=keyset, by=0)
                 if counter <= last:   # never hand out a secret of this window again
@@ -559,7 +249,7 @@ class ProviderWallet:
                           job_secret: str | None = None) -> None:
         ours = self._p2pk_secret and self.p2pk_pubkey
         if job_secret is not None:
-            job_x = coincurve.PrivateKey(bytes.fromhex(job_secret)).public_key.format()[1:].hex()
+            job_x = xonly_pubkey(job_secret)
             if any(c is not None and job_x in {k[2:] for k in c.pubkeys} for c in info.conditions):
                 ours = "02" + job_x   # the lock names the job's key: check against that one
         for cond in info.conditions:
@@ -589,23 +279,22 @@ class ProviderWallet:
                     f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
                     "the sender could take it back while the job runs. Lock it for longer.")
 
-    def _sign_own_locks(self, proofs: list, job_secret: str | None = None) -> None:
+    def _sign_own_locks(self, proofs: list, conditions: tuple[SpendingCondition | None, ...],
+                        job_secret: str | None = None) -> None:
         """Sign the proofs Nutshell would not: those locked to "03"+x of our key (Nutshell signs
-        only for "02"+x) and those locked to the key derived for a job."""
+        only for "02"+x) and those locked to the key derived for a job. `conditions`: the
+        proofs' spending conditions, from `read_token`."""
         if self._p2pk_secret is None:
             return
-        c = _cashu()
+        c = nutshell.load()
         signers = {}
         for secret in filter(None, (self._p2pk_secret, job_secret)):
-            x = coincurve.PrivateKey(bytes.fromhex(secret)).public_key.format()[1:].hex()
-            signers[x] = c.PrivateKey(bytes.fromhex(secret))
+            signers[xonly_pubkey(secret)] = c.PrivateKey(bytes.fromhex(secret))
         ours = self.p2pk_pubkey
-        for proof in proofs:
-            cond = c.nut10.parse_spending_condition(proof.secret)
+        for proof, cond in zip(proofs, conditions):
             if cond is None or cond.kind != "P2PK":
                 continue
-            keys = {k.lower() for k in [cond.data] + cond.tags.get_tag_all("pubkeys")}
-            keys |= {k.lower() for k in cond.tags.get_tag_all("refund")}
+            keys = set(cond.pubkeys) | set(cond.refund)
             if ours in keys:
                 continue   # Nutshell signs this one itself
             key = next((signers[k[2:]] for k in keys if k[2:] in signers), None)
@@ -636,7 +325,7 @@ class ProviderWallet:
         Nutshell's own `verify_proofs_dleq` returns early (accepting) at the first proof without
         DLEQ, so every proof is checked here.
         """
-        c = _cashu()
+        c = nutshell.load()
         try:
             return bool(c.b_dhke.carol_verify_dleq(
                 secret_msg=proof.secret,
@@ -654,7 +343,7 @@ class ProviderWallet:
         """Like `send`, but the proofs themselves (NUT-00 dicts with DLEQ and the mint's full
         keyset id), as a NIP-61 nutzap carries them."""
         mint = self._accepted(mint)
-        c = _cashu()
+        c = nutshell.load()
         wallet = await self._online(mint)
         async with self._spend_lock(mint):
             chosen = await self._choose_to_send(c, wallet, mint, amount, lock_to, None, None)
@@ -663,7 +352,6 @@ class ProviderWallet:
     async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
         """Proofs in our wallet's database that are locked to `lock_to` (made for someone else by
         a send whose answer a crash cut off), leaving out the secrets in `exclude`."""
-        from dvm_core.protocol.ecash import p2pk_lock
         wallet = await self._open(self._accepted(mint))
         await wallet.load_proofs(reload=True)
         want = compressed_pubkey(lock_to)
@@ -690,7 +378,7 @@ class ProviderWallet:
         if amount <= 0:
             raise ValueError("amount must be positive")
         mint = self._accepted(mint) if mint else await self._mint_with_balance(amount)
-        c = _cashu()
+        c = nutshell.load()
         wallet = await self._online(mint)
         async with self._spend_lock(mint):  # choosing and reserving coins must not interleave
             return await self._send_locked(c, wallet, mint, amount, lock_to, locktime, refund_to)
@@ -721,7 +409,7 @@ class ProviderWallet:
             raise PaymentError(f"Not enough ecash at {mint} to send {amount} {self.unit} "
                                f"(available: {self._available(wallet)}).") from None
         except Exception as exc:
-            error = _mint_error(exc, mint)
+            error = mint_error(exc, mint)
             if error.code == "spent":
                 # Our own coins are spent at the mint: an earlier swap went through but its answer
                 # was lost. Drop them here (NUT-07) so that the next try picks others.
@@ -749,7 +437,7 @@ class ProviderWallet:
                 wallet = await self._online(url)
                 quote = await wallet.melt_quote(bolt11)
             except Exception as exc:
-                last_error = _mint_error(exc, url, "this Lightning payment")
+                last_error = mint_error(exc, url, "this Lightning payment")
                 continue
             total = quote.amount + quote.fee_reserve
             if self._available(wallet) < total + wallet.coinselect_fee(wallet.proofs, total):
@@ -760,7 +448,7 @@ class ProviderWallet:
                                                         set_reserved=False)
                 response = await wallet.melt(proofs, bolt11, quote.fee_reserve, quote.quote)
             except Exception as exc:
-                raise _mint_error(exc, url, "this Lightning payment") from exc
+                raise mint_error(exc, url, "this Lightning payment") from exc
             state = str(getattr(response.state, "value", response.state) or "").lower()
             spent = before - sum(p.amount for p in wallet.proofs)
             return {"mint": url, "amount": quote.amount, "fee_paid": spent - quote.amount,
@@ -777,7 +465,7 @@ class ProviderWallet:
         try:
             quote = await wallet.request_mint(amount)
         except Exception as exc:
-            raise _mint_error(exc, mint) from exc
+            raise mint_error(exc, mint) from exc
         return Invoice(quote_id=quote.quote, bolt11=quote.request, mint=mint, amount=amount)
 
     async def claim_invoice(self, invoice: Invoice, timeout: float = MINT_QUOTE_TIMEOUT) -> int:
@@ -793,7 +481,7 @@ class ProviderWallet:
                 await asyncio.sleep(0.2)
             proofs = await wallet.mint(invoice.amount, quote_id=invoice.quote_id)
         except Exception as exc:
-            raise _mint_error(exc, invoice.mint) from exc
+            raise mint_error(exc, invoice.mint) from exc
         return sum(p.amount for p in proofs)
 
     async def mint_from_lightning(self, amount: int, mint: str) -> int:
@@ -804,14 +492,14 @@ class ProviderWallet:
     async def check_spent(self, token: str) -> bool:
         """NUT-07: True once any proof of the token is spent (or being spent) at its mint, i.e.
         the token can no longer be redeemed whole."""
-        info, proofs = self._parse(token)
+        info = read_token(token)
         if info.mint not in self.accepted_mints:
             raise PaymentError(f"The mint {info.mint} is not one of this wallet's mints.")
         wallet = await self._online(info.mint)
         try:
-            states = await wallet.check_proof_state(proofs)
+            states = await wallet.check_proof_state(_nutshell_proofs(info))
         except Exception as exc:
-            raise _mint_error(exc, info.mint) from exc
+            raise mint_error(exc, info.mint) from exc
         return any(not state.unspent for state in states.states)
 
     # -- balances ---------------------------------------------------------------------------
@@ -852,10 +540,10 @@ class ProviderWallet:
         async with self._open_lock:
             if mint in self._wallets:
                 return self._wallets[mint]
-            c = _cashu()
+            c = nutshell.load()
             name = _wallet_name(mint, self.unit)
             db_file = self.directory / f"{name}.sqlite3"
-            _private_path(db_file)
+            create_private_file(db_file)
             # The first with_db of a database prints a "Generated a new mnemonic" notice.
             with contextlib.redirect_stdout(io.StringIO()):
                 wallet = await c.Wallet.with_db(mint, str(self.directory), name=name, unit=self.unit)
@@ -884,7 +572,7 @@ class ProviderWallet:
                         await wallet.activate_keyset()
                         await wallet.load_mint_info(reload=True)
                     except Exception as exc:
-                        raise _mint_error(exc, mint) from exc
+                        raise mint_error(exc, mint) from exc
                     self._keysets_loaded_at[mint] = time.monotonic()
         return wallet
 

@@ -87,12 +87,14 @@ class Worker:
                              unpaid=lambda: len(self.checkout.unpaid), paid_already=self._paid_already)
 
     def _open_cashier(self) -> Cashier:
-        from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key, preload
+        from dvm_core.payments.nutshell import preload
+        from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+        from dvm_core.payments.wallet import EcashWallet
         preload()  # Nutshell's import has process-wide side effects: take them now, contained
         directory = self.settings.wallet_dir
-        wallet = ProviderWallet(directory=directory, accepted_mints=self.settings.mints,
-                                unit=self.settings.unit,
-                                p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+        wallet = EcashWallet(directory=directory, accepted_mints=self.settings.mints,
+                             unit=self.settings.unit,
+                             p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
 
         async def publish(event, role, job_id):  # the event is in the outbox already
             return await self.outbox.publish(event, role=role, job_id=job_id, stored=True)

@@ -14,7 +14,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from dvm_core.customer.client import Customer, PaymentDeclined
+from dvm_core.customer import Customer, PaymentDeclined
 from dvm_core.protocol.events import Keys, parse_public_key
 from dvm_core.protocol.nip90 import JobInput, Result
 
@@ -33,9 +33,9 @@ async def main() -> int:
 
     wallet = None
     if args.wallet_dir:
-        from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+        from dvm_core.customer import EcashWallet, load_or_create_p2pk_key
         directory = Path(args.wallet_dir)
-        wallet = ProviderWallet(directory, args.mint, p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+        wallet = EcashWallet(directory, args.mint, p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     try:
         async with Customer(Keys.generate(), args.relay) as customer:
             if wallet is not None:

@@ -117,12 +117,11 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
                       out_dir) -> int:
     from dvm_core.customer import Customer
     from dvm_core.protocol.events import Keys
-    from dvm_core.customer import read_key_file
-    from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+    from dvm_core.customer import EcashWallet, load_or_create_p2pk_key, read_key_file
 
     keys = read_key_file(key_file) if key_file else Keys.generate()
-    wallet = ProviderWallet(directory=wallet_dir, accepted_mints=mints,
-                            p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
+    wallet = EcashWallet(directory=wallet_dir, accepted_mints=mints,
+                         p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
     try:
         async with Customer(keys, relays) as customer:
             return await _federate(customer, wallet, providers, train, test, servers, settings, out_dir)
@@ -136,7 +135,7 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
     from dvm_core.protocol.events import Keys
     from dvm_core.customer import write_key_file
     from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
-    from dvm_core.payments.wallet import ProviderWallet
+    from dvm_core.customer import EcashWallet
 
     from dvm_image_classifier.digits import digits_split, write_npz
 
@@ -172,8 +171,8 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "image-classifier"}))
             providers.append(keys.public_key)
         customer_keys = Keys.generate()
-        wallet = ProviderWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
-                                p2pk_private_key=customer_keys.private_key)
+        wallet = EcashWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
+                             p2pk_private_key=customer_keys.private_key)
         await wallet.mint_from_lightning(10_000, mint.url)
         click.echo(f"customer wallet funded: {await wallet.total_balance()} sat")
         async with Customer(customer_keys, [relay.url]) as customer:

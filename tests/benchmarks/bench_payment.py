@@ -13,7 +13,7 @@ loop: the worker (textstats plugin only, `mints = [mint]`, `[prices] "text-stats
 `dvm_core.customer.client.Customer` with a funded customer wallet, two bare receiving wallets on the
 same mint, and a bare echo responder.
 
-Every token is made before any timing (`ProviderWallet.send(price)` on the funded customer
+Every token is made before any timing (`EcashWallet.send(price)` on the funded customer
 wallet), so all tokens are the same size (`price` sat, DLEQ included); they hold 2 to 4 proofs,
 dealt so that each kind gets the same mix (`token_proofs`).
 
@@ -22,7 +22,7 @@ dealt so that each kind gets the same mix (`token_proofs`).
   `pool.publish` is wrapped to stamp it; `submit` sends its REQ first) until the first kind-7000
   feedback for it arrives, which must be `processing` with "paid <price> sat": the worker sends
   it after the swap at the mint. The result is awaited before the next step.
-- raw_redeem: `ProviderWallet.receive(token, min_amount=price)` on a wallet of its own (fresh
+- raw_redeem: `EcashWallet.receive(token, min_amount=price)` on a wallet of its own (fresh
   directory, same mint): our wrapper, i.e. parse + offline checks + DLEQ checks + Nutshell's
   `redeem`. Keysets are loaded once during the warm-up, as the worker's wallet keeps them.
 - nutshell_redeem: Nutshell's own `Wallet.redeem(proofs)` on a third wallet (opened with
@@ -79,7 +79,8 @@ from dvm_core.cli.logs import configure_logging
 from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput
 from dvm_core.worker.plugins import plugin_manager
 from dvm_core.transport.relay import RelayPool
-from dvm_core.payments.wallet import ProviderWallet, _cashu
+from dvm_core.payments import nutshell
+from dvm_core.payments.wallet import EcashWallet
 from dvm_core.worker.worker import Worker
 from benchlib import CpuMeter, eprint, loadavg, ms, percentile, reply_to  # noqa: E402
 
@@ -161,7 +162,7 @@ class BareNutshell:
         self.directory = directory
         self.mint_url = mint_url
         self.wallet = None
-        self.c = _cashu()  # import Nutshell with its side effects contained
+        self.c = nutshell.load()  # import Nutshell with its side effects contained
 
     async def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -173,7 +174,8 @@ class BareNutshell:
         await self.wallet.load_proofs(reload=True)
 
     async def proofs_of(self, token: str) -> list:
-        proofs = self.c.deserialize_token_from_string(token).proofs  # a new list on each access
+        from cashu.wallet.helpers import deserialize_token_from_string  # imported already, by load()
+        proofs = deserialize_token_from_string(token).proofs  # a new list on each access
         await self.wallet._expand_short_keyset_ids(proofs)
         return proofs
 
@@ -243,7 +245,7 @@ class PayTracer:
             return publish(event, *a, **kw)
         worker.outbox.publish = _publish
 
-        from cashu.wallet.v1_api import LedgerAPI  # imported already, by _cashu()
+        from cashu.wallet.v1_api import LedgerAPI  # imported already, by nutshell.load()
         split = LedgerAPI.split
         names = self.wallet_names
         swap_http = self.swap_http
@@ -311,7 +313,7 @@ async def paid_job(customer: TimedCustomer, worker_pk: str, token: str, text: st
 
 
 async def sequential(customer: TimedCustomer, worker: Worker, responder: Responder,
-                     raw: ProviderWallet, bare: BareNutshell, tokens: dict[str, list[str]],
+                     raw: EcashWallet, bare: BareNutshell, tokens: dict[str, list[str]],
                      n: int, warmup: int, price: int, text: str, timeout: float,
                      tracer: PayTracer | None) -> dict:
     """Interleave the four measurements one at a time, rotating their order each step."""
@@ -403,7 +405,7 @@ async def concurrent(customer: TimedCustomer, worker: Worker, tokens: list[str],
             "feedback_latency": fb, "result_latency": res}
 
 
-async def provider_proofs_unspent(wallet: ProviderWallet, mint_url: str) -> bool | None:
+async def provider_proofs_unspent(wallet: EcashWallet, mint_url: str) -> bool | None:
     """NUT-07 on every proof the provider's wallet holds: none may be spent already (a proof
     counted in the balance but spent at the mint would be money that is not there)."""
     try:
@@ -452,7 +454,7 @@ async def main_async(args) -> dict:
 
         # Every token before any timing: paid, raw (wrapper), nutshell (bare), concurrent.
         steps = args.warmup + args.n
-        customer_wallet = ProviderWallet(directory=tmp / "customer-wallet", accepted_mints=[mint.url])
+        customer_wallet = EcashWallet(directory=tmp / "customer-wallet", accepted_mints=[mint.url])
         funding = price * (3 * steps + args.concurrent)
         t = time.perf_counter()
         minted = await customer_wallet.mint_from_lightning(funding, mint.url)
@@ -481,7 +483,7 @@ async def main_async(args) -> dict:
         eprint(f"minted {funding} sat, made {len(infos)} tokens of {price} sat in "
                f"{time.perf_counter() - t:.1f}s (proofs per token: {proof_counts})")
 
-        raw = ProviderWallet(directory=tmp / "raw-wallet", accepted_mints=[mint.url])
+        raw = EcashWallet(directory=tmp / "raw-wallet", accepted_mints=[mint.url])
         bare = BareNutshell(tmp / "bare-nutshell", mint.url)
         await bare.open()
         responder = Responder(relay.url)
@@ -529,7 +531,7 @@ async def main_async(args) -> dict:
                            "Wallet.redeem(proofs) on a wallet with the mint already loaded, which is "
                            "what a bare script does (DLEQ check + POST /v1/swap + unblind + store); "
                            "ratio_vs_wrapper_receive divides by raw_redeem_p50_ms, our "
-                           "ProviderWallet.receive (parse + checks + DLEQ + the same redeem). The paid "
+                           "EcashWallet.receive (parse + checks + DLEQ + the same redeem). The paid "
                            "path also crosses the relay twice (relay_rtt_p50_ms) and decrypts NIP-44."),
             "n": len(paid),
             "warmup": args.warmup,

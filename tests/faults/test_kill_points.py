@@ -22,7 +22,8 @@ import pytest
 from dvm_core.customer.client import JobFailed, result_json
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import JobInput
-from dvm_core.payments.wallet import ProviderWallet, load_or_create_p2pk_key
+from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+from dvm_core.payments.wallet import EcashWallet
 
 from ..conftest import WorkerProcess
 from ..paying import FUNDS, PRICE, claim_nutzaps, close_customer, funded_customer
@@ -159,8 +160,8 @@ async def _wallet_key(customer, provider: str) -> str:
 
 async def _provider_balance(worker: WorkerProcess) -> int:
     directory = worker.dir / "state" / "wallet"
-    wallet = ProviderWallet(directory, [worker_mint(worker)],
-                            p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
+    wallet = EcashWallet(directory, [worker_mint(worker)],
+                         p2pk_private_key=load_or_create_p2pk_key(directory / "p2pk.key"))
     try:
         return await wallet.total_balance()
     finally:
