@@ -150,8 +150,11 @@ class Customer:
             if remaining <= 0:
                 raise TimeoutError(f"no result for job {request['id'][:12]} within {timeout:g}s")
             try:
-                event = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
+                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation (Ctrl-C) that
+                # arrives as the queue hands over an event; asyncio.timeout does not.
+                async with asyncio.timeout(remaining):
+                    event = await queue.get()
+            except TimeoutError:
                 continue
             dec = self._decrypter(request["id"], event)
             if event["kind"] == FEEDBACK_KIND:
