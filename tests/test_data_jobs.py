@@ -322,3 +322,23 @@ async def test_a_paid_job_that_fails_on_the_customers_data_is_refunded_less_the_
         assert await worker.cashier.wallet.total_balance() == 1
     finally:
         await wallet.close()
+
+
+async def test_a_result_cannot_fill_the_customers_disk(customer, blobs, tmp_path):
+    """Files listed in a result count against one total: past it, nothing more is downloaded."""
+    from dvm_core.protocol.nip90 import Result
+    from dvm_core.transport.blossom import BlossomClient
+    from dvm_core.transport.fetch import FetchError
+
+    entries = []
+    for i in range(3):
+        path = tmp_path / f"part{i}.bin"
+        path.write_bytes(bytes([i]) * 600)
+        blob = await BlossomClient([blobs.url], customer.keys).upload(path, "application/octet-stream")
+        entries.append({"name": path.name, "url": blob.url, "sha256": blob.sha256, "size": blob.size})
+    result = Result("ab" * 32, "cd" * 32, json.dumps({"artifacts": entries}), None, False)
+    with pytest.raises(FetchError):   # the second file would pass 1,000 bytes in all
+        await download_artifacts(result, tmp_path / "out", allow_private=True, max_total_bytes=1000)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part0.bin"]
+    saved = await download_artifacts(result, tmp_path / "all", allow_private=True, max_total_bytes=1800)
+    assert [p.stat().st_size for p in saved] == [600, 600, 600]

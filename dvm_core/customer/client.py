@@ -353,12 +353,14 @@ MAX_ARTIFACTS = 64
 
 
 async def download_artifacts(result: Result, dest: Path, *, allow_private: bool = False,
-                             max_bytes: int = 10 * 1024**3) -> list[Path]:
-    """Fetch every file listed in a result, check its sha256, decrypt it, save it in `dest`."""
+                             max_bytes: int = 10 * 1024**3, max_total_bytes: int = 20 * 1024**3) -> list[Path]:
+    """Fetch every file listed in a result, check its sha256, decrypt it, save it in `dest`:
+    at most `max_bytes` a file and `max_total_bytes` in all (a provider cannot fill the
+    customer's disk by listing many large files)."""
     from dvm_core.transport.blobcrypt import decrypt_file
     from dvm_core.transport.fetch import fetch
     dest.mkdir(parents=True, exist_ok=True)
-    saved = []
+    saved, total = [], 0
     entries = result_json(result).get("artifacts", [])
     if not isinstance(entries, list) or len(entries) > MAX_ARTIFACTS:
         raise ValueError(f"the result lists more than {MAX_ARTIFACTS} files (or no list): not downloaded")
@@ -366,9 +368,13 @@ async def download_artifacts(result: Result, dest: Path, *, allow_private: bool 
         name = Path(str(entry.get("name") or "")).name  # never a path from the provider
         if name in ("", ".", "..") or name.startswith("."):
             raise ValueError(f"the result names a file {str(entry.get('name'))[:60]!r}: not a file name")
+        left = max_total_bytes - total
+        if left <= 0:
+            raise ValueError(f"the result's files pass {max_total_bytes} bytes in all: {name} not downloaded")
         with tempfile.TemporaryDirectory(prefix="dvm-download-") as tmp:
             path = await fetch(entry["url"], entry["sha256"], Path(tmp), cache_dir=None,
-                               max_bytes=max_bytes, allow_private=allow_private)
+                               max_bytes=min(max_bytes, left), allow_private=allow_private)
+            total += path.stat().st_size
             target = dest / name
             if entry.get("key"):
                 await asyncio.to_thread(decrypt_file, path, target, entry["key"])
