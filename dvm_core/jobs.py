@@ -69,6 +69,9 @@ class JobKind:
         from what `precheck` (else `parse`) returned; it must come with `pricing`, so the
         announcement and the charge cannot drift apart. Without it the kind costs the fixed
         ``[prices] <name>`` (else ``default_price``) of the config.
+    :param params_schema: the params as a JSON Schema, published in the announcement so that
+        clients can check a request before sending it; build it with
+        `dvm_core.params.params_schema` from the plugin's own reading of the params.
     :param pricing: how `price` prices, in one line for customers, e.g. ``"10 sats per million
         sample-epochs, at least 1 sat"``; the NIP-89 announcement shows it instead of a figure.
     :param precheck: ``precheck(ctx, job) -> job``: before pricing and payment, read the inputs
@@ -87,6 +90,7 @@ class JobKind:
     params: dict[str, str] | None = field(default_factory=dict)
     time_limit: float | None = None
     pricing: str | None = None
+    params_schema: dict | None = field(default=None, compare=False)
     price: Callable[[Any], int] | None = field(default=None, compare=False)
     precheck: Callable[["JobContext", Any], Any] | None = None
     plugin: str = field(default="", compare=False)  # set by the worker: who registered it

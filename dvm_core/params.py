@@ -8,6 +8,11 @@ turn them into checked values or raise `JobInputError` with a message for the cu
     augment = flag(request.params, "augment", default="no")
     inputs = url_inputs(request, ("train", "eval"), what="the training set, optionally one marked 'eval'")
 
+The same helpers describe the params as a JSON Schema (`params_schema`), which the worker
+publishes in its NIP-89 announcement: reading an empty `SchemaRecorder` instead of a request's
+params notes each param's type, range, choices and default, so the schema is what the parser
+checks, not a second description of it.
+
 A plugin's provider settings are a frozen dataclass read with `plugin_settings`, which refuses
 unknown keys and values of the wrong type, so that a typo stops the worker at start instead of
 silently leaving a limit at its default.
@@ -25,9 +30,23 @@ T = TypeVar("T")
 YES_NO = ("yes", "no", "true", "false")
 
 
+class SchemaRecorder(dict):
+    """An empty params dict that notes, for `params_schema`, what the helpers were asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.properties: dict[str, dict] = {}
+
+    def note(self, name: str, schema: dict, default) -> None:
+        self.properties[name] = schema | ({"default": default} if default is not None else {})
+
+
 def number(params: dict[str, str], name: str, kind: type, low: float, high: float, default=None):
     """Param `name` as an int or float within [low, high] (`default` when absent), else
     JobInputError naming the param and the range."""
+    if isinstance(params, SchemaRecorder):
+        params.note(name, {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high},
+                    default)
     raw = params.get(name)
     if raw is None:
         return default
@@ -45,6 +64,8 @@ def number(params: dict[str, str], name: str, kind: type, low: float, high: floa
 
 def choice(params: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     """Param `name`, lower-cased, one of `choices` (`default` when absent), else JobInputError."""
+    if isinstance(params, SchemaRecorder):
+        params.note(name, {"type": "string", "enum": list(choices)}, default)
     value = params.get(name)
     if value is None:
         return default
@@ -56,6 +77,8 @@ def choice(params: dict[str, str], name: str, choices: tuple[str, ...], default:
 
 def flag(params: dict[str, str], name: str, default: str = "no") -> bool:
     """Param `name` as yes/no (or true/false), else JobInputError."""
+    if isinstance(params, SchemaRecorder):
+        params.note(name, {"type": "string", "enum": list(YES_NO)}, default)
     value = (params.get(name) or default).strip().lower()
     if value not in YES_NO:
         raise JobInputError(f"param {name} must be yes or no, got {params[name][:20]!r}")
@@ -129,3 +152,47 @@ def url_inputs(request, roles: tuple[str, ...], *, what: str) -> dict[str, str |
         if len(urls) > 1:
             raise JobInputError(f"send at most one {role} input (got {len(urls)})")
     return {role: urls[0] if urls else None for role, urls in found.items()}
+
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def params_schema(read: Callable[[dict], Any], descriptions: dict[str, str]) -> dict:
+    """The JSON Schema of a kind's params: `read(params)` is the plugin's own reading of them
+    (called once, on a `SchemaRecorder`); `descriptions` are the kind's `JobKind.params`. A param
+    the helpers do not read (free text, a list) is a string with its description.
+
+    NIP-90 params travel as strings: a value is valid when, read as the type its property names
+    (`coerce_params`), it validates against the schema."""
+    recorder = SchemaRecorder()
+    try:
+        read(recorder)
+    except JobInputError:
+        pass   # a rule across params that an empty request breaks: what was read so far is noted
+    properties = {name: {"type": "string", "description": text} for name, text in descriptions.items()}
+    for name, schema in recorder.properties.items():
+        properties[name] = schema | {"description": descriptions.get(name, "")}
+    return {"$schema": SCHEMA_DIALECT, "type": "object", "properties": properties,
+            "additionalProperties": False}
+
+
+def coerce_params(schema: dict, params: dict[str, str]) -> dict:
+    """A request's string params as the types `schema` names (for validating them against it);
+    a value that is not of its type stays a string, which the schema then refuses."""
+    out = {}
+    for name, raw in params.items():
+        prop = (schema.get("properties") or {}).get(name, {})
+        value = raw.strip()
+        try:
+            if prop.get("type") == "integer":
+                value = int(value)
+            elif prop.get("type") == "number":
+                value = float(value)
+                if not math.isfinite(value):
+                    value = raw
+            elif "enum" in prop:
+                value = value.lower()
+        except ValueError:
+            value = raw
+        out[name] = value
+    return out

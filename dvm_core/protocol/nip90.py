@@ -273,6 +273,7 @@ class KindDescription:
     name: str
     description: str
     params: dict[str, str] = field(default_factory=dict)
+    params_schema: dict | None = None   # a JSON Schema of the params (docs/protocol.md)
 
 
 def build_handler_announcement(
@@ -280,11 +281,12 @@ def build_handler_announcement(
     extra_tags: list | None = None, extra_content: dict | None = None,
 ) -> tuple[int, str, list[list[str]]]:
     """A NIP-89 kind-31990 handler announcement: a `k` tag per kind; the content is kind-0 style
-    metadata plus, per kind, its name, description and params."""
+    metadata plus, per kind, its name, description, params and (when known) their JSON Schema."""
     content = {
         "name": name, "about": about,
         "nip90": {
-            str(k.kind): {"name": k.name, "description": k.description, "params": k.params}
+            str(k.kind): {"name": k.name, "description": k.description, "params": k.params,
+                          **({"params_schema": k.params_schema} if k.params_schema else {})}
             for k in kinds
         },
         **(extra_content or {}),

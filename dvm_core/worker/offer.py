@@ -57,7 +57,7 @@ class Offer:
 
     def announcement(self, *, queued: int, running: int, payment: dict | None) -> tuple[int, str, list[list[str]]]:
         """The NIP-89 handler announcement; `payment` is the cashier's terms (None: free)."""
-        kinds = [KindDescription(k.kind, k.name, k.description, k.params or {})
+        kinds = [KindDescription(k.kind, k.name, k.description, k.params or {}, k.params_schema)
                  for k in sorted(self.kinds.values(), key=lambda k: k.kind)]
         extra = {"status": {"queued": queued, "running": running,
                             "slots": self.settings.max_concurrent_jobs, "updated": int(time.time())}}

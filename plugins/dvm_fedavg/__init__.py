@@ -28,6 +28,7 @@ import time
 from dvm_core import Artifact, JobCancelled, JobError, JobInputError, JobKind, JobResult, JobTimeout, hookimpl
 
 from .params import NAME, PARAMS, Limits, MergeJob, _public, parse_request, price
+from .params import schema as params_schema
 
 __version__ = "0.1.0"
 KIND = 5752
@@ -52,6 +53,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"merge_report.json. Limits: {limits.max_inputs} updates, {limits.max_input_bytes} bytes "
             f"per file. {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        params_schema=params_schema(limits),
         price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per GB merged (update files × model size), at least 1 sat"
                  if rate > 0 else None))

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from dvm_core import JobInputError
-from dvm_core.params import flag, number, plugin_settings
+from dvm_core.params import choice, flag, number, params_schema, plugin_settings
 from dvm_core.datarefs import parse_data_ref
 
 from .checks import METHODS, MergeError, check_method, check_weights
@@ -197,3 +197,17 @@ def price(job: MergeJob, limits: Limits) -> int:
     if limits.sats_per_gb <= 0:
         return 0
     return max(1, math.ceil(job.priced_bytes / 1e9 * limits.sats_per_gb))
+
+
+def schema(limits: Limits) -> dict:
+    """The params' JSON Schema (for the announcement): the ranges `parse_request` checks
+    (tests/test_param_schemas.py holds the two to agreement)."""
+    def read(params):
+        choice(params, "method", METHODS, "fedavg")
+        number(params, "trim_ratio", float, 0.0, 0.4999, 0.1)
+        number(params, "f", int, 0, 10_000, 1)
+        number(params, "m", int, 1, 10_000, None)
+        number(params, "clip_norm", float, 1e-30, 1e30, None)
+        flag(params, "distances", "no")
+        number(params, "model_bytes", int, 1, limits.max_input_bytes, None)
+    return params_schema(read, PARAMS)

@@ -30,6 +30,7 @@ from dvm_core import Artifact, JobInputError, JobKind, JobResult, hookimpl
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, ImageClassifierJob, Limits, parse_request, price
+from .params import schema as params_schema
 
 __version__ = "0.1.0"
 KIND = 5750
@@ -54,6 +55,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
             f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        params_schema=params_schema(limits),
         precheck=precheck,
         price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per million sample-epochs (images × epochs, counted in your "

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from dvm_core import JobInputError
-from dvm_core.params import choice, number, plugin_settings, url_inputs
+from dvm_core.params import choice, number, params_schema, plugin_settings, url_inputs
 
 NAME = "image-classifier"
 ARCHITECTURES = ("cnn", "resnet")  # built by models.py
@@ -213,3 +213,11 @@ def price(job: ImageClassifierJob, limits: Limits) -> int:
         return 0
     work = job.priced_samples * job.params.epochs
     return max(1, math.ceil(work * rate / 1e6))
+
+
+def schema(limits: Limits) -> dict:
+    """The params' JSON Schema (for the announcement), from the reading `parse_request` does."""
+    def read(params):
+        parse_params(params, limits, has_validation_input=False)
+        number(params, "samples", int, 1, limits.max_samples, None)
+    return params_schema(read, PARAMS)

@@ -30,6 +30,7 @@ from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hook
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
+from .params import schema as params_schema
 
 __version__ = "0.1.0"
 KIND = 5751
@@ -59,6 +60,7 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
             f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
+        params_schema=params_schema(limits),
         precheck=precheck,
         price=(lambda job: price(job, job.limits)) if rate > 0 else None,
         pricing=(f"{rate:g} sats per million tokens (dataset tokens × epochs, counted with the base "

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from dvm_core import JobInputError
-from dvm_core.params import choice, flag, number, plugin_settings, url_inputs
+from dvm_core.params import choice, flag, number, params_schema, plugin_settings, url_inputs
 
 NAME = "llm-finetune"
 METHODS = ("lora", "full")
@@ -304,3 +304,11 @@ def price(job: FinetuneJob, limits: Limits) -> int:
     if rate <= 0:
         return 0
     return max(1, math.ceil(job.priced_tokens * job.params.epochs * rate / 1e6))
+
+
+def schema(limits: Limits) -> dict:
+    """The params' JSON Schema (for the announcement), from the reading `parse_request` does."""
+    def read(params):
+        parse_params(params, limits, has_eval_input=False)
+        number(params, "tokens", int, 1, limits.max_tokens, None)
+    return params_schema(read, PARAMS)
