@@ -17,9 +17,11 @@ asked for, ``pytest -m slow tests/test_llm_finetune.py`` (about 1¼ minutes on 2
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -474,6 +476,25 @@ def test_chat_loss_only_on_assistant_turns(assets):
         else:
             current.append(t)
     assert spans == ["hello<|end|>", "see you<|end|>"]
+
+
+def test_a_chat_template_that_never_ends_is_stopped(assets, tmp_path):
+    """A customer's chat template runs where it can be killed: past its time it is stopped, the
+    job gets a clear error, and no process or thread is left rendering."""
+    tokenizer = assets["tokenizer"]
+    hostile = copy.deepcopy(tokenizer)
+    hostile.chat_template = ("{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"
+                             "{% endfor %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
+    ds = datamod.Dataset([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+                         "chat", "", 0)
+    threads = threading.active_count()
+    started = time.monotonic()
+    with pytest.raises(JobInputError, match="chat template took longer than 8 s"):
+        datamod.tokenize(ds, hostile, 128, what="training set", render_seconds=8)
+    assert time.monotonic() - started < 30
+    assert threading.active_count() == threads
+    leftover = subprocess.run(["pgrep", "-f", "dvm_llm_finetune.render"], capture_output=True, text=True).stdout
+    assert leftover.strip() == ""
 
 
 def test_rows_shared_by_examples_waste_little_padding(assets):

@@ -114,7 +114,7 @@ def precheck(ctx, job: FinetuneJob) -> FinetuneJob:
     train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
                                    max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
     tokens = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
-                              check_cancelled=ctx.check_cancelled).tokens
+                              check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left()).tokens
     if tokens > limits.max_tokens:
         raise JobInputError(f"the training set holds {tokens:,} tokens; this provider trains on at "
                             f"most {limits.max_tokens:,} per epoch")
@@ -140,7 +140,7 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
                                    max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
     train_tok = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
-                                 check_cancelled=ctx.check_cancelled)
+                                 check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left())
     if train_tok.tokens > limits.max_tokens:
         raise JobInputError(f"the training set holds {train_tok.tokens:,} tokens; this provider trains on at "
                             f"most {limits.max_tokens:,} per epoch")
@@ -157,7 +157,7 @@ def run(ctx, job: FinetuneJob) -> JobResult:
                                       max_bytes=limits.max_dataset_bytes, max_examples=limits.max_examples,
                                       check_cancelled=ctx.check_cancelled)
         eval_tok = datamod.tokenize(eval_set, tokenizer, params.max_seq_length, what="evaluation set",
-                                    check_cancelled=ctx.check_cancelled)
+                                    check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left())
         train_examples, eval_examples = train_tok.examples, eval_tok.examples
         datasets["eval"] = {"source": "input", "sha256": eval_set.sha256, "format": eval_set.format,
                             "examples": len(eval_examples)}

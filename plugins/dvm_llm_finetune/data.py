@@ -153,8 +153,9 @@ def _check_record(record: dict, fmt: str, what: str, number: int) -> None:
 # --- tokenizing ----------------------------------------------------------------------------
 
 def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
-             check_cancelled: Callable[[], None] = lambda: None) -> Tokenized:
-    """Turn records into `Example`s, every one at most `max_seq_length` tokens."""
+             check_cancelled: Callable[[], None] = lambda: None, render_seconds: float | None = None) -> Tokenized:
+    """Turn records into `Example`s, every one at most `max_seq_length` tokens. Chat templates
+    are rendered in a child process given `render_seconds` at most (`render.render_chats`)."""
     eos = tokenizer.eos_token_id
     examples: list[Example] = []
     dropped = 0
@@ -162,6 +163,12 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
     loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
                "chat": "assistant turns"}[dataset.format]
     chat_template = dataset.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
+    renders = None
+    if chat_template:
+        from .render import RENDER_SECONDS, render_chats
+        renders = render_chats(tokenizer, [record["messages"] for record in dataset.records],
+                               seconds=min(RENDER_SECONDS, render_seconds or RENDER_SECONDS),
+                               check_cancelled=check_cancelled)
     for index, record in enumerate(dataset.records):
         if index % 1000 == 0:
             check_cancelled()
@@ -181,7 +188,8 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
             ids = prompt + completion
             labels = [IGNORE] * len(prompt) + completion
         else:
-            ids, labels, masked = _chat_tokens(record["messages"], tokenizer, chat_template)
+            ids, labels, masked = _chat_tokens(record["messages"], tokenizer,
+                                               renders[index] if renders is not None else None)
             if not masked:
                 loss_on = "whole conversations (the chat template does not render turn by turn)"
         if len(ids) > max_seq_length:
@@ -200,29 +208,32 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
     return Tokenized(examples, dropped, loss_on)
 
 
-def _render(tokenizer, messages: list[dict], use_template: bool, generation_prompt: bool) -> str:
-    if use_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-    return text + ("<|assistant|>\n" if generation_prompt else "")
+def _plain_renders(messages: list[dict]) -> dict:
+    """Without a chat template: ``<|role|>`` lines, the renders `_chat_tokens` compares."""
+    def render(part: list[dict], generation_prompt: bool) -> str:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in part)
+        return text + ("<|assistant|>\n" if generation_prompt else "")
+    steps = [[render(messages[:i], True), render(messages[:i + 1], False)]
+             for i, message in enumerate(messages) if message["role"] == "assistant"]
+    return {"steps": steps, "whole": render(messages, False)}
 
 
-def _chat_tokens(messages: list[dict], tokenizer, use_template: bool) -> tuple[list[int], list[int], bool]:
+def _chat_tokens(messages: list[dict], tokenizer, rendered: dict | None) -> tuple[list[int], list[int], bool]:
     """Token ids and labels of a conversation, the loss on the assistant turns only. The
-    conversation is rendered prefix by prefix: the text an assistant turn adds after the
-    generation prompt is what the model must learn to write."""
+    conversation is rendered prefix by prefix (`rendered`: by the model's chat template, else
+    plain): the text an assistant turn adds after the generation prompt is what the model must
+    learn to write."""
+    use_template = rendered is not None
+    rendered = rendered if use_template else _plain_renders(messages)
     segments: list[tuple[str, bool]] = []      # (text, trained)
     done = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            before = _render(tokenizer, messages[:i], use_template, True)
-            after = _render(tokenizer, messages[:i + 1], use_template, False)
-            if not (before.startswith(done) and after.startswith(before)):
-                break
-            segments += [(before[len(done):], False), (after[len(before):], True)]
-            done = after
+    for before, after in rendered["steps"]:
+        if not (before.startswith(done) and after.startswith(before)):
+            break
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
     else:
-        whole = _render(tokenizer, messages, use_template, False)
+        whole = rendered["whole"]
         if whole.startswith(done):
             segments.append((whole[len(done):], False))
             ids: list[int] = []
@@ -238,7 +249,7 @@ def _chat_tokens(messages: list[dict], tokenizer, use_template: bool) -> tuple[l
                 labels.append(tokenizer.eos_token_id)
             return ids, labels, True
     # The template rewrites earlier turns as the conversation grows: train on all of it.
-    ids = tokenizer(_render(tokenizer, messages, use_template, False), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(rendered["whole"], add_special_tokens=False)["input_ids"]
     return ids, list(ids), False
 
 
