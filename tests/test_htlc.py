@@ -18,7 +18,8 @@ import pytest
 from dvm_core.payments import nutshell
 from dvm_core.payments.wallet import EcashWallet
 from dvm_core.protocol.ecash import (HtlcTerms, decode_payment_request, decode_token,
-                                     encode_payment_request, htlc_hash, htlc_terms_of)
+                                     encode_payment_request, encode_token_a, htlc_hash,
+                                     htlc_terms_of)
 from tests import test_wallet
 from tests.test_wallet import decode_b, encode_b, keys_by_parity, refused, xonly
 
@@ -182,6 +183,21 @@ async def test_customer_reclaims_after_the_locktime_and_not_before(customer, pro
     assert await customer.htlc_preimage(token) is None        # spent, but by the refund key
     await refused(provider.receive(token, min_amount=13, job_id=job_id, htlc=terms, preimage=key),
                   "already spent")
+
+
+async def test_a_partly_redeemed_token_gives_the_key_and_the_rest_back(customer, provider, mint):
+    job_id, key, terms = job(provider, customer, lasts=4)
+    token = await customer.send_htlc(3, mint.url, terms)            # 2 + 1
+    proofs = sorted(decode_token(token).proofs, key=lambda p: p["amount"])
+    assert [p["amount"] for p in proofs] == [1, 2]
+    part = encode_token_a(mint.url, [proofs[1]])
+    assert (await provider.receive(part, min_amount=2, job_id=job_id, htlc=terms,
+                                   preimage=key)).amount == 2
+    assert await customer.htlc_preimage(token) == key
+    await asyncio.sleep(max(0.0, terms.locktime - time.time()) + 1.5)
+    assert (await customer.reclaim_htlc(token)).amount == 1            # only the unspent proof
+    assert await customer.total_balance() == 98
+    await refused(customer.reclaim_htlc(token), "already spent")
 
 
 def tampered(token: str, change) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import re
@@ -580,8 +581,8 @@ class EcashWallet:
                            before_swap: Callable[[dict], None] | None = None) -> Received:
         """Take back, after its locktime, an HTLC token we sent (`send_htlc`) that the provider
         did not redeem: swapped with a signature of our P2PK key, which must be its refund key.
-        Proofs the provider redeemed meanwhile make the mint refuse the whole swap ("already
-        spent"); read the preimage with `htlc_preimage` then. `before_swap`: as in `receive`."""
+        Only the proofs still unspent are taken back: if the provider redeemed some, it revealed
+        the preimage (`htlc_preimage`) and is owed those. `before_swap`: as in `receive`."""
         info = self._read_htlc(token)
         if self._p2pk_secret is None or not all(_has_key(c.refund, self.p2pk_pubkey)
                                                 for c in info.conditions):
@@ -593,6 +594,19 @@ class EcashWallet:
                                f"{locktime} (unix time), {locktime - int(time.time())} s from now.",
                                retryable=True)
         self._check_offline(info, 0)
+        wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)
+        try:
+            states = await wallet.check_proof_state(proofs)
+        except Exception as exc:
+            raise mint_error(exc, info.mint) from exc
+        unspent = {s.Y for s in states.states if s.unspent}
+        keep = [i for i, p in enumerate(proofs) if p.Y in unspent]
+        if not keep:
+            raise PaymentError("This HTLC token was already spent; a Cashu token can be used "
+                               "only once.", code="spent")
+        info = dataclasses.replace(info, proofs=tuple(info.proofs[i] for i in keep),
+                                   conditions=tuple(info.conditions[i] for i in keep))
         return await self._redeem(info, 0, None, before_swap)
 
     async def melt(self, bolt11: str, mint: str | None = None) -> dict:
