@@ -69,9 +69,10 @@ def _import() -> SimpleNamespace:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 from loguru import logger
 
-                from cashu.core.base import P2PKWitness, Proof
+                from cashu.core.base import HTLCWitness, P2PKWitness, Proof
                 from cashu.core.crypto import b_dhke
                 from cashu.core.crypto.secp import PrivateKey, PublicKey
+                from cashu.core.htlc import HTLCSecret
                 from cashu.core.nuts import nut10
                 from cashu.core.p2pk import SigFlags, schnorr_sign
                 from cashu.core.secret import Tags
@@ -116,7 +117,8 @@ def _import() -> SimpleNamespace:
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
     return SimpleNamespace(
-        Wallet=Wallet, Proof=Proof, P2PKWitness=P2PKWitness, SigFlags=SigFlags, Tags=Tags,
+        Wallet=Wallet, Proof=Proof, P2PKWitness=P2PKWitness, HTLCWitness=HTLCWitness,
+        HTLCSecret=HTLCSecret, SigFlags=SigFlags, Tags=Tags,
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
         bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,

@@ -1,10 +1,16 @@
 """The ecash wallet (`EcashWallet`) of the worker and of its customers, on Nutshell's `Wallet`.
 
 `EcashWallet.receive` is the safe way to take a payment: everything that can be checked without
-the mint (allow-list, unit, amount, DLEQ present, P2PK lock, locktime) is checked before any
-request leaves the process, the DLEQ proofs are verified against the mint's keys, and the token
+the mint (allow-list, unit, amount, DLEQ present, P2PK or HTLC lock, locktime) is checked before
+any request leaves the process, the DLEQ proofs are verified against the mint's keys, and the token
 is swapped for fresh proofs before the caller does any work. Errors are `PaymentError`s whose
 `customer_message` can go into a job's feedback as it is.
+
+Pay on delivery (NUT-14 HTLC, docs/design/pay-on-delivery.md): the customer locks a payment with
+`send_htlc` to the hash of a key K that only the provider knows; the provider takes it with
+`receive(htlc=..., preimage=K)`, which reveals K to the mint, and the customer then reads K back
+from the mint alone (`htlc_preimage`), or takes the ecash back after the locktime
+(`reclaim_htlc`).
 
 Tokens are read with `protocol.ecash.decode_token`, the one token parser, into its NUT-00 proof
 dicts; Nutshell's `Proof` objects are made from those only where proofs go to Nutshell (the swap,
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import re
@@ -27,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dvm_core.protocol.ecash import TokenFormatError, decode_token, normalize_mint_url, p2pk_lock
+from dvm_core.protocol.ecash import (HtlcTerms, TokenFormatError, decode_token, htlc_hash,
+                                     normalize_mint_url, p2pk_lock)
 
 from . import nutshell
 from .crashpoints import crashpoint
@@ -73,6 +81,7 @@ def read_token(token: str) -> TokenInfo:
             locktime=cond.locktime,
             refund=tuple(k.lower() for k in cond.tags.get_tag_all("refund")),
             sig_all=cond.sigflag == c.SigFlags.SIG_ALL,
+            hash=cond.data if cond.kind == "HTLC" else None,
         ))
     return TokenInfo(decoded.mint, decoded.unit, decoded.proofs, decoded.memo, tuple(conditions))
 
@@ -87,6 +96,17 @@ def _nutshell_proofs(info: TokenInfo) -> list:
 def _wallet_name(mint: str, unit: str) -> str:
     readable = re.sub(r"[^a-z0-9]+", "_", mint.split("://", 1)[1]).strip("_")[:40]
     return f"{readable}-{unit}-{hashlib.sha256(f'{mint} {unit}'.encode()).hexdigest()[:8]}"
+
+
+def _has_key(keys: tuple[str, ...], key: str) -> bool:
+    """`key` is among `keys`, compared on x: signatures are checked against the x-coordinate,
+    so a lock to "03"+x is a lock to "02"+x too."""
+    return key[-64:] in {k[-64:] for k in keys}
+
+
+def _expired(cond: SpendingCondition) -> bool:
+    """Past its locktime: the refund path is open. The mint asks `locktime < now` of its own clock."""
+    return cond.locktime is not None and cond.locktime < time.time()
 
 
 def _plain(proof) -> bool:
@@ -138,7 +158,8 @@ class EcashWallet:
     # -- receiving --------------------------------------------------------------------------
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
                       min_locktime: int | None = None, job_id: str | None = None,
-                      before_swap: Callable[[dict], None] | None = None) -> Received:
+                      before_swap: Callable[[dict], None] | None = None,
+                      htlc: HtlcTerms | None = None, preimage: bytes | None = None) -> Received:
         """Take a payment: check the token, swap it at the mint for our own proofs, and report
         what arrived after the mint's fee.
 
@@ -148,9 +169,25 @@ class EcashWallet:
         ours too. `before_swap(mark)` is called just before the swap with where its outputs'
         secrets start: store it, and `recover_swap(mint, mark)` gets them back if the mint's answer
         is lost. Raises PaymentError; if it is `retryable`, keep the token and try again later.
+
+        `htlc` with `preimage` (pay on delivery): every proof must be HTLC-locked exactly as
+        `htlc` says (its hash, its one key, which must be the key of `job_id`, its refund key,
+        SIG_INPUTS), with a locktime no earlier than `htlc.locktime`; anything else is refused
+        before the mint is asked, because the swap reveals `preimage` to the mint and so to the
+        customer. The swap's witness holds the preimage and the job key's signature.
         """
         info = read_token(token)
-        # Offline checks first: a token from a mint we do not accept must not make us connect.
+        self._check_offline(info, min_amount)
+        job_secret = self._job_secret(job_id)
+        if htlc is None:
+            self._check_conditions(info, require_lock, min_locktime, job_secret)
+        else:
+            self._check_htlc(info, htlc, preimage, job_secret)
+        return await self._redeem(info, min_amount, job_secret, before_swap, preimage)
+
+    def _check_offline(self, info: TokenInfo, min_amount: int) -> None:
+        """What can be refused without the mint: a mint we do not accept must not even make us
+        connect; the wrong unit, too little, no DLEQ proofs."""
         if info.mint not in self.accepted_mints:
             raise PaymentError(f"This worker does not accept ecash from the mint {info.mint}; "
                                f"it accepts: {', '.join(self.accepted_mints)}.")
@@ -163,9 +200,12 @@ class EcashWallet:
             # Without DLEQ proofs we could not tell a forged token from a real one before the swap.
             raise PaymentError("The token carries no DLEQ proofs, so its signatures cannot be "
                                "checked; please send it with DLEQ proofs included.")
-        job_secret = self._job_secret(job_id)
-        self._check_conditions(info, require_lock, min_locktime, job_secret)
 
+    async def _redeem(self, info: TokenInfo, min_amount: int, job_secret: str | None,
+                      before_swap: Callable[[dict], None] | None,
+                      preimage: bytes | None = None) -> Received:
+        """The mint's part of `receive` (and `reclaim_htlc`), once the offline checks passed:
+        DLEQ against the mint's keys, the fee, our signatures, then the swap."""
         wallet = await self._online(info.mint)
         proofs = _nutshell_proofs(info)
         await self._resolve_keysets(wallet, info.mint, proofs)
@@ -178,7 +218,7 @@ class EcashWallet:
             raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
                                f"fee of {fee} {self.unit} that is less than the price of "
                                f"{min_amount} {self.unit}; it was not redeemed.")
-        self._sign_own_locks(proofs, info.conditions, job_secret)
+        self._sign_own_locks(proofs, info.conditions, job_secret, preimage)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
@@ -258,16 +298,20 @@ class EcashWallet:
                     raise PaymentError("This payment must be P2PK-locked to the worker's key "
                                        f"{ours or '(none configured)'}; the token is not locked.")
                 continue
-            if cond.kind != "P2PK":
+            # Past its locktime, a lock whose refund key is ours (or that names none: anyone's)
+            # is ours to take back, P2PK or HTLC (`reclaim_htlc`).
+            refundable = _expired(cond) and (not cond.refund or (ours and _has_key(cond.refund, ours)))
+            if cond.kind != "P2PK" and not refundable:
                 raise PaymentError(f"The token is locked with a {cond.kind} condition, which this "
                                    "worker cannot unlock.")
             # A lock to "03"+x is ours too: P2PK signatures are checked against the x-coordinate.
-            if not ours or ours[2:] not in {k[2:] for k in cond.pubkeys}:
-                expired = cond.locktime is not None and cond.locktime <= time.time()
-                if expired and (not cond.refund or (ours and ours[2:] in {k[2:] for k in cond.refund})):
-                    continue  # past its locktime: ours to take back with the refund key (or anyone's)
+            if not ours or not _has_key(cond.pubkeys, ours):
+                if refundable:
+                    continue
                 raise PaymentError("The token is locked to another key, not to this wallet's key "
                                    f"{ours or '(none configured)'}.")
+            if cond.kind != "P2PK":
+                continue   # an HTLC naming our key, taken back by the refund path
             if cond.n_sigs > 1:
                 raise PaymentError(f"The token needs {cond.n_sigs} signatures to be spent; this "
                                    "worker can give only its own.")
@@ -279,11 +323,44 @@ class EcashWallet:
                     f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
                     "the sender could take it back while the job runs. Lock it for longer.")
 
+    def _check_htlc(self, info: TokenInfo, terms: HtlcTerms, preimage: bytes | None,
+                    job_secret: str | None) -> None:
+        """Pay on delivery, the provider's side: refuse, before the swap reveals the preimage,
+        every proof that is not locked exactly as `terms` asked. ValueError for a caller's
+        mistake (no preimage, or not the one of the hash; terms not for this job's key)."""
+        if preimage is None or htlc_hash(preimage) != terms.hash:
+            raise ValueError("receiving an HTLC payment needs the preimage of its hash")
+        if job_secret is None or xonly_pubkey(job_secret) != terms.pubkey[2:]:
+            raise ValueError("an HTLC payment is locked to a job's key: pass that job_id")
+        for cond in info.conditions:
+            if cond is None or cond.kind != "HTLC":
+                raise PaymentError("This payment must be HTLC-locked (NUT-14) as the payment "
+                                   "request says; the token is not.")
+            if cond.hash != terms.hash:
+                raise PaymentError("The token is locked to another hash than the one of this "
+                                   f"job's result ({terms.hash}); it was not redeemed.")
+            if {k[2:] for k in cond.pubkeys} != {terms.pubkey[2:]}:
+                raise PaymentError("The token must be locked to this job's key "
+                                   f"{terms.pubkey} alone; it names {', '.join(cond.pubkeys)}.")
+            if cond.sig_all:
+                raise PaymentError("The token is locked with SIG_ALL; pay-on-delivery ecash must "
+                                   "be SIG_INPUTS, so that every proof shows the preimage.")
+            if cond.locktime is None or cond.locktime < terms.locktime:
+                raise PaymentError(
+                    f"The token's lock expires at {cond.locktime} (unix time), before "
+                    f"{terms.locktime}: the sender could take it back before the worker can "
+                    "redeem it. Lock it until the time the payment request asks for.")
+            if {k[2:] for k in cond.refund} != {terms.refund_key[2:]}:
+                raise PaymentError("The token's refund key must be the one the payment request "
+                                   f"names ({terms.refund_key}); it names "
+                                   f"{', '.join(cond.refund) or 'none'}.")
+
     def _sign_own_locks(self, proofs: list, conditions: tuple[SpendingCondition | None, ...],
-                        job_secret: str | None = None) -> None:
+                        job_secret: str | None = None, preimage: bytes | None = None) -> None:
         """Sign the proofs Nutshell would not: those locked to "03"+x of our key (Nutshell signs
-        only for "02"+x) and those locked to the key derived for a job. `conditions`: the
-        proofs' spending conditions, from `read_token`."""
+        only for "02"+x) and those locked to the key derived for a job; and give HTLC proofs
+        the `preimage` with the signature (Nutshell would sign them without it). `conditions`:
+        the proofs' spending conditions, from `read_token`."""
         if self._p2pk_secret is None:
             return
         c = nutshell.load()
@@ -292,14 +369,22 @@ class EcashWallet:
             signers[xonly_pubkey(secret)] = c.PrivateKey(bytes.fromhex(secret))
         ours = self.p2pk_pubkey
         for proof, cond in zip(proofs, conditions):
-            if cond is None or cond.kind != "P2PK":
+            if cond is None:
                 continue
-            keys = set(cond.pubkeys) | set(cond.refund)
-            if ours in keys:
+            hash_path = cond.kind == "HTLC" and preimage is not None
+            keys = set(cond.pubkeys) | (set() if hash_path else set(cond.refund))
+            if ours in keys and not hash_path:
                 continue   # Nutshell signs this one itself
             key = next((signers[k[2:]] for k in keys if k[2:] in signers), None)
-            if key is not None:
-                signature = c.schnorr_sign(proof.secret.encode(), key).hex()
+            if key is None:
+                continue
+            signature = c.schnorr_sign(proof.secret.encode(), key).hex()
+            if cond.kind == "HTLC":
+                # Nutshell adds its own signature to this witness, if our key is named, and
+                # keeps the preimage: an extra signature does not hurt.
+                proof.witness = c.HTLCWitness(preimage=preimage.hex() if hash_path else None,
+                                              signatures=[signature]).model_dump_json()
+            else:
                 proof.witness = c.P2PKWitness(signatures=[signature]).model_dump_json()
 
     async def _resolve_keysets(self, wallet, mint: str, proofs: list) -> None:
@@ -345,8 +430,9 @@ class EcashWallet:
         mint = self._accepted(mint)
         c = nutshell.load()
         wallet = await self._online(mint)
+        lock = await self._nut11_lock(c, wallet, lock_to, None, None)
         async with self._spend_lock(mint):
-            chosen = await self._choose_to_send(c, wallet, mint, amount, lock_to, None, None)
+            chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
         return [p.to_dict(include_dleq=True) for p in chosen]
 
     async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
@@ -380,29 +466,35 @@ class EcashWallet:
         mint = self._accepted(mint) if mint else await self._mint_with_balance(amount)
         c = nutshell.load()
         wallet = await self._online(mint)
+        lock = await self._nut11_lock(c, wallet, lock_to, locktime, refund_to)
         async with self._spend_lock(mint):  # choosing and reserving coins must not interleave
-            return await self._send_locked(c, wallet, mint, amount, lock_to, locktime, refund_to)
+            chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
+            return await wallet.serialize_proofs(chosen, include_dleq=True)
 
-    async def _send_locked(self, c, wallet, mint, amount, lock_to, locktime, refund_to) -> str:
-        chosen = await self._choose_to_send(c, wallet, mint, amount, lock_to, locktime, refund_to)
-        return await wallet.serialize_proofs(chosen, include_dleq=True)
+    @staticmethod
+    async def _nut11_lock(c, wallet, lock_to, locktime, refund_to):
+        """The NUT-11 secret to lock sent proofs with (a fresh nonce per proof), or None."""
+        if lock_to is None:
+            return None
+        tags = c.Tags()
+        if locktime is not None:
+            tags["locktime"] = str(int(locktime))
+        if refund_to is not None:
+            tags["refund"] = [compressed_pubkey(refund_to)]
+        return await wallet.create_p2pk_lock(compressed_pubkey(lock_to), tags=tags)
 
-    async def _choose_to_send(self, c, wallet, mint, amount, lock_to, locktime, refund_to) -> list:
+    async def _choose_to_send(self, c, wallet, mint, amount, lock) -> list:
+        """Reserve proofs worth exactly `amount`, locked with the NUT-10 secret `lock` if any
+        (a swap makes them), else our own plain coins where they add up."""
         proofs = [p for p in wallet.active_proofs(wallet.proofs) if _plain(p)]  # unreserved, of our unit
         try:
-            if lock_to is None:
+            if lock is None:
                 chosen = wallet.coinselect(proofs, amount)
                 if sum(p.amount for p in chosen) == amount:
                     await wallet.set_reserved_for_send(chosen, reserved=True)
                 else:   # no exact coins: swap for them (the swap fee is ours)
                     _, chosen = await wallet.swap_to_send(proofs, amount, set_reserved=True)
             else:
-                tags = c.Tags()
-                if locktime is not None:
-                    tags["locktime"] = str(int(locktime))
-                if refund_to is not None:
-                    tags["refund"] = [compressed_pubkey(refund_to)]
-                lock = await wallet.create_p2pk_lock(compressed_pubkey(lock_to), tags=tags)
                 _, chosen = await wallet.swap_to_send(proofs, amount, secret_lock=lock,
                                                       set_reserved=True)
         except c.BalanceTooLowError:
@@ -420,6 +512,102 @@ class EcashWallet:
                 raise PaymentError(error.customer_message, retryable=True, code="spent") from exc
             raise error from exc
         return chosen
+
+    # -- pay on delivery (NUT-14), the customer's side ----------------------------------------
+    async def send_htlc(self, amount: int, mint: str, terms: HtlcTerms) -> str:
+        """A cashuB token worth exactly `amount`, with DLEQ proofs, HTLC-locked by `terms`: the
+        provider redeems it only with the preimage of `terms.hash` (and the signature of
+        `terms.pubkey`), which the mint then shows us (`htlc_preimage`); after
+        `terms.locktime` our `terms.refund_key` takes it back (`reclaim_htlc`).
+
+        Keep the token before sending it: the locked proofs have random secrets (a fresh nonce
+        each), so they cannot be restored from the wallet's seed, and the token is what
+        `htlc_preimage` and `reclaim_htlc` need. (Nutshell keeps them in its database too, as
+        reserved; a crash between the mint's answer and that write loses them.)
+        """
+        if amount <= 0:
+            raise ValueError("amount must be positive")
+        mint = self._accepted(mint)
+        c = nutshell.load()
+        lock = c.HTLCSecret(kind="HTLC", data=terms.hash, tags=c.Tags(terms.tags()))
+        try:   # the mint's own parser: a lock it finds malformed is ecash nobody can ever spend
+            c.nut10.parse_spending_condition(lock.serialize())
+        except Exception as exc:
+            raise ValueError(f"the mint would refuse this HTLC lock: {exc}") from None
+        wallet = await self._online(mint)
+        missing = [n for n in (7, 14) if not (wallet.mint_info and wallet.mint_info.supports_nut(n))]
+        if missing:
+            raise PaymentError(f"The mint {mint} does not support NUT-{missing[0]}, which paying on "
+                               "delivery needs (NUT-07 to learn the preimage, NUT-14 to lock).")
+        async with self._spend_lock(mint):
+            chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
+            return await wallet.serialize_proofs(chosen, include_dleq=True)
+
+    def _read_htlc(self, token: str) -> TokenInfo:
+        """A token of ours made by `send_htlc`: every proof HTLC-locked, from one of our mints."""
+        info = read_token(token)
+        if info.mint not in self.accepted_mints:
+            raise PaymentError(f"The mint {info.mint} is not one of this wallet's mints.")
+        if not all(c is not None and c.kind == "HTLC" for c in info.conditions):
+            raise PaymentError("This token is not HTLC-locked in every proof.")
+        return info
+
+    async def htlc_preimage(self, token: str) -> bytes | None:
+        """The preimage the provider revealed by redeeming an HTLC token we sent (`send_htlc`),
+        read from the mint alone (NUT-07 returns the witness a spent proof was spent with), so a
+        provider that takes the money cannot keep the key. None while no proof is spent with a
+        preimage of its hash (unspent, pending, or taken back by the refund key)."""
+        info = self._read_htlc(token)
+        c = nutshell.load()
+        wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)     # Y = hash_to_curve(secret): no keyset id needed
+        try:
+            states = await wallet.check_proof_state(proofs)
+        except Exception as exc:
+            raise mint_error(exc, info.mint) from exc
+        by_y = {p.Y: cond.hash for p, cond in zip(proofs, info.conditions)}
+        for state in states.states:
+            if not state.spent or not state.witness or state.Y not in by_y:
+                continue
+            try:
+                preimage = bytes.fromhex(c.HTLCWitness.from_witness(state.witness).preimage or "")
+                if htlc_hash(preimage) == by_y[state.Y]:
+                    return preimage
+            except (ValueError, TypeError):
+                continue   # a refund witness, or one we cannot read: look at the next proof
+        return None
+
+    async def reclaim_htlc(self, token: str, *,
+                           before_swap: Callable[[dict], None] | None = None) -> Received:
+        """Take back, after its locktime, an HTLC token we sent (`send_htlc`) that the provider
+        did not redeem: swapped with a signature of our P2PK key, which must be its refund key.
+        Only the proofs still unspent are taken back: if the provider redeemed some, it revealed
+        the preimage (`htlc_preimage`) and is owed those. `before_swap`: as in `receive`."""
+        info = self._read_htlc(token)
+        if self._p2pk_secret is None or not all(_has_key(c.refund, self.p2pk_pubkey)
+                                                for c in info.conditions):
+            raise PaymentError("This HTLC token's refund key is not this wallet's key "
+                               f"{self._p2pk_secret and self.p2pk_pubkey or '(none configured)'}.")
+        if not all(_expired(c) for c in info.conditions):
+            locktime = max(c.locktime or 0 for c in info.conditions)
+            raise PaymentError(f"This HTLC token can be taken back only after its locktime "
+                               f"{locktime} (unix time), {locktime - int(time.time())} s from now.",
+                               retryable=True)
+        self._check_offline(info, 0)
+        wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)
+        try:
+            states = await wallet.check_proof_state(proofs)
+        except Exception as exc:
+            raise mint_error(exc, info.mint) from exc
+        unspent = {s.Y for s in states.states if s.unspent}
+        keep = [i for i, p in enumerate(proofs) if p.Y in unspent]
+        if not keep:
+            raise PaymentError("This HTLC token was already spent; a Cashu token can be used "
+                               "only once.", code="spent")
+        info = dataclasses.replace(info, proofs=tuple(info.proofs[i] for i in keep),
+                                   conditions=tuple(info.conditions[i] for i in keep))
+        return await self._redeem(info, 0, None, before_swap)
 
     async def melt(self, bolt11: str, mint: str | None = None) -> dict:
         """Pay a Lightning invoice with our ecash (melt quote, then melt).

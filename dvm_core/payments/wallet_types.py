@@ -77,6 +77,7 @@ class SpendingCondition:
     locktime: int | None          # unix time after which the refund keys (or anyone) may spend
     refund: tuple[str, ...]       # keys that may spend after `locktime`
     sig_all: bool                 # SIG_ALL rather than SIG_INPUTS
+    hash: str | None = None       # HTLC: the hash lock (sha256 of the preimage, hex)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Cashu ecash on Nostr, the pure parts: tokens (NUT-00), mint URLs, payment requests (NUT-18),
-nutzaps and the nutzap informational event (NIP-61). No network and no Nutshell import here: the
+"""Cashu ecash on Nostr, the pure parts: tokens (NUT-00), mint URLs, payment requests (NUT-18,
+with a P2PK or an HTLC lock), the NUT-14 hash lock, nutzaps and the nutzap informational event
+(NIP-61). No network and no Nutshell import here: the
 wallet lives in `dvm_core.payments.wallet`.
 
 `decode_token` is the one token parser: the wallet reads every payment with it too, and makes
@@ -12,7 +13,9 @@ May import: the standard library and cbor2.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -179,14 +182,104 @@ def p2pk_lock(proof: dict) -> tuple[str | None, int | None, list[str]]:
     return secret[1].get("data"), locktime, list(tags.get("refund", []))
 
 
+# NUT-14 ----------------------------------------------------------------------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"0[23][0-9a-f]{64}")
+
+
+def htlc_hash(preimage: bytes) -> str:
+    """The NUT-14 hash lock of a preimage: sha256 of its 32 raw bytes (not of its hex), as 64
+    lower-case hex. The mint accepts only 32-byte preimages, so other lengths are refused here
+    rather than turning into ecash that nobody can redeem by the hash path."""
+    if not isinstance(preimage, bytes) or len(preimage) != 32:
+        raise ValueError("an HTLC preimage is exactly 32 bytes")
+    return hashlib.sha256(preimage).hexdigest()
+
+
+def _lock_key(key: str) -> str:
+    """A key as a lock names it: compressed (66 hex, lower case); a 64-hex x-only (Nostr) key
+    stands for "02" + x. Only the shape is checked here (no curve code in the protocol layer);
+    the wallet runs the mint's own parser before it pays or accepts."""
+    key = key.strip().lower() if isinstance(key, str) else ""
+    if _HEX64.fullmatch(key):
+        key = "02" + key
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not a compressed public key: {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class HtlcTerms:
+    """What an HTLC payment (NUT-14) for one job is locked with: the hash of the job's preimage,
+    the one key that redeems with the preimage (the job's key), the locktime (unix seconds) after
+    which the refund key, and only it, may take the ecash back.
+
+    In a payment request, `locktime` is the one asked for; when a provider checks a token against
+    its terms (`EcashWallet.receive(htlc=...)`) it is the earliest locktime it accepts. SIG_INPUTS
+    always: with SIG_ALL only the first proof carries the preimage, so checkstate would not show
+    it for the others. Keys are normalised to compressed form; ValueError for a malformed field.
+    """
+
+    hash: str
+    pubkey: str
+    locktime: int
+    refund_key: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hash, str) or not _HEX64.fullmatch(self.hash):
+            # the mint's parser refuses upper case: such ecash could never be spent at all
+            raise ValueError("an HTLC hash is 64 lower-case hex characters")
+        if type(self.locktime) is not int or self.locktime <= 0:
+            raise ValueError("an HTLC locktime is a positive unix time in seconds")
+        object.__setattr__(self, "pubkey", _lock_key(self.pubkey))
+        object.__setattr__(self, "refund_key", _lock_key(self.refund_key))
+        if self.pubkey[2:] == self.refund_key[2:]:
+            raise ValueError("the HTLC's receiver and refund keys must differ")
+
+    def tags(self) -> list[list[str]]:
+        """The NUT-10 tags of the lock, in the secret and in a NUT-18 `nut10` alike."""
+        return [["pubkeys", self.pubkey], ["locktime", str(self.locktime)],
+                ["refund", self.refund_key], ["sigflag", "SIG_INPUTS"]]
+
+
+def htlc_terms_of(nut10: object) -> HtlcTerms | None:
+    """The `HtlcTerms` of a NUT-18 `nut10` option, or None when it is not an HTLC lock. Raises
+    ValueError for an HTLC lock we would not pay: other tags, several or no receiver keys, no
+    locktime, no refund key (the ecash would become anyone's after the locktime), SIG_ALL."""
+    if not isinstance(nut10, dict) or nut10.get("k") != "HTLC":
+        return None
+    tags: dict[str, list] = {}
+    for tag in nut10.get("t") or []:
+        if not isinstance(tag, list) or not tag or not all(isinstance(v, str) for v in tag) \
+                or tag[0] in tags:
+            raise ValueError(f"malformed HTLC tag: {tag!r}")
+        tags[tag[0]] = tag[1:]
+    if set(tags) - {"pubkeys", "locktime", "refund", "sigflag"}:
+        raise ValueError(f"unsupported HTLC tags: {sorted(set(tags))}")
+    if tags.get("sigflag", ["SIG_INPUTS"]) != ["SIG_INPUTS"]:
+        raise ValueError("an HTLC payment must be SIG_INPUTS")
+    for name in ("pubkeys", "locktime", "refund"):
+        if len(tags.get(name, [])) != 1:
+            raise ValueError(f"an HTLC payment request names exactly one {name}")
+    locktime = tags["locktime"][0]
+    if not (locktime.isascii() and locktime.isdigit()):
+        raise ValueError(f"not a locktime: {locktime!r}")
+    return HtlcTerms(hash=nut10.get("d"), pubkey=tags["pubkeys"][0], locktime=int(locktime),
+                     refund_key=tags["refund"][0])
+
+
 # NUT-18 ----------------------------------------------------------------------
 
 def encode_payment_request(
     *, payment_id: str, amount: int, unit: str, mints: list[str], description: str = "",
     nostr_target: str | None = None, nostr_tags: list[list[str]] | None = None,
-    lock_pubkey: str | None = None, single_use: bool = True,
+    lock_pubkey: str | None = None, htlc: HtlcTerms | None = None, single_use: bool = True,
 ) -> str:
-    """A NUT-18 `creqA` payment request: CBOR, base64url, no padding."""
+    """A NUT-18 `creqA` payment request: CBOR, base64url, no padding. Its `nut10` asks for a
+    P2PK lock to `lock_pubkey` or for the HTLC lock `htlc` (not both)."""
+    if lock_pubkey and htlc is not None:
+        raise ValueError("a payment request asks for one lock: P2PK or HTLC")
     request: dict = {"i": payment_id, "a": int(amount), "u": unit, "s": single_use, "m": list(mints)}
     if description:
         request["d"] = description
@@ -194,10 +287,14 @@ def encode_payment_request(
         request["t"] = [{"t": "nostr", "a": nostr_target, "g": nostr_tags or [["n", "61"]]}]
     if lock_pubkey:
         request["nut10"] = {"k": "P2PK", "d": lock_pubkey, "t": []}
+    elif htlc is not None:
+        request["nut10"] = {"k": "HTLC", "d": htlc.hash, "t": htlc.tags()}
     return "creqA" + base64.urlsafe_b64encode(cbor2.dumps(request)).decode().rstrip("=")
 
 
 def decode_payment_request(text: str) -> dict:
+    """The fields of a NUT-18 `creqA` request as sent; `htlc_terms_of(request.get("nut10"))`
+    reads an HTLC lock from it."""
     if not text.startswith("creqA"):
         raise ValueError("not a NUT-18 payment request (creqA…)")
     return cbor2.loads(_b64decode(text[5:]))
