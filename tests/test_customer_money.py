@@ -156,7 +156,9 @@ async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay
     worker = await paid_worker(workers, mint, max_concurrent_jobs=1)
     blocker_customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
-        blocker = await blocker_customer.submit(KIND, TEXT, {"work_seconds": "8"}, provider=worker.keys.public_key,
+        # The blocker runs long enough that the job below is still queued when Ctrl-C comes, even
+        # when this process's loop (the worker's too) is slow to read the CLI's lines.
+        blocker = await blocker_customer.submit(KIND, TEXT, {"work_seconds": "20"}, provider=worker.keys.public_key,
                                                 cashu=await blocker_customer.wallet.send(PRICE, mint=mint.url))
         for _ in range(100):
             if (job := worker.store.get_job(blocker["id"])) and job.state == "running":
@@ -171,7 +173,7 @@ async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay
             "--out", str(tmp_path / "o"), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         err = b""
-        while b"paid " not in err:   # wait until it has paid and the job is queued
+        while b"queued, position" not in err:   # wait until it has paid and the job is queued
             line = await asyncio.wait_for(proc.stderr.readline(), 30)
             assert line, err.decode()
             err += line
