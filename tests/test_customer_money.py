@@ -156,9 +156,7 @@ async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay
     worker = await paid_worker(workers, mint, max_concurrent_jobs=1)
     blocker_customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
-        # The blocker runs long enough that the job below is still queued when Ctrl-C comes, even
-        # when this process's loop (the worker's too) is slow to read the CLI's lines.
-        blocker = await blocker_customer.submit(KIND, TEXT, {"work_seconds": "20"}, provider=worker.keys.public_key,
+        blocker = await blocker_customer.submit(KIND, TEXT, {"work_seconds": "8"}, provider=worker.keys.public_key,
                                                 cashu=await blocker_customer.wallet.send(PRICE, mint=mint.url))
         for _ in range(100):
             if (job := worker.store.get_job(blocker["id"])) and job.state == "running":
@@ -171,7 +169,10 @@ async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay
             "--dvm", worker.keys.npub, "--kind", str(KIND), "--text", "stop me",
             "--wallet-dir", str(wallet.directory), "--mint", mint.url, "--yes", "--json",
             "--out", str(tmp_path / "o"), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            # As from a terminal: a test run started in the background (`make test &`) ignores
+            # SIGINT, and the CLI would inherit that and never see the Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         err = b""
         while b"queued, position" not in err:   # wait until it has paid and the job is queued
             line = await asyncio.wait_for(proc.stderr.readline(), 30)
