@@ -26,10 +26,6 @@ class StopReason(enum.StrEnum):
     CUSTOMER = "cancelled by the customer"
 
 
-TIME_LIMIT = StopReason.TIME_LIMIT
-WORKER_STOPPING = StopReason.WORKER_STOPPING
-
-
 class JobCancelled(JobError):
     """The customer cancelled the job (kind-5 deletion) or the worker is stopping (then
     `stopping` is true: the job goes back to the queue)."""

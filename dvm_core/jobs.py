@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import TIME_LIMIT, WORKER_STOPPING, JobCancelled, JobError, JobInputError, JobTimeout, StopReason
+from .errors import JobCancelled, JobError, JobInputError, JobTimeout, StopReason
 from .protocol.nip90 import JobRequest
 
-__all__ = ["TIME_LIMIT", "WORKER_STOPPING", "StopReason", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
+__all__ = ["StopReason", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
            "Artifact", "JobResult", "JobKind", "JobContext"]
 
 

@@ -456,6 +456,12 @@ class Cashier:
         log.info("returned a nutzap for no waiting job", job_id=request.id, amount=returned)
 
     # paying back -------------------------------------------------------------------
+    def paid_for(self, job_id: str) -> bool:
+        """Whether a payment for this job was taken (received, being redeemed, redeemed or used):
+        a job resumed after a restart is not asked to pay again."""
+        row = self.store.payment_for_job(job_id)
+        return row is not None and row["state"] in ("received", "redeeming", "redeemed", "consumed")
+
     def refundable(self, job_id: str) -> int:
         """What is still held of a job's payment: what would be refunded."""
         row = self.store.payment_for_job(job_id)

@@ -20,21 +20,19 @@ class Cancels:
     def __init__(self, pool, spawn: Callable[[object], asyncio.Task]):
         self.pool = pool
         self.spawn = spawn
-        self.watched: dict[str, str] = {}    # job id -> the customer whose deletion cancels it
+        self.watched: set[str] = set()       # jobs a deletion of their request cancels
         self.stopping = False
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(self, job_id: str, customer: str) -> None:
+    def watch(self, job_id: str) -> None:
         if job_id not in self.watched:
-            self.watched[job_id] = customer
+            self.watched.add(job_id)
             self._changed()
 
     def forget(self, job_id: str) -> None:
-        if self.watched.pop(job_id, None) is not None:
+        if job_id in self.watched:
+            self.watched.discard(job_id)
             self._changed()
-
-    def customer_of(self, job_id: str) -> str | None:
-        return self.watched.get(job_id)
 
     def stop(self) -> None:
         self.stopping = True

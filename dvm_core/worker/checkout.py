@@ -62,7 +62,7 @@ class Checkout:
         def say(status: str, message: str, content: str) -> None:
             if status == "payment-required":
                 self.unpaid[request.id] = request.pubkey   # a kind-5 from them cancels the wait
-                self.cancels.watch(request.id, request.pubkey)
+                self.cancels.watch(request.id)
                 reply.feedback(status, message, content=content, amount_msats=price * 1000)
             else:
                 reply.feedback(status, message, content=content)

@@ -28,12 +28,10 @@ def load_keys(settings: Settings, env: dict[str, str] | None = None) -> Keys:
         candidates.append(Path(settings.key_file))
     if env.get("CREDENTIALS_DIRECTORY"):
         candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
-    for path in candidates:
-        if path.exists():
-            try:
-                return read_key_file(path)
-            except KeyFileError as exc:
-                raise ConfigError(str(exc)) from None
-    if candidates:
-        raise ConfigError(f"key file {candidates[0]} does not exist: create one with `dvm keygen --out {candidates[0]}`")
-    raise ConfigError("no key: set key_file in [dvm], or DVM_PRIVATE_KEY, or create one with `dvm keygen`")
+    if not candidates:
+        raise ConfigError("no key: set key_file in [dvm], or DVM_PRIVATE_KEY, or create one with `dvm keygen`")
+    path = next((p for p in candidates if p.exists()), candidates[0])   # else: "does not exist"
+    try:
+        return read_key_file(path)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from None

@@ -73,7 +73,7 @@ class Outcome:
 
 class Runner:
     def __init__(self, *, settings: Settings, config: dict, store: Store, outbox: Outbox,
-                 cancels: Cancels, cashier: Cashier | None):
+                 cancels: Cancels, cashier: Cashier | None, kinds: dict[int, JobKind]):
         self.settings = settings
         self.config = config
         self.store = store
@@ -82,7 +82,9 @@ class Runner:
         self.cashier = cashier
         self.active: dict[str, ActiveJob] = {}
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
-        self._kind_slots: dict[int, asyncio.Semaphore] = {}
+        # At most ``capacity[name]`` jobs of a kind at once (the config's [capacity] table).
+        capacity = config.get("capacity") or {}
+        self._kind_slots = {k.kind: asyncio.Semaphore(capacity[k.name]) for k in kinds.values() if k.name in capacity}
         self._devices: asyncio.Queue[str] | None = None
         if settings.devices:
             self._devices = asyncio.Queue()
@@ -91,11 +93,6 @@ class Runner:
         # Jobs get threads of their own, so long training never starves the default executor
         # that asyncio and libraries share.
         self._executor = ThreadPoolExecutor(settings.max_concurrent_jobs, thread_name_prefix="dvm-job")
-
-    def limit_kinds(self, kinds: dict[int, JobKind], capacity: dict) -> None:
-        """At most ``capacity[name]`` jobs of a kind at once (the config's [capacity] table)."""
-        self._kind_slots = {k.kind: asyncio.Semaphore(capacity[k.name])
-                            for k in kinds.values() if k.name in capacity}
 
     # what the rest of the worker asks --------------------------------------------------------
     def waiting(self) -> list[ActiveJob]:

@@ -79,12 +79,12 @@ class Worker:
         self.offer = Offer(settings=s, config=config.raw, kinds=self.kinds, pm=self.pm,
                            public_key=keys.public_key)
         self.runner = Runner(settings=s, config=config.raw, store=self.store, outbox=self.outbox,
-                             cancels=self.cancels, cashier=self.cashier)
-        self.runner.limit_kinds(self.kinds, config.raw.get("capacity") or {})
+                             cancels=self.cancels, cashier=self.cashier, kinds=self.kinds)
         self.checkout = Checkout(settings=s, offer=self.offer, cashier=self.cashier, cancels=self.cancels)
         self.intake = Intake(settings=s, config=config.raw, keys=keys, kinds=self.kinds, store=self.store,
                              queue_length=lambda: len(self.runner.waiting()), queue_full=self.runner.is_full,
-                             unpaid=lambda: len(self.checkout.unpaid), paid_already=self._paid_already)
+                             unpaid=lambda: len(self.checkout.unpaid),
+                             paid_already=lambda job_id: self.cashier is not None and self.cashier.paid_for(job_id))
 
     def _open_cashier(self) -> Cashier:
         from dvm_core.payments.nutshell import preload
@@ -282,12 +282,6 @@ class Worker:
         except Exception as exc:
             log.error("event handler failed", error=repr(exc))
 
-    def _paid_already(self, job_id: str) -> bool:
-        if self.cashier is None:
-            return False
-        row = self.store.payment_for_job(job_id)
-        return row is not None and row["state"] in ("received", "redeeming", "redeemed", "consumed")
-
     def _queue(self, job: Job, reply: Reply, paid: Paid | None, resumed: bool) -> ActiveJob:
         request = job.request
         self.store.set_state(request.id, JobState.QUEUED)
@@ -295,7 +289,7 @@ class Worker:
         active = ActiveJob(request=request, job_kind=job.job_kind, parsed=job.parsed, reply=reply,
                            refs=job.refs, paid=paid)
         self.runner.active[request.id] = active
-        self.cancels.watch(request.id, request.pubkey)
+        self.cancels.watch(request.id)
         message = "resumed after a restart" if resumed else "job accepted"
         if self.runner.would_wait(request.kind):
             message += f"; queued, position {len(self.runner.waiting())}"
