@@ -9,13 +9,17 @@ import asyncio
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from dataclasses import dataclass
 
-from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, build_nutzap, build_nutzap_info, decode_payment_request,
+from dvm_core.protocol.delivery import DeliveryOffer, decode_sealed, parse_offer, seal_key
+from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, NUTZAP_KIND, HtlcTerms, build_nutzap, build_nutzap_info,
+                    decode_payment_request, decode_token, htlc_hash, htlc_terms_of,
                     normalize_mint_url_or_keep, parse_nutzap, parse_nutzap_info)
+from dvm_core.protocol.nip44 import get_conversation_key
 from dvm_core.protocol.encryption import Scheme, decrypt, encrypter
 from dvm_core.protocol.events import InvalidEvent, Keys, sign_event, verify_event
 from dvm_core.payments.locks import job_lock_pubkey
@@ -282,6 +286,133 @@ class Customer:
             raise RuntimeError("no relay accepted the nutzap")
         return event
 
+    # pay on delivery ---------------------------------------------------------------------
+    async def check_delivery(self, request: dict, feedback: Feedback, *, refund_key: str,
+                             max_price: int | None = None, mints: list[str] | None = None,
+                             min_lock_seconds: float = 120, max_lock_seconds: float = 7 * 86400,
+                             ) -> tuple[DeliveryOffer, HtlcTerms, dict]:
+        """What a pay-on-delivery offer asks, checked before any sat moves: signed by the DVM the
+        request named; the amount the same in its `amount` tag, the offer and its NUT-18 request,
+        within `max_price` and the DVM's announced fixed price; the HTLC lock of the request is
+        the offer's hash, this job's key derived from the DVM's advertised wallet key, our
+        `refund_key`, and a locktime between `min_lock_seconds` and `max_lock_seconds` from now;
+        on a mint the DVM announced and we hold. Returns (offer, terms, the NUT-18 request with
+        `m` narrowed to usable mints); raises PaymentDeclined."""
+        signer = feedback.event.get("pubkey")
+        named = self._schemes.get(request["id"], (None, None))[1]
+        if named is not None and signer != named:
+            raise PaymentDeclined("the offer is not signed by the DVM you asked")
+        provider = named or signer
+        try:
+            offer = parse_offer(feedback.content)
+            creq = decode_payment_request(offer.payment_request)
+            terms = htlc_terms_of(creq.get("nut10"))
+            amount = int(creq["a"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PaymentDeclined(f"the offer cannot be read: {exc}") from None
+        if terms is None:
+            raise PaymentDeclined("the offer's payment request asks for no HTLC lock")
+        if creq.get("u", "sat") != "sat" or offer.unit != "sat":
+            raise PaymentDeclined(f"the DVM asks to be paid in {creq.get('u')!r}, not sat")
+        if not (amount == offer.amount and feedback.amount_msats == amount * 1000):
+            raise PaymentDeclined(f"the offer's amounts disagree (amount tag {feedback.amount_msats} msats, "
+                                  f"offer {offer.amount} sat, payment request {amount} sat)")
+        if max_price is not None and amount > max_price:
+            raise PaymentDeclined(f"the DVM asks {amount} sat, more than your limit of {max_price} sat")
+        info = await self.wallet_info(provider)
+        name = info.names.get(str(request["kind"]))
+        fixed = info.prices.get(name) if name else None
+        if isinstance(fixed, int) and amount != fixed:
+            raise PaymentDeclined(f"the DVM asks {amount} sat, but announces {fixed} sat for {name}")
+        if not info.p2pk_pubkey:
+            raise PaymentDeclined("the DVM publishes no wallet key of its own (kind 10019 or NIP-89), "
+                                  "so there is no key to check the offer's lock against")
+        if terms.hash != offer.hash:
+            raise PaymentDeclined("the payment request locks to another hash than the offer's")
+        if terms.pubkey != job_lock_pubkey(info.p2pk_pubkey, request["id"]):
+            raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
+                                  "key derived from the DVM's advertised wallet key")
+        if terms.refund_key[2:] != refund_key[-64:]:
+            raise PaymentDeclined(f"the payment request's refund key is {terms.refund_key}, not yours")
+        now = time.time()
+        if terms.locktime != offer.locktime or not (now + min_lock_seconds <= terms.locktime
+                                                    <= now + max_lock_seconds):
+            raise PaymentDeclined(f"the lock would expire at {terms.locktime} (unix time), "
+                                  f"{terms.locktime - int(now)} s from now; between {min_lock_seconds:g} "
+                                  f"and {max_lock_seconds:g} s is accepted")
+        if len(offer.files) > MAX_ARTIFACTS:
+            raise PaymentDeclined(f"the offer lists more than {MAX_ARTIFACTS} files")
+        offered = [normalize_mint_url_or_keep(m) for m in creq.get("m") or []]
+        usable = [m for m in offered if (not info.mints or m in info.mints)
+                  and (mints is None or m in mints)]
+        if not usable:
+            raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
+                                  "is one it announces and your wallet holds")
+        return offer, terms, dict(creq, m=usable, a=amount)
+
+    async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
+                              max_price: int | None = None, keep: Callable[[str], None] | None = None,
+                              min_lock_seconds: float = 120) -> "Delivery":
+        """Answer a pay-on-delivery offer, once `check_delivery` passed: HTLC-locked ecash of
+        exactly the amount asked (`wallet.send_htlc`), handed to `keep` (store it: it is what
+        reads the key from the mint and takes the ecash back) before it is sent as a nutzap to
+        the DVM the request named. Raises PaymentDeclined."""
+        offer, terms, creq = await self.check_delivery(
+            request, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
+            mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds)
+        provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
+        token = await wallet.send_htlc(creq["a"], creq["m"][0], terms)
+        if keep is not None:
+            keep(token)
+        proofs = list(decode_token(token).proofs)
+        kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
+                                           zapped_event=request["id"], zapped_kind=request["kind"],
+                                           comment="payment on delivery")
+        event = sign_event(self.keys, kind, content, tags)
+        results = await self.pool.publish(event)
+        if not any(r.ok for r in results):
+            raise RuntimeError("no relay accepted the nutzap (the ecash is kept: send it again, or "
+                               "take it back after the locktime)")
+        return Delivery(request, provider, offer, token, terms)
+
+    async def await_delivery(self, delivery: "Delivery", wallet, *, timeout: float = 600.0,
+                             poll_seconds: float = 2.0) -> Result:
+        """The result of a job paid on delivery: the key comes from the DVM's result event or,
+        if the DVM says nothing more, from the mint (NUT-07 shows the preimage the DVM redeemed
+        with); the result opened is the sealed one of the offer that was paid for. Raises
+        TimeoutError when neither comes within `timeout` (`reclaim` after the locktime)."""
+        from dvm_core.payments.wallet_types import PaymentError
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        queue = self._queues.get(delivery.request["id"])
+        while True:
+            try:
+                preimage = await wallet.htlc_preimage(delivery.token)
+            except PaymentError as exc:
+                if not exc.retryable:
+                    raise
+                preimage = None   # the mint is down: the result event may still bring the key
+            if preimage is not None:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"the DVM has not redeemed the payment of job "
+                                   f"{delivery.request['id'][:12]} within {timeout:g} s")
+            if queue is None:
+                await asyncio.sleep(min(poll_seconds, remaining))
+                continue
+            try:
+                async with asyncio.timeout(min(poll_seconds, remaining)):
+                    event = await queue.get()
+            except TimeoutError:
+                continue
+            if event["kind"] != FEEDBACK_KIND:
+                result = parse_result(event, self._decrypter(delivery.request["id"], event))
+                preimage = _preimage_in(result, delivery.offer.hash)
+                if preimage is not None:
+                    break
+        return open_delivery(delivery, preimage, self.keys)
+
     async def publish_wallet_info(self, wallet) -> dict:
         """Kind 10019 (NIP-61) for this customer: change and refunds come locked to `wallet`'s
         P2PK key, on its mints, so that `collect_nutzaps` can redeem them."""
@@ -321,6 +452,44 @@ class Customer:
         event = sign_event(self.keys, DELETION_KIND, reason,
                            [["e", request["id"]], ["k", str(request["kind"])]])
         await self.pool.publish(event)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A job paid on delivery, after paying: what was offered and the HTLC token sent for it."""
+
+    request: dict
+    provider: str
+    offer: DeliveryOffer
+    token: str
+    terms: HtlcTerms
+
+
+def _preimage_in(result: Result, hash_: str) -> bytes | None:
+    """K from a result's ``pay_on_delivery.preimage``, if it is the preimage of `hash_`."""
+    try:
+        value = bytes.fromhex(json.loads(result.content)["pay_on_delivery"]["preimage"])
+        return value if htlc_hash(value) == hash_ else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def open_delivery(delivery: Delivery, preimage: bytes, keys: Keys) -> Result:
+    """The result a pay-on-delivery offer sealed, opened with its preimage K: a `Result` whose
+    files `download_artifacts` fetches, checks and decrypts. ValueError if K is not the
+    preimage of the offer's hash or the sealed result does not open."""
+    from dvm_core.transport.blobcrypt import BlobDecryptError, decrypt_bytes
+    if htlc_hash(preimage) != delivery.offer.hash:
+        raise ValueError("that is not the preimage of the offer's hash")
+    conversation = (get_conversation_key(keys.private_key, delivery.provider)
+                    if is_encrypted(delivery.request) else None)
+    key = seal_key(preimage, conversation).hex()
+    try:
+        payload = decrypt_bytes(decode_sealed(delivery.offer.sealed_result), key).decode()
+    except (BlobDecryptError, ValueError) as exc:
+        raise ValueError(f"the offer's sealed result does not open with the key: {exc}") from None
+    return Result(delivery.request["id"], delivery.provider, payload, delivery.offer.amount * 1000,
+                  is_encrypted(delivery.request))
 
 
 def result_json(result: Result) -> dict:

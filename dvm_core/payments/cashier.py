@@ -32,7 +32,7 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, TokenFormatError, build_nutzap, build_nutzap_info,
+from dvm_core.protocol.ecash import (NUTZAP_INFO_KIND, HtlcTerms, TokenFormatError, build_nutzap, build_nutzap_info,
                     decode_token, encode_payment_request, p2pk_lock, parse_nutzap, parse_nutzap_info)
 from dvm_core.protocol.events import InvalidEvent, Keys, verify_event
 from .crashpoints import crashpoint
@@ -40,7 +40,7 @@ from .locks import Binding, bind, payer_named
 from .p2pk_keys import compressed_pubkey
 from .wallet_types import PaymentError
 from dvm_core.protocol.nip90 import JobRequest
-from dvm_core.state.jobstate import UNPAID, JobState
+from dvm_core.state.jobstate import AWAITING_PAYMENT, JobState
 from dvm_core.state.store import Store
 
 log = structlog.get_logger("dvm.payments")
@@ -52,6 +52,17 @@ MAX_PENDING_FOR_UNKNOWN_JOBS = 1000   # nutzaps kept for job requests this DVM h
 @dataclass
 class _Received:
     amount: int
+
+
+@dataclass(frozen=True)
+class OnDelivery:
+    """What pays for a job on delivery: ecash locked by `terms` (NUT-14), redeemed with
+    `preimage`, asked for by `payment_request` until `deadline` (unix time)."""
+
+    terms: HtlcTerms
+    preimage: bytes
+    payment_request: str
+    deadline: float
 
 
 class PaymentRefused(Exception):
@@ -181,11 +192,14 @@ class Cashier:
 
     # paying for a job ----------------------------------------------------------
     async def collect(self, request: JobRequest, price: int, offered: tuple[str, str] | None,
-                      time_limit: float, say: Callable[[str, str, str], None]) -> Paid:
+                      time_limit: float, say: Callable[[str, str, str], None], *,
+                      delivery: OnDelivery | None = None) -> Paid:
         """Take payment of `price` for `request`, waiting for a nutzap when nothing was offered.
 
         `say(status, message, content)` sends feedback. Raises PaymentRefused; by then nothing
         was taken from the customer (a token that was swapped and cannot pay is sent back).
+        With `delivery` (pay on delivery, the result sealed and offered already), only a nutzap
+        HTLC-locked as its terms say pays, until its deadline; redeeming it reveals the preimage.
         """
         min_locktime = int(time.time() + time_limit + LOCKTIME_MARGIN_SECONDS)
         done = self.store.payment_for_job(request.id)
@@ -196,45 +210,55 @@ class Cashier:
         if done is not None and done["state"] in ("received", "redeeming"):
             # Killed while redeeming: finish the swap with the token it had recorded.
             paid = await self._redeem(request, price, done["token"], done["method"], done["refund_to"],
-                                      min_locktime, say)
+                                      min_locktime, say, delivery)
             for row in self.store.pending_nutzaps(request.id):   # the nutzap that brought it
                 if row["token"] == done["token"]:
                     self.store.set_nutzap(row["event_id"], "used")
             return paid
-        if offered is not None:
+        if offered is not None and delivery is None:
             token, method = offered
             refund_to = await self._owner(request, token, method, request.pubkey)
             return await self._redeem(request, price, token, method, refund_to, min_locktime, say)
-        return await self._await_nutzap(request, price, min_locktime, say)
+        return await self._await_nutzap(request, price, min_locktime, say, delivery)
 
-    async def _await_nutzap(self, request: JobRequest, price: int, min_locktime: int, say) -> Paid:
+    async def _await_nutzap(self, request: JobRequest, price: int, min_locktime: int, say,
+                            delivery: OnDelivery | None = None) -> Paid:
         lock = self.wallet.job_lock_pubkey(request.id)
-        with self.store.atomic():
-            self.store.add_job_lock(lock, request.id)
-            self.store.set_state(request.id, JobState.PAYMENT_REQUIRED)
-        crashpoint("payment-required")
-        creq = encode_payment_request(
-            payment_id=request.id[:16], amount=price, unit=self.unit, mints=self.mints,
-            description=f"NIP-90 job {request.id}", nostr_target=self.keys.npub, lock_pubkey=lock)
-        how = (f"pay {price} {self.unit}: a NIP-61 nutzap (kind 9321) tagging this job request, "
-               f"P2PK-locked to {lock} (this job's own key) on {', '.join(self.mints)}")
+        if delivery is None:
+            with self.store.atomic():
+                self.store.add_job_lock(lock, request.id)
+                self.store.set_state(request.id, JobState.PAYMENT_REQUIRED)
+            crashpoint("payment-required")
+            creq = encode_payment_request(
+                payment_id=request.id[:16], amount=price, unit=self.unit, mints=self.mints,
+                description=f"NIP-90 job {request.id}", nostr_target=self.keys.npub, lock_pubkey=lock)
+            how = (f"pay {price} {self.unit}: a NIP-61 nutzap (kind 9321) tagging this job request, "
+                   f"P2PK-locked to {lock} (this job's own key) on {', '.join(self.mints)}")
+            timeout = self.payment_timeout
+        else:   # the offer that asks for it is out already (stored with the sealed result)
+            creq = delivery.payment_request
+            how = (f"pay {price} {self.unit} on delivery: a NIP-61 nutzap (kind 9321) tagging this "
+                   f"job request, HTLC-locked (NUT-14) as the offer's payment request asks")
+            timeout = delivery.deadline - time.time()
         signal = self._signals.setdefault(request.id, asyncio.Event())
-        if not self.store.pending_nutzaps(request.id):
+        if not self.store.pending_nutzaps(request.id) and delivery is None:
             say("payment-required", how, creq)
-        deadline = time.monotonic() + self.payment_timeout
+        deadline = time.monotonic() + timeout
         try:
             while True:
                 for row in self.store.pending_nutzaps(request.id):
                     try:
                         refund_to = await self._owner(request, row["token"], "nutzap", row["sender"])
                         paid = await self._redeem(request, price, row["token"], "nutzap", refund_to,
-                                                  min_locktime, say)
+                                                  min_locktime, say, delivery)
                     except PaymentRefused as exc:
                         self.store.set_nutzap(row["event_id"], "refused")
                         log.warning("a nutzap did not pay its job; still waiting", job_id=request.id,
                                     nutzap=row["event_id"], sender=row["sender"], reason=str(exc))
-                        if row["sender"] == request.pubkey:
+                        if row["sender"] == request.pubkey and delivery is None:
                             say("payment-required", f"{exc} Still waiting for payment; {how}", creq)
+                        elif row["sender"] == request.pubkey:   # the offer stands as it was
+                            say("processing", f"{exc} Still waiting for payment; {how}", "")
                         continue
                     self.store.set_nutzap(row["event_id"], "used")
                     return paid
@@ -244,7 +268,7 @@ class Cashier:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.settle(request.id)
-                    raise PaymentRefused(f"no payment arrived within {self.payment_timeout:g} s; the job "
+                    raise PaymentRefused(f"no payment arrived within {timeout:g} s; the job "
                                          "was dropped")
                 signal.clear()
                 try:
@@ -256,7 +280,8 @@ class Cashier:
             self._cancelled.discard(request.id)
 
     async def _redeem(self, request: JobRequest, price: int, token: str, method: str,
-                      refund_to: str | None, min_locktime: int, say) -> Paid:
+                      refund_to: str | None, min_locktime: int, say,
+                      delivery: OnDelivery | None = None) -> Paid:
         try:
             info = self.wallet.inspect(token)
         except PaymentError as exc:
@@ -277,7 +302,8 @@ class Cashier:
                 received = await self.wallet.receive(
                     token, min_amount=price, require_lock=method in ("p2pk", "nutzap"),
                     min_locktime=min_locktime, job_id=request.id,
-                    before_swap=lambda mark: self.store.add_payment_swap(info.token_id, mark))
+                    before_swap=lambda mark: self.store.add_payment_swap(info.token_id, mark),
+                    **({"htlc": delivery.terms, "preimage": delivery.preimage} if delivery else {}))
                 break
             except PaymentError as exc:
                 if exc.retryable and time.monotonic() < deadline:
@@ -372,7 +398,7 @@ class Cashier:
     # nutzaps --------------------------------------------------------------------
     def _waits_for_payment(self, job_id: str) -> bool:
         job = self.store.get_job(job_id)
-        if job is None or job.state not in UNPAID:
+        if job is None or job.state not in AWAITING_PAYMENT:
             return False
         paid = self.store.payment_for_job(job_id)
         return paid is None or paid["state"] not in ("redeemed", "consumed", "refunded")

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Literal
 
 import coincurve
 
-from dvm_core.protocol.ecash import p2pk_lock
+from dvm_core.protocol.ecash import lock_of
 
 from .p2pk_keys import SECP256K1_ORDER, compressed_pubkey
 TWEAK_TAG = b"nip90-dvm/job-lock/v1"
@@ -91,7 +91,7 @@ def bind(proofs: Iterable[dict], *, dvm_pubkey: str,
     kinds = set()
     locks, refunds = set(), set()
     for proof in proofs:
-        data, _locktime, refund = p2pk_lock(proof)
+        data, _locktime, refund = lock_of(proof)   # P2PK, or an HTLC's one key
         if data is None:
             kinds.add("bearer")
             continue

@@ -182,6 +182,30 @@ def p2pk_lock(proof: dict) -> tuple[str | None, int | None, list[str]]:
     return secret[1].get("data"), locktime, list(tags.get("refund", []))
 
 
+def lock_of(proof: dict) -> tuple[str | None, int | None, list[str]]:
+    """The key a proof is locked to, its locktime and refund keys: a P2PK lock's `data`, or an
+    HTLC's one `pubkeys` key (the one who redeems it with the preimage); (None, None, []) for a
+    proof with no such lock (plain, or an HTLC any key or several keys could redeem)."""
+    key, locktime, refund = p2pk_lock(proof)
+    if key is not None:
+        return key, locktime, refund
+    try:
+        secret = json.loads(proof["secret"])
+    except (ValueError, TypeError):
+        return None, None, []
+    if not (isinstance(secret, list) and len(secret) == 2 and secret[0] == "HTLC" and isinstance(secret[1], dict)):
+        return None, None, []
+    tags = {t[0]: t[1:] for t in secret[1].get("tags", []) if isinstance(t, list) and t}
+    pubkeys = tags.get("pubkeys") or []
+    if len(pubkeys) != 1 or not isinstance(pubkeys[0], str):
+        return None, None, []
+    try:
+        locktime = int(tags["locktime"][0]) if tags.get("locktime") else None
+    except (ValueError, TypeError):
+        return None, None, []
+    return pubkeys[0], locktime, [r for r in tags.get("refund", []) if isinstance(r, str)]
+
+
 # NUT-14 ----------------------------------------------------------------------
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -17,6 +17,7 @@ HANDLER_KIND = 31990
 REQUEST_KINDS = range(5000, 6000)
 
 INPUT_TYPES = ("url", "event", "job", "text")
+PAY_ON_DELIVERY_PARAM = "pay_on_delivery"   # ["param", it, refund key]: pay once the result is ready
 STATUSES = ("payment-required", "processing", "error", "success", "partial")
 
 from dvm_core.errors import JobInputError  # noqa: E402  (the customer's fault, one exception)
@@ -63,6 +64,7 @@ class JobRequest:
     providers: tuple[str, ...] = ()
     encrypted: bool = False
     content: str = ""
+    pay_on_delivery: str | None = None   # the customer's refund key, when they pay on delivery
     extra_tags: tuple[tuple[str, ...], ...] = ()
     event: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -110,6 +112,7 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
     relays: list[str] = []
     providers: list[str] = []
     extra: list[tuple[str, ...]] = []
+    pay_on_delivery = None
     for tag in tags:
         if not tag:
             continue
@@ -121,6 +124,11 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
                 raise JobInputError('a "param" tag needs a name and a value: ["param", name, value]')
             if tag[1] == "cashu":
                 continue  # a payment, as some clients send it: the cashier reads it, not the plugin
+            if tag[1] == PAY_ON_DELIVERY_PARAM:
+                if pay_on_delivery is not None:
+                    raise JobInputError(f"param {tag[1]!r} is given more than once")
+                pay_on_delivery = _refund_key(tag[2])
+                continue  # a payment mode: the worker's, not the plugin's
             if tag[1] in params:
                 raise JobInputError(f"param {tag[1]!r} is given more than once")
             params[tag[1]] = tag[2]
@@ -149,7 +157,20 @@ def parse_job_request(event: dict, private_tags: list | None = None) -> JobReque
         inputs=tuple(inputs), params=params, output=output, bid_msats=bid, relays=tuple(relays),
         providers=tuple(providers), encrypted=encrypted,
         content="" if encrypted else event.get("content", ""), extra_tags=tuple(extra), event=event,
+        pay_on_delivery=pay_on_delivery,
     )
+
+
+def _refund_key(value: str) -> str:
+    """The `pay_on_delivery` param: the key the customer takes unpaid ecash back with (the HTLC's
+    refund key), compressed (66 hex) or x-only (64 hex, read as "02" + x)."""
+    key = value.strip().lower()
+    if _HEX64.fullmatch(key):
+        key = "02" + key
+    if not re.fullmatch(r"0[23][0-9a-f]{64}", key):
+        raise JobInputError(f'param "{PAY_ON_DELIVERY_PARAM}" must be your refund key: a public key '
+                            "of 66 hex digits (compressed) or 64 (x-only)")
+    return key
 
 
 def _parse_input(tag: list[str]) -> JobInput:

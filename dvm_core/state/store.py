@@ -101,6 +101,17 @@ CREATE TABLE IF NOT EXISTS payouts (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS payouts_open ON payouts(state) WHERE state != 'sent';
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT PRIMARY KEY,        -- a job paid on delivery, from the moment its result is sealed
+    preimage TEXT NOT NULL,         -- K (hex): what the mint gets when we redeem; never logged
+    hash TEXT NOT NULL,             -- sha256(K), the HTLC's hash lock
+    locktime INTEGER NOT NULL,      -- the HTLC's locktime asked for
+    refund_key TEXT NOT NULL,       -- the customer's refund key
+    price INTEGER NOT NULL,
+    offer TEXT NOT NULL,            -- the offer's content (protocol.delivery.DeliveryOffer)
+    result TEXT NOT NULL,           -- the result payload, with the seal key, sent once paid
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -445,6 +456,18 @@ class Store:
         for (proofs,) in self.db.execute("SELECT proofs FROM payouts WHERE proofs IS NOT NULL"):
             secrets.update(p["secret"] for p in json.loads(proofs))
         return secrets
+
+    # pay on delivery ----------------------------------------------------------------------
+    def add_delivery(self, *, job_id: str, preimage: bytes, hash: str, locktime: int, refund_key: str,
+                     price: int, offer: str, result: str) -> None:
+        self.db.execute(
+            "INSERT INTO deliveries (job_id, preimage, hash, locktime, refund_key, price, offer, result,"
+            " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, preimage.hex(), hash, locktime, refund_key, price, offer, result, time.time()))
+
+    def delivery(self, job_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
 
     # meta -----------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

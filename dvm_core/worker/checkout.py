@@ -1,16 +1,27 @@
-"""Paying for a job before it is queued: its price, the customer's bid, and the cashier's
-collection (a token in the request, or a nutzap after `payment-required`).
+"""Paying for a job: its price, the customer's bid, and the cashier's collection (a token in
+the request, or a nutzap after `payment-required`), before the job is queued, or, when the
+customer asked to pay on delivery, once its result is sealed and offered.
 
-`Checkout.pay` returns what was paid (None for a free job) or raises `Refused`, which the
-worker answers; money already redeemed for a refused job is refunded in the same transaction
-as the refusal (`Refused.refund`).
+`Checkout.pay` returns what was paid (None for a free job, `Due` for one paid on delivery) or
+raises `Refused`, which the worker answers; money already redeemed for a refused job is
+refunded in the same transaction as the refusal (`Refused.refund`).
+`Checkout.collect_on_delivery` waits for the hash-locked ecash of a delivered job and, once it
+is redeemed (which reveals the key to the customer), stores and sends the result.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import structlog
 
-from dvm_core.payments.cashier import Cashier, Paid, PaymentRefused
+from dvm_core.payments.cashier import Cashier, OnDelivery, Paid, PaymentRefused
+from dvm_core.payments.crashpoints import crashpoint
+from dvm_core.protocol.delivery import parse_offer
+from dvm_core.protocol.ecash import HtlcTerms
+from dvm_core.state.jobstate import JobState
+from dvm_core.state.store import Store
 
 from .cancels import Cancels
 from .config import Settings
@@ -20,10 +31,27 @@ from .outbox import Reply
 
 log = structlog.get_logger("dvm.worker")
 
+REDEEM_MARGIN_SECONDS = 600   # stop waiting this long before the locktime (at most a quarter of it)
+
+
+@dataclass(frozen=True)
+class Due:
+    """A job the customer pays on delivery: `price`, asked once the result is sealed."""
+
+    price: int
+
+
+def redeem_margin(lock_seconds: float) -> float:
+    """How long before an HTLC's locktime the worker stops taking payments for it: time to
+    redeem before the customer may take the ecash back."""
+    return min(REDEEM_MARGIN_SECONDS, lock_seconds / 4)
+
 
 class Checkout:
-    def __init__(self, *, settings: Settings, offer: Offer, cashier: Cashier | None, cancels: Cancels):
+    def __init__(self, *, settings: Settings, offer: Offer, cashier: Cashier | None, cancels: Cancels,
+                 store: Store):
         self.settings = settings
+        self.store = store
         self.offer = offer
         self.cashier = cashier
         self.cancels = cancels
@@ -34,7 +62,7 @@ class Checkout:
             return 0  # no mints configured: this DVM serves every job free, whatever plugins ask
         return self.offer.price(job.job_kind, job.request, job.parsed)
 
-    async def pay(self, job: Job, reply: Reply) -> Paid | None:
+    async def pay(self, job: Job, reply: Reply) -> Paid | Due | None:
         request, scheme = job.request, job.scheme
         try:
             price = self.price(job)
@@ -58,6 +86,13 @@ class Checkout:
                 else:
                     reason += "; your token was not redeemed"
             raise Refused(reason, scheme, amount_msats=price * 1000)
+        if request.pay_on_delivery is not None:
+            if offered is not None:
+                reason = "you asked to pay on delivery and sent a token as well: pay one way"
+                if await self.cashier.give_back(request, offered[0], offered[1], reason):
+                    reason += "; your token, locked to this DVM, was sent back to you as a nutzap"
+                raise Refused(reason, scheme)
+            return Due(price)
 
         def say(status: str, message: str, content: str) -> None:
             if status == "payment-required":
@@ -80,3 +115,42 @@ class Checkout:
         finally:
             if self.unpaid.pop(request.id, None) is not None:
                 self.cancels.forget(request.id)
+
+    async def collect_on_delivery(self, request, reply: Reply) -> tuple[JobState, str]:
+        """Wait for the ecash that pays a delivered job (its offer is out), redeem it, then store
+        and send the result; returns the job's end: (succeeded, "") or (failed, why). Unpaid by
+        the offer's deadline the job fails with nothing to refund: the customer's ecash, if any
+        came, is theirs to take back after the locktime."""
+        row = self.store.delivery(request.id)
+        offer = parse_offer(row["offer"])
+        terms = HtlcTerms(row["hash"], self.cashier.wallet.job_lock_pubkey(request.id), row["locktime"],
+                          row["refund_key"])
+        deadline = row["locktime"] - redeem_margin(row["locktime"] - row["created"])
+        due = OnDelivery(terms, bytes.fromhex(row["preimage"]), offer.payment_request, deadline)
+
+        def say(status: str, message: str, content: str) -> None:
+            reply.feedback(status, message, content=content)
+
+        self.unpaid[request.id] = request.pubkey   # a kind-5 from them ends the wait
+        self.cancels.watch(request.id)
+        try:
+            paid = await self.cashier.collect(request, row["price"], None, 0, say, delivery=due)
+            self.cashier.settle(request.id)
+        except PaymentRefused as exc:
+            return JobState.FAILED, f"not paid on delivery: {exc}"
+        except Exception:
+            log.exception("taking payment on delivery failed", job_id=request.id)
+            return JobState.FAILED, "internal error while taking payment on delivery"
+        finally:
+            if self.unpaid.pop(request.id, None) is not None:
+                self.cancels.forget(request.id)
+        event = reply.result(row["result"])
+        with self.store.atomic():
+            self.store.add_outgoing(event, "result", request.id)
+            self.store.set_state(request.id, JobState.SUCCEEDED)
+            self.cashier.consumed(request.id)
+        crashpoint("delivery-result-stored")
+        reply.send_stored(event, "result")
+        log.info("paid on delivery", job_id=request.id, amount=paid.amount, price=paid.price,
+                 waited=round(time.time() - row["created"], 3))
+        return JobState.SUCCEEDED, ""

@@ -42,6 +42,7 @@ class Settings:
     input_error_fee: int = 0        # kept of a paid job that fails on the customer's data (announced)
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
     max_unpaid_jobs: int = 100      # jobs waiting for payment at once; beyond: "busy"
+    delivery_lock_seconds: int = 3600  # pay on delivery: the HTLC's locktime, from the offer on
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
     max_download_bytes: int = 2 * 1024**3   # per input file
@@ -173,5 +174,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_queued_jobs must be 0 or more")
     if s.job_time_limit <= 0:
         raise ConfigError("job_time_limit must be positive")
+    if s.delivery_lock_seconds < 20:
+        raise ConfigError("delivery_lock_seconds must be at least 20: the customer needs time to pay "
+                          "and the worker to redeem before the customer may take the ecash back")
     if s.log_format not in ("auto", "json", "console"):
         raise ConfigError("log_format must be auto, json or console")

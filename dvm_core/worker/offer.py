@@ -72,7 +72,12 @@ class Offer:
                             for k in self.kinds.values()},
                 "methods": ["cashu tag (or param cashu) in encrypted params",
                             "cashu tag P2PK-locked to p2pk_pubkey with a NUT-11 refund key of the author",
-                            "NIP-61 nutzap after payment-required, locked to the key it names"],
+                            "NIP-61 nutzap after payment-required, locked to the key it names",
+                            "pay on delivery: param pay_on_delivery = your refund key; a NIP-61 nutzap "
+                            "HTLC-locked (NUT-14) as the offer that comes with the sealed result asks"],
+                "modes": ["upfront", "on-delivery"],
+                "on_delivery": {"param": "pay_on_delivery", "deposit": 0,
+                                "lock_seconds": self.settings.delivery_lock_seconds},
             }
         return build_handler_announcement(
             identifier=f"dvm-{self.public_key[:16]}", name=self.settings.name,

@@ -90,6 +90,10 @@ class Reply:
         self._outbox = outbox
         self._encrypt = encrypter(scheme, outbox.keys.private_key, request.pubkey) if scheme else None
 
+    def feedback_event(self, status: str, message: str, **fields) -> dict:
+        """A signed feedback event, not yet stored or sent."""
+        return self._feedback(status, message, **fields)
+
     def _feedback(self, status: str, message: str, **fields) -> dict:
         return self._outbox.sign(*build_feedback(self.request, status, message,
                                                  relay_hint=self._outbox.relay_hint,
@@ -104,6 +108,10 @@ class Reply:
         Call it inside the transaction that ends the job."""
         event = self._feedback("error", message, amount_msats=amount_msats)
         self._outbox.store_and_send(event, "feedback", self.request.id)
+
+    def send_stored(self, event: dict, role: str) -> None:
+        """Publish one of this request's events, already in the store's outbox, until it arrives."""
+        self._outbox.send_stored(event, role, self.request.id)
 
     def result(self, payload: str) -> dict:
         """The signed result event (not yet stored or sent)."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ class ActiveJob:
     reply: Reply
     refs: dict[str, DataRef] = field(default_factory=dict)   # its url inputs, parsed by the intake
     paid: Paid | None = None
+    due: int = 0                       # paid on delivery: the price, asked for once the result is sealed
     ctx: JobContext | None = None
     task: asyncio.Task | None = None        # the request's task (accept, queue, run, answer)
     job_task: asyncio.Future | None = None  # the plugin's run itself
@@ -143,8 +145,12 @@ class Runner:
                 if not isinstance(result, JobResult):
                     result = JobResult(result)
                 metrics = dict(result.metrics, run_seconds=round(time.monotonic() - started, 3))
-                await self._deliver(active, result, metrics)
-                outcome = Outcome(JobState.SUCCEEDED, metrics=metrics)
+                if active.due:
+                    await self._offer(active, result, metrics)
+                    outcome = Outcome(JobState.DELIVERED, metrics=metrics)
+                else:
+                    await self._deliver(active, result, metrics)
+                    outcome = Outcome(JobState.SUCCEEDED, metrics=metrics)
         except JobCancelled as exc:
             if exc.stopping:
                 outcome = Outcome(JobState.QUEUED)  # run again after the restart
@@ -221,8 +227,10 @@ class Runner:
                               progress=percent)
 
     # delivery -------------------------------------------------------------------------------
-    async def _upload_artifacts(self, active: ActiveJob, result: JobResult) -> list[dict]:
-        """Upload the job's files; encrypted with a fresh key each when the request was."""
+    async def _upload_artifacts(self, active: ActiveJob, result: JobResult,
+                                key: str | None = None) -> list[dict]:
+        """Upload the job's files: encrypted under `key` if given, else with a fresh key each
+        when the request was encrypted."""
         if not result.artifacts:
             return []
         if not self.settings.blob_servers:
@@ -232,19 +240,19 @@ class Runner:
         client = BlossomClient(self.settings.blob_servers, self.outbox.keys)
         entries = []
         for artifact in result.artifacts:
-            path, key = artifact.path, None
-            if active.request.encrypted:
+            path, file_key = artifact.path, None
+            if active.request.encrypted or key is not None:
                 sealed = path.with_name(path.name + ".sealed")
-                key = await asyncio.to_thread(encrypt_file, path, sealed)
+                file_key = await asyncio.to_thread(encrypt_file, path, sealed, key=key)
                 path = sealed
             try:
-                blob = await client.upload(path, "application/octet-stream" if key else artifact.type)
+                blob = await client.upload(path, "application/octet-stream" if file_key else artifact.type)
             except BlossomError as exc:
                 raise JobError(f"could not upload the result files: {exc}") from None
             entry = {"name": artifact.name or artifact.path.name, "url": blob.url, "sha256": blob.sha256,
                      "size": blob.size, "type": artifact.type}
-            if key:
-                entry |= {"encrypted": True, "key": key}
+            if file_key:
+                entry |= {"encrypted": True, "key": file_key}
             entries.append(entry)
         return entries
 
@@ -264,3 +272,52 @@ class Runner:
                 self.cashier.consumed(request.id)
         crashpoint("result-stored")
         self.outbox.send_stored(event, "result", request.id)
+
+    async def _offer(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
+        """Pay on delivery: seal the result under a key only the payment will reveal, and offer
+        it (`protocol.delivery`). K, the sealed result and the offer are stored with the state
+        `delivered` in one transaction, before the offer goes out; the checkout then waits for
+        the ecash (`Checkout.collect_on_delivery`)."""
+        from dvm_core.protocol.delivery import (MAX_SEALED_RESULT, DeliveryOffer, encode_sealed,
+                                                seal_key)
+        from dvm_core.protocol.ecash import HtlcTerms, encode_payment_request, htlc_hash
+        from dvm_core.protocol.nip44 import get_conversation_key
+        from dvm_core.transport.blobcrypt import encrypt_bytes
+        request, keys = active.request, self.outbox.keys
+        preimage = secrets.token_bytes(32)
+        conversation = get_conversation_key(keys.private_key, request.pubkey) if request.encrypted else None
+        key = seal_key(preimage, conversation).hex()
+        artifacts = await self._upload_artifacts(active, result, key=key)
+        content = result.content if isinstance(result.content, dict) else {"output": result.content}
+        hash_ = htlc_hash(preimage)
+        content = dict(content, pay_on_delivery={"hash": hash_, "preimage": preimage.hex()})
+        if artifacts:
+            content["artifacts"] = artifacts
+        payload = JobResult(content).payload()
+        sealed = encode_sealed(encrypt_bytes(payload.encode(), key=key)[0])
+        if len(sealed) > MAX_SEALED_RESULT:
+            raise JobError(f"the result is too large to offer on delivery ({len(payload)} bytes of "
+                           "JSON): nothing is charged")
+        locktime = int(time.time()) + self.settings.delivery_lock_seconds
+        terms = HtlcTerms(hash_, self.cashier.wallet.job_lock_pubkey(request.id), locktime,
+                          request.pay_on_delivery)
+        creq = encode_payment_request(
+            payment_id=request.id[:16], amount=active.due, unit=self.settings.unit,
+            mints=self.settings.mints, description=f"NIP-90 job {request.id}, paid on delivery",
+            nostr_target=keys.npub, htlc=terms)
+        files = [{k: a[k] for k in ("name", "url", "sha256", "size", "type")} for a in artifacts]
+        offer = DeliveryOffer(hash_, active.due, self.settings.unit, locktime, creq, sealed, files,
+                              public=metrics)
+        message = (f"the result is ready: pay {active.due} {self.settings.unit} on delivery (an HTLC "
+                   "nutzap as the payment request asks); redeeming it gives you the key")
+        event = active.reply.feedback_event("payment-required", message, content=offer.to_content(),
+                                            amount_msats=active.due * 1000)
+        with self.store.atomic():
+            self.store.add_job_lock(terms.pubkey, request.id)
+            self.store.add_delivery(job_id=request.id, preimage=preimage, hash=hash_, locktime=locktime,
+                                    refund_key=terms.refund_key, price=active.due,
+                                    offer=offer.to_content(), result=payload)
+            self.store.add_outgoing(event, "feedback", request.id)
+            self.store.set_state(request.id, JobState.DELIVERED, summary=metrics)
+        crashpoint("delivery-offered")
+        self.outbox.send_stored(event, "feedback", request.id)

@@ -32,11 +32,11 @@ from dvm_core.protocol.ecash import NUTZAP_KIND
 from dvm_core.protocol.encryption import DecryptionError, decrypt
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import DELETION_KIND, JobRequest, deleted_event_ids, is_encrypted
-from dvm_core.state.jobstate import ACTIVE, UNPAID, JobState
+from dvm_core.state.jobstate import ACTIVE, AWAITING_PAYMENT, JobState
 from dvm_core.state.store import Store
 
 from .cancels import Cancels
-from .checkout import Checkout
+from .checkout import Checkout, Due
 from .config import Config, ConfigError
 from .intake import Intake, Job, Refused, event_size
 from .offer import Offer
@@ -80,11 +80,18 @@ class Worker:
                            public_key=keys.public_key)
         self.runner = Runner(settings=s, config=config.raw, store=self.store, outbox=self.outbox,
                              cancels=self.cancels, cashier=self.cashier, kinds=self.kinds)
-        self.checkout = Checkout(settings=s, offer=self.offer, cashier=self.cashier, cancels=self.cancels)
+        self.checkout = Checkout(settings=s, offer=self.offer, cashier=self.cashier, cancels=self.cancels,
+                                 store=self.store)
         self.intake = Intake(settings=s, config=config.raw, keys=keys, kinds=self.kinds, store=self.store,
                              queue_length=lambda: len(self.runner.waiting()), queue_full=self.runner.is_full,
                              unpaid=lambda: len(self.checkout.unpaid),
-                             paid_already=lambda job_id: self.cashier is not None and self.cashier.paid_for(job_id))
+                             paid_already=self._paid_already)
+
+    def _paid_already(self, job_id: str) -> bool:
+        """A resumed job that is not asked to pay again: its payment was taken, or its result
+        was sealed and offered (paid on delivery)."""
+        return self.cashier is not None and (self.cashier.paid_for(job_id)
+                                             or self.store.delivery(job_id) is not None)
 
     def _open_cashier(self) -> Cashier:
         from dvm_core.payments.nutshell import preload
@@ -209,7 +216,7 @@ class Worker:
     # restarts --------------------------------------------------------------
     def _recover(self) -> None:
         self.outbox.resend_unpublished()
-        for record in self.store.jobs(tuple(s.value for s in ACTIVE + UNPAID)):
+        for record in self.store.jobs(tuple(s.value for s in ACTIVE + AWAITING_PAYMENT)):
             if self.store.outgoing_for_job(record.id, "result") is not None:
                 self.store.set_state(record.id, JobState.SUCCEEDED)
                 continue
@@ -268,6 +275,11 @@ class Worker:
                 try:
                     job = await self.intake.read(event, size, resumed)
                     reply = Reply(job.request, job.scheme, self.outbox)
+                    if resumed and self._delivered(job.request.id):   # offered before a restart
+                        active = ActiveJob(request=job.request, job_kind=job.job_kind, parsed=job.parsed,
+                                           reply=reply)
+                        await self._collect_on_delivery(active, Outcome(JobState.DELIVERED))
+                        return
                     paid = await self.checkout.pay(job, reply)
                 except Refused as refusal:
                     self._refuse(reply or Reply(_bare_request(event), refusal.scheme, self.outbox), refusal)
@@ -276,18 +288,32 @@ class Worker:
                 await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
                 active.task = asyncio.current_task()
                 outcome = await self.runner.run(active)
+                if outcome.state == JobState.DELIVERED:
+                    await self._collect_on_delivery(active, outcome)
+                    return
                 self._finish(active, outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("event handler failed", error=repr(exc))
 
-    def _queue(self, job: Job, reply: Reply, paid: Paid | None, resumed: bool) -> ActiveJob:
+    def _delivered(self, job_id: str) -> bool:
+        record = self.store.get_job(job_id)
+        return record is not None and record.state == JobState.DELIVERED
+
+    async def _collect_on_delivery(self, active: ActiveJob, outcome: Outcome) -> None:
+        """Paid on delivery: the result is sealed and offered; wait for the ecash, then end."""
+        state, error = await self.checkout.collect_on_delivery(active.request, active.reply)
+        self._finish(active, Outcome(state, error, refund=False, metrics=outcome.metrics))
+
+    def _queue(self, job: Job, reply: Reply, paid: Paid | Due | None, resumed: bool) -> ActiveJob:
         request = job.request
         self.store.set_state(request.id, JobState.QUEUED)
         crashpoint("job-queued")
+        due = paid.price if isinstance(paid, Due) else 0
+        paid = None if isinstance(paid, Due) else paid
         active = ActiveJob(request=request, job_kind=job.job_kind, parsed=job.parsed, reply=reply,
-                           refs=job.refs, paid=paid)
+                           refs=job.refs, paid=paid, due=due)
         self.runner.active[request.id] = active
         self.cancels.watch(request.id)
         message = "resumed after a restart" if resumed else "job accepted"
@@ -297,6 +323,9 @@ class Worker:
             message += f"; paid {min(paid.amount, paid.price)} {paid.unit}"
             if paid.warning:
                 message += f". {paid.warning}"
+        if due:
+            message += (f"; you pay {due} {self.settings.unit} on delivery, when the result is ready "
+                        "(nothing now)")
         reply.feedback("processing", message)
         return active
 
