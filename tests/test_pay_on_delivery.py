@@ -234,3 +234,51 @@ async def _proof_states(wallet, token: str) -> set[str]:
     nutshell_wallet = await wallet._online(info.mint)
     states = await nutshell_wallet.check_proof_state(_nutshell_proofs(info))
     return {s.state.name for s in states.states}
+
+
+async def test_dvm_job_submit_pays_on_delivery(workers, relay, mint, blobs, tmp_path):
+    from .test_customer_money import cli_wallet, dvm_submit
+    worker = await delivery_worker(workers, mint, blobs)
+    wallet = await cli_wallet(tmp_path, mint.url)
+    await wallet.close()
+    out = tmp_path / "o"
+    code, stdout, err = await dvm_submit(relay, worker, wallet, "--pay-on-delivery", "--max-price", str(PRICE),
+                                         "--param", "counts_file=yes", "--allow-private", "--json",
+                                         "--out", str(out))
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["status"] == "succeeded" and report["paid_sat"] == PRICE, report
+    assert report["balance_sat"] == FUNDS - PRICE
+    assert f"the result is ready: {PRICE} sat on delivery" in err and "1 sealed file(s)" in err
+    assert f"paid {PRICE} sat on delivery; got the result and 1 file(s)" in err
+    assert [open(f).read().splitlines()[0] for f in report["files"]] == ["word,count"]
+    assert (out / "delivery.token").stat().st_mode & 0o777 == 0o600
+    assert await provider_balance(worker) == PRICE
+
+
+async def test_dvm_job_reclaim_takes_back_what_the_dvm_did_not_redeem(workers, relay, mint, blobs, tmp_path):
+    import sys
+
+    from dvm_core.customer.client import Customer
+    from dvm_core.protocol.events import Keys
+
+    from .test_customer_money import cli_wallet
+    worker = await delivery_worker(workers, mint, blobs, delivery_lock_seconds=20)
+    async with Customer(Keys.generate(), [relay.url]) as customer:
+        await customer.pool.wait_all_connected(10)
+        customer.wallet = await cli_wallet(tmp_path, mint.url)   # its key is in the directory
+        request = await submit(customer, worker)
+        offer_feedback = await offered(customer, request)
+        await worker.stop(grace=1.0)
+        token_file = tmp_path / "delivery.token"
+        delivery = await customer.pay_on_delivery(request, offer_feedback, customer.wallet, min_lock_seconds=5,
+                                                  keep=token_file.write_text)
+        await customer.wallet.close()
+        await asyncio.sleep(max(0.0, delivery.terms.locktime - time.time()) + 1.5)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dvm_core.cli", "job", "reclaim", str(token_file),
+            "--wallet-dir", str(customer.wallet.directory), "--mint", mint.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert f"took back {PRICE} sat; balance {FUNDS} sat" in stdout.decode()

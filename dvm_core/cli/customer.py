@@ -45,6 +45,9 @@ def job() -> None:
 @click.option("--max-price", type=click.IntRange(0), default=None,
               help="Pay without asking up to this many sat; a higher price is refused (the job is cancelled).")
 @click.option("--yes", is_flag=True, help="Pay the price the DVM asks without asking (still checked).")
+@click.option("--pay-on-delivery", is_flag=True,
+              help="Pay only once the result is ready: the DVM seals it and is paid with ecash that it can "
+                   "redeem only by revealing the key (NUT-14 HTLC); needs --wallet-dir.")
 @click.option("--dry-run", is_flag=True, help="Show the DVM's quote, pay nothing, and cancel the job.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end (job, price paid, files, balance).")
 @click.option("--no-local-check", is_flag=True,
@@ -54,13 +57,18 @@ def job() -> None:
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, params, servers, clear, key_file,
-           wallet_dir, mints, max_price, yes, dry_run, as_json, no_local_check, out, timeout, allow_private) -> None:
+           wallet_dir, mints, max_price, yes, pay_on_delivery, dry_run, as_json, no_local_check, out, timeout,
+           allow_private) -> None:
     """Send a job, follow its progress, then download, verify and decrypt its result files.
 
     When the DVM asks for payment, its quote is shown and checked (signed by this DVM, the amount
     it announces, a lock to this job's key) before anything is paid; without --yes or a
     --max-price that covers it, you are asked. Ctrl-C cancels the job (a kind-5 deletion): a
-    paid job that has not started is refunded."""
+    paid job that has not started is refunded.
+
+    With --pay-on-delivery nothing is paid before the work: the DVM offers the sealed result,
+    and the ecash paid for it (kept in OUT/delivery.token) gives the DVM the money only by
+    handing you the key. A DVM that does not redeem it: `dvm job reclaim` after the locktime."""
     from pathlib import Path
 
     from dvm_core.protocol.events import parse_public_key
@@ -81,6 +89,9 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
             raise click.ClickException(f"--file-as: no file {path}")
     if files and not servers:
         raise click.ClickException("--file needs a --blossom server to upload to")
+    if pay_on_delivery and not wallet_dir:
+        raise click.ClickException("--pay-on-delivery needs --wallet-dir: the wallet that pays, and "
+                                   "whose key takes unredeemed ecash back")
     if files and not no_local_check:
         problem = _local_check(kind, texts, files, param_map)
         if problem:
@@ -92,7 +103,8 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
             keys = read_key_file(key_path)
         else:
             write_key_file(key_path, keys)
-    options = _SubmitOptions(max_price=max_price, yes=yes, dry_run=dry_run, as_json=as_json)
+    options = _SubmitOptions(max_price=max_price, yes=yes, dry_run=dry_run, as_json=as_json,
+                             pay_on_delivery=pay_on_delivery)
     try:
         code = asyncio.run(_submit(relays, provider, kind, texts, urls, files, param_map, servers, clear,
                                    keys, wallet_dir, mints, Path(out), timeout, allow_private, options))
@@ -151,6 +163,7 @@ class _SubmitOptions:
     yes: bool = False
     dry_run: bool = False
     as_json: bool = False
+    pay_on_delivery: bool = False
     report: dict = field(default_factory=dict)
 
 
@@ -177,6 +190,8 @@ async def _submit(relays, provider, kind, texts, urls, files, params, servers, c
                    + (f" as {marker}" if marker else ""), err=True)
         inputs.append(JobInput(url, "url", marker=marker))
     wallet = open_wallet(None, wallet_dir, mints) if wallet_dir else None   # it remembers its mints
+    if options.pay_on_delivery:
+        params = dict(params, pay_on_delivery=wallet.p2pk_pubkey)   # the HTLC's refund key
     request = None
     try:
         async with Customer(keys, list(relays)) as customer:
@@ -227,6 +242,14 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
             if isinstance(update, Result):
                 result = update
                 break
+            if update.status == "payment-required" and options.pay_on_delivery:
+                paid = await _pay_on_delivery(customer, request, update, wallet, out, timeout, options)
+                if isinstance(paid, int):
+                    if report["paid_sat"] == 0:
+                        await customer.cancel(request, report["message"])
+                    return paid
+                result = paid
+                break
             if update.status == "payment-required":
                 code = await _pay(customer, request, update, wallet, options)
                 if code is not None:
@@ -244,6 +267,9 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
         return 1
     report.update(status="succeeded", result=result.content)
     code = await _save_result(result, out, allow_private, report)
+    if code == 0 and options.pay_on_delivery and report["paid_sat"]:
+        click.echo(f"paid {report['paid_sat']} sat on delivery; got the result and "
+                   f"{len(report['files'])} file(s), every sha256 checked", err=True)
     if code == 0 and not options.as_json:
         click.echo(result.content)
     return code
@@ -316,6 +342,69 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
     report["paid_sat"] = creq["a"]
     click.echo(f"paid {creq['a']} sat with a nutzap", err=True)
     return None
+
+
+async def _pay_on_delivery(customer, request, update, wallet, out, timeout, options):
+    """Answer a pay-on-delivery offer: checked, asked or capped, paid with HTLC ecash kept in
+    OUT/delivery.token; then the key, from the DVM or the mint, opens the offered result.
+    Returns the opened Result, or an exit code."""
+    import os
+    import time
+
+    from dvm_core.customer.client import PaymentDeclined
+    from dvm_core.payments.wallet_types import PaymentError
+    report = options.report
+    try:
+        offer, terms, creq = await customer.check_delivery(
+            request, update, refund_key=wallet.p2pk_pubkey, max_price=options.max_price,
+            mints=list(wallet.accepted_mints))
+    except PaymentDeclined as exc:
+        click.echo(f"error: not paying: {exc}; the job is cancelled", err=True)
+        report["message"] = f"not paying: {exc}"
+        return 3
+    public = ", ".join(f"{k} {v}" for k, v in list(offer.public.items())[:6])
+    click.echo(f"the result is ready: {offer.amount} sat on delivery"
+               + (f" ({public})" if public else "") + f"; {len(offer.files)} sealed file(s)", err=True)
+    report["quote_sat"] = offer.amount
+    if options.dry_run:
+        report.update(status="quoted", message="dry run: nothing paid, the job is cancelled")
+        click.echo("dry run: nothing paid; the job is cancelled", err=True)
+        return 0
+    if not options.yes and options.max_price is None:
+        if not sys.stdin.isatty() or not click.confirm(f"pay {offer.amount} sat?", default=False, err=True):
+            click.echo("not paid (give --yes or --max-price to pay without asking); the job is "
+                       "cancelled", err=True)
+            report["message"] = "not paid: not confirmed"
+            return 4
+    token_path = out / "delivery.token"
+
+    def keep(token: str) -> None:   # before the nutzap goes out: the key to the money if all else fails
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+    try:
+        delivery = await customer.pay_on_delivery(request, update, wallet, max_price=options.max_price,
+                                                  keep=keep)
+    except PaymentDeclined as exc:
+        click.echo(f"error: not paying: {exc}", err=True)
+        report["message"] = f"not paying: {exc}"
+        return 3
+    except PaymentError as exc:
+        click.echo(f"error: {exc.customer_message}", err=True)
+        report["message"] = exc.customer_message
+        return 3
+    report["paid_sat"] = offer.amount
+    click.echo(f"paid {offer.amount} sat on delivery (HTLC ecash, kept in {token_path}); waiting for "
+               "the key", err=True)
+    try:
+        return await customer.await_delivery(delivery, wallet, timeout=timeout)
+    except TimeoutError:
+        wait = max(0, terms.locktime - int(time.time()))
+        report["message"] = (f"the DVM has not redeemed the payment; take it back in {wait} s with "
+                             f"`dvm job reclaim --wallet-dir DIR {token_path}`")
+        click.echo(f"error: {report['message']}", err=True)
+        return 6
 
 
 def _pricing_rule(info, name: str) -> str:
@@ -393,6 +482,36 @@ def job_cancel(relays, key_file, job_id) -> None:
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"cancel sent for job {job_id}")
+
+
+@job.command("reclaim")
+@click.argument("token_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wallet-dir", type=click.Path(file_okay=False), required=True,
+              help="The wallet that paid (its key is the ecash's refund key).")
+@click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
+def job_reclaim(token_file, wallet_dir, mints) -> None:
+    """Take back ecash paid on delivery that the DVM did not redeem (after its locktime), or
+    show the key it revealed if it did."""
+    from pathlib import Path
+
+    from dvm_core.payments.wallet_types import PaymentError
+
+    async def go():
+        wallet = open_wallet(None, wallet_dir, mints)
+        try:
+            token = Path(token_file).read_text().strip()
+            preimage = await wallet.htlc_preimage(token)
+            if preimage is not None:
+                click.echo(f"the DVM redeemed it and revealed its key {preimage.hex()}: the result is "
+                           "yours (`dvm job fetch`); what it did not redeem comes back now", err=True)
+            received = await wallet.reclaim_htlc(token)
+            click.echo(f"took back {received.amount} sat; balance {await wallet.total_balance()} sat")
+        finally:
+            await wallet.close()
+    try:
+        asyncio.run(go())
+    except PaymentError as exc:
+        raise click.ClickException(exc.customer_message) from None
 
 
 def _progress_line(feedback) -> str:
