@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import dvm_image_classifier as ic  # noqa: E402
 
-from .paying import close_customer, funded_customer  # noqa: E402
+from .paying import FUNDS, close_customer, funded_customer  # noqa: E402
 
 RATE = 1000  # sats per million sample-epochs: a 480-image shard × 2 epochs → 1 sat
 
@@ -175,6 +175,25 @@ async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, bl
     assert only.payments[providers[0]].startswith("paid 1 sat (its quote, within max_price")
     assert set(only.payments) == {providers[0]}
     assert only.accuracy > 0.2  # one epoch on one shard from random weights: better than chance
+
+
+async def test_every_provider_paid_on_delivery(workers, mint, relay, blobs, digits, tmp_path):
+    """`pay_on_delivery`: each provider is paid only once its update is sealed and offered, with
+    ecash it redeems only by revealing the update's key."""
+    providers = await start_providers(workers, mint, blobs, honest=2)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        settings = FederationSettings(rounds=1, epochs=1, allow_private_urls=True, pay_on_delivery=True)
+        (only,) = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
+                                 tmp_path / "fed", settings, say=print)
+        balance = await customer.wallet.total_balance()
+    finally:
+        await close_customer(customer)
+    assert only.providers == providers and only.paid == {p: 1 for p in providers}
+    assert all(w.startswith("paid 1 sat on delivery") for w in only.payments.values()), only.payments
+    assert balance == FUNDS - 2
+    assert len(list((tmp_path / "fed" / "delivery-tokens").glob("*.token"))) == 2
+    assert only.accuracy > 0.2
 
 
 async def test_merging_through_a_merge_dvm(workers, mint, relay, blobs, digits, tmp_path):

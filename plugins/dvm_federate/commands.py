@@ -49,6 +49,9 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--clip-norm", type=float, help="Clip each update's norm against the global model.")
 @click.option("--merge-dvm", help="Merge through this DVM (a kind-5752 job) instead of locally.")
 @click.option("--max-price", type=int, default=1000, show_default=True, help="Most sats paid per job.")
+@click.option("--pay-on-delivery", is_flag=True,
+              help="Pay each provider only once its update is ready, with ecash it can redeem only by "
+                   "revealing the key to the sealed update (NUT-14 HTLC).")
 @click.option("--job-timeout", type=float, default=600, show_default=True, help="Seconds before a provider is dropped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="federation", show_default=True,
@@ -56,7 +59,7 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, job_timeout, seed, out, allow_private) -> None:
+                     merge_dvm, max_price, pay_on_delivery, job_timeout, seed, out, allow_private) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
@@ -67,7 +70,8 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
     settings = FederationSettings(
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
-        job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local))
+        job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
+        pay_on_delivery=pay_on_delivery)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)

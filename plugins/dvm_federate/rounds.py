@@ -57,6 +57,7 @@ class FederationSettings:
     seed: int = 0
     job_timeout: float = 300.0
     max_price: int = 1000  # sats per job; a provider asking more is dropped
+    pay_on_delivery: bool = False  # pay each provider only once its update is ready (NUT-14 HTLC)
     kind: int = IMAGE_CLASSIFIER_KIND
     merge_kind: int = MERGE_KIND
     merge_provider: str | None = None
@@ -204,8 +205,11 @@ class Federation:
                    dest: Path) -> tuple[dict[str, Path], int]:
         """One paid job on one provider: its downloaded files and what it cost."""
         s = self.settings
+        if s.pay_on_delivery:
+            params = dict(params, pay_on_delivery=self.wallet.p2pk_pubkey)   # the HTLCs' refund key
         request = await self.customer.submit(kind, inputs, params, provider=provider)
         paid = 0
+        started = time.monotonic()
         try:
             async for update in self.customer.updates(request, timeout=s.job_timeout):
                 if isinstance(update, Result):
@@ -213,6 +217,11 @@ class Federation:
                     return {p.name: p for p in files}, paid
                 if update.status == "error":
                     raise ProviderFailed(update.message or "error")
+                if update.status == "payment-required" and s.pay_on_delivery:
+                    result = await self._pay_on_delivery(provider, request, update,
+                                                         s.job_timeout - (time.monotonic() - started))
+                    files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
+                    return {p.name: p for p in files}, self._paid[provider]
                 if update.status == "payment-required":
                     asked = (update.amount_msats or 0) // 1000
                     if paid:
@@ -231,6 +240,34 @@ class Federation:
             await self.customer.cancel(request, "timed out")
             raise ProviderFailed(f"no result within {s.job_timeout:g}s") from None
         raise ProviderFailed("no result")
+
+    async def _pay_on_delivery(self, provider: str, request: dict, offer, timeout: float):
+        """Pay a provider's offer of its sealed update (checked: signer, amount, cap, lock, mint)
+        with HTLC ecash, kept under workdir/delivery-tokens/ before it is sent; returns the result
+        the key opens. A provider that never redeems is dropped; the ecash comes back after the
+        locktime (`dvm job reclaim`)."""
+        s = self.settings
+        tokens = self.workdir / "delivery-tokens"
+
+        def keep(token: str) -> None:
+            tokens.mkdir(exist_ok=True, mode=0o700)
+            (tokens / f"{request['id']}.token").write_text(token)
+        try:
+            delivery = await self.customer.pay_on_delivery(request, offer, self.wallet,
+                                                           max_price=s.max_price, keep=keep)
+        except PaymentDeclined as exc:
+            self._payments[provider] = f"not paid: {exc}"
+            raise ProviderFailed(f"not paid: {exc}") from None
+        self._paid[provider] = delivery.offer.amount
+        self._payments[provider] = (f"paid {delivery.offer.amount} sat on delivery (its offer, within "
+                                    f"max_price {s.max_price})")
+        try:
+            return await self.customer.await_delivery(delivery, self.wallet, timeout=max(1.0, timeout))
+        except TimeoutError:
+            self._paid[provider] = 0
+            self._payments[provider] += ("; it never redeemed: take the ecash back after the locktime "
+                                         f"with `dvm job reclaim {tokens / (request['id'] + '.token')}`")
+            raise ProviderFailed("paid on delivery but never redeemed") from None
 
     async def run_round(self, round_: int) -> RoundReport:
         from dvm_fedavg.merge import merge_files
