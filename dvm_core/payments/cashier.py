@@ -19,6 +19,10 @@ Ways to pay (the `cashu` tag holds a token; NIP-90 itself never mentions ecash):
 3. nothing: the DVM answers `payment-required` with the amount and a NUT-18 request that asks for
    a lock to the key derived for this job alone, and the customer sends a kind-9321 nutzap that
    `e`-tags the job request.
+4. pay on delivery (`collect(..., delivery=OnDelivery)`): nothing before the work; once the result
+   is sealed and offered, a nutzap whose proofs are HTLC-locked (NUT-14) to the hash of the
+   job's preimage and the job's key, redeemed with that preimage (which the mint then shows the
+   customer).
 A plain token in a public tag is refused and left alone: anyone reading the relay could take it.
 """
 

@@ -6,7 +6,8 @@ A lock to the DVM says that only the DVM can spend the ecash, not whom it is for
 taken for a job only when its lock names that job or its payer, never because of where it turned
 up first:
 
-- **job**: every proof is P2PK-locked (NUT-11) to the key derived for one job
+- **job**: every proof is P2PK-locked (NUT-11), or HTLC-locked (NUT-14, pay on delivery) with
+  one receiving key, to the key derived for one job
   (`job_lock_pubkey`, the key the `payment-required` request asks for). It pays that job and no
   other, whoever shows it; money going back goes to the token's refund key, else to the job's
   customer.

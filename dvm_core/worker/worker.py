@@ -8,7 +8,9 @@
    plugin's precheck (or `Refused`, answered by `_refuse`);
 3. `Checkout.pay` — priced (`Offer.price`) and paid (`Cashier.collect`), or `Refused`;
 4. queued with `processing` feedback, then `Runner.run` — run under slots, a time limit and
-   cancellation, the result stored with the job's end and published by the `Outbox`;
+   cancellation, the result stored with the job's end and published by the `Outbox` (paid on
+   delivery: the result sealed and offered instead, then `Checkout.collect_on_delivery` takes
+   the hash-locked ecash and sends the result);
 5. a job that did not deliver is ended by `_end_job`: refund, state and error in one
    transaction.
 
