@@ -192,7 +192,7 @@ async def test_every_provider_paid_on_delivery(workers, mint, relay, blobs, digi
     assert only.providers == providers and only.paid == {p: 1 for p in providers}
     assert all(w.startswith("paid 1 sat on delivery") for w in only.payments.values()), only.payments
     assert balance == FUNDS - 2
-    assert len(list((tmp_path / "fed" / "delivery-tokens").glob("*.token"))) == 2
+    assert len(list((tmp_path / "fed" / "delivery-tokens").glob("*.json"))) == 2
     assert only.accuracy > 0.2
 
 

@@ -252,7 +252,7 @@ async def test_dvm_job_submit_pays_on_delivery(workers, relay, mint, blobs, tmp_
     assert f"the result is ready: {PRICE} sat on delivery" in err and "1 sealed file(s)" in err
     assert f"paid {PRICE} sat on delivery; got the result and 1 file(s)" in err
     assert [open(f).read().splitlines()[0] for f in report["files"]] == ["word,count"]
-    assert (out / "delivery.token").stat().st_mode & 0o777 == 0o600
+    assert (out / "delivery.json").stat().st_mode & 0o777 == 0o600
     assert await provider_balance(worker) == PRICE
 
 
@@ -270,9 +270,9 @@ async def test_dvm_job_reclaim_takes_back_what_the_dvm_did_not_redeem(workers, r
         request = await submit(customer, worker)
         offer_feedback = await offered(customer, request)
         await worker.stop(grace=1.0)
-        token_file = tmp_path / "delivery.token"
+        token_file = tmp_path / "delivery.json"
         delivery = await customer.pay_on_delivery(request, offer_feedback, customer.wallet, min_lock_seconds=5,
-                                                  keep=token_file.write_text)
+                                                  keep=lambda state: token_file.write_text(json.dumps(state)))
         await customer.wallet.close()
         await asyncio.sleep(max(0.0, delivery.terms.locktime - time.time()) + 1.5)
         proc = await asyncio.create_subprocess_exec(

@@ -67,7 +67,7 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     paid job that has not started is refunded.
 
     With --pay-on-delivery nothing is paid before the work: the DVM offers the sealed result,
-    and the ecash paid for it (kept in OUT/delivery.token) gives the DVM the money only by
+    and the ecash paid for it (kept in OUT/delivery.json) gives the DVM the money only by
     handing you the key. A DVM that does not redeem it: `dvm job reclaim` after the locktime."""
     from pathlib import Path
 
@@ -346,7 +346,7 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
 
 async def _pay_on_delivery(customer, request, update, wallet, out, timeout, options):
     """Answer a pay-on-delivery offer: checked, asked or capped, paid with HTLC ecash kept in
-    OUT/delivery.token; then the key, from the DVM or the mint, opens the offered result.
+    OUT/delivery.json; then the key, from the DVM or the mint, opens the offered result.
     Returns the opened Result, or an exit code."""
     import os
     import time
@@ -376,13 +376,17 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
                        "cancelled", err=True)
             report["message"] = "not paid: not confirmed"
             return 4
-    token_path = out / "delivery.token"
+    token_path = out / "delivery.json"
 
-    def keep(token: str) -> None:   # before the nutzap goes out: the key to the money if all else fails
+    def keep(state: dict) -> None:   # before each step: the key to the money if all else fails
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = token_path.with_name(token_path.name + ".part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(token)
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, token_path)
     try:
         delivery = await customer.pay_on_delivery(request, update, wallet, max_price=options.max_price,
                                                   keep=keep)
@@ -491,7 +495,8 @@ def job_cancel(relays, key_file, job_id) -> None:
 @click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
 def job_reclaim(token_file, wallet_dir, mints) -> None:
     """Take back ecash paid on delivery that the DVM did not redeem (after its locktime), or
-    show the key it revealed if it did."""
+    show the key it revealed if it did. TOKEN_FILE: OUT/delivery.json of `dvm job submit
+    --pay-on-delivery` (also after it was cut short while paying), or a bare token."""
     from pathlib import Path
 
     from dvm_core.payments.wallet_types import PaymentError
@@ -499,7 +504,17 @@ def job_reclaim(token_file, wallet_dir, mints) -> None:
     async def go():
         wallet = open_wallet(None, wallet_dir, mints)
         try:
-            token = Path(token_file).read_text().strip()
+            text = Path(token_file).read_text().strip()
+            state = json.loads(text) if text.startswith("{") else {"token": text}
+            token = state.get("token")
+            if token is None and state.get("swap"):   # cut short while the ecash was being made
+                token = await wallet.recover_htlc_send(state["swap"])
+                if token is None:
+                    click.echo("the payment was never made at the mint: your ecash is still in the "
+                               f"wallet; balance {await wallet.total_balance()} sat")
+                    return
+            if token is None:
+                raise click.ClickException(f"{token_file} holds no payment")
             preimage = await wallet.htlc_preimage(token)
             if preimage is not None:
                 click.echo(f"the DVM redeemed it and revealed its key {preimage.hex()}: the result is "

@@ -351,19 +351,28 @@ class Customer:
         return offer, terms, dict(creq, m=usable, a=amount)
 
     async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
-                              max_price: int | None = None, keep: Callable[[str], None] | None = None,
+                              max_price: int | None = None, keep: Callable[[dict], None] | None = None,
                               min_lock_seconds: float = 120) -> "Delivery":
         """Answer a pay-on-delivery offer, once `check_delivery` passed: HTLC-locked ecash of
-        exactly the amount asked (`wallet.send_htlc`), handed to `keep` (store it: it is what
-        reads the key from the mint and takes the ecash back) before it is sent as a nutzap to
-        the DVM the request named. Raises PaymentDeclined."""
+        exactly the amount asked (`wallet.send_htlc`), sent as a nutzap to the DVM the request
+        named. `keep(state)` is called to store the payment's state, a JSON-able dict, as it
+        grows: before the swap that makes the ecash (`{"job_id", "swap"}`: what
+        `wallet.recover_htlc_send` needs if the swap's answer is lost), then with the `token`
+        before the nutzap goes out (what reads the key from the mint and takes the ecash back:
+        `dvm job reclaim`). Raises PaymentDeclined."""
         offer, terms, creq = await self.check_delivery(
             request, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
             mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds)
         provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
-        token = await wallet.send_htlc(creq["a"], creq["m"][0], terms)
-        if keep is not None:
-            keep(token)
+        state: dict = {"job_id": request["id"]}
+        keep = keep or (lambda _state: None)
+
+        def before_swap(record: dict) -> None:
+            state["swap"] = record
+            keep(dict(state))
+        token = await wallet.send_htlc(creq["a"], creq["m"][0], terms, before_swap=before_swap)
+        state["token"] = token
+        keep(dict(state))
         proofs = list(decode_token(token).proofs)
         kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
                                            zapped_event=request["id"], zapped_kind=request["kind"],

@@ -69,7 +69,7 @@ def _import() -> SimpleNamespace:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 from loguru import logger
 
-                from cashu.core.base import HTLCWitness, P2PKWitness, Proof
+                from cashu.core.base import BlindedMessage, HTLCWitness, P2PKWitness, Proof
                 from cashu.core.crypto import b_dhke
                 from cashu.core.crypto.secp import PrivateKey, PublicKey
                 from cashu.core.htlc import HTLCSecret
@@ -118,6 +118,7 @@ def _import() -> SimpleNamespace:
 
     return SimpleNamespace(
         Wallet=Wallet, Proof=Proof, P2PKWitness=P2PKWitness, HTLCWitness=HTLCWitness,
+        BlindedMessage=BlindedMessage,
         HTLCSecret=HTLCSecret, SigFlags=SigFlags, Tags=Tags,
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,

@@ -93,6 +93,29 @@ def _nutshell_proofs(info: TokenInfo) -> list:
     return [c.Proof.from_dict(dict(p)) for p in info.proofs]
 
 
+@contextlib.contextmanager
+def _outputs_noted(wallet, mint: str, note: Callable[[dict], None] | None):
+    """While inside, every output `wallet` makes for a swap (amount, secret, blinding factor) is
+    handed to `note` before the mint sees it: the outputs of a locked swap have random secrets,
+    which the seed cannot give back (NUT-09 needs them)."""
+    if note is None:
+        yield
+        return
+    construct = wallet._construct_outputs
+
+    def noting(amounts, secrets, rs=(), keyset_id=None):
+        outputs, blinding = construct(amounts, secrets, list(rs), keyset_id)
+        note({"mint": mint, "outputs": [{"amount": o.amount, "id": o.id, "B_": o.B_, "secret": secret,
+                                         "r": r.to_hex()} for o, secret, r in zip(outputs, secrets, blinding)]})
+        crashpoint("htlc-outputs-noted")
+        return outputs, blinding
+    wallet._construct_outputs = noting
+    try:
+        yield
+    finally:
+        del wallet._construct_outputs   # the class's method again
+
+
 def _wallet_name(mint: str, unit: str) -> str:
     readable = re.sub(r"[^a-z0-9]+", "_", mint.split("://", 1)[1]).strip("_")[:40]
     return f"{readable}-{unit}-{hashlib.sha256(f'{mint} {unit}'.encode()).hexdigest()[:8]}"
@@ -514,7 +537,8 @@ class EcashWallet:
         return chosen
 
     # -- pay on delivery (NUT-14), the customer's side ----------------------------------------
-    async def send_htlc(self, amount: int, mint: str, terms: HtlcTerms) -> str:
+    async def send_htlc(self, amount: int, mint: str, terms: HtlcTerms, *,
+                        before_swap: Callable[[dict], None] | None = None) -> str:
         """A cashuB token worth exactly `amount`, with DLEQ proofs, HTLC-locked by `terms`: the
         provider redeems it only with the preimage of `terms.hash` (and the signature of
         `terms.pubkey`), which the mint then shows us (`htlc_preimage`); after
@@ -522,8 +546,10 @@ class EcashWallet:
 
         Keep the token before sending it: the locked proofs have random secrets (a fresh nonce
         each), so they cannot be restored from the wallet's seed, and the token is what
-        `htlc_preimage` and `reclaim_htlc` need. (Nutshell keeps them in its database too, as
-        reserved; a crash between the mint's answer and that write loses them.)
+        `htlc_preimage` and `reclaim_htlc` need. For the same reason `before_swap(record)` is
+        called with every output of the swap (amount, secret, blinding factor) just before the
+        mint is asked: store it (it is as good as the money), and if the mint's answer is lost,
+        `recover_htlc_send(record)` gets the token and the change back (NUT-09 restore).
         """
         if amount <= 0:
             raise ValueError("amount must be positive")
@@ -540,8 +566,45 @@ class EcashWallet:
             raise PaymentError(f"The mint {mint} does not support NUT-{missing[0]}, which paying on "
                                "delivery needs (NUT-07 to learn the preimage, NUT-14 to lock).")
         async with self._spend_lock(mint):
-            chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
+            with _outputs_noted(wallet, mint, before_swap):
+                chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
             return await wallet.serialize_proofs(chosen, include_dleq=True)
+
+    async def recover_htlc_send(self, record: dict) -> str | None:
+        """After `send_htlc` was cut short (a crash, a lost answer): ask the mint for the
+        signatures of the outputs `record` (what `before_swap` got) lists (NUT-09). Returns the
+        HTLC token its swap made, with the change back in the wallet, or None when the swap
+        never happened at the mint (then the coins it would have spent are still ours)."""
+        c = nutshell.load()
+        mint = self._accepted(record["mint"])
+        wallet = await self._online(mint)
+        noted = {o["B_"]: o for o in record["outputs"]}
+        outputs = [c.BlindedMessage(amount=o["amount"], B_=o["B_"], id=o["id"]) for o in record["outputs"]]
+        async with self._spend_lock(mint):
+            try:
+                restored, promises = await c.LedgerAPI.restore_promises(wallet, outputs)
+            except Exception as exc:
+                raise mint_error(exc, mint) from exc
+            if not restored:
+                return None
+            await wallet.load_proofs(reload=True)
+            known = {p.secret: p for p in wallet.proofs}
+            found = [(promise, noted[o.B_]) for o, promise in zip(restored, promises) if o.B_ in noted]
+            new = [(p, o) for p, o in found if o["secret"] not in known]
+            if new:
+                await wallet._construct_proofs(
+                    [p for p, _ in new], [o["secret"] for _, o in new],
+                    [c.PrivateKey(bytes.fromhex(o["r"])) for _, o in new], ["custom"] * len(new))
+                await wallet.load_proofs(reload=True)
+                known = {p.secret: p for p in wallet.proofs}
+            try:   # the coins the swap spent are gone: drop them (NUT-07)
+                await wallet.invalidate([p for p in wallet.proofs if _plain(p)], check_spendable=True)
+            except Exception as exc:
+                raise mint_error(exc, mint) from exc
+            locked = [known[o["secret"]] for _, o in found
+                      if o["secret"] in known and not _plain(known[o["secret"]])]
+            await wallet.set_reserved_for_send(locked, reserved=True)
+            return await wallet.serialize_proofs(locked, include_dleq=True)
 
     def _read_htlc(self, token: str) -> TokenInfo:
         """A token of ours made by `send_htlc`: every proof HTLC-locked, from one of our mints."""

@@ -249,9 +249,9 @@ class Federation:
         s = self.settings
         tokens = self.workdir / "delivery-tokens"
 
-        def keep(token: str) -> None:
+        def keep(state: dict) -> None:
             tokens.mkdir(exist_ok=True, mode=0o700)
-            (tokens / f"{request['id']}.token").write_text(token)
+            (tokens / f"{request['id']}.json").write_text(json.dumps(state))
         try:
             delivery = await self.customer.pay_on_delivery(request, offer, self.wallet,
                                                            max_price=s.max_price, keep=keep)
@@ -266,7 +266,7 @@ class Federation:
         except TimeoutError:
             self._paid[provider] = 0
             self._payments[provider] += ("; it never redeemed: take the ecash back after the locktime "
-                                         f"with `dvm job reclaim {tokens / (request['id'] + '.token')}`")
+                                         f"with `dvm job reclaim {tokens / (request['id'] + '.json')}`")
             raise ProviderFailed("paid on delivery but never redeemed") from None
 
     async def run_round(self, round_: int) -> RoundReport:

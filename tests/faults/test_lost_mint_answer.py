@@ -7,6 +7,8 @@ restore, the secrets come from its seed) and counts the payment as made.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dvm_core.customer.client import result_json
@@ -58,3 +60,47 @@ async def test_a_swap_whose_answer_is_lost_pays_the_job_once(workers, proxy, rel
         assert await customer.wallet.total_balance() == before - PRICE
     finally:
         await close_customer(customer)
+
+
+async def test_an_htlc_payment_whose_swap_answer_is_lost_is_recovered(proxy, tmp_path):
+    """The customer's side of pay on delivery: the outputs of the swap that locks the ecash have
+    random secrets (the seed cannot give them back), so they are handed to `before_swap` before
+    the mint is asked; with the mint's answer lost, `recover_htlc_send` gets the HTLC token and
+    the change back from the mint (NUT-09). Nothing is lost, nothing is counted twice."""
+    import secrets as random
+
+    from dvm_core.payments.p2pk_keys import load_or_create_p2pk_key
+    from dvm_core.payments.wallet import EcashWallet
+    from dvm_core.payments.wallet_types import PaymentError
+    from dvm_core.protocol.ecash import HtlcTerms, htlc_hash
+    from dvm_core.protocol.events import Keys
+
+    wallet = EcashWallet(tmp_path / "w", [proxy.url], p2pk_private_key=load_or_create_p2pk_key(tmp_path / "k"))
+    try:
+        await wallet.mint_from_lightning(100, proxy.url)
+        terms = HtlcTerms(htlc_hash(random.token_bytes(32)), "02" + Keys.generate().public_key,
+                          int(time.time()) + 3600, wallet.p2pk_pubkey)
+        records = []
+        proxy.drop_answer_to(b"POST /v1/swap")
+        with pytest.raises(PaymentError):
+            await wallet.send_htlc(21, proxy.url, terms, before_swap=records.append)
+        assert proxy.dropped == 1 and len(records) == 1
+        token = await wallet.recover_htlc_send(records[0])
+        info = decode_token(token)
+        assert info.amount == 21 and all('"HTLC"' in p["secret"] for p in info.proofs)
+        assert await wallet.total_balance() == 100 - 21   # the change is back, the inputs are gone
+        assert await wallet.recover_htlc_send(records[0]) is not None   # asking again is harmless
+        assert await wallet.total_balance() == 100 - 21
+        # Killed after noting, before the mint was asked: nothing to recover, the coins are ours.
+        records.clear()
+
+        def note_then_die(record):
+            records.append(record)
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            await wallet.send_htlc(5, proxy.url, terms, before_swap=note_then_die)
+        assert await wallet.recover_htlc_send(records[0]) is None
+        assert await wallet.total_balance() == 100 - 21
+    finally:
+        await wallet.close()
