@@ -145,14 +145,18 @@ class JobContext:
     def progress(self, percent: float, message: str = "") -> None:
         self._report(float(percent), message)
 
-    def fetch(self, source) -> Path:
+    def fetch(self, source, *, max_bytes: int | None = None) -> Path:
         """The local path of a `url` input (a `JobInput` or the URL itself): downloaded,
-        checked against its sha256 and decrypted. Raises JobInputError on a bad reference."""
+        checked against its sha256 and decrypted. `max_bytes`: stop downloading past this
+        many bytes (the worker's own limit applies anyway). Raises JobInputError on a bad
+        reference, JobError when it cannot be fetched."""
         if self._fetcher is None:
             raise RuntimeError("this worker fetches no inputs")
         url = getattr(source, "data", source)
         self.check_cancelled()
-        return self._fetcher(url, self.workdir)
+        if max_bytes is None:
+            return self._fetcher(url, self.workdir)
+        return self._fetcher(url, self.workdir, max_bytes=max_bytes)
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

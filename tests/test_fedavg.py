@@ -449,9 +449,12 @@ class Job:
                               report=lambda p, m: self.reports.append((p, m)), config=self.config,
                               fetcher=self.fetch)
 
-    def fetch(self, link, into):
+    def fetch(self, link, into, max_bytes=None):   # as the worker's: a download stops at max_bytes
         if self.urls[link] is None:
             raise JobError("could not fetch an input: 404 Not Found")
+        if max_bytes is not None and self.urls[link].stat().st_size > max_bytes:
+            raise JobError(f"could not fetch an input: {link}: the file is larger than the "
+                           f"{max_bytes} bytes allowed")
         return self.urls[link]
 
     def parse(self):
@@ -535,7 +538,7 @@ def test_bad_data_refused_at_run_naming_the_update(tmp_path):
         Job(tmp_path, [("", paths[0]), ("", paths[1]), ("", odd)]).run()
     with pytest.raises(JobInputError, match=r"update 1 \(https://blobs.example/0+1\): could not fetch.*404"):
         Job(tmp_path, [("", paths[0]), ("", None)]).run()
-    with pytest.raises(JobInputError, match=r"update 0 .* bytes; this job accepts at most 100"):
+    with pytest.raises(JobInputError, match=r"update 0 .*larger than the 100 bytes allowed"):
         Job(tmp_path, [("", paths[0]), ("", paths[1])], {"model_bytes": 100}).run()
     with pytest.raises(JobInputError, match="not LoRA adapters"):
         (tmp_path / "c.json").write_text("{}")
@@ -551,6 +554,9 @@ def test_price_by_bytes_merged(tmp_path):
     assert small.kind.price(small.parse()) == 1    # at least 1 sat
     undeclared = Job(tmp_path, [("", p)] * 2, {}, config)
     assert undeclared.kind.price(undeclared.parse()) == math.ceil(2 * (4 << 30) / 1e9 * 2)
+    # Krum's pairwise distances: one model size more per pair of updates (quadratic).
+    krum = Job(tmp_path, [("", p)] * 8, {"model_bytes": 400_000_000, "method": "krum", "f": "1"}, config)
+    assert krum.kind.price(krum.parse()) == math.ceil((8 + 28) * 0.4 * 2)   # 36 × 0.4 GB × 2
     free = Job(tmp_path, [("", p)] * 2, {}, {"plugins": {"fedavg": {"sats_per_gb": 0}}})
     assert free.kind.price is None   # a rate of 0: no price of its own (the config's fixed price)
 

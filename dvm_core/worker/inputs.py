@@ -40,18 +40,21 @@ async def probe(settings: Settings, refs: Iterable[DataRef]) -> None:
             raise JobInputError(str(exc)) from None
 
 
-async def fetch(settings: Settings, ref: DataRef, into: Path, attempts: int = 0) -> Path:
-    """Download a url input for a running job: verified, cached, decrypted if need be."""
+async def fetch(settings: Settings, ref: DataRef, into: Path, attempts: int = 0,
+                max_bytes: int | None = None) -> Path:
+    """Download a url input for a running job: verified, cached, decrypted if need be; at most
+    `max_bytes` (and never more than the worker's `max_download_bytes`)."""
     from dvm_core.transport.blobcrypt import BlobDecryptError, decrypt_file
     from dvm_core.transport.fetch import FetchError, fetch as fetch_url
     s = settings
     attempts = attempts or FETCH_ATTEMPTS
+    limit = s.max_download_bytes if max_bytes is None else min(max_bytes, s.max_download_bytes)
     for attempt in range(1, attempts + 1):
         # The job is paid: a server that is briefly down is tried again before the job is
         # given up (and refunded).
         try:
             path = await fetch_url(ref.url, ref.sha256, into, cache_dir=s.cache_dir,
-                                   max_bytes=s.max_download_bytes, timeout=s.download_timeout,
+                                   max_bytes=limit, timeout=s.download_timeout,
                                    allow_private=s.allow_private_urls)
             break
         except FetchError as exc:
@@ -79,12 +82,13 @@ def job_context(settings: Settings, config: dict, request: JobRequest, workdir: 
     through `report`."""
     loop = asyncio.get_running_loop()
 
-    def fetcher(url: str, into: Path) -> Path:
+    def fetcher(url: str, into: Path, max_bytes: int | None = None) -> Path:
         try:
             ref = refs.get(url) or parse_data_ref(url)
         except ValueError as exc:
             raise JobInputError(str(exc)) from None
-        return asyncio.run_coroutine_threadsafe(fetch(settings, ref, into, attempts=fetch_attempts), loop).result()
+        return asyncio.run_coroutine_threadsafe(
+            fetch(settings, ref, into, attempts=fetch_attempts, max_bytes=max_bytes), loop).result()
 
     return JobContext(
         job_id=request.id, request=request, workdir=workdir,

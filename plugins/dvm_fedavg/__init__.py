@@ -17,7 +17,9 @@ Inputs (``url`` with sha256, safetensors files, told apart by the ``i`` tag's ma
 
 Params: see `params.PARAMS`: ``method`` (fedavg, median, trimmed_mean, krum, multi_krum),
 ``trim_ratio``, ``f``, ``m``, ``clip_norm``, ``base_sha256``, ``model_bytes``. The price is
-the bytes merged × the provider's ``sats_per_gb`` (at least 1 sat).
+the bytes merged × the provider's ``sats_per_gb`` (at least 1 sat); Krum's pairwise distances
+are quadratic in the updates, so krum and multi_krum count one model size more per pair.
+Nothing past ``model_bytes`` is downloaded.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def job_kind(config: dict | None = None) -> JobKind:
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         params_schema=params_schema(limits),
         price=(lambda job: price(job, job.limits)) if rate > 0 else None,
-        pricing=(f"{rate:g} sats per GB merged (update files × model size), at least 1 sat"
+        pricing=(f"{rate:g} sats per GB merged (files × model size; krum and multi_krum add one model "
+                 "size per pair of updates, for their pairwise distances), at least 1 sat"
                  if rate > 0 else None))
 
 
@@ -68,7 +71,7 @@ def register_job_kinds(register, config):
 def _fetch(ctx, url: str, what: str, max_bytes: int):
     """A url input's local path; any failure a JobInputError naming the input."""
     try:
-        path = ctx.fetch(url)
+        path = ctx.fetch(url, max_bytes=max_bytes)   # no more downloaded than was priced
     except (JobCancelled, JobTimeout):
         raise
     except JobError as exc:

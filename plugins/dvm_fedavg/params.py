@@ -77,7 +77,11 @@ class MergeJob:
 
     @property
     def priced_bytes(self) -> int:
+        """The work, in bytes: every file read once, and for krum/multi_krum one model size
+        more per pair of updates (their pairwise distances: quadratic in the updates)."""
         files = len(self.updates) + (self.base is not None)
+        if self.method in ("krum", "multi_krum"):
+            files += len(self.updates) * (len(self.updates) - 1) // 2
         return files * (self.model_bytes if self.model_bytes is not None else self.limits.max_input_bytes)
 
 
