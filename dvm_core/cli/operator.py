@@ -11,6 +11,7 @@ import click
 
 from dvm_core.worker.config import ConfigError, load_config
 from dvm_core.protocol.events import Keys
+from dvm_core.state.jobstate import JobState
 from dvm_core.worker.keys import load_keys, write_key_file
 from .logs import configure_logging
 from dvm_core.worker.plugins import PluginError
@@ -111,7 +112,7 @@ def _ago(timestamp: float) -> str:
 def status(config_path, as_json) -> None:
     """What the worker is doing: queued and running jobs, recent results, earnings, balance."""
     settings, store = _store(config_path)
-    active = store.job_rows(states=("payment-required", "queued", "running"), limit=200)
+    active = store.job_rows(states=("payment-required", "queued", "running", "delivered"), limit=200)
     recent = store.job_rows(states=("succeeded", "failed", "cancelled", "rejected"), limit=10)
     earned = store.earnings()
     balance = None
@@ -146,8 +147,7 @@ def status(config_path, as_json) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DVM_CONFIG", required=True)
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["received", "payment-required", "queued", "running", "succeeded",
-                                 "failed", "cancelled", "rejected"]), help="Only jobs in this state (repeatable).")
+              type=click.Choice([state.value for state in JobState]), help="Only jobs in this state (repeatable).")
 @click.option("--kind", type=int, help="Only this job kind.")
 @click.option("--customer", help="Only this customer (hex or npub).")
 @click.option("--since", type=float, help="Only jobs received in the last SINCE hours.")
