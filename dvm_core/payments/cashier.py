@@ -466,6 +466,11 @@ class Cashier:
     async def _return_stray(self, row: dict, kind: int | None = None) -> None:
         """A nutzap for no job that waits for payment (paid already, ended, or unknown): if it is
         that job's customer's money (or the payer's own), locked to us, send it back to them."""
+        paid = self.store.payment_for_job(row["job_id"]) if row["job_id"] else None
+        if paid is not None and paid["token"] == row["token"] and paid["state"] in ("redeemed", "consumed"):
+            # The nutzap that paid its job, redeemed just before a restart: used, not returned.
+            self.store.set_nutzap(row["event_id"], "used")
+            return
         job = self.store.get_job(row["job_id"]) if row["job_id"] else None
         if job is not None:
             request = JobRequest(id=job.id, pubkey=job.customer, kind=job.kind, created_at=job.created_at)
