@@ -29,11 +29,25 @@ dealt so that each kind gets the same mix (`token_proofs`).
   `Wallet.with_db` + `load_mint()` once, as a bare script keeping its wallet would); the token
   is parsed (`deserialize_token_from_string`, `_expand_short_keyset_ids`) outside the timing.
   This redeem verifies DLEQ itself and swaps (POST /v1/swap): what a bare script pays.
+- delivery: the same job (kind 5790, the same plain text, no files) paid on delivery, as
+  tests/test_pay_on_delivery.py does it: `submit` with param `pay_on_delivery` = the refund key
+  of a second customer wallet (its P2PK key is the customer's Nostr key; funded apart, so the
+  books of the paid tokens stay as they were), the offer (`payment-required` feedback) awaited,
+  `Customer.pay_on_delivery` (check the offer, `send_htlc`: a swap at the mint that makes the
+  HTLC-locked proofs, then the nutzap published), `Customer.await_delivery` (`--poll-seconds`).
+  Timed from the request's publish until `await_delivery` returns the opened Result, i.e. the
+  decrypted result; the paid job is timed the same way, until `Customer.result` returns it
+  decrypted (`paid_result_p50_ms`). The HTLC token cannot be made in advance (its hash comes in
+  the offer), so its swap is inside the timing.
 - relay round trip (context): a ping (kind 1) to the responder and its reply, as bench_core.
-  Both the paid path and the ping cross the relay twice.
+  Both the paid path and the ping cross the relay twice; the delivery path crosses it four times
+  (request, offer, nutzap, result), i.e. one ping's round trip more than the paid path.
 
-The four are interleaved, one at a time, in an order that rotates each step, so they all see the
+The five are interleaved, one at a time, in an order that rotates each step, so they all see the
 same conditions. `ratio` = paid_p50_ms / nutshell_redeem_p50_ms (see `ratio_note`).
+`delivery_ratio` = delivery_p50_ms / paid_result_p50_ms, against the goal
+`delivery_ratio_goal` = 1.2 + relay_rtt_s / paid_result_median (1.2 plus one relay round trip);
+`delivery_phases_p50_ms` says where the delivery path's time goes (see `delivery_note`).
 
 - concurrent: `--concurrent` paid jobs submitted at once (asyncio.gather) to the worker
   (`--max-concurrent-jobs`); counts results, then checks the books: the provider's wallet grew
@@ -42,9 +56,15 @@ same conditions. `ratio` = paid_p50_ms / nutshell_redeem_p50_ms (see `ratio_note
   payment row of the worker's store is `consumed` with received = price and no change or refund,
   one row per token, and the provider's own proofs are all unspent at the mint.
 
-`--trace` adds a hop-by-hop breakdown of the paid path and the time each wallet spends in the
-HTTP swap (it wraps a few methods, so leave it off for the headline numbers); `--profile` runs
-cProfile over the sequential phase or the concurrent one.
+`--trace` adds a hop-by-hop breakdown of the paid path, of the worker's side of the delivery
+path (`delivery_hops_p50_ms`), and the time each wallet spends in the HTTP swap (it wraps a few
+methods, so leave it off for the headline numbers); `--profile` runs cProfile over the
+sequential phase or the concurrent one.
+
+Experiments (off by default): `--alt-poll-seconds S` and/or `--alt-lazy-first-check` add a
+second delivery path, `delivery_alt`, interleaved with the first, that passes `await_delivery`
+another poll_seconds, or a wallet whose first checkstate answers "not yet" without asking the
+mint (`LazyFirstCheck`). dvm_core is not changed by either.
 """
 
 from __future__ import annotations
@@ -64,6 +84,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -72,6 +93,8 @@ except ImportError:  # CPU accounting is left out without it
     psutil = None
 
 from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.protocol.ecash import NUTZAP_KIND
+from dvm_core.protocol.nip90 import Result
 from dvm_core.worker.config import load_config
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_mint, start_relay
@@ -110,12 +133,19 @@ class TimedCustomer(Customer):
         self.sent: dict[str, float] = {}
         self.first_feedback: dict[str, float] = {}
         self.result_at: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}        # the decrypted result in hand (set by the jobs)
+        self.nutzap_sent: dict[str, float] = {}    # request id -> its nutzap's publish
         self.pong: dict[str, float] = {}
         self._pong_waiters: dict[str, asyncio.Future] = {}
         publish = self.pool.publish
 
         async def stamped_publish(event, *a, **kw):
-            self.sent.setdefault(event["id"], time.perf_counter())
+            now = time.perf_counter()
+            self.sent.setdefault(event["id"], now)
+            if event["kind"] == NUTZAP_KIND:
+                ref = reply_to(event)
+                if ref is not None:
+                    self.nutzap_sent.setdefault(ref, now)
             return await publish(event, *a, **kw)
         self.pool.publish = stamped_publish
 
@@ -209,6 +239,11 @@ class PayTracer:
         self.recv_end: dict[str, float] = {}
         self.fb_queued: dict[str, float] = {}
         self.job_token: dict[str, str] = {}
+        # The delivery path's worker side, keyed by request id (`receive` gets job_id=...).
+        self.nutzap_in: dict[str, float] = {}
+        self.job_recv_start: dict[str, float] = {}
+        self.job_recv_end: dict[str, float] = {}
+        self.result_queued: dict[str, float] = {}
         self.recording = False
         self.swap_http: dict[str, list[float]] = {}
         self.wallet_names: dict[int, str] = {}
@@ -228,20 +263,37 @@ class PayTracer:
         async def timed_receive(token, *a, **kw):
             # Keyed by the token: the request id is known to the customer only once `submit`
             # returns, and the worker may be redeeming by then.
-            self.recv_start.setdefault(token, time.perf_counter())
+            t = time.perf_counter()
+            self.recv_start.setdefault(token, t)
+            job_id = kw.get("job_id")
+            if job_id is not None:
+                self.job_recv_start.setdefault(job_id, t)
             try:
                 return await receive(token, *a, **kw)
             finally:
-                self.recv_end.setdefault(token, time.perf_counter())
+                t = time.perf_counter()
+                self.recv_end.setdefault(token, t)
+                if job_id is not None:
+                    self.job_recv_end.setdefault(job_id, t)
         wallet.receive = timed_receive
+
+        on_nutzap = worker.cashier.on_nutzap
+
+        def _on_nutzap(event, *a, **kw):
+            ref = reply_to(event)
+            if ref is not None:
+                self.nutzap_in.setdefault(ref, time.perf_counter())
+            return on_nutzap(event, *a, **kw)
+        worker.cashier.on_nutzap = _on_nutzap
 
         publish = worker.outbox.publish
 
         def _publish(event, *a, **kw):
-            if event["kind"] == FEEDBACK_KIND:
+            if event["kind"] in (FEEDBACK_KIND, RESULT_KIND):
                 ref = reply_to(event)
                 if ref is not None:
-                    self.fb_queued.setdefault(ref, time.perf_counter())
+                    queued = self.fb_queued if event["kind"] == FEEDBACK_KIND else self.result_queued
+                    queued.setdefault(ref, time.perf_counter())
             return publish(event, *a, **kw)
         worker.outbox.publish = _publish
 
@@ -250,13 +302,16 @@ class PayTracer:
         names = self.wallet_names
         swap_http = self.swap_http
 
-        async def timed_split(api, *a, **kw):
+        async def timed_split(api, proofs, *a, **kw):
             t = time.perf_counter()
             try:
-                return await split(api, *a, **kw)
+                return await split(api, proofs, *a, **kw)
             finally:
                 if self.recording:
-                    swap_http.setdefault(names.get(id(api), "other"), []).append(time.perf_counter() - t)
+                    name = names.get(id(api), "other")
+                    if any(str(p.secret).startswith('["HTLC"') for p in proofs):
+                        name += "_htlc_redeem"    # the worker redeeming a delivery's HTLC proofs
+                    swap_http.setdefault(name, []).append(time.perf_counter() - t)
         LedgerAPI.split = timed_split
         self._restore = lambda: setattr(LedgerAPI, "split", split)
 
@@ -284,6 +339,23 @@ class PayTracer:
             legs["feedback_out"].append(t5 - t4)
         return {k: ms(percentile(v, 50)) for k, v in legs.items()}
 
+    def delivery_hops(self, ids: list[str], customer: "TimedCustomer") -> dict:
+        """The delivery path from the customer's nutzap to its result event, worker side."""
+        legs: dict[str, list[float]] = {"nutzap_relay_in": [], "nutzap_to_receive": [], "receive": [],
+                                        "receive_to_result_queued": [], "result_out": []}
+        for i in ids:
+            stamps = [customer.nutzap_sent.get(i), self.nutzap_in.get(i), self.job_recv_start.get(i),
+                      self.job_recv_end.get(i), self.result_queued.get(i), customer.result_at.get(i)]
+            if any(x is None for x in stamps):
+                continue
+            t0, t1, t2, t3, t4, t5 = stamps
+            legs["nutzap_relay_in"].append(t1 - t0)
+            legs["nutzap_to_receive"].append(t2 - t1)
+            legs["receive"].append(t3 - t2)
+            legs["receive_to_result_queued"].append(t4 - t3)
+            legs["result_out"].append(t5 - t4)
+        return {k: ms(percentile(v, 50)) for k, v in legs.items()}
+
     def swap_report(self) -> dict:
         return {name: ms(percentile(v, 50)) for name, v in sorted(self.swap_http.items())}
 
@@ -298,6 +370,7 @@ async def paid_job(customer: TimedCustomer, worker_pk: str, token: str, text: st
         tracer.job_token[request["id"]] = token
     try:
         result = await customer.result(request, timeout, on_feedback=feedback.append)
+        customer.done_at[request["id"]] = time.perf_counter()   # decrypted, parsed
         words = result_json(result).get("words")
         problem = None if words == len(text.split()) else f"unexpected result {result.content[:80]!r}"
     except JobFailed as exc:
@@ -312,21 +385,41 @@ async def paid_job(customer: TimedCustomer, worker_pk: str, token: str, text: st
     return request["id"], problem
 
 
+@dataclass
+class DeliveryPath:
+    """A way of paying on delivery: the headline one (`delivery`) and, with --alt-*, one more,
+    interleaved with it, that differs only in what the benchmark passes to `await_delivery`."""
+
+    name: str
+    poll_seconds: float
+    lazy_first_check: bool = False   # await_delivery gets a wallet whose first checkstate is skipped
+    times: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    stamps: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+
 async def sequential(customer: TimedCustomer, worker: Worker, responder: Responder,
                      raw: EcashWallet, bare: BareNutshell, tokens: dict[str, list[str]],
                      n: int, warmup: int, price: int, text: str, timeout: float,
-                     tracer: PayTracer | None) -> dict:
-    """Interleave the four measurements one at a time, rotating their order each step."""
+                     tracer: PayTracer | None, dw: TimedDeliveryWallet | None = None,
+                     paths: list[DeliveryPath] = ()) -> dict:
+    """Interleave the measurements one at a time, rotating their order each step."""
     paid, wrapper, nutshell, nutshell_prep, rtt = [], [], [], [], []
+    paid_result, pairs = [], []
     paid_ids: list[str] = []
     problems: list[str] = []
     steps = ["paid", "raw_redeem", "nutshell_redeem", "ping"]
+    by_name = {path.name: path for path in paths}
+    for k, path in enumerate(paths):
+        steps.insert(1 + k, path.name)
     worker_pk = worker.keys.public_key
     for i in range(warmup + n):
         measured = i >= warmup
         if tracer is not None:
             tracer.recording = measured
         order = steps[i % len(steps):] + steps[:i % len(steps)]
+        step_paid = step_delivery = None
         for step in order:
             if step == "paid":
                 req_id, problem = await paid_job(customer, worker_pk, tokens["paid"][i], f"{text} {i}",
@@ -336,7 +429,23 @@ async def sequential(customer: TimedCustomer, worker: Worker, responder: Respond
                     eprint(f"  paid request {i}: {problem}")
                 elif measured:
                     paid.append(customer.first_feedback[req_id] - customer.sent[req_id])
+                    step_paid = customer.done_at[req_id] - customer.sent[req_id]
+                    paid_result.append(step_paid)
                     paid_ids.append(req_id)
+            elif step in by_name:
+                path = by_name[step]
+                req_id, problem, stamps = await delivery_job(customer, worker_pk, dw, f"{text} {i}",
+                                                             price, timeout, path)
+                if problem is not None:
+                    path.problems.append(f"request {i}: {problem}")
+                    eprint(f"  {path.name} request {i}: {problem}")
+                elif measured:
+                    took = stamps["done"] - customer.sent[req_id]
+                    if step == "delivery":
+                        step_delivery = took
+                    path.times.append(took)
+                    path.ids.append(req_id)
+                    path.stamps[req_id] = stamps
             elif step == "raw_redeem":
                 t0 = time.perf_counter()
                 got = await raw.receive(tokens["raw"][i], min_amount=price)
@@ -366,16 +475,169 @@ async def sequential(customer: TimedCustomer, worker: Worker, responder: Respond
                 await asyncio.wait_for(pong, timeout)
                 if measured:
                     rtt.append(customer.pong[ping["id"]] - t0)
+        if step_paid is not None and step_delivery is not None:
+            pairs.append(step_delivery / step_paid)
         if i == 0 and tracer is not None:  # the wallets exist now: name them for the swap timings
             for w in worker.cashier.wallet._wallets.values():
                 tracer.name_wallet(w, "worker")
             for w in raw._wallets.values():
                 tracer.name_wallet(w, "raw_redeem")
             tracer.name_wallet(bare.wallet, "nutshell_redeem")
+            if dw is not None:
+                for w in dw.wallet._wallets.values():
+                    tracer.name_wallet(w, "delivery_send_htlc")
         if (i + 1) % 10 == 0:
             eprint(f"  sequential {i + 1}/{warmup + n}")
     return {"paid": paid, "raw": wrapper, "nutshell": nutshell, "nutshell_prep": nutshell_prep,
-            "rtt": rtt, "paid_ids": paid_ids, "problems": problems}
+            "rtt": rtt, "paid_ids": paid_ids, "problems": problems, "paid_result": paid_result,
+            "pairs": pairs}
+
+
+class TimedDeliveryWallet:
+    """Stamps on the delivery wallet's two mint calls of the pay-on-delivery path, keyed by the
+    HTLC token: `send_htlc` (the swap that makes the locked proofs) and each `htlc_preimage`
+    (NUT-07 checkstate, which `await_delivery` calls before each wait for the result event)."""
+
+    def __init__(self, wallet: EcashWallet):
+        self.wallet = wallet
+        self.htlc: dict[str, tuple[float, float]] = {}        # request id -> (start, end)
+        self.checks: dict[str, list[tuple[float, float, bool]]] = {}   # token -> (start, end, found)
+        self.current: str | None = None                       # the request being paid
+        send_htlc, htlc_preimage = wallet.send_htlc, wallet.htlc_preimage
+
+        async def timed_send_htlc(*a, **kw):
+            t = time.perf_counter()
+            token = await send_htlc(*a, **kw)
+            self.htlc[self.current] = (t, time.perf_counter())
+            return token
+
+        async def timed_htlc_preimage(token, *a, **kw):
+            t = time.perf_counter()
+            found = await htlc_preimage(token, *a, **kw)
+            self.checks.setdefault(token, []).append((t, time.perf_counter(), found is not None))
+            return found
+        wallet.send_htlc = timed_send_htlc
+        wallet.htlc_preimage = timed_htlc_preimage
+
+
+class LazyFirstCheck:
+    """The delivery wallet as `await_delivery` sees it in the lazy-first-check experiment: the
+    first `htlc_preimage` of each token answers None without asking the mint, so the customer
+    waits for the result event (up to poll_seconds) before its first NUT-07 checkstate."""
+
+    def __init__(self, wallet: EcashWallet):
+        self._wallet = wallet
+        self._asked: set[str] = set()
+
+    def __getattr__(self, name):
+        return getattr(self._wallet, name)
+
+    async def htlc_preimage(self, token: str) -> bytes | None:
+        if token not in self._asked:
+            self._asked.add(token)
+            return None
+        return await self._wallet.htlc_preimage(token)
+
+
+async def delivery_job(customer: TimedCustomer, worker_pk: str, dw: TimedDeliveryWallet, text: str,
+                       price: int, timeout: float, path: DeliveryPath) -> tuple[str, str | None, dict]:
+    """One job paid on delivery, as tests/test_pay_on_delivery.py does it, without files.
+    Returns (request id, problem or None, the customer-side stamps)."""
+    wallet = dw.wallet
+    request = await customer.submit(TEXT_STATS_KIND, [JobInput(text, "text")],
+                                    {"pay_on_delivery": wallet.p2pk_pubkey}, provider=worker_pk)
+    rid = request["id"]
+    dw.current = rid
+    stamps: dict = {}
+    problem = None
+    try:
+        offer = None
+        async with contextlib.aclosing(customer.updates(request, timeout)) as updates:
+            async for update in updates:
+                if isinstance(update, Result):
+                    problem = "a result came before any offer"
+                    break
+                if update.status == "payment-required":
+                    offer = update
+                    break
+                if update.status == "error":
+                    problem = f"error feedback: {update.message}"
+                    break
+        if offer is not None:
+            stamps["offer"] = time.perf_counter()
+            delivery = await customer.pay_on_delivery(request, offer, wallet, max_price=price)
+            stamps["paid"] = time.perf_counter()
+            result = await customer.await_delivery(
+                delivery, LazyFirstCheck(wallet) if path.lazy_first_check else wallet,
+                timeout=timeout, poll_seconds=path.poll_seconds)
+            stamps["done"] = customer.done_at[rid] = time.perf_counter()
+            words = result_json(result).get("words")
+            if words != len(text.split()):
+                problem = f"unexpected result {result.content[:80]!r}"
+            checks = dw.checks.get(delivery.token, [])
+            stamps["checks"] = checks
+            stamps["key_from"] = "mint" if checks and checks[-1][2] else "result_event"
+    except JobFailed as exc:
+        problem = f"error feedback: {exc}"
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        problem = f"timeout: {exc}"
+    except Exception as exc:  # PaymentDeclined, a mint error: report it, do not stop the run
+        problem = f"{type(exc).__name__}: {exc}"
+    await customer.pool.unsubscribe(f"job-{rid[:16]}")
+    return rid, problem, stamps
+
+
+def delivery_phases(path: DeliveryPath, customer: TimedCustomer, dw: TimedDeliveryWallet) -> dict:
+    """Where a delivery's time goes, customer side, as medians over the measured jobs."""
+    legs: dict[str, list[float]] = {
+        "request_to_offer": [],         # relay in, the job, seal, offer stored, relay out, decrypt
+        "check_offer": [],              # check_delivery (wallet_info cached after the first)
+        "htlc_swap": [],                # send_htlc: POST /v1/swap making the locked proofs
+        "sign_nutzap": [],              # build + sign the nutzap
+        "nutzap_publish_ok": [],        # the relay's OK (the worker may be redeeming already)
+        "nutzap_to_result_event": [],   # relay in, the worker's redeem, result out
+        "result_event_to_result": [],   # await_delivery picks it up (a checkstate may be in flight)
+        "paid_to_result": [],           # pay_on_delivery returned -> await_delivery returned
+    }
+    checks_per_job, check_s = [], []
+    key_from = Counter()
+    for i in path.ids:
+        st = path.stamps[i]
+        sent, htlc, nz = customer.sent[i], dw.htlc[i], customer.nutzap_sent[i]
+        legs["request_to_offer"].append(st["offer"] - sent)
+        legs["check_offer"].append(htlc[0] - st["offer"])
+        legs["htlc_swap"].append(htlc[1] - htlc[0])
+        legs["sign_nutzap"].append(nz - htlc[1])
+        legs["nutzap_publish_ok"].append(st["paid"] - nz)
+        legs["paid_to_result"].append(st["done"] - st["paid"])
+        res = customer.result_at.get(i)   # none when the key came from the mint first
+        if res is not None and res <= st["done"]:
+            legs["nutzap_to_result_event"].append(res - nz)
+            legs["result_event_to_result"].append(st["done"] - res)
+        checks_per_job.append(len(st["checks"]))
+        check_s += [end - start for start, end, _ in st["checks"]]
+        key_from[st["key_from"]] += 1
+    return {"phases": {k: ms(percentile(v, 50)) for k, v in legs.items()},
+            "checkstate": {"calls_per_job_p50": percentile(checks_per_job, 50),
+                           "calls_per_job_max": max(checks_per_job, default=None),
+                           "p50_ms": ms(percentile(check_s, 50)),
+                           "key_from": dict(key_from)}}
+
+
+def paid_phases(ids: list[str], customer: TimedCustomer) -> dict:
+    """The paid path to its decrypted result, customer side."""
+    legs: dict[str, list[float]] = {"request_to_processing": [], "processing_to_result_event": [],
+                                    "result_event_to_result": []}
+    for i in ids:
+        stamps = [customer.sent.get(i), customer.first_feedback.get(i), customer.result_at.get(i),
+                  customer.done_at.get(i)]
+        if any(x is None for x in stamps):
+            continue
+        t0, t1, t2, t3 = stamps
+        legs["request_to_processing"].append(t1 - t0)
+        legs["processing_to_result_event"].append(t2 - t1)
+        legs["result_event_to_result"].append(t3 - t2)
+    return {k: ms(percentile(v, 50)) for k, v in legs.items()}
 
 
 async def concurrent(customer: TimedCustomer, worker: Worker, tokens: list[str], price: int,
@@ -437,8 +699,8 @@ async def main_async(args) -> dict:
     eprint(f"workdir {tmp}")
     relay = start_relay(tmp / "relay")
     mint = None
-    worker = customer = responder = raw = bare = customer_wallet = None
-    tracer = None
+    worker = customer = responder = raw = bare = customer_wallet = delivery_wallet = None
+    tracer = dw = None
     try:
         mint = start_mint(tmp / "mint")
         eprint(f"relay {relay.url} (pid {relay.process.pid}), mint {mint.url} (pid {mint.process.pid})")
@@ -483,6 +745,25 @@ async def main_async(args) -> dict:
         eprint(f"minted {funding} sat, made {len(infos)} tokens of {price} sat in "
                f"{time.perf_counter() - t:.1f}s (proofs per token: {proof_counts})")
 
+        customer_keys = Keys.generate()
+        paths: list[DeliveryPath] = []
+        if not args.no_delivery:
+            paths.append(DeliveryPath("delivery", args.poll_seconds))
+            if args.alt_poll_seconds is not None or args.alt_lazy_first_check:
+                alt_poll = args.poll_seconds if args.alt_poll_seconds is None else args.alt_poll_seconds
+                paths.append(DeliveryPath("delivery_alt", alt_poll,
+                                          lazy_first_check=args.alt_lazy_first_check))
+            # Pay on delivery from a wallet of its own, funded apart (the HTLC tokens are made
+            # during the timing: their hash comes in the offer); its P2PK key, the refund key,
+            # is the customer's Nostr key, as in tests/paying.py.
+            delivery_wallet = EcashWallet(directory=tmp / "delivery-wallet", accepted_mints=[mint.url],
+                                          p2pk_private_key=customer_keys.private_key)
+            funding = price * steps * len(paths)
+            minted = await delivery_wallet.mint_from_lightning(funding, mint.url)
+            assert minted == funding, (minted, funding)
+            delivery_before = await delivery_wallet.total_balance()
+            dw = TimedDeliveryWallet(delivery_wallet)
+
         raw = EcashWallet(directory=tmp / "raw-wallet", accepted_mints=[mint.url])
         bare = BareNutshell(tmp / "bare-nutshell", mint.url)
         await bare.open()
@@ -490,7 +771,7 @@ async def main_async(args) -> dict:
         await responder.pool.start()
         await responder.pool.subscribe("pings", [{"kinds": [PING_KIND], "#p": [responder.keys.public_key],
                                                   "since": int(time.time()) - 5}])
-        customer = TimedCustomer(Keys.generate(), [relay.url])
+        customer = TimedCustomer(customer_keys, [relay.url])
         await customer.pool.start()
         assert await customer.pool.wait_all_connected(10), "customer did not connect"
         await customer.pool.subscribe("pongs", [{"kinds": [PING_KIND], "#p": [customer.keys.public_key],
@@ -505,12 +786,14 @@ async def main_async(args) -> dict:
         out: dict = {"loadavg_1m_before": loadavg()}
 
         eprint(f"sequential: {args.warmup} warm-up + {args.n} measured, each step: paid request, "
-               "raw redeem, Nutshell redeem, relay ping (order rotating)")
+               + "".join(f"paid-on-delivery request ({p.name}: poll_seconds={p.poll_seconds:g}"
+                         f"{', lazy first check' if p.lazy_first_check else ''}), " for p in paths)
+               + "raw redeem, Nutshell redeem, relay ping (order rotating)")
         if profiler and args.profile == "latency":
             profiler.enable()
         cpu.begin()
         seq = await sequential(customer, worker, responder, raw, bare, tokens, args.n, args.warmup,
-                               price, args.text, args.timeout, tracer)
+                               price, args.text, args.timeout, tracer, dw, paths)
         cpu_seq = cpu.end()
         if profiler and args.profile == "latency":
             profiler.disable()
@@ -539,8 +822,49 @@ async def main_async(args) -> dict:
             "paid_problems": seq["problems"][:10],
             "sequential_cpu": cpu_seq,
         })
+        if paths:
+            paid_med = percentile(seq["paid_result"], 50)
+            rtt_s = percentile(seq["rtt"], 50)
+            goal = 1.2 + rtt_s / paid_med
+            out.update({
+                "paid_result_p50_ms": ms(paid_med),
+                "paid_result_p90_ms": ms(percentile(seq["paid_result"], 90)),
+                "paid_result_phases_p50_ms": paid_phases(seq["paid_ids"], customer),
+                "relay_rtt_s": round(rtt_s, 4),
+                "delivery_ratio_goal": round(goal, 3),
+            })
+            for path in paths:
+                med = percentile(path.times, 50)
+                found = delivery_phases(path, customer, dw)
+                out.update({
+                    f"{path.name}_p50_ms": ms(med),
+                    f"{path.name}_p90_ms": ms(percentile(path.times, 90)),
+                    f"{path.name}_ratio": round(med / paid_med, 3),
+                    f"{path.name}_within_goal": med / paid_med <= goal,
+                    f"{path.name}_n": len(path.times),
+                    f"{path.name}_poll_seconds": path.poll_seconds,
+                    f"{path.name}_problems": path.problems[:10],
+                    f"{path.name}_phases_p50_ms": found["phases"],
+                    f"{path.name}_checkstate": found["checkstate"],
+                })
+                if path.lazy_first_check:
+                    out[f"{path.name}_lazy_first_check"] = True
+            out["delivery_ratio_paired_p50"] = round(percentile(seq["pairs"], 50), 3)
+            out["delivery_note"] = (
+                "delivery_ratio = delivery_p50_ms / paid_result_p50_ms: request -> decrypted "
+                "result, the same text-stats job paid on delivery (offer, check, HTLC swap at the "
+                "mint, nutzap, the worker's HTLC redeem, result; await_delivery's opened Result) "
+                "over paid before (token in the request; Customer.result's decrypted Result), "
+                "interleaved, medians. delivery_ratio_paired_p50: the median of the per-step "
+                "ratios. relay_rtt_s: the median ping->pong (customer -> relay -> responder -> "
+                "relay -> customer). delivery_ratio_goal = 1.2 + relay_rtt_s / paid_result median. "
+                "Phases are medians of each leg, so they need not add up."
+                + (" delivery_alt: the same path, interleaved, with what --alt-* passes to "
+                   "await_delivery instead (an experiment)." if len(paths) > 1 else ""))
         if tracer is not None:
             out["paid_hops_p50_ms"] = tracer.hops(seq["paid_ids"], customer.sent, customer.first_feedback)
+            for path in paths:
+                out[f"{path.name}_hops_p50_ms"] = tracer.delivery_hops(path.ids, customer)
             out["swap_http_p50_ms"] = tracer.swap_report()
             tracer.recording = False
 
@@ -610,7 +934,14 @@ async def main_async(args) -> dict:
         states = Counter(r["state"] for r in all_rows)
         out["payment_states"] = dict(states)
         out["provider_balance_sat"] = await worker.cashier.wallet.total_balance()
-        out["provider_balance_expected_sat"] = (total_jobs - len(seq["problems"])) * price
+        delivered = 0
+        if dw is not None:
+            delivered = sum(args.warmup + args.n - len(path.problems) for path in paths)
+            spent_on_delivery = delivery_before - await delivery_wallet.total_balance()
+            out["delivery_books"] = {"customer_spent_sat": spent_on_delivery,
+                                     "expected_sat": delivered * price,
+                                     "ok": spent_on_delivery == delivered * price}
+        out["provider_balance_expected_sat"] = (total_jobs - len(seq["problems"]) + delivered) * price
         out["raw_wallet_balance_sat"] = await raw.total_balance()
         out["nutshell_wallet_balance_sat"] = bare.balance()
         out["token_proofs"] = proof_counts
@@ -636,7 +967,7 @@ async def main_async(args) -> dict:
         for obj in (customer and customer.pool, responder and responder.pool):
             if obj is not None:
                 await obj.close()
-        for w in (raw, customer_wallet):
+        for w in (raw, customer_wallet, delivery_wallet):
             if w is not None:
                 await w.close()
         if bare is not None:
@@ -662,6 +993,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30.0, help="per sequential request")
     ap.add_argument("--concurrent-timeout", type=float, default=120.0)
     ap.add_argument("--text", default="some text")
+    ap.add_argument("--no-delivery", action="store_true", help="leave out the pay-on-delivery path")
+    ap.add_argument("--poll-seconds", type=float, default=2.0,
+                    help="Customer.await_delivery's poll_seconds on the delivery path (its default: 2.0)")
+    ap.add_argument("--alt-poll-seconds", type=float, default=None,
+                    help="experiment: add a second delivery path, interleaved, with this poll_seconds")
+    ap.add_argument("--alt-lazy-first-check", action="store_true",
+                    help="experiment: add a second delivery path, interleaved, whose await_delivery "
+                         "waits for the result event before its first checkstate (LazyFirstCheck)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, stores)")
     ap.add_argument("--trace", action="store_true",
                     help="add paid_hops_p50_ms and swap_http_p50_ms (wraps a few methods)")
