@@ -158,7 +158,9 @@ def decode_token(token: str) -> Token:
         raise TokenFormatError("The Cashu token contains the same proof twice.")
     if any(type(p["amount"]) is not int or p["amount"] <= 0 for p in proofs):
         raise TokenFormatError("The Cashu token contains a proof with an invalid amount.")
-    return Token(mint, unit or "sat", tuple(proofs), str(memo) if memo else "")
+    # NUT-00's memo is text; anything else is dropped (str() of a CBOR bignum past 4300 digits
+    # raises ValueError, and of a CBOR tag or a nested list it is no memo)
+    return Token(mint, unit or "sat", tuple(proofs), memo if isinstance(memo, str) else "")
 
 
 def encode_token_a(mint: str, proofs: list[dict], unit: str = "sat", memo: str = "") -> str:
@@ -169,17 +171,43 @@ def encode_token_a(mint: str, proofs: list[dict], unit: str = "sat", memo: str =
     return "cashuA" + base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
 
-def p2pk_lock(proof: dict) -> tuple[str | None, int | None, list[str]]:
-    """The NUT-11 lock of a proof: (pubkey, locktime, refund pubkeys), or (None, None, [])."""
+def _nut10_secret(proof: dict, kind: str) -> tuple[dict, dict[str, list]] | None:
+    """The body of a proof's NUT-10 secret of `kind` ("P2PK", "HTLC") and its tags by name, or
+    None. The secret is whoever made the token's to write: anything malformed (not JSON, nested
+    past the recursion limit, tags that are not lists with a string name) is no lock here."""
     try:
         secret = json.loads(proof["secret"])
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not (isinstance(secret, list) and len(secret) == 2 and secret[0] == kind and isinstance(secret[1], dict)):
+        return None
+    tags = secret[1].get("tags", [])
+    tags = {t[0]: t[1:] for t in tags if isinstance(t, list) and t and isinstance(t[0], str)} \
+        if isinstance(tags, list) else {}
+    return secret[1], tags
+
+
+def _locktime(tags: dict[str, list]) -> int | None:
+    """A lock's locktime tag as an int (None when absent); ValueError when it is not a number."""
+    try:
+        return int(tags["locktime"][0]) if tags.get("locktime") else None
+    except (ValueError, TypeError, OverflowError):   # "soon", null, Infinity, 5000 digits
+        raise ValueError("not a locktime") from None
+
+
+def p2pk_lock(proof: dict) -> tuple[str | None, int | None, list[str]]:
+    """The NUT-11 lock of a proof: (pubkey, locktime, refund pubkeys), or (None, None, []) (also
+    for a P2PK secret whose `data` is not a string: the mint refuses it). A locktime that is not a
+    number is no locktime, as the mint reads it (Nutshell's `parse_int_tag`)."""
+    found = _nut10_secret(proof, "P2PK")
+    if found is None or not isinstance(found[0].get("data"), str):
         return None, None, []
-    if not (isinstance(secret, list) and len(secret) == 2 and secret[0] == "P2PK" and isinstance(secret[1], dict)):
-        return None, None, []
-    tags = {t[0]: t[1:] for t in secret[1].get("tags", []) if isinstance(t, list) and t}
-    locktime = int(tags["locktime"][0]) if tags.get("locktime") else None
-    return secret[1].get("data"), locktime, list(tags.get("refund", []))
+    body, tags = found
+    try:
+        locktime = _locktime(tags)
+    except ValueError:
+        locktime = None
+    return body["data"], locktime, [r for r in tags.get("refund", []) if isinstance(r, str)]
 
 
 def lock_of(proof: dict) -> tuple[str | None, int | None, list[str]]:
@@ -189,19 +217,16 @@ def lock_of(proof: dict) -> tuple[str | None, int | None, list[str]]:
     key, locktime, refund = p2pk_lock(proof)
     if key is not None:
         return key, locktime, refund
-    try:
-        secret = json.loads(proof["secret"])
-    except (ValueError, TypeError):
+    found = _nut10_secret(proof, "HTLC")
+    if found is None:
         return None, None, []
-    if not (isinstance(secret, list) and len(secret) == 2 and secret[0] == "HTLC" and isinstance(secret[1], dict)):
-        return None, None, []
-    tags = {t[0]: t[1:] for t in secret[1].get("tags", []) if isinstance(t, list) and t}
+    tags = found[1]
     pubkeys = tags.get("pubkeys") or []
     if len(pubkeys) != 1 or not isinstance(pubkeys[0], str):
         return None, None, []
     try:
-        locktime = int(tags["locktime"][0]) if tags.get("locktime") else None
-    except (ValueError, TypeError):
+        locktime = _locktime(tags)
+    except ValueError:
         return None, None, []
     return pubkeys[0], locktime, [r for r in tags.get("refund", []) if isinstance(r, str)]
 
@@ -274,6 +299,8 @@ def htlc_terms_of(nut10: object) -> HtlcTerms | None:
     if not isinstance(nut10, dict) or nut10.get("k") != "HTLC":
         return None
     tags: dict[str, list] = {}
+    if not isinstance(nut10.get("t") or [], list):
+        raise ValueError(f"an HTLC lock's tags are not a list but a {type(nut10.get('t')).__name__}")
     for tag in nut10.get("t") or []:
         if not isinstance(tag, list) or not tag or not all(isinstance(v, str) for v in tag) \
                 or tag[0] in tags:
@@ -321,7 +348,13 @@ def decode_payment_request(text: str) -> dict:
     reads an HTLC lock from it."""
     if not text.startswith("creqA"):
         raise ValueError("not a NUT-18 payment request (creqA…)")
-    return cbor2.loads(_b64decode(text[5:]))
+    try:
+        request = cbor2.loads(_b64decode(text[5:]))
+    except (ValueError, cbor2.CBORError) as exc:   # cbor2's EOF and nesting errors are no ValueError
+        raise ValueError(f"the NUT-18 payment request is damaged: {exc}") from None
+    if not isinstance(request, dict):
+        raise ValueError("the NUT-18 payment request is not a CBOR map")
+    return request
 
 
 # NIP-61 ----------------------------------------------------------------------
@@ -396,7 +429,7 @@ def parse_nutzap(event: dict) -> Nutzap:
         if t[0] == "proof":
             try:
                 proof = json.loads(t[1])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise TokenFormatError("a nutzap proof tag is not JSON") from None
             if not isinstance(proof, dict) or not isinstance(proof.get("secret"), str):
                 raise TokenFormatError("a nutzap proof tag is not a Cashu proof")
@@ -407,7 +440,7 @@ def parse_nutzap(event: dict) -> Nutzap:
             unit = t[1]
         elif t[0] == "e" and zapped is None:
             zapped = t[1]
-        elif t[0] == "k" and t[1].isascii() and t[1].isdigit():
+        elif t[0] == "k" and t[1].isascii() and t[1].isdigit() and len(t[1]) <= 100:  # int()'s limit: 4300
             kind = int(t[1])
         elif t[0] == "p" and recipient is None:
             recipient = t[1]

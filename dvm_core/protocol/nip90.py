@@ -25,9 +25,12 @@ from dvm_core.errors import JobInputError  # noqa: E402  (the customer's fault, 
 from .events import HEX64 as _HEX64  # noqa: E402
 
 
+_MAX_DIGITS = 100   # longer than any amount, bid or kind; int() refuses past 4300 digits (ValueError)
+
+
 def _is_uint(text: str) -> bool:
     # str.isdigit() accepts "²", which int() refuses
-    return text.isascii() and text.isdigit()
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,11 @@ def parse_handler_announcement(event: dict) -> tuple[dict, list[int]]:
     if event["kind"] != HANDLER_KIND:
         raise ValueError("not a kind-31990 handler announcement")
     kinds = [int(t[1]) for t in event["tags"] if len(t) >= 2 and t[0] == "k" and _is_uint(t[1])]
-    return json.loads(event["content"] or "{}"), kinds
+    try:
+        content = json.loads(event["content"] or "{}")
+    except RecursionError:   # nested past the recursion limit: not a ValueError of json's own
+        raise ValueError("the announcement's content is nested too deeply to read") from None
+    return content, kinds
 
 
 def deleted_event_ids(event: dict) -> list[str]:
