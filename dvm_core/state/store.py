@@ -119,6 +119,14 @@ ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 FINAL_STATES = tuple(s.value for s in FINAL)
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the store refusing a write for want of space (SQLITE_FULL: the disk
+    under the state directory is full). Nothing of the failed transaction was written."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "database or disk is full" in str(exc))
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -187,7 +195,10 @@ class Store:
             try:
                 yield
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # SQLite may have rolled the transaction back itself (it does on SQLITE_FULL):
+                # a ROLLBACK then fails, and its error would hide the one that matters.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
         finally:

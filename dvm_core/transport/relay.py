@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -21,6 +22,11 @@ import websockets
 from dvm_core.protocol.events import InvalidEvent, verify_event
 
 log = structlog.get_logger("dvm.relay")
+
+# The longest wait between two tries to reach a relay, before the jitter (×0.5 to ×1.5): a relay
+# back after a restart, however long it was down, is connected again within 5 s.
+MAX_RECONNECT_WAIT = 3.0
+STILL_DOWN_LOG_SECONDS = 60.0   # a relay that stays down is logged once a minute, not at each try
 
 EventHandler = Callable[[dict, str], Awaitable[None] | None]
 FilterFactory = Callable[[], list[dict]]
@@ -54,7 +60,7 @@ class RelayConnection:
 
     def __init__(
         self, url: str, on_event: Callable[[dict, str, str], None], *,
-        min_backoff: float = 0.25, max_backoff: float = 30.0, max_message_bytes: int = 2**22,
+        min_backoff: float = 0.25, max_backoff: float = MAX_RECONNECT_WAIT, max_message_bytes: int = 2**22,
     ):
         self.url = url
         self._on_event = on_event
@@ -102,6 +108,7 @@ class RelayConnection:
 
     async def _run(self) -> None:
         backoff = self._min_backoff
+        failures, logged_at = 0, 0.0
         while not self._closing:
             try:
                 async with websockets.connect(
@@ -112,7 +119,7 @@ class RelayConnection:
                 ) as ws:
                     self._ws = ws
                     self._generation += 1
-                    backoff = self._min_backoff
+                    backoff, failures = self._min_backoff, 0
                     await self._on_connect(ws)
                     async for raw in ws:
                         try:
@@ -122,8 +129,12 @@ class RelayConnection:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any network failure: log it and come back
-                if not self._closing:
-                    log.warning("relay connection lost", relay=self.url, error=str(exc) or type(exc).__name__)
+                failures += 1
+                quiet = failures > 1 and time.monotonic() - logged_at < STILL_DOWN_LOG_SECONDS
+                if not self._closing and not quiet:
+                    logged_at = time.monotonic()
+                    log.warning("relay connection lost" if failures == 1 else "relay still unreachable; retrying",
+                                relay=self.url, error=str(exc) or type(exc).__name__, tries=failures)
             finally:
                 self._ws = None
                 self._connected.clear()

@@ -21,7 +21,7 @@ from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.delivery import parse_offer
 from dvm_core.protocol.ecash import HtlcTerms
 from dvm_core.state.jobstate import JobState
-from dvm_core.state.store import Store
+from dvm_core.state.store import Store, disk_full
 
 from .cancels import Cancels
 from .config import Settings
@@ -109,7 +109,9 @@ class Checkout:
             return paid
         except PaymentRefused as exc:
             raise Refused(str(exc), scheme, private_detail=False) from None
-        except Exception:
+        except Exception as exc:
+            if disk_full(exc):
+                raise   # the job waits for room (Worker._handle); what was paid is in the store
             log.exception("taking payment failed", job_id=request.id)
             raise Refused("internal error while taking payment", scheme, refund=True) from None
         finally:

@@ -9,6 +9,7 @@ accepts it or refuses it for good (relays drop a repeated id, so the customer se
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Callable
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 from dvm_core.protocol.encryption import Scheme, encrypter
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.protocol.nip90 import JobRequest, build_feedback, build_result
-from dvm_core.state.store import Store
+from dvm_core.state.store import Store, disk_full
 
 log = structlog.get_logger("dvm.worker")
 
@@ -70,7 +71,15 @@ class Outbox:
             accepted = [r.relay for r in results if r.ok]
             if accepted:
                 if stored and not self.closed:
-                    self.store.mark_published(event["id"], accepted)
+                    try:
+                        self.store.mark_published(event["id"], accepted)
+                    except sqlite3.OperationalError as exc:
+                        if not disk_full(exc):
+                            raise
+                        # Out, but not marked: the next start publishes it again (a duplicate
+                        # the relays drop).
+                        log.warning("published, but the full disk could not record it",
+                                    role=role, job_id=job_id, event_id=event["id"])
                 return True
             log.warning("no relay accepted an event", role=role, job_id=job_id, event_id=event["id"],
                         reasons={r.relay: r.message for r in results})

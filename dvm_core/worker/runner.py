@@ -13,6 +13,7 @@ import contextvars
 import inspect
 import secrets
 import shutil
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,12 +28,13 @@ from dvm_core.payments.cashier import Cashier, Paid
 from dvm_core.payments.crashpoints import crashpoint
 from dvm_core.protocol.nip90 import JobRequest
 from dvm_core.state.jobstate import JobState
-from dvm_core.state.store import Store
+from dvm_core.state.store import Store, disk_full
 
 from .cancels import Cancels
 from .config import Settings
 from .inputs import job_context
 from .outbox import Outbox, Reply
+from .room import WAITING_MESSAGE, when_room
 
 log = structlog.get_logger("dvm.worker")
 
@@ -165,6 +167,8 @@ class Runner:
         except JobError as exc:  # e.g. an input that could not be fetched: refunded
             outcome.error = str(exc)
         except Exception as exc:
+            if disk_full(exc):
+                raise   # not the job's failure: it waits for room (Worker._handle), nothing is lost
             log.error("job failed in its plugin", job_id=request.id, kind=request.kind,
                       plugin=job_kind.plugin, exc_info=exc)
             outcome.error = "internal error while running the job"
@@ -222,7 +226,11 @@ class Runner:
         percent, message = active.progress_pending
         active.progress_pending = None
         active.last_progress_at = time.monotonic()
-        self.store.set_progress(active.request.id, percent, message)
+        try:
+            self.store.set_progress(active.request.id, percent, message)
+        except sqlite3.OperationalError as exc:
+            if not disk_full(exc):
+                raise   # the progress is only for `dvm status`: a full disk does without it
         active.reply.feedback("processing", f"{percent:.0f}%" + (f" {message}" if message else ""),
                               progress=percent)
 
@@ -265,11 +273,14 @@ class Runner:
         event = active.reply.result(result.payload())
         # Stored with the state change in one transaction: after a crash the result is either
         # published again or the job is run again, never both.
-        with self.store.atomic():
-            self.store.add_outgoing(event, "result", request.id)
-            self.store.set_state(request.id, JobState.SUCCEEDED, summary=metrics)
-            if self.cashier is not None:
-                self.cashier.consumed(request.id)
+        def store_result() -> None:
+            with self.store.atomic():
+                self.store.add_outgoing(event, "result", request.id)
+                self.store.set_state(request.id, JobState.SUCCEEDED, summary=metrics)
+                if self.cashier is not None:
+                    self.cashier.consumed(request.id)
+        await when_room(store_result, job_id=request.id, what="storing the result",
+                        on_wait=lambda: active.reply.feedback("processing", WAITING_MESSAGE))
         crashpoint("result-stored")
         self.outbox.send_stored(event, "result", request.id)
 
@@ -312,12 +323,15 @@ class Runner:
                    "nutzap as the payment request asks); redeeming it gives you the key")
         event = active.reply.feedback_event("payment-required", message, content=offer.to_content(),
                                             amount_msats=active.due * 1000)
-        with self.store.atomic():
-            self.store.add_job_lock(terms.pubkey, request.id)
-            self.store.add_delivery(job_id=request.id, preimage=preimage, hash=hash_, locktime=locktime,
-                                    refund_key=terms.refund_key, price=active.due,
-                                    offer=offer.to_content(), result=payload)
-            self.store.add_outgoing(event, "feedback", request.id)
-            self.store.set_state(request.id, JobState.DELIVERED, summary=metrics)
+        def store_offer() -> None:
+            with self.store.atomic():
+                self.store.add_job_lock(terms.pubkey, request.id)
+                self.store.add_delivery(job_id=request.id, preimage=preimage, hash=hash_, locktime=locktime,
+                                        refund_key=terms.refund_key, price=active.due,
+                                        offer=offer.to_content(), result=payload)
+                self.store.add_outgoing(event, "feedback", request.id)
+                self.store.set_state(request.id, JobState.DELIVERED, summary=metrics)
+        await when_room(store_offer, job_id=request.id, what="storing the offer",
+                        on_wait=lambda: active.reply.feedback("processing", WAITING_MESSAGE))
         crashpoint("delivery-offered")
         self.outbox.send_stored(event, "feedback", request.id)

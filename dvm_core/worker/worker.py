@@ -35,7 +35,7 @@ from dvm_core.protocol.encryption import DecryptionError, decrypt
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import DELETION_KIND, JobRequest, deleted_event_ids, is_encrypted
 from dvm_core.state.jobstate import ACTIVE, AWAITING_PAYMENT, JobState
-from dvm_core.state.store import Store
+from dvm_core.state.store import Store, disk_full
 
 from .cancels import Cancels
 from .checkout import Checkout, Due
@@ -44,6 +44,7 @@ from .intake import Intake, Job, Refused, event_size
 from .offer import Offer
 from .outbox import Outbox, Reply
 from .plugins import collect_job_kinds, plugin_manager
+from .room import WAITING_MESSAGE, log_full, retry_delay, when_room
 from .runner import STOP_GRACE_SECONDS, ActiveJob, Outcome, Runner
 
 log = structlog.get_logger("dvm.worker")
@@ -264,7 +265,9 @@ class Worker:
                 self.runner.cancel(active, StopReason.CUSTOMER)
 
     # one request, from the relay to its answer -----------------------------
-    async def _handle(self, event: dict, resumed: bool = False) -> None:
+    async def _handle(self, event: dict, resumed: bool = False, waited: int = 0) -> None:
+        """`waited`: how many times this request already waited for room in the store."""
+        reply = None
         try:
             size = event_size(event)
             if not self.intake.take(event, size, resumed):
@@ -273,7 +276,6 @@ class Worker:
             with structlog.contextvars.bound_contextvars(job_id=event["id"]):
                 if not resumed:
                     self.counts["received"] += 1
-                reply = None
                 try:
                     job = await self.intake.read(event, size, resumed)
                     reply = Reply(job.request, job.scheme, self.outbox)
@@ -286,18 +288,44 @@ class Worker:
                 except Refused as refusal:
                     self._refuse(reply or Reply(_bare_request(event), refusal.scheme, self.outbox), refusal)
                     return
-                active = self._queue(job, reply, paid, resumed)
+                active = self._queue(job, reply, paid, resumed, after_wait=bool(waited))
                 await asyncio.sleep(0)  # let the feedback go out before the job's bookkeeping
                 active.task = asyncio.current_task()
                 outcome = await self.runner.run(active)
                 if outcome.state == JobState.DELIVERED:
                     await self._collect_on_delivery(active, outcome)
                     return
-                self._finish(active, outcome)
+                await self._finish_when_room(active, outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("event handler failed", error=repr(exc))
+            if not disk_full(exc):
+                log.error("event handler failed", error=repr(exc))
+            elif self._stopping:
+                log.error("the state directory's disk is full: the job goes on after the next start",
+                          job_id=event["id"], state_dir=self.settings.state_dir)
+            else:
+                self._wait_for_room(event, reply, waited)
+
+    def _wait_for_room(self, event: dict, reply: Reply | None, waited: int) -> None:
+        """The store refused a write before the job's work began: the disk under the state
+        directory is full. The store holds the request as far as it got (each step is one
+        transaction), so it waits, and once there is room it is taken up again the way it would
+        be after a restart. The customer is told why it waits (`room`)."""
+        delay = retry_delay(waited)
+        log_full(event["id"], "taking the request", waited, delay)
+        if waited == 0 and reply is not None:
+            reply.feedback("processing", WAITING_MESSAGE)
+        self._spawn(self._when_room(event, waited + 1, delay), self._requests)
+
+    async def _when_room(self, event: dict, waited: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return   # what the store holds of it resumes after the next start
+        record = self.store.get_job(event["id"])
+        if record is not None and record.state not in ACTIVE + AWAITING_PAYMENT:
+            return   # it ended: the write that failed came after its end was stored
+        await self._handle(event, resumed=record is not None, waited=waited)
 
     def _delivered(self, job_id: str) -> bool:
         record = self.store.get_job(job_id)
@@ -306,9 +334,15 @@ class Worker:
     async def _collect_on_delivery(self, active: ActiveJob, outcome: Outcome) -> None:
         """Paid on delivery: the result is sealed and offered; wait for the ecash, then end."""
         state, error = await self.checkout.collect_on_delivery(active.request, active.reply)
-        self._finish(active, Outcome(state, error, refund=False, metrics=outcome.metrics))
+        await self._finish_when_room(active, Outcome(state, error, refund=False, metrics=outcome.metrics))
 
-    def _queue(self, job: Job, reply: Reply, paid: Paid | Due | None, resumed: bool) -> ActiveJob:
+    async def _finish_when_room(self, active: ActiveJob, outcome: Outcome) -> None:
+        """`_finish`, waiting for room on a full disk: the job is done, its end is not redone."""
+        await when_room(lambda: self._finish(active, outcome), job_id=active.request.id, what="ending the job",
+                        on_wait=lambda: active.reply.feedback("processing", WAITING_MESSAGE))
+
+    def _queue(self, job: Job, reply: Reply, paid: Paid | Due | None, resumed: bool,
+               after_wait: bool = False) -> ActiveJob:
         request = job.request
         self.store.set_state(request.id, JobState.QUEUED)
         crashpoint("job-queued")
@@ -318,7 +352,10 @@ class Worker:
                            refs=job.refs, paid=paid, due=due)
         self.runner.active[request.id] = active
         self.cancels.watch(request.id)
-        message = "resumed after a restart" if resumed else "job accepted"
+        if after_wait:   # it waited for room on a full disk
+            message = "there is room again: job " + ("resumed" if resumed else "accepted")
+        else:
+            message = "resumed after a restart" if resumed else "job accepted"
         if self.runner.would_wait(request.kind):
             message += f"; queued, position {len(self.runner.waiting())}"
         if paid is not None:
