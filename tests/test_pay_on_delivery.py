@@ -21,9 +21,9 @@ from dvm_core.customer.client import (Delivery, PaymentDeclined, download_artifa
                                       open_delivery, result_json)
 from dvm_core.devtools.blobserver import start_blob_server
 from dvm_core.protocol.delivery import parse_offer
-from dvm_core.protocol.ecash import HtlcTerms, build_nutzap, decode_token, htlc_hash
+from dvm_core.protocol.ecash import build_nutzap, decode_token, htlc_hash
 from dvm_core.protocol.events import sign_event
-from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, Result
+from dvm_core.protocol.nip90 import JobInput, Result
 
 from .paying import FUNDS, PRICE, paid_worker, provider_balance
 
