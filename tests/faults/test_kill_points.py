@@ -342,9 +342,10 @@ async def test_a_customer_lost_after_keeping_its_payment_resumes_from_the_kept_t
                                     {"pay_on_delivery": customer.wallet.p2pk_pubkey}, provider=worker.keys.public_key)
     offer_feedback = await _offered(customer, request)
 
-    def keep(token: str) -> None:
-        kept.write_text(token)
-        raise _CustomerGone()
+    def keep(state: dict) -> None:   # called before the swap (its outputs), then with the token
+        if "token" in state:
+            kept.write_text(state["token"])
+            raise _CustomerGone()
 
     try:
         with pytest.raises(_CustomerGone):
