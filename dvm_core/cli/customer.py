@@ -316,29 +316,17 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
     click.echo(f"quote: {creq['a']} sat for this {name} job" + (f" ({rule})" if rule else ""), err=True)
     report["quote_sat"] = creq["a"]
     if options.dry_run:
-        report.update(status="quoted", message="dry run: nothing paid, the job is cancelled")
-        click.echo("dry run: nothing paid; the job is cancelled", err=True)
-        return 0
+        return _dry_run(report)
     if wallet is None:
         click.echo(f"payment required: {update.message} (give --wallet-dir to pay)", err=True)
         report["message"] = "payment required, no wallet given"
         return 2
-    if not options.yes and options.max_price is None:
-        if not sys.stdin.isatty() or not click.confirm(f"pay {creq['a']} sat?", default=False, err=True):
-            click.echo("not paid (give --yes or --max-price to pay without asking); the job is "
-                       "cancelled", err=True)
-            report["message"] = "not paid: not confirmed"
-            return 4
+    if not _confirmed(options, creq["a"]):
+        return 4
     try:
         await customer.pay_with_nutzap(request, update, wallet, max_price=options.max_price)
-    except PaymentDeclined as exc:
-        click.echo(f"error: not paying: {exc}", err=True)
-        report["message"] = f"not paying: {exc}"
-        return 3
-    except PaymentError as exc:
-        click.echo(f"error: {exc.customer_message}", err=True)
-        report["message"] = exc.customer_message
-        return 3
+    except (PaymentDeclined, PaymentError) as exc:
+        return _not_paid(report, exc)
     report["paid_sat"] = creq["a"]
     click.echo(f"paid {creq['a']} sat with a nutzap", err=True)
     return None
@@ -367,15 +355,9 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
                + (f" ({public})" if public else "") + f"; {len(offer.files)} sealed file(s)", err=True)
     report["quote_sat"] = offer.amount
     if options.dry_run:
-        report.update(status="quoted", message="dry run: nothing paid, the job is cancelled")
-        click.echo("dry run: nothing paid; the job is cancelled", err=True)
-        return 0
-    if not options.yes and options.max_price is None:
-        if not sys.stdin.isatty() or not click.confirm(f"pay {offer.amount} sat?", default=False, err=True):
-            click.echo("not paid (give --yes or --max-price to pay without asking); the job is "
-                       "cancelled", err=True)
-            report["message"] = "not paid: not confirmed"
-            return 4
+        return _dry_run(report)
+    if not _confirmed(options, offer.amount):
+        return 4
     token_path = out / "delivery.json"
 
     def keep(state: dict) -> None:   # before each step: the key to the money if all else fails
@@ -390,14 +372,8 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
     try:
         delivery = await customer.pay_on_delivery(request, update, wallet, max_price=options.max_price,
                                                   keep=keep)
-    except PaymentDeclined as exc:
-        click.echo(f"error: not paying: {exc}", err=True)
-        report["message"] = f"not paying: {exc}"
-        return 3
-    except PaymentError as exc:
-        click.echo(f"error: {exc.customer_message}", err=True)
-        report["message"] = exc.customer_message
-        return 3
+    except (PaymentDeclined, PaymentError) as exc:
+        return _not_paid(report, exc)
     report["paid_sat"] = offer.amount
     click.echo(f"paid {offer.amount} sat on delivery (HTLC ecash, kept in {token_path}); waiting for "
                "the key", err=True)
@@ -409,6 +385,32 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
                              f"`dvm job reclaim --wallet-dir DIR {token_path}`")
         click.echo(f"error: {report['message']}", err=True)
         return 6
+
+
+def _dry_run(report: dict) -> int:
+    report.update(status="quoted", message="dry run: nothing paid, the job is cancelled")
+    click.echo("dry run: nothing paid; the job is cancelled", err=True)
+    return 0
+
+
+def _confirmed(options, amount: int) -> bool:
+    """Whether to pay `amount`: --yes or --max-price say so, else the customer is asked."""
+    if options.yes or options.max_price is not None:
+        return True
+    if sys.stdin.isatty() and click.confirm(f"pay {amount} sat?", default=False, err=True):
+        return True
+    click.echo("not paid (give --yes or --max-price to pay without asking); the job is cancelled", err=True)
+    options.report["message"] = "not paid: not confirmed"
+    return False
+
+
+def _not_paid(report: dict, exc: Exception) -> int:
+    """A payment declined by our checks or failed at the mint: one line, exit code 3."""
+    from dvm_core.customer.client import PaymentDeclined
+    message = f"not paying: {exc}" if isinstance(exc, PaymentDeclined) else exc.customer_message
+    click.echo(f"error: {message}", err=True)
+    report["message"] = message
+    return 3
 
 
 def _pricing_rule(info, name: str) -> str:

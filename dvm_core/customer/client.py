@@ -226,11 +226,7 @@ class Customer:
         (and `mints`, ours), locked to the key derived for this job from the wallet key the DVM
         advertises. Returns the NUT-18 request with `m` narrowed to the usable mints; raises
         PaymentDeclined."""
-        signer = feedback.event.get("pubkey")
-        named = self._schemes.get(request["id"], (None, None))[1]
-        if named is not None and signer != named:
-            raise PaymentDeclined("the payment request is not signed by the DVM you asked")
-        provider = named or signer
+        provider = self._signer(request, feedback, "payment request")
         try:
             creq = decode_payment_request(feedback.content)
             amount, unit = int(creq["a"]), creq.get("u", "sat")
@@ -243,6 +239,27 @@ class Customer:
                                   f"request ({amount} sat) disagree")
         if amount <= 0:
             raise PaymentDeclined("the payment request asks for nothing")
+        info = await self._announced_terms(request, provider, amount, max_price, "payment request")
+        nut10 = creq.get("nut10") or {}
+        expected = job_lock_pubkey(info.p2pk_pubkey, request["id"])
+        if nut10.get("k") != "P2PK" or str(nut10.get("d", "")).lower() != expected:
+            raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
+                                  "key derived from the DVM's advertised wallet key")
+        usable = _usable_mints(creq, info, mints)
+        return dict(creq, m=usable, a=amount)
+
+    def _signer(self, request: dict, feedback: Feedback, what: str) -> str:
+        """The DVM a payment request or offer comes from: the one the request named, if any."""
+        signer = feedback.event.get("pubkey")
+        named = self._schemes.get(request["id"], (None, None))[1]
+        if named is not None and signer != named:
+            raise PaymentDeclined(f"the {what} is not signed by the DVM you asked")
+        return named or signer
+
+    async def _announced_terms(self, request: dict, provider: str, amount: int,
+                               max_price: int | None, what: str) -> WalletInfo:
+        """The DVM's own terms, once `amount` is within `max_price` and its announced fixed
+        price, and it advertises a wallet key to check the lock against."""
         if max_price is not None and amount > max_price:
             raise PaymentDeclined(f"the DVM asks {amount} sat, more than your limit of {max_price} sat")
         info = await self.wallet_info(provider)
@@ -252,19 +269,8 @@ class Customer:
             raise PaymentDeclined(f"the DVM asks {amount} sat, but announces {fixed} sat for {name}")
         if not info.p2pk_pubkey:
             raise PaymentDeclined("the DVM publishes no wallet key of its own (kind 10019 or NIP-89), "
-                                  "so there is no key to check the payment request's lock against")
-        nut10 = creq.get("nut10") or {}
-        expected = job_lock_pubkey(info.p2pk_pubkey, request["id"])
-        if nut10.get("k") != "P2PK" or str(nut10.get("d", "")).lower() != expected:
-            raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
-                                  "key derived from the DVM's advertised wallet key")
-        offered = [normalize_mint_url_or_keep(m) for m in creq.get("m") or []]
-        usable = [m for m in offered if (not info.mints or m in info.mints)
-                  and (mints is None or m in mints)]
-        if not usable:
-            raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
-                                  "is one it announces and your wallet holds")
-        return dict(creq, m=usable, a=amount)
+                                  f"so there is no key to check the {what}'s lock against")
+        return info
 
     async def pay_with_nutzap(self, request: dict, feedback: Feedback, wallet, *,
                               max_price: int | None = None) -> dict:
@@ -298,11 +304,7 @@ class Customer:
         `refund_key`, and a locktime between `min_lock_seconds` and `max_lock_seconds` from now;
         on a mint the DVM announced and we hold. Returns (offer, terms, the NUT-18 request with
         `m` narrowed to usable mints); raises PaymentDeclined."""
-        signer = feedback.event.get("pubkey")
-        named = self._schemes.get(request["id"], (None, None))[1]
-        if named is not None and signer != named:
-            raise PaymentDeclined("the offer is not signed by the DVM you asked")
-        provider = named or signer
+        provider = self._signer(request, feedback, "offer")
         try:
             offer = parse_offer(feedback.content)
             creq = decode_payment_request(offer.payment_request)
@@ -317,16 +319,7 @@ class Customer:
         if not (amount == offer.amount and feedback.amount_msats == amount * 1000):
             raise PaymentDeclined(f"the offer's amounts disagree (amount tag {feedback.amount_msats} msats, "
                                   f"offer {offer.amount} sat, payment request {amount} sat)")
-        if max_price is not None and amount > max_price:
-            raise PaymentDeclined(f"the DVM asks {amount} sat, more than your limit of {max_price} sat")
-        info = await self.wallet_info(provider)
-        name = info.names.get(str(request["kind"]))
-        fixed = info.prices.get(name) if name else None
-        if isinstance(fixed, int) and amount != fixed:
-            raise PaymentDeclined(f"the DVM asks {amount} sat, but announces {fixed} sat for {name}")
-        if not info.p2pk_pubkey:
-            raise PaymentDeclined("the DVM publishes no wallet key of its own (kind 10019 or NIP-89), "
-                                  "so there is no key to check the offer's lock against")
+        info = await self._announced_terms(request, provider, amount, max_price, "offer")
         if terms.hash != offer.hash:
             raise PaymentDeclined("the payment request locks to another hash than the offer's")
         if terms.pubkey != job_lock_pubkey(info.p2pk_pubkey, request["id"]):
@@ -342,12 +335,7 @@ class Customer:
                                   f"and {max_lock_seconds:g} s is accepted")
         if len(offer.files) > MAX_ARTIFACTS:
             raise PaymentDeclined(f"the offer lists more than {MAX_ARTIFACTS} files")
-        offered = [normalize_mint_url_or_keep(m) for m in creq.get("m") or []]
-        usable = [m for m in offered if (not info.mints or m in info.mints)
-                  and (mints is None or m in mints)]
-        if not usable:
-            raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
-                                  "is one it announces and your wallet holds")
+        usable = _usable_mints(creq, info, mints)
         return offer, terms, dict(creq, m=usable, a=amount)
 
     async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
@@ -461,6 +449,16 @@ class Customer:
         event = sign_event(self.keys, DELETION_KIND, reason,
                            [["e", request["id"]], ["k", str(request["kind"])]])
         await self.pool.publish(event)
+
+
+def _usable_mints(creq: dict, info: WalletInfo, mints: list[str] | None) -> list[str]:
+    """The mints of a NUT-18 request that the DVM announces and (`mints`) our wallet holds."""
+    offered = [normalize_mint_url_or_keep(m) for m in creq.get("m") or []]
+    usable = [m for m in offered if (not info.mints or m in info.mints) and (mints is None or m in mints)]
+    if not usable:
+        raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
+                              "is one it announces and your wallet holds")
+    return usable
 
 
 @dataclass(frozen=True)
