@@ -208,6 +208,22 @@ class EcashWallet:
             self._check_htlc(info, htlc, preimage, job_secret)
         return await self._redeem(info, min_amount, job_secret, before_swap, preimage)
 
+    async def check_htlc_payment(self, token: str, *, min_amount: int, job_id: str,
+                                 htlc: HtlcTerms, preimage: bytes) -> int:
+        """Every check of `receive(htlc=..., preimage=...)` but the swap: the lock (hash, the
+        job's key alone, one signature, SIG_INPUTS, locktime, refund key), the mint's signatures
+        (DLEQ, against its keys) and its fee. Returns what the swap will bring after the fee.
+
+        Tokens that pass can be spent before their locktime by the holder of the job's key and
+        the preimage alone, i.e. by us: the worker may hand the preimage over at once and swap
+        afterwards (`receive`), as long as it does so before the locktime. Raises PaymentError
+        (`retryable` when the mint's keys could not be fetched)."""
+        info = read_token(token)
+        self._check_offline(info, min_amount)
+        self._check_htlc(info, htlc, preimage, self._job_secret(job_id))
+        _, _, fee = await self._verified(info, min_amount)
+        return info.amount - fee
+
     def _check_offline(self, info: TokenInfo, min_amount: int) -> None:
         """What can be refused without the mint: a mint we do not accept must not even make us
         connect; the wrong unit, too little, no DLEQ proofs."""
@@ -229,18 +245,7 @@ class EcashWallet:
                       preimage: bytes | None = None) -> Received:
         """The mint's part of `receive` (and `reclaim_htlc`), once the offline checks passed:
         DLEQ against the mint's keys, the fee, our signatures, then the swap."""
-        wallet = await self._online(info.mint)
-        proofs = _nutshell_proofs(info)
-        await self._resolve_keysets(wallet, info.mint, proofs)
-        for proof in proofs:
-            if not self._dleq_valid(wallet.keysets[proof.id], proof):
-                raise PaymentError("The token's DLEQ proof does not verify: it was not signed by "
-                                   f"the mint {info.mint}, or it was altered.")
-        fee = wallet.get_fees_for_proofs(proofs)
-        if info.amount - fee < min_amount:
-            raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
-                               f"fee of {fee} {self.unit} that is less than the price of "
-                               f"{min_amount} {self.unit}; it was not redeemed.")
+        wallet, proofs, _ = await self._verified(info, min_amount)
         self._sign_own_locks(proofs, info.conditions, job_secret, preimage)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
@@ -257,6 +262,24 @@ class EcashWallet:
         amount = sum(p.amount for p in kept)
         return Received(amount=amount, fee=info.amount - amount, mint=info.mint, unit=self.unit,
                         token_id=info.token_id)
+
+    async def _verified(self, info: TokenInfo, min_amount: int) -> tuple[object, list, int]:
+        """The checks that need the mint's keys (fetched once, then kept): every proof's keyset
+        is the mint's and its DLEQ proof verifies, and the amount covers the price after the
+        mint's fee. Returns (the Nutshell wallet, the proofs, the fee)."""
+        wallet = await self._online(info.mint)
+        proofs = _nutshell_proofs(info)
+        await self._resolve_keysets(wallet, info.mint, proofs)
+        for proof in proofs:
+            if not self._dleq_valid(wallet.keysets[proof.id], proof):
+                raise PaymentError("The token's DLEQ proof does not verify: it was not signed by "
+                                   f"the mint {info.mint}, or it was altered.")
+        fee = wallet.get_fees_for_proofs(proofs)
+        if info.amount - fee < min_amount:
+            raise PaymentError(f"The token is worth {info.amount} {self.unit}, but after the mint's "
+                               f"fee of {fee} {self.unit} that is less than the price of "
+                               f"{min_amount} {self.unit}; it was not redeemed.")
+        return wallet, proofs, fee
 
     async def recover_swap(self, mint: str, marks: list[dict]) -> tuple[bool, int]:
         """NUT-09: ask the mint again for the signatures of swaps whose answer was lost (their
@@ -365,6 +388,9 @@ class EcashWallet:
             if {k[2:] for k in cond.pubkeys} != {terms.pubkey[2:]}:
                 raise PaymentError("The token must be locked to this job's key "
                                    f"{terms.pubkey} alone; it names {', '.join(cond.pubkeys)}.")
+            if cond.n_sigs != 1:
+                raise PaymentError(f"The token needs {cond.n_sigs} signatures to be spent; a "
+                                   "pay-on-delivery lock needs the job key's one signature.")
             if cond.sig_all:
                 raise PaymentError("The token is locked with SIG_ALL; pay-on-delivery ecash must "
                                    "be SIG_INPUTS, so that every proof shows the preimage.")
