@@ -67,6 +67,7 @@ class OnDelivery:
     preimage: bytes
     payment_request: str
     deadline: float
+    release_first: bool = True   # send the result once the ecash is checked, swap it afterwards
 
 
 class PaymentRefused(Exception):
@@ -129,6 +130,8 @@ class Cashier:
                     self.store.set_nutzap(row["event_id"], "expired")
             elif not self._waits_for_payment(row["job_id"]):
                 self._spawn(self._return_stray(row))
+        for row in self.store.delivered_unredeemed():
+            self._spawn(self._redeem_delivered(row))
 
     # whose payment is it? ------------------------------------------------------
     def token_in(self, request: JobRequest, private_tags: list | None) -> tuple[str, str] | None:
@@ -253,8 +256,11 @@ class Cashier:
                 for row in self.store.pending_nutzaps(request.id):
                     try:
                         refund_to = await self._owner(request, row["token"], "nutzap", row["sender"])
-                        paid = await self._redeem(request, price, row["token"], "nutzap", refund_to,
-                                                  min_locktime, say, delivery)
+                        if delivery is not None and delivery.release_first:
+                            paid = await self._accept_htlc(request, price, row["token"], refund_to, delivery)
+                        else:
+                            paid = await self._redeem(request, price, row["token"], "nutzap", refund_to,
+                                                      min_locktime, say, delivery)
                     except PaymentRefused as exc:
                         self.store.set_nutzap(row["event_id"], "refused")
                         log.warning("a nutzap did not pay its job; still waiting", job_id=request.id,
@@ -283,9 +289,74 @@ class Cashier:
             self._signals.pop(request.id, None)
             self._cancelled.discard(request.id)
 
+    async def _accept_htlc(self, request: JobRequest, price: int, token: str, refund_to: str | None,
+                           delivery: OnDelivery) -> Paid:
+        """Pay on delivery, the result released before the swap: record the token, then check
+        everything but the swap (`EcashWallet.check_htlc_payment`). Ecash that passes can be
+        spent before its locktime only with the job's key and the preimage, both ours; the
+        caller stores the result and hands the swap to `redeem_delivered`."""
+        try:
+            info = self.wallet.inspect(token)
+        except PaymentError as exc:
+            raise PaymentRefused(exc.customer_message) from None
+        holder = self.store.record_payment(info.token_id, request.id, request.pubkey, "nutzap",
+                                           info.mint, info.unit, info.amount, price, token, refund_to)
+        if holder is not None and holder["job_id"] != request.id:
+            raise PaymentRefused(f"this token already paid for job {holder['job_id']}; send a new one")
+        crashpoint("payment-recorded")
+        deadline = min(time.monotonic() + self.mint_retry_seconds,
+                       time.monotonic() + delivery.deadline - time.time())
+        delay = 1.0
+        while True:
+            try:
+                amount = await self.wallet.check_htlc_payment(
+                    token, min_amount=price, job_id=request.id, htlc=delivery.terms, preimage=delivery.preimage)
+                crashpoint("htlc-checked")
+                return Paid(info.token_id, info.mint, info.unit, amount, price, "nutzap")
+            except PaymentError as exc:
+                if exc.retryable and time.monotonic() + delay < deadline:   # the mint's keys, not fetched
+                    log.warning("mint unreachable; retrying", mint=info.mint, error=str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
+                raise PaymentRefused(exc.customer_message) from None
+
+    def redeem_delivered(self, job_id: str) -> None:
+        """Swap, in the background, the ecash of a delivered job whose result went out once the
+        ecash was checked (`_accept_htlc`); retried until its locktime. Also after a restart."""
+        row = self.store.payment_for_job(job_id)
+        if row is not None and row["state"] in ("received", "redeeming"):
+            self._spawn(self._redeem_delivered(row))
+
+    async def _redeem_delivered(self, row: dict) -> None:
+        if row["state"] == "redeemed":    # swapped and counted; a restart came before `consumed`
+            self.consumed(row["job_id"])
+            return
+        job, delivery = self.store.get_job(row["job_id"]), self.store.delivery(row["job_id"])
+        request = JobRequest(id=job.id, pubkey=job.customer, kind=job.kind, created_at=job.created_at)
+        terms = HtlcTerms(delivery["hash"], self.wallet.job_lock_pubkey(job.id), delivery["locktime"],
+                          delivery["refund_key"])
+        due = OnDelivery(terms, bytes.fromhex(delivery["preimage"]), "", delivery["locktime"],
+                         release_first=False)
+
+        def say(status: str, message: str, content: str) -> None:   # the customer has its result
+            log.info("redeeming a delivered job's ecash", job_id=job.id, status=status, note=message)
+
+        retry_until = time.monotonic() + max(0.0, delivery["locktime"] - time.time())
+        try:
+            paid = await self._redeem(request, row["price"], row["token"], "nutzap", row["refund_to"],
+                                      0, say, due, retry_until=retry_until)
+        except PaymentRefused as exc:
+            log.error("the ecash of a delivered job could not be redeemed: its result is out, the "
+                      "payment is lost", job_id=job.id, amount=row["offered"], mint=row["mint"], reason=str(exc))
+            return
+        self.consumed(job.id)
+        log.info("redeemed the ecash of a delivered job", job_id=job.id, amount=paid.amount, price=paid.price)
+
     async def _redeem(self, request: JobRequest, price: int, token: str, method: str,
                       refund_to: str | None, min_locktime: int, say,
-                      delivery: OnDelivery | None = None) -> Paid:
+                      delivery: OnDelivery | None = None, retry_until: float | None = None) -> Paid:
         try:
             info = self.wallet.inspect(token)
         except PaymentError as exc:
@@ -298,7 +369,7 @@ class Cashier:
             raise PaymentRefused(f"this token already paid for job {holder['job_id']}; send a new one")
         self.store.set_payment(info.token_id, "redeeming")
         crashpoint("payment-recorded")
-        deadline = time.monotonic() + self.mint_retry_seconds
+        deadline = retry_until if retry_until is not None else time.monotonic() + self.mint_retry_seconds
         delay, told = 1.0, False
         locked = method in ("p2pk", "nutzap") or info.locked
         while True:

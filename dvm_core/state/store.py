@@ -476,6 +476,16 @@ class Store:
             " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, preimage.hex(), hash, locktime, refund_key, price, offer, result, time.time()))
 
+    def delivered_unredeemed(self) -> list[dict]:
+        """Payments of jobs paid on delivery whose result went out before the swap at the mint
+        was done, or done but not yet marked consumed (`Cashier.redeem_delivered`): to be finished
+        after a restart."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT p.* FROM payments p JOIN deliveries d ON d.job_id = p.job_id"
+            " JOIN jobs j ON j.id = p.job_id"
+            " WHERE p.state IN ('received', 'redeeming', 'redeemed') AND j.state = 'succeeded'"
+            " ORDER BY p.created")]
+
     def delivery(self, job_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()
         return dict(row) if row else None

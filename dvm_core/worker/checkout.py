@@ -6,7 +6,9 @@ customer asked to pay on delivery, once its result is sealed and offered.
 raises `Refused`, which the worker answers; money already redeemed for a refused job is
 refunded in the same transaction as the refusal (`Refused.refund`).
 `Checkout.collect_on_delivery` waits for the hash-locked ecash of a delivered job and, once it
-is redeemed (which reveals the key to the customer), stores and sends the result.
+is checked (by default: only our job key and the key K can spend it before its locktime, so the
+swap may follow) or redeemed (`deliver_before_redeem = false`), stores and sends the result with
+K; the swap, which shows K to the customer through the mint too, is then done in the background.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ class Checkout:
                 self.cancels.forget(request.id)
 
     async def collect_on_delivery(self, request, reply: Reply) -> tuple[JobState, str]:
-        """Wait for the ecash that pays a delivered job (its offer is out), redeem it, then store
-        and send the result; returns the job's end: (succeeded, "") or (failed, why). Unpaid by
+        """Wait for the ecash that pays a delivered job (its offer is out), check it (or redeem
+        it), then store and send the result; returns the job's end: (succeeded, "") or (failed, why). Unpaid by
         the offer's deadline the job fails with nothing to refund: the customer's ecash, if any
         came, is theirs to take back after the locktime."""
         row = self.store.delivery(request.id)
@@ -128,7 +130,8 @@ class Checkout:
         terms = HtlcTerms(row["hash"], self.cashier.wallet.job_lock_pubkey(request.id), row["locktime"],
                           row["refund_key"])
         deadline = row["locktime"] - redeem_margin(row["locktime"] - row["created"])
-        due = OnDelivery(terms, bytes.fromhex(row["preimage"]), offer.payment_request, deadline)
+        due = OnDelivery(terms, bytes.fromhex(row["preimage"]), offer.payment_request, deadline,
+                         release_first=self.settings.deliver_before_redeem)
 
         def say(status: str, message: str, content: str) -> None:
             reply.feedback(status, message, content=content)
@@ -153,6 +156,7 @@ class Checkout:
             self.cashier.consumed(request.id)
         crashpoint("delivery-result-stored")
         reply.send_stored(event, "result")
+        self.cashier.redeem_delivered(request.id)   # checked, not swapped yet: swap it now
         log.info("paid on delivery", job_id=request.id, amount=paid.amount, price=paid.price,
                  waited=round(time.time() - row["created"], 3))
         return JobState.SUCCEEDED, ""

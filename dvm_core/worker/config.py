@@ -43,6 +43,9 @@ class Settings:
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
     max_unpaid_jobs: int = 100      # jobs waiting for payment at once; beyond: "busy"
     delivery_lock_seconds: int = 3600  # pay on delivery: the HTLC's locktime, from the offer on
+    # pay on delivery: send the result as soon as the customer's ecash is checked (only this
+    # worker can spend it before its locktime) and swap it at the mint afterwards; false: swap first
+    deliver_before_redeem: bool = True
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
     max_download_bytes: int = 2 * 1024**3   # per input file
