@@ -41,6 +41,17 @@ async def provider_balance(worker) -> int:
     return await worker.cashier.wallet.total_balance()
 
 
+async def redeemed_balance(worker, expected: int, timeout: float = 15.0) -> int:
+    """The provider's balance once it reaches `expected` (or after `timeout`): a job paid on
+    delivery is answered once its ecash is checked, and the swap at the mint follows."""
+    for _ in range(int(timeout / 0.1)):
+        balance = await provider_balance(worker)
+        if balance == expected:
+            return balance
+        await asyncio.sleep(0.1)
+    return await provider_balance(worker)
+
+
 async def claim_nutzaps(customer, expected: int, timeout: float = 15.0) -> int:
     """Redeem the change/refund nutzaps sent to the customer; returns their total."""
     total = 0

@@ -25,7 +25,7 @@ from dvm_core.protocol.ecash import build_nutzap, decode_token, htlc_hash
 from dvm_core.protocol.events import sign_event
 from dvm_core.protocol.nip90 import JobInput, Result
 
-from .paying import FUNDS, PRICE, paid_worker, provider_balance
+from .paying import FUNDS, PRICE, paid_worker, provider_balance, redeemed_balance
 
 KIND = 5790
 TEXT = "the quick brown fox jumps over the lazy dog the end"
@@ -96,7 +96,7 @@ async def test_a_job_paid_on_delivery_end_to_end(workers, mint, blobs, funded, t
     assert list(csv.reader(saved[0].open()))[1] == ["the", "3"]
     assert await job_state(worker, request["id"], "succeeded") == "succeeded"
     assert await funded.wallet.total_balance() == FUNDS - PRICE
-    assert await provider_balance(worker) == PRICE
+    assert await redeemed_balance(worker, PRICE) == PRICE
     # The result event came too, with K inside (encrypted for a private job).
     _, _, final = await funded.recover(request["id"])
     preimage = bytes.fromhex(result_json(final)["pay_on_delivery"]["preimage"])
@@ -119,7 +119,7 @@ async def test_a_provider_that_redeems_and_goes_silent_still_delivers(workers, m
     result = await funded.await_delivery(delivery, funded.wallet, timeout=10)
     saved = await download_artifacts(result, tmp_path / "out", allow_private=True)
     assert saved[0].read_text().startswith("word,count")
-    assert await provider_balance(worker) == PRICE
+    assert await redeemed_balance(worker, PRICE) == PRICE
 
 
 async def test_a_provider_that_never_redeems_lets_the_customer_take_the_ecash_back(workers, mint, blobs,
@@ -253,7 +253,7 @@ async def test_dvm_job_submit_pays_on_delivery(workers, relay, mint, blobs, tmp_
     assert f"paid {PRICE} sat on delivery; got the result and 1 file(s)" in err
     assert [open(f).read().splitlines()[0] for f in report["files"]] == ["word,count"]
     assert (out / "delivery.json").stat().st_mode & 0o777 == 0o600
-    assert await provider_balance(worker) == PRICE
+    assert await redeemed_balance(worker, PRICE) == PRICE
 
 
 async def test_dvm_job_reclaim_takes_back_what_the_dvm_did_not_redeem(workers, relay, mint, blobs, tmp_path):

@@ -19,6 +19,7 @@ rest. And the customer's side dying between keeping its HTLC token and sending i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import sqlite3
 import time
@@ -160,6 +161,19 @@ async def _killed_at(worker: WorkerProcess, point: str, timeout: float = 40) -> 
     assert f"crash point {point}" in worker.log.read_text()
 
 
+async def _payment_settled(worker: WorkerProcess, job_id: str, timeout: float = 30) -> None:
+    """Wait until the job's payment is no longer on its way through the mint."""
+    deadline, state = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(worker.dir / "state" / "dvm.sqlite3", timeout=5)) as db:
+            row = db.execute("SELECT state FROM payments WHERE job_id = ?", (job_id,)).fetchone()
+        state = row[0] if row else None
+        if state not in (None, "received", "redeeming", "redeemed"):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the payment stayed {state!r}:\n{worker.log.read_text()[-3000:]}")
+
+
 async def _wallet_key(customer, provider: str) -> str:
     """The P2PK key the worker advertises in its kind 10019, signed by it."""
     from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, parse_nutzap_info
@@ -219,7 +233,7 @@ async def test_a_job_that_takes_the_worker_down_twice_is_refunded_not_retried(tm
 
 # pay on delivery ------------------------------------------------------------------------------
 DELIVERY_POINTS = ("request-recorded", "job-running", "delivery-offered", "nutzap-kept", "payment-recorded",
-                   "before-swap", "after-swap", "payment-redeemed", "delivery-result-stored")
+                   "htlc-checked", "before-swap", "after-swap", "payment-redeemed", "delivery-result-stored")
 DELIVERY_WAYS = ("nip44", "public", "files")     # an encrypted request, one in the clear, a result file
 DELIVERY_TEXT = "the quick brown fox jumps over the lazy dog the end"   # 11 words, "the" 3 times
 
@@ -297,6 +311,9 @@ async def test_a_kill_at_any_step_of_a_job_paid_on_delivery_loses_nothing(tmp_pa
             assert list(csv.reader(saved[0].open()))[1] == ["the", "3"]
         # Nothing owed back (no change, no refund), then stop the worker and count every sat.
         assert await claim_nutzaps(customer, 0, timeout=5) == 0
+        # The swap may still be going on in the background (the result goes out once the ecash
+        # is checked): wait until the worker has counted the payment, then stop it.
+        await _payment_settled(worker, request["id"])
         worker.terminate()
         store = sqlite3.connect(worker.dir / "state" / "dvm.sqlite3")
         store.row_factory = sqlite3.Row
