@@ -38,7 +38,9 @@ dealt so that each kind gets the same mix (`token_proofs`).
   Timed from the request's publish until `await_delivery` returns the opened Result, i.e. the
   decrypted result; the paid job is timed the same way, until `Customer.result` returns it
   decrypted (`paid_result_p50_ms`). The HTLC token cannot be made in advance (its hash comes in
-  the offer), so its swap is inside the timing.
+  the offer), so its swap is inside the timing. The worker answers once that ecash is checked
+  (`deliver_before_redeem`, the default) and swaps it afterwards, so the path holds one swap at
+  the mint, the customer's, as the paid path holds one, the worker's.
 - relay round trip (context): a ping (kind 1) to the responder and its reply, as bench_core.
   Both the paid path and the ping cross the relay twice; the delivery path crosses it four times
   (request, offer, nutzap, result), i.e. one ping's round trip more than the paid path.
@@ -277,6 +279,18 @@ class PayTracer:
                     self.job_recv_end.setdefault(job_id, t)
         wallet.receive = timed_receive
 
+        check = wallet.check_htlc_payment
+
+        async def timed_check(token, *a, **kw):
+            # Pay on delivery: the worker answers once the ecash is checked (the swap follows).
+            t = time.perf_counter()
+            self.job_recv_start.setdefault(kw["job_id"], t)
+            try:
+                return await check(token, *a, **kw)
+            finally:
+                self.job_recv_end.setdefault(kw["job_id"], time.perf_counter())
+        wallet.check_htlc_payment = timed_check
+
         on_nutzap = worker.cashier.on_nutzap
 
         def _on_nutzap(event, *a, **kw):
@@ -340,9 +354,11 @@ class PayTracer:
         return {k: ms(percentile(v, 50)) for k, v in legs.items()}
 
     def delivery_hops(self, ids: list[str], customer: "TimedCustomer") -> dict:
-        """The delivery path from the customer's nutzap to its result event, worker side."""
-        legs: dict[str, list[float]] = {"nutzap_relay_in": [], "nutzap_to_receive": [], "receive": [],
-                                        "receive_to_result_queued": [], "result_out": []}
+        """The delivery path from the customer's nutzap to its result event, worker side: `check`
+        is `check_htlc_payment` (the swap comes after the result), or `receive` where the worker
+        swaps first (`deliver_before_redeem = false`)."""
+        legs: dict[str, list[float]] = {"nutzap_relay_in": [], "nutzap_to_check": [], "check": [],
+                                        "check_to_result_queued": [], "result_out": []}
         for i in ids:
             stamps = [customer.nutzap_sent.get(i), self.nutzap_in.get(i), self.job_recv_start.get(i),
                       self.job_recv_end.get(i), self.result_queued.get(i), customer.result_at.get(i)]
@@ -350,9 +366,9 @@ class PayTracer:
                 continue
             t0, t1, t2, t3, t4, t5 = stamps
             legs["nutzap_relay_in"].append(t1 - t0)
-            legs["nutzap_to_receive"].append(t2 - t1)
-            legs["receive"].append(t3 - t2)
-            legs["receive_to_result_queued"].append(t4 - t3)
+            legs["nutzap_to_check"].append(t2 - t1)
+            legs["check"].append(t3 - t2)
+            legs["check_to_result_queued"].append(t4 - t3)
             legs["result_out"].append(t5 - t4)
         return {k: ms(percentile(v, 50)) for k, v in legs.items()}
 
@@ -595,7 +611,7 @@ def delivery_phases(path: DeliveryPath, customer: TimedCustomer, dw: TimedDelive
         "htlc_swap": [],                # send_htlc: POST /v1/swap making the locked proofs
         "sign_nutzap": [],              # build + sign the nutzap
         "nutzap_publish_ok": [],        # the relay's OK (the worker may be redeeming already)
-        "nutzap_to_result_event": [],   # relay in, the worker's redeem, result out
+        "nutzap_to_result_event": [],   # relay in, the worker's check of the ecash, result out
         "result_event_to_result": [],   # await_delivery picks it up (a checkstate may be in flight)
         "paid_to_result": [],           # pay_on_delivery returned -> await_delivery returned
     }
@@ -853,7 +869,8 @@ async def main_async(args) -> dict:
             out["delivery_note"] = (
                 "delivery_ratio = delivery_p50_ms / paid_result_p50_ms: request -> decrypted "
                 "result, the same text-stats job paid on delivery (offer, check, HTLC swap at the "
-                "mint, nutzap, the worker's HTLC redeem, result; await_delivery's opened Result) "
+                "mint, nutzap, the worker's check of the HTLC ecash, result; the worker's swap of "
+                "that ecash follows the result, off this path; await_delivery's opened Result) "
                 "over paid before (token in the request; Customer.result's decrypted Result), "
                 "interleaved, medians. delivery_ratio_paired_p50: the median of the per-step "
                 "ratios. relay_rtt_s: the median ping->pong (customer -> relay -> responder -> "
