@@ -113,13 +113,13 @@ async def test_a_provider_that_redeems_and_goes_silent_still_delivers(workers, m
     delivery = await funded.pay_on_delivery(request, await offered(funded, request), funded.wallet)
     assert await job_state(worker, request["id"], "succeeded") == "succeeded"   # it took the money...
     assert '"kind": 6790' not in await public_events(funded, request)           # ...and said nothing
+    assert await redeemed_balance(worker, PRICE) == PRICE   # swapped in the background, after "succeeded"
     # K from the mint alone (NUT-07: the witness a spent proof was spent with).
     preimage = await funded.wallet.htlc_preimage(delivery.token)
     assert preimage is not None and htlc_hash(preimage) == delivery.offer.hash
     result = await funded.await_delivery(delivery, funded.wallet, timeout=10)
     saved = await download_artifacts(result, tmp_path / "out", allow_private=True)
     assert saved[0].read_text().startswith("word,count")
-    assert await redeemed_balance(worker, PRICE) == PRICE
 
 
 async def test_a_provider_that_never_redeems_lets_the_customer_take_the_ecash_back(workers, mint, blobs,
