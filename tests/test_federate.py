@@ -45,7 +45,8 @@ def digits(tmp_path_factory):
 
 class Poisoner:
     """A provider that trains, then returns poison instead of its update: `signflip` sends
-    base − 10 × (update − base), `random` sends noise; `fail` raises."""
+    base − 10 × (update − base), `random` sends noise, `lazy` the weights it was sent; `fail`
+    raises."""
 
     def __init__(self, mode: str):
         self.mode = mode
@@ -67,6 +68,8 @@ class Poisoner:
                     continue
                 if self.mode == "signflip":
                     update[key] = base[key] - 10 * (value - base[key])
+                elif self.mode == "lazy":   # trained (and billed for it), returns what it was sent
+                    update[key] = base[key]
                 else:
                     update[key] = torch.randn(value.shape, generator=generator) * 5
             save_file(update, str(path), metadata={"poisoned": self.mode})
@@ -140,7 +143,7 @@ async def test_robust_methods_survive_a_poisoning_provider(workers, mint, relay,
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     try:
-        settings = FederationSettings(rounds=2, epochs=2, method="median", allow_private_urls=True,
+        settings = FederationSettings(rounds=2, epochs=2, method="median", allow_private_urls=True, score=False,
                                       trim_ratio=0.2, krum_f=1, compare=("fedavg", "trimmed_mean", "krum"))
         rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
                                 tmp_path / "fed", settings, say=lines.append)
@@ -152,6 +155,37 @@ async def test_robust_methods_survive_a_poisoning_provider(workers, mint, relay,
     assert all(a >= 0.85 for a in robust.values()), (robust, last.compared)
     assert last.compared["fedavg"] < min(robust.values()) - 0.3, last.compared
     assert rounds[0].merge["method"] == "median" and len(rounds[0].merge["inputs"]) == 5
+
+
+async def test_scores_leave_out_a_lazy_and_a_poisoning_provider(workers, mint, relay, blobs, digits, tmp_path):
+    """Five providers, one lazy and one sign-flipping, merged with plain FedAvg: every update is
+    scored before the merge (held-out loss with and without it, its own shard before and after),
+    the two are left out with their reasons in rounds.json, and the honest three make the model."""
+    providers = await start_providers(workers, mint, blobs, honest=3, poisoners=("signflip", "lazy"))
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    try:
+        settings = FederationSettings(rounds=2, epochs=2, allow_private_urls=True, compare=("fedavg",))
+        rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
+                                tmp_path / "fed", settings, say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines))
+    honest, (flipper, lazy) = providers[:3], providers[3:]
+    for r in rounds:
+        assert r.providers == honest, (r.round, r.scores)
+        assert all(r.scores[p]["merged"] for p in honest), r.scores
+        assert r.scores[flipper]["score"] < 0 and any(
+            why in r.scores[flipper]["reason"] for why in ("raised the held-out loss", "did not lower the loss on its own"))
+        assert r.scores[lazy]["score"] == 0 and "lazy" in r.scores[lazy]["reason"]
+        assert r.scores[lazy]["shard_after"] == r.scores[lazy]["shard_before"]
+        assert all(r.scores[p]["shard_after"] < r.scores[p]["shard_before"] for p in honest)
+        assert not r.scores[flipper]["merged"] and not r.scores[lazy]["merged"]
+        assert len(r.merge["inputs"]) == 3
+    assert rounds[-1].accuracy >= 0.85 and rounds[-1].compared["fedavg"] < rounds[-1].accuracy - 0.3
+    saved = json.loads((tmp_path / "fed" / "rounds.json").read_text())
+    assert saved["rounds"][0]["scores"][lazy]["merged"] is False
+    assert any("LEFT OUT: no change from the global model" in line for line in lines)
 
 
 async def test_failing_and_silent_providers_are_dropped(workers, mint, relay, blobs, digits, tmp_path):

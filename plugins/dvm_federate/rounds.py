@@ -9,9 +9,11 @@ One call of `federate` runs R rounds of federated averaging over DVMs:
    image-classifier job (kind 5750) on its shard, starting from those weights, with the whole
    dataset's normalisation so every provider prepares images alike; pay each one's
    ``payment-required`` with a nutzap (up to ``max_price``); collect the updates;
-3. merge the updates, weighted by shard size, with the chosen method (``fedavg``, ``median``,
-   ``trimmed_mean``, ``krum``, ``multi_krum``): locally (`dvm_fedavg.merge.merge_files`) or as
-   a merge job (kind 5752) sent to a DVM;
+3. score every update (`scoring.py`: the held-out loss with and without it, Gauntlet-style,
+   and its loss on its own shard) and leave out the lazy ones, the copies and those that raise
+   the held-out loss (``score``, on by default); merge the rest, weighted by shard size, with
+   the chosen method (``fedavg``, ``median``, ``trimmed_mean``, ``krum``, ``multi_krum``):
+   locally (`dvm_fedavg.merge.merge_files`) or as a merge job (kind 5752) sent to a DVM;
 4. evaluate the global model on the customer's held-out set, and report.
 
 A provider that fails, refuses, asks too much or times out is dropped from that round (its job
@@ -63,6 +65,8 @@ class FederationSettings:
     merge_provider: str | None = None
     allow_private_urls: bool = False  # download results from loopback/private blob servers
     compare: tuple[str, ...] = ()  # other methods merged from the same updates and evaluated each round
+    score: bool = True  # score every update before the merge and leave out those that add nothing or harm
+    score_tolerance: float = 0.2  # left out when it raises the held-out loss by more than this share
 
 
 @dataclass
@@ -76,6 +80,7 @@ class RoundReport:
     merge: dict = field(default_factory=dict)
     compared: dict[str, float] = field(default_factory=dict)  # method → held-out accuracy
     payments: dict[str, str] = field(default_factory=dict)  # provider → what it asked and why paid (or not)
+    scores: dict[str, dict] = field(default_factory=dict)  # provider → its UpdateScore (scoring.py)
 
 
 class ProviderFailed(Exception):
@@ -311,7 +316,7 @@ class Federation:
         report: dict = {}
         compared = {}
         base = self.global_weights
-        for method in s.compare if updates else ():
+        for method in s.compare if updates else ():   # every update that came back, unscored
             trial = rdir / f"merged-{method}.safetensors"
             try:
                 await asyncio.to_thread(lambda: merge_files(
@@ -321,6 +326,19 @@ class Federation:
                 self.say(f"round {round_}: {method} could not merge: {exc}")
                 continue
             compared[method] = await asyncio.to_thread(self.evaluate, trial)
+        scores: dict[str, dict] = {}
+        if updates and s.score:
+            scored = await asyncio.to_thread(self.score, updates, weights, names)
+            scores = {u.provider: u.to_dict() for u in scored}
+            for u in scored:
+                verdict = "merged" if u.merged else "LEFT OUT"
+                self.say(f"round {round_}: provider {u.provider[:12]}… score {u.score:+.4f}, {verdict}: {u.reason}")
+            keep = [u.merged for u in scored]
+            updates = [p for p, k in zip(updates, keep) if k]
+            weights = [w for w, k in zip(weights, keep) if k]
+            names = [n for n, k in zip(names, keep) if k]
+            if not updates:
+                self.say(f"round {round_}: every update was left out; the global model stays as it was")
         if updates:
             try:
                 if s.merge_provider:
@@ -337,12 +355,12 @@ class Federation:
                 report = {"error": str(exc)}
                 names = []
                 self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
-        else:
+        elif not scores:
             self.say(f"round {round_}: no update came back; the global model stays as it was")
         accuracy = await asyncio.to_thread(self.evaluate)
         result = RoundReport(round=round_, accuracy=accuracy, providers=names, dropped=dropped, paid=paid,
                              seconds=round(time.monotonic() - started, 3), merge=report, compared=compared,
-                             payments=payments)
+                             payments=payments, scores=scores)
         self.reports.append(result)
         self.say(f"round {round_}: {len(names)}/{len(self.providers)} updates merged ({s.method}), "
                  f"held-out accuracy {accuracy:.4f}, paid {sum(paid.values())} sat, {result.seconds:.1f}s"
@@ -370,6 +388,31 @@ class Federation:
         files["model.safetensors"].replace(out)
         report = files.get("merge_report.json")
         return json.loads(report.read_text()) if report else {}
+
+    def score(self, updates: list[Path], weights: list[float], names: list[str]) -> list:
+        """Score the round's updates against the global model (`scoring.score_updates`): on
+        the held-out set, and each on the shard its provider trained on."""
+        from dvm_image_classifier.models import build_model
+        from dvm_image_classifier.predict import Preprocess, read_card
+
+        from .scoring import LossOn, labelled, score_updates
+
+        card = read_card(self.card)
+        preprocess = Preprocess(card)
+        build = lambda: build_model(card["architecture"])   # noqa: E731
+        heldout = LossOn(build, *labelled(self.x_test, self.test_labels, preprocess))
+        index = {name: self.providers.index(name) for name in names}
+        shard_sets: dict[int, LossOn] = {}
+
+        def shard_loss(i: int, state: dict) -> float:
+            shard = self.shards[index[names[i]]]
+            if i not in shard_sets:
+                shard_sets[i] = LossOn(build, *labelled(self.x[shard], [self.classes[int(c)] for c in self.y[shard]],
+                                                        preprocess))
+            return shard_sets[i](state)
+
+        return score_updates(self.global_weights, updates, names, weights, heldout, shard_loss,
+                             tolerance=self.settings.score_tolerance)
 
     def evaluate(self, weights: Path | None = None) -> float:
         """The accuracy of the global model (or of `weights`) on the held-out set."""
