@@ -223,7 +223,10 @@ LOCALNET_PORTS = "localnet.json"   # the ports of the first start, reused: the U
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on `port` (as the services do: connections of a previous
+    start still closing do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
