@@ -619,7 +619,7 @@ def dvms(dvm, relays, kind, timeout, as_json) -> None:
         if d.mints:
             click.echo(f"  mints: {', '.join(d.mints)}")
         click.echo(f"  {_load_line(d)}")
-    click.echo(f"\n`dvm dvms --relay … NPUB` shows one in full.")
+    click.echo("\n`dvm dvms --relay … NPUB` shows one in full.")
 
 
 def _ago(seconds: float) -> str:
