@@ -270,3 +270,33 @@ def test_readme_try_it_by_hand_works_as_written(tmp_path):
                 shell.kill()
     assert worker_code == 0, worker.output[-2000:] if worker else "no worker"
     assert net_code == 0 and "stopped the relay, the mint and the blob server" in net.output
+
+
+async def test_dvm_job_submit_refuses_a_private_blob_server_before_paying(workers, relay, mint, tmp_path):
+    """Without --allow-private (or DVM_ALLOW_PRIVATE=1), a blob server on loopback is refused
+    before any sat moves: a --blossom one before anything is uploaded or sent, and the files of a
+    pay-on-delivery offer before it is paid (the job is cancelled), not after paying."""
+    from dvm_core.devtools.blobserver import start_blob_server
+
+    from .paying import FUNDS, PRICE, paid_worker, provider_balance
+    from .test_customer_money import cli_wallet, dvm_submit
+    server = await start_blob_server(tmp_path / "blobs")
+    try:
+        worker = await paid_worker(workers, mint, blob_servers=[server.url], allow_private_urls=True)
+        wallet = await cli_wallet(tmp_path, mint.url)
+        await wallet.close()
+        words = tmp_path / "words.txt"
+        words.write_text("the cat sat on the mat")
+        code, _, err = await dvm_submit(relay, worker, wallet, "--file", str(words), "--blossom", server.url,
+                                        "--max-price", str(PRICE), "--out", str(tmp_path / "o1"))
+        assert code == 1 and f"not sent: {server.url} is on a loopback address" in err, err
+        assert "--allow-private" in err and "uploaded" not in err and "sent\n" not in err
+
+        code, out, err = await dvm_submit(relay, worker, wallet, "--pay-on-delivery", "--max-price", str(PRICE),
+                                          "--param", "counts_file=yes", "--json", "--out", str(tmp_path / "o2"))
+        report = json.loads(out.strip().splitlines()[-1])
+        assert code == 3 and "not paying: the offered file" in err and "loopback" in err, err
+        assert report["paid_sat"] == 0 and report["balance_sat"] == FUNDS, report
+        assert await provider_balance(worker) == 0
+    finally:
+        await server.stop()
