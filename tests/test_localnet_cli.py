@@ -220,6 +220,46 @@ def test_dvm_dvms_lists_a_running_worker_and_shows_its_announcement(relay, mint,
         worker.stop()
 
 
+def test_dvm_dvms_shows_param_limits_and_the_dvms_own_mints(relay, tmp_path):
+    """Any DVM software's announcement: `dvm dvms NPUB` shows each param's limits from its JSON
+    Schema, a rate in words, and the mints of the DVM's kind 10019 over those it announces; the
+    newer of two kind-10019 events wins. A relay that does not answer is one clear error."""
+    from dvm_core.protocol.ecash import build_nutzap_info
+    from dvm_core.protocol.nip90 import KindDescription, build_handler_announcement
+    env = cli_env(tmp_path)
+    keys, wallet_key = Keys.generate(), "02" + "ab" * 32
+    schema = {"type": "object", "additionalProperties": False, "properties": {
+        "epochs": {"type": "integer", "minimum": 1, "maximum": 50, "default": 10, "description": "passes"},
+        "arch": {"type": "string", "enum": ["mlp", "cnn"], "description": "the network"}}}
+    kinds = [KindDescription(5750, "image-classifier", "Trains a classifier.",
+                             {"epochs": "passes over the data", "arch": "mlp or cnn"}, schema)]
+    announcement = sign_event(keys, *build_handler_announcement(
+        "dvm-x", "Schema DVM", "", kinds, extra_content={
+            "payment": {"unit": "sat", "mints": ["http://mint.invalid"], "p2pk_pubkey": wallet_key,
+                        "prices": {}, "pricing": {"image-classifier": "1000 sats per million sample-epochs"}},
+            "status": {"queued": 2, "running": 1, "slots": 1, "updated": int(time.time())}}))
+    now = int(time.time())
+    old_info = sign_event(keys, *build_nutzap_info([relay.url], ["http://old.invalid"], ["sat"], wallet_key),
+                          created_at=now - 60)
+    info = sign_event(keys, *build_nutzap_info([relay.url], ["http://own.invalid"], ["sat"], wallet_key),
+                      created_at=now)
+    for event in (announcement, info, old_info):   # a relay keeps the newest 10019; the check is ours
+        assert publish(relay.url, event)
+    full = dvm_cli("dvms", "--relay", relay.url, keys.public_key, env=env)
+    assert full.returncode == 0, full.stderr
+    for text in ("Schema DVM", "load: 1 running, 2 queued, 1 slot(s)", "mints: http://own.invalid",
+                 "price: 1000 sats per million sample-epochs",
+                 "epochs: passes over the data  [integer, 1..50, default 10]",
+                 "arch: mlp or cnn  [string, one of mlp|cnn]", '"maximum":50'):
+        assert text in full.stdout, full.stdout
+    assert "old.invalid" not in full.stdout
+    as_json = json.loads(dvm_cli("dvms", "--relay", relay.url, keys.npub, "--json", env=env).stdout)
+    assert as_json["kinds"]["5750"]["params_schema"] == schema and as_json["mints"] == ["http://own.invalid"]
+
+    down = dvm_cli("dvms", "--relay", "ws://127.0.0.1:1", "--timeout", "1", env=env)
+    assert down.returncode == 1 and "no relay answered" in down.stderr and "Traceback" not in down.stderr
+
+
 def readme_section(title: str) -> list[str]:
     """The shell blocks of one section of the README, in order."""
     text = (REPO / "README.md").read_text()
