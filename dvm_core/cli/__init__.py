@@ -1,7 +1,8 @@
 """The `dvm` command.
 
 One module per audience: `operator` (the provider: run, keygen, plugins, status, jobs, doctor),
-`wallet` (either side's ecash), `customer` (`dvm job ...`), `dev` (blobs serve, demo). Plugins add
+`wallet` (either side's ecash), `customer` (`dvm job ...`, `dvm dvms`), `dev` (blobs serve, demo,
+localnet). Plugins add
 theirs through the `register_commands` hook (e.g. `dvm federate`).
 """
 

@@ -55,7 +55,11 @@ def job() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True,
               help="Where to save the result and its files.")
 @click.option("--timeout", type=float, default=3600, show_default=True)
-@click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+@click.option("--allow-private", is_flag=True, envvar="DVM_ALLOW_PRIVATE",
+              help="Allow blob servers and downloads on loopback/private addresses (a local marketplace, "
+                   "`dvm localnet`); also DVM_ALLOW_PRIVATE=1. Without it, when paying from --wallet-dir, "
+                   "a private --blossom server is refused before anything is sent, and a pay-on-delivery "
+                   "offer with files on one before anything is paid.")
 def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, params, servers, clear, key_file,
            wallet_dir, mints, max_price, yes, pay_on_delivery, dry_run, as_json, no_local_check, out, timeout,
            allow_private) -> None:
@@ -97,6 +101,13 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
         if problem:
             raise click.ClickException(f"not sent: {problem} (this kind's own check of your files, run "
                                        "here before uploading; --no-local-check skips it)")
+    if servers and wallet_dir and not allow_private:   # before anything is sent, let alone paid
+        problem = asyncio.run(_private_server(servers))
+        if problem:
+            raise click.ClickException(f"not sent: {problem}. A DVM on such a network delivers its files "
+                                       "there too, and their download would be refused after paying: "
+                                       "give --allow-private (or DVM_ALLOW_PRIVATE=1, as `dvm localnet` "
+                                       "prints)")
     if not key_file:   # keep the key: it finds the job again and decrypts its result
         key_path = Path(out) / "customer.nsec"
         if key_path.exists():
@@ -111,6 +122,23 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+async def _private_server(urls) -> str | None:
+    """Which of `urls` is on a loopback or private address (the downloads' own rule), if any."""
+    from urllib.parse import urlsplit
+
+    from dvm_core.transport.fetch import FetchError, blocked_reason, resolve_checked
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            addresses = await resolve_checked(parts.hostname or "", parts.port or 443, allow_private=True)
+        except FetchError:
+            continue   # a name that does not resolve: the upload says so
+        reason = next(filter(None, map(blocked_reason, addresses)), None)
+        if reason:
+            return f"{url} is on {reason}"
+    return None
 
 
 def _local_check(kind: int, texts, files, params: dict) -> str | None:
@@ -243,7 +271,8 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
                 result = update
                 break
             if update.status == "payment-required" and options.pay_on_delivery:
-                paid = await _pay_on_delivery(customer, request, update, wallet, out, timeout, options)
+                paid = await _pay_on_delivery(customer, request, update, wallet, out, timeout, options,
+                                              allow_private=allow_private)
                 if isinstance(paid, int):
                     if report["paid_sat"] == 0:
                         await customer.cancel(request, report["message"])
@@ -332,7 +361,7 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
     return None
 
 
-async def _pay_on_delivery(customer, request, update, wallet, out, timeout, options):
+async def _pay_on_delivery(customer, request, update, wallet, out, timeout, options, *, allow_private=False):
     """Answer a pay-on-delivery offer: checked, asked or capped, paid with HTLC ecash kept in
     OUT/delivery.json; then the key, from the DVM or the mint, opens the offered result.
     Returns the opened Result, or an exit code."""
@@ -349,6 +378,12 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
     except PaymentDeclined as exc:
         click.echo(f"error: not paying: {exc}; the job is cancelled", err=True)
         report["message"] = f"not paying: {exc}"
+        return 3
+    private = None if allow_private else await _private_server(f.get("url", "") for f in offer.files)
+    if private:   # its files could not be downloaded once paid for
+        click.echo(f"error: not paying: the offered file {private} (give --allow-private to use it); "
+                   "the job is cancelled", err=True)
+        report["message"] = f"not paying: the offered file {private}"
         return 3
     public = ", ".join(f"{k} {v}" for k, v in list(offer.public.items())[:6])
     click.echo(f"the result is ready: {offer.amount} sat on delivery"
@@ -458,7 +493,8 @@ def job_status(relays, key_file, job_id, as_json) -> None:
 @job.command("fetch")
 @_job_lookup_options
 @click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True)
-@click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+@click.option("--allow-private", is_flag=True, envvar="DVM_ALLOW_PRIVATE",
+              help="Allow downloads from loopback/private addresses (also DVM_ALLOW_PRIVATE=1).")
 def job_fetch(relays, key_file, job_id, out, allow_private) -> None:
     """Download one of your jobs' result again (files verified and decrypted)."""
     from pathlib import Path
@@ -536,3 +572,128 @@ def _progress_line(feedback) -> str:
         return f"{feedback.status}: {feedback.message}"
     filled = int(feedback.progress / 5)
     return f"[{'#' * filled}{'-' * (20 - filled)}] {feedback.message}"
+
+
+@main.command()
+@click.argument("dvm", required=False)
+@click.option("--relay", "relays", multiple=True, required=True, help="Relay URL (repeatable).")
+@click.option("--kind", type=click.IntRange(5000, 5999), help="Only DVMs that offer this job kind.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the relays.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list, or one DVM's object.")
+def dvms(dvm, relays, kind, timeout, as_json) -> None:
+    """Find DVMs: those that offer --kind, or with DVM (an npub or hex key) one of them in full.
+
+    Read from the relays: each DVM's NIP-89 announcement (kind 31990: its kinds, their params and
+    limits as JSON Schema, its prices, its load, re-published with each heartbeat) and its
+    kind 10019 (the mints it takes, its wallet key). Only signed events count, and the newest
+    of each DVM's. Exits 1 when DVM is given and not found."""
+    from dvm_core.customer.directory import find_dvms
+    from dvm_core.protocol.events import parse_public_key
+    configure_logging("console", "warning")
+    try:
+        provider = parse_public_key(dvm) if dvm else None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        found = asyncio.run(find_dvms(list(relays), kind=kind, provider=provider, timeout=timeout))
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from None
+    if provider is not None:
+        if not found:
+            raise click.ClickException(f"no announcement of {dvm} on {', '.join(relays)}"
+                                       + (f" offering kind {kind}" if kind else ""))
+        click.echo(json.dumps(found[0].to_json(), indent=2) if as_json else _dvm_in_full(found[0]))
+        return
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no DVM on {', '.join(relays)} announces " + (f"kind {kind}" if kind else "itself"))
+        return
+    click.echo(f"{len(found)} DVM(s)" + (f" offer kind {kind}" if kind else "") + ":")
+    for d in found:
+        click.echo(f"\n{d.npub}  {d.name}")
+        for k, about in sorted(d.kinds.items()):
+            if kind is None or k == kind:
+                click.echo(f"  kind {k} {about.get('name', '')}: {_price_of(d, about.get('name'))}")
+        if d.mints:
+            click.echo(f"  mints: {', '.join(d.mints)}")
+        click.echo(f"  {_load_line(d)}")
+    click.echo("\n`dvm dvms --relay … NPUB` shows one in full.")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds} s ago" if seconds < 120 else (f"{seconds // 60} min ago" if seconds < 7200
+                                                     else f"{seconds // 3600} h ago")
+
+
+def _price_of(d, name) -> str:
+    """How a kind is priced, as the DVM says: a rule in words, else its fixed price, else free."""
+    if not d.payment:
+        return "free (takes no payment)"
+    rule = (d.payment.get("pricing") or {}).get(name) if isinstance(d.payment.get("pricing"), dict) else None
+    fixed = (d.payment.get("prices") or {}).get(name) if isinstance(d.payment.get("prices"), dict) else None
+    if rule:
+        return str(rule)
+    if isinstance(fixed, int):
+        return f"{fixed} {d.payment.get('unit', 'sat')} per job" if fixed else "free"
+    return "price not announced"
+
+
+def _load_line(d) -> str:
+    import time
+    s = d.status
+    load = (f"load: {s.get('running', '?')} running, {s.get('queued', '?')} queued, "
+            f"{s.get('slots', '?')} slot(s)") if s else "load: not announced"
+    return f"{load}; announced {_ago(time.time() - d.announced_at)}"
+
+
+def _param_limits(schema: dict) -> str:
+    """A param's JSON Schema in a few words: its type, range, choices and default."""
+    if not isinstance(schema, dict):
+        return ""
+    parts = [str(schema["type"])] if schema.get("type") else []
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None or high is not None:
+        parts.append(f"{'' if low is None else low}..{'' if high is None else high}")
+    if schema.get("enum"):
+        parts.append("one of " + "|".join(str(v) for v in schema["enum"]))
+    if "default" in schema:
+        parts.append(f"default {schema['default']}")
+    return ", ".join(parts)
+
+
+def _dvm_in_full(d) -> str:
+    """One DVM's announcement and kind 10019, for a person to read."""
+    lines = [f"{d.name}  {d.npub}", f"  pubkey: {d.pubkey}"]
+    if d.about:
+        lines.append(f"  about: {d.about}")
+    lines.append(f"  {_load_line(d)}")
+    p = d.payment
+    if p:
+        lines.append(f"  payment: in {p.get('unit', 'sat')}; mints: {', '.join(d.mints) or 'none announced'}")
+        lines.append(f"  wallet key (P2PK): {d.wallet_pubkey or p.get('p2pk_pubkey') or 'none announced'}")
+        if p.get("modes"):
+            lines.append(f"  pays: {', '.join(str(m) for m in p['modes'])}")
+        if p.get("input_error_fee") is not None:
+            lines.append(f"  kept of a paid job that fails on your data: {p['input_error_fee']} "
+                         f"{p.get('unit', 'sat')}")
+    else:
+        lines.append("  payment: none announced (free)")
+    for k, about in sorted(d.kinds.items()):
+        name = about.get("name", "")
+        lines.append(f"\n  kind {k} {name}: {about.get('description', '')}".rstrip())
+        lines.append(f"    price: {_price_of(d, name)}")
+        params = about.get("params") if isinstance(about.get("params"), dict) else {}
+        schema = about.get("params_schema") if isinstance(about.get("params_schema"), dict) else {}
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        names = list(dict.fromkeys(list(params) + list(props)))
+        lines.append("    params:" + ("" if names else " none"))
+        for param in names:
+            limits = _param_limits(props.get(param))
+            lines.append(f"      {param}: {params.get(param) or (props.get(param) or {}).get('description', '')}"
+                         + (f"  [{limits}]" if limits else ""))
+        if schema:
+            lines.append("    params schema (JSON Schema): " + json.dumps(schema, separators=(",", ":")))
+    return "\n".join(lines)

@@ -186,3 +186,117 @@ def start_blob_server_process(workdir: str | Path, port: int | None = None, *,
     service = LocalService("blossom", f"http://127.0.0.1:{port}", process, log_path)
     _wait_http(service, f"{service.url}/", {}, timeout)
     return service
+
+
+# `dvm localnet`: the three services above, kept in one directory, for a person to use by hand.
+
+class LocalNetError(Exception):
+    """The local marketplace cannot start; the message says why."""
+
+
+@dataclass
+class LocalNet:
+    """A relay, a mint and a blob server on loopback, with a worker's config and key to use them."""
+
+    directory: Path
+    relay: LocalService
+    mint: LocalService
+    blobs: LocalService
+    provider_npub: str
+    config_path: Path      # a worker config for `dvm run --config`
+    env_path: Path         # the customer's side, as shell variables
+
+    @property
+    def services(self) -> list[LocalService]:
+        return [self.relay, self.mint, self.blobs]
+
+    def stopped(self) -> LocalService | None:
+        """A service that exited by itself, if any."""
+        return next((s for s in self.services if s.process.poll() is not None), None)
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+LOCALNET_PORTS = "localnet.json"   # the ports of the first start, reused: the URLs stay the same
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on `port` (as the services do: connections of a previous
+    start still closing do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_localnet(directory: str | Path, *, relay_port: int | None = None, mint_port: int | None = None,
+                   blob_port: int | None = None, price: int = 5) -> LocalNet:
+    """Start the three services with their files under `directory` and write, beside them, a
+    worker config (`dvm.toml`, with a provider key `dvm.key` made on the first start) and the
+    customer's variables (`customer.env`). A second start on the same directory brings back the
+    same relay, mint (keys, ecash) and blobs on the same ports. Raises LocalNetError."""
+    import json
+
+    from dvm_core.protocol.events import Keys
+    from dvm_core.state.keyfiles import read_key_file, write_key_file
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    ports_file = directory / LOCALNET_PORTS
+    remembered = json.loads(ports_file.read_text()) if ports_file.is_file() else {}
+    ports = {}
+    for name, given in (("relay", relay_port), ("mint", mint_port), ("blobs", blob_port)):
+        port = given or remembered.get(name) or free_port()
+        if not _port_free(port):
+            raise LocalNetError(f"port {port} for the {name} is in use (another `dvm localnet` on "
+                                f"{directory}?); give --{'blob' if name == 'blobs' else name}-port")
+        ports[name] = port
+    started: list[LocalService] = []
+    try:
+        started.append(start_relay(directory / "relay", ports["relay"]))
+        started.append(start_mint(directory / "mint", ports["mint"]))
+        started.append(start_blob_server_process(directory / "blobs", ports["blobs"]))
+    except BaseException as exc:
+        for service in started:
+            service.stop()
+        if isinstance(exc, RuntimeError):
+            raise LocalNetError(str(exc)) from None
+        raise
+    relay, mint, blobs = started
+    ports_file.write_text(json.dumps(ports) + "\n")
+    key_file = directory / "dvm.key"
+    if not key_file.exists():
+        write_key_file(key_file, Keys.generate())
+    npub = read_key_file(key_file).npub
+    config = directory / "dvm.toml"
+    config.write_text(
+        "# Written by `dvm localnet` at each start: a worker for the relay, mint and blob server\n"
+        "# it runs on loopback. Use it with `dvm run --config " + str(config) + "`.\n"
+        "[dvm]\n"
+        'name = "Local DVM"\n'
+        'about = "A worker on the local marketplace of `dvm localnet`."\n'
+        f"relays = [{json.dumps(relay.url)}]\n"
+        f"mints = [{json.dumps(mint.url)}]\n"
+        f"blob_servers = [{json.dumps(blobs.url)}]\n"
+        'key_file = "dvm.key"\n'
+        'state_dir = "worker-state"\n'
+        "allow_private_urls = true   # inputs on the loopback blob server\n"
+        "heartbeat_seconds = 30      # `dvm dvms` shows the load of at most 30 s ago\n"
+        "progress_interval = 0.5\n"
+        "\n[prices]\n"
+        f'"text-stats" = {int(price)}\n')
+    env = directory / "customer.env"
+    env.write_text(
+        "# Written by `dvm localnet`: the customer's side of the local marketplace.\n"
+        f"# Load it with `source {env}`.\n"
+        f"export DVM_RELAY={relay.url}\n"
+        f"export DVM_MINT={mint.url}\n"
+        f"export DVM_BLOSSOM={blobs.url}\n"
+        f"export DVM_NPUB={npub}\n"
+        "# The blob server is on loopback: let `dvm job submit` and `dvm job fetch` use it.\n"
+        "export DVM_ALLOW_PRIVATE=1\n")
+    return LocalNet(directory, relay, mint, blobs, npub, config, env)
