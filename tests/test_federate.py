@@ -5,6 +5,7 @@ not by FedAvg; a provider that fails or never answers is dropped from the round.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -18,7 +19,8 @@ from dvm_core import hookimpl  # noqa: E402
 from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
 from dvm_core.protocol.events import Keys  # noqa: E402
 from dvm_core.worker.plugins import plugin_manager  # noqa: E402
-from dvm_federate.rounds import FederationSettings, federate, split_indices  # noqa: E402
+from dvm_core.customer import Customer  # noqa: E402
+from dvm_federate.rounds import FederationSettings, contribution_table, federate, split_indices  # noqa: E402
 from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -165,13 +167,34 @@ async def test_scores_leave_out_a_lazy_and_a_poisoning_provider(workers, mint, r
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     try:
-        settings = FederationSettings(rounds=2, epochs=2, allow_private_urls=True, compare=("fedavg",))
+        settings = FederationSettings(rounds=2, epochs=2, allow_private_urls=True, compare=("fedavg",), bonus=10)
         rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
                                 tmp_path / "fed", settings, say=lines.append)
+        await asyncio.sleep(2)   # a bonus the workers sent back (they must not) would be back by now
+        balance = await customer.wallet.total_balance()
     finally:
         await close_customer(customer)
     print("\n".join(lines))
     honest, (flipper, lazy) = providers[:3], providers[3:]
+    # The bonus: 10 sat a round, shared among the honest three by their positive scores, sent
+    # as nutzaps outside any job, which the workers leave for their operators to collect.
+    for r in rounds:
+        assert sum(r.bonus.values()) == 10 and set(r.bonus) <= set(honest), r.bonus
+        positive = {p: r.scores[p]["score"] for p in honest if r.scores[p]["score"] > 0}
+        assert set(r.bonus) == set(positive), (r.bonus, positive)
+    paid = sum(sum(r.paid.values()) for r in rounds)
+    assert paid == 6 and balance == FUNDS - paid - 20, balance
+    best = max(honest, key=lambda p: sum(r.bonus.get(p, 0) for r in rounds))
+    worker = next(w for w in workers.workers if w.keys.public_key == best)
+    async with Customer(worker.keys, [relay.url]) as operator:   # `dvm wallet collect`, as the operator
+        await operator.pool.wait_all_connected(10)
+        before = await worker.cashier.wallet.total_balance()
+        got = await operator.collect_nutzaps(worker.cashier.wallet, expect=sum(r.bonus.get(best, 0) for r in rounds))
+        assert got == sum(r.bonus.get(best, 0) for r in rounds) > 0
+        assert await worker.cashier.wallet.total_balance() == before + got
+    table = "\n".join(contribution_table(rounds, providers))
+    print(table)
+    assert "no change from the global model" in table.splitlines()[5]
     for r in rounds:
         assert r.providers == honest, (r.round, r.scores)
         assert all(r.scores[p]["merged"] for p in honest), r.scores

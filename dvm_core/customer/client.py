@@ -292,6 +292,28 @@ class Customer:
             raise RuntimeError("no relay accepted the nutzap")
         return event
 
+    async def send_bonus(self, provider: str, amount: int, wallet, *, comment: str = "bonus") -> dict:
+        """A gift outside any job (e.g. a federated round's bonus for contribution): a NIP-61
+        nutzap locked to the wallet key the DVM advertises, on a mint it announces and the wallet
+        holds, tagging no job, so the worker leaves it for its operator to collect (`dvm wallet
+        collect`) rather than taking it for a payment or sending it back. Raises PaymentDeclined."""
+        if amount <= 0:
+            raise PaymentDeclined("a bonus of nothing")
+        info = await self.wallet_info(provider)
+        if not info.p2pk_pubkey:
+            raise PaymentDeclined("the DVM publishes no wallet key of its own (kind 10019 or NIP-89)")
+        accepted = list(wallet.accepted_mints)
+        usable = [m for m in accepted if not info.mints or m in info.mints]
+        if not usable:
+            raise PaymentDeclined("the DVM announces none of your wallet's mints")
+        proofs = await wallet.send_proofs(amount, usable[0], lock_to=info.p2pk_pubkey)
+        kind, content, tags = build_nutzap(usable[0], proofs, provider, unit=wallet.unit, comment=comment)
+        event = sign_event(self.keys, kind, content, tags)
+        results = await self.pool.publish(event)
+        if not any(r.ok for r in results):
+            raise RuntimeError("no relay accepted the nutzap")
+        return event
+
     # pay on delivery ---------------------------------------------------------------------
     async def check_delivery(self, request: dict, feedback: Feedback, *, refund_key: str,
                              max_price: int | None = None, mints: list[str] | None = None,

@@ -52,6 +52,10 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--pay-on-delivery", is_flag=True,
               help="Pay each provider only once its update is ready, with ecash it can redeem only by "
                    "revealing the key to the sealed update (NUT-14 HTLC).")
+@click.option("--bonus", type=click.IntRange(0, 10**9), default=0, show_default=True,
+              help="Sats per round shared among the merged updates by their scores (a nutzap to each; "
+                   "providers collect it with `dvm wallet collect`).")
+@click.option("--no-score", is_flag=True, help="Merge every update that came back, unscored.")
 @click.option("--job-timeout", type=float, default=600, show_default=True, help="Seconds before a provider is dropped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="federation", show_default=True,
@@ -59,7 +63,8 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, pay_on_delivery, job_timeout, seed, out, allow_private) -> None:
+                     merge_dvm, max_price, pay_on_delivery, bonus, no_score, job_timeout, seed, out,
+                     allow_private) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
@@ -71,7 +76,7 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery)
+        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)
@@ -105,13 +110,16 @@ def _say(text: str) -> None:
 
 
 async def _federate(customer, wallet, providers, train, test, servers, settings, out_dir) -> int:
-    from .rounds import federate
+    from .rounds import contribution_table, federate
 
     reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
     click.echo("\nround  accuracy  merged  dropped  paid(sat)")
     for r in reports:
         click.echo(f"{r.round:5d}  {r.accuracy:8.4f}  {len(r.providers):6d}  {len(r.dropped):7d}  "
                    f"{sum(r.paid.values()):9d}")
+    click.echo("")
+    for line in contribution_table(reports, providers):
+        click.echo(line)
     click.echo(f"\nglobal model: {out_dir / f'global-{reports[-1].round}.safetensors'} "
                f"(card: {out_dir / 'global_card.json'}); accuracy per round: {out_dir / 'accuracy.png'}")
     return 0 if any(r.providers for r in reports) else 1

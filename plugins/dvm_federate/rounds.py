@@ -67,6 +67,7 @@ class FederationSettings:
     compare: tuple[str, ...] = ()  # other methods merged from the same updates and evaluated each round
     score: bool = True  # score every update before the merge and leave out those that add nothing or harm
     score_tolerance: float = 0.2  # left out when it raises the held-out loss by more than this share
+    bonus: int = 0  # sats per round shared among the merged updates by their (positive) scores
 
 
 @dataclass
@@ -81,6 +82,7 @@ class RoundReport:
     compared: dict[str, float] = field(default_factory=dict)  # method → held-out accuracy
     payments: dict[str, str] = field(default_factory=dict)  # provider → what it asked and why paid (or not)
     scores: dict[str, dict] = field(default_factory=dict)  # provider → its UpdateScore (scoring.py)
+    bonus: dict[str, int] = field(default_factory=dict)  # provider → sats of bonus sent for this round
 
 
 class ProviderFailed(Exception):
@@ -357,15 +359,47 @@ class Federation:
                 self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
         elif not scores:
             self.say(f"round {round_}: no update came back; the global model stays as it was")
+        bonus = await self._pay_bonus(round_, names, scores, payments) if s.bonus and names else {}
         accuracy = await asyncio.to_thread(self.evaluate)
         result = RoundReport(round=round_, accuracy=accuracy, providers=names, dropped=dropped, paid=paid,
                              seconds=round(time.monotonic() - started, 3), merge=report, compared=compared,
-                             payments=payments, scores=scores)
+                             payments=payments, scores=scores, bonus=bonus)
         self.reports.append(result)
         self.say(f"round {round_}: {len(names)}/{len(self.providers)} updates merged ({s.method}), "
                  f"held-out accuracy {accuracy:.4f}, paid {sum(paid.values())} sat, {result.seconds:.1f}s"
                  + "".join(f"; {m} would give {a:.4f}" for m, a in compared.items()))
         return result
+
+    async def _pay_bonus(self, round_: int, merged: list[str], scores: dict[str, dict],
+                         payments: dict[str, str]) -> dict[str, int]:
+        """Share the round's bonus among the merged updates in proportion to their positive
+        scores (largest remainders get the odd sats), each share a nutzap outside any job
+        (`Customer.send_bonus`). A provider whose share cannot be sent is told in `payments`."""
+        s = self.settings
+        positive = {p: scores[p]["score"] for p in merged if p in scores and scores[p]["score"] > 0}
+        total = sum(positive.values())
+        if not positive or total <= 0:
+            self.say(f"round {round_}: no update scored above zero; no bonus")
+            return {}
+        exact = {p: s.bonus * v / total for p, v in positive.items()}
+        shares = {p: int(v) for p, v in exact.items()}
+        for p in sorted(exact, key=lambda p: exact[p] - shares[p], reverse=True)[:s.bonus - sum(shares.values())]:
+            shares[p] += 1
+        sent: dict[str, int] = {}
+        for provider, amount in shares.items():
+            if amount <= 0:
+                continue
+            why = f"bonus for round {round_}: score {positive[provider]:+.4f} of {total:.4f}"
+            try:
+                await self.customer.send_bonus(provider, amount, self.wallet, comment=why)
+            except Exception as exc:   # noqa: BLE001 - the round stands; the provider hears nothing
+                payments[provider] = payments.get(provider, "") + f"; bonus of {amount} sat not sent: {exc}"
+                self.say(f"round {round_}: provider {provider[:12]}… bonus of {amount} sat not sent: {exc}")
+                continue
+            sent[provider] = amount
+            payments[provider] = payments.get(provider, "") + f"; bonus {amount} sat ({why})"
+            self.say(f"round {round_}: provider {provider[:12]}… bonus {amount} sat ({why})")
+        return sent
 
     async def _merge_remote(self, updates: list[Path], weights: list[float], out: Path, rdir: Path) -> dict:
         s = self.settings
@@ -440,6 +474,22 @@ class Federation:
         plot_lines(self.workdir / "accuracy.png", f"held-out accuracy per round ({self.settings.method})",
                    [("global model", [(r.round, r.accuracy) for r in self.reports])],
                    x_label="round", y_label="accuracy", y_range=(0.0, 1.0))
+
+
+def contribution_table(reports: Sequence[RoundReport], providers: Sequence[str]) -> list[str]:
+    """Per provider, over all rounds: sats paid for jobs and as bonus, mean score, rounds merged
+    and left out, and the last reason it was left out (or dropped)."""
+    lines = ["provider       paid(sat)  bonus(sat)  mean score  merged  left out  why (last)"]
+    for p in providers:
+        scored = [r.scores[p] for r in reports if p in r.scores]
+        merged = sum(1 for r in reports if p in r.providers)
+        out = [sc["reason"] for sc in scored if not sc["merged"]] + [r.dropped[p] for r in reports if p in r.dropped]
+        finite = [sc["score"] for sc in scored if isinstance(sc["score"], (int, float)) and abs(sc["score"]) != float("inf")]
+        mean = f"{sum(finite) / len(finite):+.4f}" if finite else "-"
+        lines.append(f"{p[:12]}…  {sum(r.paid.get(p, 0) for r in reports):9d}  "
+                     f"{sum(r.bonus.get(p, 0) for r in reports):10d}  {mean:>10}  {merged:6d}  "
+                     f"{len(reports) - merged:8d}  {out[-1] if out else ''}")
+    return lines
 
 
 async def federate(customer: Customer, wallet, providers: Sequence[str], train: Path, test: Path,
