@@ -40,7 +40,7 @@ from dvm_core.state.store import Store, disk_full
 from .cancels import Cancels
 from .checkout import Checkout, Due
 from .config import Config, ConfigError
-from .intake import Intake, Job, Refused, event_size
+from .intake import Intake, Job, Refused, event_size, masked, private_strings
 from .offer import Offer
 from .outbox import Outbox, Reply
 from .plugins import collect_job_kinds, plugin_manager
@@ -387,10 +387,16 @@ class Worker:
         with self.store.atomic():
             if refusal.refund and self.cashier is not None and self.cashier.refund_job(reply.request, reason):
                 reason += "; what was redeemed was refunded as a nutzap"
-            # The reason can quote decrypted params: for a private request only the customer gets it.
+            # The reason can quote decrypted params: for a private request the provider's log and
+            # store get it with the customer's strings masked; the customer gets it whole.
             private = reply.scheme is not None and refusal.private_detail
-            logged = "invalid private request (reason sent encrypted)" if private else reason
-            log.warning("request rejected", kind=reply.request.kind, reason=logged)
+            logged = reason
+            if private:
+                job_kind = self.kinds.get(reply.request.kind)
+                logged = masked(reason, private_strings(self.keys.private_key, reply.request.event),
+                                public=set(job_kind.params or {}) if job_kind else set())
+            log.warning("request rejected", kind=reply.request.kind, reason=logged,
+                        private=reply.scheme is not None)
             self.counts["rejected"] += 1
             self.store.set_state(reply.request.id, JobState.REJECTED, error=logged)
             reply.final_error(reason, refusal.amount_msats)

@@ -1,0 +1,127 @@
+"""The provider's first hour (issue 21): what `dvm doctor`, `dvm jobs`, `dvm keygen` and the
+worker's own log tell the person running it, through the command line as they type it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from dvm_core.cli import main
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.protocol.events import Keys
+from dvm_core.protocol.nip90 import JobInput
+
+from .conftest import WorkerProcess
+
+KIND = 5790
+TEXT = [JobInput("one two three", "text")]
+
+
+def dvm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvm_core.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def log_lines(proc: WorkerProcess) -> list[dict]:
+    out = []
+    for line in proc.log.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+# 4. keygen ----------------------------------------------------------------------------------
+
+def test_a_second_keygen_refuses_and_shows_the_npub_of_the_key_there(tmp_path):
+    out = tmp_path / "dvm.key"
+    runner = CliRunner()
+    first = runner.invoke(main, ["keygen", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    npub = first.stdout.strip()
+    assert npub.startswith("npub1")
+    key = out.read_text()
+    again = runner.invoke(main, ["keygen", "--out", str(out)])
+    assert again.exit_code == 1   # as before: it refuses
+    assert npub in again.output and str(out.resolve()) in again.output and "not overwriting" in again.output
+    assert out.read_text() == key
+
+    broken = tmp_path / "broken.key"
+    broken.write_text("not a key\n")
+    refused = runner.invoke(main, ["keygen", "--out", str(broken)])
+    assert refused.exit_code == 1 and "holds no usable key" in refused.output
+    assert broken.read_text() == "not a key\n"
+
+
+# 2. an empty `dvm jobs` ---------------------------------------------------------------------
+
+async def test_dvm_jobs_says_when_there_are_none_and_which_filters_hid_them(tmp_path, relay, customer):
+    keys = Keys.generate()
+    proc = WorkerProcess(tmp_path, relay.url, keys)
+    proc.start()
+    try:
+        proc.wait_log("worker ready")
+        state_dir = str(tmp_path / "proc" / "state")
+        empty = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config))
+        assert empty.returncode == 0, empty.stderr
+        assert f"no jobs yet in {state_dir}" in empty.stdout and "--state" in empty.stdout
+        as_json = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config), "--json")
+        assert as_json.returncode == 0 and as_json.stdout == ""   # JSON lines stay JSON lines
+        assert "no jobs yet" in as_json.stderr
+
+        request = await customer.submit(KIND, TEXT, {}, provider=keys.public_key)
+        assert result_json(await customer.result(request, timeout=20))["words"] == 3
+        hidden = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config), "--state", "rejected",
+                                         "--kind", str(KIND))
+        assert hidden.returncode == 0, hidden.stderr
+        assert f"no jobs match --state rejected --kind {KIND} in {state_dir}" in hidden.stdout
+        assert f"dvm jobs --config {proc.config}` lists all" in hidden.stdout
+        listed = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config))
+        assert request["id"] in listed.stdout and "no jobs" not in listed.stdout
+    finally:
+        proc.stop()
+
+
+# 3. the reasons of rejected private requests ------------------------------------------------
+
+async def test_the_provider_reads_why_it_rejected_a_private_request(tmp_path, relay, customer):
+    keys = Keys.generate()
+    proc = WorkerProcess(tmp_path, relay.url, keys)
+    proc.start()
+    try:
+        proc.wait_log("worker ready")
+        out_of_range = await customer.submit(KIND, TEXT, {"top": "0"}, provider=keys.public_key,
+                                             encrypt="nip44")
+        unknown = await customer.submit(KIND, [JobInput("purple-elephant-7391", "text")],
+                                        {"secret-name-4471": "v"}, provider=keys.public_key, encrypt="nip44")
+        with pytest.raises(JobFailed, match="param top must be between 1 and 100"):
+            await customer.result(out_of_range, timeout=20)
+        with pytest.raises(JobFailed, match="secret-name-4471"):   # the customer gets it whole
+            await customer.result(unknown, timeout=20)
+        await asyncio.to_thread(proc.wait_log, unknown["id"])
+
+        rejected = {line["job_id"]: line for line in log_lines(proc) if line.get("event") == "request rejected"}
+        assert rejected[out_of_range["id"]]["level"] == "warning"
+        assert rejected[out_of_range["id"]]["reason"] == "param top must be between 1 and 100"
+        assert rejected[out_of_range["id"]]["private"] is True
+        reason = rejected[unknown["id"]]["reason"]
+        assert reason.startswith("unknown param(s) ‹private› for kind 5790 (text-stats); accepted: ")
+        log_text = proc.log.read_text()
+        assert "4471" not in log_text and "purple-elephant" not in log_text
+        assert "reason sent encrypted" not in log_text
+
+        jobs = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config), "--state", "rejected")
+        assert jobs.returncode == 0, jobs.stderr
+        assert f"{out_of_range['id']}  kind {KIND}  rejected" in jobs.stdout
+        assert "param top must be between 1 and 100" in jobs.stdout
+        assert "unknown param(s) ‹private›" in jobs.stdout and "4471" not in jobs.stdout
+        status = await asyncio.to_thread(dvm, "status", "--config", str(proc.config))
+        assert "param top must be between 1 and 100" in status.stdout and "4471" not in status.stdout
+    finally:
+        proc.stop()
