@@ -125,3 +125,48 @@ async def test_the_provider_reads_why_it_rejected_a_private_request(tmp_path, re
         assert "param top must be between 1 and 100" in status.stdout and "4471" not in status.stdout
     finally:
         proc.stop()
+
+
+# 5. what a stopping worker waits for, and what it left ----------------------------------------
+
+async def test_sigterm_logs_each_wait_and_what_the_next_start_resumes(tmp_path, relay, customer):
+    keys = Keys.generate()
+    proc = WorkerProcess(tmp_path, relay.url, keys, stop_grace_seconds=0.5)
+    proc.start()
+    try:
+        proc.wait_log("worker ready")
+        request = await customer.submit(KIND, TEXT, {"work_seconds": "4"}, provider=keys.public_key)
+        async for update in customer.updates(request, timeout=10):
+            if update.progress:
+                break
+        proc.proc.terminate()
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        lines = [line for line in log_lines(proc) if line.get("logger") == "dvm.worker"]
+        events = [line["event"] for line in lines]
+        first = events.index("worker stopping")
+        steps = events[first:]
+        assert steps[0] == "worker stopping" and steps[-1] == "worker stopped", steps
+        waiting = lines[first + steps.index("waiting for running jobs to finish")]
+        assert waiting["jobs"] == [request["id"]] and waiting["wait_seconds"] == 0.5
+        stopping = lines[first + steps.index("stopping the jobs still running; they are queued again for the "
+                                             "next start")]
+        assert stopping["jobs"] == [request["id"]]
+        assert "closing relay connections" in steps
+        stopped = lines[-1]
+        assert stopped["event"] == "worker stopped"
+        # Counted from the store: the job is queued there, and `dvm jobs` says the same.
+        assert stopped["jobs_queued"] == 1 and stopped["jobs_running"] == 0, stopped
+        assert stopped["next_start"].startswith("resumes 1 job(s) queued to run")
+        queued = await asyncio.to_thread(dvm, "jobs", "--config", str(proc.config), "--state", "queued")
+        assert request["id"] in queued.stdout
+
+        proc.start()   # the next start resumes it, then a stop with nothing left says so
+        assert result_json(await customer.result(request, timeout=30))["words"] == 3
+        await asyncio.sleep(0.5)   # the result's bookkeeping
+        proc.proc.terminate()
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        stopped = [line for line in log_lines(proc) if line.get("event") == "worker stopped"]
+        assert len(stopped) == 2 and stopped[-1]["next_start"] == "nothing left to resume", stopped[-1]
+        assert stopped[-1]["jobs_queued"] == 0 and stopped[-1]["outbox_unsent"] == 0
+    finally:
+        proc.stop()
