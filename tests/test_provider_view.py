@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +18,7 @@ from dvm_core.customer.client import JobFailed, result_json
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import JobInput
 
-from .conftest import WorkerProcess
+from .conftest import REPO, WorkerProcess
 
 KIND = 5790
 TEXT = [JobInput("one two three", "text")]
@@ -37,6 +39,57 @@ def log_lines(proc: WorkerProcess) -> list[dict]:
     return out
 
 
+# 1. doctor ----------------------------------------------------------------------------------
+
+def doctor(config: Path) -> subprocess.CompletedProcess:
+    """`dvm doctor` with the text and LLM plugins of this checkout (plugins/ first on the path)."""
+    env = {**os.environ, "DVM_PLUGINS": "textstats,llm-finetune",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "dvm_core.cli", "doctor", "--config", str(config)],
+                          capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_doctor_one_line_per_check_with_the_fix_and_no_relay_noise(tmp_path, relay, mint):
+    from dvm_core.devtools.localnet import free_port, start_blob_server_process
+    blobs = start_blob_server_process(tmp_path / "blobs")
+    try:
+        key = tmp_path / "dvm.key"
+        assert CliRunner().invoke(main, ["keygen", "--out", str(key)]).exit_code == 0
+        dead = f"ws://127.0.0.1:{free_port()}"
+        config = tmp_path / "dvm.toml"
+        base = (f'[dvm]\nkey_file = "{key}"\nstate_dir = "{tmp_path / "state"}"\nmints = ["{mint.url}"]\n'
+                f'blob_servers = ["{blobs.url}"]\n')
+        config.write_text(base + f'relays = ["{relay.url}", "{dead}"]\n')
+        out = doctor(config)
+        assert out.returncode == 1, out.stdout + out.stderr
+        lines = out.stdout.splitlines()
+        assert all(line[:6] in ("ok    ", "warn  ", "FAIL  ") for line in lines[:-1]), out.stdout
+        assert lines[-1].startswith("doctor: ") and lines[-1].endswith("FAIL: fix the FAIL lines before `dvm run`")
+        assert "relay connection lost" not in out.stdout + out.stderr   # its own line says it, once
+        assert "still unreachable" not in out.stdout + out.stderr
+        assert f"ok    relay {relay.url}" in lines and f"ok    mint {mint.url}/v1/info" in lines
+        [dead_line] = [line for line in lines if dead in line]
+        assert dead_line.startswith(f"FAIL  relay {dead}: no connection within 5 s (")
+        assert "Connect call failed" in dead_line and "; fix: check the URL in relays" in dead_line
+        [local] = [line for line in lines if line.startswith(f"FAIL  blob server {blobs.url} is on a loopback")]
+        assert "allow_private_urls = false" in local
+        assert "fix: for a test on this machine set allow_private_urls = true" in local
+        [llm] = [line for line in lines if line.startswith("warn  llm-finetune: no hub model is allowed")]
+        assert "fix: list repo ids your hub cache holds" in llm
+
+        # Fixed as the lines say: no FAIL, exit 0; a loopback blob server allowed is still a warn.
+        config.write_text(base + f'relays = ["{relay.url}"]\nallow_private_urls = true\n'
+                          '[plugins.llm-finetune]\nallowed_models = ["HuggingFaceTB/SmolLM2-135M"]\n')
+        fixed = doctor(config)
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        assert "\nFAIL  " not in fixed.stdout and "llm-finetune: no hub model" not in fixed.stdout
+        assert f"warn  blob server {blobs.url} is on a loopback address: customers off this machine" in fixed.stdout
+        assert f"ok    blob server {blobs.url}" in fixed.stdout
+        assert ", 0 FAIL" in fixed.stdout.splitlines()[-1]
+    finally:
+        blobs.stop()
+
+
 # 4. keygen ----------------------------------------------------------------------------------
 
 def test_a_second_keygen_refuses_and_shows_the_npub_of_the_key_there(tmp_path):
@@ -55,7 +108,7 @@ def test_a_second_keygen_refuses_and_shows_the_npub_of_the_key_there(tmp_path):
     broken = tmp_path / "broken.key"
     broken.write_text("not a key\n")
     refused = runner.invoke(main, ["keygen", "--out", str(broken)])
-    assert refused.exit_code == 1 and "holds no usable key" in refused.output
+    assert refused.exit_code == 1 and "exists; not overwriting it, though it holds no usable key" in refused.output
     assert broken.read_text() == "not a key\n"
 
 

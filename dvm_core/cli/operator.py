@@ -83,7 +83,7 @@ def _existing_key(out: str) -> str:
     try:
         npub = read_key_file(where).npub
     except (KeyFileError, OSError) as exc:
-        return f"{where} exists but holds no usable key ({exc}); not overwriting it: move it away first"
+        return f"{where} exists; not overwriting it, though it holds no usable key ({exc}): move it away first"
     return f"{where} exists; not overwriting a key. Its npub: {npub}"
 
 
@@ -205,7 +205,14 @@ def jobs(config_path, states, kind, customer, since, limit, as_json) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DVM_CONFIG", required=True)
 def doctor(config_path) -> None:
-    """Check the config, key, relays, mints, blob servers, plugins and GPU; one line each."""
+    """Check the config, key, relays, mints, blob servers, plugins and GPU; one line each
+    (ok, warn or FAIL, with the fix), then a count. Exits 1 on any FAIL."""
+    import logging
+
     from dvm_core.devtools.doctor import run_checks
+    # Log lines go to stderr, and the relay connections' own (retries, drops) not at all: the
+    # relay lines of the report say what failed, once.
+    configure_logging("console", "warning", stream=sys.stderr)
+    logging.getLogger("dvm.relay").setLevel(logging.CRITICAL)
     ok = asyncio.run(run_checks(config_path, click.echo))
     sys.exit(0 if ok else 1)
