@@ -188,14 +188,18 @@ class Worker:
         await self.pool.close()
         if self.cashier is not None:
             await self.cashier.wallet.close()
-        left_over = self.store.left_over()
+        try:
+            left_over = self.store.left_over()
+            next_start = _next_start(left_over)
+        except Exception as exc:   # the count must not keep the worker from stopping
+            left_over, next_start = {}, f"not counted: the store could not be read ({exc})"
         self.store.close()
         self.outbox.closed = True
         self._state_lock.close()   # another worker may use this state directory now
         self.runner.close()
         self.intake.close()
         log.info("worker stopped", seconds=round(time.monotonic() - started, 1),
-                 next_start=_next_start(left_over), **left_over)
+                 next_start=next_start, **left_over)
         self._stopped.set()
 
     def _spawn(self, coro, tasks: set[asyncio.Task] | None = None) -> asyncio.Task:
