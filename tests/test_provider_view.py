@@ -199,7 +199,7 @@ async def test_sigterm_logs_each_wait_and_what_the_next_start_resumes(tmp_path, 
         first = events.index("worker stopping")
         steps = events[first:]
         assert steps[0] == "worker stopping" and steps[-1] == "worker stopped", steps
-        waiting = lines[first + steps.index("waiting for running jobs to finish")]
+        waiting = lines[first + steps.index("waiting for the jobs in progress to finish")]
         assert waiting["jobs"] == [request["id"]] and waiting["wait_seconds"] == 0.5
         stopping = lines[first + steps.index("stopping the jobs still running; they are queued again for the "
                                              "next start")]

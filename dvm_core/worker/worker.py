@@ -171,7 +171,7 @@ class Worker:
                     log.info("stopping the jobs still running; they are queued again for the next start",
                              jobs=jobs, wait_seconds=grace)
                 else:
-                    log.info("waiting for running jobs to finish", jobs=jobs, wait_seconds=grace)
+                    log.info("waiting for the jobs in progress to finish", jobs=jobs, wait_seconds=grace)
                 await asyncio.wait(tasks, timeout=grace)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
