@@ -97,3 +97,16 @@ def register_commands(cli):
                 from .heavy import show      # imported only when the command runs
                 show(path)
     """
+
+
+@hookspec
+def check_setup(config):
+    """Say what a provider should fix in this plugin's settings; `dvm doctor` prints it.
+
+    :param config: the worker's whole configuration as a dict (as for `register_job_kinds`).
+    :returns: a list of ``(level, text)``, one per problem: level ``"warn"`` (the plugin's kinds
+        work, but likely not as the provider means) or ``"FAIL"`` (they cannot work); the text
+        one line that says what is wrong and the fix. ``[]`` when all is well. Keep it quick and
+        free of network I/O; a setting that must stop the worker is raised in
+        `register_job_kinds` instead.
+    """

@@ -68,9 +68,23 @@ def keygen(out: str) -> None:
     try:
         write_key_file(out, keys)
     except FileExistsError:
-        raise click.ClickException(f"{out} exists; not overwriting a key") from None
+        raise click.ClickException(_existing_key(out)) from None
     click.echo(keys.npub)
     click.echo(f"private key written to {out} (mode 0600)", err=True)
+
+
+def _existing_key(out: str) -> str:
+    """The refusal to overwrite a key, with the npub of the key already there: the provider
+    ran keygen again to see it."""
+    from pathlib import Path
+
+    from dvm_core.state.keyfiles import KeyFileError, read_key_file
+    where = Path(out).resolve()
+    try:
+        npub = read_key_file(where).npub
+    except (KeyFileError, OSError) as exc:
+        return f"{where} exists; not overwriting it, though it holds no usable key ({exc}): move it away first"
+    return f"{where} exists; not overwriting a key. Its npub: {npub}"
 
 
 @main.command()
@@ -168,12 +182,37 @@ def jobs(config_path, states, kind, customer, since, limit, as_json) -> None:
         else:
             click.echo(f"{row['id']}  kind {row['kind']}  {row['state']:<16} {_ago(row['received_at'])}"
                        + (f"  {row['error']}" if row["error"] else ""))
+    if not rows:
+        # Empty output looks like a broken command: say so (on stderr under --json, whose
+        # stdout stays JSON lines), and which filters hid what.
+        filters = [f"--state {s}" for s in states]
+        if kind is not None:
+            filters.append(f"--kind {kind}")
+        if customer:
+            filters.append(f"--customer {customer}")
+        if since:
+            filters.append(f"--since {since:g}")
+        total = len(store.job_rows(limit=1)) if filters else 0
+        if total:
+            message = (f"no jobs match {' '.join(filters)} in {settings.state_dir}; "
+                       f"`dvm jobs --config {config_path}` lists all")
+        else:
+            message = f"no jobs yet in {settings.state_dir}: a request shows here once the worker takes it"
+        click.echo(message + "; filters: --state " + "|".join(s.value for s in JobState)
+                   + ", --kind, --customer, --since HOURS", err=as_json)
 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="DVM_CONFIG", required=True)
 def doctor(config_path) -> None:
-    """Check the config, key, relays, mints, blob servers, plugins and GPU; one line each."""
+    """Check the config, key, relays, mints, blob servers, plugins and GPU; one line each
+    (ok, warn or FAIL, with the fix), then a count. Exits 1 on any FAIL."""
+    import logging
+
     from dvm_core.devtools.doctor import run_checks
+    # Log lines go to stderr, and the relay connections' own (retries, drops) not at all: the
+    # relay lines of the report say what failed, once.
+    configure_logging("console", "warning", stream=sys.stderr)
+    logging.getLogger("dvm.relay").setLevel(logging.CRITICAL)
     ok = asyncio.run(run_checks(config_path, click.echo))
     sys.exit(0 if ok else 1)

@@ -269,6 +269,26 @@ class Store:
             " WHERE state IN ('redeemed', 'consumed', 'refunded') GROUP BY unit")
         return {unit: int(total or 0) for unit, total in rows}
 
+    def left_over(self) -> dict[str, int]:
+        """What the next start takes up again, counted for the worker's last log line: jobs not
+        finished (by state), events not yet published, tokens not yet redeemed, ecash owed and
+        not yet sent, nutzaps kept for their job."""
+        counts = {"queued": 0, "running": 0, "received": 0, "payment-required": 0, "delivered": 0}
+        marks = ",".join("?" * len(counts))
+        for state, n in self.db.execute(f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({marks})"
+                                        " GROUP BY state", tuple(counts)):
+            counts[state] = n
+        one = lambda sql: self.db.execute(sql).fetchone()[0]   # noqa: E731
+        return {
+            "jobs_queued": counts["queued"], "jobs_running": counts["running"],
+            "jobs_unpaid": counts["received"] + counts["payment-required"],
+            "jobs_delivered": counts["delivered"],
+            "outbox_unsent": one("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL"),
+            "payments_unredeemed": one("SELECT COUNT(*) FROM payments WHERE state IN ('received', 'redeeming')"),
+            "payouts_unsent": one("SELECT COUNT(*) FROM payouts WHERE state != 'sent'"),
+            "nutzaps_pending": one("SELECT COUNT(*) FROM nutzaps WHERE state = 'pending'"),
+        }
+
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None

@@ -74,6 +74,7 @@ class RelayConnection:
         self._min_backoff, self._max_backoff = min_backoff, max_backoff
         self._max_message_bytes = max_message_bytes
         self._closing = False
+        self.last_error = ""   # why the last try to connect failed or the connection dropped
         self.eose: dict[str, asyncio.Event] = {}
 
     @property
@@ -130,6 +131,7 @@ class RelayConnection:
                 raise
             except Exception as exc:  # any network failure: log it and come back
                 failures += 1
+                self.last_error = str(exc) or type(exc).__name__
                 quiet = failures > 1 and time.monotonic() - logged_at < STILL_DOWN_LOG_SECONDS
                 if not self._closing and not quiet:
                     logged_at = time.monotonic()

@@ -53,7 +53,7 @@ class Job:
 
 class Refused(Exception):
     """The request is not taken; `reason` goes to the customer (encrypted when the request
-    was). `private_detail`: the reason may quote the private request, so the log says less."""
+    was). `private_detail`: the reason may quote the private request, so the log masks its strings."""
 
     def __init__(self, reason: str, scheme: Scheme | None, private_detail: bool = True, *,
                  amount_msats: int | None = None, refund: bool = False):
@@ -61,6 +61,64 @@ class Refused(Exception):
         self.reason, self.scheme, self.private_detail = reason, scheme, private_detail
         self.amount_msats = amount_msats   # the price, when the bid was below it
         self.refund = refund               # what was redeemed for it goes back, with the refusal
+
+
+MASK = "‹private›"
+INPUT_TYPES = frozenset({"text", "url", "job", "event"})   # NIP-90's own words, not the customer's
+
+
+def private_strings(private_key: str, event: dict) -> list[str]:
+    """What a private request holds that only its customer and this DVM may read: every string
+    of its decrypted tags (but the tag names); [] for a public request or one not decryptable."""
+    if not is_encrypted(event):
+        return []
+    try:
+        tags = json.loads(decrypt(private_key, event["pubkey"], event["content"])[0])
+    except (DecryptionError, ValueError, RecursionError, KeyError, TypeError):
+        return []
+    found: list[str] = []
+
+    def walk(value, depth: int = 0) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, list) and depth < 8:
+            for item in value:
+                walk(item, depth + 1)
+    for tag in tags if isinstance(tags, list) else [tags]:
+        walk(tag[1:] if isinstance(tag, list) else tag)
+    return found
+
+
+def masked(reason: str, secrets: list[str], public: frozenset[str] | set[str] = frozenset()) -> str:
+    """`reason` with the private request's strings (`secrets`) replaced by ‹private›, for the
+    provider's log and `dvm jobs`: the provider reads why it refused, the customer's content
+    stays between the customer and the DVM. A string quoted in part (errors cut long inputs to
+    80 characters) or escaped (repr, JSON) is masked too. `public` words (the kind's announced
+    param names) and strings under 3 characters stay: masking them would garble the reason
+    and they tell nothing."""
+    variants: set[str] = set()
+    for secret in secrets:
+        if len(secret) < 3 or secret in public or secret in INPUT_TYPES:
+            continue
+        variants.update({secret, repr(secret)[1:-1], json.dumps(secret)[1:-1],
+                         json.dumps(secret, ensure_ascii=False)[1:-1]})
+    hidden = [False] * len(reason)
+    for text in variants:
+        head = text[:12]
+        start = reason.find(head)
+        while start != -1:
+            end = start + len(head)
+            while end < len(reason) and end - start < len(text) and reason[end] == text[end - start]:
+                end += 1
+            hidden[start:end] = [True] * (end - start)
+            start = reason.find(head, start + 1)
+    out = []
+    for i, char in enumerate(reason):
+        if not hidden[i]:
+            out.append(char)
+        elif i == 0 or not hidden[i - 1]:
+            out.append(MASK)
+    return "".join(out)
 
 
 class Intake:

@@ -40,7 +40,7 @@ from dvm_core.state.store import Store, disk_full
 from .cancels import Cancels
 from .checkout import Checkout, Due
 from .config import Config, ConfigError
-from .intake import Intake, Job, Refused, event_size
+from .intake import Intake, Job, Refused, event_size, masked, private_strings
 from .offer import Offer
 from .outbox import Outbox, Reply
 from .plugins import collect_job_kinds, plugin_manager
@@ -72,6 +72,7 @@ class Worker:
         self.ready = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()      # background work: publishing, heartbeat
         self._requests: set[asyncio.Task] = set()   # one per request being handled
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
@@ -133,7 +134,7 @@ class Worker:
             self.outbox.send(self.outbox.sign(*self.cashier.nutzap_info(self.settings.relays)),
                              role="announcement")
         if self.settings.announce and self.kinds and self.settings.heartbeat_seconds > 0:
-            self._spawn(self._heartbeat())
+            self._heartbeat_task = self._spawn(self._heartbeat())
         if self.cashier is not None:
             self._spawn(self._check_mints())
         self.ready.set()
@@ -147,33 +148,58 @@ class Worker:
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop taking jobs; give running ones `grace` seconds, then stop them and put them back
-        in the queue (in the store) so the next start runs them."""
+        in the queue (in the store) so the next start runs them. Each wait is logged before it
+        starts, and the last line counts, from the store, what the next start takes up."""
         if self._stopping:
             return
+        started = time.monotonic()
         self._stopping = self.outbox.stopping = True
         self.cancels.stop()
-        log.info("worker stopping", active=len(self.runner.active))
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()   # it sleeps between announcements: nothing to wait for
+        log.info("worker stopping", active=len(self.runner.active), running=self.runner.running(),
+                 grace_seconds=grace)
         await self.pool.unsubscribe("dvm-requests")
         for attempt in range(2):   # first let them finish, then stop them and let them wind down
             if attempt:
                 for active in list(self.runner.active.values()):
                     self.runner.cancel(active, StopReason.WORKER_STOPPING)
-            tasks = [a.task for a in self.runner.active.values() if a.task is not None]
+            tasks = [a.task for a in self.runner.active.values() if a.task is not None and not a.task.done()]
             if tasks:
+                jobs = [job_id for job_id, a in self.runner.active.items() if a.task in tasks]
+                if attempt:
+                    log.info("stopping the jobs still running; they are queued again for the next start",
+                             jobs=jobs, wait_seconds=grace)
+                else:
+                    log.info("waiting for the jobs in progress to finish", jobs=jobs, wait_seconds=grace)
                 await asyncio.wait(tasks, timeout=grace)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
+            log.info("waiting for background work (publishing, payments)", wait_seconds=2.0,
+                     tasks=_task_names(pending))
             await asyncio.wait(pending, timeout=2.0)
-        for task in self._tasks | self._requests:
+        left = [t for t in self._tasks | self._requests if not t.done()]
+        if left:
+            log.info("cancelling what is still in progress; the store keeps it for the next start",
+                     tasks=_task_names(left))
+        for task in left:
             task.cancel()  # what is left is in the outbox and goes out after the next start
+        log.info("closing relay connections", relays=len(self.settings.relays))
         await self.pool.close()
         if self.cashier is not None:
             await self.cashier.wallet.close()
+        try:
+            left_over = self.store.left_over()
+            next_start = _next_start(left_over)
+        except Exception as exc:   # the count must not keep the worker from stopping
+            left_over, next_start = {}, f"not counted: the store could not be read ({exc})"
         self.store.close()
         self.outbox.closed = True
         self._state_lock.close()   # another worker may use this state directory now
         self.runner.close()
         self.intake.close()
+        log.info("worker stopped", seconds=round(time.monotonic() - started, 1),
+                 next_start=next_start, **left_over)
         self._stopped.set()
 
     def _spawn(self, coro, tasks: set[asyncio.Task] | None = None) -> asyncio.Task:
@@ -387,10 +413,16 @@ class Worker:
         with self.store.atomic():
             if refusal.refund and self.cashier is not None and self.cashier.refund_job(reply.request, reason):
                 reason += "; what was redeemed was refunded as a nutzap"
-            # The reason can quote decrypted params: for a private request only the customer gets it.
+            # The reason can quote decrypted params: for a private request the provider's log and
+            # store get it with the customer's strings masked; the customer gets it whole.
             private = reply.scheme is not None and refusal.private_detail
-            logged = "invalid private request (reason sent encrypted)" if private else reason
-            log.warning("request rejected", kind=reply.request.kind, reason=logged)
+            logged = reason
+            if private:
+                job_kind = self.kinds.get(reply.request.kind)
+                logged = masked(reason, private_strings(self.keys.private_key, reply.request.event),
+                                public=set(job_kind.params or {}) if job_kind else set())
+            log.warning("request rejected", kind=reply.request.kind, reason=logged,
+                        private=reply.scheme is not None)
             self.counts["rejected"] += 1
             self.store.set_state(reply.request.id, JobState.REJECTED, error=logged)
             reply.final_error(reason, refusal.amount_msats)
@@ -431,6 +463,28 @@ def lock_state_dir(state_dir: Path):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def _task_names(tasks) -> dict[str, int]:
+    """Tasks counted by what they run (e.g. {"Outbox.publish": 2}), for the stop's log lines."""
+    names: dict[str, int] = {}
+    for task in tasks:
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", None) or task.get_name()
+        names[name] = names.get(name, 0) + 1
+    return names
+
+
+def _next_start(left: dict[str, int]) -> str:
+    """`Store.left_over` in words: what the next start resumes, sends or redeems."""
+    words = [("jobs_queued", "job(s) queued to run"), ("jobs_running", "job(s) running to run again"),
+             ("jobs_unpaid", "request(s) waiting for payment"),
+             ("jobs_delivered", "result(s) offered, waiting for payment on delivery"),
+             ("outbox_unsent", "event(s) to publish"), ("payments_unredeemed", "token(s) to redeem"),
+             ("payouts_unsent", "refund/change payout(s) to send"),
+             ("nutzaps_pending", "nutzap(s) kept for their job")]
+    said = [f"{left[key]} {text}" for key, text in words if left.get(key)]
+    return ("resumes " + ", ".join(said)) if said else "nothing left to resume"
 
 
 def _bare_request(event: dict) -> JobRequest:

@@ -73,6 +73,16 @@ def register_job_kinds(register, config):
     register(job_kind(config))
 
 
+@hookimpl
+def check_setup(config):
+    """For `dvm doctor`: with no hub model allowed, the kind takes only models sent as archives."""
+    if Limits.from_config(config).allowed_models:
+        return []
+    return [("warn", f"{NAME}: no hub model is allowed ([plugins.{NAME}] allowed_models is empty), so "
+             "customers must send each base model as an archive; fix: list repo ids your hub cache holds, "
+             f'e.g. [plugins.{NAME}] allowed_models = ["HuggingFaceTB/SmolLM2-135M"]')]
+
+
 def resolve_model(ctx, job: FinetuneJob):
     """The checked base model folder (`model.BaseModel`), from the hub cache or the archive."""
     from dvm_core.archives import ArchiveError, extract_archive
