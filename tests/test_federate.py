@@ -176,11 +176,11 @@ async def test_scores_leave_out_a_lazy_and_a_poisoning_provider(workers, mint, r
         await close_customer(customer)
     print("\n".join(lines))
     honest, (flipper, lazy) = providers[:3], providers[3:]
-    # The bonus: 10 sat a round, shared among the honest three by their positive scores, sent
+    # The bonus: 10 sat a round, shared among the honest three by their positive gains, sent
     # as nutzaps outside any job, which the workers leave for their operators to collect.
     for r in rounds:
         assert sum(r.bonus.values()) == 10 and set(r.bonus) <= set(honest), r.bonus
-        positive = {p: r.scores[p]["score"] for p in honest if r.scores[p]["score"] > 0}
+        positive = {p: r.scores[p]["gain"] for p in honest if r.scores[p]["gain"] > 0}
         assert set(r.bonus) == set(positive), (r.bonus, positive)
     paid = sum(sum(r.paid.values()) for r in rounds)
     assert paid == 6 and balance == FUNDS - paid - 20, balance
@@ -286,11 +286,13 @@ def test_dvm_federate_local_runs_from_one_command(tmp_path):
 
     out = tmp_path / "federation"
     run = subprocess.run(
-        [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--rounds", "1", "--epochs", "1",
-         "--split", "label", "--out", str(out)],
+        [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "3", "--rounds", "1", "--epochs", "1",
+         "--split", "label", "--attack", "lazy:3", "--out", str(out)],
         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "2 providers up" in run.stdout and "round 1: 2/2 updates merged (fedavg)" in run.stdout
+    assert "3 providers up" in run.stdout and "round 1: 2/3 updates merged (fedavg)" in run.stdout
+    assert "plays lazy (simulated)" in run.stdout and "LEFT OUT: no change from the global model" in run.stdout
+    assert "mean score  mean gain  merged  left out" in run.stdout
     saved = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == [1] and saved["settings"]["split"] == "label"
     assert (out / "global-1.safetensors").exists() and (out / "accuracy.png").exists()
@@ -298,3 +300,9 @@ def test_dvm_federate_local_runs_from_one_command(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--method", "krum"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--method krum with 2 providers: " in refused.stderr
+    for args, message in ((["--local", "2", "--attack", "lazy:3"], "N a provider from 1 to 2"),
+                          (["--local", "2", "--attack", "bribe:1"], "MODE one of lazy, sign-flip"),
+                          (["--attack", "lazy:1"], "use it with --local N")):
+        refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", *args],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr

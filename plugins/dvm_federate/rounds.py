@@ -67,7 +67,45 @@ class FederationSettings:
     compare: tuple[str, ...] = ()  # other methods merged from the same updates and evaluated each round
     score: bool = True  # score every update before the merge and leave out those that add nothing or harm
     score_tolerance: float = 0.2  # left out when it raises the held-out loss by more than this share
-    bonus: int = 0  # sats per round shared among the merged updates by their (positive) scores
+    bonus: int = 0  # sats per round shared among the merged updates by their (positive) gains
+    attacks: dict[int, str] = field(default_factory=dict)  # simulation only: provider index → ATTACKS mode
+
+
+ATTACKS = ("lazy", "sign-flip", "noise", "scaled", "copy")
+
+
+def simulate_attack(update: Path, base: Path, mode: str, other: Path | None = None) -> None:
+    """Rewrite a downloaded update as a cheating provider would have sent it (`dvm federate
+    --local --attack`, to see what the scores and the robust methods do): `lazy` sends the
+    weights it was given, `sign-flip` base − 4·Δ, `noise` base + noise 10× Δ's spread, `scaled`
+    base + 10·Δ, `copy` another provider's update (`other`)."""
+    import torch
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(str(update), "pt") as f:
+        metadata = f.metadata()
+    if mode == "copy":
+        if other is None:
+            raise ValueError("copy needs another provider's update")
+        save_file(load_file(str(other)), str(update), metadata=metadata)
+        return
+    w, b = load_file(str(update)), load_file(str(base))
+    generator = torch.Generator().manual_seed(3)
+    for key, value in w.items():
+        if not value.is_floating_point():
+            continue
+        delta = value - b[key]
+        if mode == "lazy":
+            w[key] = b[key].clone()
+        elif mode == "sign-flip":
+            w[key] = b[key] - 4 * delta
+        elif mode == "noise":
+            w[key] = b[key] + torch.randn(value.shape, generator=generator) * float(delta.std()) * 10
+        elif mode == "scaled":
+            w[key] = b[key] + 10 * delta
+        else:
+            raise ValueError(f"unknown attack {mode!r}: use one of {', '.join(ATTACKS)}")
+    save_file(w, str(update), metadata=metadata)
 
 
 @dataclass
@@ -311,6 +349,10 @@ class Federation:
             if "model.safetensors" not in files:
                 dropped[provider] = "the result has no model.safetensors"
                 continue
+            if i in s.attacks:   # a simulation (--local --attack): this provider cheats
+                await asyncio.to_thread(simulate_attack, files["model.safetensors"], self.global_weights,
+                                        s.attacks[i], updates[0] if updates else None)
+                self.say(f"round {round_}: provider {provider[:12]}… plays {s.attacks[i]} (simulated)")
             updates.append(files["model.safetensors"])
             weights.append(float(len(self.shards[i])))
             names.append(provider)
@@ -373,13 +415,15 @@ class Federation:
     async def _pay_bonus(self, round_: int, merged: list[str], scores: dict[str, dict],
                          payments: dict[str, str]) -> dict[str, int]:
         """Share the round's bonus among the merged updates in proportion to their positive
-        scores (largest remainders get the odd sats), each share a nutzap outside any job
-        (`Customer.send_bonus`). A provider whose share cannot be sent is told in `payments`."""
+        gains (the held-out loss lowered by each update alone, `scoring.py`; largest remainders
+        get the odd sats), each share a nutzap outside any job (`Customer.send_bonus`). A
+        provider whose share cannot be sent is told in `payments`."""
         s = self.settings
-        positive = {p: scores[p]["score"] for p in merged if p in scores and scores[p]["score"] > 0}
+        positive = {p: scores[p]["gain"] for p in merged
+                    if p in scores and (scores[p].get("gain") or 0) > 0 and scores[p]["gain"] != float("inf")}
         total = sum(positive.values())
         if not positive or total <= 0:
-            self.say(f"round {round_}: no update scored above zero; no bonus")
+            self.say(f"round {round_}: no merged update lowered the held-out loss alone; no bonus")
             return {}
         exact = {p: s.bonus * v / total for p, v in positive.items()}
         shares = {p: int(v) for p, v in exact.items()}
@@ -389,7 +433,7 @@ class Federation:
         for provider, amount in shares.items():
             if amount <= 0:
                 continue
-            why = f"bonus for round {round_}: score {positive[provider]:+.4f} of {total:.4f}"
+            why = f"bonus for round {round_}: gain {positive[provider]:+.4f} of {total:.4f}"
             try:
                 await self.customer.send_bonus(provider, amount, self.wallet, comment=why)
             except Exception as exc:   # noqa: BLE001 - the round stands; the provider hears nothing
@@ -477,17 +521,21 @@ class Federation:
 
 
 def contribution_table(reports: Sequence[RoundReport], providers: Sequence[str]) -> list[str]:
-    """Per provider, over all rounds: sats paid for jobs and as bonus, mean score, rounds merged
-    and left out, and the last reason it was left out (or dropped)."""
-    lines = ["provider       paid(sat)  bonus(sat)  mean score  merged  left out  why (last)"]
+    """Per provider, over all rounds: sats paid for jobs and as bonus, mean score (leave one
+    out) and gain (its update alone), rounds merged and left out, and the last reason it was
+    left out (or dropped)."""
+    def mean(values) -> str:
+        finite = [v for v in values if isinstance(v, (int, float)) and abs(v) != float("inf")]
+        return f"{sum(finite) / len(finite):+.4f}" if finite else "-"
+
+    lines = ["provider       paid(sat)  bonus(sat)  mean score  mean gain  merged  left out  why (last)"]
     for p in providers:
         scored = [r.scores[p] for r in reports if p in r.scores]
         merged = sum(1 for r in reports if p in r.providers)
         out = [sc["reason"] for sc in scored if not sc["merged"]] + [r.dropped[p] for r in reports if p in r.dropped]
-        finite = [sc["score"] for sc in scored if isinstance(sc["score"], (int, float)) and abs(sc["score"]) != float("inf")]
-        mean = f"{sum(finite) / len(finite):+.4f}" if finite else "-"
         lines.append(f"{p[:12]}…  {sum(r.paid.get(p, 0) for r in reports):9d}  "
-                     f"{sum(r.bonus.get(p, 0) for r in reports):10d}  {mean:>10}  {merged:6d}  "
+                     f"{sum(r.bonus.get(p, 0) for r in reports):10d}  {mean(sc['score'] for sc in scored):>10}  "
+                     f"{mean(sc.get('gain') for sc in scored):>9}  {merged:6d}  "
                      f"{len(reports) - merged:8d}  {out[-1] if out else ''}")
     return lines
 

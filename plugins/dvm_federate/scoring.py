@@ -21,6 +21,11 @@ blockchain:
    training, or, split by label, the first averages of models that saw different classes (in
    the digits, +6 % in a first round).
 
+Each update that reaches step 3 also gets its `gain`, Gauntlet's own measure: the held-out loss
+of the global model minus that of the update applied alone. `dvm federate --bonus` shares its
+bonus by positive gain: among honest updates of a shuffled split, the leave-one-out scores are
+mostly noise around zero, while each update alone lowers the loss by a comparable amount.
+
 The scoring merge is plain FedAvg (weighted by shard size) whatever method merges the round
 afterwards; `score_updates` returns one `UpdateScore` per update and the caller merges those
 with ``merged=True``. Non-float tensors (BatchNorm's step counters) come from the first update.
@@ -47,6 +52,7 @@ class UpdateScore:
     score: float             # held-out loss without it − with it (0 for a lazy one or a copy)
     merged: bool
     reason: str              # why merged or left out, in words
+    gain: float | None = None              # held-out loss of the global model − of its update alone
     heldout_with: float | None = None      # held-out loss of the FedAvg with it (None: not computed)
     heldout_without: float | None = None   # … and without it
     shard_before: float | None = None      # loss on its own shard: the global model,
@@ -147,6 +153,10 @@ def score_updates(base_path: Path, update_paths: Sequence[Path], providers: Sequ
                 shard[i] = (before, after)
 
     kept = list(candidates)
+    gains: dict[int, float] = {}
+    if kept:    # Gauntlet's own measure: the held-out loss before and after applying it alone
+        start = heldout(base)
+        gains = {i: _difference(start, heldout(updates[i])) for i in kept}
     while kept:
         with_all = heldout(fedavg(base, [updates[i] for i in kept], [weights[i] for i in kept]))
         without = {}
@@ -170,6 +180,8 @@ def score_updates(base_path: Path, update_paths: Sequence[Path], providers: Sequ
         break
     for i, (before, after) in shard.items():
         scores[i].shard_before, scores[i].shard_after = before, after
+    for i, gain in gains.items():
+        scores[i].gain = gain
     return [s for s in scores if s is not None]
 
 
