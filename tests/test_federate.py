@@ -20,7 +20,7 @@ from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
 from dvm_core.protocol.events import Keys  # noqa: E402
 from dvm_core.worker.plugins import plugin_manager  # noqa: E402
 from dvm_core.customer import Customer  # noqa: E402
-from dvm_federate.rounds import FederationSettings, contribution_table, federate, split_indices  # noqa: E402
+from dvm_federate.rounds import Federation, FederationSettings, contribution_table, federate, split_indices  # noqa: E402
 from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -167,11 +167,20 @@ async def test_scores_leave_out_a_lazy_and_a_poisoning_provider(workers, mint, r
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     try:
-        settings = FederationSettings(rounds=2, epochs=2, allow_private_urls=True, compare=("fedavg",), bonus=10)
+        settings = FederationSettings(rounds=2, epochs=2, allow_private_urls=True, compare=("fedavg",), bonus=10,
+                                      publish_verdicts=True)
         rounds = await federate(customer, customer.wallet, providers, *digits, [blobs.url],
                                 tmp_path / "fed", settings, say=lines.append)
         await asyncio.sleep(2)   # a bonus the workers sent back (they must not) would be back by now
         balance = await customer.wallet.total_balance()
+        # The verdicts it published: the next federation that trusts this customer skips the two.
+        verdicts = await customer.verdicts(providers, [customer.keys.public_key])
+        again = Federation(customer, customer.wallet, providers, *digits, [blobs.url], tmp_path / "again",
+                           FederationSettings(trusted=("self",)), say=lines.append)
+        skipped = await again.skip_flagged()
+        stranger = Federation(customer, customer.wallet, providers, *digits, [blobs.url], tmp_path / "stranger",
+                              FederationSettings(trusted=(Keys.generate().public_key,)), say=lines.append)
+        assert await stranger.skip_flagged() == {} and stranger.providers == providers
     finally:
         await close_customer(customer)
     print("\n".join(lines))
@@ -192,6 +201,10 @@ async def test_scores_leave_out_a_lazy_and_a_poisoning_provider(workers, mint, r
         got = await operator.collect_nutzaps(worker.cashier.wallet, expect=sum(r.bonus.get(best, 0) for r in rounds))
         assert got == sum(r.bonus.get(best, 0) for r in rounds) > 0
         assert await worker.cashier.wallet.total_balance() == before + got
+    assert {v.provider for v in verdicts} == {flipper, lazy} and len(verdicts) == 4   # two rounds each
+    assert all(v.label == "update-left-out" and v.kind == 5750 for v in verdicts)
+    assert set(skipped) == {flipper, lazy} and again.providers == honest
+    assert "no change from the global model" in skipped[lazy]
     table = "\n".join(contribution_table(rounds, providers))
     print(table)
     assert "no change from the global model" in table.splitlines()[5]

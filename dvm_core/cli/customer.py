@@ -60,9 +60,13 @@ def job() -> None:
                    "`dvm localnet`); also DVM_ALLOW_PRIVATE=1. Without it, when paying from --wallet-dir, "
                    "a private --blossom server is refused before anything is sent, and a pay-on-delivery "
                    "offer with files on one before anything is paid.")
+@click.option("--trust", "trusted", multiple=True, metavar="KEY",
+              help="Do not send the job if this key (npub or hex; `self` for yours) signed a negative "
+                   "verdict on the DVM (NIP-32, e.g. from `dvm federate --publish-verdicts`): exit code 7. "
+                   "Repeatable.")
 def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, params, servers, clear, key_file,
            wallet_dir, mints, max_price, yes, pay_on_delivery, dry_run, as_json, no_local_check, out, timeout,
-           allow_private) -> None:
+           allow_private, trusted) -> None:
     """Send a job, follow its progress, then download, verify and decrypt its result files.
 
     When the DVM asks for payment, its quote is shown and checked (signed by this DVM, the amount
@@ -80,6 +84,7 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
     try:
         provider = parse_public_key(dvm)
         keys = read_key_file(key_file) if key_file else Keys.generate()
+        trusted = tuple(t if t == "self" else parse_public_key(t) for t in trusted)
     except (ValueError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -115,7 +120,8 @@ def submit(relays, dvm, kind, texts, urls, files, marked_files, marked_urls, par
         else:
             write_key_file(key_path, keys)
     options = _SubmitOptions(max_price=max_price, yes=yes, dry_run=dry_run, as_json=as_json,
-                             pay_on_delivery=pay_on_delivery)
+                             pay_on_delivery=pay_on_delivery,
+                             trusted=tuple(keys.public_key if t == "self" else t for t in trusted))
     try:
         code = asyncio.run(_submit(relays, provider, kind, texts, urls, files, param_map, servers, clear,
                                    keys, wallet_dir, mints, Path(out), timeout, allow_private, options))
@@ -192,6 +198,7 @@ class _SubmitOptions:
     dry_run: bool = False
     as_json: bool = False
     pay_on_delivery: bool = False
+    trusted: tuple[str, ...] = ()   # keys whose negative verdicts on the DVM stop the job before it is sent
     report: dict = field(default_factory=dict)
 
 
@@ -205,6 +212,18 @@ async def _submit(relays, provider, kind, texts, urls, files, params, servers, c
     report = options.report
     report.update(job_id=None, provider=provider, status="error", paid_sat=0, files=[], message="")
     inputs = [JobInput(t, "text") for t in texts] + [JobInput(u, "url", marker=m) for m, u in urls]
+    if options.trusted:   # before anything is uploaded or sent
+        async with Customer(keys, list(relays)) as customer:
+            against = [v for v in await customer.verdicts([provider], list(options.trusted)) if v.negative]
+        if against:
+            v = against[0]
+            report["message"] = f"not sent: {v.label} by {v.author}: {v.reason}"
+            click.echo(f"not sent: a key you trust ({v.author[:12]}…) published a verdict against this DVM: "
+                       f"{v.label}: {v.reason}" + (f" (and {len(against) - 1} more)" if len(against) > 1 else ""),
+                       err=True)
+            if options.as_json:
+                click.echo(json.dumps(report))
+            return 7
     for marker, f in files:
         try:
             url = await upload_dataset(Path(f), list(servers), keys, encrypt=not clear)

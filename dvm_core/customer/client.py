@@ -26,6 +26,7 @@ from dvm_core.payments.locks import job_lock_pubkey
 from dvm_core.protocol.nip90 import (DELETION_KIND, FEEDBACK_KIND, HANDLER_KIND, Feedback, JobInput, Result,
                     addressed_providers, build_request, is_encrypted, parse_feedback,
                     parse_handler_announcement, parse_result)
+from dvm_core.protocol.verdicts import LABEL_KIND, NAMESPACE, Verdict, build_verdict, parse_verdict
 from dvm_core.transport.relay import RelayPool
 
 
@@ -313,6 +314,36 @@ class Customer:
         if not any(r.ok for r in results):
             raise RuntimeError("no relay accepted the nutzap")
         return event
+
+    # verdicts ------------------------------------------------------------------------------
+    async def publish_verdict(self, provider: str, label: str, reason: str, *, job_id: str | None = None,
+                              kind: int | None = None) -> dict:
+        """Sign and publish a verdict on `provider` (NIP-32, `dvm_core.protocol.verdicts`)."""
+        event = sign_event(self.keys, *build_verdict(provider, label, reason, job_id=job_id, kind=kind))
+        results = await self.pool.publish(event)
+        if not any(r.ok for r in results):
+            raise RuntimeError("no relay accepted the verdict")
+        return event
+
+    async def verdicts(self, providers: list[str], trusted: list[str], timeout: float = 5.0) -> list[Verdict]:
+        """The verdicts on `providers` signed by `trusted` keys (others are not even asked for,
+        and any a relay returns anyway are dropped), newest first."""
+        if not providers or not trusted:
+            return []
+        events = await self.pool.query([{"kinds": [LABEL_KIND], "authors": list(trusted), "#L": [NAMESPACE],
+                                         "#p": list(providers)}], timeout)
+        found: dict[str, Verdict] = {}
+        for event in events:
+            if event.get("pubkey") not in trusted:
+                continue
+            try:
+                verify_event(event)
+                verdict = parse_verdict(event)
+            except (InvalidEvent, ValueError):
+                continue
+            if verdict.provider in providers:
+                found[verdict.event_id] = verdict
+        return sorted(found.values(), key=lambda v: v.created_at, reverse=True)
 
     # pay on delivery ---------------------------------------------------------------------
     async def check_delivery(self, request: dict, feedback: Feedback, *, refund_key: str,

@@ -58,6 +58,11 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--attack", "attacks", multiple=True, metavar="MODE:N",
               help="With --local: provider N (1-based) cheats, its update rewritten as it arrives: "
                    "lazy, sign-flip, noise, scaled or copy (of the first update). Repeatable.")
+@click.option("--publish-verdicts", is_flag=True,
+              help="Publish a signed verdict (NIP-32 label, kind 1985) on each provider whose update is left out.")
+@click.option("--trust", "trusted", multiple=True, metavar="KEY",
+              help="Skip providers with a negative verdict signed by this key (npub or hex; `self` for "
+                   "yours). Repeatable.")
 @click.option("--no-score", is_flag=True, help="Merge every update that came back, unscored.")
 @click.option("--job-timeout", type=float, default=600, show_default=True, help="Seconds before a provider is dropped.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -66,7 +71,7 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, no_score, job_timeout, seed, out,
+                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score, job_timeout, seed, out,
                      allow_private) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
@@ -79,11 +84,12 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score)
+        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score, publish_verdicts=publish_verdicts)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)
         provider_keys = [parse_public_key(p) for p in providers]
+        settings.trusted = tuple(t if t == "self" else parse_public_key(t) for t in trusted)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if attacks and not local:

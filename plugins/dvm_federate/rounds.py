@@ -69,6 +69,8 @@ class FederationSettings:
     score_tolerance: float = 0.2  # left out when it raises the held-out loss by more than this share
     bonus: int = 0  # sats per round shared among the merged updates by their (positive) gains
     attacks: dict[int, str] = field(default_factory=dict)  # simulation only: provider index → ATTACKS mode
+    publish_verdicts: bool = False  # publish a NIP-32 verdict (kind 1985) on each update left out
+    trusted: tuple[str, ...] = ()  # keys whose verdicts count: a provider with a negative one is skipped
 
 
 ATTACKS = ("lazy", "sign-flip", "noise", "scaled", "copy")
@@ -402,6 +404,8 @@ class Federation:
         elif not scores:
             self.say(f"round {round_}: no update came back; the global model stays as it was")
         bonus = await self._pay_bonus(round_, names, scores, payments) if s.bonus and names else {}
+        if s.publish_verdicts and scores:
+            await self._publish_verdicts(round_, scores)
         accuracy = await asyncio.to_thread(self.evaluate)
         result = RoundReport(round=round_, accuracy=accuracy, providers=names, dropped=dropped, paid=paid,
                              seconds=round(time.monotonic() - started, 3), merge=report, compared=compared,
@@ -501,8 +505,40 @@ class Federation:
 
     # --- all rounds ----------------------------------------------------------------------------
 
+    async def skip_flagged(self) -> dict[str, str]:
+        """Leave out the providers with a negative verdict from a trusted key (before the data is
+        split); returns provider → why."""
+        s = self.settings
+        skipped: dict[str, str] = {}
+        trusted = [self.customer.keys.public_key if t == "self" else t for t in s.trusted]
+        for verdict in await self.customer.verdicts(self.providers, trusted):
+            if verdict.negative and verdict.provider not in skipped:
+                skipped[verdict.provider] = (f"{verdict.label} by {verdict.author[:12]}…: {verdict.reason[:200]}")
+        for provider, why in skipped.items():
+            self.say(f"skipping provider {provider[:12]}…: {why}")
+        self.providers = [p for p in self.providers if p not in skipped]
+        if not self.providers:
+            raise ValueError("every provider has a verdict against it from a key you trust")
+        from dvm_fedavg.checks import check_method
+        for method in (s.method, *s.compare):
+            check_method(method, len(self.providers), s.trim_ratio, s.krum_f, None)
+        return skipped
+
+    async def _publish_verdicts(self, round_: int, scores: dict[str, dict]) -> None:
+        for provider, score in scores.items():
+            if score["merged"]:
+                continue
+            try:
+                await self.customer.publish_verdict(
+                    provider, "update-left-out", f"round {round_} of a federated training: {score['reason']}",
+                    kind=self.settings.kind)
+            except (RuntimeError, ValueError) as exc:
+                self.say(f"round {round_}: the verdict on {provider[:12]}… was not published: {exc}")
+
     async def run(self) -> list[RoundReport]:
         if not self.shard_urls:
+            if self.settings.trusted:
+                await self.skip_flagged()
             await self.prepare()
         for round_ in range(1, self.settings.rounds + 1):
             await self.run_round(round_)
