@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -435,32 +436,46 @@ class Customer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         queue = self._queues.get(delivery.request["id"])
-        while True:
+
+        async def from_mint() -> bytes | None:
             try:
-                preimage = await wallet.htlc_preimage(delivery.token)
+                return await wallet.htlc_preimage(delivery.token)
             except PaymentError as exc:
                 if not exc.retryable:
                     raise
-                preimage = None   # the mint is down: the result event may still bring the key
-            if preimage is not None:
-                break
+                return None   # the mint is down: the result event may still bring the key
+
+        # The result event brings K first as a rule: the mint is asked only after `poll_seconds`
+        # without it (then every `poll_seconds`), and once more before giving up. Asking it at
+        # once cost a checkstate's round trip on every delivery (the result event came while
+        # the answer was awaited).
+        last_asked = loop.time() if queue is not None else -math.inf
+        preimage = None
+        while preimage is None:
+            if loop.time() - last_asked >= poll_seconds:
+                last_asked = loop.time()
+                preimage = await from_mint()
+                if preimage is not None:
+                    break
             remaining = deadline - loop.time()
             if remaining <= 0:
+                preimage = await from_mint()
+                if preimage is not None:
+                    break
                 raise TimeoutError(f"the DVM has not redeemed the payment of job "
                                    f"{delivery.request['id'][:12]} within {timeout:g} s")
+            wait = max(0.01, min(poll_seconds - (loop.time() - last_asked), remaining))
             if queue is None:
-                await asyncio.sleep(min(poll_seconds, remaining))
+                await asyncio.sleep(wait)
                 continue
             try:
-                async with asyncio.timeout(min(poll_seconds, remaining)):
+                async with asyncio.timeout(wait):
                     event = await queue.get()
             except TimeoutError:
                 continue
             if event["kind"] != FEEDBACK_KIND:
                 result = parse_result(event, self._decrypter(delivery.request["id"], event))
                 preimage = _preimage_in(result, delivery.offer.hash)
-                if preimage is not None:
-                    break
         return open_delivery(delivery, preimage, self.keys)
 
     async def publish_wallet_info(self, wallet) -> dict:

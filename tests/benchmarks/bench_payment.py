@@ -66,7 +66,8 @@ sequential phase or the concurrent one.
 Experiments (off by default): `--alt-poll-seconds S` and/or `--alt-lazy-first-check` add a
 second delivery path, `delivery_alt`, interleaved with the first, that passes `await_delivery`
 another poll_seconds, or a wallet whose first checkstate answers "not yet" without asking the
-mint (`LazyFirstCheck`). dvm_core is not changed by either.
+mint (`LazyFirstCheck`: what `await_delivery` now does itself, since the experiment showed the
+checkstate on the critical path). dvm_core is not changed by either.
 """
 
 from __future__ import annotations
@@ -512,7 +513,8 @@ async def sequential(customer: TimedCustomer, worker: Worker, responder: Respond
 class TimedDeliveryWallet:
     """Stamps on the delivery wallet's two mint calls of the pay-on-delivery path, keyed by the
     HTLC token: `send_htlc` (the swap that makes the locked proofs) and each `htlc_preimage`
-    (NUT-07 checkstate, which `await_delivery` calls before each wait for the result event)."""
+    (NUT-07 checkstate, which `await_delivery` calls only after poll_seconds without the
+    result event, and once before giving up)."""
 
     def __init__(self, wallet: EcashWallet):
         self.wallet = wallet
