@@ -166,7 +166,7 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
             write_key_file(home / "dvm.key", keys)
             (home / "dvm.toml").write_text(
                 f'[dvm]\nname = "Local provider {i}"\nrelays = ["{relay.url}"]\nkey_file = "dvm.key"\n'
-                f'state_dir = "state"\nlog_format = "json"\nmints = ["{mint.url}"]\n'
+                f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\nmints = ["{mint.url}"]\n'
                 f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n'
                 f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n')
             workers.append(subprocess.Popen(

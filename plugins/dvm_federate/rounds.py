@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.customer import Customer, PaymentDeclined, download_artifacts, upload_dataset
+from dvm_core.customer import Customer, PaymentDeclined, ProgressMeter, download_artifacts, upload_dataset
 from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -202,24 +202,32 @@ class Federation:
         return params
 
     async def _job(self, provider: str, kind: int, inputs: list[JobInput], params: dict[str, str],
-                   dest: Path) -> tuple[dict[str, Path], int]:
-        """One paid job on one provider: its downloaded files and what it cost."""
+                   dest: Path, label: str = "") -> tuple[dict[str, Path], int]:
+        """One paid job on one provider: its downloaded files and what it cost. Its progress
+        (the provider's ``processing`` feedback) is said as it comes, after `label`, with a rate
+        and an ETA, and a full bar once its result is in."""
         s = self.settings
         if s.pay_on_delivery:
             params = dict(params, pay_on_delivery=self.wallet.p2pk_pubkey)   # the HTLCs' refund key
         request = await self.customer.submit(kind, inputs, params, provider=provider)
         paid = 0
         started = time.monotonic()
+        meter = ProgressMeter()
+        label = label or f"provider {provider[:12]}…"
         try:
             async for update in self.customer.updates(request, timeout=s.job_timeout):
                 if isinstance(update, Result):
+                    self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(update, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, paid
                 if update.status == "error":
                     raise ProviderFailed(update.message or "error")
+                if update.status == "processing" and update.progress is not None:
+                    self.say(f"{label} {meter.line(update.progress, update.message)}")
                 if update.status == "payment-required" and s.pay_on_delivery:
                     result = await self._pay_on_delivery(provider, request, update,
                                                          s.job_timeout - (time.monotonic() - started))
+                    self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, self._paid[provider]
                 if update.status == "payment-required":
@@ -281,7 +289,7 @@ class Federation:
         async def train(i: int, provider: str):
             inputs = [JobInput(self.shard_urls[i], "url"), JobInput(weights_url, "url", "", "weights")]
             return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
-                                   rdir / f"provider-{i}")
+                                   rdir / f"provider-{i}", label=f"round {round_}: provider {i} ({provider[:12]}…)")
 
         self._paid, self._payments = {}, {}
         outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
@@ -364,7 +372,8 @@ class Federation:
             params["f"] = str(s.krum_f)
         if s.clip_norm is not None:
             params["clip_norm"] = str(s.clip_norm)
-        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge")
+        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge",
+                                   label=f"merge DVM ({s.merge_provider[:12]}…)")
         if "model.safetensors" not in files:
             raise ProviderFailed("the merge result has no model.safetensors")
         files["model.safetensors"].replace(out)
