@@ -57,21 +57,39 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--out", type=click.Path(file_okay=False), default="federation", show_default=True,
               help="Where the global models, rounds.json and accuracy.png go.")
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+@click.option("--compare", default="", metavar="METHOD,...",
+              help="Also merge each round's updates with these methods (e.g. median,krum) and report and "
+                   "plot their held-out accuracy; the global model stays --method's.")
+@click.option("--attack", "attacks", multiple=True, metavar="KIND:INDEX",
+              help="With --local: simulate a misbehaving provider (repeatable): sign-flip:1, provider 1's "
+                   "update reversed; lazy:1, provider 1 returns the weights it was sent.")
+@click.option("--baseline", is_flag=True,
+              help="Also train one model here on the whole training set (rounds × epochs epochs) and plot "
+                   "it on accuracy.png as the centralised reference.")
 def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, pay_on_delivery, job_timeout, seed, out, allow_private) -> None:
+                     merge_dvm, max_price, pay_on_delivery, job_timeout, seed, out, allow_private, compare,
+                     attacks, baseline) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
 
-    from .rounds import FederationSettings
+    from .rounds import FederationSettings, parse_attack
 
     configure_logging("console", "warning")
+    count = local or len(providers)
+    compared = tuple(m.strip() for m in compare.split(",") if m.strip())
+    if attacks and not local:
+        raise click.ClickException("--attack simulates a misbehaving provider: only with --local")
+    try:
+        simulated = dict(parse_attack(a, count) for a in attacks)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     settings = FederationSettings(
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery)
+        pay_on_delivery=pay_on_delivery, compare=compared, attacks=simulated, baseline=baseline)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)
@@ -80,10 +98,12 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
         raise click.ClickException(str(exc)) from None
     out_dir = Path(out)
     from dvm_fedavg.checks import MergeError, check_method
-    try:
-        check_method(method, local or len(provider_keys), trim_ratio, krum_f, None)
-    except MergeError as exc:
-        raise click.ClickException(f"--method {method} with {local or len(provider_keys)} providers: {exc}") from None
+    for option, name in (("--method", method), *(("--compare", m) for m in compared)):
+        try:
+            check_method(name, local or len(provider_keys), trim_ratio, krum_f, None)
+        except (MergeError, ValueError) as exc:
+            raise click.ClickException(f"{option} {name} with {local or len(provider_keys)} providers: {exc}") \
+                from None
     if local:
         if relays or providers or servers or wallet_dir or mints:
             raise click.ClickException("--local starts its own relay, providers, blob server and mint: "
@@ -108,10 +128,12 @@ async def _federate(customer, wallet, providers, train, test, servers, settings,
     from .rounds import federate
 
     reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
-    click.echo("\nround  accuracy  merged  dropped  paid(sat)")
+    methods = list(settings.compare)
+    click.echo("\nround  accuracy  merged  dropped  paid(sat)" + "".join(f"  {m:>12}" for m in methods))
     for r in reports:
         click.echo(f"{r.round:5d}  {r.accuracy:8.4f}  {len(r.providers):6d}  {len(r.dropped):7d}  "
-                   f"{sum(r.paid.values()):9d}")
+                   f"{sum(r.paid.values()):9d}"
+                   + "".join(f"  {r.compared[m]:12.4f}" if m in r.compared else f"  {'-':>12}" for m in methods))
     click.echo(f"\nglobal model: {out_dir / f'global-{reports[-1].round}.safetensors'} "
                f"(card: {out_dir / 'global_card.json'}); accuracy per round: {out_dir / 'accuracy.png'}")
     return 0 if any(r.providers for r in reports) else 1

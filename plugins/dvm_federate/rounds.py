@@ -63,6 +63,10 @@ class FederationSettings:
     merge_provider: str | None = None
     allow_private_urls: bool = False  # download results from loopback/private blob servers
     compare: tuple[str, ...] = ()  # other methods merged from the same updates and evaluated each round
+    # Simulated misbehaviour (`dvm federate --local --attack`): provider index → "sign-flip" or
+    # "lazy"; its update is replaced here, after download, by what such a provider would send.
+    attacks: dict[int, str] = field(default_factory=dict)
+    baseline: bool = False  # also train one model on all the data here, for the accuracy chart
 
 
 @dataclass
@@ -80,6 +84,44 @@ class RoundReport:
 
 class ProviderFailed(Exception):
     pass
+
+
+ATTACKS = {
+    "sign-flip": "its change to the global model reversed (global - (update - global))",
+    "lazy": "the global model it was sent, untrained",
+}
+
+
+def parse_attack(text: str, providers: int) -> tuple[int, str]:
+    """``sign-flip:1`` → (1, "sign-flip"): the provider index (0-based, as in the shard lines)."""
+    name, _, index = text.partition(":")
+    if name not in ATTACKS or not index.isdigit():
+        raise ValueError(f"--attack {text!r}: give {' or '.join(f'{a}:INDEX' for a in ATTACKS)}")
+    if int(index) >= providers:
+        raise ValueError(f"--attack {text!r}: provider indices go from 0 to {providers - 1}")
+    return int(index), name
+
+
+def poison(update: Path, base: Path, attack: str, out: Path) -> Path:
+    """Write what a misbehaving provider would have sent instead of `update`: ``lazy``, the
+    `base` weights it was given; ``sign-flip``, its change to them reversed. BatchNorm's
+    running statistics are kept as trained (they are not part of the update being attacked,
+    and a reversed variance would be negative). The file's metadata is kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(update), "pt") as f:
+        metadata = f.metadata()
+    local, start = load_file(str(update)), load_file(str(base))
+    if attack == "lazy":
+        poisoned = start
+    elif attack == "sign-flip":
+        poisoned = {k: (2 * start[k] - v if v.is_floating_point() and "running_" not in k else v)
+                    for k, v in local.items()}
+    else:
+        raise ValueError(f"unknown attack {attack!r}")
+    save_file({k: v.contiguous() for k, v in poisoned.items()}, str(out), metadata=metadata)
+    return out
 
 
 def split_indices(labels: np.ndarray, parts: int, how: str = "iid", seed: int = 0) -> list[np.ndarray]:
@@ -312,7 +354,14 @@ class Federation:
             if "model.safetensors" not in files:
                 dropped[provider] = "the result has no model.safetensors"
                 continue
-            updates.append(files["model.safetensors"])
+            update = files["model.safetensors"]
+            attack = s.attacks.get(i)
+            if attack:
+                update = await asyncio.to_thread(poison, update, self.global_weights, attack,
+                                                 update.with_name(f"{attack}.safetensors"))
+                self.say(f"round {round_}: provider {i} ({provider[:12]}…) simulated as {attack}: its update "
+                         f"is {ATTACKS[attack]}")
+            updates.append(update)
             weights.append(float(len(self.shards[i])))
             names.append(provider)
         merged = self.workdir / f"global-{round_}.safetensors"
@@ -389,23 +438,66 @@ class Federation:
 
     # --- all rounds ----------------------------------------------------------------------------
 
+    def centralised_baseline(self) -> list[float]:
+        """What the same training gives without federation: one model trained here on the whole
+        training set, from the same first weights and normalisation, for rounds × epochs epochs
+        (the epochs each provider trained in all); its held-out accuracy after each round's worth
+        of epochs. The chart's reference line."""
+        import torch
+        from safetensors.torch import load_file
+
+        from dvm_image_classifier.params import DEFAULT_LR, DEFAULTS, TrainParams
+        from dvm_image_classifier.train import to_tensors, train
+
+        s = self.settings
+        test_x = self.x_test if self.x_test.ndim == 4 else self.x_test[..., None]
+        test_y = np.array([self.classes.index(label) if label in self.classes else -1 for label in self.test_labels])
+        keep = test_y >= 0
+        x, y = to_tensors(self.x, self.y)
+        x_test, y_test = to_tensors(test_x[keep], test_y[keep])
+        params = TrainParams(architecture=self.spec["type"], epochs=s.rounds * s.epochs, batch_size=s.batch_size,
+                             learning_rate=s.learning_rate or DEFAULT_LR[DEFAULTS["optimizer"]], seed=s.seed,
+                             validation_fraction=0.0)
+        outcome = train(train_images=x, train_labels=y, val_images=x_test, val_labels=y_test, spec=self.spec,
+                        params=params, mean=self.mean, std=self.std,
+                        initial_weights=load_file(str(self.workdir / "global-0.safetensors")),
+                        device=torch.device("cpu"))
+        by_epoch = {r["epoch"]: r["val_accuracy"] * keep.mean() for r in outcome.history}  # unknown labels: wrong
+        return [by_epoch.get(r * s.epochs) for r in range(1, s.rounds + 1)]
+
     async def run(self) -> list[RoundReport]:
         if not self.shard_urls:
             await self.prepare()
         for round_ in range(1, self.settings.rounds + 1):
             await self.run_round(round_)
+        if self.settings.baseline:
+            self.say(f"training the centralised baseline here ({self.settings.rounds * self.settings.epochs} "
+                     "epochs on the whole training set)")
+            self.baseline = await asyncio.to_thread(self.centralised_baseline)
+            self.say("centralised baseline: " + ", ".join(f"round {i} {a:.4f}" for i, a in
+                                                        enumerate(self.baseline, 1) if a is not None))
         self.write_reports()
         return self.reports
 
     def write_reports(self) -> None:
         from dvm_core.charts import plot_lines
 
+        baseline = getattr(self, "baseline", None)
         (self.workdir / "rounds.json").write_text(json.dumps(
             {"settings": asdict(self.settings), "providers": self.providers,
-             "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
-        plot_lines(self.workdir / "accuracy.png", f"held-out accuracy per round ({self.settings.method})",
-                   [("global model", [(r.round, r.accuracy) for r in self.reports])],
-                   x_label="round", y_label="accuracy", y_range=(0.0, 1.0))
+             "rounds": [asdict(r) for r in self.reports], "centralised_baseline": baseline}, indent=2) + "\n")
+        s = self.settings
+        series = [(f"global model ({s.method})", [(r.round, r.accuracy) for r in self.reports])]
+        for method in s.compare:
+            series.append((f"{method}, same updates", [(r.round, r.compared.get(method)) for r in self.reports]))
+        if baseline:
+            series.append(("centralised (all data here)", list(enumerate(baseline, 1))))
+        attacked = ", ".join(f"provider {i} {a}" for i, a in sorted(s.attacks.items()))
+        plot_lines(self.workdir / "accuracy.png",
+                   f"held-out accuracy per round ({s.method}, {len(self.providers)} providers"
+                   + (f"; simulated: {attacked}" if attacked else "") + ")",
+                   series, x_label="round", y_label="accuracy", y_range=(0.0, 1.0),
+                   size=(760, 420) if len(series) > 1 else (640, 420))
 
 
 async def federate(customer: Customer, wallet, providers: Sequence[str], train: Path, test: Path,
