@@ -230,3 +230,40 @@ def test_llm_readme_snippet_loads_the_adapter(lora_result, tmp_path):
                          timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("Hello") and len(run.stdout.strip()) > len("Hello")
+
+
+def test_full_finetuning_readme_names_the_hub_base_and_its_snippet_loads_the_result(tmp_path):
+    """A full fine-tune of a model from the provider's hub cache: ``base_model`` in the front
+    matter, and the snippet loads the returned folder alone (model and tokenizer)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from .test_llm_finetune import (COMMIT, DATA_URL as TEXT_URL, FAST, REPO_ID, build_tokenizer, hub_cache,
+                                    save_model_folder, sentences, write_jsonl)
+    from .test_llm_finetune import Job as LlmJob
+
+    gpt2 = save_model_folder(tmp_path / "gpt2", "gpt2", build_tokenizer())
+    config = {"plugins": {"llm-finetune": {"allowed_models": [REPO_ID],
+                                           "hub_cache_dir": str(hub_cache(tmp_path / "hub", REPO_ID, gpt2))}}}
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in sentences(200)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = LlmJob(tmp_path, {TEXT_URL: text}, {**FAST, "epochs": 1, "model": REPO_ID, "method": "full"},
+                        config=config).run()
+    finally:
+        torch.set_num_threads(before)
+    files = {a.name: a.path for a in result.artifacts}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "model_card.json", "README.md",
+            "loss_curve.png"} <= set(files)
+    meta, body = front_matter(files["README.md"].read_text(encoding="utf-8"))
+    assert meta["library_name"] == "transformers" and meta["base_model"] == REPO_ID
+    assert "full-fine-tuning" in meta["tags"] and "lora" not in meta["tags"]
+    assert f"`{REPO_ID}` (revision `{COMMIT}`)" in body
+    returned = tmp_path / "returned"
+    returned.mkdir()
+    for name, path in files.items():
+        shutil.copy(path, returned / name)
+    run = subprocess.run([sys.executable, "-c", python_block(body)], cwd=returned, env=env(), capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("Hello")
