@@ -300,7 +300,7 @@ def test_dvm_federate_local_runs_from_one_command(tmp_path):
     out = tmp_path / "federation"
     run = subprocess.run(
         [sys.executable, "-m", "dvm_core.cli", "federate", "--local", "3", "--rounds", "1", "--epochs", "1",
-         "--split", "label", "--attack", "lazy:3", "--out", str(out)],
+         "--split", "label", "--attack", "lazy:2", "--out", str(out)],
         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "3 providers up" in run.stdout and "round 1: 2/3 updates merged (fedavg)" in run.stdout
@@ -313,7 +313,7 @@ def test_dvm_federate_local_runs_from_one_command(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", "--local", "2", "--method", "krum"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--method krum with 2 providers: " in refused.stderr
-    for args, message in ((["--local", "2", "--attack", "lazy:3"], "N a provider from 1 to 2"),
+    for args, message in ((["--local", "2", "--attack", "lazy:2"], "N a provider from 0 to 1"),
                           (["--local", "2", "--attack", "bribe:1"], "MODE one of lazy, sign-flip"),
                           (["--attack", "lazy:1"], "use it with --local N")):
         refused = subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", *args],

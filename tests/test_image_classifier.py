@@ -155,10 +155,12 @@ def trained(digits, tmp_path_factory):
 
 def test_digits_held_out_accuracy(trained, digits):
     result = trained["result"]
-    assert set(trained["files"]) == {"model.safetensors", "model_card.json", "training_curves.png"}
+    assert set(trained["files"]) == {"model.safetensors", "model_card.json", "README.md", "training_curves.png",
+                                     "confusion_matrix.png"}
     types = {a.name: a.type for a in result.artifacts}
     assert types == {"model.safetensors": "application/octet-stream", "model_card.json": "application/json",
-                     "training_curves.png": "image/png"}
+                     "README.md": "text/markdown", "training_curves.png": "image/png",
+                     "confusion_matrix.png": "image/png"}
     model, preprocess = load_model(trained["files"]["model.safetensors"], trained["files"]["model_card.json"])
     with torch.no_grad():
         predicted = model(preprocess(digits["x_test"])).argmax(1).numpy()
@@ -487,7 +489,8 @@ def test_time_limit_returns_the_model_so_far(tmp_path, patterns):
     assert time.monotonic() - started < 20
     assert result.content["stopped_early"] == "time_limit"
     assert 1 <= result.content["epochs"] < 200
-    assert {a.name for a in result.artifacts} == {"model.safetensors", "model_card.json", "training_curves.png"}
+    assert {a.name for a in result.artifacts} == {"model.safetensors", "model_card.json", "README.md",
+                                                  "training_curves.png", "confusion_matrix.png"}
 
 
 # --- several processes: accelerate launch ------------------------------------------------------
@@ -500,7 +503,8 @@ def test_launched_training_in_two_processes(tmp_path, patterns):
     job = Job(tmp_path, {DATA_URL: patterns}, {"epochs": 6}, LAUNCHED)
     result = job.run()
     files = {a.name: a.path for a in result.artifacts}
-    assert set(files) == {"model.safetensors", "model_card.json", "training_curves.png"}
+    assert set(files) == {"model.safetensors", "model_card.json", "README.md", "training_curves.png",
+                          "confusion_matrix.png"}
     card = json.loads(files["model_card.json"].read_text())
     assert card["training"]["launch"]["processes"] == 2
     assert len(card["history"]) == 6 and result.content["epochs"] == 6

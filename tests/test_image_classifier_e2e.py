@@ -76,7 +76,8 @@ async def test_digits_job_paid_over_relay_and_mint_reaches_090(workers, mint, re
 
         summary = json.loads(result.content)
         saved = {p.name: p for p in await download_artifacts(result, tmp_path / "result", allow_private=True)}
-        assert set(saved) == {"model.safetensors", "model_card.json", "training_curves.png"}
+        assert set(saved) == {"model.safetensors", "model_card.json", "README.md", "training_curves.png",
+                              "confusion_matrix.png"}
         card = json.loads(saved["model_card.json"].read_text())
         import hashlib
         plain = hashlib.sha256(dataset.read_bytes()).hexdigest()

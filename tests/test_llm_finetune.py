@@ -240,7 +240,8 @@ def lora_job(assets, tmp_path_factory):
 
 def test_lora_loss_goes_down_and_returns_an_adapter(lora_job):
     result, files = lora_job["result"], lora_job["files"]
-    assert set(files) == {"adapter_model.safetensors", "adapter_config.json", "model_card.json", "loss_curve.png"}
+    assert set(files) == {"adapter_model.safetensors", "adapter_config.json", "model_card.json", "README.md",
+                          "loss_curve.png"}
     types = {a.name: a.type for a in result.artifacts}
     assert types["loss_curve.png"] == "image/png" and types["model_card.json"] == "application/json"
     content = result.content
@@ -280,7 +281,7 @@ def test_model_card_and_curve(lora_job, assets):
     assert len(card["history"]) >= 10 and card["history"][-1]["step"] == 135
     assert card["history"][-1]["loss"] < card["history"][0]["loss"]
     image = Image.open(lora_job["files"]["loss_curve.png"])
-    assert image.format == "PNG" and image.size == (800, 450)
+    assert image.format == "PNG" and image.size == (1000, 450)   # loss and perplexity side by side
     # The curve is drawn: blue (train) and orange (eval) pixels are there.
     colours = {c for _, c in image.getcolors(1 << 20)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours

@@ -282,8 +282,10 @@ async def _submit(relays, provider, kind, texts, urls, files, params, servers, c
 
 async def _follow(customer, request, wallet, out, timeout, allow_private, options) -> int:
     from dvm_core.customer.client import JobFailed
+    from dvm_core.customer.progress import ProgressMeter
     from dvm_core.protocol.nip90 import Result
     report = options.report
+    meter = ProgressMeter()
     try:
         async for update in customer.updates(request, timeout=timeout):
             if isinstance(update, Result):
@@ -308,11 +310,12 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
                 report["message"] = update.message
                 return 1
             else:
-                click.echo(_progress_line(update), err=True)
+                click.echo(_progress_line(update, meter), err=True)
     except (JobFailed, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
         report["message"] = str(exc)
         return 1
+    click.echo(meter.done("result received"), err=True)
     report.update(status="succeeded", result=result.content)
     code = await _save_result(result, out, allow_private, report)
     if code == 0 and options.pay_on_delivery and report["paid_sat"]:
@@ -586,11 +589,11 @@ def job_reclaim(token_file, wallet_dir, mints) -> None:
         raise click.ClickException(exc.customer_message) from None
 
 
-def _progress_line(feedback) -> str:
+def _progress_line(feedback, meter) -> str:
+    """A feedback as one line: with a percentage, the bar with its rate and ETA (`meter`)."""
     if feedback.progress is None:
         return f"{feedback.status}: {feedback.message}"
-    filled = int(feedback.progress / 5)
-    return f"[{'#' * filled}{'-' * (20 - filled)}] {feedback.message}"
+    return meter.line(feedback.progress, feedback.message)
 
 
 @main.command()

@@ -56,7 +56,8 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
               help="Sats per round shared among the merged updates by their scores (a nutzap to each; "
                    "providers collect it with `dvm wallet collect`).")
 @click.option("--attack", "attacks", multiple=True, metavar="MODE:N",
-              help="With --local: provider N (1-based) cheats, its update rewritten as it arrives: "
+              help="With --local: provider N (0, 1, … as the shard lines number them) cheats, its update "
+                   "rewritten as it arrives: "
                    "lazy, sign-flip, noise, scaled or copy (of the first update). Repeatable.")
 @click.option("--publish-verdicts", is_flag=True,
               help="Publish a signed verdict (NIP-32 label, kind 1985) on each provider whose update is left out.")
@@ -69,10 +70,16 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--out", type=click.Path(file_okay=False), default="federation", show_default=True,
               help="Where the global models, rounds.json and accuracy.png go.")
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
+@click.option("--compare", default="", metavar="METHOD,...",
+              help="Also merge each round's updates with these methods (e.g. median,krum) and report and "
+                   "plot their held-out accuracy; the global model stays --method's.")
+@click.option("--baseline", is_flag=True,
+              help="Also train one model here on the whole training set (rounds × epochs epochs) and plot "
+                   "it on accuracy.png as the centralised reference.")
 def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score, job_timeout, seed, out,
-                     allow_private) -> None:
+                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score, job_timeout,
+                     seed, out, allow_private, compare, baseline) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
@@ -80,11 +87,13 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
     from .rounds import FederationSettings
 
     configure_logging("console", "warning")
+    compared = tuple(m.strip() for m in compare.split(",") if m.strip())
     settings = FederationSettings(
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score, publish_verdicts=publish_verdicts)
+        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score, publish_verdicts=publish_verdicts,
+        compare=compared, baseline=baseline)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)
@@ -97,16 +106,18 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
     from .rounds import ATTACKS
     for attack in attacks:
         mode, _, index = attack.partition(":")
-        if mode not in ATTACKS or not index.isdigit() or not 1 <= int(index) <= (local or 0):
+        if mode not in ATTACKS or not index.isdigit() or not int(index) < (local or 0):
             raise click.ClickException(f"--attack {attack}: use MODE:N, MODE one of {', '.join(ATTACKS)} "
-                                       f"and N a provider from 1 to {local}")
-        settings.attacks[int(index) - 1] = mode
+                                       f"and N a provider from 0 to {(local or 1) - 1} (as the shard lines number them)")
+        settings.attacks[int(index)] = mode
     out_dir = Path(out)
     from dvm_fedavg.checks import MergeError, check_method
-    try:
-        check_method(method, local or len(provider_keys), trim_ratio, krum_f, None)
-    except MergeError as exc:
-        raise click.ClickException(f"--method {method} with {local or len(provider_keys)} providers: {exc}") from None
+    for option, name in (("--method", method), *(("--compare", m) for m in compared)):
+        try:
+            check_method(name, local or len(provider_keys), trim_ratio, krum_f, None)
+        except (MergeError, ValueError) as exc:
+            raise click.ClickException(f"{option} {name} with {local or len(provider_keys)} providers: {exc}") \
+                from None
     if local:
         if relays or providers or servers or wallet_dir or mints:
             raise click.ClickException("--local starts its own relay, providers, blob server and mint: "
@@ -131,10 +142,12 @@ async def _federate(customer, wallet, providers, train, test, servers, settings,
     from .rounds import contribution_table, federate
 
     reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
-    click.echo("\nround  accuracy  merged  dropped  paid(sat)")
+    methods = list(settings.compare)
+    click.echo("\nround  accuracy  merged  dropped  paid(sat)" + "".join(f"  {m:>12}" for m in methods))
     for r in reports:
         click.echo(f"{r.round:5d}  {r.accuracy:8.4f}  {len(r.providers):6d}  {len(r.dropped):7d}  "
-                   f"{sum(r.paid.values()):9d}")
+                   f"{sum(r.paid.values()):9d}"
+                   + "".join(f"  {r.compared[m]:12.4f}" if m in r.compared else f"  {'-':>12}" for m in methods))
     click.echo("")
     for line in contribution_table(reports, providers):
         click.echo(line)
@@ -195,7 +208,7 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
             write_key_file(home / "dvm.key", keys)
             (home / "dvm.toml").write_text(
                 f'[dvm]\nname = "Local provider {i}"\nrelays = ["{relay.url}"]\nkey_file = "dvm.key"\n'
-                f'state_dir = "state"\nlog_format = "json"\nmints = ["{mint.url}"]\n'
+                f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\nmints = ["{mint.url}"]\n'
                 f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n'
                 f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n')
             workers.append(subprocess.Popen(

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.customer import Customer, PaymentDeclined, download_artifacts, upload_dataset
+from dvm_core.customer import Customer, PaymentDeclined, ProgressMeter, download_artifacts, upload_dataset
 from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -71,43 +71,47 @@ class FederationSettings:
     attacks: dict[int, str] = field(default_factory=dict)  # simulation only: provider index → ATTACKS mode
     publish_verdicts: bool = False  # publish a NIP-32 verdict (kind 1985) on each update left out
     trusted: tuple[str, ...] = ()  # keys whose verdicts count: a provider with a negative one is skipped
+    baseline: bool = False  # also train one model on all the data here, for the accuracy chart
 
 
 ATTACKS = ("lazy", "sign-flip", "noise", "scaled", "copy")
 
 
-def simulate_attack(update: Path, base: Path, mode: str, other: Path | None = None) -> None:
-    """Rewrite a downloaded update as a cheating provider would have sent it (`dvm federate
-    --local --attack`, to see what the scores and the robust methods do): `lazy` sends the
-    weights it was given, `sign-flip` base − 4·Δ, `noise` base + noise 10× Δ's spread, `scaled`
-    base + 10·Δ, `copy` another provider's update (`other`)."""
+def simulate_attack(update: Path, base: Path, mode: str, out: Path, other: Path | None = None) -> Path:
+    """Write to `out` what a cheating provider would have sent instead of `update` (`dvm
+    federate --local --attack`, to see what the scores and the robust methods do): `lazy` the
+    weights it was given, `sign-flip` base − 4·Δ, `noise` base + noise of 10× Δ's spread,
+    `scaled` base + 10·Δ, `copy` another provider's update (`other`). BatchNorm's running
+    statistics stay as trained (a reversed variance would be negative), except for `lazy`,
+    which sends the base back whole. The file's metadata is kept."""
     import torch
     from safetensors.torch import load_file, safe_open, save_file
 
     with safe_open(str(update), "pt") as f:
         metadata = f.metadata()
+    w, b = load_file(str(update)), load_file(str(base))
     if mode == "copy":
         if other is None:
             raise ValueError("copy needs another provider's update")
-        save_file(load_file(str(other)), str(update), metadata=metadata)
-        return
-    w, b = load_file(str(update)), load_file(str(base))
-    generator = torch.Generator().manual_seed(3)
-    for key, value in w.items():
-        if not value.is_floating_point():
-            continue
-        delta = value - b[key]
-        if mode == "lazy":
-            w[key] = b[key].clone()
-        elif mode == "sign-flip":
-            w[key] = b[key] - 4 * delta
-        elif mode == "noise":
-            w[key] = b[key] + torch.randn(value.shape, generator=generator) * float(delta.std()) * 10
-        elif mode == "scaled":
-            w[key] = b[key] + 10 * delta
-        else:
-            raise ValueError(f"unknown attack {mode!r}: use one of {', '.join(ATTACKS)}")
-    save_file(w, str(update), metadata=metadata)
+        w = load_file(str(other))
+    elif mode == "lazy":
+        w = {k: v.clone() for k, v in b.items()}
+    else:
+        generator = torch.Generator().manual_seed(3)
+        for key, value in w.items():
+            if not value.is_floating_point() or "running_" in key:
+                continue
+            delta = value - b[key]
+            if mode == "sign-flip":
+                w[key] = b[key] - 4 * delta
+            elif mode == "noise":
+                w[key] = b[key] + torch.randn(value.shape, generator=generator) * float(delta.std()) * 10
+            elif mode == "scaled":
+                w[key] = b[key] + 10 * delta
+            else:
+                raise ValueError(f"unknown attack {mode!r}: use one of {', '.join(ATTACKS)}")
+    save_file({k: v.contiguous() for k, v in w.items()}, str(out), metadata=metadata)
+    return out
 
 
 @dataclass
@@ -249,24 +253,32 @@ class Federation:
         return params
 
     async def _job(self, provider: str, kind: int, inputs: list[JobInput], params: dict[str, str],
-                   dest: Path) -> tuple[dict[str, Path], int]:
-        """One paid job on one provider: its downloaded files and what it cost."""
+                   dest: Path, label: str = "") -> tuple[dict[str, Path], int]:
+        """One paid job on one provider: its downloaded files and what it cost. Its progress
+        (the provider's ``processing`` feedback) is said as it comes, after `label`, with a rate
+        and an ETA, and a full bar once its result is in."""
         s = self.settings
         if s.pay_on_delivery:
             params = dict(params, pay_on_delivery=self.wallet.p2pk_pubkey)   # the HTLCs' refund key
         request = await self.customer.submit(kind, inputs, params, provider=provider)
         paid = 0
         started = time.monotonic()
+        meter = ProgressMeter()
+        label = label or f"provider {provider[:12]}…"
         try:
             async for update in self.customer.updates(request, timeout=s.job_timeout):
                 if isinstance(update, Result):
+                    self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(update, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, paid
                 if update.status == "error":
                     raise ProviderFailed(update.message or "error")
+                if update.status == "processing" and update.progress is not None:
+                    self.say(f"{label} {meter.line(update.progress, update.message)}")
                 if update.status == "payment-required" and s.pay_on_delivery:
                     result = await self._pay_on_delivery(provider, request, update,
                                                          s.job_timeout - (time.monotonic() - started))
+                    self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, self._paid[provider]
                 if update.status == "payment-required":
@@ -328,7 +340,7 @@ class Federation:
         async def train(i: int, provider: str):
             inputs = [JobInput(self.shard_urls[i], "url"), JobInput(weights_url, "url", "", "weights")]
             return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
-                                   rdir / f"provider-{i}")
+                                   rdir / f"provider-{i}", label=f"round {round_}: provider {i} ({provider[:12]}…)")
 
         self._paid, self._payments = {}, {}
         outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
@@ -351,11 +363,13 @@ class Federation:
             if "model.safetensors" not in files:
                 dropped[provider] = "the result has no model.safetensors"
                 continue
+            update = files["model.safetensors"]
             if i in s.attacks:   # a simulation (--local --attack): this provider cheats
-                await asyncio.to_thread(simulate_attack, files["model.safetensors"], self.global_weights,
-                                        s.attacks[i], updates[0] if updates else None)
-                self.say(f"round {round_}: provider {provider[:12]}… plays {s.attacks[i]} (simulated)")
-            updates.append(files["model.safetensors"])
+                update = await asyncio.to_thread(simulate_attack, update, self.global_weights, s.attacks[i],
+                                                 update.with_name(f"{s.attacks[i]}.safetensors"),
+                                                 updates[0] if updates else None)
+                self.say(f"round {round_}: provider {i} ({provider[:12]}…) plays {s.attacks[i]} (simulated)")
+            updates.append(update)
             weights.append(float(len(self.shards[i])))
             names.append(provider)
         merged = self.workdir / f"global-{round_}.safetensors"
@@ -464,7 +478,8 @@ class Federation:
             params["f"] = str(s.krum_f)
         if s.clip_norm is not None:
             params["clip_norm"] = str(s.clip_norm)
-        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge")
+        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge",
+                                   label=f"merge DVM ({s.merge_provider[:12]}…)")
         if "model.safetensors" not in files:
             raise ProviderFailed("the merge result has no model.safetensors")
         files["model.safetensors"].replace(out)
@@ -535,6 +550,33 @@ class Federation:
             except (RuntimeError, ValueError) as exc:
                 self.say(f"round {round_}: the verdict on {provider[:12]}… was not published: {exc}")
 
+    def centralised_baseline(self) -> list[float]:
+        """What the same training gives without federation: one model trained here on the whole
+        training set, from the same first weights and normalisation, for rounds × epochs epochs
+        (the epochs each provider trained in all); its held-out accuracy after each round's worth
+        of epochs. The chart's reference line."""
+        import torch
+        from safetensors.torch import load_file
+
+        from dvm_image_classifier.params import DEFAULT_LR, DEFAULTS, TrainParams
+        from dvm_image_classifier.train import to_tensors, train
+
+        s = self.settings
+        test_x = self.x_test if self.x_test.ndim == 4 else self.x_test[..., None]
+        test_y = np.array([self.classes.index(label) if label in self.classes else -1 for label in self.test_labels])
+        keep = test_y >= 0
+        x, y = to_tensors(self.x, self.y)
+        x_test, y_test = to_tensors(test_x[keep], test_y[keep])
+        params = TrainParams(architecture=self.spec["type"], epochs=s.rounds * s.epochs, batch_size=s.batch_size,
+                             learning_rate=s.learning_rate or DEFAULT_LR[DEFAULTS["optimizer"]], seed=s.seed,
+                             validation_fraction=0.0)
+        outcome = train(train_images=x, train_labels=y, val_images=x_test, val_labels=y_test, spec=self.spec,
+                        params=params, mean=self.mean, std=self.std,
+                        initial_weights=load_file(str(self.workdir / "global-0.safetensors")),
+                        device=torch.device("cpu"))
+        by_epoch = {r["epoch"]: r["val_accuracy"] * keep.mean() for r in outcome.history}  # unknown labels: wrong
+        return [by_epoch.get(r * s.epochs) for r in range(1, s.rounds + 1)]
+
     async def run(self) -> list[RoundReport]:
         if not self.shard_urls:
             if self.settings.trusted:
@@ -542,18 +584,34 @@ class Federation:
             await self.prepare()
         for round_ in range(1, self.settings.rounds + 1):
             await self.run_round(round_)
+        if self.settings.baseline:
+            self.say(f"training the centralised baseline here ({self.settings.rounds * self.settings.epochs} "
+                     "epochs on the whole training set)")
+            self.baseline = await asyncio.to_thread(self.centralised_baseline)
+            self.say("centralised baseline: " + ", ".join(f"round {i} {a:.4f}" for i, a in
+                                                        enumerate(self.baseline, 1) if a is not None))
         self.write_reports()
         return self.reports
 
     def write_reports(self) -> None:
         from dvm_core.charts import plot_lines
 
+        baseline = getattr(self, "baseline", None)
         (self.workdir / "rounds.json").write_text(json.dumps(
             {"settings": asdict(self.settings), "providers": self.providers,
-             "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
-        plot_lines(self.workdir / "accuracy.png", f"held-out accuracy per round ({self.settings.method})",
-                   [("global model", [(r.round, r.accuracy) for r in self.reports])],
-                   x_label="round", y_label="accuracy", y_range=(0.0, 1.0))
+             "rounds": [asdict(r) for r in self.reports], "centralised_baseline": baseline}, indent=2) + "\n")
+        s = self.settings
+        series = [(f"global model ({s.method})", [(r.round, r.accuracy) for r in self.reports])]
+        for method in s.compare:
+            series.append((f"{method}, same updates", [(r.round, r.compared.get(method)) for r in self.reports]))
+        if baseline:
+            series.append(("centralised (all data here)", list(enumerate(baseline, 1))))
+        attacked = ", ".join(f"provider {i} {a}" for i, a in sorted(s.attacks.items()))
+        plot_lines(self.workdir / "accuracy.png",
+                   f"held-out accuracy per round ({s.method}, {len(self.providers)} providers"
+                   + (f"; simulated: {attacked}" if attacked else "") + ")",
+                   series, x_label="round", y_label="accuracy", y_range=(0.0, 1.0),
+                   size=(760, 420) if len(series) > 1 else (640, 420))
 
 
 def contribution_table(reports: Sequence[RoundReport], providers: Sequence[str]) -> list[str]:

@@ -2,8 +2,10 @@
 
 The customer sends a labelled image dataset by URL; the DVM trains a small CNN (images up to
 32 px) or a small ResNet (larger) with PyTorch through Accelerate and returns the weights
-(``model.safetensors``), a model card (``model_card.json``) and the training curves
-(``training_curves.png``). `predict.load_model(weights, card)` rebuilds the classifier.
+(``model.safetensors``), a model card (``model_card.json``, and ``README.md`` for people, in
+the Hugging Face layout), the training curves (``training_curves.png``) and, when there are
+validation images, a confusion matrix (``confusion_matrix.png``; per-class precision and recall
+are in both cards). `predict.load_model(weights, card)` rebuilds the classifier.
 
 Inputs (``url``, told apart by the ``i`` tag's marker):
 
@@ -48,7 +50,8 @@ def job_kind(config: dict | None = None) -> JobKind:
         kind=KIND, name=NAME,
         description=(
             "Trains an image classifier (a small CNN, or a small ResNet for images over 32 px) on your "
-            "labelled images and returns model.safetensors, model_card.json and training_curves.png. "
+            "labelled images and returns model.safetensors, model_card.json, README.md, training_curves.png "
+            "and confusion_matrix.png. "
             "Input: a url to an .npz (x: uint8 images N×H×W or N×H×W×C, y: integer labels, optional "
             "classes: names) or a zip/tar with one folder of PNG/JPEG images per class; optional url "
             "inputs marked 'validation' (a validation set) and 'weights' (initial safetensors weights). "
@@ -100,7 +103,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     from dvm_core.devices import choose_device
 
     from . import data as datamod
-    from . import outputs
+    from . import outputs, readme
     from .models import make_spec
     from .train import normalisation, split_indices, to_tensors, train
 
@@ -203,10 +206,23 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     if warning:
         card["warning"] = warning
         ctx.log.warning("model no better than chance", val_accuracy=card["metrics"]["val_accuracy"])
+    job_info = {"id": ctx.job_id, "kind": KIND, "name": NAME}
+    card["job"] = job_info
+    charts = {"training_curves.png": f"{NAME} job {ctx.job_id[:8]}: {spec['type']} on {int(x.shape[0]):,} images "
+                                     f"of {len(train_set.classes)} classes ({height}×{width}×{channels})"}
+    if x_val.shape[0]:
+        # Per-class figures on the same validation images as val_accuracy.
+        matrix = outputs.confusion_matrix(outcome.state_dict, spec, mean, std, x_val, y_val)
+        card["metrics"]["per_class"] = outputs.per_class(matrix, train_set.classes)
+        card["metrics"]["confusion_matrix"] = matrix
+        charts["confusion_matrix.png"] = (f"{NAME} job {ctx.job_id[:8]}: confusion on {int(x_val.shape[0]):,} "
+                                          "validation images")
+        outputs.plot_confusion(matrix, train_set.classes, out / "confusion_matrix.png",
+                               title=charts["confusion_matrix.png"])
     outputs.write_card(card_file, card)
-    outputs.plot_curves(outcome.history, curves_file,
-                        title=f"{spec['type']} on {int(x.shape[0]):,} images of {len(train_set.classes)} classes "
-                              f"({height}×{width}×{channels})")
+    outputs.plot_curves(outcome.history, curves_file, title=charts["training_curves.png"])
+    files = ["model.safetensors", "model_card.json", "README.md", *charts]
+    readme.write(out / "README.md", card, job=job_info, files=files, charts=charts)
     ctx.progress(100, "done")
 
     content = {
@@ -223,11 +239,10 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     metrics = {"samples_per_s": round(outcome.samples_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
                "job_seconds": round(time.monotonic() - started, 3), "samples": n, "epochs": len(outcome.history),
                "val_accuracy": card["metrics"]["val_accuracy"], "device": outcome.device}
-    return JobResult(content, metrics=metrics, artifacts=[
-        Artifact(weights_file, "application/octet-stream", "model.safetensors"),
-        Artifact(card_file, "application/json", "model_card.json"),
-        Artifact(curves_file, "image/png", "training_curves.png"),
-    ])
+    types = {".safetensors": "application/octet-stream", ".json": "application/json", ".md": "text/markdown",
+             ".png": "image/png"}
+    return JobResult(content, metrics=metrics,
+                     artifacts=[Artifact(out / name, types[Path(name).suffix], name) for name in files])
 
 
 def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:

@@ -91,7 +91,13 @@ def environment() -> dict:
 
 def plot_curves(history: list[dict], path: Path, title: str = "training curves") -> None:
     """A PNG with two charts side by side, loss and accuracy per epoch, each with training and
-    validation; `title` (above both) says what was trained."""
+    validation; `title` (above both) says what was trained. The legend is outside the charts,
+    right of them (`save_png`), so it never hides the last epochs."""
+    save_png(curves_figure(history, title), path)
+
+
+def curves_figure(history: list[dict], title: str = "training curves"):
+    """The figure `plot_curves` saves (its legend is added when saved)."""
     def series(key: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
 
@@ -103,4 +109,80 @@ def plot_curves(history: list[dict], path: Path, title: str = "training curves")
     plot_series(accuracy, [("train", series("train_accuracy")), ("validation", series("val_accuracy"))],
                 title="accuracy", x_label="epoch", y_label="fraction correct",
                 y_range=(max(0.0, min(low, 0.9)), 1.0))
+    return fig
+
+
+@torch.no_grad()
+def confusion_matrix(state_dict: dict[str, torch.Tensor], spec: dict, mean: list[float], std: list[float],
+                     images: torch.Tensor, labels: torch.Tensor, batch: int = 512) -> list[list[int]]:
+    """counts[true][predicted] of the trained model on uint8 `images` (N×C×H×W), on the CPU: the
+    same evaluation split the history's val_accuracy comes from, normalised as in training."""
+    from .models import build_model
+
+    model = build_model(spec)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    channels = images.shape[1]
+    std_t = torch.tensor(std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std_t)).view(1, channels, 1, 1)
+    shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, channels, 1, 1)
+    n = spec["num_classes"]
+    counts = torch.zeros(n, n, dtype=torch.int64)
+    for start in range(0, images.shape[0], batch):
+        x = images[start:start + batch].to("cpu").float().mul_(scale).add_(shift)
+        predicted = model(x).argmax(1)
+        truth = labels[start:start + batch].to("cpu")
+        counts += torch.bincount(truth * n + predicted, minlength=n * n).view(n, n)
+    return counts.tolist()
+
+
+def per_class(matrix: list[list[int]], classes: list[str]) -> list[dict]:
+    """Precision, recall and F1 of each class from a confusion matrix (None where undefined:
+    no image of the class, or none predicted as it), with its support (true images)."""
+    rows = []
+    for i, name in enumerate(classes):
+        true_positive = matrix[i][i]
+        support = sum(matrix[i])
+        predicted = sum(row[i] for row in matrix)
+        precision = true_positive / predicted if predicted else None
+        recall = true_positive / support if support else None
+        if precision is None or recall is None:
+            f1 = None
+        else:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "precision": _round(precision), "recall": _round(recall),
+                     "f1": _round(f1), "support": support})
+    return rows
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    """A PNG of the confusion matrix: true class per row, predicted per column, each cell
+    coloured by its share of the row (so small classes show as well as large ones) and labelled
+    with its count (up to 30 classes; more would be unreadable)."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    n = len(classes)
+    shares = counts / np.maximum(1, counts.sum(axis=1, keepdims=True))
+    side = int(min(1400, max(520, 90 + 38 * n)))
+    fig, (ax,) = figure(title, (side + 80, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    names = [c if len(c) <= 12 else c[:11] + "…" for c in classes]
+    step = max(1, n // 30)
+    ax.set_xticks(range(0, n, step), [names[i] for i in range(0, n, step)], rotation=45 if n > 6 else 0,
+                  ha="right" if n > 6 else "center")
+    ax.set_yticks(range(0, n, step), [names[i] for i in range(0, n, step)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=9 if n <= 15 else 7,
+                            color="white" if shares[i, j] > 0.5 else "black")
     save_png(fig, path)

@@ -5,6 +5,11 @@
     with torch.no_grad():
         indices = model(preprocess(images)).argmax(1)       # images: uint8 N×H×W[×C] or PIL images
     names = [preprocess.classes[i] for i in indices]        # or: classify(model, preprocess, images)
+    predict(model, preprocess, images)                      # [(name, probability), ...]
+
+From a shell: ``python -m dvm_image_classifier.predict model.safetensors model_card.json
+photo.png images/`` prints ``path<TAB>label<TAB>probability`` for each image (a folder: its
+PNG and JPEG files); ``--test test.npz`` prints the accuracy on a labelled .npz.
 
 Only the safetensors file and the JSON card are read: no pickles, no code from the file.
 """
@@ -12,6 +17,7 @@ Only the safetensors file and the JSON card are read: no pickles, no code from t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,8 @@ from torch import nn
 from .data import image_to_array, resize_images
 from .models import build_model
 from .outputs import CARD_FORMAT
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class Preprocess:
@@ -114,6 +122,30 @@ def classify(model: nn.Module, preprocess: Preprocess, images, batch_size: int =
     return [preprocess.classes[i] for i in indices]
 
 
+@torch.no_grad()
+def predict(model: nn.Module, preprocess: Preprocess, images, batch_size: int = 512) -> list[tuple[str, float]]:
+    """(class name, its softmax probability) of each image: the model's answer and how sure it is."""
+    x = preprocess(images)
+    answers: list[tuple[str, float]] = []
+    for start in range(0, x.shape[0], batch_size):
+        probabilities = torch.softmax(model(x[start:start + batch_size]).float(), dim=1)
+        best, indices = probabilities.max(dim=1)
+        answers += [(preprocess.classes[i], float(p)) for i, p in zip(indices.tolist(), best.tolist())]
+    return answers
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The image files among `paths`: a file as given (whatever its name), a folder's PNG and
+    JPEG files (by extension, in its subfolders too, in name order)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
+
+
 def accuracy(model: nn.Module, preprocess: Preprocess, images, labels, batch_size: int = 512) -> float:
     """The share of `images` classified as their `labels`: class names, or the integer labels
     of an .npz trained without names (whose class names are those integers as text)."""
@@ -122,26 +154,52 @@ def accuracy(model: nn.Module, preprocess: Preprocess, images, labels, batch_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dvm_image_classifier.predict model.safetensors model_card.json --test test.npz``:
-    the model's accuracy on a labelled .npz (``x``, ``y``; read without pickles), as one JSON
-    line: ``{"samples": N, "accuracy": A}``."""
+    """``python -m dvm_image_classifier.predict model.safetensors model_card.json IMAGE|FOLDER...``:
+    one line per image, ``path<TAB>label<TAB>probability`` (a folder: its PNG and JPEG files);
+    ``--test test.npz``: the model's accuracy on a labelled .npz (``x``, ``y``; read without
+    pickles), as one JSON line: ``{"samples": N, "accuracy": A}``. An image that cannot be read
+    is named on stderr and the exit status is 1; the others are still classified."""
     import argparse
     parser = argparse.ArgumentParser(prog="python -m dvm_image_classifier.predict",
-                                     description="Accuracy of a trained image classifier on a labelled .npz")
+                                     description="Classify images with a trained image classifier, or measure "
+                                                 "its accuracy on a labelled .npz")
     parser.add_argument("weights", type=Path, help="model.safetensors from the job's result")
     parser.add_argument("card", type=Path, help="model_card.json from the job's result")
-    parser.add_argument("--test", type=Path, required=True, help="an .npz with x (uint8 images) and y")
+    parser.add_argument("images", type=Path, nargs="*", help="image files (PNG, JPEG) or folders of them")
+    parser.add_argument("--test", type=Path, help="an .npz with x (uint8 images) and y")
     args = parser.parse_args(argv)
+    if not args.images and args.test is None:
+        parser.error("give images or folders to classify, or --test with a labelled .npz")
+    for path in args.images:
+        if not path.exists():
+            parser.error(f"{path}: no such file or folder")
     model, preprocess = load_model(args.weights, args.card)
-    with np.load(args.test, allow_pickle=False) as data:
-        x, y = data["x"], data["y"]
-        if "classes" in data.files:  # y indexes the names, as in a training .npz
-            y = np.asarray(data["classes"]).astype(str)[y]
-    print(json.dumps({"samples": int(len(y)), "accuracy": round(accuracy(model, preprocess, x, y), 6)}))
-    return 0
+    code = 0
+    if args.images:
+        files = image_files(args.images)
+        if not files:
+            print(f"no PNG or JPEG images in {', '.join(map(str, args.images))}", file=sys.stderr)
+            code = 1
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    (label, probability), = predict(model, preprocess, [img])
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                print(f"{path}: not an image this model can read ({exc})", file=sys.stderr)
+                code = 1
+                continue
+            print(f"{path}\t{label}\t{probability:.4f}", flush=True)
+    if args.test is not None:
+        with np.load(args.test, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+            if "classes" in data.files:  # y indexes the names, as in a training .npz
+                y = np.asarray(data["classes"]).astype(str)[y]
+        print(json.dumps({"samples": int(len(y)), "accuracy": round(accuracy(model, preprocess, x, y), 6)}))
+    return code
 
 
-__all__ = ["load_model", "classify", "accuracy", "read_card", "Preprocess"]
+__all__ = ["load_model", "classify", "predict", "accuracy", "read_card", "image_files", "Preprocess"]
 
 
 if __name__ == "__main__":

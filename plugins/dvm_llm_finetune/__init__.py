@@ -4,8 +4,9 @@ The customer sends a base model and a text dataset; the DVM fine-tunes the model
 transformers and peft through Accelerate and returns a LoRA adapter
 (``adapter_model.safetensors`` + ``adapter_config.json``) or the whole model (``model.safetensors``,
 config and tokenizer files), a model card (``model_card.json``: the base model and its hash, the
-method and hyperparameters, losses and perplexities before and after, tokens seen, time, device)
-and the loss curve (``loss_curve.png``).
+method and hyperparameters, losses and perplexities before and after, tokens seen, time, device),
+the same for people (``README.md``, in the Hugging Face layout, with a snippet that loads the
+result) and the loss and perplexity curves with the evaluations marked (``loss_curve.png``).
 
 - Base model: param ``model``, a Hugging Face repo id in the provider's allow-list, served from
   the provider's hub cache (never downloaded), or a ``url`` input marked ``model``: a zip/tar of
@@ -137,7 +138,7 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     # seconds to import and only a running job needs them.
     from . import data as datamod
     from . import model as modelmod
-    from . import outputs
+    from . import outputs, readme
     from .train import TrainSpec
 
     started = time.monotonic()
@@ -203,15 +204,21 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     curve_file = out / "loss_curve.png"
     card = outputs.model_card(base=base, params=params, outcome=outcome, datasets=datasets, weights=weights,
                               job_seconds=time.monotonic() - started)
+    job_info = {"id": ctx.job_id, "kind": KIND, "name": NAME}
+    card["job"] = job_info
     outputs.write_card(card_file, card)
     shown = job.model_repo or f"an archive (sha256 {base.source['archive_sha256'][:12]}…)"
-    outputs.plot_loss(outcome.history, outcome.before, outcome.after, curve_file,
-                      title=f"{'LoRA' if params.method == 'lora' else 'full'} fine-tuning of {shown} "
-                            f"({base.model_type}, {len(train_examples):,} examples)")
+    charts = {"loss_curve.png": f"{NAME} job {ctx.job_id[:8]}: {'LoRA' if params.method == 'lora' else 'full'} "
+                                f"fine-tuning of {shown} ({base.model_type}, {len(train_examples):,} examples)"}
+    outputs.plot_loss(outcome.history, outcome.before, outcome.after, curve_file, title=charts["loss_curve.png"])
+    files = [*outcome.files, "model_card.json", "README.md", "loss_curve.png"]
+    # Replaces the README.md peft writes beside an adapter (an empty template).
+    readme.write(out / "README.md", card, job=job_info, files=files, charts=charts)
     ctx.progress(100, "done")
 
     artifacts = [Artifact(out / name, _mime(name), name) for name in outcome.files]
     artifacts += [Artifact(card_file, "application/json", "model_card.json"),
+                  Artifact(out / "README.md", "text/markdown", "README.md"),
                   Artifact(curve_file, "image/png", "loss_curve.png")]
     content = {
         "method": params.method,

@@ -74,12 +74,50 @@ def environment() -> dict:
 
 
 def plot_loss(history: list[dict], before: dict, after: dict, path: Path, title: str = "fine-tuning loss") -> None:
-    """An 800×450 PNG: the training loss per optimizer step (a line), and the evaluation loss
-    before and after training (dots at step 0 and the last step); `title` says what was trained."""
+    """A 1000×450 PNG of two charts: the training loss per optimizer step (a line) with the
+    evaluation loss before and after training (dots at step 0 and the last step, each labelled
+    with its value), and the same as perplexity (exp(loss)); `title` says what was trained."""
+    save_png(loss_figure(history, before, after, title), path)
+
+
+def loss_figure(history: list[dict], before: dict, after: dict, title: str = "fine-tuning loss"):
+    """The figure `plot_loss` saves (its legend, outside the charts, is added when saved)."""
     points = [(r["step"], r["loss"]) for r in history]
     last_step = max([s for s, v in points if math.isfinite(v)], default=1)
-    fig, (ax,) = figure(title, (800, 450))
-    plot_series(ax, [("train", points)], dots=[("eval (before, after)", [(0, before.get("eval_loss")),
-                                                                          (last_step, after.get("eval_loss"))])],
-                x_label="optimizer step", y_label="loss (cross-entropy)")
-    save_png(fig, path)
+    evals = [(0, before.get("eval_loss")), (last_step, after.get("eval_loss"))]
+    fig, (loss, perplexity) = figure(title, (1000, 450), panels=2)
+    plot_series(loss, [("train", points)], dots=[("eval (before, after)", evals)],
+                title="loss", x_label="optimizer step", y_label="cross-entropy")
+    plot_series(perplexity, [("train", [(s, _exp(v)) for s, v in points])],
+                dots=[("eval (before, after)", [(s, _exp(v)) for s, v in evals])],
+                title="perplexity", x_label="optimizer step", y_label="exp(loss), log scale")
+    if any(_exp(v) is not None for _, v in points + evals):
+        _plain_log_scale(perplexity)
+    for ax, shown in ((loss, evals), (perplexity, [(s, _exp(v)) for s, v in evals])):
+        ax.margins(y=0.12)
+        for (step, value), offset, align in zip(shown, ((8, -6), (-8, -6)), ("left", "right")):
+            if value is not None and math.isfinite(value):  # below the dot: right of before, left of after
+                ax.annotate(f"eval {value:.3g}", (step, value), textcoords="offset points", xytext=offset,
+                            ha=align, va="top", color="C1", fontsize=9,
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.85})
+    return fig
+
+
+def _plain_log_scale(ax) -> None:
+    """A log y axis labelled 200, 300 rather than 2×10², with the in-between ticks labelled too
+    when the values span less than a decade (else too many labels)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-12) < 10 else NullFormatter())
+
+
+def _exp(loss: float | None) -> float | None:
+    """Perplexity of a loss (None stays None; capped so a diverged loss does not overflow)."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 700.0))
