@@ -261,6 +261,13 @@ def _(env):
     return env.raw([["i", "hi", "text"]], created_at=int(time.time()) + 3 * 3600)
 
 
+@case("dated-long-ago", "events", None, log=None)
+def _(env):
+    # Older than the worker's subscription's `since`: the relay never hands it over, so the
+    # worker neither answers nor logs it (a customer whose clock is a month slow hears nothing).
+    return env.raw([["i", "hi", "text"]], created_at=int(time.time()) - 30 * 86400)
+
+
 @case("kind-no-plugin-serves", "events", None, log=None)
 def _(env):
     return env.raw([["i", "hello", "text"]], kind=5791)
