@@ -156,19 +156,21 @@ class RelayConnection:
         for sub_id, factory in list(self._subs.items()):
             await ws.send(json.dumps(["REQ", sub_id, *factory()]))
         # Publishes that got no OK on an earlier connection are sent again: relays treat a
-        # repeated id as a duplicate, so nothing is published twice. Those made while this
-        # runs join the queue and are sent in the same pass.
-        while True:
-            unsent = [(event_id, message) for event_id, (message, _) in self._pending.items()
-                      if self._sent_on.get(event_id) != generation]
-            if not unsent:
-                break
-            for event_id, message in unsent:
-                if event_id in self._pending:
-                    self._sent_on[event_id] = generation
-                    await ws.send(message)
+        # repeated id as a duplicate, so nothing is published twice. Those made while they
+        # are sent wait in the queue: they go out once the connection counts as up (a
+        # publish then sends its event itself).
+        await self._send_pending(ws, generation)
         self._connected.set()
+        await self._send_pending(ws, generation)
         log.info("relay connected", relay=self.url)
+
+    async def _send_pending(self, ws, generation: int) -> None:
+        unsent = [(event_id, message) for event_id, (message, _) in self._pending.items()
+                  if self._sent_on.get(event_id) != generation]
+        for event_id, message in unsent:
+            if event_id in self._pending and self._sent_on.get(event_id) != generation:
+                self._sent_on[event_id] = generation
+                await ws.send(message)
 
     def _handle(self, raw: str | bytes) -> None:
         try:
