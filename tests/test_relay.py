@@ -124,3 +124,47 @@ def test_publish_results_are_read_by_their_nip01_prefix():
     assert not PublishResult("r", False, "no OK from the relay within 10 s").refused_for_good
     assert PublishResult("r", False, "rate-limited: slow down").prefix == "rate-limited"
     assert PublishResult("r", True, "duplicate: have it").prefix == "duplicate"
+
+
+async def test_a_reconnect_with_much_to_send_and_much_to_read_does_not_stall():
+    """A relay answers a re-subscription at once (a flood's backlog of requests) while the
+    connection is still sending the publishes that waited for it. If nothing read until the
+    sending was done, both sides' buffers would fill, each would wait for the other, and the
+    connection would stall for good, its keep-alive pings stuck behind it too (issue 19's flood
+    found this: every result after a reconnect timed out with "relay not connected")."""
+    import json
+
+    import websockets
+
+    backlog = 3000                      # the relay's answer to the REQ: ~6 MB
+    events = [sign_event(Keys.generate(), 1, f"waited {i} " + "x" * 2000) for i in range(3000)]
+    received: list[dict] = []
+
+    async def relay(ws):
+        async for raw in ws:
+            message = json.loads(raw)
+            if message[0] == "REQ":
+                for i in range(backlog):   # the backlog first, as a relay answers a REQ
+                    await ws.send(json.dumps(["NOTICE", f"backlog {i} " + "y" * 2000]))
+                await ws.send(json.dumps(["EOSE", message[1]]))
+            elif message[0] == "EVENT":
+                received.append(message[1])
+                await ws.send(json.dumps(["OK", message[1]["id"], True, ""]))
+
+    server = await websockets.serve(relay, "127.0.0.1", 0, max_size=2**22, compression=None)
+    port = server.sockets[0].getsockname()[1]
+    conn = RelayConnection(f"ws://127.0.0.1:{port}", lambda event, url, sub: None)
+    try:
+        await conn.subscribe("requests", lambda: [{"kinds": [5790]}])
+        # published while there is no connection yet: all sent at once when it comes
+        waiting = [asyncio.create_task(conn.publish(event, timeout=30)) for event in events]
+        await asyncio.sleep(0)
+        conn.start()
+        results = await asyncio.wait_for(asyncio.gather(*waiting), 60)
+        assert all(r.ok for r in results), [r.message for r in results if not r.ok][:3]
+        assert len(received) == len(events)
+        assert conn.eose.get("requests") is not None and conn.eose["requests"].is_set()
+    finally:
+        await conn.close()
+        server.close()
+        await server.wait_closed()

@@ -121,12 +121,20 @@ class RelayConnection:
                     self._ws = ws
                     self._generation += 1
                     backoff, failures = self._min_backoff, 0
-                    await self._on_connect(ws)
-                    async for raw in ws:
-                        try:
-                            self._handle(raw)
-                        except Exception:  # one bad message must not drop the connection
-                            log.exception("failed to handle a relay message", relay=self.url)
+                    # Read while the subscriptions and the publishes that waited are sent: the
+                    # relay answers at once (a backlog of events, OKs), and a reader that waited
+                    # for the sending to end would let both sides' buffers fill, each side
+                    # waiting for the other, the keep-alive pings stuck behind them (issue 19).
+                    sending = asyncio.create_task(self._on_connect(ws))
+                    sending.add_done_callback(lambda t: t.cancelled() or t.exception())
+                    try:
+                        async for raw in ws:
+                            try:
+                                self._handle(raw)
+                            except Exception:  # one bad message must not drop the connection
+                                log.exception("failed to handle a relay message", relay=self.url)
+                    finally:
+                        sending.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any network failure: log it and come back
@@ -146,15 +154,25 @@ class RelayConnection:
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _on_connect(self, ws) -> None:
+        generation = self._generation
         for sub_id, factory in list(self._subs.items()):
             await ws.send(json.dumps(["REQ", sub_id, *factory()]))
         # Publishes that got no OK on an earlier connection are sent again: relays treat a
-        # repeated id as a duplicate, so nothing is published twice.
-        for event_id, (message, _) in list(self._pending.items()):
-            self._sent_on[event_id] = self._generation
-            await ws.send(message)
+        # repeated id as a duplicate, so nothing is published twice. Those made while they
+        # are sent wait in the queue: they go out once the connection counts as up (a
+        # publish then sends its event itself).
+        await self._send_pending(ws, generation)
         self._connected.set()
+        await self._send_pending(ws, generation)
         log.info("relay connected", relay=self.url)
+
+    async def _send_pending(self, ws, generation: int) -> None:
+        unsent = [(event_id, message) for event_id, (message, _) in self._pending.items()
+                  if self._sent_on.get(event_id) != generation]
+        for event_id, message in unsent:
+            if event_id in self._pending and self._sent_on.get(event_id) != generation:
+                self._sent_on[event_id] = generation
+                await ws.send(message)
 
     def _handle(self, raw: str | bytes) -> None:
         try:

@@ -53,6 +53,7 @@ class Settings:
     precheck_seconds: float = 120.0  # a plugin's look at the inputs before pricing (free to the customer)
     max_prechecks: int = 2           # ...at most this many at once
     allow_private_urls: bool = False  # fetch inputs from loopback/private addresses (tests, demo)
+    allowed_hosts: list[str] = field(default_factory=list)  # host names exempt from that check (a LAN blob server)
     log_format: str = "auto"        # auto, json or console
     log_level: str = "info"
 

@@ -35,7 +35,7 @@ async def probe(settings: Settings, refs: Iterable[DataRef]) -> None:
     for ref in refs:
         try:
             await probe_url(ref.url, max_bytes=settings.max_download_bytes,
-                            allow_private=settings.allow_private_urls)
+                            allow_private=settings.allow_private_urls, allowed_hosts=settings.allowed_hosts)
         except FetchError as exc:
             raise JobInputError(str(exc)) from None
 
@@ -55,7 +55,7 @@ async def fetch(settings: Settings, ref: DataRef, into: Path, attempts: int = 0,
         try:
             path = await fetch_url(ref.url, ref.sha256, into, cache_dir=s.cache_dir,
                                    max_bytes=limit, timeout=s.download_timeout,
-                                   allow_private=s.allow_private_urls)
+                                   allow_private=s.allow_private_urls, allowed_hosts=s.allowed_hosts)
             break
         except FetchError as exc:
             if attempt == attempts:

@@ -242,6 +242,9 @@ class Intake:
                 done, _ = await asyncio.wait({task}, timeout=limit)
                 if not done:
                     ctx.cancel(StopReason.TIME_LIMIT)
+                    # It ends in its thread with JobTimeout; nobody awaits it any more, and an
+                    # exception never retrieved would be logged as an error of the worker's.
+                    task.add_done_callback(lambda t: t.cancelled() or t.exception())
                     raise Refused(f"reading the inputs took longer than {limit:g} s, the most this "
                                   "DVM spends before a job is paid; send a smaller dataset", scheme)
                 return task.result()

@@ -36,6 +36,7 @@ from .params import schema as params_schema
 __version__ = "0.1.0"
 KIND = 5751
 MAX_ARCHIVE_FILES = 1000
+PRECHECK_MARGIN_SECONDS = 3.0
 
 __all__ = ["KIND", "NAME", "run", "register_job_kinds", "job_kind"]
 
@@ -124,8 +125,11 @@ def precheck(ctx, job: FinetuneJob) -> FinetuneJob:
     tokenizer = modelmod.load_tokenizer(base.folder)
     train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
                                    max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
+    # A chat template that never ends is stopped a little before the precheck's own limit, so
+    # the customer hears that it was the template, not that the inputs took too long.
     tokens = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
-                              check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left()).tokens
+                              check_cancelled=ctx.check_cancelled,
+                              render_seconds=max(1.0, ctx.time_left() - PRECHECK_MARGIN_SECONDS)).tokens
     if tokens > limits.max_tokens:
         raise JobInputError(f"the training set holds {tokens:,} tokens; this provider trains on at "
                             f"most {limits.max_tokens:,} per epoch")

@@ -92,6 +92,8 @@ def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
             except json.JSONDecodeError as exc:
                 raise JobInputError(f"{what}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") \
                     from None
+            except RecursionError:   # [[[[…]]]]: deeper than the parser's stack, not an example
+                raise JobInputError(f"{what}, line {number}: JSON nested too deeply to be an example") from None
             if not isinstance(record, dict):
                 raise JobInputError(f"{what}, line {number}: each line must be a JSON object, "
                                     f"got {type(record).__name__}")

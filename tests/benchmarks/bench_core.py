@@ -19,6 +19,14 @@ child process on 127.0.0.1, fresh for each run.
   reply. Both paths cross the relay twice (request→worker, feedback→customer), so the ratio
   feedback / round trip is what the worker itself adds. One way: publish → responder receives.
 - burst: N requests published at once (asyncio.gather in chunks); counts results in time.
+- flood (`--flood N`, issue 19): N requests, a tenth of them malformed or oversized, published
+  as fast as the relay takes them to a worker in a child process (`dvm run`, as systemd runs
+  it: `$NOTIFY_SOCKET` is a datagram socket this script listens on, `$WATCHDOG_USEC` asks for
+  a ping every second). Every request must get its answer (a result, or an error feedback for
+  the bad ones and for those the worker is too busy to queue): `flood_lost` counts those that
+  got none. `flood_peak_rss_mb` is the worker's peak resident memory (its VmHWM), and
+  `flood_watchdog_gap_s` the largest gap between two `WATCHDOG=1` pings (an event loop held
+  up by the flood shows here first).
 
 The customer is a bare RelayPool with one standing subscription (kinds 7000/6790/1, `#p` = the
 customer), as a NIP-90 client keeps; `dvm_core.customer.client.Customer` would add a REQ per job.
@@ -345,6 +353,235 @@ async def burst(customer: RelayPool, ckeys: Keys, worker_pk: str, timings: Timin
             "feedback_latency": fb_lat}
 
 
+FLOOD_MAX_REQUEST_BYTES = 4096
+WATCHDOG_USEC = 2_000_000     # systemd's WatchdogSec=2: the worker pings every second
+
+
+class WatchdogListener:
+    """The systemd side of sd_notify: a datagram socket; the arrival time of each WATCHDOG=1."""
+
+    def __init__(self, path: Path):
+        import socket
+        import threading
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.pings: list[float] = []
+        self.ready = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                continue
+            lines = data.decode(errors="replace").splitlines()
+            if "WATCHDOG=1" in lines:
+                self.pings.append(time.monotonic())
+            if "READY=1" in lines:
+                self.ready = True
+
+    def largest_gap(self, since: float, until: float) -> float | None:
+        """The longest time without a ping in [since, until], its ends included."""
+        stamps = [since] + [t for t in self.pings if since <= t <= until] + [until]
+        if len(stamps) < 3:
+            return None
+        return max(b - a for a, b in zip(stamps, stamps[1:]))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+class RssMeter:
+    """The worker process's peak resident memory: its VmHWM from /proc (the kernel's own peak),
+    else the largest of psutil samples taken every 50 ms."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.sampled = 0
+        self._task: asyncio.Task | None = None
+
+    def _rss(self) -> int:
+        if psutil is not None:
+            try:
+                return psutil.Process(self.pid).memory_info().rss
+            except psutil.Error:
+                return 0
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def hwm(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        async def sample():
+            while True:
+                self.sampled = max(self.sampled, self._rss())
+                await asyncio.sleep(0.05)
+        self._task = asyncio.create_task(sample())
+
+    def peak_mb(self) -> float:
+        if self._task is not None:
+            self._task.cancel()
+        self.sampled = max(self.sampled, self._rss())
+        return round(max(self.hwm() or 0, self.sampled) / 2**20, 1)
+
+
+def flood_requests(ckeys: Keys, worker_pk: str, count: int, text: str) -> tuple[list[dict], set[str]]:
+    """`count` requests for the worker, every tenth one malformed or oversized (in turn: an i tag
+    without a type, an unknown param, a request over max_request_bytes, content that does not
+    decrypt, a param out of range). Returns them and the ids of the bad ones."""
+    from dvm_core.protocol.encryption import encrypt as encrypt_content
+    requests, bad = [], set()
+    for i in range(count):
+        tags = [["i", f"{text} ~{i}", "text"], ["p", worker_pk]]
+        content = ""
+        if i % 10 == 9:
+            how = (i // 10) % 5
+            if how == 0:
+                tags[0] = ["i", f"{text} ~{i}"]
+            elif how == 1:
+                tags.append(["param", "colour", "red"])
+            elif how == 2:
+                tags[0] = ["i", ("word " * (FLOOD_MAX_REQUEST_BYTES // 4)) + str(i), "text"]
+            elif how == 3:
+                tags = [["encrypted"], ["p", worker_pk]]
+                content = encrypt_content("nip44", ckeys.private_key, Keys.generate().public_key,
+                                          json.dumps([["i", str(i), "text"]]))
+            else:
+                tags.append(["param", "top", "100000"])
+        event = sign_event(ckeys, TEXT_STATS_KIND, content, tags)
+        requests.append(event)
+        if i % 10 == 9:
+            bad.add(event["id"])
+    return requests, bad
+
+
+async def flood(relay_url: str, tmp: Path, count: int, chunk: int, text: str, timeout: float,
+                max_concurrent_jobs: int) -> dict:
+    """The flood against a `dvm run` child process; see the module's docstring."""
+    import subprocess
+    from dvm_core.state.keyfiles import write_key_file
+    folder = tmp / "flood"
+    folder.mkdir()
+    wkeys = Keys.generate()
+    write_key_file(folder / "dvm.key", wkeys)
+    config = write_config(folder / "dvm.toml", relay_url, key_file=str(folder / "dvm.key"),
+                          max_concurrent_jobs=max_concurrent_jobs, announce=False, log_level="warning",
+                          max_request_bytes=FLOOD_MAX_REQUEST_BYTES, catchup_seconds=60)
+    listener = WatchdogListener(folder / "notify.sock")
+    log = open(folder / "worker.log", "ab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "textstats",
+           "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dvm_core.cli", "run", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    customer = None
+    try:
+        deadline = time.monotonic() + 60
+        while not listener.ready:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the flood's worker did not start; see {folder / 'worker.log'}")
+            await asyncio.sleep(0.05)
+        rss = RssMeter(proc.pid)
+        rss.start()
+        ckeys = Keys.generate()
+        answers: dict[str, str] = {}   # request id -> "result" / "error"
+        busy: set[str] = set()
+        all_done = asyncio.Event()
+        expected: set[str] = set()
+
+        def on_event(event: dict, relay: str) -> None:
+            ref = reply_to(event)
+            if ref is None or ref not in expected or ref in answers:
+                return
+            if event["kind"] == RESULT_KIND:
+                answers[ref] = "result"
+            elif event["kind"] == FEEDBACK_KIND:
+                status = next((t for t in event["tags"] if t and t[0] == "status"), [])
+                if len(status) > 1 and status[1] == "error":
+                    answers[ref] = "error"
+                    if len(status) > 2 and status[2].startswith("busy"):
+                        busy.add(ref)
+            if len(answers) == len(expected):
+                all_done.set()
+
+        customer = RelayPool([relay_url], on_event)
+        await customer.start()
+        await customer.subscribe("inbox", [{"kinds": [FEEDBACK_KIND, RESULT_KIND], "#p": [ckeys.public_key],
+                                            "since": int(time.time()) - 5}])
+        assert await customer.wait_eose("inbox")
+        eprint(f"flood: signing {count} requests ({count // 10} malformed or oversized)")
+        requests, bad = flood_requests(ckeys, wkeys.public_key, count, text)
+        expected.update(r["id"] for r in requests)
+        rejected = 0
+        started = time.monotonic()
+        for start in range(0, count, chunk):
+            results = await asyncio.gather(*(customer.publish(r, timeout=60) for r in requests[start:start + chunk]))
+            rejected += sum(1 for res in results if not any(x.ok for x in res))
+            if (start // chunk) % 10 == 9:
+                eprint(f"  flood: {start + chunk}/{count} published, {len(answers)} answered")
+        published = time.monotonic()
+        eprint(f"flood: {count} published in {published - started:.1f}s ({rejected} not accepted)")
+        try:
+            await asyncio.wait_for(all_done.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        ended = time.monotonic()
+        lost = [i for i in expected if i not in answers]
+        good_errors = [i for i, a in answers.items() if a == "error" and i not in bad]
+        bad_results = [i for i, a in answers.items() if a == "result" and i in bad]
+        out = {
+            "flood_requests": count,
+            "flood_malformed": len(bad),
+            "flood_lost": len(lost),
+            "flood_peak_rss_mb": rss.peak_mb(),
+            "flood_watchdog_gap_s": (round(gap, 3) if (gap := listener.largest_gap(started, ended)) is not None
+                                     else None),
+            "flood_watchdog_pings": len([t for t in listener.pings if started <= t <= ended]),
+            "flood_publish_seconds": round(published - started, 3),
+            "flood_seconds": round(ended - started, 3),
+            "flood_publish_rejected": rejected,
+            "flood_results": sum(1 for a in answers.values() if a == "result"),
+            "flood_errors": sum(1 for a in answers.values() if a == "error"),
+            "flood_busy": len(busy),
+            "flood_good_refused_not_busy": len([i for i in good_errors if i not in busy]),
+            "flood_bad_answered_with_result": len(bad_results),
+            "flood_worker_alive": proc.poll() is None,
+        }
+        eprint(f"flood: {len(answers)}/{count} answered in {ended - started:.1f}s, peak RSS "
+               f"{out['flood_peak_rss_mb']} MB, largest watchdog gap {out['flood_watchdog_gap_s']} s")
+        return out
+    finally:
+        if customer is not None:
+            await customer.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        listener.close()
+
+
 async def main_async(args) -> dict:
     configure_logging("json", "warning")
     tmp = Path(tempfile.mkdtemp(prefix="dvm-bench-"))
@@ -441,6 +678,10 @@ async def main_async(args) -> dict:
                 out["burst_blocking"] = tracer.blocking_report(args.burst)
             if b["reject_reasons"]:
                 out["burst_reject_reasons"] = b["reject_reasons"]
+        if args.flood:
+            eprint(f"flood: {args.flood} requests to a worker process, chunks of {args.chunk}")
+            out.update(await flood(relay.url, tmp, args.flood, args.chunk, args.text, args.flood_timeout,
+                                   args.max_concurrent_jobs))
         out["worker_counts"] = dict(worker.counts)
         out["loadavg_1m_after"] = loadavg()
         out["cpus"] = os.cpu_count()
@@ -477,6 +718,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=100, help="requests published at once in the burst")
     ap.add_argument("--burst-timeout", type=float, default=120.0)
     ap.add_argument("--timeout", type=float, default=10.0, help="per sequential request")
+    ap.add_argument("--flood", type=int, default=10000,
+                    help="requests in the flood (a tenth malformed or oversized) to a worker process; 0: none")
+    ap.add_argument("--flood-timeout", type=float, default=600.0,
+                    help="seconds to wait for the flood's answers after the last is published")
     ap.add_argument("--max-concurrent-jobs", type=int, default=8)
     ap.add_argument("--text", default="some text")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (relay log, stores)")
