@@ -56,7 +56,7 @@ MAX_REQUEST_BYTES = 20000
 MAX_DOWNLOAD_BYTES = 8 << 20
 PRECHECK_SECONDS = 20
 PLUGINS = "textstats,image-classifier,llm-finetune,fedavg"
-PRIVATE = "invalid private request (reason sent encrypted)"   # what the log says of a private reason
+PRIVATE = "same"   # a private request's reason is logged too, with the customer's strings masked
 
 
 # --- the worker, its files and the customer's side -------------------------------------------------
