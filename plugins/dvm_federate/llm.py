@@ -1,0 +1,397 @@
+"""Federated LLM fine-tuning, LoRA mode, "a fresh adapter each round": ``dvm federate --task llm``.
+
+The customer holds the base model (a folder: config.json, safetensors weights, tokenizer files)
+and a JSONL training set. Once, the set is split into one shard per provider (a seeded shuffle
+cut in equal parts), each shard uploaded encrypted. Each round:
+
+1. the current global model folder is zipped and uploaded, encrypted;
+2. each provider gets a private llm-finetune job (kind 5751) on its shard, the model as the
+   input marked ``model``, and trains a fresh LoRA adapter; paid as image rounds are
+   (`Federation._job`: a nutzap up to ``max_price``, or pay on delivery);
+3. the adapters are merged into the weights exactly (`merge_adapters`):
+   W' = W + Σᵢ pᵢ·(Bᵢ·Aᵢ)·(αᵢ/rᵢ), pᵢ the shard sizes' shares, the weighted average of the
+   updates the adapters stand for (averaging the A and B factors separately would not be);
+4. the new global model is evaluated on the customer's held-out JSONL (mean per-token loss and
+   perplexity, transformers on the CPU), and written as the next round's model folder.
+
+A provider that fails, refuses, asks too much or times out is left out of that round, as with
+images. Not here yet (issue 20): full-model DiLoCo, robust methods on LLM updates, compression,
+resuming a stopped run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dvm_core.customer import upload_dataset
+from dvm_core.protocol.nip90 import JobInput
+
+from .rounds import Federation, FederationSettings, ProviderFailed
+
+LLM_FINETUNE_KIND = 5751
+ADAPTER = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+MAX_HELDOUT_BYTES = 256 << 20
+
+
+@dataclass
+class LlmSettings(FederationSettings):
+    """`FederationSettings` for LLM rounds: each provider's job params (``epochs``,
+    ``batch_size``, ``learning_rate``, ``seed`` from the base class; the LoRA ones here)."""
+
+    kind: int = LLM_FINETUNE_KIND
+    epochs: int = 1
+    batch_size: int = 8
+    max_seq_length: int = 64
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()   # empty: the plugin's default for the architecture
+    max_steps: int | None = None
+    score: bool = False   # the image scores do not apply yet
+
+
+@dataclass
+class LlmRoundReport:
+    round: int
+    eval_loss: float
+    perplexity: float
+    providers: list[str]  # whose adapters went into the merge
+    dropped: dict[str, str]  # provider → why
+    paid: dict[str, int]  # provider → sats
+    seconds: float
+    merge: dict = field(default_factory=dict)
+    payments: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, dict] = field(default_factory=dict)
+    bonus: dict[str, int] = field(default_factory=dict)
+    provider_losses: dict[str, dict] = field(default_factory=dict)  # provider → its job's own losses
+
+
+# --- the exact merge ----------------------------------------------------------------------------
+
+def lora_scaling(config: dict, rank: int) -> float:
+    """The factor peft multiplies B·A by: α/r, or α/√r with rsLoRA."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("adapters with a rank_pattern or alpha_pattern are not supported")
+    alpha = float(config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def adapter_deltas(tensors: dict, config: dict) -> dict:
+    """Base weight name → the update the adapter stands for, (B·A)·scaling in float64, in the
+    base weight's layout (transposed for GPT-2's Conv1D, ``fan_in_fan_out``)."""
+    import torch
+
+    if config.get("use_dora"):
+        raise ValueError("DoRA adapters cannot be merged as B·A products")
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise ValueError(f"the adapter holds {key!r}, not a LoRA factor (modules_to_save, "
+                                 "embeddings and biases are not supported)")
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in tensors:
+            raise ValueError(f"LoRA tensor {key!r} has no matching {b_key!r}")
+        b = tensors[b_key]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"LoRA pair {key!r} {list(a.shape)} / {list(b.shape)} do not share a rank")
+        module = key.split(".lora_A.")[0]
+        if module.startswith(PEFT_PREFIX):
+            module = module[len(PEFT_PREFIX):]
+        delta = (b.to(torch.float64) @ a.to(torch.float64)) * lora_scaling(config, a.shape[0])
+        deltas[module + ".weight"] = delta.T if config.get("fan_in_fan_out") else delta
+    return deltas
+
+
+def merge_into(state: dict, adapters: Sequence[tuple[dict, dict]], weights: Sequence[float]) -> dict:
+    """W' = W + Σᵢ pᵢ·Δᵢ for every weight an adapter touches, pᵢ = wᵢ/Σw, Δᵢ = (Bᵢ·Aᵢ)·scalingᵢ
+    (`adapter_deltas`); summed in float64, stored in W's dtype. `adapters`: (tensors, config)
+    pairs. Returns the new state (the untouched tensors shared with `state`)."""
+    import torch
+
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError("give one weight per adapter, at least one adapter")
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError("the weights must be non-negative and not all zero")
+    sums: dict = {}
+    for (tensors, config), w in zip(adapters, weights):
+        for name, delta in adapter_deltas(tensors, config).items():
+            if name not in state:
+                raise ValueError(f"the adapter changes {name!r}, which the base model does not have")
+            if tuple(delta.shape) != tuple(state[name].shape):
+                raise ValueError(f"the adapter's update of {name!r} is {list(delta.shape)}, the weight "
+                                 f"{list(state[name].shape)}")
+            scaled = delta * (w / total)
+            sums[name] = scaled if name not in sums else sums[name] + scaled
+    out = dict(state)
+    for name, delta in sums.items():
+        out[name] = (state[name].to(torch.float64) + delta).to(state[name].dtype)
+    return out
+
+
+def merge_adapters(base: Path, adapter_dirs: Sequence[Path], weights: Sequence[float], out: Path) -> dict:
+    """Write into folder `out` the model folder `base` with the adapters merged (`merge_into`):
+    its other files copied, each safetensors file rewritten with the merged tensors. Returns a
+    short report (modules changed, the norm of the merged update)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapters = [(load_file(str(Path(d) / ADAPTER)), json.loads((Path(d) / ADAPTER_CONFIG).read_text()))
+                for d in adapter_dirs]
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{base} holds no safetensors weights")
+    states = {f: load_file(str(f)) for f in files}
+    whole = {k: v for state in states.values() for k, v in state.items()}
+    merged = merge_into(whole, adapters, weights)
+    changed = [k for k in whole if merged[k] is not whole[k]]
+    out.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    for f, state in states.items():
+        with safe_open(str(f), "pt") as handle:
+            metadata = handle.metadata()
+        save_file({k: merged[k].contiguous() for k in state}, str(out / f.name), metadata=metadata)
+    norm = math.sqrt(sum(float((merged[k].double() - whole[k].double()).pow(2).sum()) for k in changed))
+    total = float(sum(weights))
+    return {"method": "lora-exact", "modules": len(changed), "update_norm": norm,
+            "weights": [w / total for w in weights], "inputs": len(adapters)}
+
+
+# --- held-out loss ------------------------------------------------------------------------------
+
+class HeldOut:
+    """The customer's held-out JSONL, tokenized once with the model's tokenizer; `loss` is the
+    mean per-token loss of a model folder on it, as the llm-finetune plugin computes its eval loss."""
+
+    def __init__(self, path: Path, tokenizer_folder: Path, max_seq_length: int, batch_size: int = 16):
+        from dvm_llm_finetune import data as datamod
+        from dvm_llm_finetune import model as modelmod
+
+        tokenizer = modelmod.load_tokenizer(tokenizer_folder)
+        dataset = datamod.read_jsonl(path, what="held-out set", max_bytes=MAX_HELDOUT_BYTES, max_examples=10**6)
+        tokenized = datamod.tokenize(dataset, tokenizer, max_seq_length, what="held-out set")
+        if not tokenized.examples:
+            raise ValueError(f"the held-out set {path} has no example within {max_seq_length} tokens")
+        self.examples = len(tokenized.examples)
+        self.tokens = tokenized.tokens
+        self.batches = datamod.eval_batches(tokenized.examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id)
+
+    def loss(self, folder: Path) -> float:
+        import torch
+
+        from dvm_llm_finetune import model as modelmod
+        from dvm_llm_finetune.train import evaluate
+
+        model = modelmod.load_model(folder, trust_remote_code=False)
+        return evaluate(model, self.batches, torch.device("cpu"))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def read_records(path: Path) -> list[str]:
+    """The non-empty lines of a JSONL file, each checked to be a JSON object (the provider checks
+    the rest: one format per file, the fields)."""
+    lines = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: each line must be a JSON object")
+        lines.append(line)
+    if not lines:
+        raise ValueError(f"{path} holds no examples")
+    return lines
+
+
+def zip_model(folder: Path, path: Path) -> Path:
+    """The model folder as the zip the llm-finetune plugin takes (an input marked ``model``)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                zf.write(f, "model/" + f.name)
+    return path
+
+
+# --- the rounds ---------------------------------------------------------------------------------
+
+class LlmFederation(Federation):
+    """`Federation` for LLM fine-tuning: JSONL shards, the global model as a folder, fresh LoRA
+    adapters merged exactly each round, held-out loss and perplexity. The provider jobs, their
+    payment and bonuses are `Federation`'s."""
+
+    def __init__(self, customer, wallet, providers: Sequence[str], train: Path, test: Path, model: Path,
+                 servers: Sequence[str], workdir: Path, settings: LlmSettings | None = None,
+                 say: Callable[[str], None] = print):
+        self.base_model = Path(model)
+        if not self.base_model.is_dir() or not any(self.base_model.glob("*.safetensors")):
+            raise ValueError(f"{model} is not a model folder with safetensors weights")
+        settings = settings or LlmSettings()
+        if settings.method != "fedavg" or settings.compare or settings.attacks or settings.merge_provider:
+            raise ValueError("LLM rounds merge LoRA adapters exactly (fedavg) here: robust methods, "
+                             "--compare, --attack and a merge DVM are not supported for them yet")
+        super().__init__(customer, wallet, providers, train, test, servers, workdir, settings, say)
+        self.global_model: Path | None = None
+        self.initial_loss: float | None = None
+
+    def _load_data(self, train: Path, test: Path) -> None:
+        self.records = read_records(train)
+        self.test_path = Path(test)
+        read_records(self.test_path)   # fail before any money is spent
+
+    async def prepare(self) -> None:
+        """Copy the base model as round 0's global model, split and upload the shards (once),
+        and evaluate the base model on the held-out set."""
+        s = self.settings
+        self.global_model = self.workdir / "global-0"
+        if self.global_model.exists():
+            shutil.rmtree(self.global_model)
+        shutil.copytree(self.base_model, self.global_model,
+                        ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
+        order = list(range(len(self.records)))
+        random.Random(s.seed).shuffle(order)
+        n = len(self.providers)
+        if len(order) < n:
+            raise ValueError(f"{len(order)} training examples cannot be split among {n} providers")
+        self.shards = [sorted(order[i::n]) for i in range(n)]
+        for i, idx in enumerate(self.shards):
+            path = self.workdir / f"shard-{i}.jsonl"
+            path.write_text("".join(self.records[j] + "\n" for j in idx))
+            self.shard_urls.append(await upload_dataset(path, self.servers, self.customer.keys, encrypt=True))
+            self.say(f"shard {i} → {self.providers[i][:12]}…: {len(idx)} examples")
+        self.heldout = await asyncio.to_thread(HeldOut, self.test_path, self.global_model, s.max_seq_length)
+        self.initial_loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
+        self.say(f"held-out set: {self.heldout.examples} examples, {self.heldout.tokens} tokens; base model "
+                 f"loss {self.initial_loss:.4f}, perplexity {perplexity(self.initial_loss):.2f}")
+
+    def _params(self, provider_index: int, shard, round_: int) -> dict[str, str]:
+        s = self.settings
+        params = {"method": "lora", "epochs": str(s.epochs), "batch_size": str(s.batch_size),
+                  "max_seq_length": str(s.max_seq_length), "lora_r": str(s.lora_r),
+                  "lora_alpha": f"{s.lora_alpha:g}", "lora_dropout": f"{s.lora_dropout:g}",
+                  "seed": str(s.seed * 1000 + round_ * 100 + provider_index),
+                  "eval_fraction": "0"}   # the customer evaluates; every example trains
+        if s.learning_rate is not None:
+            params["learning_rate"] = f"{s.learning_rate:g}"
+        if s.target_modules:
+            params["target_modules"] = ",".join(s.target_modules)
+        if s.max_steps is not None:
+            params["max_steps"] = str(s.max_steps)
+        return params
+
+    async def run_round(self, round_: int) -> LlmRoundReport:
+        s = self.settings
+        started = time.monotonic()
+        rdir = self.workdir / f"round-{round_}"
+        rdir.mkdir(parents=True, exist_ok=True)
+        archive = await asyncio.to_thread(zip_model, self.global_model, rdir / "model.zip")
+        model_url = await upload_dataset(archive, self.servers, self.customer.keys, encrypt=True)
+
+        async def train(i: int, provider: str):
+            inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
+            return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
+                                   rdir / f"provider-{i}")
+
+        self._paid, self._payments = {}, {}
+        outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
+                                        return_exceptions=True)
+        paid, payments = dict(self._paid), dict(self._payments)
+        for provider, why in payments.items():
+            self.say(f"round {round_}: provider {provider[:12]}… {why}")
+        adapters, weights, names, dropped, losses = [], [], [], {}, {}
+        for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                dropped[provider] = str(outcome) if isinstance(outcome, ProviderFailed) \
+                    else f"{type(outcome).__name__}: {outcome}"
+                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                continue
+            files, _cost = outcome
+            if ADAPTER not in files or ADAPTER_CONFIG not in files:
+                dropped[provider] = f"the result has no {ADAPTER} and {ADAPTER_CONFIG}"
+                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                continue
+            if "model_card.json" in files:   # its loss on its own shard, before and after (informative)
+                metrics = json.loads(files["model_card.json"].read_text()).get("metrics", {})
+                losses[provider] = {"train_loss_before": (metrics.get("before") or {}).get("train_loss"),
+                                    "train_loss": metrics.get("train_loss")}
+            adapters.append(files[ADAPTER].parent)
+            weights.append(float(len(self.shards[i])))
+            names.append(provider)
+        report: dict = {}
+        if adapters:
+            merged = self.workdir / f"global-{round_}"
+            if merged.exists():
+                shutil.rmtree(merged)
+            try:
+                report = await asyncio.to_thread(merge_adapters, self.global_model, adapters, weights, merged)
+                report["names"] = [n[:12] for n in names]
+                self.global_model = merged
+            except ValueError as exc:   # an adapter that does not fit this model: the round is lost
+                report, names = {"error": str(exc)}, []
+                self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
+        else:
+            self.say(f"round {round_}: no adapter came back; the global model stays as it was")
+        bonus = await self._pay_bonus(round_, names, {}, payments) if s.bonus and names else {}
+        loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
+        result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), providers=names,
+                                dropped=dropped, paid=paid, seconds=round(time.monotonic() - started, 3),
+                                merge=report, payments=payments, bonus=bonus, provider_losses=losses)
+        self.reports.append(result)
+        self.say(f"round {round_}: {len(names)}/{len(self.providers)} adapters merged, held-out loss "
+                 f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
+                 f"{result.seconds:.1f}s")
+        return result
+
+    def write_reports(self) -> None:
+        from dvm_core.charts import plot_lines
+
+        (self.workdir / "rounds.json").write_text(json.dumps(
+            {"settings": asdict(self.settings), "providers": self.providers,
+             "base_model": {"eval_loss": self.initial_loss, "perplexity": perplexity(self.initial_loss)},
+             "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
+        points = [(0, self.initial_loss)] + [(r.round, r.eval_loss) for r in self.reports]
+        plot_lines(self.workdir / "loss.png", "held-out loss per round (LoRA, merged exactly)",
+                   [("global model", points)], x_label="round", y_label="loss")
+
+
+def round_table(federation: LlmFederation) -> list[str]:
+    """The per-round table `dvm federate --task llm` prints (round 0: the base model)."""
+    lines = ["round  eval loss  perplexity  merged  dropped  paid(sat)  seconds",
+             f"{0:5d}  {federation.initial_loss:9.4f}  {perplexity(federation.initial_loss):10.2f}  "
+             f"{'-':>6}  {'-':>7}  {'-':>9}  {'-':>7}"]
+    for r in federation.reports:
+        lines.append(f"{r.round:5d}  {r.eval_loss:9.4f}  {r.perplexity:10.2f}  {len(r.providers):6d}  "
+                     f"{len(r.dropped):7d}  {sum(r.paid.values()):9d}  {r.seconds:7.1f}")
+    return lines
+
+
+async def federate_llm(customer, wallet, providers: Sequence[str], train: Path, test: Path, model: Path,
+                       servers: Sequence[str], workdir: Path, settings: LlmSettings | None = None,
+                       say: Callable[[str], None] = print) -> LlmFederation:
+    """Run the LLM rounds (see the module docstring); returns the federation (its `reports`)."""
+    federation = LlmFederation(customer, wallet, providers, train, test, model, servers, workdir, settings, say)
+    await federation.run()
+    return federation

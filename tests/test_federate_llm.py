@@ -1,0 +1,167 @@
+"""Federated LLM fine-tuning, LoRA mode (issue 20): three llm-finetune workers (kind 5751) with
+three keys on one relay and one mint each train a fresh LoRA adapter on their shard of a JSONL
+set, from the global model the customer sends as an archive; the customer pays each, merges the
+adapters into the weights exactly and evaluates on its held-out JSONL, three rounds, the loss
+lower every round. The merge is checked against the direct weighted average of the B·A
+products (random tensors) and against peft's own merge (a real adapter on GPT-2 and Llama)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
+from dvm_core.worker.plugins import plugin_manager  # noqa: E402
+from dvm_federate import tiny  # noqa: E402
+from dvm_federate.llm import LlmSettings, federate_llm, merge_adapters, merge_into, round_table  # noqa: E402
+
+from .paying import close_customer, funded_customer  # noqa: E402
+
+RATE = 100  # sats per million tokens: a shard of a few thousand tokens → 1 sat
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: three in-process providers and the customer share 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+async def blobs(tmp_path):
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+# --- the merge ----------------------------------------------------------------------------------
+
+def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int,
+                   fan_in_fan_out: bool = False) -> tuple[dict, dict]:
+    """(tensors, config) of a LoRA adapter in peft's key layout with random A and B."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_dim, in_dim) in shapes.items():
+        if fan_in_fan_out:   # the weight is (in, out); B·A is (out, in)
+            out_dim, in_dim = in_dim, out_dim
+        module = "base_model.model." + name.removesuffix(".weight")
+        tensors[module + ".lora_A.weight"] = torch.randn(rank, in_dim, generator=g)
+        tensors[module + ".lora_B.weight"] = torch.randn(out_dim, rank, generator=g)
+    return tensors, {"r": rank, "lora_alpha": alpha, "fan_in_fan_out": fan_in_fan_out, "peft_type": "LORA"}
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merge_is_the_weighted_average_of_the_BA_products(fan_in_fan_out):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"layers.0.q.weight": (6, 5), "layers.1.v.weight": (4, 7)}
+    state = {name: torch.randn(shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}
+    state["layers.0.norm.weight"] = torch.ones(5, dtype=torch.float64)
+    # Different ranks and alphas: each adapter's own scaling counts.
+    adapters = [random_adapter(shapes, 2, 16, 1, fan_in_fan_out), random_adapter(shapes, 3, 4, 2, fan_in_fan_out),
+                random_adapter(shapes, 1, 1, 3, fan_in_fan_out)]
+    weights = [10.0, 30.0, 60.0]
+    merged = merge_into(state, adapters, weights)
+    for name in shapes:
+        module = "base_model.model." + name.removesuffix(".weight")
+        expected = state[name].clone()
+        for (tensors, config), w in zip(adapters, weights):
+            ba = tensors[module + ".lora_B.weight"].double() @ tensors[module + ".lora_A.weight"].double()
+            expected += (w / 100) * (ba.T if fan_in_fan_out else ba) * (config["lora_alpha"] / config["r"])
+        assert torch.allclose(merged[name], expected, rtol=0, atol=1e-12), name
+    assert merged["layers.0.norm.weight"] is state["layers.0.norm.weight"]
+    with pytest.raises(ValueError, match="does not have"):
+        merge_into({"other.weight": state["layers.0.q.weight"]}, adapters[:1], [1.0])
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        merge_into(state, adapters, [1.0])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_merge_agrees_with_peft(kind, tmp_path):
+    """A real adapter (peft, random non-zero B) merged by `merge_adapters` gives the weights peft's
+    own merge_and_unload gives: the key names, the Conv1D transpose and α/r are peft's. Two
+    adapters weighted 1:3 give the base plus ¼ and ¾ of each one's update."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny.save_model_folder(tmp_path / "base", kind)
+    targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    updates, dirs = [], []
+    for i in range(2):
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8 + 8 * i, target_modules=targets,
+                                                      lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        dirs.append(tmp_path / f"adapter-{i}")
+        peft_model.save_pretrained(str(dirs[-1]), safe_serialization=True)
+        updates.append(peft_model.merge_and_unload().state_dict())
+    original = load_file(str(base / "model.safetensors"))
+    report = merge_adapters(base, dirs[:1], [5.0], tmp_path / "one")
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    modules = sum(".lora_A." in k for k in load_file(str(dirs[0] / "adapter_model.safetensors")))
+    assert modules >= 2 * len(targets) and report["modules"] == modules   # every adapted layer
+    changed = 0
+    for key, value in one.items():
+        assert torch.allclose(value, updates[0][key], atol=1e-6), key
+        changed += not torch.equal(value, original[key])
+    assert changed == modules
+    assert (tmp_path / "one" / "config.json").is_file() and (tmp_path / "one" / "tokenizer.json").is_file()
+    merge_adapters(base, dirs, [1.0, 3.0], tmp_path / "two")
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for key, value in two.items():
+        expected = original[key] + 0.25 * (updates[0][key] - original[key]) + 0.75 * (updates[1][key] - original[key])
+        assert torch.allclose(value, expected, atol=1e-6), key
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))   # a model folder transformers loads
+
+
+# --- three providers, three rounds --------------------------------------------------------------
+
+async def start_llm_providers(workers, mint, blobs, count: int) -> list[str]:
+    keys = []
+    for i in range(count):
+        worker = await workers.start(
+            pm=plugin_manager(only=["llm-finetune"]), name=f"provider-{i}", mints=[mint.url],
+            blob_servers=[blobs.url], allow_private_urls=True,
+            plugins={"llm-finetune": {"sats_per_million_tokens": RATE}})
+        keys.append(worker.keys.public_key)
+    return keys
+
+
+async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint, relay, blobs, tmp_path):
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 240, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 60, seed=2)
+    providers = await start_llm_providers(workers, mint, blobs, 3)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    settings = LlmSettings(rounds=3, epochs=1, batch_size=8, learning_rate=3e-3, lora_r=8, lora_alpha=16,
+                           target_modules=("c_attn", "c_proj", "c_fc"), allow_private_urls=True)
+    try:
+        federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
+                                        tmp_path / "fed", settings, say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines + round_table(federation)))
+    rounds = federation.reports
+    assert [len(r.providers) for r in rounds] == [3, 3, 3] and not any(r.dropped for r in rounds)
+    assert all(sum(r.paid.values()) == 3 for r in rounds)   # 1 sat each, paid by nutzap
+    assert all(all(w.startswith("paid 1 sat") for w in r.payments.values()) for r in rounds)
+    losses = [federation.initial_loss] + [r.eval_loss for r in rounds]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(r.merge["method"] == "lora-exact" and r.merge["inputs"] == 3 for r in rounds)
+    assert all(r.merge["weights"] == pytest.approx([1 / 3] * 3) for r in rounds)   # 80 examples each
+    saved = json.loads((tmp_path / "fed" / "rounds.json").read_text())
+    assert [r["eval_loss"] for r in saved["rounds"]] == losses[1:]
+    assert saved["base_model"]["eval_loss"] == losses[0]
+    assert (tmp_path / "fed" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "fed" / "global-3" / "model.safetensors").is_file()
