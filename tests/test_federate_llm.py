@@ -165,3 +165,48 @@ async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint
     assert saved["base_model"]["eval_loss"] == losses[0]
     assert (tmp_path / "fed" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "fed" / "global-3" / "model.safetensors").is_file()
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def dvm(*args: str, timeout: float = 60):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dvm_core.cli", "federate", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_dvm_federate_task_llm_local_runs_from_one_command(tmp_path):
+    """`dvm federate --task llm --local 2`: relay, mint, blob server, two llm-finetune provider
+    processes, a tiny GPT-2 and a toy corpus built here; the per-round table. About 1½ minutes on
+    2 cores (each provider process imports torch and transformers for its first job)."""
+    out = tmp_path / "federation"
+    run = dvm("--task", "llm", "--local", "2", "--rounds", "2", "--epochs", "1", "--batch-size", "8",
+              "--out", str(out), timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 providers up" in run.stdout and "round 2: 2/2 adapters merged" in run.stdout
+    assert "round  eval loss  perplexity  merged  dropped  paid(sat)  seconds" in run.stdout
+    saved = json.loads((out / "rounds.json").read_text())
+    losses = [saved["base_model"]["eval_loss"]] + [r["eval_loss"] for r in saved["rounds"]]
+    assert losses[2] < losses[1] < losses[0], losses
+    assert saved["settings"]["kind"] == 5751 and saved["settings"]["target_modules"] == ["c_attn", "c_proj", "c_fc"]
+    assert (out / "global-2" / "model.safetensors").exists() and (out / "loss.png").exists()
+
+
+def test_dvm_federate_task_llm_refuses_what_it_cannot_do(tmp_path):
+    """Before anything starts or is paid: what LoRA rounds do not support yet is refused."""
+    from click.testing import CliRunner
+
+    from dvm_federate.commands import federate_command
+
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tiny.write_corpus(tmp_path / "train.jsonl", 4)
+    for args, message in ((["--task", "llm", "--relay", "ws://x"], "--task llm needs --model FOLDER"),
+                          (["--task", "llm", "--local", "2", "--train", str(data)], "give all of --model, --train"),
+                          (["--task", "llm", "--local", "3", "--method", "median"], "--method fedavg only"),
+                          (["--task", "llm", "--local", "2", "--attack", "lazy:1"], "no --merge-dvm or --attack")):
+        refused = CliRunner().invoke(federate_command, args)
+        assert refused.exit_code != 0 and message in refused.output, (args, refused.output)
