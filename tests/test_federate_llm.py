@@ -165,6 +165,38 @@ async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint
     assert saved["base_model"]["eval_loss"] == losses[0]
     assert (tmp_path / "fed" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "fed" / "global-3" / "model.safetensors").is_file()
+    # Scored before the merge (on by default): every honest adapter lowers its shard's loss and is kept.
+    assert all(len(r.scores) == 3 and all(sc["merged"] and sc["shard_after"] < sc["shard_before"]
+                                          for sc in r.scores.values()) for r in rounds)
+
+
+async def test_a_lazy_and_a_sign_flipping_provider_are_left_out(workers, mint, relay, blobs, tmp_path):
+    """Scores on LLM updates: provider 2 returns B = 0 (its adapter changes nothing), provider 3
+    its update × −4 (`--attack`, simulated on arrival); both are left out, and the merge of the
+    honest one still lowers the held-out loss."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 240, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 60, seed=2)
+    providers = await start_llm_providers(workers, mint, blobs, 3)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    lines: list[str] = []
+    settings = LlmSettings(rounds=1, epochs=1, batch_size=8, learning_rate=3e-3,
+                           target_modules=("c_attn", "c_proj", "c_fc"), allow_private_urls=True,
+                           attacks={1: "lazy", 2: "sign-flip"})
+    try:
+        federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
+                                        tmp_path / "fed", settings, say=lines.append)
+    finally:
+        await close_customer(customer)
+    print("\n".join(lines))
+    (only,) = federation.reports
+    assert only.providers == [providers[0]] and only.merge["inputs"] == 1
+    assert only.scores[providers[1]]["reason"] == "no change from the global model (a lazy update)"
+    flipped = only.scores[providers[2]]
+    assert not flipped["merged"] and "did not lower the loss on its own shard" in flipped["reason"]
+    assert flipped["shard_after"] > flipped["shard_before"]
+    assert only.eval_loss < federation.initial_loss
+    assert sum(only.paid.values()) == 3   # all paid: the cheating is found after delivery
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -207,6 +239,7 @@ def test_dvm_federate_task_llm_refuses_what_it_cannot_do(tmp_path):
     for args, message in ((["--task", "llm", "--relay", "ws://x"], "--task llm needs --model FOLDER"),
                           (["--task", "llm", "--local", "2", "--train", str(data)], "give all of --model, --train"),
                           (["--task", "llm", "--local", "3", "--method", "median"], "--method fedavg only"),
-                          (["--task", "llm", "--local", "2", "--attack", "lazy:1"], "no --merge-dvm or --attack")):
+                          (["--task", "llm", "--relay", "ws://x", "--model", str(model), "--merge-dvm", "ab" * 32],
+                           "no --merge-dvm yet")):
         refused = CliRunner().invoke(federate_command, args)
         assert refused.exit_code != 0 and message in refused.output, (args, refused.output)

@@ -106,9 +106,9 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
         if local and any(given) and not all(given):
             raise click.ClickException("--task llm --local: give all of --model, --train and --test, or none "
                                        "(a tiny model and corpus built here)")
-        if method != "fedavg" or merge_dvm or attacks:
+        if method != "fedavg" or merge_dvm:
             raise click.ClickException("--task llm merges LoRA adapters exactly: --method fedavg only, "
-                                       "no --merge-dvm or --attack yet")
+                                       "no --merge-dvm yet")
         extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length,
                  "target_modules": tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())}
         if local and model_dir is None and learning_rate is None:
@@ -117,7 +117,7 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score and task == "image",
+        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score,
         publish_verdicts=publish_verdicts, **extra)
     try:
         if merge_dvm:

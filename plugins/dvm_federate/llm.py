@@ -14,9 +14,15 @@ cut in equal parts), each shard uploaded encrypted. Each round:
 4. the new global model is evaluated on the customer's held-out JSONL (mean per-token loss and
    perplexity, transformers on the CPU), and written as the next round's model folder.
 
+Before the merge each adapter is scored as image updates are (`scoring.score_updates`, on by
+default): its update applied alone to the global weights is a model like any other, so a lazy
+adapter (B·A = 0), a copy, one that does not lower the loss on its own shard, and one that raises
+the held-out loss of the merge (leave one out) are left out; the gains share ``--bonus``.
+`simulate_adapter_attack` rewrites an adapter as a cheating provider would (``--local --attack``).
+
 A provider that fails, refuses, asks too much or times out is left out of that round, as with
-images. Not here yet (issue 20): full-model DiLoCo, robust methods on LLM updates, compression,
-resuming a stopped run.
+images. Not here yet (issue 20): full-model DiLoCo, the robust merges (median, trimmed mean,
+clipping) on LLM updates, compression, resuming a stopped run.
 """
 
 from __future__ import annotations
@@ -58,7 +64,6 @@ class LlmSettings(FederationSettings):
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ()   # empty: the plugin's default for the architecture
     max_steps: int | None = None
-    score: bool = False   # the image scores do not apply yet
 
 
 @dataclass
@@ -202,6 +207,62 @@ class HeldOut:
         return evaluate(model, self.batches, torch.device("cpu"))
 
 
+class LossOnModel:
+    """`scoring.LossOn` for a causal LM: the mean per-token loss of a state dict on token batches,
+    one model loaded once. Tied weights (GPT-2's lm_head) are absent from safetensors files and
+    follow the embedding they are tied to."""
+
+    def __init__(self, model, batches: list):
+        self.model = model.eval()
+        self.batches = batches
+
+    def __call__(self, state: dict) -> float:
+        import torch
+
+        from dvm_llm_finetune.train import evaluate
+
+        _missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"the state holds tensors the model does not have: {unexpected[:3]}")
+        loss = evaluate(self.model, self.batches, torch.device("cpu"))
+        return loss if math.isfinite(loss) else math.inf
+
+
+def simulate_adapter_attack(adapter_dir: Path, mode: str, other: Path | None = None) -> None:
+    """Rewrite a downloaded adapter as a cheating provider would have sent it (``--local
+    --attack``): `lazy` B = 0 (no change), `sign-flip` B·(−4), `scaled` B·10, `noise` B random
+    with 10× its spread, `copy` another provider's adapter (`other`, a folder)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / ADAPTER
+    if mode == "copy":
+        if other is None:
+            raise ValueError("copy needs another provider's adapter")
+        shutil.copy2(Path(other) / ADAPTER, path)
+        shutil.copy2(Path(other) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_CONFIG)
+        return
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(3)
+    for key, b in tensors.items():
+        if ".lora_B." not in key:
+            continue
+        if mode == "lazy":
+            tensors[key] = torch.zeros_like(b)
+        elif mode == "sign-flip":
+            tensors[key] = -4 * b
+        elif mode == "scaled":
+            tensors[key] = 10 * b
+        elif mode == "noise":
+            tensors[key] = torch.randn(b.shape, generator=generator) * float(b.std()) * 10
+        else:
+            raise ValueError(f"unknown attack {mode!r}")
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
@@ -248,9 +309,9 @@ class LlmFederation(Federation):
         if not self.base_model.is_dir() or not any(self.base_model.glob("*.safetensors")):
             raise ValueError(f"{model} is not a model folder with safetensors weights")
         settings = settings or LlmSettings()
-        if settings.method != "fedavg" or settings.compare or settings.attacks or settings.merge_provider:
+        if settings.method != "fedavg" or settings.compare or settings.merge_provider:
             raise ValueError("LLM rounds merge LoRA adapters exactly (fedavg) here: robust methods, "
-                             "--compare, --attack and a merge DVM are not supported for them yet")
+                             "--compare and a merge DVM are not supported for them yet")
         super().__init__(customer, wallet, providers, train, test, servers, workdir, settings, say)
         self.global_model: Path | None = None
         self.initial_loss: float | None = None
@@ -281,6 +342,7 @@ class LlmFederation(Federation):
             self.shard_urls.append(await upload_dataset(path, self.servers, self.customer.keys, encrypt=True))
             self.say(f"shard {i} → {self.providers[i][:12]}…: {len(idx)} examples")
         self.heldout = await asyncio.to_thread(HeldOut, self.test_path, self.global_model, s.max_seq_length)
+        self.shard_sets = [self.workdir / f"shard-{i}.jsonl" for i in range(n)]
         self.initial_loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
         self.say(f"held-out set: {self.heldout.examples} examples, {self.heldout.tokens} tokens; base model "
                  f"loss {self.initial_loss:.4f}, perplexity {perplexity(self.initial_loss):.2f}")
@@ -337,9 +399,26 @@ class LlmFederation(Federation):
                 metrics = json.loads(files["model_card.json"].read_text()).get("metrics", {})
                 losses[provider] = {"train_loss_before": (metrics.get("before") or {}).get("train_loss"),
                                     "train_loss": metrics.get("train_loss")}
+            if i in s.attacks:   # a simulation (--local --attack): this provider cheats
+                await asyncio.to_thread(simulate_adapter_attack, files[ADAPTER].parent, s.attacks[i],
+                                        adapters[0] if adapters else None)
+                self.say(f"round {round_}: provider {provider[:12]}… plays {s.attacks[i]} (simulated)")
             adapters.append(files[ADAPTER].parent)
             weights.append(float(len(self.shards[i])))
             names.append(provider)
+        scores: dict[str, dict] = {}
+        if adapters and s.score:
+            scored = await asyncio.to_thread(self.score, adapters, weights, names, rdir)
+            scores = {u.provider: u.to_dict() for u in scored}
+            for u in scored:
+                verdict = "merged" if u.merged else "LEFT OUT"
+                self.say(f"round {round_}: provider {u.provider[:12]}… score {u.score:+.4f}, {verdict}: {u.reason}")
+            keep = [u.merged for u in scored]
+            adapters = [a for a, k in zip(adapters, keep) if k]
+            weights = [w for w, k in zip(weights, keep) if k]
+            names = [n for n, k in zip(names, keep) if k]
+            if not adapters:
+                self.say(f"round {round_}: every adapter was left out; the global model stays as it was")
         report: dict = {}
         if adapters:
             merged = self.workdir / f"global-{round_}"
@@ -352,18 +431,63 @@ class LlmFederation(Federation):
             except ValueError as exc:   # an adapter that does not fit this model: the round is lost
                 report, names = {"error": str(exc)}, []
                 self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
-        else:
+        elif not scores:
             self.say(f"round {round_}: no adapter came back; the global model stays as it was")
-        bonus = await self._pay_bonus(round_, names, {}, payments) if s.bonus and names else {}
+        bonus = await self._pay_bonus(round_, names, scores, payments) if s.bonus and names else {}
+        if s.publish_verdicts and scores:
+            await self._publish_verdicts(round_, scores)
         loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
         result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), providers=names,
                                 dropped=dropped, paid=paid, seconds=round(time.monotonic() - started, 3),
-                                merge=report, payments=payments, bonus=bonus, provider_losses=losses)
+                                merge=report, payments=payments, scores=scores, bonus=bonus,
+                                provider_losses=losses)
         self.reports.append(result)
         self.say(f"round {round_}: {len(names)}/{len(self.providers)} adapters merged, held-out loss "
                  f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
                  f"{result.seconds:.1f}s")
         return result
+
+    def score(self, adapters: list[Path], weights: list[float], names: list[str], rdir: Path) -> list:
+        """Score the round's adapters (`scoring.score_updates`): each one's update applied alone
+        to the global weights is written as a whole state (``rdir/scored-i.safetensors``); the
+        FedAvg of those states is the exact merge, so leave-one-out scores the merge itself."""
+        from safetensors.torch import load_file, save_file
+
+        from dvm_llm_finetune import data as datamod
+        from dvm_llm_finetune import model as modelmod
+
+        from .scoring import score_updates
+
+        base = {k: v for f in sorted(self.global_model.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        base_file = rdir / "scored-global.safetensors"
+        save_file(base, str(base_file))
+        updates = []
+        for i, adapter in enumerate(adapters):
+            config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+            path = rdir / f"scored-{i}.safetensors"
+            try:
+                state = merge_into(base, [(load_file(str(adapter / ADAPTER)), config)], [1.0])
+            except ValueError:   # it does not fit this model: no tensors, scored "do not fit"
+                state = {}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            updates.append(path)
+        model = modelmod.load_model(self.global_model, trust_remote_code=False)   # one, for every loss
+        heldout = LossOnModel(model, self.heldout.batches)
+        tokenizer = modelmod.load_tokenizer(self.global_model)
+        index = {name: self.providers.index(name) for name in names}
+        shard_sets: dict[int, LossOnModel] = {}
+
+        def shard_loss(i: int, state: dict) -> float:
+            if i not in shard_sets:
+                shard = datamod.read_jsonl(self.shard_sets[index[names[i]]], what="shard", max_bytes=1 << 40,
+                                           max_examples=10**9)
+                examples = datamod.tokenize(shard, tokenizer, self.settings.max_seq_length, what="shard").examples
+                shard_sets[i] = LossOnModel(model, datamod.eval_batches(
+                    examples, batch_size=16, pad_id=tokenizer.pad_token_id))
+            return shard_sets[i](state)
+
+        return score_updates(base_file, updates, names, weights, heldout, shard_loss,
+                             tolerance=self.settings.score_tolerance)
 
     def write_reports(self) -> None:
         from dvm_core.charts import plot_lines
