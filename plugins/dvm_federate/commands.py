@@ -265,7 +265,8 @@ async def _run_local(count: int, train, test, settings, out_dir: Path, model=Non
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(home / "dvm.toml")],
                 stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "llm-finetune" if llm else "image-classifier",
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     "DVM_PLUGINS": "llm-finetune" if llm else "image-classifier",
                      "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
             providers.append(keys.public_key)
         customer_keys = Keys.generate()
