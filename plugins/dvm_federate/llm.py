@@ -369,6 +369,7 @@ class LlmFederation(Federation):
         rdir.mkdir(parents=True, exist_ok=True)
         archive = await asyncio.to_thread(zip_model, self.global_model, rdir / "model.zip")
         model_url = await upload_dataset(archive, self.servers, self.customer.keys, encrypt=True)
+        archive.unlink()   # the same files as the global model folder
 
         async def train(i: int, provider: str):
             inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
@@ -449,8 +450,9 @@ class LlmFederation(Federation):
 
     def score(self, adapters: list[Path], weights: list[float], names: list[str], rdir: Path) -> list:
         """Score the round's adapters (`scoring.score_updates`): each one's update applied alone
-        to the global weights is written as a whole state (``rdir/scored-i.safetensors``); the
-        FedAvg of those states is the exact merge, so leave-one-out scores the merge itself."""
+        to the global weights is written as a whole state (``rdir/scored-i.safetensors``, removed
+        afterwards); the FedAvg of those states is the exact merge, so leave-one-out scores the
+        merge itself. It holds N + 1 copies of the model in memory: fine for small models."""
         from safetensors.torch import load_file, save_file
 
         from dvm_llm_finetune import data as datamod
@@ -486,8 +488,12 @@ class LlmFederation(Federation):
                     examples, batch_size=16, pad_id=tokenizer.pad_token_id))
             return shard_sets[i](state)
 
-        return score_updates(base_file, updates, names, weights, heldout, shard_loss,
-                             tolerance=self.settings.score_tolerance)
+        try:
+            return score_updates(base_file, updates, names, weights, heldout, shard_loss,
+                                 tolerance=self.settings.score_tolerance)
+        finally:   # whole-model copies, one per adapter: not kept
+            for path in [base_file, *updates]:
+                path.unlink(missing_ok=True)
 
     def write_reports(self) -> None:
         from dvm_core.charts import plot_lines
