@@ -7,6 +7,7 @@ products (random tensors) and against peft's own merge (a real adapter on GPT-2 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from dvm_core import hookimpl  # noqa: E402
 from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
 from dvm_core.worker.plugins import plugin_manager  # noqa: E402
 from dvm_federate import tiny  # noqa: E402
@@ -170,14 +172,32 @@ async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint
                                           for sc in r.scores.values()) for r in rounds)
 
 
+class Failing:
+    """An llm-finetune provider whose every job fails (free: it never asks to be paid)."""
+
+    @hookimpl
+    def register_job_kinds(self, register, config):
+        import dvm_llm_finetune
+
+        def run(ctx, job):
+            raise RuntimeError("this provider's GPU caught fire")
+
+        register(dataclasses.replace(dvm_llm_finetune.job_kind(config), run=run, price=None, pricing=None))
+
+
 async def test_a_lazy_and_a_sign_flipping_provider_are_left_out(workers, mint, relay, blobs, tmp_path):
     """Scores on LLM updates: provider 2 returns B = 0 (its adapter changes nothing), provider 3
     its update × −4 (`--attack`, simulated on arrival); both are left out, and the merge of the
-    honest one still lowers the held-out loss."""
+    honest one still lowers the held-out loss. Provider 4 fails: dropped, the round goes on."""
     model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
     train = tiny.write_corpus(tmp_path / "train.jsonl", 240, seed=1)
     test = tiny.write_corpus(tmp_path / "test.jsonl", 60, seed=2)
     providers = await start_llm_providers(workers, mint, blobs, 3)
+    pm = plugin_manager(only=[])
+    pm.register(Failing(), name="failing")
+    failing = await workers.start(pm=pm, name="failing", mints=[mint.url], blob_servers=[blobs.url],
+                                  allow_private_urls=True)
+    providers.append(failing.keys.public_key)
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     settings = LlmSettings(rounds=1, epochs=1, batch_size=8, learning_rate=3e-3,
@@ -197,6 +217,7 @@ async def test_a_lazy_and_a_sign_flipping_provider_are_left_out(workers, mint, r
     assert flipped["shard_after"] > flipped["shard_before"]
     assert only.eval_loss < federation.initial_loss
     assert sum(only.paid.values()) == 3   # all paid: the cheating is found after delivery
+    assert list(only.dropped) == [providers[3]] and "internal error" in only.dropped[providers[3]]
 
 
 # --- the command --------------------------------------------------------------------------------
