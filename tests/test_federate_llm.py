@@ -124,6 +124,24 @@ def test_merge_agrees_with_peft(kind, tmp_path):
         expected = original[key] + 0.25 * (updates[0][key] - original[key]) + 0.75 * (updates[1][key] - original[key])
         assert torch.allclose(value, expected, atol=1e-6), key
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))   # a model folder transformers loads
+    if kind == "gpt2":   # the merge DVM's FLoRA stacking, merged with weight 1, is the same merge
+        from dvm_fedavg.merge import merge_files, stacked_adapter_config
+
+        # (same r and α for both, as every job of a round asks)
+        same = tmp_path / "adapter-1b"
+        same.mkdir()
+        (same / "adapter_model.safetensors").write_bytes((dirs[1] / "adapter_model.safetensors").read_bytes())
+        (same / "adapter_config.json").write_text((dirs[0] / "adapter_config.json").read_text())
+        stacked = tmp_path / "stacked"
+        stacked.mkdir()
+        merge_files([d / "adapter_model.safetensors" for d in (dirs[0], same)], [1.0, 3.0],
+                    stacked / "adapter_model.safetensors")
+        config = json.loads((dirs[0] / "adapter_config.json").read_text())
+        (stacked / "adapter_config.json").write_text(json.dumps(stacked_adapter_config(config, 2)))
+        merge_adapters(base, [stacked], [1.0], tmp_path / "via-stack")
+        merge_adapters(base, [dirs[0], same], [1.0, 3.0], tmp_path / "direct")
+        via, direct = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("via-stack", "direct"))
+        assert all(torch.allclose(via[k], direct[k], atol=1e-6) for k in direct)
 
 
 # --- three providers, three rounds --------------------------------------------------------------
@@ -220,6 +238,37 @@ async def test_a_lazy_and_a_sign_flipping_provider_are_left_out(workers, mint, r
     assert list(only.dropped) == [providers[3]] and "internal error" in only.dropped[providers[3]]
 
 
+async def test_merging_through_a_merge_dvm(workers, mint, relay, blobs, tmp_path):
+    """`--merge-dvm`: the adapters stacked (FLoRA) by a kind-5752 job on another DVM and merged
+    here give the global model the exact merge here gives."""
+    from safetensors.torch import load_file
+
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 100, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = await start_llm_providers(workers, mint, blobs, 2)
+    merger = await workers.start(pm=plugin_manager(only=["fedavg"]), name="merger", mints=[mint.url],
+                                 blob_servers=[blobs.url], allow_private_urls=True)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = LlmSettings(rounds=1, epochs=1, batch_size=8, learning_rate=3e-3, allow_private_urls=True,
+                           merge_provider=merger.keys.public_key, score=False)
+    try:
+        federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
+                                        tmp_path / "fed", settings, say=print)
+    finally:
+        await close_customer(customer)
+    (only,) = federation.reports
+    assert only.providers == providers and only.merge["stacked_by"] == merger.keys.public_key[:12]
+    assert only.merge["remote"]["lora"]["rank_multiplier"] == 2
+    fed = tmp_path / "fed"
+    adapters = [fed / "round-1" / f"provider-{i}" for i in range(2)]
+    merge_adapters(fed / "global-0", adapters, [50.0, 50.0], tmp_path / "here")
+    remote, here = (load_file(str(p / "model.safetensors")) for p in (fed / "global-1", tmp_path / "here"))
+    assert remote.keys() == here.keys() and all(torch.allclose(remote[k], here[k], atol=1e-6) for k in here)
+    assert any(not torch.equal(remote[k], load_file(str(fed / "global-0" / "model.safetensors"))[k]) for k in here)
+    assert only.eval_loss < federation.initial_loss
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def dvm(*args: str, timeout: float = 60):
@@ -259,8 +308,6 @@ def test_dvm_federate_task_llm_refuses_what_it_cannot_do(tmp_path):
     data = tiny.write_corpus(tmp_path / "train.jsonl", 4)
     for args, message in ((["--task", "llm", "--relay", "ws://x"], "--task llm needs --model FOLDER"),
                           (["--task", "llm", "--local", "2", "--train", str(data)], "give all of --model, --train"),
-                          (["--task", "llm", "--local", "3", "--method", "median"], "--method fedavg only"),
-                          (["--task", "llm", "--relay", "ws://x", "--model", str(model), "--merge-dvm", "ab" * 32],
-                           "no --merge-dvm yet")):
+                          (["--task", "llm", "--local", "3", "--method", "median"], "--method fedavg only")):
         refused = CliRunner().invoke(federate_command, args)
         assert refused.exit_code != 0 and message in refused.output, (args, refused.output)

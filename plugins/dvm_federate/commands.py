@@ -106,9 +106,8 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
         if local and any(given) and not all(given):
             raise click.ClickException("--task llm --local: give all of --model, --train and --test, or none "
                                        "(a tiny model and corpus built here)")
-        if method != "fedavg" or merge_dvm:
-            raise click.ClickException("--task llm merges LoRA adapters exactly: --method fedavg only, "
-                                       "no --merge-dvm yet")
+        if method != "fedavg":
+            raise click.ClickException("--task llm merges LoRA adapters exactly: --method fedavg only")
         extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length,
                  "target_modules": tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())}
         if local and model_dir is None and learning_rate is None:

@@ -10,7 +10,9 @@ cut in equal parts), each shard uploaded encrypted. Each round:
    (`Federation._job`: a nutzap up to ``max_price``, or pay on delivery);
 3. the adapters are merged into the weights exactly (`merge_adapters`):
    W' = W + Σᵢ pᵢ·(Bᵢ·Aᵢ)·(αᵢ/rᵢ), pᵢ the shard sizes' shares, the weighted average of the
-   updates the adapters stand for (averaging the A and B factors separately would not be);
+   updates the adapters stand for (averaging the A and B factors separately would not be); or,
+   with ``merge_provider``, stacked by a merge DVM (kind 5752, FLoRA) into one adapter that is
+   merged with weight 1, the same sum;
 4. the new global model is evaluated on the customer's held-out JSONL (mean per-token loss and
    perplexity, transformers on the CPU), and written as the next round's model folder.
 
@@ -309,9 +311,9 @@ class LlmFederation(Federation):
         if not self.base_model.is_dir() or not any(self.base_model.glob("*.safetensors")):
             raise ValueError(f"{model} is not a model folder with safetensors weights")
         settings = settings or LlmSettings()
-        if settings.method != "fedavg" or settings.compare or settings.merge_provider:
-            raise ValueError("LLM rounds merge LoRA adapters exactly (fedavg) here: robust methods, "
-                             "--compare and a merge DVM are not supported for them yet")
+        if settings.method != "fedavg" or settings.compare:
+            raise ValueError("LLM rounds merge LoRA adapters exactly (fedavg) here: robust methods "
+                             "and --compare are not supported for them yet")
         super().__init__(customer, wallet, providers, train, test, servers, workdir, settings, say)
         self.global_model: Path | None = None
         self.initial_loss: float | None = None
@@ -426,10 +428,16 @@ class LlmFederation(Federation):
             if merged.exists():
                 shutil.rmtree(merged)
             try:
-                report = await asyncio.to_thread(merge_adapters, self.global_model, adapters, weights, merged)
+                if s.merge_provider:   # FLoRA-stacked there: one adapter whose B·A is Σ pᵢ BᵢAᵢ
+                    stacked, remote = await self._stack_remote(adapters, weights, rdir)
+                    report = await asyncio.to_thread(merge_adapters, self.global_model, [stacked], [1.0], merged)
+                    report.update(weights=[w / sum(weights) for w in weights], inputs=len(adapters),
+                                  stacked_by=s.merge_provider[:12], remote=remote)
+                else:
+                    report = await asyncio.to_thread(merge_adapters, self.global_model, adapters, weights, merged)
                 report["names"] = [n[:12] for n in names]
                 self.global_model = merged
-            except ValueError as exc:   # an adapter that does not fit this model: the round is lost
+            except (ValueError, ProviderFailed) as exc:   # an adapter that does not fit, the merge DVM failed
                 report, names = {"error": str(exc)}, []
                 self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
         elif not scores:
@@ -447,6 +455,35 @@ class LlmFederation(Federation):
                  f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
                  f"{result.seconds:.1f}s")
         return result
+
+    async def _stack_remote(self, adapters: list[Path], weights: list[float], rdir: Path) -> tuple[Path, dict]:
+        """Stack the adapters on a merge DVM (kind 5752, FLoRA: A' = [A₁; …], B' = [p₁B₁ | …],
+        r and α multiplied by N): merged with weight 1, B'·A'·(α'/r') = Σ pᵢ·BᵢAᵢ·(α/r), the same
+        as merging them here. That needs one r and α for all, as every job here asks."""
+        s = self.settings
+        configs = [json.loads((a / ADAPTER_CONFIG).read_text()) for a in adapters]
+        shape = [(c.get("r"), c.get("lora_alpha"), c.get("use_rslora", False), c.get("fan_in_fan_out", False))
+                 for c in configs]
+        if len(set(shape)) != 1:
+            raise ValueError(f"the adapters' r, lora_alpha, use_rslora or fan_in_fan_out differ ({shape}): "
+                             "stacking them would not give their weighted sum")
+        inputs = []
+        for adapter in adapters:
+            url = await upload_dataset(adapter / ADAPTER, self.servers, self.customer.keys, encrypt=True)
+            inputs.append(JobInput(url, "url", "", "update"))
+        config_url = await upload_dataset(adapters[0] / ADAPTER_CONFIG, self.servers, self.customer.keys,
+                                          encrypt=True)
+        inputs.append(JobInput(config_url, "url", "", "adapter_config"))
+        params = {"method": "fedavg", "weights": ",".join(f"{w:g}" for w in weights)}
+        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge")
+        if "model.safetensors" not in files or "adapter_config.json" not in files:
+            raise ProviderFailed("the merge result has no model.safetensors and adapter_config.json")
+        stacked = rdir / "stacked"
+        stacked.mkdir(exist_ok=True)
+        files["model.safetensors"].replace(stacked / ADAPTER)
+        files["adapter_config.json"].replace(stacked / ADAPTER_CONFIG)
+        report = files.get("merge_report.json")
+        return stacked, (json.loads(report.read_text()) if report else {})
 
     def score(self, adapters: list[Path], weights: list[float], names: list[str], rdir: Path) -> list:
         """Score the round's adapters (`scoring.score_updates`): each one's update applied alone
