@@ -238,6 +238,34 @@ async def test_a_lazy_and_a_sign_flipping_provider_are_left_out(workers, mint, r
     assert list(only.dropped) == [providers[3]] and "internal error" in only.dropped[providers[3]]
 
 
+async def test_median_survives_a_sign_flipping_provider_where_fedavg_does_not(workers, mint, relay, blobs,
+                                                                             tmp_path):
+    """Unscored, one provider of three sends its update × −4: averaged in, the held-out loss
+    rises above the base model's; the coordinate-wise median of the updates W + Δᵢ lowers it."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 150, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = await start_llm_providers(workers, mint, blobs, 3)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = LlmSettings(rounds=1, epochs=1, batch_size=8, learning_rate=3e-3, allow_private_urls=True,
+                           target_modules=("c_attn", "c_proj", "c_fc"), score=False, attacks={2: "sign-flip"})
+    runs = {}
+    try:
+        for method in ("fedavg", "median"):
+            runs[method] = await federate_llm(customer, customer.wallet, providers, train, test, model,
+                                              [blobs.url], tmp_path / method,
+                                              dataclasses.replace(settings, method=method), say=print)
+    finally:
+        await close_customer(customer)
+    base = runs["fedavg"].initial_loss
+    fedavg, median = (runs[m].reports[0] for m in ("fedavg", "median"))
+    assert fedavg.providers == median.providers == providers   # unscored: every update merged
+    assert fedavg.eval_loss > base, (base, fedavg.eval_loss)
+    assert median.eval_loss < base - 0.1, (base, median.eval_loss)
+    assert median.merge["method"] == "median" and fedavg.merge["method"] == "lora-exact"
+    assert not list((tmp_path / "median" / "round-1").glob("robust-*"))   # the whole-model copies are gone
+
+
 async def test_merging_through_a_merge_dvm(workers, mint, relay, blobs, tmp_path):
     """`--merge-dvm`: the adapters stacked (FLoRA) by a kind-5752 job on another DVM and merged
     here give the global model the exact merge here gives."""
@@ -308,6 +336,7 @@ def test_dvm_federate_task_llm_refuses_what_it_cannot_do(tmp_path):
     data = tiny.write_corpus(tmp_path / "train.jsonl", 4)
     for args, message in ((["--task", "llm", "--relay", "ws://x"], "--task llm needs --model FOLDER"),
                           (["--task", "llm", "--local", "2", "--train", str(data)], "give all of --model, --train"),
-                          (["--task", "llm", "--local", "3", "--method", "median"], "--method fedavg only")):
+                          (["--task", "llm", "--relay", "ws://x", "--model", str(model), "--method", "median",
+                            "--merge-dvm", "ab" * 32], "not on a --merge-dvm")):
         refused = CliRunner().invoke(federate_command, args)
         assert refused.exit_code != 0 and message in refused.output, (args, refused.output)

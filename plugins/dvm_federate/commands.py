@@ -106,8 +106,8 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
         if local and any(given) and not all(given):
             raise click.ClickException("--task llm --local: give all of --model, --train and --test, or none "
                                        "(a tiny model and corpus built here)")
-        if method != "fedavg":
-            raise click.ClickException("--task llm merges LoRA adapters exactly: --method fedavg only")
+        if method != "fedavg" and merge_dvm:
+            raise click.ClickException("--task llm: a robust --method runs here, not on a --merge-dvm")
         extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length,
                  "target_modules": tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())}
         if local and model_dir is None and learning_rate is None:

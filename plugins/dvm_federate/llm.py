@@ -23,8 +23,9 @@ the held-out loss of the merge (leave one out) are left out; the gains share ``-
 `simulate_adapter_attack` rewrites an adapter as a cheating provider would (``--local --attack``).
 
 A provider that fails, refuses, asks too much or times out is left out of that round, as with
-images. Not here yet (issue 20): full-model DiLoCo, the robust merges (median, trimmed mean,
-clipping) on LLM updates, compression, resuming a stopped run.
+images. A robust ``method`` (median, trimmed mean, Krum) or ``clip_norm`` merges the updates
+W + Δᵢ with `dvm_fedavg.merge.merge_files` instead of the exact sum. Not here yet (issue 20):
+full-model DiLoCo, compression, resuming a stopped run.
 """
 
 from __future__ import annotations
@@ -311,9 +312,8 @@ class LlmFederation(Federation):
         if not self.base_model.is_dir() or not any(self.base_model.glob("*.safetensors")):
             raise ValueError(f"{model} is not a model folder with safetensors weights")
         settings = settings or LlmSettings()
-        if settings.method != "fedavg" or settings.compare:
-            raise ValueError("LLM rounds merge LoRA adapters exactly (fedavg) here: robust methods "
-                             "and --compare are not supported for them yet")
+        if settings.compare or (settings.merge_provider and settings.method != "fedavg"):
+            raise ValueError("LLM rounds: --compare, and a robust method on a merge DVM, are not supported yet")
         super().__init__(customer, wallet, providers, train, test, servers, workdir, settings, say)
         self.global_model: Path | None = None
         self.initial_loss: float | None = None
@@ -428,7 +428,9 @@ class LlmFederation(Federation):
             if merged.exists():
                 shutil.rmtree(merged)
             try:
-                if s.merge_provider:   # FLoRA-stacked there: one adapter whose B·A is Σ pᵢ BᵢAᵢ
+                if s.method != "fedavg" or s.clip_norm is not None:
+                    report = await asyncio.to_thread(self._merge_robust, adapters, weights, names, merged, rdir)
+                elif s.merge_provider:   # FLoRA-stacked there: one adapter whose B·A is Σ pᵢ BᵢAᵢ
                     stacked, remote = await self._stack_remote(adapters, weights, rdir)
                     report = await asyncio.to_thread(merge_adapters, self.global_model, [stacked], [1.0], merged)
                     report.update(weights=[w / sum(weights) for w in weights], inputs=len(adapters),
@@ -455,6 +457,51 @@ class LlmFederation(Federation):
                  f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
                  f"{result.seconds:.1f}s")
         return result
+
+    def _states_alone(self, adapters: list[Path], rdir: Path, prefix: str) -> tuple[Path, list[Path]]:
+        """The global weights and each adapter's update applied alone to them, as whole-model
+        safetensors files in `rdir` (the caller removes them): the form the scores and the robust
+        methods take updates in."""
+        from safetensors.torch import load_file, save_file
+
+        base = {k: v for f in sorted(self.global_model.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        base_file = rdir / f"{prefix}-global.safetensors"
+        save_file(base, str(base_file), metadata={"format": "pt"})
+        paths = []
+        for i, adapter in enumerate(adapters):
+            config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+            path = rdir / f"{prefix}-{i}.safetensors"
+            try:
+                state = merge_into(base, [(load_file(str(adapter / ADAPTER)), config)], [1.0])
+            except ValueError:   # it does not fit this model: no tensors (scored "do not fit")
+                state = {}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+            paths.append(path)
+        return base_file, paths
+
+    def _merge_robust(self, adapters: list[Path], weights: list[float], names: list[str], out: Path,
+                      rdir: Path) -> dict:
+        """A robust method (median, trimmed mean, Krum) or clipping on the adapters' updates
+        W + Δᵢ, Δᵢ = (BᵢAᵢ)·(α/r), with `dvm_fedavg.merge.merge_files` against the global
+        weights: the result is a full model, no longer W plus a low-rank sum. Single-file models."""
+        from dvm_fedavg.merge import merge_files
+
+        s = self.settings
+        if len(list(self.global_model.glob("*.safetensors"))) != 1:
+            raise ValueError(f"{s.method} needs a model in one safetensors file")
+        base_file, paths = self._states_alone(adapters, rdir, "robust")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in self.global_model.iterdir():
+                if f.is_file() and f.suffix != ".safetensors":
+                    shutil.copy2(f, out / f.name)
+            name = next(self.global_model.glob("*.safetensors")).name
+            return merge_files(paths, weights, out / name, method=s.method, base=base_file,
+                               trim_ratio=s.trim_ratio, f=s.krum_f, clip_norm=s.clip_norm,
+                               names=[n[:12] for n in names]).to_dict()
+        finally:
+            for path in [base_file, *paths]:
+                path.unlink(missing_ok=True)
 
     async def _stack_remote(self, adapters: list[Path], weights: list[float], rdir: Path) -> tuple[Path, dict]:
         """Stack the adapters on a merge DVM (kind 5752, FLoRA: A' = [A₁; …], B' = [p₁B₁ | …],
@@ -490,26 +537,12 @@ class LlmFederation(Federation):
         to the global weights is written as a whole state (``rdir/scored-i.safetensors``, removed
         afterwards); the FedAvg of those states is the exact merge, so leave-one-out scores the
         merge itself. It holds N + 1 copies of the model in memory: fine for small models."""
-        from safetensors.torch import load_file, save_file
-
         from dvm_llm_finetune import data as datamod
         from dvm_llm_finetune import model as modelmod
 
         from .scoring import score_updates
 
-        base = {k: v for f in sorted(self.global_model.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-        base_file = rdir / "scored-global.safetensors"
-        save_file(base, str(base_file))
-        updates = []
-        for i, adapter in enumerate(adapters):
-            config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-            path = rdir / f"scored-{i}.safetensors"
-            try:
-                state = merge_into(base, [(load_file(str(adapter / ADAPTER)), config)], [1.0])
-            except ValueError:   # it does not fit this model: no tensors, scored "do not fit"
-                state = {}
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-            updates.append(path)
+        base_file, updates = self._states_alone(adapters, rdir, "scored")
         model = modelmod.load_model(self.global_model, trust_remote_code=False)   # one, for every loss
         heldout = LossOnModel(model, self.heldout.batches)
         tokenizer = modelmod.load_tokenizer(self.global_model)
