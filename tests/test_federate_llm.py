@@ -20,7 +20,8 @@ from dvm_core import hookimpl  # noqa: E402
 from dvm_core.devtools.blobserver import start_blob_server  # noqa: E402
 from dvm_core.worker.plugins import plugin_manager  # noqa: E402
 from dvm_federate import tiny  # noqa: E402
-from dvm_federate.llm import LlmSettings, federate_llm, merge_adapters, merge_into, round_table  # noqa: E402
+from dvm_federate.llm import (LlmSettings, check_adapter, federate_llm, merge_adapters, merge_into,  # noqa: E402
+                              round_table, weight_shapes)
 
 from .paying import close_customer, funded_customer  # noqa: E402
 
@@ -82,6 +83,34 @@ def test_merge_is_the_weighted_average_of_the_BA_products(fan_in_fan_out):
         merge_into({"other.weight": state["layers.0.q.weight"]}, adapters[:1], [1.0])
     with pytest.raises(ValueError, match="one weight per adapter"):
         merge_into(state, adapters, [1.0])
+
+
+def test_a_bad_adapter_is_refused_before_the_merge(tmp_path):
+    """What `check_adapter` refuses drops that provider from the round (not the round)."""
+    from safetensors.torch import save_file
+
+    shapes = {"layers.0.q.weight": (6, 5)}
+    good, config = random_adapter(shapes, 2, 4, 1)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+
+    def write(tensors, config_text):
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(config_text)
+
+    write(good, json.dumps(config))
+    check_adapter(folder, shapes)
+    for tensors, text, message in (
+            (good, "{not json", "cannot be read"),
+            (good, "[1]", "not a JSON object"),
+            (good, json.dumps({**config, "fan_in_fan_out": True}), "fits no weight"),
+            ({k: v * float("nan") for k, v in good.items()}, json.dumps(config), "NaN or infinite"),
+            ({"base_model.model.layers.0.q.bias": torch.zeros(6)}, json.dumps(config), "not a LoRA factor")):
+        write(tensors, text)
+        with pytest.raises(ValueError, match=message):
+            check_adapter(folder, shapes)
+    assert weight_shapes(tiny.save_model_folder(tmp_path / "m", "gpt2"))["transformer.h.0.attn.c_attn.weight"] \
+        == (64, 192)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

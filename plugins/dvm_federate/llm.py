@@ -150,6 +150,42 @@ def merge_into(state: dict, adapters: Sequence[tuple[dict, dict]], weights: Sequ
     return out
 
 
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor of a model folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def check_adapter(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ValueError unless `folder` holds a LoRA adapter whose every update fits a weight of the
+    model (`shapes`, from `weight_shapes`) and is finite: a provider's result is checked before
+    it is scored or merged, so a bad one drops that provider, not the round."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(Path(folder) / ADAPTER))
+    except Exception as exc:   # noqa: BLE001 - any unreadable file: the provider's fault
+        raise ValueError(f"its adapter cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"its {ADAPTER_CONFIG} is not a JSON object")
+    deltas = adapter_deltas(tensors, config)
+    if not deltas:
+        raise ValueError("its adapter holds no LoRA factors")
+    for name, delta in deltas.items():
+        if name not in shapes or tuple(delta.shape) != shapes[name]:
+            raise ValueError(f"its update of {name!r} {list(delta.shape)} fits no weight of the model")
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"its update of {name!r} holds NaN or infinite values")
+
+
 def merge_adapters(base: Path, adapter_dirs: Sequence[Path], weights: Sequence[float], out: Path) -> dict:
     """Write into folder `out` the model folder `base` with the adapters merged (`merge_into`):
     its other files copied, each safetensors file rewritten with the merged tensors. Returns a
@@ -385,6 +421,7 @@ class LlmFederation(Federation):
         for provider, why in payments.items():
             self.say(f"round {round_}: provider {provider[:12]}… {why}")
         adapters, weights, names, dropped, losses = [], [], [], {}, {}
+        shapes = await asyncio.to_thread(weight_shapes, self.global_model)
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
@@ -398,10 +435,13 @@ class LlmFederation(Federation):
                 dropped[provider] = f"the result has no {ADAPTER} and {ADAPTER_CONFIG}"
                 self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
                 continue
-            if "model_card.json" in files:   # its loss on its own shard, before and after (informative)
-                metrics = json.loads(files["model_card.json"].read_text()).get("metrics", {})
-                losses[provider] = {"train_loss_before": (metrics.get("before") or {}).get("train_loss"),
-                                    "train_loss": metrics.get("train_loss")}
+            try:
+                await asyncio.to_thread(check_adapter, files[ADAPTER].parent, shapes)
+            except ValueError as exc:
+                dropped[provider] = str(exc)
+                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                continue
+            losses[provider] = _card_losses(files.get("model_card.json"))
             if i in s.attacks:   # a simulation (--local --attack): this provider cheats
                 await asyncio.to_thread(simulate_adapter_attack, files[ADAPTER].parent, s.attacks[i],
                                         adapters[0] if adapters else None)
@@ -575,6 +615,16 @@ class LlmFederation(Federation):
         points = [(0, self.initial_loss)] + [(r.round, r.eval_loss) for r in self.reports]
         plot_lines(self.workdir / "loss.png", "held-out loss per round (LoRA, merged exactly)",
                    [("global model", points)], x_label="round", y_label="loss")
+
+
+def _card_losses(card: Path | None) -> dict:
+    """A provider's own loss on its shard before and after, from its model card (informative)."""
+    try:
+        metrics = json.loads(card.read_text()).get("metrics", {}) if card else {}
+        return {"train_loss_before": (metrics.get("before") or {}).get("train_loss"),
+                "train_loss": metrics.get("train_loss")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def round_table(federation: LlmFederation) -> list[str]:
