@@ -4,7 +4,8 @@ Customer software, not a job kind: it adds the `federate` command through the sa
 `register_commands` hook and entry point (``federate = "dvm_federate"``) any plugin uses. It
 hires image-classifier providers (kind 5750) and, optionally, a merge DVM (kind 5752) through
 the customer's API (`dvm_core.customer`), merges with `dvm_fedavg.merge.merge_files` and evaluates
-with the image classifier's public functions. `rounds` runs the rounds; `commands` is the CLI
+with the image classifier's public functions. `rounds` runs the rounds; `llm` runs them on the
+LLM fine-tuning kind (5751: LoRA adapters merged exactly, held-out loss); `commands` is the CLI
 (against real providers, or ``--local N`` on this machine).
 """
 

@@ -7,6 +7,10 @@ Two ways to run it:
 - all on this machine: ``dvm federate --local 3`` starts a relay, a Cashu mint (FakeWallet), a
   blob server and three providers (``dvm run`` processes, three keys), funds a customer wallet,
   and federates scikit-learn's digits (unless ``--train``/``--test`` are given).
+
+``--task llm`` federates LoRA fine-tuning of a language model (kind 5751, `llm`) instead:
+``--train``/``--test`` are JSONL sets and ``--model`` a model folder; with ``--local N`` and none
+of them, a tiny GPT-2 and a toy corpus built here (`tiny`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,28 @@ from pathlib import Path
 import click
 
 LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
+LOCAL_LLM_RATE = 100  # sats per million tokens on the local LLM providers
 
 
 @click.command("federate")
+@click.option("--task", type=click.Choice(["image", "llm"]), default="image", show_default=True,
+              help="image: the image classifier (kind 5750, .npz sets); llm: LoRA fine-tuning of a "
+                   "language model (kind 5751, JSONL sets, --model), the adapters merged exactly each round.")
 @click.option("--local", type=click.IntRange(1, 16), help="Start this many providers on this machine, "
               "with a relay, a mint and a blob server, and federate with them.")
 @click.option("--relay", "relays", multiple=True, help="Relay URL (repeatable).")
 @click.option("--provider", "providers", multiple=True, help="A provider's npub or hex key (repeatable).")
-@click.option("--train", type=click.Path(exists=True, dir_okay=False), help="Training set (.npz: x, y[, classes]).")
-@click.option("--test", type=click.Path(exists=True, dir_okay=False), help="Held-out set (.npz) to evaluate on.")
+@click.option("--train", type=click.Path(exists=True, dir_okay=False),
+              help="Training set (.npz: x, y[, classes]; with --task llm: JSONL).")
+@click.option("--test", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out set to evaluate on (.npz; with --task llm: JSONL).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
+              help="--task llm: the base model folder (config.json, safetensors weights, tokenizer files).")
+@click.option("--lora-r", type=click.IntRange(1, 1024), default=8, show_default=True, help="--task llm: LoRA rank.")
+@click.option("--lora-alpha", type=float, default=16, show_default=True, help="--task llm: LoRA alpha.")
+@click.option("--max-seq-length", type=click.IntRange(8, 1 << 20), default=256, show_default=True,
+              help="--task llm: tokens per sequence.")
+@click.option("--target-modules", help="--task llm: comma-separated layers LoRA adapts (default: the plugin's).")
 @click.option("--blossom", "servers", multiple=True, help="Blob server for the shards and weights (repeatable).")
 @click.option("--wallet-dir", type=click.Path(file_okay=False), help="The wallet that pays the providers.")
 @click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
@@ -72,28 +89,48 @@ LOCAL_RATE = 1000  # sats per million sample-epochs on the local providers
 @click.option("--allow-private", is_flag=True, help="Allow downloads from loopback/private addresses.")
 @click.option("--compare", default="", metavar="METHOD,...",
               help="Also merge each round's updates with these methods (e.g. median,krum) and report and "
-                   "plot their held-out accuracy; the global model stays --method's.")
+                   "plot their held-out accuracy; the global model stays --method's. Image rounds.")
 @click.option("--baseline", is_flag=True,
               help="Also train one model here on the whole training set (rounds × epochs epochs) and plot "
-                   "it on accuracy.png as the centralised reference.")
-def federate_command(local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
+                   "it on accuracy.png as the centralised reference. Image rounds.")
+def federate_command(task, local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
-                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score, job_timeout,
-                     seed, out, allow_private, compare, baseline) -> None:
+                     merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score,
+                     job_timeout, seed, out, allow_private, model_dir, lora_r, lora_alpha, max_seq_length,
+                     target_modules, compare, baseline) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
 
+    from .llm import LlmSettings
     from .rounds import FederationSettings
 
     configure_logging("console", "warning")
     compared = tuple(m.strip() for m in compare.split(",") if m.strip())
-    settings = FederationSettings(
+    extra = {}
+    if task == "llm":
+        if compared or baseline:
+            raise click.ClickException("--compare and --baseline are for image rounds (--task image)")
+        if not local and not model_dir:
+            raise click.ClickException("--task llm needs --model FOLDER (or --local N for a tiny built-in one)")
+        given = [x is not None for x in (model_dir, train, test)]
+        if local and any(given) and not all(given):
+            raise click.ClickException("--task llm --local: give all of --model, --train and --test, or none "
+                                       "(a tiny model and corpus built here)")
+        if method != "fedavg" and merge_dvm:
+            raise click.ClickException("--task llm: a robust --method runs here, not on a --merge-dvm")
+        extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length,
+                 "target_modules": tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())}
+        if local and model_dir is None and learning_rate is None:
+            learning_rate = 3e-3   # the tiny model starts from random weights: the LoRA default 2e-4 crawls
+    else:
+        extra = {"compare": compared, "baseline": baseline}
+    settings = (LlmSettings if task == "llm" else FederationSettings)(
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
         method=method, trim_ratio=trim_ratio, krum_f=krum_f, clip_norm=clip_norm, seed=seed,
         job_timeout=job_timeout, max_price=max_price, allow_private_urls=allow_private or bool(local),
-        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score, publish_verdicts=publish_verdicts,
-        compare=compared, baseline=baseline)
+        pay_on_delivery=pay_on_delivery, bonus=bonus, score=not no_score,
+        publish_verdicts=publish_verdicts, **extra)
     try:
         if merge_dvm:
             settings.merge_provider = parse_public_key(merge_dvm)
@@ -122,7 +159,7 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
         if relays or providers or servers or wallet_dir or mints:
             raise click.ClickException("--local starts its own relay, providers, blob server and mint: "
                                        "leave out --relay, --provider, --blossom, --wallet-dir and --mint")
-        code = asyncio.run(_run_local(local, train, test, settings, out_dir))
+        code = asyncio.run(_run_local(local, train, test, settings, out_dir, model_dir))
     else:
         missing = [name for name, value in (("--relay", relays), ("--provider", providers), ("--train", train),
                                             ("--test", test), ("--blossom", servers), ("--wallet-dir", wallet_dir))
@@ -130,7 +167,7 @@ def federate_command(local, relays, providers, train, test, servers, wallet_dir,
         if missing:
             raise click.ClickException(f"missing {', '.join(missing)} (or use --local N)")
         code = asyncio.run(_run_remote(list(relays), provider_keys, Path(train), Path(test), list(servers),
-                                       Path(wallet_dir), list(mints), key_file, settings, out_dir))
+                                       Path(wallet_dir), list(mints), key_file, settings, out_dir, model_dir))
     sys.exit(code)
 
 
@@ -138,9 +175,12 @@ def _say(text: str) -> None:
     click.echo(text)
 
 
-async def _federate(customer, wallet, providers, train, test, servers, settings, out_dir) -> int:
+async def _federate(customer, wallet, providers, train, test, servers, settings, out_dir, model=None) -> int:
+    from .llm import LlmSettings
     from .rounds import contribution_table, federate
 
+    if isinstance(settings, LlmSettings):
+        return await _federate_llm(customer, wallet, providers, train, test, model, servers, settings, out_dir)
     reports = await federate(customer, wallet, providers, train, test, servers, out_dir, settings, say=_say)
     methods = list(settings.compare)
     click.echo("\nround  accuracy  merged  dropped  paid(sat)" + "".join(f"  {m:>12}" for m in methods))
@@ -156,8 +196,23 @@ async def _federate(customer, wallet, providers, train, test, servers, settings,
     return 0 if any(r.providers for r in reports) else 1
 
 
+async def _federate_llm(customer, wallet, providers, train, test, model, servers, settings, out_dir) -> int:
+    from .llm import federate_llm, round_table
+    from .rounds import contribution_table
+
+    federation = await federate_llm(customer, wallet, providers, train, test, Path(model), servers, out_dir,
+                                    settings, say=_say)
+    reports = federation.reports
+    click.echo("")
+    for line in round_table(federation) + [""] + contribution_table(reports, providers):
+        click.echo(line)
+    click.echo(f"\nglobal model: {federation.global_model} (a model folder); held-out loss per round: "
+               f"{out_dir / 'loss.png'}, every figure: {out_dir / 'rounds.json'}")
+    return 0 if any(r.providers for r in reports) else 1
+
+
 async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints, key_file, settings,
-                      out_dir) -> int:
+                      out_dir, model=None) -> int:
     from dvm_core.customer import Customer
     from dvm_core.protocol.events import Keys
     from dvm_core.customer import EcashWallet, load_or_create_p2pk_key, read_key_file
@@ -167,12 +222,12 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
                          p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
     try:
         async with Customer(keys, relays) as customer:
-            return await _federate(customer, wallet, providers, train, test, servers, settings, out_dir)
+            return await _federate(customer, wallet, providers, train, test, servers, settings, out_dir, model)
     finally:
         await wallet.close()
 
 
-async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
+async def _run_local(count: int, train, test, settings, out_dir: Path, model=None) -> int:
     """Everything on loopback: relay, mint, blob server, `count` providers, a funded customer."""
     from dvm_core.customer import Customer
     from dvm_core.protocol.events import Keys
@@ -180,8 +235,9 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
     from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
     from dvm_core.customer import EcashWallet
 
-    from dvm_image_classifier.digits import digits_split, write_npz
+    from .llm import LlmSettings
 
+    llm = isinstance(settings, LlmSettings)
     root = Path(tempfile.mkdtemp(prefix="dvm-federate-"))
     services, workers, wallet, code = [], [], None, 1
     try:
@@ -192,7 +248,17 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
         blobs = start_blob_server_process(root / "blobs")
         services.append(blobs)
         click.echo(f"relay {relay.url}, mint {mint.url}, blob server {blobs.url}")
-        if train is None or test is None:
+        if llm and train is None:
+            from . import tiny
+            model = tiny.save_model_folder(root / "tiny-model", "gpt2", settings.seed)
+            train = tiny.write_corpus(root / "train.jsonl", 80 * count, settings.seed + 1)
+            test = tiny.write_corpus(root / "test.jsonl", 60, settings.seed + 2)
+            if not settings.target_modules:
+                settings.target_modules = ("c_attn", "c_proj", "c_fc")
+            click.echo(f"data: a toy grammar, {80 * count} sentences to train on, 60 held out; model: a tiny "
+                       f"GPT-2 of random weights ({model})")
+        elif train is None or test is None:
+            from dvm_image_classifier.digits import digits_split, write_npz
             x_train, y_train, x_test, y_test = digits_split(settings.seed)
             train = write_npz(root / "digits_train.npz", x_train, y_train)
             test = write_npz(root / "digits_test.npz", x_test, y_test)
@@ -210,11 +276,13 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
                 f'[dvm]\nname = "Local provider {i}"\nrelays = ["{relay.url}"]\nkey_file = "dvm.key"\n'
                 f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\nmints = ["{mint.url}"]\n'
                 f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n'
-                f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n')
+                + (f'\n[plugins.llm-finetune]\nsats_per_million_tokens = {LOCAL_LLM_RATE}\n' if llm else
+                   f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n'))
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(home / "dvm.toml")],
                 stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": "image-classifier",
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     "DVM_PLUGINS": "llm-finetune" if llm else "image-classifier",
                      "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
             providers.append(keys.public_key)
         customer_keys = Keys.generate()
@@ -226,7 +294,7 @@ async def _run_local(count: int, train, test, settings, out_dir: Path) -> int:
             await _wait_ready(customer, providers, workers, root)
             click.echo(f"{count} providers up: " + ", ".join(p[:12] + "…" for p in providers))
             code = await _federate(customer, wallet, providers, Path(train), Path(test), [blobs.url],
-                                   settings, out_dir)
+                                   settings, out_dir, model)
         click.echo(f"customer wallet now holds {await wallet.total_balance()} sat")
         return code
     finally:

@@ -184,12 +184,8 @@ class Federation:
         s = self.settings
         for method in (s.method, *s.compare):  # before any money is spent
             check_method(method, len(self.providers), s.trim_ratio, s.krum_f, None)
-        self.x, self.y, self.classes = _read_npz(Path(train))
-        self.x_test, y_test, test_classes = _read_npz(Path(test))
-        self.test_labels = [test_classes[int(i)] for i in y_test]  # class names
-        if self.x.ndim == 3:
-            self.x = self.x[..., None]
-        self.shards: list[np.ndarray] = []
+        self._load_data(Path(train), Path(test))
+        self.shards: list = []
         self.shard_urls: list[str] = []
         self.reports: list[RoundReport] = []
         self._paid: dict[str, int] = {}        # this round: provider → sats paid
@@ -198,6 +194,15 @@ class Federation:
         self.card: Path | None = None
 
     # --- set-up ------------------------------------------------------------------------------
+
+    def _load_data(self, train: Path, test: Path) -> None:
+        """Read the training and held-out sets (image-classifier .npz; `llm.LlmFederation`
+        reads JSONL instead)."""
+        self.x, self.y, self.classes = _read_npz(train)
+        self.x_test, y_test, test_classes = _read_npz(test)
+        self.test_labels = [test_classes[int(i)] for i in y_test]  # class names
+        if self.x.ndim == 3:
+            self.x = self.x[..., None]
 
     def _normalisation(self) -> tuple[list[float], list[float]]:
         pixels = self.x.astype(np.float64) / 255.0
