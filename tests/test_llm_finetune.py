@@ -516,7 +516,7 @@ def test_rows_shared_by_examples_waste_little_padding(assets):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_shared_rows_compute_what_each_example_alone_does(assets, kind):
-    from dvm_llm_finetune.train import token_loss_sum
+    from dvm_llm_finetune.train import positions_isolate, token_loss_sum
 
     tokenizer = assets["tokenizer"]
     model = build_model(kind, len(tokenizer)).eval()
@@ -525,9 +525,36 @@ def test_shared_rows_compute_what_each_example_alone_does(assets, kind):
     rows = datamod.fill_rows(examples, max(len(e.input_ids) for e in examples))
     assert len(rows) < len(examples)
     with torch.no_grad():
-        shared = token_loss_sum(model, datamod.collate_rows(rows, 0), "cpu")
         alone = sum(token_loss_sum(model, datamod.collate([e], 0), "cpu") for e in examples)
-    assert float(shared) == pytest.approx(float(alone), rel=1e-5)
+        # The block-diagonal mask built on the device, and the model's own packing by position ids.
+        for isolate in (False, True):
+            shared = token_loss_sum(model, datamod.collate_rows(rows, 0), "cpu", isolate)
+            assert float(shared) == pytest.approx(float(alone), rel=1e-5)
+        leaked = model(input_ids=datamod.collate_rows(rows, 0).input_ids).logits   # no positions: not isolated
+    assert positions_isolate(model, "cpu")
+    assert not torch.allclose(leaked, model(**{"input_ids": datamod.collate_rows(rows, 0).input_ids,
+                              "position_ids": datamod.collate_rows(rows, 0).position_ids}).logits)
+
+
+def test_examples_are_compact_and_batches_built_lazily():
+    rng = random.Random(0)
+    builder = datamod.ExamplesBuilder()
+    for _ in range(2000):
+        ids = [rng.randint(0, 50000) for _ in range(rng.randint(2, 300))]
+        cut = rng.randint(0, len(ids) - 1)
+        builder.add(ids, [datamod.IGNORE] * cut + ids[cut:])
+    examples = builder.finish()
+    assert examples.nbytes < 5.1 * examples.tokens + 8 * 2001
+    first = examples[0]
+    assert len(first.input_ids) == len(first.labels) and examples.take([0])[0] == first
+    batches = datamod.epoch_batches(examples, batch_size=8, packing=True, length=2048, pad_id=0,
+                                    rng=random.Random(1))
+    assert sum(b.tokens for b in batches) == examples.tokens == batches.tokens()
+    assert sum(b.loss_tokens for b in batches) == batches.loss_tokens()
+    batch = batches[0]
+    assert batch.position_ids is not None and batch.document.shape == batch.input_ids.shape  # no L×L mask
+    with pytest.raises(ValueError):
+        builder.add([1, 2], [1, 3])
 
 
 # --- the child-process path (accelerate launch) ----------------------------------------------

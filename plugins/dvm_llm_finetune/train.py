@@ -8,8 +8,9 @@ after and writes the weights: everything a job needs that touches the model.
 - Loss: token-level cross-entropy summed over the labelled tokens of all micro-batches of an
   optimizer step and divided by their count, so long and short examples weigh per token, the
   same with or without packing or gradient accumulation.
-- The batches are built beforehand (`data.epoch_batches`, seeded); between steps only
-  ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
+- Each epoch is planned beforehand (`data.epoch_batches`, seeded: example indices only) and
+  its batches built one at a time as the loop reaches them, so host memory does not grow with
+  the dataset; between steps only ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
   steps, for the progress report and the loss curve.
 - Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU.
 - Reproducibility: weights and LoRA initialisation from ``torch.manual_seed(seed)`` under a
@@ -155,17 +156,57 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def token_loss_sum(model, batch: datamod.Batch, device) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens of `batch` (float32)."""
+def token_loss_sum(model, batch: datamod.Batch, device, positions_isolate: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of `batch` (float32).
+
+    Rows of one example: no attention mask (right padding is never looked at by a causal
+    model, and the attention kernel takes its causal fast path). Rows of several examples:
+    their position ids, and, unless `positions_isolate` (the model keeps examples apart by
+    their position ids itself, see `positions_isolate`), a block-diagonal causal mask built
+    here on the device from `batch.document`, one batch at a time."""
     ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
     extra = {}
     if batch.position_ids is not None:
         extra["position_ids"] = batch.position_ids.to(device, non_blocking=True)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        if not positions_isolate:
+            document = batch.document.to(device, non_blocking=True)
+            length = document.shape[1]
+            causal = torch.ones((length, length), dtype=torch.bool, device=document.device).tril()
+            # padding sees padding (one block): no row of the mask is empty
+            extra["attention_mask"] = ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+    logits = model(input_ids=ids, use_cache=False, **extra).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=datamod.IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def positions_isolate(model, device) -> bool:
+    """Whether `model`, given position ids that restart at 0 and no attention mask, keeps the
+    examples packed in a row apart by itself: transformers (5.x) derives a block-diagonal
+    causal mask from such position ids in ``create_causal_mask`` (SDPA, eager) or runs
+    flash-attention's variable-length kernel, on the device and without a mask from us. Models
+    that do not (older or custom modelling code) get the mask `token_loss_sum` builds. Checked
+    on two short random sequences: the second one's logits packed after the first must be
+    those it has alone, far closer than with the first in plain view."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)      # not the global RNG: dropout draws stay as they were
+    a = torch.randint(0, vocab, (1, 7), generator=generator)
+    b = torch.randint(0, vocab, (1, 5), generator=generator)
+    row = torch.cat([a, b], dim=1).to(device)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=b.to(device), use_cache=False).logits[0].float()
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 7:].float()
+        seen = model(input_ids=row, use_cache=False).logits[0, 7:].float()
+    except Exception:  # noqa: BLE001 - a model that refuses position ids: build the mask
+        return False
+    finally:
+        model.train(was_training)
+    off, leak = float((packed - alone).abs().max()), float((seen - alone).abs().max())
+    return off < 0.25 * leak if leak > 0 else off == 0
 
 
 @torch.no_grad()
@@ -236,6 +277,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     n_trainable = sum(p.numel() for p in trainable)
 
     pad_id = tokenizer.pad_token_id
+    train_examples, eval_examples = datamod.Examples.of(train_examples), datamod.Examples.of(eval_examples)
     rng = random.Random(params.seed)
     length = params.max_seq_length
     first_epoch = datamod.epoch_batches(train_examples, batch_size=params.batch_size, packing=params.packing,
@@ -246,7 +288,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     if params.max_steps is not None:
         planned = min(planned, params.max_steps)
     warmup = math.ceil(params.warmup_ratio * planned)
-    mean_step_tokens = max(1.0, sum(b.loss_tokens for b in first_epoch) / world / steps_per_epoch)
+    mean_step_tokens = max(1.0, first_epoch.loss_tokens() / world / steps_per_epoch)
 
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
@@ -261,6 +303,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     eval_set = datamod.eval_batches(eval_examples, batch_size=EVAL_BATCH, pad_id=pad_id)
     say(0.0, "evaluating the base model", {})
     with accelerator.autocast():
+        isolate = positions_isolate(model, device)
         before = _losses(model, train_eval, eval_set, device, check_cancelled)
 
     history: list[dict] = []
@@ -303,7 +346,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
                 last = i == len(group) - 1
                 sync = accelerator.no_sync(model) if not last else _nullcontext()
                 with sync, accelerator.autocast():
-                    loss_sum = token_loss_sum(model, batch, device)
+                    loss_sum = token_loss_sum(model, batch, device, isolate)
                     accelerator.backward(loss_sum / denominator)
                 window_loss += loss_sum.detach()
                 window_tokens += batch.loss_tokens
