@@ -274,6 +274,7 @@ def test_model_card_and_curve(lora_job, assets):
     assert metrics["after"]["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["after"]["eval_loss"])
     training = card["training"]
     assert training["device"] == "cpu" and training["tokens_seen"] > 5000 and training["seconds"] > 0
+    assert training["mixed_precision"] == "no" and training["base_dtype"] == "float32"   # CPU: fp32 base
     assert 0 < training["trainable_parameters"] < training["total_parameters"]
     assert card["weights"]["adapter_model.safetensors"] == file_sha256(lora_job["files"]["adapter_model.safetensors"])
     assert card["datasets"]["train"]["format"] == "text" and card["datasets"]["train"]["loss_on"] == "all tokens"
@@ -534,6 +535,37 @@ def test_shared_rows_compute_what_each_example_alone_does(assets, kind):
     assert positions_isolate(model, "cpu")
     assert not torch.allclose(leaked, model(**{"input_ids": datamod.collate_rows(rows, 0).input_ids,
                               "position_ids": datamod.collate_rows(rows, 0).position_ids}).logits)
+
+
+def test_lora_base_in_bf16_trains_fp32_adapters(assets):
+    """Under bf16 mixed precision (a GPU's) the frozen base is loaded in bf16, the adapters stay
+    fp32 and learn; on a CPU (no mixed precision) and for full fine-tuning the base stays fp32.
+    Run here with the CPU's bf16 autocast, the same code path as on a GPU."""
+    from dvm_llm_finetune import model as modelmod
+    from dvm_llm_finetune.params import FinetuneParams
+    from dvm_llm_finetune.train import base_dtype, token_loss_sum
+
+    assert base_dtype("lora", "bf16") == torch.bfloat16
+    assert base_dtype("lora", "no") == base_dtype("full", "bf16") == base_dtype("lora", "fp16") == torch.float32
+    params = FinetuneParams(method="lora", lora_r=8)
+    texts = sentences(8, seed=5)
+    batch = datamod.collate([datamod.Example(ids, list(ids)) for ids in
+                             (assets["tokenizer"](t)["input_ids"] for t in texts)], 0)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = modelmod.load_model(assets["llama"], trust_remote_code=False, dtype=dtype)
+        model = modelmod.add_lora(model, modelmod.lora_targets(model, "llama", None), params)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert frozen == {dtype} and {p.dtype for p in trained} == {torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = token_loss_sum(model, batch, "cpu") / batch.loss_tokens
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+        assert any(float(p.grad.abs().max()) > 0 for p in trained)
+        losses[dtype] = float(loss)
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.02)
 
 
 def test_examples_are_compact_and_batches_built_lazily():

@@ -12,7 +12,12 @@ after and writes the weights: everything a job needs that touches the model.
   its batches built one at a time as the loop reaches them, so host memory does not grow with
   the dataset; between steps only ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
   steps, for the progress report and the loss curve.
-- Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU.
+- Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU. For LoRA the
+  frozen base is loaded in bf16 where training runs in bf16 (`base_dtype`): half the memory and
+  no cast of every weight on every forward; the adapters stay in fp32 (PEFT upcasts them), so
+  the optimizer's updates are as precise as before. Full fine-tuning keeps fp32 master weights.
+  fp16 GPUs and CPUs keep an fp32 base (fp16 weights of a bf16-trained model may overflow; bf16
+  matmuls on most CPUs are slower than fp32).
 - Reproducibility: weights and LoRA initialisation from ``torch.manual_seed(seed)`` under a
   lock, dropout from the same seed, batches from ``random.Random(seed)``. Same seed, data and
   thread count → the same weights.
@@ -143,6 +148,12 @@ def make_accelerator(device: torch.device | None, launched: bool):
         return Accelerator(device_placement=False)
 
 
+def base_dtype(method: str, precision: str) -> torch.dtype:
+    """The dtype the base model is loaded in: bf16 for LoRA under bf16 mixed precision (its
+    weights never change, autocast computes in bf16 anyway), else fp32."""
+    return torch.bfloat16 if method == "lora" and precision == "bf16" else torch.float32
+
+
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -257,11 +268,14 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = report if main else (lambda fraction, message, fields: None)
+    precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
 
     with _init_lock:  # the global RNG is shared with other jobs' threads
         torch.manual_seed(params.seed)
         if model is None:
-            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code)
+            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code,
+                                        dtype=base_dtype(params.method, precision))
+        loaded_dtype = next(model.parameters()).dtype
         modelmod.check_tokenizer_fits(tokenizer, model)
         targets = None
         if params.method == "lora":
@@ -297,7 +311,6 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.lr_schedule, warmup, planned))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
 
     train_eval = datamod.eval_batches(train_examples[:EVAL_TRAIN_MAX_EXAMPLES], batch_size=EVAL_BATCH, pad_id=pad_id)
     eval_set = datamod.eval_batches(eval_examples, batch_size=EVAL_BATCH, pad_id=pad_id)
@@ -398,7 +411,9 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
                    epochs_completed=round(epochs_completed, 4), train_seconds=train_seconds, stopped=stopped,
                    device=str(device), mixed_precision=precision, processes=world,
                    threads=torch.get_num_threads(), trainable_parameters=n_trainable,
-                   total_parameters=total_params, target_modules=targets, files=files)
+                   total_parameters=total_params, target_modules=targets, files=files,
+                   extra={"base_dtype": str(loaded_dtype).removeprefix("torch."),
+                          "packed_by_position_ids": isolate})
 
 
 class _nullcontext:
