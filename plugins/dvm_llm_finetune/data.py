@@ -74,7 +74,7 @@ class Examples:
         # Targets of each example after its first token (never predicted from the one before).
         after_first = self.trained.copy()
         after_first[self.starts[:-1][self.lengths > 0]] = False
-        self.loss_counts = np.add.reduceat(after_first.astype(np.int64), self.starts[:-1]) \
+        self.loss_counts = np.add.reduceat(after_first, self.starts[:-1], dtype=np.int64) \
             if len(self.lengths) and len(after_first) else np.zeros(len(self.lengths), dtype=np.int64)
         self.loss_counts[self.lengths == 0] = 0
 
@@ -145,18 +145,17 @@ class ExamplesBuilder:
     def add(self, ids: list[int], labels: list[int] | None = None) -> None:
         """One example; `labels` None: every token is a target. A label must be its token's id
         or IGNORE (all this module produces)."""
-        from array import array
-
-        self._ids.extend(ids)
         if labels is None:
-            self._trained.extend(array("b", b"\x01" * len(ids)))
+            trained = b"\x01" * len(ids)
         else:
             if len(labels) != len(ids):
                 raise ValueError("labels and input_ids differ in length")
             for token, label in zip(ids, labels):
                 if label != token and label != IGNORE:
                     raise ValueError(f"label {label} is neither the token id {token} nor IGNORE")
-            self._trained.extend(array("b", bytes(label != IGNORE for label in labels)))
+            trained = bytes(label != IGNORE for label in labels)
+        self._ids.extend(ids)
+        self._trained.frombytes(trained)
         self._starts.append(len(self._ids))
 
     def __len__(self) -> int:
@@ -165,9 +164,10 @@ class ExamplesBuilder:
     def finish(self) -> Examples:
         import numpy as np
 
-        return Examples(np.frombuffer(self._ids, dtype=np.int32).copy() if len(self._ids) else
-                        np.zeros(0, np.int32),
-                        np.frombuffer(self._trained, dtype=np.int8).astype(np.bool_),
+        if not len(self._ids):
+            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.asarray(self._starts, dtype=np.int64))
+        # Views of the arrays' own buffers (kept alive by the views): no copy of the tokens.
+        return Examples(np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._trained, dtype=np.bool_),
                         np.asarray(self._starts, dtype=np.int64))
 
 
