@@ -1025,3 +1025,32 @@ def test_negative_tensor_sizes_do_not_lower_the_parameter_count(assets, tmp_path
     archive = zip_folder(folder, tmp_path / "model.zip")
     expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: archive}, {"method": "lora"},
                  match="extra.safetensors is not a safetensors file")
+
+
+def test_nan_loss_is_caught_without_a_read_back_per_step(assets, tmp_path, monkeypatch):
+    """The losses are read back every few steps, not every step (a GPU sync each): a NaN is
+    still caught, at the step it appeared, and the job fails with the customer's error."""
+    from dvm_llm_finetune import train as trainmod
+
+    real = trainmod.token_loss_sum
+    calls = {"n": 0}
+    reads = {"n": 0}
+    real_read = trainmod.read_losses
+
+    def poisoned(model, batch, device, *args):
+        loss = real(model, batch, device, *args)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] >= 13:
+                return loss * float("nan")
+        return loss
+
+    def counting_read(values):
+        reads["n"] += 1
+        return real_read(values)
+
+    monkeypatch.setattr(trainmod, "token_loss_sum", poisoned)
+    monkeypatch.setattr(trainmod, "read_losses", counting_read)
+    expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: assets["gpt2_zip"]},
+                 {"max_steps": 40, "learning_rate": 0.01}, match="loss became NaN at step 13")
+    assert 1 <= reads["n"] <= 4     # steps 1-20: two read-backs (a few more if steps are slow), not 13+

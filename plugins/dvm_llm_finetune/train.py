@@ -10,8 +10,10 @@ after and writes the weights: everything a job needs that touches the model.
   same with or without packing or gradient accumulation.
 - Each epoch is planned beforehand (`data.epoch_batches`, seeded: example indices only) and
   its batches built one at a time as the loop reaches them, so host memory does not grow with
-  the dataset; between steps only ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
-  steps, for the progress report and the loss curve.
+  the dataset; between steps only ``check_cancelled()`` and a clock read. The loss curve has a point every step on short jobs
+  (about `CURVE_POINTS` in all), but those losses stay on the device and are read back
+  together (one GPU sync) every `READ_BACK_STEPS` steps, for the curve, the NaN check and the
+  progress report: never a sync per step.
 - Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU. For LoRA the
   frozen base is loaded in bf16 where training runs in bf16 (`base_dtype`): half the memory and
   no cast of every weight on every forward; the adapters stay in fp32 (PEFT upcasts them), so
@@ -47,6 +49,8 @@ from .params import FinetuneParams
 EVAL_BATCH = 8
 EVAL_TRAIN_MAX_EXAMPLES = 256     # the training loss before/after is measured on this many
 CURVE_POINTS = 200                # about this many points on the loss curve
+READ_BACK_STEPS = 10              # the losses are read back (a GPU sync) once per this many steps,
+READ_BACK_SECONDS = 5.0           # or this often if steps are slow (progress on a CPU)
 
 _init_lock = threading.Lock()
 
@@ -146,6 +150,11 @@ def make_accelerator(device: torch.device | None, launched: bool):
         # Accelerate keeps one state per process; another job set it up first with other
         # settings. Train with that state rather than fail.
         return Accelerator(device_placement=False)
+
+
+def read_losses(values: list[torch.Tensor]) -> list[float]:
+    """Device scalars as floats, in one transfer (one sync)."""
+    return torch.stack(values).tolist()
 
 
 def base_dtype(method: str, precision: str) -> torch.dtype:
@@ -334,6 +343,30 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     window_tokens = 0
     window_real = 0
     window_start = time.perf_counter()
+    pending: list[tuple[int, torch.Tensor, int, float, int]] = []   # curve points not read back yet
+    last_read = (0, time.monotonic())
+
+    def read_back() -> None:
+        """The pending curve points' losses, in one transfer: history, NaN check, progress."""
+        nonlocal window_real, window_start, last_read
+        if not pending:
+            return
+        sums = read_losses([p[1] for p in pending])
+        for (at, _, count, lr, seen), total in zip(pending, sums):
+            loss = total / max(1, count)
+            if not math.isfinite(loss):
+                raise JobInputError(f"the loss became NaN at step {at}: try a lower learning rate "
+                                    f"(param learning_rate is {params.learning_rate:g})")
+            history.append({"step": at, "loss": round(loss, 6), "lr": lr, "tokens": seen})
+        now = time.perf_counter()
+        rate = window_real * world / max(1e-9, now - window_start)
+        at = pending[-1][0]
+        say(at / planned, f"step {at}/{planned} loss {loss:.4f} {rate:,.0f} tokens/s",
+            {"step": at, "loss": loss, "tokens_per_s": rate})
+        pending.clear()
+        window_real = 0
+        window_start = now
+        last_read = (at, time.monotonic())
     batches_done = 0
     model.train()
     epoch = 0
@@ -361,7 +394,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
                 with sync, accelerator.autocast():
                     loss_sum = token_loss_sum(model, batch, device, isolate)
                     accelerator.backward(loss_sum / denominator)
-                window_loss += loss_sum.detach()
+                window_loss += loss_sum.detach()   # on the device: no sync
                 window_tokens += batch.loss_tokens
                 window_real += batch.tokens
                 tokens_seen += batch.tokens
@@ -374,21 +407,17 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
             step += 1
             batches_done += len(group)
             if step % log_every == 0 or step == planned:
-                loss = float(window_loss) / max(1, window_tokens)
-                if not math.isfinite(loss):
-                    raise JobInputError(f"the loss became NaN at step {step}: try a lower learning rate "
-                                        f"(param learning_rate is {params.learning_rate:g})")
-                now = time.perf_counter()
-                rate = window_real * world / max(1e-9, now - window_start)
-                history.append({"step": step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                                "tokens": tokens_seen * world})
-                say(step / planned, f"step {step}/{planned} loss {loss:.4f} {rate:,.0f} tokens/s",
-                    {"step": step, "loss": loss, "tokens_per_s": rate})
-                window_loss.zero_()
-                window_tokens = window_real = 0
-                window_start = time.perf_counter()
+                pending.append((step, window_loss, window_tokens, scheduler.get_last_lr()[0], tokens_seen * world))
+                window_loss = torch.zeros((), dtype=torch.float64, device=device)
+                window_tokens = 0
+                if step == planned or step - last_read[0] >= READ_BACK_STEPS \
+                        or time.monotonic() - last_read[1] >= READ_BACK_SECONDS:
+                    read_back()
             if step >= planned:
                 break
+        read_back()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # the epoch's time includes the device's queued work
         train_seconds += time.perf_counter() - epoch_start
         epoch += 1
     epochs_completed = batches_done / max(1, per_rank)
