@@ -274,7 +274,8 @@ def test_model_card_and_curve(lora_job, assets):
     assert metrics["after"]["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["after"]["eval_loss"])
     training = card["training"]
     assert training["device"] == "cpu" and training["tokens_seen"] > 5000 and training["seconds"] > 0
-    assert training["mixed_precision"] == "no" and training["base_dtype"] == "float32"   # CPU: fp32 base
+    # LoRA's frozen base: bf16 where training runs in bf16 (a GPU's), else fp32 (a CPU).
+    assert training["base_dtype"] == ("bfloat16" if training["mixed_precision"] == "bf16" else "float32")
     assert 0 < training["trainable_parameters"] < training["total_parameters"]
     assert card["weights"]["adapter_model.safetensors"] == file_sha256(lora_job["files"]["adapter_model.safetensors"])
     assert card["datasets"]["train"]["format"] == "text" and card["datasets"]["train"]["loss_on"] == "all tokens"
