@@ -18,9 +18,14 @@ Batches: without packing, random batches of ``batch_size`` examples (as any trai
 them), but the examples of a batch share rows as long as its longest example (first-fit
 decreasing), so little compute goes to padding; with packing, the shuffled examples fill rows
 of ``max_seq_length`` tokens, ``batch_size`` rows a step (fewer, fuller steps). Either way an
-example never attends to another in its row (a block-diagonal causal mask, positions restarting
-at 0) and its first token is not predicted from the one before: training computes what it
-would on each example alone. Each epoch draws a new order from the job's seed.
+example never attends to another in its row (positions restarting at 0, and a block-diagonal
+causal mask made on the device, by the model itself where it can: see the batches section) and
+its first token is not predicted from the one before: training computes what it would on each
+example alone. Each epoch draws a new order from the job's seed.
+
+Memory: the tokens are kept compact (`Examples`, int32), an epoch is planned as indices and its
+batches are built one at a time as training reaches them (`Batches`), so host memory is the
+data itself plus one batch, whatever the number of tokens (tests/benchmarks/bench_llm_memory.py).
 """
 
 from __future__ import annotations

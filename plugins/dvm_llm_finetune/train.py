@@ -295,6 +295,8 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
             model = modelmod.add_lora(model, targets, params)
     model.config.use_cache = False
     model.to(device)
+    with accelerator.autocast():   # on the bare model, before DDP wraps it
+        isolate = positions_isolate(model, device)
     total_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -325,7 +327,6 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     eval_set = datamod.eval_batches(eval_examples, batch_size=EVAL_BATCH, pad_id=pad_id)
     say(0.0, "evaluating the base model", {})
     with accelerator.autocast():
-        isolate = positions_isolate(model, device)
         before = _losses(model, train_eval, eval_set, device, check_cancelled)
 
     history: list[dict] = []
