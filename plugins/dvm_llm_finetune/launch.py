@@ -4,8 +4,8 @@ The worker's process writes the job (`train.TrainSpec`) as JSON into the job's f
 (``launch/job.json``) and the tokenized examples beside it as ``.npy`` arrays (`data.Examples`:
 int32 ids, bool targets, int64 starts; read back without pickle, memory-mapped), and runs
 `dvm_core.launch.run`, which starts ``python -m accelerate.commands.launch ... -m
-dvm_llm_finetune.launch launch/job.json`` in a new process group. Each launched process runs `train.train`; the main one prints progress lines
-(forwarded to the customer) and writes the outcome to ``outcome.json``; a process that fails
+dvm_llm_finetune.launch launch/job.json`` in a new process group. Each launched process runs
+`train.train`; the main one prints progress lines (forwarded to the customer) and writes the outcome to ``outcome.json``; a process that fails
 writes its error, with its kind (``"oom"`` for out of memory). Cancellation and the job's
 deadline kill every process: `dvm_core.launch` describes the protocol.
 
