@@ -5,9 +5,10 @@ The worker's process writes the job (`train.TrainSpec`) as JSON into the job's f
 int32 ids, bool targets, int64 starts; read back without pickle, memory-mapped), and runs
 `dvm_core.launch.run`, which starts ``python -m accelerate.commands.launch ... -m
 dvm_llm_finetune.launch launch/job.json`` in a new process group. Each launched process runs
-`train.train`; the main one prints progress lines (forwarded to the customer) and writes the outcome to ``outcome.json``; a process that fails
-writes its error, with its kind (``"oom"`` for out of memory). Cancellation and the job's
-deadline kill every process: `dvm_core.launch` describes the protocol.
+`train.train`; the main one prints progress lines (forwarded to the customer) and writes the
+outcome to ``outcome.json``; a process that fails writes its error, with its kind (``"oom"``
+for out of memory). Cancellation and the job's deadline kill every process: `dvm_core.launch`
+describes the protocol.
 
 On the CPU the children run under ``--cpu`` (`MULTI_CPU` False): one process, whatever
 ``processes`` says (the param is documented as GPUs). Under torchrun they would need to ask for
