@@ -1,7 +1,10 @@
 """Which device a training job runs on, and at which precision: one rule for every plugin.
 
 The worker may give a job a device of its own (``ctx.device``, e.g. ``"cuda:1"``, from its
-``devices`` setting); without one the job takes a GPU if there is one, else the CPU. On a GPU
+``devices`` setting); without one the job takes a GPU if there is one, else the CPU. A slot may
+name several GPUs, ``"cuda:0,1"``, for jobs that train in several processes (one per GPU,
+`dvm_core.launch` shows the children only those); a job training in the worker's process
+takes the first of them. On a GPU
 training runs in bf16 mixed precision, fp16 where bf16 is missing; on a CPU in full precision
 (mixed precision there is slower and no smaller).
 
@@ -17,11 +20,40 @@ if TYPE_CHECKING:  # for the annotations only
     import torch
 
 
-def choose_device(requested: str | None) -> torch.device:
-    """The device the worker gave this job (`requested`), else a GPU if there is one, else the
-    CPU. A device torch does not know is the provider's configuration error, said plainly."""
+def gpu_indices(device: str | None) -> list[int] | None:
+    """The GPU numbers a device slot names: ``"cuda:1"`` → [1], ``"cuda:0,1"`` → [0, 1]; None
+    for no device, a bare ``"cuda"``, the CPU or anything else."""
+    if not device:
+        return None
+    kind, _, numbers = device.partition(":")
+    parts = [part.strip() for part in numbers.split(",")]
+    if kind.strip() != "cuda" or not all(part.isdigit() for part in parts):
+        return None
+    return [int(part) for part in parts]
+
+
+def gpus_given(device: str | None) -> int:
+    """How many GPUs a job given `device` may use: those its slot names, else every GPU of the
+    machine (no slot, a bare ``"cuda"``), none on the CPU."""
+    indices = gpu_indices(device)
+    if indices is not None:
+        return len(indices)
+    if device and device.split(":")[0] != "cuda":
+        return 0
     import torch
 
+    return torch.cuda.device_count()
+
+
+def choose_device(requested: str | None) -> torch.device:
+    """The device the worker gave this job (`requested`; of a slot of several GPUs, the first),
+    else a GPU if there is one, else the CPU. A device torch does not know is the provider's
+    configuration error, said plainly."""
+    import torch
+
+    indices = gpu_indices(requested)
+    if indices is not None:
+        requested = f"cuda:{indices[0]}"
     if requested:
         try:
             return torch.device(requested)
@@ -40,4 +72,4 @@ def precision_for(device: torch.device | str) -> str:
     return "no"
 
 
-__all__ = ["choose_device", "precision_for"]
+__all__ = ["choose_device", "gpu_indices", "gpus_given", "precision_for"]

@@ -36,7 +36,9 @@ gloo), because ``--cpu`` picks Accelerate's single-process launcher, which start
 whatever ``--num_processes`` says. A plugin whose children do not ask for the CPU keeps ``--cpu``
 (``multi_cpu=False``), and trains in one process there. The children import the plugin from
 where the worker does (its package's parent first on ``PYTHONPATH``), never reach the Hugging
-Face hub, and, for a one-process job given a GPU (``ctx.device``), see only that GPU.
+Face hub, and see only the GPUs the job was given (``ctx.device``: ``"cuda:1"``, or a slot of
+several, ``"cuda:0,1"``) through ``CUDA_VISIBLE_DEVICES``, which torchrun's workers inherit and
+number from 0: without it every launched job would take the first GPUs of the machine.
 
 Stdlib only (and `childproc`): no torch here; the plugin passes the thread count.
 """
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Callable
 
 from .childproc import KILL_GRACE_S, json_lines, run_process_group
+from .devices import gpu_indices
 
 PROGRESS_PREFIX = "DVM-PROGRESS "
 WATCH_PARENT_S = 0.5          # how often a child checks that its launcher is alive
@@ -100,20 +103,22 @@ def package_parent(module: str) -> Path:
 
 
 def visible_devices(device: str | None, processes: int, current: str | None) -> str | None:
-    """``CUDA_VISIBLE_DEVICES`` for the children when the worker gave the job one GPU
-    (`device` ``"cuda:N"``) and it trains in one process: that GPU only, so the child's
-    ``cuda`` is the job's GPU and not the first one. `current` is the worker's own setting (N
-    counts among its GPUs). None: leave it as it is (no device, the CPU, a bare ``"cuda"``,
-    or several processes, which take that many GPUs)."""
-    if not device or processes != 1:
-        return None
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not index.isdigit():
+    """``CUDA_VISIBLE_DEVICES`` for the children of a job the worker gave GPUs (`device`
+    ``"cuda:N"`` or ``"cuda:N,M,..."``): those only, so that the children's ``cuda:0``,
+    ``cuda:1``... are the job's GPUs and not the machine's first ones, whatever `processes`
+    (a job asking for more processes than it has GPUs is the plugin's to refuse,
+    `devices.gpus_given`). `current` is the worker's own setting (N counts among its GPUs).
+    None: leave it as it is (no device, the CPU, a bare ``"cuda"``, a GPU the worker does not
+    see)."""
+    indices = gpu_indices(device)
+    if indices is None:
         return None
     if current is None:
-        return index
+        return ",".join(str(i) for i in indices)
     visible = [part.strip() for part in current.split(",") if part.strip()]
-    return visible[int(index)] if int(index) < len(visible) else None
+    if any(i >= len(visible) for i in indices):
+        return None
+    return ",".join(visible[i] for i in indices)
 
 
 def environment(module: str, *, processes: int = 1, device: str | None = None,

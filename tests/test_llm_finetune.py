@@ -275,6 +275,8 @@ def test_model_card_and_curve(lora_job, assets):
     assert metrics["after"]["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["after"]["eval_loss"])
     training = card["training"]
     assert training["device"] == "cpu" and training["tokens_seen"] > 5000 and training["seconds"] > 0
+    # LoRA's frozen base: bf16 where training runs in bf16 (a GPU's), else fp32 (a CPU).
+    assert training["base_dtype"] == ("bfloat16" if training["mixed_precision"] == "bf16" else "float32")
     assert 0 < training["trainable_parameters"] < training["total_parameters"]
     assert card["weights"]["adapter_model.safetensors"] == file_sha256(lora_job["files"]["adapter_model.safetensors"])
     assert card["datasets"]["train"]["format"] == "text" and card["datasets"]["train"]["loss_on"] == "all tokens"
@@ -517,7 +519,7 @@ def test_rows_shared_by_examples_waste_little_padding(assets):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_shared_rows_compute_what_each_example_alone_does(assets, kind):
-    from dvm_llm_finetune.train import token_loss_sum
+    from dvm_llm_finetune.train import positions_isolate, token_loss_sum
 
     tokenizer = assets["tokenizer"]
     model = build_model(kind, len(tokenizer)).eval()
@@ -526,9 +528,67 @@ def test_shared_rows_compute_what_each_example_alone_does(assets, kind):
     rows = datamod.fill_rows(examples, max(len(e.input_ids) for e in examples))
     assert len(rows) < len(examples)
     with torch.no_grad():
-        shared = token_loss_sum(model, datamod.collate_rows(rows, 0), "cpu")
         alone = sum(token_loss_sum(model, datamod.collate([e], 0), "cpu") for e in examples)
-    assert float(shared) == pytest.approx(float(alone), rel=1e-5)
+        # The block-diagonal mask built on the device, and the model's own packing by position ids.
+        for isolate in (False, True):
+            shared = token_loss_sum(model, datamod.collate_rows(rows, 0), "cpu", isolate)
+            assert float(shared) == pytest.approx(float(alone), rel=1e-5)
+        leaked = model(input_ids=datamod.collate_rows(rows, 0).input_ids).logits   # no positions: not isolated
+    assert positions_isolate(model, "cpu")
+    assert not torch.allclose(leaked, model(**{"input_ids": datamod.collate_rows(rows, 0).input_ids,
+                              "position_ids": datamod.collate_rows(rows, 0).position_ids}).logits)
+
+
+def test_lora_base_in_bf16_trains_fp32_adapters(assets):
+    """Under bf16 mixed precision (a GPU's) the frozen base is loaded in bf16, the adapters stay
+    fp32 and learn; on a CPU (no mixed precision) and for full fine-tuning the base stays fp32.
+    Run here with the CPU's bf16 autocast, the same code path as on a GPU."""
+    from dvm_llm_finetune import model as modelmod
+    from dvm_llm_finetune.params import FinetuneParams
+    from dvm_llm_finetune.train import base_dtype, token_loss_sum
+
+    assert base_dtype("lora", "bf16") == torch.bfloat16
+    assert base_dtype("lora", "no") == base_dtype("full", "bf16") == base_dtype("lora", "fp16") == torch.float32
+    params = FinetuneParams(method="lora", lora_r=8)
+    texts = sentences(8, seed=5)
+    batch = datamod.collate([datamod.Example(ids, list(ids)) for ids in
+                             (assets["tokenizer"](t)["input_ids"] for t in texts)], 0)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = modelmod.load_model(assets["llama"], trust_remote_code=False, dtype=dtype)
+        model = modelmod.add_lora(model, modelmod.lora_targets(model, "llama", None), params)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert frozen == {dtype} and {p.dtype for p in trained} == {torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = token_loss_sum(model, batch, "cpu") / batch.loss_tokens
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+        assert any(float(p.grad.abs().max()) > 0 for p in trained)
+        losses[dtype] = float(loss)
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.02)
+
+
+def test_examples_are_compact_and_batches_built_lazily():
+    rng = random.Random(0)
+    builder = datamod.ExamplesBuilder()
+    for _ in range(2000):
+        ids = [rng.randint(0, 50000) for _ in range(rng.randint(2, 300))]
+        cut = rng.randint(0, len(ids) - 1)
+        builder.add(ids, [datamod.IGNORE] * cut + ids[cut:])
+    examples = builder.finish()
+    assert examples.nbytes < 5.1 * examples.tokens + 8 * 2001
+    first = examples[0]
+    assert len(first.input_ids) == len(first.labels) and examples.take([0])[0] == first
+    batches = datamod.epoch_batches(examples, batch_size=8, packing=True, length=2048, pad_id=0,
+                                    rng=random.Random(1))
+    assert sum(b.tokens for b in batches) == examples.tokens == batches.tokens()
+    assert sum(b.loss_tokens for b in batches) == batches.loss_tokens()
+    batch = batches[0]
+    assert batch.position_ids is not None and batch.document.shape == batch.input_ids.shape  # no L×L mask
+    with pytest.raises(ValueError):
+        builder.add([1, 2], [1, 3])
 
 
 # --- the child-process path (accelerate launch) ----------------------------------------------
@@ -967,3 +1027,32 @@ def test_negative_tensor_sizes_do_not_lower_the_parameter_count(assets, tmp_path
     archive = zip_folder(folder, tmp_path / "model.zip")
     expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: archive}, {"method": "lora"},
                  match="extra.safetensors is not a safetensors file")
+
+
+def test_nan_loss_is_caught_without_a_read_back_per_step(assets, tmp_path, monkeypatch):
+    """The losses are read back every few steps, not every step (a GPU sync each): a NaN is
+    still caught, at the step it appeared, and the job fails with the customer's error."""
+    from dvm_llm_finetune import train as trainmod
+
+    real = trainmod.token_loss_sum
+    calls = {"n": 0}
+    reads = {"n": 0}
+    real_read = trainmod.read_losses
+
+    def poisoned(model, batch, device, *args):
+        loss = real(model, batch, device, *args)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] >= 13:
+                return loss * float("nan")
+        return loss
+
+    def counting_read(values):
+        reads["n"] += 1
+        return real_read(values)
+
+    monkeypatch.setattr(trainmod, "token_loss_sum", poisoned)
+    monkeypatch.setattr(trainmod, "read_losses", counting_read)
+    expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: assets["gpt2_zip"]},
+                 {"max_steps": 40, "learning_rate": 0.01}, match="loss became NaN at step 13")
+    assert 1 <= reads["n"] <= 4     # steps 1-20: two read-backs (a few more if steps are slow), not 13+

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from dvm_core.devices import gpu_indices
 from dvm_core.worker.config import ConfigError, load_config
 from dvm_core.worker.keys import load_keys
 from dvm_core.worker.plugins import PluginError, collect_job_kinds, plugin_manager
@@ -172,7 +173,7 @@ def _check_gpu(good, warn, bad, devices: list[str]) -> None:
         return
     if info["cuda"]:
         good(f"gpu: {info['count']} CUDA device(s): {', '.join(info['names'])} (torch {info['version']})")
-        missing = [d for d in devices if d.startswith("cuda:") and int(d.split(":")[1]) >= info["count"]]
+        missing = [d for d in devices if any(i >= info["count"] for i in gpu_indices(d) or [])]
         if missing:
             bad(f"devices: {', '.join(missing)} configured but not present",
                 f"list only cuda:0 to cuda:{info['count'] - 1} in devices = [...]")

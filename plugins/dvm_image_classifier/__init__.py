@@ -267,15 +267,16 @@ def _train_launched(ctx, processes: int, device, *, x, y, x_val, y_val, spec, pa
     and the job's deadline kill them; the outcome is the in-process one's."""
     import torch
     from dvm_core import JobError, launch
-    from dvm_core.devices import precision_for
+    from dvm_core.devices import gpus_given, precision_for
     from safetensors.torch import load_file
 
     from . import launched
 
     use_gpu = device.type == "cuda"
-    if use_gpu and torch.cuda.device_count() < processes:
-        raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s) and is set to train with "
-                       f"{processes} processes")
+    given = gpus_given(getattr(ctx, "device", None))   # the job's GPUs: all its children see
+    if use_gpu and given < processes:
+        raise JobError(f"this job was given {given} GPU(s) and the provider is set to train with "
+                       f"{processes} processes (list a slot of that many GPUs in devices, e.g. \"cuda:0,1\")")
     precision = precision_for(device)
     job_file = launched.write_job(ctx.workdir / "launch", x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
                                   params=params, mean=mean, std=std, initial_weights=initial_weights,

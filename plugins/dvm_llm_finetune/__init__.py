@@ -266,16 +266,19 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     import torch
 
     from dvm_core import launch as launcher
-    from dvm_core.devices import choose_device, precision_for
+    from dvm_core.devices import choose_device, gpus_given, precision_for
 
     from . import launch
     from .train import oom_message, outcome_from_dict
 
     device = choose_device(spec.device)
     use_gpu = device.type == "cuda"
-    if params.processes > 1 and use_gpu and torch.cuda.device_count() < params.processes:
-        raise JobError(f"this provider has {torch.cuda.device_count()} GPU(s), the job asks for "
-                       f"{params.processes} processes")
+    # The GPUs of this job's device slot (`devices`), else the machine's: the launched
+    # processes see only those (`dvm_core.launch.visible_devices`), one each.
+    if params.processes > 1 and use_gpu and gpus_given(spec.device) < params.processes:
+        raise JobError(f"this job was given {gpus_given(spec.device)} GPU(s) ({spec.device or 'all'}), it asks for "
+                       f"{params.processes} processes: the provider lists a slot of that many GPUs in "
+                       "devices, e.g. \"cuda:0,1\"")
     job_file = launch.write_job(ctx.workdir / "launch", spec, train_examples, eval_examples)
     result = launcher.run(job_file, module=launch.__name__, processes=params.processes, use_gpu=use_gpu,
                           precision=precision_for(device), threads=torch.get_num_threads(),

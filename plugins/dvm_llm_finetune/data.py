@@ -18,9 +18,14 @@ Batches: without packing, random batches of ``batch_size`` examples (as any trai
 them), but the examples of a batch share rows as long as its longest example (first-fit
 decreasing), so little compute goes to padding; with packing, the shuffled examples fill rows
 of ``max_seq_length`` tokens, ``batch_size`` rows a step (fewer, fuller steps). Either way an
-example never attends to another in its row (a block-diagonal causal mask, positions restarting
-at 0) and its first token is not predicted from the one before: training computes what it
-would on each example alone. Each epoch draws a new order from the job's seed.
+example never attends to another in its row (positions restarting at 0, and a block-diagonal
+causal mask made on the device, by the model itself where it can: see the batches section) and
+its first token is not predicted from the one before: training computes what it would on each
+example alone. Each epoch draws a new order from the job's seed.
+
+Memory: the tokens are kept compact (`Examples`, int32), an epoch is planned as indices and its
+batches are built one at a time as training reaches them (`Batches`), so host memory is the
+data itself plus one batch, whatever the number of tokens (tests/benchmarks/bench_llm_memory.py).
 """
 
 from __future__ import annotations
@@ -58,15 +63,128 @@ class Example:
     labels: list[int]
 
 
+class Examples:
+    """Tokenized examples, compact: every token id in one int32 array, whether each token is a
+    target (its label is its id, else IGNORE) in one bool array, and where each example starts.
+    About 5 bytes a token, where lists of Python ints (`Example`) take about 70: a 50 M-token
+    training set is 250 MB, not several GB. Indexing gives an `Example` (lists), iterating too."""
+
+    def __init__(self, ids, trained, starts):
+        import numpy as np
+
+        self.ids = np.asarray(ids, dtype=np.int32)
+        self.trained = np.asarray(trained, dtype=np.bool_)
+        self.starts = np.asarray(starts, dtype=np.int64)        # len(self) + 1 offsets
+        self.lengths = np.diff(self.starts)
+        # Targets of each example after its first token (never predicted from the one before).
+        after_first = self.trained.copy()
+        after_first[self.starts[:-1][self.lengths > 0]] = False
+        self.loss_counts = np.add.reduceat(after_first, self.starts[:-1], dtype=np.int64) \
+            if len(self.lengths) and len(after_first) else np.zeros(len(self.lengths), dtype=np.int64)
+        self.loss_counts[self.lengths == 0] = 0
+
+    @classmethod
+    def of(cls, examples) -> "Examples":
+        """`examples` as `Examples` (a list of `Example`s is converted)."""
+        if isinstance(examples, Examples):
+            return examples
+        builder = ExamplesBuilder()
+        for e in examples:
+            builder.add(e.input_ids, e.labels)
+        return builder.finish()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        ids, labels = self.arrays(index)
+        return Example(ids.tolist(), labels.tolist())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def arrays(self, index: int):
+        """(ids, labels) of one example as int32 arrays."""
+        import numpy as np
+
+        a, b = self.starts[index], self.starts[index + 1]
+        ids = self.ids[a:b]
+        return ids, np.where(self.trained[a:b], ids, np.int32(IGNORE))
+
+    def take(self, indices) -> "Examples":
+        """The examples at `indices`, in that order."""
+        import numpy as np
+
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.zeros(1, np.int64))
+        lengths = self.lengths[indices]
+        starts = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        # Gather every token of the chosen examples at once: its source offset is its
+        # example's start plus its place in the example.
+        source = np.repeat(self.starts[indices] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
+        return Examples(self.ids[source], self.trained[source], starts)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.trained.nbytes + self.starts.nbytes
+
+
+class ExamplesBuilder:
+    """Collects examples one by one into `Examples` (growing typed arrays, never int lists)."""
+
+    def __init__(self):
+        from array import array
+
+        self._ids = array("i")
+        self._trained = array("b")
+        self._starts = [0]
+
+    def add(self, ids: list[int], labels: list[int] | None = None) -> None:
+        """One example; `labels` None: every token is a target. A label must be its token's id
+        or IGNORE (all this module produces)."""
+        if labels is None:
+            trained = b"\x01" * len(ids)
+        else:
+            if len(labels) != len(ids):
+                raise ValueError("labels and input_ids differ in length")
+            for token, label in zip(ids, labels):
+                if label != token and label != IGNORE:
+                    raise ValueError(f"label {label} is neither the token id {token} nor IGNORE")
+            trained = bytes(label != IGNORE for label in labels)
+        self._ids.extend(ids)
+        self._trained.frombytes(trained)
+        self._starts.append(len(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def finish(self) -> Examples:
+        import numpy as np
+
+        if not len(self._ids):
+            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.asarray(self._starts, dtype=np.int64))
+        # Views of the arrays' own buffers (kept alive by the views): no copy of the tokens.
+        return Examples(np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._trained, dtype=np.bool_),
+                        np.asarray(self._starts, dtype=np.int64))
+
+
 @dataclass
 class Tokenized:
-    examples: list[Example]
+    examples: Examples
     dropped_too_long: int
     loss_on: str                      # what the loss is computed on, for the model card
 
     @property
     def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+        return self.examples.tokens
 
 
 def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
@@ -159,7 +277,7 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
     """Turn records into `Example`s, every one at most `max_seq_length` tokens. Chat templates
     are rendered in a child process given `render_seconds` at most (`render.render_chats`)."""
     eos = tokenizer.eos_token_id
-    examples: list[Example] = []
+    examples = ExamplesBuilder()
     dropped = 0
     shortest_dropped = None
     loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
@@ -181,7 +299,7 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
             for start in range(0, len(ids), max_seq_length):
                 piece = ids[start:start + max_seq_length]
                 if len(piece) >= 2:
-                    examples.append(Example(piece, list(piece)))
+                    examples.add(piece)
             continue
         if dataset.format == "prompt-completion":
             prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
@@ -200,14 +318,14 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
             continue
         if all(label == IGNORE for label in labels[1:]):
             continue
-        examples.append(Example(ids, labels))
-    if not examples:
+        examples.add(ids, labels)
+    if not len(examples):
         if dropped:
             raise JobInputError(f"every example of the {what} is longer than max_seq_length="
                                 f"{max_seq_length} tokens (the shortest has {shortest_dropped}): "
                                 "raise max_seq_length or shorten them")
         raise JobInputError(f"the {what} has no tokens to learn from")
-    return Tokenized(examples, dropped, loss_on)
+    return Tokenized(examples.finish(), dropped, loss_on)
 
 
 def _plain_renders(messages: list[dict]) -> dict:
@@ -255,27 +373,105 @@ def _chat_tokens(messages: list[dict], tokenizer, rendered: dict | None) -> tupl
     return ids, list(ids), False
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
     """A seeded held-out share of the examples: (train, eval)."""
+    examples = Examples.of(examples)
     if fraction <= 0 or len(examples) < 2:
-        return examples, []
+        return examples, examples.take([])
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n_eval]]
+    return examples.take([i for i in range(len(examples)) if i not in held]), examples.take(order[:n_eval])
 
 
 # --- batches ---------------------------------------------------------------------------------
+#
+# An epoch is planned up front as example indices only (which examples share which row of which
+# batch: a few bytes an example); each batch's tensors are built when the loop reaches it, and
+# without any rows × L × L mask: a row holding several examples carries position ids that
+# restart at 0 for each, and which example each token belongs to (`Batch.document`), from
+# which the device builds the block-diagonal mask when the model does not isolate packed
+# examples by their positions itself (`train.positions_isolate`). Host memory is then the
+# compact examples (`Examples`) plus one batch, whatever the epoch's size.
 
 @dataclass
 class Batch:
     input_ids: "torch.Tensor"       # noqa: F821 - rows × length, int64
-    attention_mask: "torch.Tensor"  # noqa: F821 - rows × length, or rows × 1 × length × length (bool)
     labels: "torch.Tensor"          # noqa: F821 - IGNORE where no loss
     tokens: int                     # real (non-padding) tokens
     loss_tokens: int                # tokens the loss is on (labels shifted by one)
     position_ids: "torch.Tensor | None" = None  # noqa: F821 - restarting at 0 for each example
+    document: "torch.Tensor | None" = None      # noqa: F821 - each token's example in its row (-1: padding)
+
+
+def _collate(examples: Examples, rows: list[list[int]], pad_id: int, length: int | None = None) -> Batch:
+    """Rows of one or more whole examples (indices into `examples`). Where a row holds several,
+    each example's positions restart at 0 and `document` tells them apart, and its first token
+    is not a target: the model computes exactly what it would on each example alone. Rows of
+    one example each are right-padded and carry neither (a causal model never looks right)."""
+    import numpy as np
+    import torch
+
+    lengths, starts = examples.lengths, examples.starts
+    length = length or max(int(sum(lengths[i] for i in row)) for row in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), length), IGNORE, dtype=np.int64)
+    positions = np.zeros((len(rows), length), dtype=np.int64)
+    document = np.full((len(rows), length), -1, dtype=np.int64)
+    tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for d, i in enumerate(row):
+            a, b = int(starts[i]), int(starts[i + 1])
+            n = b - a
+            piece = examples.ids[a:b]
+            ids[r, at:at + n] = piece
+            labels[r, at:at + n] = np.where(examples.trained[a:b], piece, IGNORE)
+            labels[r, at] = IGNORE  # never predicted from the example before it
+            positions[r, at:at + n] = np.arange(n)
+            document[r, at:at + n] = d
+            at += n
+        tokens += at
+    loss_tokens = int((labels[:, 1:] != IGNORE).sum())
+    ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
+    if all(len(row) == 1 for row in rows):
+        return Batch(ids_t, labels_t, tokens, loss_tokens)
+    return Batch(ids_t, labels_t, tokens, loss_tokens, torch.from_numpy(positions), torch.from_numpy(document))
+
+
+class Batches:
+    """An epoch's (or an evaluation's) batches in order, each built only when it is used:
+    `plans` holds, per batch, its rows of example indices. Indexing with an int gives a
+    `Batch`, with a slice another `Batches`; ``batches * n`` repeats the plan.
+    `tokens`/`loss_tokens` count from the plans without building anything."""
+
+    def __init__(self, examples: Examples, plans: list[list[list[int]]], pad_id: int, length: int | None):
+        self.examples = examples
+        self.plans = plans
+        self.pad_id = pad_id
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Batches(self.examples, self.plans[index], self.pad_id, self.length)
+        return _collate(self.examples, self.plans[index], self.pad_id, self.length)
+
+    def __iter__(self):
+        return (_collate(self.examples, plan, self.pad_id, self.length) for plan in self.plans)
+
+    def __mul__(self, n: int) -> "Batches":
+        return Batches(self.examples, self.plans * n, self.pad_id, self.length)
+
+    def loss_tokens(self) -> int:
+        """Tokens the loss is on, over all batches."""
+        return int(sum(int(self.examples.loss_counts[i]) for plan in self.plans for row in plan for i in row))
+
+    def tokens(self) -> int:
+        return int(sum(int(self.examples.lengths[i]) for plan in self.plans for row in plan for i in row))
 
 
 def collate(examples: list[Example], pad_id: int, length: int | None = None) -> Batch:
@@ -284,51 +480,37 @@ def collate(examples: list[Example], pad_id: int, length: int | None = None) -> 
 
 
 def collate_rows(rows: list[list[Example]], pad_id: int, length: int | None = None) -> Batch:
-    """Rows of one or more whole examples each. Where a row holds several, each example sees
-    only itself (a block-diagonal causal mask) and its positions restart at 0, and its first
-    token is not a target: the model computes exactly what it would on each example alone."""
-    import torch
+    """Rows of one or more whole examples each (see `_collate`)."""
+    flat = Examples.of([e for row in rows for e in row])
+    plan, at = [], 0
+    for row in rows:
+        plan.append(list(range(at, at + len(row))))
+        at += len(row)
+    return _collate(flat, plan, pad_id, length)
 
-    length = length or max(sum(len(e.input_ids) for e in row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), length), dtype=torch.long)
-    document = torch.full((len(rows), length), -1, dtype=torch.long)
-    tokens = 0
-    for r, row in enumerate(rows):
-        at = 0
-        for d, example in enumerate(row):
-            n = len(example.input_ids)
-            ids[r, at:at + n] = torch.tensor(example.input_ids, dtype=torch.long)
-            labels[r, at:at + n] = torch.tensor(example.labels, dtype=torch.long)
-            labels[r, at] = IGNORE  # never predicted from the example before it
-            positions[r, at:at + n] = torch.arange(n)
-            document[r, at:at + n] = d
-            at += n
-        tokens += at
-    loss_tokens = int((labels[:, 1:] != IGNORE).sum())
-    if all(len(row) == 1 for row in rows):
-        return Batch(ids, (document >= 0).long(), labels, tokens, loss_tokens)
-    causal = torch.ones((length, length), dtype=torch.bool).tril()
-    mask = (document[:, :, None] == document[:, None, :]) & causal   # padding sees padding: no empty row
-    return Batch(ids, mask[:, None], labels, tokens, loss_tokens, positions)
+
+def _fill(lengths: list[int], order: list[int], width: int, decreasing: bool) -> list[list[int]]:
+    """First-fit (decreasing) of the examples `order` names, by their `lengths`, into rows of
+    `width` tokens: rows of indices."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(order, key=lambda i: -lengths[i]) if decreasing else order:
+        n = lengths[i]
+        for r in range(max(0, len(rows) - OPEN_ROWS), len(rows)):  # bounded: linear in examples
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(width - n)
+    return rows
 
 
 def fill_rows(examples: list[Example], width: int, decreasing: bool = True) -> list[list[Example]]:
     """First-fit (decreasing): the examples in as few rows of `width` tokens as it finds."""
-    rows: list[list[Example]] = []
-    room: list[int] = []
-    for e in sorted(examples, key=lambda e: -len(e.input_ids)) if decreasing else examples:
-        n = len(e.input_ids)
-        for i in range(max(0, len(rows) - OPEN_ROWS), len(rows)):  # bounded: linear in examples
-            if room[i] >= n:
-                rows[i].append(e)
-                room[i] -= n
-                break
-        else:
-            rows.append([e])
-            room.append(width - n)
-    return rows
+    lengths = [len(e.input_ids) for e in examples]
+    return [[examples[i] for i in row] for row in _fill(lengths, list(range(len(examples))), width, decreasing)]
 
 
 def pack(examples: list[Example], length: int) -> list[list[Example]]:
@@ -337,24 +519,31 @@ def pack(examples: list[Example], length: int) -> list[list[Example]]:
     return fill_rows(examples, length, decreasing=False)
 
 
-def epoch_batches(examples: list[Example], *, batch_size: int, packing: bool, length: int,
-                  pad_id: int, rng: random.Random) -> list[Batch]:
-    """One epoch's batches in training order (see the module docstring)."""
+def epoch_batches(examples, *, batch_size: int, packing: bool, length: int, pad_id: int,
+                  rng: random.Random) -> Batches:
+    """One epoch's batches in training order (see the module docstring), planned now, built
+    one by one as they are used."""
+    examples = Examples.of(examples)
     order = list(range(len(examples)))
     rng.shuffle(order)
-    shuffled = [examples[i] for i in order]
+    lengths = examples.lengths.tolist()
     if packing:
-        rows = pack(shuffled, length)
-        return [collate_rows(rows[s:s + batch_size], pad_id, length) for s in range(0, len(rows), batch_size)]
+        rows = _fill(lengths, order, length, decreasing=False)
+        return Batches(examples, [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)], pad_id, length)
     # Random batches of batch_size examples, as any trainer draws them; the examples of a
     # batch share rows as long as its longest, so the padding is only what does not fit.
-    return [collate_rows(fill_rows(shuffled[s:s + batch_size], max(len(e.input_ids)
-                                                                    for e in shuffled[s:s + batch_size])), pad_id)
-            for s in range(0, len(shuffled), batch_size)]
+    plans = []
+    for s in range(0, len(order), batch_size):
+        drawn = order[s:s + batch_size]
+        plans.append(_fill(lengths, drawn, max(lengths[i] for i in drawn), decreasing=True))
+    return Batches(examples, plans, pad_id, None)
 
 
-def eval_batches(examples: list[Example], *, batch_size: int, pad_id: int) -> list[Batch]:
+def eval_batches(examples, *, batch_size: int, pad_id: int) -> Batches:
     """Examples one by one (never packed, so every job's eval loss means the same thing),
     sorted by length so that batches carry little padding."""
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    return [collate(ordered[s:s + batch_size], pad_id) for s in range(0, len(ordered), batch_size)]
+    examples = Examples.of(examples)
+    lengths = examples.lengths.tolist()
+    ordered = sorted(range(len(examples)), key=lambda i: lengths[i])
+    return Batches(examples, [[[i] for i in ordered[s:s + batch_size]] for s in range(0, len(ordered), batch_size)],
+                   pad_id, None)

@@ -1,12 +1,14 @@
 """Training in child processes: ``accelerate launch`` over several GPUs (or, for tests, the CPU).
 
-The worker's process writes the job (`train.TrainSpec`) and the tokenized examples as JSON
-into the job's folder (``launch/job.json``) and runs `dvm_core.launch.run`, which starts
-``python -m accelerate.commands.launch ... -m dvm_llm_finetune.launch launch/job.json`` in a new
-process group. Each launched process runs `train.train`; the main one prints progress lines
-(forwarded to the customer) and writes the outcome to ``outcome.json``; a process that fails
-writes its error, with its kind (``"oom"`` for out of memory). Cancellation and the job's
-deadline kill every process: `dvm_core.launch` describes the protocol.
+The worker's process writes the job (`train.TrainSpec`) as JSON into the job's folder
+(``launch/job.json``) and the tokenized examples beside it as ``.npy`` arrays (`data.Examples`:
+int32 ids, bool targets, int64 starts; read back without pickle, memory-mapped), and runs
+`dvm_core.launch.run`, which starts ``python -m accelerate.commands.launch ... -m
+dvm_llm_finetune.launch launch/job.json`` in a new process group. Each launched process runs
+`train.train`; the main one prints progress lines (forwarded to the customer) and writes the
+outcome to ``outcome.json``; a process that fails writes its error, with its kind (``"oom"``
+for out of memory). Cancellation and the job's deadline kill every process: `dvm_core.launch`
+describes the protocol.
 
 On the CPU the children run under ``--cpu`` (`MULTI_CPU` False): one process, whatever
 ``processes`` says (the param is documented as GPUs). Under torchrun they would need to ask for
@@ -28,18 +30,36 @@ MULTI_CPU = False   # see above: `dvm_core.launch.command`'s multi_cpu
 __all__ = ["write_job", "main", "MULTI_CPU", "KILL_GRACE_S"]
 
 
-def _examples_to_json(examples) -> list[list[list[int]]]:
-    return [[e.input_ids, e.labels] for e in examples]
+PARTS = ("ids", "trained", "starts")
+
+
+def _save_examples(folder: Path, name: str, examples) -> None:
+    import numpy as np
+
+    from .data import Examples
+
+    examples = Examples.of(examples)
+    for part in PARTS:
+        np.save(folder / f"{name}.{part}.npy", getattr(examples, part), allow_pickle=False)
+
+
+def _load_examples(folder: Path, name: str):
+    import numpy as np
+
+    from .data import Examples
+
+    return Examples(*(np.load(folder / f"{name}.{part}.npy", mmap_mode="r", allow_pickle=False) for part in PARTS))
 
 
 def write_job(folder: Path, spec, train_examples, eval_examples) -> Path:
-    """Write the spec and the tokenized examples into `folder`; return ``job.json``."""
+    """Write the spec (``job.json``, returned) and the tokenized examples into `folder`."""
     from dataclasses import asdict
 
     folder.mkdir(parents=True, exist_ok=True)
+    _save_examples(folder, "train", train_examples)
+    _save_examples(folder, "eval", eval_examples)
     path = folder / "job.json"
-    path.write_text(json.dumps({"spec": asdict(spec), "train": _examples_to_json(train_examples),
-                                "eval": _examples_to_json(eval_examples)}), encoding="utf-8")
+    path.write_text(json.dumps({"spec": asdict(spec)}), encoding="utf-8")
     return path
 
 
@@ -51,14 +71,13 @@ def main(argv: list[str]) -> int:
 
     from dvm_core import JobInputError
 
-    from . import data as datamod
     from . import model as modelmod
     from . import train as trainmod
 
     job = json.loads(job_file.read_text(encoding="utf-8"))
     spec = trainmod.TrainSpec(**job["spec"])
-    train_examples = [datamod.Example(ids, labels) for ids, labels in job["train"]]
-    eval_examples = [datamod.Example(ids, labels) for ids, labels in job["eval"]]
+    train_examples = _load_examples(folder, "train")
+    eval_examples = _load_examples(folder, "eval")
 
     def report(fraction: float, message: str, fields: dict) -> None:
         print_progress({"fraction": fraction, "message": message, "fields": fields})

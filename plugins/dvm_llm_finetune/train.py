@@ -8,10 +8,18 @@ after and writes the weights: everything a job needs that touches the model.
 - Loss: token-level cross-entropy summed over the labelled tokens of all micro-batches of an
   optimizer step and divided by their count, so long and short examples weigh per token, the
   same with or without packing or gradient accumulation.
-- The batches are built beforehand (`data.epoch_batches`, seeded); between steps only
-  ``check_cancelled()`` and a clock read. The loss is read back (a GPU sync) only every few
-  steps, for the progress report and the loss curve.
-- Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU.
+- Each epoch is planned beforehand (`data.epoch_batches`, seeded: example indices only) and
+  its batches built one at a time as the loop reaches them, so host memory does not grow with
+  the dataset; between steps only ``check_cancelled()`` and a clock read. The loss curve has a
+  point every step on short jobs (about `CURVE_POINTS` in all), but those losses stay on the
+  device and are read back together (one GPU sync) every `READ_BACK_STEPS` steps, for the
+  curve, the NaN check and the progress report: never a sync per step.
+- Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU. For LoRA the
+  frozen base is loaded in bf16 where training runs in bf16 (`base_dtype`): half the memory and
+  no cast of every weight on every forward; the adapters stay in fp32 (PEFT upcasts them), so
+  the optimizer's updates are as precise as before. Full fine-tuning keeps fp32 master weights.
+  fp16 GPUs and CPUs keep an fp32 base (fp16 weights of a bf16-trained model may overflow; bf16
+  matmuls on most CPUs are slower than fp32).
 - Reproducibility: weights and LoRA initialisation from ``torch.manual_seed(seed)`` under a
   lock, dropout from the same seed, batches from ``random.Random(seed)``. Same seed, data and
   thread count → the same weights.
@@ -41,6 +49,8 @@ from .params import FinetuneParams
 EVAL_BATCH = 8
 EVAL_TRAIN_MAX_EXAMPLES = 256     # the training loss before/after is measured on this many
 CURVE_POINTS = 200                # about this many points on the loss curve
+READ_BACK_STEPS = 10              # the losses are read back (a GPU sync) once per this many steps,
+READ_BACK_SECONDS = 5.0           # or this often if steps are slow (progress on a CPU)
 
 _init_lock = threading.Lock()
 
@@ -142,6 +152,17 @@ def make_accelerator(device: torch.device | None, launched: bool):
         return Accelerator(device_placement=False)
 
 
+def read_losses(values: list[torch.Tensor]) -> list[float]:
+    """Device scalars as floats, in one transfer (one sync)."""
+    return torch.stack(values).tolist()
+
+
+def base_dtype(method: str, precision: str) -> torch.dtype:
+    """The dtype the base model is loaded in: bf16 for LoRA under bf16 mixed precision (its
+    weights never change, autocast computes in bf16 anyway), else fp32."""
+    return torch.bfloat16 if method == "lora" and precision == "bf16" else torch.float32
+
+
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -155,17 +176,57 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def token_loss_sum(model, batch: datamod.Batch, device) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens of `batch` (float32)."""
+def token_loss_sum(model, batch: datamod.Batch, device, positions_isolate: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of `batch` (float32).
+
+    Rows of one example: no attention mask (right padding is never looked at by a causal
+    model, and the attention kernel takes its causal fast path). Rows of several examples:
+    their position ids, and, unless `positions_isolate` (the model keeps examples apart by
+    their position ids itself, see `positions_isolate`), a block-diagonal causal mask built
+    here on the device from `batch.document`, one batch at a time."""
     ids = batch.input_ids.to(device, non_blocking=True)
-    mask = batch.attention_mask.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
     extra = {}
     if batch.position_ids is not None:
         extra["position_ids"] = batch.position_ids.to(device, non_blocking=True)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+        if not positions_isolate:
+            document = batch.document.to(device, non_blocking=True)
+            length = document.shape[1]
+            causal = torch.ones((length, length), dtype=torch.bool, device=document.device).tril()
+            # padding sees padding (one block): no row of the mask is empty
+            extra["attention_mask"] = ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+    logits = model(input_ids=ids, use_cache=False, **extra).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=datamod.IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def positions_isolate(model, device) -> bool:
+    """Whether `model`, given position ids that restart at 0 and no attention mask, keeps the
+    examples packed in a row apart by itself: transformers (5.x) derives a block-diagonal
+    causal mask from such position ids in ``create_causal_mask`` (SDPA, eager) or runs
+    flash-attention's variable-length kernel, on the device and without a mask from us. Models
+    that do not (older or custom modelling code) get the mask `token_loss_sum` builds. Checked
+    on two short random sequences: the second one's logits packed after the first must be
+    those it has alone, far closer than with the first in plain view."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)      # not the global RNG: dropout draws stay as they were
+    a = torch.randint(0, vocab, (1, 7), generator=generator)
+    b = torch.randint(0, vocab, (1, 5), generator=generator)
+    row = torch.cat([a, b], dim=1).to(device)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=b.to(device), use_cache=False).logits[0].float()
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 7:].float()
+        seen = model(input_ids=row, use_cache=False).logits[0, 7:].float()
+    except Exception:  # noqa: BLE001 - a model that refuses position ids: build the mask
+        return False
+    finally:
+        model.train(was_training)
+    off, leak = float((packed - alone).abs().max()), float((seen - alone).abs().max())
+    return off < 0.25 * leak if leak > 0 else off == 0
 
 
 @torch.no_grad()
@@ -216,11 +277,14 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = report if main else (lambda fraction, message, fields: None)
+    precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
 
     with _init_lock:  # the global RNG is shared with other jobs' threads
         torch.manual_seed(params.seed)
         if model is None:
-            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code)
+            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code,
+                                        dtype=base_dtype(params.method, precision))
+        loaded_dtype = next(model.parameters()).dtype
         modelmod.check_tokenizer_fits(tokenizer, model)
         targets = None
         if params.method == "lora":
@@ -231,11 +295,14 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
             model = modelmod.add_lora(model, targets, params)
     model.config.use_cache = False
     model.to(device)
+    with accelerator.autocast():   # on the bare model, before DDP wraps it
+        isolate = positions_isolate(model, device)
     total_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
     pad_id = tokenizer.pad_token_id
+    train_examples, eval_examples = datamod.Examples.of(train_examples), datamod.Examples.of(eval_examples)
     rng = random.Random(params.seed)
     length = params.max_seq_length
     first_epoch = datamod.epoch_batches(train_examples, batch_size=params.batch_size, packing=params.packing,
@@ -246,7 +313,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     if params.max_steps is not None:
         planned = min(planned, params.max_steps)
     warmup = math.ceil(params.warmup_ratio * planned)
-    mean_step_tokens = max(1.0, sum(b.loss_tokens for b in first_epoch) / world / steps_per_epoch)
+    mean_step_tokens = max(1.0, first_epoch.loss_tokens() / world / steps_per_epoch)
 
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
@@ -255,7 +322,6 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.lr_schedule, warmup, planned))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
 
     train_eval = datamod.eval_batches(train_examples[:EVAL_TRAIN_MAX_EXAMPLES], batch_size=EVAL_BATCH, pad_id=pad_id)
     eval_set = datamod.eval_batches(eval_examples, batch_size=EVAL_BATCH, pad_id=pad_id)
@@ -278,6 +344,30 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     window_tokens = 0
     window_real = 0
     window_start = time.perf_counter()
+    pending: list[tuple[int, torch.Tensor, int, float, int]] = []   # curve points not read back yet
+    last_read = (0, time.monotonic())
+
+    def read_back() -> None:
+        """The pending curve points' losses, in one transfer: history, NaN check, progress."""
+        nonlocal window_real, window_start, last_read
+        if not pending:
+            return
+        sums = read_losses([p[1] for p in pending])
+        for (at, _, count, lr, seen), total in zip(pending, sums):
+            loss = total / max(1, count)
+            if not math.isfinite(loss):
+                raise JobInputError(f"the loss became NaN at step {at}: try a lower learning rate "
+                                    f"(param learning_rate is {params.learning_rate:g})")
+            history.append({"step": at, "loss": round(loss, 6), "lr": lr, "tokens": seen})
+        now = time.perf_counter()
+        rate = window_real * world / max(1e-9, now - window_start)
+        at = pending[-1][0]
+        say(at / planned, f"step {at}/{planned} loss {loss:.4f} {rate:,.0f} tokens/s",
+            {"step": at, "loss": loss, "tokens_per_s": rate})
+        pending.clear()
+        window_real = 0
+        window_start = now
+        last_read = (at, time.monotonic())
     batches_done = 0
     model.train()
     epoch = 0
@@ -303,9 +393,9 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
                 last = i == len(group) - 1
                 sync = accelerator.no_sync(model) if not last else _nullcontext()
                 with sync, accelerator.autocast():
-                    loss_sum = token_loss_sum(model, batch, device)
+                    loss_sum = token_loss_sum(model, batch, device, isolate)
                     accelerator.backward(loss_sum / denominator)
-                window_loss += loss_sum.detach()
+                window_loss += loss_sum.detach()   # on the device: no sync
                 window_tokens += batch.loss_tokens
                 window_real += batch.tokens
                 tokens_seen += batch.tokens
@@ -318,21 +408,17 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
             step += 1
             batches_done += len(group)
             if step % log_every == 0 or step == planned:
-                loss = float(window_loss) / max(1, window_tokens)
-                if not math.isfinite(loss):
-                    raise JobInputError(f"the loss became NaN at step {step}: try a lower learning rate "
-                                        f"(param learning_rate is {params.learning_rate:g})")
-                now = time.perf_counter()
-                rate = window_real * world / max(1e-9, now - window_start)
-                history.append({"step": step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                                "tokens": tokens_seen * world})
-                say(step / planned, f"step {step}/{planned} loss {loss:.4f} {rate:,.0f} tokens/s",
-                    {"step": step, "loss": loss, "tokens_per_s": rate})
-                window_loss.zero_()
-                window_tokens = window_real = 0
-                window_start = time.perf_counter()
+                pending.append((step, window_loss, window_tokens, scheduler.get_last_lr()[0], tokens_seen * world))
+                window_loss = torch.zeros((), dtype=torch.float64, device=device)
+                window_tokens = 0
+                if step == planned or step - last_read[0] >= READ_BACK_STEPS \
+                        or time.monotonic() - last_read[1] >= READ_BACK_SECONDS:
+                    read_back()
             if step >= planned:
                 break
+        read_back()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # the epoch's time includes the device's queued work
         train_seconds += time.perf_counter() - epoch_start
         epoch += 1
     epochs_completed = batches_done / max(1, per_rank)
@@ -355,7 +441,9 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
                    epochs_completed=round(epochs_completed, 4), train_seconds=train_seconds, stopped=stopped,
                    device=str(device), mixed_precision=precision, processes=world,
                    threads=torch.get_num_threads(), trainable_parameters=n_trainable,
-                   total_parameters=total_params, target_modules=targets, files=files)
+                   total_parameters=total_params, target_modules=targets, files=files,
+                   extra={"base_dtype": str(loaded_dtype).removeprefix("torch."),
+                          "packed_by_position_ids": isolate})
 
 
 class _nullcontext:

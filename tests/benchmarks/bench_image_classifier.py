@@ -1,6 +1,7 @@
 """Benchmark of the image-classifier plugin's training loop against a bare PyTorch loop.
 
     PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_image_classifier.py [--rounds 10] [--epochs 5]
+        [--device cpu|cuda|cuda:N]
 
 Prints one JSON object on stdout; progress goes to stderr. Not a pytest module. Needs
 scikit-learn (the digits data).
@@ -9,7 +10,9 @@ Both sides train the same network (the plugin's ``cnn`` spec for 8×8 grey digit
 from the same initial weights on the same images (digits, the split of
 tests/test_image_classifier.py: 1438 training images), with the same batch size, epochs,
 optimizer (AdamW, the plugin's param groups), cosine learning-rate schedule and thread count,
-in this process:
+on the same `--device` (default: the CPU), in this process. On a GPU both run in the precision
+the plugin picks (`dvm_core.devices.precision_for`: bf16 autocast where supported, fp16 else);
+the bare loop's images are on the device beforehand and it never reads the loss back:
 
 - plugin: `dvm_image_classifier.train.train`, the function a job runs: Accelerate, the
   DataLoader over uint8 tensors with a seeded batch sampler, per-batch normalisation, metrics,
@@ -45,6 +48,7 @@ the upload of three encrypted files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -77,11 +81,28 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+DEVICE = torch.device("cpu")   # --device
+
+
+def autocast():
+    from dvm_core.devices import precision_for
+
+    precision = precision_for(DEVICE)
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def run_plugin(x: torch.Tensor, y: torch.Tensor, spec: dict, params: TrainParams, mean, std):
     """(loop samples/s, whole-call samples/s, outcome) of the plugin's `train`."""
     start = time.perf_counter()
     outcome = train(train_images=x, train_labels=y, val_images=None, val_labels=None, spec=spec,
-                    params=params, mean=mean, std=std, device=torch.device("cpu"))
+                    params=params, mean=mean, std=std, device=DEVICE)
     seconds = time.perf_counter() - start
     return outcome.samples_per_s, outcome.samples_seen / seconds, outcome
 
@@ -90,8 +111,10 @@ def run_bare(x_float: torch.Tensor, y: torch.Tensor, spec: dict, params: TrainPa
     """(loop samples/s, whole-run samples/s) of the hand-written loop."""
     start = time.perf_counter()
     torch.manual_seed(params.seed)
-    model = build_model(spec)
+    model = build_model(spec).to(DEVICE)
     optimizer = make_optimizer(model, params)
+    x_float, y = x_float.to(DEVICE), y.to(DEVICE)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=DEVICE.type == "cuda" and not torch.cuda.is_bf16_supported())
     n = x_float.shape[0]
     steps = params.epochs * math.ceil(n / params.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps))
@@ -100,15 +123,18 @@ def run_bare(x_float: torch.Tensor, y: torch.Tensor, spec: dict, params: TrainPa
     seen = 0
     loop_start = time.perf_counter()
     for _ in range(params.epochs):
-        perm = torch.randperm(n, generator=generator)
+        perm = torch.randperm(n, generator=generator).to(DEVICE)
         for i in range(0, n, params.batch_size):
             idx = perm[i:i + params.batch_size]
-            loss = F.cross_entropy(model(x_float[idx]), y[idx])
+            with autocast():
+                loss = F.cross_entropy(model(x_float[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             seen += idx.shape[0]
+    synchronize()
     end = time.perf_counter()
     return seen / (end - loop_start), seen / (end - start)
 
@@ -179,8 +205,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--e2e-jobs", type=int, default=3, help="timed end-to-end jobs (0: skip)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: both sides train there")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     x_train, y_train, x_test, y_test = digits_split()
     x, y = to_tensors(x_train[..., None], y_train)  # N×H×W×C, as the plugin reads an .npz
@@ -243,6 +272,8 @@ def main() -> int:
         "round_ratios": [round(v, 3) for v in ratios],
         "train_samples": int(x.shape[0]), "test_samples": int(len(y_test)),
         "epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads,
+        "device": str(DEVICE),
+        "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor(),
         "model": spec, "torch": torch.__version__, "cpu_count": __import__("os").cpu_count(),
         "machine": platform.machine(),
     }))
