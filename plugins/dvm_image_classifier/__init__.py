@@ -23,6 +23,7 @@ Training runs in the worker's process, or, with the provider's ``processes = N``
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -64,8 +65,12 @@ def job_kind(config: dict | None = None) -> JobKind:
 
 @hookimpl
 def register_job_kinds(register, config):
-    """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``."""
+    """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``,
+    and kind 5753 ``image-classifier-verify``, which replays a segment of its transcripts."""
+    from . import verify
+
     register(job_kind(config))
+    register(verify.job_kind(config))
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:
@@ -173,6 +178,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
             message += f" val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}"
         ctx.progress(5 + 90 * record["epoch"] / epochs, message)
 
+    recorder = _recorder(ctx, params, limits, n_train=int(x.shape[0]))
     if limits.processes > 1:
         outcome = _train_launched(ctx, limits.processes, device, x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
                                   params=params, mean=mean, std=std, initial_weights=initial,
@@ -182,7 +188,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
                         val_images=x_val if x_val.shape[0] else None, val_labels=y_val if x_val.shape[0] else None,
                         spec=spec, params=params, mean=mean, std=std, initial_weights=initial,
                         time_budget=budget, device=device, check_cancelled=ctx.check_cancelled,
-                        on_epoch=on_epoch)
+                        on_epoch=on_epoch, transcript=recorder)
 
     ctx.progress(96, "writing the model")
     out = ctx.workdir / "result"
@@ -220,6 +226,13 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     }
     if warning:
         content["warning"] = warning
+    signed = []
+    if recorder is not None:
+        signed = _write_transcript(out, recorder, params=params, spec=spec, mean=mean, std=std,
+                                   data_sha256=train_set.sha256, x=x, y=y, validation=validation, outcome=outcome)
+        content["transcript"] = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
+                                 "final_step": recorder.entries[-1]["step"],
+                                 "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}
     metrics = {"samples_per_s": round(outcome.samples_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
                "job_seconds": round(time.monotonic() - started, 3), "samples": n, "epochs": len(outcome.history),
                "val_accuracy": card["metrics"]["val_accuracy"], "device": outcome.device}
@@ -227,7 +240,45 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
         Artifact(weights_file, "application/octet-stream", "model.safetensors"),
         Artifact(card_file, "application/json", "model_card.json"),
         Artifact(curves_file, "image/png", "training_curves.png"),
-    ])
+    ] + signed)
+
+
+def _recorder(ctx, params, limits: Limits, n_train: int):
+    """The transcript's recorder when param checkpoint_every asks for one, after checking that
+    the job can have one (one process; a bounded number of checkpoints)."""
+    if not params.checkpoint_every:
+        return None
+    from .transcript import MAX_CHECKPOINTS, Recorder
+
+    if limits.processes > 1:
+        raise JobInputError(f"this provider trains in {limits.processes} processes, where training "
+                            "transcripts are not available: send checkpoint_every=0")
+    per_epoch = n_train // params.batch_size + (1 if n_train % params.batch_size >= 2 else 0)
+    planned = per_epoch * params.epochs
+    wanted = planned // params.checkpoint_every + 2
+    if wanted > MAX_CHECKPOINTS:
+        least = math.ceil(planned / (MAX_CHECKPOINTS - 2))
+        raise JobInputError(f"param checkpoint_every {params.checkpoint_every} would write {wanted} checkpoints "
+                            f"over {planned} steps; at most {MAX_CHECKPOINTS}: send {least} or more")
+    return Recorder(params.checkpoint_every, ctx.workdir / "checkpoints")
+
+
+def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha256, x, y, validation,
+                      outcome) -> list[Artifact]:
+    """transcript.json (signed by the worker) and the checkpoints, as the result's files."""
+    import json
+
+    from . import transcript
+
+    per_epoch = x.shape[0] // params.batch_size + (1 if x.shape[0] % params.batch_size >= 2 else 0)
+    record = transcript.build(recorder=recorder, params=params, spec=spec, mean=mean, std=std,
+                              data_sha256=data_sha256, train_sha256=transcript.data_digest(x, y),
+                              n_train=int(x.shape[0]), validation=validation, image_size=params.image_size,
+                              steps_per_epoch=per_epoch, outcome=outcome)
+    path = out / "transcript.json"
+    path.write_text(json.dumps(record, indent=1))
+    return [Artifact(path, "application/json", "transcript.json", signed=True)] + \
+        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
 
 
 def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:

@@ -71,6 +71,10 @@ PARAMS = {
                      "'mean1,mean2,…;std1,std2,…' (default: computed from the training images); "
                      "federated rounds send the whole dataset's, so every provider and the merged "
                      "model normalise alike",
+    "checkpoint_every": "k > 0: a training transcript, signed by the provider, with a checkpoint every k "
+                        "steps and at the end (returned as files: transcript.json and "
+                        "checkpoint-<step>.safetensors), which a verify job (kind 5753) can replay; "
+                        "0: none (default 0)",
     "samples": "not needed: the worker counts the images before it prices the job (an older way to "
                "say how many; a number above the provider's max_samples is refused at once)",
 }
@@ -112,6 +116,7 @@ class TrainParams:
     augment: bool = False
     time_limit: float = Limits.max_seconds
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) per channel
+    checkpoint_every: int = 0        # steps between the transcript's checkpoints; 0: no transcript
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,7 @@ def parse_params(params: dict[str, str], limits: Limits, has_validation_input: b
         augment=augment in ("yes", "true"),
         time_limit=number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
         normalisation=_normalisation(params),
+        checkpoint_every=number(params, "checkpoint_every", int, 0, 2**31, 0),
     )
 
 

@@ -113,7 +113,11 @@ class Checkpoint:
         return cls(meta["step"], tensors, meta)
 
     def restore(self, model, optimizer, scheduler, aug_generator: torch.Generator) -> None:
-        """Put this state into freshly built objects (the same network and optimizer kind)."""
+        """Put this state into objects freshly built from the transcript's params. Only what
+        training accumulates comes from the file (weights, the optimizer's moments, the generator);
+        the hyperparameters (the learning rate, its schedule, weight decay) come from the
+        objects, i.e. the transcript: a checkpoint that carries another learning rate does not
+        smuggle it into the replay."""
         try:
             model.load_state_dict({k: v for k, v in self.weights.items()}, strict=True)
             state: dict[int, dict] = {}
@@ -121,9 +125,14 @@ class Checkpoint:
                 if key.startswith("optim/"):
                     _, index, name = key.split("/", 2)
                     state.setdefault(int(index), {})[name] = value
-            groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in self.meta["param_groups"]]
+            groups = optimizer.state_dict()["param_groups"]
             optimizer.load_state_dict({"state": state, "param_groups": groups})
-            scheduler.load_state_dict(dict(self.meta["scheduler"], lr_lambdas=[None] * len(groups)))
+            inner = getattr(scheduler, "scheduler", scheduler)   # Accelerate's wrapper, or the scheduler
+            inner.last_epoch, inner._step_count = self.step, self.step + 1
+            # What LambdaLR.get_lr computes at this step, the same arithmetic.
+            inner._last_lr = [base * fn(self.step) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+            for group, lr in zip(optimizer.param_groups, inner._last_lr):
+                group["lr"] = lr
             aug_generator.set_state(self.tensors["rng/augment"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise JobInputError(f"the checkpoint does not fit this network or optimizer ({str(exc)[:200]})") from None
