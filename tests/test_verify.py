@@ -11,6 +11,7 @@ plugin's own job (param checkpoint_every) and the verify kind run with a real `J
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import shutil
 import sys
@@ -278,3 +279,134 @@ def test_checkpoint_every_is_checked(tmp_path, digits):
     request, _ = make_ctx(tmp_path, V.KIND, {"https://b/data": digits[0]}, {}, {})
     with pytest.raises(JobInputError, match="transcript"):
         V.job_kind({}).parse(request)
+
+
+# --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
+
+@pytest.fixture
+async def blobs(tmp_path):
+    from dvm_core.devtools.blobserver import start_blob_server
+
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(workers, mint, relay, blobs,
+                                                                             digits, tmp_path):
+    """A private kind-5750 job with checkpoint_every: the result holds transcript.json as a
+    kind-1750 event signed by the provider, and the checkpoints; two segments checked here and
+    two by a verifier DVM (kind 5753, paid), all matching; a checkpoint swapped after the fact
+    makes its segment fail, here and there."""
+    from click.testing import CliRunner
+    from dvm_core import SIGNED_FILE_KIND, open_signed_file
+    from dvm_core.customer.client import download_artifacts, upload_dataset
+    from dvm_core.protocol.nip90 import Result
+    from dvm_core.worker.plugins import plugin_manager
+    from dvm_verify.checks import check_local, check_remote, open_result, pick_segments
+    from dvm_verify.commands import MISMATCH_EXIT, verify_command
+
+    from .paying import close_customer, funded_customer
+
+    worker = await workers.start(
+        pm=plugin_manager(only=["image-classifier"]), mints=[mint.url], blob_servers=[blobs.url],
+        allow_private_urls=True, prices={"image-classifier-verify": 2},
+        plugins={"image-classifier": {"sats_per_million_sample_epochs": 1000}})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        url = await upload_dataset(digits[0], [blobs.url], customer.keys, encrypt=True)
+        request = await customer.submit(ic.KIND, [JobInput(url, "url")],
+                                        {"epochs": str(EPOCHS), "checkpoint_every": str(EVERY)},
+                                        provider=worker.keys.public_key)
+        result = None
+        async for update in customer.updates(request, timeout=300):
+            if isinstance(update, Result):
+                result = update
+                break
+            assert update.status != "error", update.message
+            if update.status == "payment-required":
+                await customer.pay_with_nutzap(request, update, customer.wallet)
+        assert result is not None and result.encrypted
+        folder = tmp_path / "result"
+        saved = {p.name for p in await download_artifacts(result, folder, allow_private=True)}
+        assert {"model.safetensors", "transcript.json", "checkpoint-0000000.safetensors",
+                "checkpoint-0000042.safetensors"} <= saved
+        event = json.loads((folder / "transcript.json").read_text())
+        assert event["kind"] == SIGNED_FILE_KIND and event["pubkey"] == worker.keys.public_key
+        assert ["e", request["id"]] in event["tags"] and ["name", "transcript.json"] in event["tags"]
+        assert open_signed_file(json.dumps(event)).job_id == request["id"]
+        forged = dict(event, content=event["content"].replace('"seed": 0', '"seed": 1'))
+        with pytest.raises(ValueError, match="not a signed file"):
+            open_signed_file(json.dumps(forged))
+
+        opened = open_result(folder, provider=worker.keys.npub)
+        assert opened.signer == worker.keys.public_key
+        picked = pick_segments(opened.transcript, 2, seed=3)
+        assert len(picked) == 2 and picked == pick_segments(opened.transcript, 2, seed=3)
+        here = check_local(opened, digits[0], picked)
+        assert here.passed and len(here.verdicts) == 2
+        async def balance() -> int:
+            return sum((await customer.wallet.balance()).values())
+
+        before = await balance()
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0], picked,
+                                   [blobs.url], max_price=5, timeout=300)
+        assert there.passed and [v["segment"] for v in there.verdicts] == [list(s) for s in picked]
+        assert all(v["transcript_signer"] == worker.keys.public_key and v["distance"] == 0.0 for v in there.verdicts)
+        assert before - await balance() == 4     # two checks at 2 sat
+
+        # A transcript that names another learning rate than the checkpoints were trained at:
+        # the verifier DVM replays the segment and answers mismatch.
+        lied = tmp_path / "lied"
+        shutil.copytree(folder, lied)
+        claim = json.loads(event["content"])
+        claim["params"]["learning_rate"] *= 2
+        (lied / "transcript.json").write_text(json.dumps(claim))
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key,
+                                   open_result(lied, allow_unsigned=True), digits[0], [(10, 20)], [blobs.url],
+                                   max_price=5, timeout=300)
+        assert not there.passed and there.verdicts[0]["distance"] > 0
+        assert there.verdicts[0]["transcript_signer"] is None and before - await balance() == 6
+
+        # The checkpoint at 20 replaced by the one at 30: [10, 20) and [20, 30) no longer hold,
+        # which is seen before paying anyone.
+        (folder / "checkpoint-0000020.safetensors").write_bytes((folder / "checkpoint-0000030.safetensors").read_bytes())
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0],
+                                   [(10, 20)], [blobs.url], max_price=5, timeout=300)
+        assert not there.passed and "not the state its transcript names" in there.verdicts[0]["reason"]
+        assert before - await balance() == 6
+
+        # `dvm verify` as typed, here: every segment (5 checks of 5), one JSON object.
+        run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--checks", "5",
+                                                  "--seed", "1", "--provider", worker.keys.npub, "--json"])
+        assert run.exit_code == MISMATCH_EXIT, run.output
+        summary = json.loads(run.output)
+        assert [v["match"] for v in summary["verdicts"]] == [True, False, False, True, True]
+        assert summary["passed"] is False and summary["checked"] == 5 and summary["catch_probability_one_segment"] == 1.0
+        run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local",
+                                                  "--provider", "ab" * 32])
+        assert run.exit_code == 1 and "not by the provider" in run.output
+    finally:
+        await close_customer(customer)
+
+
+def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digits, honest):
+    from click.testing import CliRunner
+    from dvm_verify.checks import catch_probability, checks_needed
+    from dvm_verify.commands import verify_command
+
+    run = honest[0]
+    folder = tmp_path / "result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(run.transcript))
+    refused = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local"])
+    assert refused.exit_code == 1 and "is not signed" in refused.output
+    ok = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
+                                             "--checks", "2", "--seed", "5"])
+    assert ok.exit_code == 0, ok.output
+    assert "transcript: 5 segments, NOT signed; checking 2 (seed 5)" in ok.output
+    assert "PASSED: 2/2 segments match" in ok.output and "probability 0.40" in ok.output
+    # The odds the README gives.
+    assert catch_probability(10, 1, 1) == pytest.approx(0.1) and catch_probability(10, 10, 1) == 1.0
+    assert catch_probability(100, 10, 10) == pytest.approx(1 - math.comb(90, 10) / math.comb(100, 10))
+    assert checks_needed(100, 10, 0.95) == 25 and checks_needed(10, 1, 0.5) == 5
