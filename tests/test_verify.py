@@ -128,6 +128,30 @@ def test_an_honest_run_passes_every_segment(digits, honest):
     assert verdicts[2]["segment"] == [20, 30]
 
 
+def test_a_run_stopped_by_its_time_limit_mid_epoch_replays(tmp_path, digits, honest, monkeypatch):
+    """Stopped at its time limit in the middle of epoch 2 (a clock that ticks once a step): the
+    last checkpoint is the stopped state, BatchNorm recalibrated after it, and replays."""
+    import types
+
+    import dvm_image_classifier.train as train_module
+
+    _, images, labels = digits
+    _, params, mean, std = honest
+    ticks = iter(range(10**6))
+    clock = types.SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter)
+    monkeypatch.setattr(train_module, "time", clock)
+    recorder = T.Recorder(EVERY, tmp_path / "stopped")
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None,
+                    spec=make_spec("auto", 1, 10, 8, 8), params=params, mean=mean, std=std, device=CPU,
+                    transcript=recorder, time_budget=25.5)
+    monkeypatch.undo()
+    assert outcome.stopped == "time_limit"
+    run = write_up(tmp_path / "stopped", recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    steps = [c["step"] for c in run.transcript["checkpoints"]]
+    assert steps == [0, 10, 20, 25] and run.transcript["checkpoints"][-1]["stopped"] == "time_limit"
+    assert [v["match"] for v in run.check_all(digits[0])] == [True, True, True]
+
+
 def cheat(tmp_path, digits, honest, *, params=None, images=None, labels=None, relabel=None) -> Run:
     """Train with the cheat, then claim the honest run's params, data and steps."""
     _, real_images, real_labels = digits
