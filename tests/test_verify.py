@@ -379,6 +379,20 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         assert all(v["transcript_signer"] == worker.keys.public_key and v["distance"] == 0.0 for v in there.verdicts)
         assert before - await balance() == 4     # two checks at 2 sat
 
+        # `dvm verify` as typed, hiring the verifier DVM: one check, paid from another wallet.
+        payer = await funded_customer(tmp_path, mint.url, relay.url)
+        wallet_dir = payer.wallet.directory
+        await close_customer(payer)
+        import asyncio
+        run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
+            str(folder), "--data", str(digits[0]), "--checks", "1", "--seed", "2", "--provider", worker.keys.npub,
+            "--relay", relay.url, "--dvm", worker.keys.npub, "--blossom", blobs.url, "--wallet-dir", str(wallet_dir),
+            "--mint", mint.url, "--max-price", "5", "--json"])
+        assert run.exit_code == 0, run.output
+        summary = json.loads(run.output)
+        assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
+        assert summary["verdicts"][0]["segment"] == list(pick_segments(opened.transcript, 1, seed=2)[0])
+
         # A transcript that names another learning rate than the checkpoints were trained at:
         # the verifier DVM replays the segment and answers mismatch.
         lied = tmp_path / "lied"

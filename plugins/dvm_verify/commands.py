@@ -49,8 +49,11 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
     segments picked at random and say whether each lands where the provider said."""
     import secrets
 
+    from dvm_core.cli.logs import configure_logging
+
     from .checks import VerifyError, check_local, open_result, pick_segments
 
+    configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
     if seed is None:
         seed = secrets.randbelow(2**31)
     try:
