@@ -265,6 +265,9 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
     transcript = json.loads(files["transcript.json"].path.read_text())
     assert transcript["format"] == T.FORMAT and transcript["seed"] == 0 and transcript["checkpoint_every"] == EVERY
     assert transcript["versions"]["torch"] == torch.__version__ and transcript["params"]["epochs"] == EPOCHS
+    assert transcript["checkpoints_kept_days"] == 30.0 and "kept 30 days" in ic.job_kind({}).description
+    kept = {"plugins": {"image-classifier": {"checkpoint_retention_days": 7}}}
+    assert "kept 7 days" in ic.job_kind(kept).description
     from safetensors.torch import load_file
     final = load_file(str(files["model.safetensors"].path))
     assert T.tensor_digest(final) == transcript["checkpoints"][-1]["weights_sha256"] \

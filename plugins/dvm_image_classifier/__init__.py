@@ -54,7 +54,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             "classes: names) or a zip/tar with one folder of PNG/JPEG images per class; optional url "
             "inputs marked 'validation' (a validation set) and 'weights' (initial safetensors weights). "
             f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
-            f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
+            f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing} "
+            f"With checkpoint_every, a signed training transcript and its checkpoints, kept "
+            f"{limits.checkpoint_retention_days:g} days; kind 5753 verifies a segment of it."),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         params_schema=params_schema(limits),
         precheck=precheck,
@@ -229,7 +231,8 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     signed = []
     if recorder is not None:
         signed = _write_transcript(out, recorder, params=params, spec=spec, mean=mean, std=std,
-                                   data_sha256=train_set.sha256, x=x, y=y, validation=validation, outcome=outcome)
+                                   data_sha256=train_set.sha256, x=x, y=y, validation=validation, outcome=outcome,
+                                   retention_days=limits.checkpoint_retention_days)
         content["transcript"] = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
                                  "final_step": recorder.entries[-1]["step"],
                                  "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}
@@ -264,7 +267,7 @@ def _recorder(ctx, params, limits: Limits, n_train: int):
 
 
 def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha256, x, y, validation,
-                      outcome) -> list[Artifact]:
+                      outcome, retention_days: float) -> list[Artifact]:
     """transcript.json (signed by the worker) and the checkpoints, as the result's files."""
     import json
 
@@ -275,6 +278,7 @@ def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha2
                               data_sha256=data_sha256, train_sha256=transcript.data_digest(x, y),
                               n_train=int(x.shape[0]), validation=validation, image_size=params.image_size,
                               steps_per_epoch=per_epoch, outcome=outcome)
+    record["checkpoints_kept_days"] = retention_days   # the provider's promise for its blob servers
     path = out / "transcript.json"
     path.write_text(json.dumps(record, indent=1))
     return [Artifact(path, "application/json", "transcript.json", signed=True)] + \

@@ -15,6 +15,8 @@ The provider's limits come from the worker's configuration::
     max_seconds = 3600               # training time a job may ask for (param time_limit)
     sats_per_million_sample_epochs = 10   # the price: samples × epochs × this / 10⁶, min 1 sat
     processes = 1                    # > 1: train under `accelerate launch` in that many processes
+    checkpoint_retention_days = 30   # how long the blob servers keep a transcript's checkpoints
+                                     # (announced, and stated in each transcript; not enforced here)
 
 ``processes``: 1 (the default) trains in the worker's process. N > 1 runs each job's training as
 ``accelerate launch --num_processes N --multi_gpu -m dvm_image_classifier.launched`` in a child
@@ -91,6 +93,7 @@ class Limits:
     max_seconds: float = 3600.0
     sats_per_million_sample_epochs: float = 10.0
     processes: int = 1
+    checkpoint_retention_days: float = 30.0
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":
