@@ -214,6 +214,28 @@ def test_starting_weights_returned_are_caught(tmp_path, digits, honest):
     assert_caught(Run(lazy, folder), digits[0])
 
 
+def test_other_starting_weights_are_caught_at_step_0(tmp_path, digits, honest):
+    """Trained honestly, but from other weights than the seed gives (a model from elsewhere):
+    every later segment replays; the check of [0, 10) sees that step 0 is not the seed's."""
+    from dvm_image_classifier.models import build_model
+
+    _, images, labels = digits
+    _, params, mean, std = honest
+    spec = make_spec("auto", 1, 10, 8, 8)
+    torch.manual_seed(5)
+    other = build_model(spec).state_dict()
+    recorder = T.Recorder(EVERY, tmp_path / "other")
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None, spec=spec,
+                    params=params, mean=mean, std=std, device=CPU, transcript=recorder, initial_weights=other)
+    run = write_up(tmp_path / "other", recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    verdicts = run.check_all(digits[0])
+    assert [v["match"] for v in verdicts] == [False, True, True, True, True]
+    assert verdicts[0]["start_checkpoint_matches_transcript"] is False and verdicts[0]["exact"] is True
+    # The honest run's step 0 is the seed's.
+    honest_start = T.Checkpoint.load(honest[0].file(0))
+    assert T.seeded_start(honest[0].transcript).weights_sha256() == honest_start.weights_sha256()
+
+
 def test_a_cheat_in_one_segment_is_caught_by_that_segment_only(tmp_path, digits, honest):
     """Honest to step 40, then the last two steps skipped (the weights at 40 returned as 42's):
     the other segments pass; the check of [40, 42) fails."""

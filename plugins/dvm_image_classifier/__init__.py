@@ -232,7 +232,8 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     if recorder is not None:
         signed = _write_transcript(out, recorder, params=params, spec=spec, mean=mean, std=std,
                                    data_sha256=train_set.sha256, x=x, y=y, validation=validation, outcome=outcome,
-                                   retention_days=limits.checkpoint_retention_days)
+                                   retention_days=limits.checkpoint_retention_days,
+                                   initial_weights_sha256=weights_sha256)
         content["transcript"] = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
                                  "final_step": recorder.entries[-1]["step"],
                                  "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}
@@ -267,7 +268,7 @@ def _recorder(ctx, params, limits: Limits, n_train: int):
 
 
 def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha256, x, y, validation,
-                      outcome, retention_days: float) -> list[Artifact]:
+                      outcome, retention_days: float, initial_weights_sha256: str | None) -> list[Artifact]:
     """transcript.json (signed by the worker) and the checkpoints, as the result's files."""
     import json
 
@@ -279,6 +280,7 @@ def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha2
                               n_train=int(x.shape[0]), validation=validation, image_size=params.image_size,
                               steps_per_epoch=per_epoch, outcome=outcome)
     record["checkpoints_kept_days"] = retention_days   # the provider's promise for its blob servers
+    record["initial_weights_sha256"] = initial_weights_sha256   # the customer's weights input, if any
     path = out / "transcript.json"
     path.write_text(json.dumps(record, indent=1))
     return [Artifact(path, "application/json", "transcript.json", signed=True)] + \

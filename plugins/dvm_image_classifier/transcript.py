@@ -304,6 +304,24 @@ def replay(transcript: dict, start: Checkpoint, images: torch.Tensor, labels: to
         return Checkpoint.capture(stop, accelerator.unwrap_model(model), optimizer, scheduler, aug_generator)
 
 
+def seeded_start(transcript: dict) -> Checkpoint | None:
+    """The state at step 0 that the seed alone determines (the network initialised after
+    ``torch.manual_seed(seed)``, the augmentation generator seeded with seed + 1), as `train.train`
+    starts, or None when the job started from the customer's weights (the verifier lacks them)."""
+    from . import train as T
+    from .models import build_model
+
+    if transcript.get("initial_weights_sha256"):
+        return None
+    params = params_from(transcript)
+    with T._init_lock:  # the global RNG is shared with other threads: seed and draw at once
+        torch.manual_seed(params.seed)
+        model = build_model(transcript["architecture"])
+    tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    tensors["rng/augment"] = torch.Generator().manual_seed((params.seed + 1) % 2**64).get_state()
+    return Checkpoint(0, tensors, {})
+
+
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):

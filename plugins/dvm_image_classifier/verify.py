@@ -123,6 +123,8 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, en
     import tempfile
     from pathlib import Path
 
+    import torch
+
     from . import transcript as T
 
     limits = limits or Limits()
@@ -140,6 +142,11 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, en
                                       workdir=workdir, check_cancelled=check_cancelled)
     data_ok = T.data_digest(x, y) == transcript["data"]["train_tensors_sha256"]
     start_ok = start.state_sha256() == recorded["state_sha256"]
+    seeded = T.seeded_start(transcript) if start.step == 0 else None
+    if seeded is not None:   # step 0 is the seed's: no other starting point slips in
+        start_ok = start_ok and seeded.weights_sha256() == start.weights_sha256() and \
+            torch.equal(seeded.tensors["rng/augment"], start.tensors["rng/augment"]) and \
+            not any(k.startswith("optim/") for k in start.tensors)
     claimed = T.Checkpoint.load(end_path) if end_path is not None else None
     got = T.replay(transcript, start, x, y, end_step, device=device, check_cancelled=check_cancelled)
     verdict = T.compare(transcript, got, claimed, tolerance)
