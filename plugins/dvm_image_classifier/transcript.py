@@ -76,14 +76,16 @@ class Checkpoint:
 
     @classmethod
     def capture(cls, step: int, model, optimizer, scheduler, aug_generator: torch.Generator) -> "Checkpoint":
-        tensors = {f"model/{k}": v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        """The state now. On a CPU the tensors are the live ones, not copies (copying them was
+        most of a checkpoint's cost): save or hash the checkpoint before training goes on."""
+        tensors = {f"model/{k}": v.detach().to("cpu") for k, v in model.state_dict().items()}
         opt = optimizer.state_dict()
         for index, state in opt["state"].items():
             for name, value in state.items():
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
-                tensors[f"optim/{index}/{name}"] = value.detach().to("cpu").clone()
-        tensors["rng/augment"] = aug_generator.get_state().clone()
+                tensors[f"optim/{index}/{name}"] = value.detach().to("cpu")
+        tensors["rng/augment"] = aug_generator.get_state()
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         return cls(step, tensors, {"format": CHECKPOINT_FORMAT, "step": step, "param_groups": groups,
