@@ -31,7 +31,10 @@ Data comes by URL: for an input of type ``url``, ``ctx.fetch(input)`` returns a 
 downloaded, checked against its sha256 and decrypted. Files go back the same way: return
 ``JobResult(content, artifacts=[Artifact(path, "application/octet-stream")])`` and the core
 uploads them to the provider's Blossom servers (encrypted for a private request) and lists
-them in the result. ``dvm_core.archives.extract_archive`` unpacks zip/tar inputs safely.
+them in the result; ``Artifact(path, "application/json", signed=True)`` has the worker sign the
+file's text with the provider's key first (a kind-1750 event, e.g. a training transcript), and
+``dvm_core.open_signed_file`` checks one. ``dvm_core.archives.extract_archive`` unpacks zip/tar
+inputs safely.
 
 The core owns everything else: relays, decryption, de-duplication, persistence, feedback,
 time limits, cancellation, payment, moving data and publishing the result. A plugin never sees

@@ -6,6 +6,7 @@ These are the objects named in `hookspecs.py`; read that module first.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -17,18 +18,55 @@ from .errors import JobCancelled, JobError, JobInputError, JobTimeout, StopReaso
 from .protocol.nip90 import JobRequest
 
 __all__ = ["StopReason", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
-           "Artifact", "JobResult", "JobKind", "JobContext"]
+           "Artifact", "SIGNED_FILE_KIND", "SignedFile", "open_signed_file", "JobResult", "JobKind", "JobContext"]
 
 
 @dataclass(frozen=True)
 class Artifact:
     """A file a job produced (weights, a model card, a plot). The worker uploads it to the
     provider's Blossom servers, encrypted with a fresh key when the request was private, and
-    the result lists its URL, sha256, size and type (and key, inside the encrypted result)."""
+    the result lists its URL, sha256, size and type (and key, inside the encrypted result).
+
+    `signed`: the file is a statement the provider stands behind (a training transcript): the
+    worker delivers, in its place, a Nostr event of kind `SIGNED_FILE_KIND` signed with the
+    provider's key, whose content is the file's text (UTF-8) and whose tags name the request
+    (``e``), its kind (``k``), the file (``name``) and the sha256 of the content (``x``). A plugin
+    never sees the key; the customer checks the signature against the provider's pubkey."""
 
     path: Path
     type: str = "application/octet-stream"
     name: str | None = None
+    signed: bool = False
+
+
+SIGNED_FILE_KIND = 1750   # a file a provider signed for a job (docs/protocol.md)
+
+
+@dataclass(frozen=True)
+class SignedFile:
+    """A file a provider signed (`Artifact.signed`), its signature checked."""
+
+    text: str
+    pubkey: str                 # the signer, hex
+    job_id: str | None          # the request it was made for (the ``e`` tag)
+    name: str | None
+
+
+def open_signed_file(data: str | bytes) -> SignedFile:
+    """Read a signed file (the JSON of a kind-`SIGNED_FILE_KIND` event): check its id, signature
+    and content hash, or raise ValueError. Whose key signed it is the caller's to judge."""
+    from .protocol.events import InvalidEvent, verify_event
+
+    try:
+        event = verify_event(json.loads(data))
+    except (InvalidEvent, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a signed file: {exc}") from None
+    if event["kind"] != SIGNED_FILE_KIND:
+        raise ValueError(f"not a signed file: an event of kind {event['kind']}, not {SIGNED_FILE_KIND}")
+    tags = {t[0]: t[1] for t in event["tags"] if len(t) >= 2}
+    if tags.get("x") not in (None, hashlib.sha256(event["content"].encode()).hexdigest()):
+        raise ValueError("not a signed file: its x tag is not the sha256 of its content")
+    return SignedFile(event["content"], event["pubkey"], tags.get("e"), tags.get("name"))
 
 
 @dataclass

@@ -131,9 +131,11 @@ def test_plugins_import_only_the_plugin_api(path, name, package):
             assert top == own or top not in PLUGINS, f"{name} imports another plugin: {target}"
 
 
-def test_federated_rounds_are_customer_software():
-    """`dvm federate` uses the customer's API, the merge and the classifier, not the worker."""
-    for path, name, package in modules(ROOT / "plugins" / "dvm_federate", "dvm_federate"):
+@pytest.mark.parametrize("package", ["dvm_federate", "dvm_verify"])
+def test_federated_rounds_and_spot_checks_are_customer_software(package):
+    """`dvm federate` and `dvm verify` use the customer's API and the plugins' public functions,
+    not the worker."""
+    for path, name, package in modules(ROOT / "plugins" / package, package):
         for target in sorted(real_modules(imports_of(path, package))):
             assert not target.startswith(("dvm_core.worker", "dvm_core.state.store", "dvm_core.payments.cashier")), \
                 f"{name} imports {target}"

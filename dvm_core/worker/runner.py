@@ -17,12 +17,13 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from dvm_core.datarefs import DataRef
-from dvm_core.jobs import (JobCancelled, JobContext, JobError, JobInputError, JobKind,
+from dvm_core.jobs import (Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind,
                            JobResult, JobTimeout, StopReason)
 from dvm_core.payments.cashier import Cashier, Paid
 from dvm_core.payments.crashpoints import crashpoint
@@ -249,6 +250,8 @@ class Runner:
         entries = []
         for artifact in result.artifacts:
             path, file_key = artifact.path, None
+            if artifact.signed:
+                path = await asyncio.to_thread(self._sign_file, active, artifact)
             if active.request.encrypted or key is not None:
                 sealed = path.with_name(path.name + ".sealed")
                 file_key = await asyncio.to_thread(encrypt_file, path, sealed, key=key)
@@ -263,6 +266,26 @@ class Runner:
                 entry |= {"encrypted": True, "key": file_key}
             entries.append(entry)
         return entries
+
+    def _sign_file(self, active: ActiveJob, artifact: Artifact) -> Path:
+        """A signed artifact (`Artifact.signed`): the file's text as the content of an event of
+        kind `SIGNED_FILE_KIND` signed with the provider's key, written beside it."""
+        import hashlib
+        import json
+
+        from dvm_core.jobs import SIGNED_FILE_KIND
+        from dvm_core.protocol.events import sign_event
+        try:
+            text = artifact.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise JobError(f"the plugin asked to sign {artifact.path.name}, which is not UTF-8 text") from None
+        name = artifact.name or artifact.path.name
+        event = sign_event(self.outbox.keys, SIGNED_FILE_KIND, text, tags=[
+            ["e", active.request.id], ["k", str(active.request.kind)], ["name", name],
+            ["x", hashlib.sha256(text.encode()).hexdigest()]])
+        signed = artifact.path.with_name(artifact.path.name + ".event.json")
+        signed.write_text(json.dumps(event, ensure_ascii=False))
+        return signed
 
     async def _deliver(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
         request = active.request

@@ -25,6 +25,7 @@ Training runs in the worker's process, or, with the provider's ``processes = N``
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             "classes: names) or a zip/tar with one folder of PNG/JPEG images per class; optional url "
             "inputs marked 'validation' (a validation set) and 'weights' (initial safetensors weights). "
             f"Limits: {limits.max_samples} images, {limits.max_dataset_bytes} bytes, "
-            f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing}"),
+            f"{limits.max_image_size} px, {limits.max_epochs} epochs, {limits.max_seconds:g} s. {pricing} "
+            f"With checkpoint_every, a signed training transcript and its checkpoints, kept "
+            f"{limits.checkpoint_retention_days:g} days; kind 5753 verifies a segment of it."),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         params_schema=params_schema(limits),
         precheck=precheck,
@@ -67,8 +70,12 @@ def job_kind(config: dict | None = None) -> JobKind:
 
 @hookimpl
 def register_job_kinds(register, config):
-    """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``."""
+    """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``,
+    and kind 5753 ``image-classifier-verify``, which replays a segment of its transcripts."""
+    from . import verify
+
     register(job_kind(config))
+    register(verify.job_kind(config))
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:
@@ -176,6 +183,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
             message += f" val_loss {record['val_loss']:.4f} val_acc {record['val_accuracy']:.4f}"
         ctx.progress(5 + 90 * record["epoch"] / epochs, message)
 
+    recorder = _recorder(ctx, params, limits, n_train=int(x.shape[0]))
     if limits.processes > 1:
         outcome = _train_launched(ctx, limits.processes, device, x=x, y=y, x_val=x_val, y_val=y_val, spec=spec,
                                   params=params, mean=mean, std=std, initial_weights=initial,
@@ -185,7 +193,7 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
                         val_images=x_val if x_val.shape[0] else None, val_labels=y_val if x_val.shape[0] else None,
                         spec=spec, params=params, mean=mean, std=std, initial_weights=initial,
                         time_budget=budget, device=device, check_cancelled=ctx.check_cancelled,
-                        on_epoch=on_epoch)
+                        on_epoch=on_epoch, transcript=recorder)
 
     ctx.progress(96, "writing the model")
     out = ctx.workdir / "result"
@@ -236,13 +244,62 @@ def run(ctx, job: ImageClassifierJob) -> JobResult:
     }
     if warning:
         content["warning"] = warning
+    signed = []
+    if recorder is not None:
+        signed = _write_transcript(out, recorder, params=params, spec=spec, mean=mean, std=std,
+                                   data_sha256=train_set.sha256, x=x, y=y, validation=validation, outcome=outcome,
+                                   retention_days=limits.checkpoint_retention_days,
+                                   initial_weights_sha256=weights_sha256)
+        content["transcript"] = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
+                                 "final_step": recorder.entries[-1]["step"],
+                                 "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}
     metrics = {"samples_per_s": round(outcome.samples_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
                "job_seconds": round(time.monotonic() - started, 3), "samples": n, "epochs": len(outcome.history),
                "val_accuracy": card["metrics"]["val_accuracy"], "device": outcome.device}
     types = {".safetensors": "application/octet-stream", ".json": "application/json", ".md": "text/markdown",
              ".png": "image/png"}
     return JobResult(content, metrics=metrics,
-                     artifacts=[Artifact(out / name, types[Path(name).suffix], name) for name in files])
+                     artifacts=[Artifact(out / name, types[Path(name).suffix], name) for name in files] + signed)
+
+
+def _recorder(ctx, params, limits: Limits, n_train: int):
+    """The transcript's recorder when param checkpoint_every asks for one, after checking that
+    the job can have one (one process; a bounded number of checkpoints)."""
+    if not params.checkpoint_every:
+        return None
+    from .transcript import MAX_CHECKPOINTS, Recorder
+
+    if limits.processes > 1:
+        raise JobInputError(f"this provider trains in {limits.processes} processes, where training "
+                            "transcripts are not available: send checkpoint_every=0")
+    per_epoch = n_train // params.batch_size + (1 if n_train % params.batch_size >= 2 else 0)
+    planned = per_epoch * params.epochs
+    wanted = planned // params.checkpoint_every + 2
+    if wanted > MAX_CHECKPOINTS:
+        least = math.ceil(planned / (MAX_CHECKPOINTS - 2))
+        raise JobInputError(f"param checkpoint_every {params.checkpoint_every} would write {wanted} checkpoints "
+                            f"over {planned} steps; at most {MAX_CHECKPOINTS}: send {least} or more")
+    return Recorder(params.checkpoint_every, ctx.workdir / "checkpoints")
+
+
+def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha256, x, y, validation,
+                      outcome, retention_days: float, initial_weights_sha256: str | None) -> list[Artifact]:
+    """transcript.json (signed by the worker) and the checkpoints, as the result's files."""
+    import json
+
+    from . import transcript
+
+    per_epoch = x.shape[0] // params.batch_size + (1 if x.shape[0] % params.batch_size >= 2 else 0)
+    record = transcript.build(recorder=recorder, params=params, spec=spec, mean=mean, std=std,
+                              data_sha256=data_sha256, train_sha256=transcript.data_digest(x, y),
+                              n_train=int(x.shape[0]), validation=validation, image_size=params.image_size,
+                              steps_per_epoch=per_epoch, outcome=outcome)
+    record["checkpoints_kept_days"] = retention_days   # the provider's promise for its blob servers
+    record["initial_weights_sha256"] = initial_weights_sha256   # the customer's weights input, if any
+    path = out / "transcript.json"
+    path.write_text(json.dumps(record, indent=1))
+    return [Artifact(path, "application/json", "transcript.json", signed=True)] + \
+        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
 
 
 def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:

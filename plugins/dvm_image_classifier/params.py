@@ -15,6 +15,8 @@ The provider's limits come from the worker's configuration::
     max_seconds = 3600               # training time a job may ask for (param time_limit)
     sats_per_million_sample_epochs = 10   # the price: samples × epochs × this / 10⁶, min 1 sat
     processes = 1                    # > 1: train under `accelerate launch` in that many processes
+    checkpoint_retention_days = 30   # how long the blob servers keep a transcript's checkpoints
+                                     # (announced, and stated in each transcript; not enforced here)
 
 ``processes``: 1 (the default) trains in the worker's process. N > 1 runs each job's training as
 ``accelerate launch --num_processes N --multi_gpu -m dvm_image_classifier.launched`` in a child
@@ -71,6 +73,10 @@ PARAMS = {
                      "'mean1,mean2,…;std1,std2,…' (default: computed from the training images); "
                      "federated rounds send the whole dataset's, so every provider and the merged "
                      "model normalise alike",
+    "checkpoint_every": "k > 0: a training transcript, signed by the provider, with a checkpoint every k "
+                        "steps and at the end (returned as files: transcript.json and "
+                        "checkpoint-<step>.safetensors), which a verify job (kind 5753) can replay; "
+                        "0: none (default 0)",
     "samples": "not needed: the worker counts the images before it prices the job (an older way to "
                "say how many; a number above the provider's max_samples is refused at once)",
 }
@@ -87,6 +93,7 @@ class Limits:
     max_seconds: float = 3600.0
     sats_per_million_sample_epochs: float = 10.0
     processes: int = 1
+    checkpoint_retention_days: float = 30.0
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":
@@ -112,6 +119,7 @@ class TrainParams:
     augment: bool = False
     time_limit: float = Limits.max_seconds
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) per channel
+    checkpoint_every: int = 0        # steps between the transcript's checkpoints; 0: no transcript
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,7 @@ def parse_params(params: dict[str, str], limits: Limits, has_validation_input: b
         augment=augment in ("yes", "true"),
         time_limit=number(params, "time_limit", float, 1.0, limits.max_seconds, limits.max_seconds),
         normalisation=_normalisation(params),
+        checkpoint_every=number(params, "checkpoint_every", int, 0, 2**31, 0),
     )
 
 

@@ -335,7 +335,7 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
           time_budget: float | None = None, device: torch.device | None = None,
           check_cancelled: Callable[[], None] = lambda: None,
           on_epoch: Callable[[dict, int], None] = lambda record, epochs: None,
-          launched: bool = False, use_cpu: bool = False) -> TrainOutcome:
+          launched: bool = False, use_cpu: bool = False, transcript=None) -> TrainOutcome:
     """Train the network `spec` describes on uint8 images (N×C×H×W) with int64 labels.
 
     :param time_budget: seconds of training after which the model is returned as it is
@@ -345,6 +345,8 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
         number of planned epochs (in the main process only).
     :param launched: one process of ``accelerate launch`` (`launched.py`): the device is the one
         the launcher gave; `use_cpu` trains on the CPU.
+    :param transcript: a `transcript.Recorder` (one process only): a checkpoint every
+        ``transcript.every`` steps, before the step that follows, and one at the end.
     :raises JobInputError: the loss became NaN, or the initial weights do not fit.
     """
     device = device or choose_device(None)
@@ -397,6 +399,7 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
         stopped = None
         samples_seen = 0
         train_seconds = 0.0
+        global_step = 0
         started = time.monotonic()
         stop_at = started + time_budget if time_budget is not None else math.inf
         model.train()
@@ -419,6 +422,9 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
                     break
                 if yb.shape[0] < 2:
                     continue
+                if transcript is not None and global_step % transcript.every == 0:
+                    transcript.checkpoint(global_step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                          aug_generator)
                 xb = xb.to(device, non_blocking=True).float().mul_(scale).add_(shift)
                 yb = yb.to(device, non_blocking=True)
                 if use_augment:
@@ -431,6 +437,7 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
+                global_step += 1
                 loss_sum += loss.detach() * yb.shape[0]
                 correct += (logits.detach().argmax(1) == yb).sum()
                 seen += yb.shape[0]
@@ -465,6 +472,9 @@ def train(*, train_images: torch.Tensor, train_labels: torch.Tensor, val_images:
             if stopped:
                 break
         unwrapped = accelerator.unwrap_model(model)
+        if transcript is not None:
+            transcript.checkpoint(global_step, unwrapped, optimizer, scheduler, aug_generator,
+                                  final=True, stopped=stopped)
         state = {k: v.detach().to("cpu").contiguous() for k, v in unwrapped.state_dict().items()}
         for key, value in state.items():
             if value.is_floating_point() and not torch.isfinite(value).all():

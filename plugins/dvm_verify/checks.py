@@ -1,0 +1,195 @@
+"""Spot checks of a training result: which segments, how likely they catch a cheat, and running
+them here or on a verifier DVM.
+
+A provider that cheated in m of a transcript's n segments (trained fewer steps there, on other
+data, at another learning rate, or not at all) is caught by a check of any of those m: c checks
+drawn without replacement miss every one of them with probability C(n − m, c) / C(n, c), so they
+catch it with probability 1 − C(n − m, c) / C(n, c) (about 1 − (1 − m/n)^c).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class VerifyError(Exception):
+    """The result cannot be checked (no transcript, a bad signature, a missing checkpoint)."""
+
+
+def catch_probability(n: int, m: int, c: int) -> float:
+    """The chance that c distinct random segments of n include at least one of m cheated ones."""
+    if m <= 0 or c <= 0:
+        return 0.0
+    c = min(c, n)
+    return 1.0 - math.comb(n - m, c) / math.comb(n, c)
+
+
+def checks_needed(n: int, m: int, p: float) -> int:
+    """The fewest checks that catch a cheat in m of n segments with probability at least p."""
+    for c in range(1, n + 1):
+        if catch_probability(n, m, c) >= p:
+            return c
+    return n
+
+
+@dataclass
+class ResultFolder:
+    """A downloaded result: the transcript (its signature checked) and its checkpoint files."""
+
+    folder: Path
+    transcript: dict
+    signer: str | None
+    job_id: str | None
+
+    def checkpoint(self, step: int) -> Path:
+        from dvm_image_classifier.transcript import entry_at
+
+        path = self.folder / entry_at(self.transcript, step)["file"]
+        if not path.exists():
+            raise VerifyError(f"the checkpoint at step {step} ({path.name}) is not in {self.folder}")
+        return path
+
+
+def open_result(folder: Path, provider: str | None = None, allow_unsigned: bool = False) -> ResultFolder:
+    """Read `folder`/transcript.json; check that it is signed, and by `provider` when given."""
+    from dvm_core import open_signed_file
+    from dvm_core.protocol.events import parse_public_key
+
+    path = Path(folder) / "transcript.json"
+    if not path.exists():
+        raise VerifyError(f"no transcript.json in {folder}: send the job with param checkpoint_every")
+    data = path.read_bytes()
+    raw = json.loads(data)
+    signer = job_id = None
+    if isinstance(raw, dict) and "sig" in raw:
+        try:
+            signed = open_signed_file(data)
+        except ValueError as exc:
+            raise VerifyError(f"{path}: {exc}") from None
+        signer, job_id, raw = signed.pubkey, signed.job_id, json.loads(signed.text)
+        if provider is not None and signer != parse_public_key(provider):
+            raise VerifyError(f"{path} is signed by {signer}, not by the provider {provider}")
+    elif not allow_unsigned:
+        raise VerifyError(f"{path} is not signed (a signed transcript is a Nostr event)")
+    if not isinstance(raw, dict) or not raw.get("checkpoints"):
+        raise VerifyError(f"{path} is not a training transcript")
+    return ResultFolder(Path(folder), raw, signer, job_id)
+
+
+def pick_segments(transcript: dict, checks: int, seed: int) -> list[tuple[int, int]]:
+    """`checks` distinct segments, drawn with `seed` (all of them when there are fewer)."""
+    from dvm_image_classifier.transcript import segments
+
+    every = segments(transcript)
+    chosen = random.Random(seed).sample(range(len(every)), min(checks, len(every)))
+    return [every[i] for i in sorted(chosen)]
+
+
+@dataclass
+class Report:
+    """The checks' verdicts and what they mean."""
+
+    segments: int
+    verdicts: list[dict] = field(default_factory=list)
+    signer: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(v.get("match") for v in self.verdicts)
+
+    def to_dict(self) -> dict:
+        checked = len(self.verdicts)
+        return {"passed": self.passed, "segments": self.segments, "checked": checked, "signer": self.signer,
+                "verdicts": self.verdicts,
+                # had the provider cheated in one segment (or in a tenth of them): the chance
+                # that these checks would have caught it
+                "catch_probability_one_segment": round(catch_probability(self.segments, 1, checked), 4),
+                "catch_probability_tenth": round(catch_probability(
+                    self.segments, max(1, self.segments // 10), checked), 4)}
+
+
+def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
+    """A mismatch found before any replay: the provider's checkpoint file for step `a` or `b` is
+    not the state its transcript names there (or not a checkpoint at all)."""
+    from dvm_core import JobInputError
+    from dvm_image_classifier.transcript import Checkpoint, entry_at
+
+    for step in (a, b):
+        expected = entry_at(result.transcript, step)
+        try:
+            point = Checkpoint.load(result.checkpoint(step))
+            ok = point.step == step and point.state_sha256() == expected["state_sha256"]
+            got = point.weights_sha256()
+        except JobInputError:
+            ok, got = False, None
+        if not ok:
+            return {"match": False, "distance": None, "segment": [a, b],
+                    "expected_sha256": expected["weights_sha256"], "got_sha256": got,
+                    "reason": f"the provider's checkpoint for step {step} is not the state its transcript names"}
+    return None
+
+
+def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]], *, tolerance: float = 0.0,
+                on_verdict=lambda verdict: None) -> Report:
+    """Replay each picked segment on this machine."""
+    from dvm_image_classifier.verify import verify_segment
+
+    report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
+    for a, b in picked:
+        verdict = _unreplayable(result, a, b) or verify_segment(result.transcript, data, result.checkpoint(a), result.checkpoint(b),
+                                 end_step=b, tolerance=tolerance)
+        verdict["by"] = "local"
+        report.verdicts.append(verdict)
+        on_verdict(verdict)
+    return report
+
+
+async def check_remote(customer, wallet, verifier: str, result: ResultFolder, data: Path,
+                       picked: list[tuple[int, int]], servers: list[str], *, kind: int = 5753,
+                       tolerance: float = 0.0, max_price: int | None = None, timeout: float = 600,
+                       on_verdict=lambda verdict: None) -> Report:
+    """Hire the verifier DVM `verifier` for each picked segment: the data, the signed transcript
+    and the two checkpoints uploaded encrypted, one paid kind-5753 job each."""
+    from dvm_core.customer import PaymentDeclined, upload_dataset
+    from dvm_core.protocol.nip90 import JobInput, Result
+
+    async def url(path: Path) -> str:
+        return await upload_dataset(path, servers, customer.keys, encrypt=True)
+
+    data_url = await url(Path(data))
+    transcript_url = await url(result.folder / "transcript.json")
+    report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
+    for a, b in picked:
+        verdict = _unreplayable(result, a, b)
+        if verdict is not None:   # no need to pay anyone to see that
+            verdict["by"] = "local"
+            report.verdicts.append(verdict)
+            on_verdict(verdict)
+            continue
+        inputs = [JobInput(data_url, "url"), JobInput(transcript_url, "url", marker="transcript"),
+                  JobInput(await url(result.checkpoint(a)), "url", marker="start"),
+                  JobInput(await url(result.checkpoint(b)), "url", marker="end")]
+        params = {"end_step": str(b)} | ({"tolerance": repr(tolerance)} if tolerance else {})
+        request = await customer.submit(kind, inputs, params, provider=verifier)
+        verdict = None
+        async for update in customer.updates(request, timeout=timeout):
+            if isinstance(update, Result):
+                verdict = json.loads(update.content)
+                break
+            if update.status == "error":
+                raise VerifyError(f"the verifier refused the check of [{a}, {b}): {update.message}")
+            if update.status == "payment-required":
+                try:
+                    await customer.pay_with_nutzap(request, update, wallet, max_price=max_price)
+                except PaymentDeclined as exc:
+                    raise VerifyError(f"not paid: {exc}") from None
+        if verdict is None:
+            raise VerifyError(f"no answer from the verifier for [{a}, {b})")
+        verdict["by"] = verifier
+        report.verdicts.append(verdict)
+        on_verdict(verdict)
+    return report

@@ -1,0 +1,121 @@
+"""`dvm verify RESULT`: spot-check a training result against its signed transcript.
+
+    dvm verify dvm-result --data digits_train.npz --local                  # replay here
+    dvm verify dvm-result --data digits_train.npz --relay wss://… --dvm npub1… \\
+        --blossom https://… --wallet-dir wallet --mint https://…           # hire a verifier DVM
+
+Exit status: 0 every check matched, 3 a check did not (the provider cheated in that segment, or
+the replay is not bit-identical on this machine: see ``--tolerance``), 1 the result could not be
+checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+MISMATCH_EXIT = 3
+
+
+@click.command("verify")
+@click.argument("result", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The training set you sent with the job (the same file).")
+@click.option("--checks", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Segments to check, drawn at random without replacement.")
+@click.option("--seed", type=int, default=None, help="Seed of the draw (default: a random one, printed).")
+@click.option("--local", is_flag=True, help="Replay the segments on this machine.")
+@click.option("--provider", help="The npub (or hex) that must have signed the transcript.")
+@click.option("--allow-unsigned", is_flag=True, help="Check a transcript that is not signed (a test's).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Largest relative distance of the weights that still matches (0: bit-identical).")
+@click.option("--relay", "relays", multiple=True, help="Relay URL, to hire a verifier DVM (repeatable).")
+@click.option("--dvm", help="The verifier DVM's npub or hex key (a provider serving kind 5753).")
+@click.option("--kind", type=click.IntRange(5000, 5999), default=5753, show_default=True)
+@click.option("--blossom", "servers", multiple=True, help="Blob server for the uploads (repeatable).")
+@click.option("--wallet-dir", type=click.Path(file_okay=False), help="The wallet that pays the verifier.")
+@click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Your nsec key file (default: a fresh key).")
+@click.option("--max-price", type=click.IntRange(0), default=None, help="Most sats paid per check.")
+@click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for each check.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_command(result, data, checks, seed, local, provider, allow_unsigned, tolerance, relays, dvm, kind,
+                   servers, wallet_dir, mints, key_file, max_price, timeout, as_json) -> None:
+    """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
+    segments picked at random and say whether each lands where the provider said."""
+    import secrets
+
+    from dvm_core.cli.logs import configure_logging
+
+    from .checks import VerifyError, check_local, open_result, pick_segments
+
+    configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    try:
+        folder = open_result(Path(result), provider, allow_unsigned=allow_unsigned)
+        picked = pick_segments(folder.transcript, checks, seed)
+        if not as_json:
+            signer = f"signed by {folder.signer}" if folder.signer else "NOT signed"
+            click.echo(f"transcript: {len(folder.transcript['checkpoints']) - 1} segments, {signer}; "
+                       f"checking {len(picked)} (seed {seed}): "
+                       + ", ".join(f"[{a}, {b})" for a, b in picked))
+
+        def say(verdict: dict) -> None:
+            if not as_json:
+                a, b = verdict["segment"]
+                words = "match" if verdict["match"] else "MISMATCH"
+                distance = "n/a" if verdict["distance"] is None else f"{verdict['distance']:.3g}"
+                click.echo(f"  [{a}, {b}): {words}, distance {distance}, expected {verdict['expected_sha256'][:16]}…, "
+                           f"got {verdict['got_sha256'][:16]}… ({verdict['by']})")
+
+        if local:
+            if relays or dvm:
+                raise click.ClickException("--local replays here: leave out --relay and --dvm")
+            report = check_local(folder, Path(data), picked, tolerance=tolerance, on_verdict=say)
+        else:
+            missing = [n for n, v in (("--relay", relays), ("--dvm", dvm), ("--blossom", servers),
+                                      ("--wallet-dir", wallet_dir)) if not v]
+            if missing:
+                raise click.ClickException(f"missing {', '.join(missing)} (or use --local)")
+            report = asyncio.run(_remote(list(relays), dvm, kind, folder, Path(data), picked, list(servers),
+                                         Path(wallet_dir), list(mints), key_file, tolerance, max_price, timeout,
+                                         say))
+    except VerifyError as exc:
+        raise click.ClickException(str(exc)) from None
+    summary = report.to_dict() | {"seed": seed}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{'PASSED' if report.passed else 'FAILED'}: {sum(v['match'] for v in report.verdicts)}/"
+                   f"{len(report.verdicts)} segments match. Had the provider cheated in one segment of "
+                   f"{report.segments}, these checks would have caught it with probability "
+                   f"{summary['catch_probability_one_segment']:.2f}; in a tenth of them, "
+                   f"{summary['catch_probability_tenth']:.2f}.")
+    sys.exit(0 if report.passed else MISMATCH_EXIT)
+
+
+async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, mints, key_file, tolerance,
+                  max_price, timeout, say):
+    from dvm_core.customer import Customer, EcashWallet, load_or_create_p2pk_key, read_key_file
+    from dvm_core.protocol.events import Keys, parse_public_key
+
+    from .checks import check_remote
+
+    try:
+        verifier = parse_public_key(dvm)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    keys = read_key_file(key_file) if key_file else Keys.generate()
+    wallet = EcashWallet(directory=wallet_dir, accepted_mints=mints,
+                         p2pk_private_key=load_or_create_p2pk_key(wallet_dir / "p2pk.key"))
+    try:
+        async with Customer(keys, relays) as customer:
+            return await check_remote(customer, wallet, verifier, folder, data, picked, servers, kind=kind,
+                                      tolerance=tolerance, max_price=max_price, timeout=timeout, on_verdict=say)
+    finally:
+        await wallet.close()

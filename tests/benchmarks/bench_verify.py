@@ -1,0 +1,149 @@
+"""Benchmark of checkable training (issue 17): what a transcript costs the provider, and what one
+spot-check costs the verifier, against the job's own training time.
+
+    PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_verify.py [--rounds 3] [--epochs 10] [--segments 10]
+
+Prints one JSON object on stdout; progress goes to stderr. Not a pytest module. Needs
+scikit-learn (the digits data).
+
+The job: the image classifier's training function (`train.train`, what a job runs) on the 1438
+training digits (the split of tests/test_image_classifier.py, nothing held out), ``--epochs``
+epochs of batches of 64 (23 steps an epoch), with ``checkpoint_every`` chosen so the run has
+``--segments`` segments (10: a checkpoint every 23 steps, 11 checkpoints).
+
+- `transcript_overhead` (goal ≤ 0.03): the time spent writing the transcript, over the training
+  time of the same run without one (median over rounds). Writing it is capturing and saving
+  each checkpoint (weights, optimizer moments, generator state: a safetensors file) with the
+  sha256 of its weights and of its whole state, timed inside the loop, plus the sha256 of the
+  data and the transcript's JSON after it. `transcript_overhead_paired` is the same
+  measured from outside: the median over rounds of (time with) / (time without) − 1, run back
+  to back in alternating order; on a shared machine it is noisy at this scale, which is why the
+  goal is checked on the direct measure.
+- `spot_check_over_job` (goal ≤ 0.15): one spot-check of one segment, as the verify job
+  (kind 5753) runs it — `verify.verify_segment`: read the training set from its .npz, rebuild
+  the tensors trained on and check their sha256, load the start and end checkpoints, build the
+  network and optimizer, replay the segment, compare — over the job's own training time (the
+  whole `train` call, with the transcript). The median over every segment of every round (the
+  last segment of a run is as long as the others here).
+- `all_matched`: every segment of every round replayed bit for bit (an honest run passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("dvm_image_classifier") is None:  # not installed yet: the source tree
+    sys.path.insert(0, str(REPO / "plugins"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import eprint, loadavg  # noqa: E402
+from dvm_image_classifier import transcript as T  # noqa: E402
+from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
+from dvm_image_classifier.models import make_spec  # noqa: E402
+from dvm_image_classifier.params import TrainParams  # noqa: E402
+from dvm_image_classifier.train import normalisation, to_tensors, train  # noqa: E402
+from dvm_image_classifier.verify import verify_segment  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def run(x, y, spec, params, mean, std, folder: Path | None):
+    """One training call: (its seconds, the recorder or None, the outcome)."""
+    recorder = T.Recorder(params.checkpoint_every, folder) if folder is not None else None
+    started = time.perf_counter()
+    outcome = train(train_images=x, train_labels=y, val_images=None, val_labels=None, spec=spec, params=params,
+                    mean=mean, std=std, device=CPU, transcript=recorder)
+    return time.perf_counter() - started, recorder, outcome
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--segments", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    x_np, y_np, _, _ = digits_split(0)
+    x, y = to_tensors(x_np[..., None], y_np)
+    n = x.shape[0]
+    per_epoch = n // args.batch_size + (1 if n % args.batch_size >= 2 else 0)
+    steps = per_epoch * args.epochs
+    every = -(-steps // args.segments)
+    params = TrainParams(epochs=args.epochs, batch_size=args.batch_size, validation_fraction=0.0,
+                         checkpoint_every=every)
+    spec = make_spec("auto", 1, 10, 8, 8)
+    mean, std = normalisation(x)
+    root = Path(tempfile.mkdtemp(prefix="bench-verify-"))
+    data = write_npz(root / "digits_train.npz", x_np, y_np)
+
+    eprint(f"{n} images, {steps} steps, a checkpoint every {every}: warm-up")
+    run(x, y, spec, params, mean, std, None)
+    run(x, y, spec, params, mean, std, root / "warm-up")
+
+    without, with_, paired, written, checks, matched = [], [], [], [], [], []
+    checkpoint_bytes = 0
+    for r in range(args.rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        times = {}
+        for recording in order:
+            folder = root / f"round-{r}" if recording else None
+            seconds, recorder, outcome = run(x, y, spec, params, mean, std, folder)
+            times[recording] = seconds
+            if recording:
+                started = time.perf_counter()
+                record = T.build(recorder=recorder, params=params, spec=spec, mean=mean, std=std,
+                                 data_sha256="-", train_sha256=T.data_digest(x, y), n_train=n,
+                                 validation={"source": "none"}, image_size=None, steps_per_epoch=per_epoch,
+                                 outcome=outcome)
+                (folder / "transcript.json").write_text(json.dumps(record, indent=1))
+                written.append(recorder.seconds + time.perf_counter() - started)
+                checkpoint_bytes = sum(f.stat().st_size for f in recorder.files)
+                transcript, recorded_in = json.loads((folder / "transcript.json").read_text()), folder
+        without.append(times[False])
+        with_.append(times[True])
+        paired.append(times[True] / times[False] - 1)
+        eprint(f"round {r + 1}: training {times[False]:.2f}s without a transcript, {times[True]:.2f}s with "
+               f"({written[-1]:.3f}s writing it)")
+        for a, b in T.segments(transcript):
+            started = time.perf_counter()
+            verdict = verify_segment(transcript, data, recorded_in / T.entry_at(transcript, a)["file"],
+                                     recorded_in / T.entry_at(transcript, b)["file"], end_step=b, device=CPU)
+            checks.append(time.perf_counter() - started)
+            matched.append(verdict["match"])
+        eprint(f"  spot checks: median {statistics.median(checks[-len(T.segments(transcript)):]):.3f}s a segment")
+
+    train_s = statistics.median(without)
+    job_s = statistics.median(with_)
+    check_s = statistics.median(checks)
+    print(json.dumps({
+        "spot_check_over_job": round(check_s / job_s, 4),
+        "transcript_overhead": round(statistics.median(written) / train_s, 4),
+        "transcript_overhead_paired": round(statistics.median(paired), 4),
+        "all_matched": all(matched), "checks": len(matched),
+        "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
+        "train_seconds_without_transcript": round(train_s, 3),
+        "transcript_seconds": round(statistics.median(written), 4),
+        "steps": steps, "segments": len(T.segments(transcript)), "checkpoint_every": every,
+        "checkpoint_bytes": checkpoint_bytes, "images": n, "epochs": args.epochs, "batch_size": args.batch_size,
+        "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
+        "machine": platform.machine(), "loadavg": loadavg(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""Checkable training (issue 17): the image classifier's transcript, and the verify job (kind
+5753) that replays one segment of it.
+
+An honest run passes every segment, bit for bit; a provider that trained fewer steps, on other
+data, with another learning rate, or returned its starting weights is caught by the check of
+any segment it cheated in. The cheats are real trainings, run with the cheat and written up as
+if honest, replayed by `verify.verify_segment` (what the job runs) on the real data. The
+plugin's own job (param checkpoint_every) and the verify kind run with a real `JobContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from dvm_core import JobInputError  # noqa: E402
+from dvm_core.jobs import JobContext  # noqa: E402
+from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import dvm_image_classifier as ic
+except ImportError:  # not installed as a package yet: use the source tree
+    sys.path.insert(0, str(REPO / "plugins"))
+    import dvm_image_classifier as ic
+
+from dvm_image_classifier import transcript as T  # noqa: E402
+from dvm_image_classifier import verify as V  # noqa: E402
+from dvm_image_classifier.digits import digits_split, write_npz  # noqa: E402
+from dvm_image_classifier.models import make_spec  # noqa: E402
+from dvm_image_classifier.params import TrainParams  # noqa: E402
+from dvm_image_classifier.train import normalisation, split_indices, to_tensors, train  # noqa: E402
+
+CPU = torch.device("cpu")
+EPOCHS, BATCH, EVERY = 2, 64, 10     # 1438 digits, 10% held out: 21 steps an epoch, 42 in all
+
+
+def make_ctx(tmp_path: Path, kind: int, files: dict[str, Path], markers: dict[str, str], params: dict):
+    inputs = tuple(JobInput(url, "url", "", markers.get(url, "")) for url in files)
+    request = JobRequest(id="ab" * 32, pubkey="cd" * 32, kind=kind, created_at=0, inputs=inputs,
+                         params={k: str(v) for k, v in params.items()})
+    ctx = JobContext(job_id=request.id, request=request, workdir=tmp_path, log=structlog.get_logger(),
+                     deadline=time.monotonic() + 3600, report=lambda p, m: None, config={},
+                     fetcher=lambda url, into, max_bytes=None: files[url])
+    return request, ctx
+
+
+# --- a honest run, and cheats, written up as transcripts ------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """A transcript (as the job writes it) and the folder of its checkpoint files."""
+
+    transcript: dict
+    folder: Path
+
+    def file(self, step: int) -> Path:
+        return self.folder / T.entry_at(self.transcript, step)["file"]
+
+    def check(self, data: Path, a: int, b: int) -> dict:
+        return V.verify_segment(self.transcript, data, self.file(a), self.file(b), end_step=b, device=CPU)
+
+    def check_all(self, data: Path) -> list[dict]:
+        return [self.check(data, a, b) for a, b in T.segments(self.transcript)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    x, y, _, _ = digits_split(0)
+    path = write_npz(folder / "digits_train.npz", x, y)
+    # The tensors the job trains on: the file as `run` reads it, 10% held out by the seed.
+    images, labels = to_tensors(x[..., None], y)
+    train_idx, _ = split_indices(len(y), 0.1, 0)
+    return path, images[train_idx], labels[train_idx]
+
+
+def write_up(folder: Path, recorder: T.Recorder, outcome, params: TrainParams, images, labels, data_sha: str,
+             mean, std) -> Run:
+    per_epoch = images.shape[0] // params.batch_size + (1 if images.shape[0] % params.batch_size >= 2 else 0)
+    record = T.build(recorder=recorder, params=params, spec=make_spec("auto", 1, 10, 8, 8), mean=mean, std=std,
+                     data_sha256=data_sha, train_sha256=T.data_digest(images, labels), n_train=images.shape[0],
+                     validation={"source": "held out from the training set", "fraction": 0.1},
+                     image_size=None, steps_per_epoch=per_epoch, outcome=outcome)
+    return Run(json.loads(json.dumps(record)), folder)
+
+
+def training(folder: Path, images, labels, params: TrainParams, every: int, mean, std):
+    recorder = T.Recorder(every, folder)
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None,
+                    spec=make_spec("auto", 1, 10, 8, 8), params=params, mean=mean, std=std, device=CPU,
+                    transcript=recorder)
+    return recorder, outcome
+
+
+@pytest.fixture(scope="module")
+def honest(digits, tmp_path_factory):
+    _, images, labels = digits
+    params = TrainParams(epochs=EPOCHS, batch_size=BATCH, checkpoint_every=EVERY)
+    mean, std = normalisation(images)
+    folder = tmp_path_factory.mktemp("honest")
+    recorder, outcome = training(folder, images, labels, params, EVERY, mean, std)
+    run = write_up(folder, recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    assert [c["step"] for c in run.transcript["checkpoints"]] == [0, 10, 20, 30, 40, 42]
+    assert run.transcript["checkpoints"][-1]["weights_sha256"] == T.tensor_digest(outcome.state_dict)
+    return run, params, mean, std
+
+
+def test_an_honest_run_passes_every_segment(digits, honest):
+    run = honest[0]
+    verdicts = run.check_all(digits[0])
+    assert [v["match"] for v in verdicts] == [True] * 5, verdicts
+    assert all(v["exact"] and v["distance"] == 0.0 and v["expected_sha256"] == v["got_sha256"] for v in verdicts)
+    assert all(v["data_matches_transcript"] and v["start_checkpoint_matches_transcript"] for v in verdicts)
+    # A segment over an epoch's end (step 21: BatchNorm recalibrated) replays too: [20, 30) above.
+    assert verdicts[2]["segment"] == [20, 30]
+
+
+def test_a_run_stopped_by_its_time_limit_mid_epoch_replays(tmp_path, digits, honest, monkeypatch):
+    """Stopped at its time limit in the middle of epoch 2 (a clock that ticks once a step): the
+    last checkpoint is the stopped state, BatchNorm recalibrated after it, and replays."""
+    import types
+
+    import dvm_image_classifier.train as train_module
+
+    _, images, labels = digits
+    _, params, mean, std = honest
+    ticks = iter(range(10**6))
+    clock = types.SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter)
+    monkeypatch.setattr(train_module, "time", clock)
+    recorder = T.Recorder(EVERY, tmp_path / "stopped")
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None,
+                    spec=make_spec("auto", 1, 10, 8, 8), params=params, mean=mean, std=std, device=CPU,
+                    transcript=recorder, time_budget=25.5)
+    monkeypatch.undo()
+    assert outcome.stopped == "time_limit"
+    run = write_up(tmp_path / "stopped", recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    steps = [c["step"] for c in run.transcript["checkpoints"]]
+    assert steps == [0, 10, 20, 25] and run.transcript["checkpoints"][-1]["stopped"] == "time_limit"
+    assert [v["match"] for v in run.check_all(digits[0])] == [True, True, True]
+
+
+def cheat(tmp_path, digits, honest, *, params=None, images=None, labels=None, relabel=None) -> Run:
+    """Train with the cheat, then claim the honest run's params, data and steps."""
+    _, real_images, real_labels = digits
+    _, claimed, mean, std = honest
+    folder = tmp_path / "cheat"
+    recorder, outcome = training(folder, real_images if images is None else images,
+                                 real_labels if labels is None else labels, params or claimed,
+                                 EVERY if relabel is None else relabel[0], mean, std)
+    if relabel is not None:   # trained `every` steps between checkpoints, claims `EVERY`: relabelled
+        for entry in recorder.entries:
+            point = T.Checkpoint.load(folder / entry["file"])
+            step = entry["step"] * EVERY // relabel[0]
+            point = T.Checkpoint(step, point.tensors, dict(point.meta, step=step))
+            point.save(folder / entry["file"])
+            entry.update(step=step, weights_sha256=point.weights_sha256(), state_sha256=point.state_sha256())
+    return write_up(folder, recorder, outcome, claimed, real_images, real_labels, "a" * 64, mean, std)
+
+
+def assert_caught(run: Run, data: Path) -> list[dict]:
+    verdicts = run.check_all(data)
+    assert verdicts and not any(v["match"] for v in verdicts), verdicts
+    assert all(v["expected_sha256"] != v["got_sha256"] and v["distance"] > 0 for v in verdicts)
+    return verdicts
+
+
+def test_fewer_steps_are_caught(tmp_path, digits, honest):
+    """Half the steps: one epoch, a checkpoint every 5 steps, written up as every 10 of two."""
+    claimed = honest[1]
+    run = cheat(tmp_path, digits, honest, params=dataclasses.replace(claimed, epochs=1), relabel=(5,))
+    assert [c["step"] for c in run.transcript["checkpoints"]][:5] == [0, 10, 20, 30, 40]
+    assert_caught(run, digits[0])
+
+
+def test_other_data_is_caught(tmp_path, digits, honest):
+    """Trained on the customer's images with shuffled labels, claiming the real data's digest."""
+    _, images, labels = digits
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(7))]
+    run = cheat(tmp_path, digits, honest, labels=shuffled)
+    verdicts = assert_caught(run, digits[0])
+    assert all(v["data_matches_transcript"] for v in verdicts)   # the claim names the real data
+
+
+def test_another_learning_rate_is_caught(tmp_path, digits, honest):
+    claimed = honest[1]
+    run = cheat(tmp_path, digits, honest, params=dataclasses.replace(claimed, learning_rate=claimed.learning_rate * 3))
+    assert_caught(run, digits[0])
+
+
+def test_starting_weights_returned_are_caught(tmp_path, digits, honest):
+    """No training at all: every checkpoint is the starting state, relabelled."""
+    run, _, _, _ = honest
+    folder = tmp_path / "lazy"
+    folder.mkdir()
+    lazy = json.loads(json.dumps(run.transcript))
+    start = T.Checkpoint.load(run.file(0))
+    for entry in lazy["checkpoints"]:
+        point = T.Checkpoint(entry["step"], start.tensors, dict(start.meta, step=entry["step"]))
+        point.save(folder / entry["file"])
+        entry.update(weights_sha256=point.weights_sha256(), state_sha256=point.state_sha256())
+    assert_caught(Run(lazy, folder), digits[0])
+
+
+def test_other_starting_weights_are_caught_at_step_0(tmp_path, digits, honest):
+    """Trained honestly, but from other weights than the seed gives (a model from elsewhere):
+    every later segment replays; the check of [0, 10) sees that step 0 is not the seed's."""
+    from dvm_image_classifier.models import build_model
+
+    _, images, labels = digits
+    _, params, mean, std = honest
+    spec = make_spec("auto", 1, 10, 8, 8)
+    torch.manual_seed(5)
+    other = build_model(spec).state_dict()
+    recorder = T.Recorder(EVERY, tmp_path / "other")
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None, spec=spec,
+                    params=params, mean=mean, std=std, device=CPU, transcript=recorder, initial_weights=other)
+    run = write_up(tmp_path / "other", recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    verdicts = run.check_all(digits[0])
+    assert [v["match"] for v in verdicts] == [False, True, True, True, True]
+    assert verdicts[0]["start_checkpoint_matches_transcript"] is False and verdicts[0]["exact"] is True
+    # The honest run's step 0 is the seed's.
+    honest_start = T.Checkpoint.load(honest[0].file(0))
+    assert T.seeded_start(honest[0].transcript).weights_sha256() == honest_start.weights_sha256()
+
+
+def test_a_cheat_in_one_segment_is_caught_by_that_segment_only(tmp_path, digits, honest):
+    """Honest to step 40, then the last two steps skipped (the weights at 40 returned as 42's):
+    the other segments pass; the check of [40, 42) fails."""
+    run, _, _, _ = honest
+    folder = tmp_path / "partial"
+    shutil.copytree(run.folder, folder)
+    partial = json.loads(json.dumps(run.transcript))
+    shutil.copy(folder / T.entry_at(partial, 40)["file"], folder / T.entry_at(partial, 42)["file"])
+    partial["checkpoints"][-1].update({k: partial["checkpoints"][-2][k] for k in ("weights_sha256", "state_sha256")})
+    verdicts = Run(partial, folder).check_all(digits[0])
+    assert [v["match"] for v in verdicts] == [True, True, True, True, False]
+    assert verdicts[-1]["distance"] > 0
+
+
+def test_a_start_checkpoint_not_in_the_transcript_and_other_data_mismatch(tmp_path, digits, honest):
+    run, _, _, _ = honest
+    # Two segments at once replay as well.
+    verdict = V.verify_segment(run.transcript, digits[0], run.file(10), run.file(30), end_step=30, device=CPU)
+    assert verdict["match"] is True and verdict["segment"] == [10, 30]
+    # The provider's start checkpoint is not the state its transcript names.
+    point = T.Checkpoint.load(run.file(10))
+    key = next(k for k in point.tensors if k.startswith("model/") and k.endswith("weight"))
+    point.tensors[key] = point.tensors[key] + 1e-3
+    verdict = V.verify_segment(run.transcript, digits[0], point.save(tmp_path / "start.safetensors"),
+                               run.file(20), end_step=20, device=CPU)
+    assert verdict["match"] is False and verdict["start_checkpoint_matches_transcript"] is False
+    forged = json.loads(json.dumps(run.transcript))
+    forged["checkpoints"][1]["state_sha256"] = "0" * 64
+    verdict = V.verify_segment(forged, digits[0], run.file(10), run.file(20), end_step=20, device=CPU)
+    assert verdict["match"] is False and verdict["start_checkpoint_matches_transcript"] is False
+    # The customer's data is not what the transcript says was trained on.
+    x, y, _, _ = digits_split(1)
+    other = write_npz(tmp_path / "other.npz", x, y)
+    verdict = run.check(other, 0, 10)
+    assert verdict["match"] is False and verdict["data_matches_transcript"] is False
+
+
+# --- the job and the verify kind, as the worker runs them ------------------------------------
+
+def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digits):
+    data = digits[0]
+    request, ctx = make_ctx(tmp_path / "train", ic.KIND, {"https://b/data": data}, {},
+                            {"epochs": EPOCHS, "checkpoint_every": EVERY})
+    result = ic.job_kind({}).run(ctx, ic.job_kind({}).parse(request))
+    files = {a.name: a for a in result.artifacts}
+    assert files["transcript.json"].signed and not files["model.safetensors"].signed
+    checkpoints = sorted(n for n in files if n.startswith("checkpoint-"))
+    assert checkpoints == [f"checkpoint-{s:07d}.safetensors" for s in (0, 10, 20, 30, 40, 42)]
+    transcript = json.loads(files["transcript.json"].path.read_text())
+    assert transcript["format"] == T.FORMAT and transcript["seed"] == 0 and transcript["checkpoint_every"] == EVERY
+    assert transcript["versions"]["torch"] == torch.__version__ and transcript["params"]["epochs"] == EPOCHS
+    assert transcript["checkpoints_kept_days"] == 30.0 and "kept 30 days" in ic.job_kind({}).description
+    kept = {"plugins": {"image-classifier": {"checkpoint_retention_days": 7}}}
+    assert "kept 7 days" in ic.job_kind(kept).description
+    from safetensors.torch import load_file
+    final = load_file(str(files["model.safetensors"].path))
+    assert T.tensor_digest(final) == transcript["checkpoints"][-1]["weights_sha256"] \
+        == result.content["transcript"]["final_weights_sha256"]
+
+    # The verify kind, on the segment [20, 30) and on the last one.
+    kind = V.job_kind({})
+    assert kind.kind == 5753 and set(kind.params_schema["properties"]) == {"end_step", "tolerance"}
+    for start, end in ((20, 30), (40, 42)):
+        urls = {"https://b/data": data, "https://b/t": files["transcript.json"].path,
+                "https://b/s": files[f"checkpoint-{start:07d}.safetensors"].path,
+                "https://b/e": files[f"checkpoint-{end:07d}.safetensors"].path}
+        markers = {"https://b/t": "transcript", "https://b/s": "start", "https://b/e": "end"}
+        request, ctx = make_ctx(tmp_path / f"verify-{start}", V.KIND, urls, markers, {})
+        verdict = kind.run(ctx, kind.parse(request)).content
+        assert verdict["match"] is True and verdict["segment"] == [start, end] and verdict["distance"] == 0.0
+        assert verdict["transcript_signer"] is None   # a bare transcript: the worker signs it on delivery
+
+    # Another learning rate than the transcript says: the same checkpoints no longer replay.
+    lied = json.loads(files["transcript.json"].path.read_text())
+    lied["params"]["learning_rate"] *= 2
+    (tmp_path / "lied.json").write_text(json.dumps(lied))
+    urls |= {"https://b/t": tmp_path / "lied.json"}
+    request, ctx = make_ctx(tmp_path / "verify-lied", V.KIND, urls, markers, {})
+    assert kind.run(ctx, kind.parse(request)).content["match"] is False
+
+
+def test_checkpoint_every_is_checked(tmp_path, digits):
+    request, ctx = make_ctx(tmp_path, ic.KIND, {"https://b/data": digits[0]}, {},
+                            {"epochs": 10, "checkpoint_every": 1})
+    with pytest.raises(JobInputError, match="would write 212 checkpoints over 210 steps; at most 64: send 4 or more"):
+        ic.job_kind({}).run(ctx, ic.job_kind({}).parse(request))
+    request, _ = make_ctx(tmp_path, ic.KIND, {"https://b/data": digits[0]}, {}, {"checkpoint_every": -1})
+    with pytest.raises(JobInputError, match="checkpoint_every"):
+        ic.job_kind({}).parse(request)
+    request, _ = make_ctx(tmp_path, V.KIND, {"https://b/data": digits[0]}, {}, {})
+    with pytest.raises(JobInputError, match="transcript"):
+        V.job_kind({}).parse(request)
+
+
+# --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
+
+@pytest.fixture
+async def blobs(tmp_path):
+    from dvm_core.devtools.blobserver import start_blob_server
+
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(workers, mint, relay, blobs,
+                                                                             digits, tmp_path):
+    """A private kind-5750 job with checkpoint_every: the result holds transcript.json as a
+    kind-1750 event signed by the provider, and the checkpoints; two segments checked here and
+    two by a verifier DVM (kind 5753, paid), all matching; a checkpoint swapped after the fact
+    makes its segment fail, here and there."""
+    from click.testing import CliRunner
+    from dvm_core import SIGNED_FILE_KIND, open_signed_file
+    from dvm_core.customer.client import download_artifacts, upload_dataset
+    from dvm_core.protocol.nip90 import Result
+    from dvm_core.worker.plugins import plugin_manager
+    from dvm_verify.checks import check_local, check_remote, open_result, pick_segments
+    from dvm_verify.commands import MISMATCH_EXIT, verify_command
+
+    from .paying import close_customer, funded_customer
+
+    worker = await workers.start(
+        pm=plugin_manager(only=["image-classifier"]), mints=[mint.url], blob_servers=[blobs.url],
+        allow_private_urls=True, prices={"image-classifier-verify": 2},
+        plugins={"image-classifier": {"sats_per_million_sample_epochs": 1000}})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        url = await upload_dataset(digits[0], [blobs.url], customer.keys, encrypt=True)
+        request = await customer.submit(ic.KIND, [JobInput(url, "url")],
+                                        {"epochs": str(EPOCHS), "checkpoint_every": str(EVERY)},
+                                        provider=worker.keys.public_key)
+        result = None
+        async for update in customer.updates(request, timeout=300):
+            if isinstance(update, Result):
+                result = update
+                break
+            assert update.status != "error", update.message
+            if update.status == "payment-required":
+                await customer.pay_with_nutzap(request, update, customer.wallet)
+        assert result is not None and result.encrypted
+        folder = tmp_path / "result"
+        saved = {p.name for p in await download_artifacts(result, folder, allow_private=True)}
+        assert {"model.safetensors", "transcript.json", "checkpoint-0000000.safetensors",
+                "checkpoint-0000042.safetensors"} <= saved
+        event = json.loads((folder / "transcript.json").read_text())
+        assert event["kind"] == SIGNED_FILE_KIND and event["pubkey"] == worker.keys.public_key
+        assert ["e", request["id"]] in event["tags"] and ["name", "transcript.json"] in event["tags"]
+        assert open_signed_file(json.dumps(event)).job_id == request["id"]
+        forged = dict(event, content=event["content"].replace('"seed": 0', '"seed": 1'))
+        with pytest.raises(ValueError, match="not a signed file"):
+            open_signed_file(json.dumps(forged))
+
+        opened = open_result(folder, provider=worker.keys.npub)
+        assert opened.signer == worker.keys.public_key
+        picked = pick_segments(opened.transcript, 2, seed=3)
+        assert len(picked) == 2 and picked == pick_segments(opened.transcript, 2, seed=3)
+        here = check_local(opened, digits[0], picked)
+        assert here.passed and len(here.verdicts) == 2
+        async def balance() -> int:
+            return sum((await customer.wallet.balance()).values())
+
+        before = await balance()
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0], picked,
+                                   [blobs.url], max_price=5, timeout=300)
+        assert there.passed and [v["segment"] for v in there.verdicts] == [list(s) for s in picked]
+        assert all(v["transcript_signer"] == worker.keys.public_key and v["distance"] == 0.0 for v in there.verdicts)
+        assert before - await balance() == 4     # two checks at 2 sat
+
+        # `dvm verify` as typed, hiring the verifier DVM: one check, paid from another wallet.
+        payer = await funded_customer(tmp_path, mint.url, relay.url)
+        wallet_dir = payer.wallet.directory
+        await close_customer(payer)
+        import asyncio
+        run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
+            str(folder), "--data", str(digits[0]), "--checks", "1", "--seed", "2", "--provider", worker.keys.npub,
+            "--relay", relay.url, "--dvm", worker.keys.npub, "--blossom", blobs.url, "--wallet-dir", str(wallet_dir),
+            "--mint", mint.url, "--max-price", "5", "--json"])
+        assert run.exit_code == 0, run.output
+        summary = json.loads(run.output)
+        assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
+        assert summary["verdicts"][0]["segment"] == list(pick_segments(opened.transcript, 1, seed=2)[0])
+
+        # A transcript that names another learning rate than the checkpoints were trained at:
+        # the verifier DVM replays the segment and answers mismatch.
+        lied = tmp_path / "lied"
+        shutil.copytree(folder, lied)
+        claim = json.loads(event["content"])
+        claim["params"]["learning_rate"] *= 2
+        (lied / "transcript.json").write_text(json.dumps(claim))
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key,
+                                   open_result(lied, allow_unsigned=True), digits[0], [(10, 20)], [blobs.url],
+                                   max_price=5, timeout=300)
+        assert not there.passed and there.verdicts[0]["distance"] > 0
+        assert there.verdicts[0]["transcript_signer"] is None and before - await balance() == 6
+
+        # The checkpoint at 20 replaced by the one at 30: [10, 20) and [20, 30) no longer hold,
+        # which is seen before paying anyone.
+        (folder / "checkpoint-0000020.safetensors").write_bytes((folder / "checkpoint-0000030.safetensors").read_bytes())
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0],
+                                   [(10, 20)], [blobs.url], max_price=5, timeout=300)
+        assert not there.passed and "not the state its transcript names" in there.verdicts[0]["reason"]
+        assert before - await balance() == 6
+
+        # `dvm verify` as typed, here: every segment (5 checks of 5), one JSON object.
+        run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--checks", "5",
+                                                  "--seed", "1", "--provider", worker.keys.npub, "--json"])
+        assert run.exit_code == MISMATCH_EXIT, run.output
+        summary = json.loads(run.output)
+        assert [v["match"] for v in summary["verdicts"]] == [True, False, False, True, True]
+        assert summary["passed"] is False and summary["checked"] == 5 and summary["catch_probability_one_segment"] == 1.0
+        run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local",
+                                                  "--provider", "ab" * 32])
+        assert run.exit_code == 1 and "not by the provider" in run.output
+    finally:
+        await close_customer(customer)
+
+
+def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digits, honest):
+    from click.testing import CliRunner
+    from dvm_verify.checks import catch_probability, checks_needed
+    from dvm_verify.commands import verify_command
+
+    run = honest[0]
+    folder = tmp_path / "result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(run.transcript))
+    refused = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local"])
+    assert refused.exit_code == 1 and "is not signed" in refused.output
+    ok = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
+                                             "--checks", "2", "--seed", "5"])
+    assert ok.exit_code == 0, ok.output
+    assert "transcript: 5 segments, NOT signed; checking 2 (seed 5)" in ok.output
+    assert "PASSED: 2/2 segments match" in ok.output and "probability 0.40" in ok.output
+    # The odds the README gives.
+    assert catch_probability(10, 1, 1) == pytest.approx(0.1) and catch_probability(10, 10, 1) == 1.0
+    assert catch_probability(100, 10, 10) == pytest.approx(1 - math.comb(90, 10) / math.comb(100, 10))
+    assert checks_needed(100, 10, 0.95) == 25 and checks_needed(10, 1, 0.5) == 5
