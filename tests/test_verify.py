@@ -439,12 +439,20 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         assert not there.passed and "not the state its transcript names" in there.verdicts[0]["reason"]
         assert before - await balance() == 6
 
-        # `dvm verify` as typed, here: every segment (5 checks of 5), one JSON object.
-        run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--checks", "5",
-                                                  "--seed", "1", "--provider", worker.keys.npub, "--json"])
+        # `dvm verify` as typed, here: every segment (5 checks of 5), one JSON object, and the
+        # verdict published for whoever trusts this customer (`--trust`).
+        from dvm_core.state.keyfiles import write_key_file
+        write_key_file(tmp_path / "judge.nsec", customer.keys)
+        run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
+            str(folder), "--data", str(digits[0]), "--local", "--checks", "5", "--seed", "1",
+            "--provider", worker.keys.npub, "--json", "--publish-verdict", "--relay", relay.url,
+            "--key", str(tmp_path / "judge.nsec")])
         assert run.exit_code == MISMATCH_EXIT, run.output
         summary = json.loads(run.output)
         assert [v["match"] for v in summary["verdicts"]] == [True, False, False, True, True]
+        (verdict,) = await customer.verdicts([worker.keys.public_key], [customer.keys.public_key])
+        assert verdict.label == "verification-failed" and verdict.job_id == opened.job_id
+        assert verdict.event_id == summary["verdict"]["event_id"] and "3/5 replayed segments" in verdict.reason
         assert summary["passed"] is False and summary["checked"] == 5 and summary["catch_probability_one_segment"] == 1.0
         run = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local",
                                                   "--provider", "ab" * 32])

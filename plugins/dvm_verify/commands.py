@@ -43,8 +43,11 @@ MISMATCH_EXIT = 3
 @click.option("--max-price", type=click.IntRange(0), default=None, help="Most sats paid per check.")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for each check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--publish-verdict", is_flag=True,
+              help="Sign with --key and publish to --relay a verdict on the transcript's signer (NIP-32, "
+                   "kind 1985): verification-failed or verification-passed, which `--trust` reads.")
 def verify_command(result, data, checks, seed, local, provider, allow_unsigned, tolerance, relays, dvm, kind,
-                   servers, wallet_dir, mints, key_file, max_price, timeout, as_json) -> None:
+                   servers, wallet_dir, mints, key_file, max_price, timeout, as_json, publish_verdict) -> None:
     """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
     segments picked at random and say whether each lands where the provider said."""
     import secrets
@@ -56,8 +59,12 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
     configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
     if seed is None:
         seed = secrets.randbelow(2**31)
+    if publish_verdict and not (relays and key_file):
+        raise click.ClickException("--publish-verdict needs --relay and --key (the verdict is signed by you)")
     try:
         folder = open_result(Path(result), provider, allow_unsigned=allow_unsigned)
+        if publish_verdict and folder.signer is None:
+            raise VerifyError("--publish-verdict: the transcript is not signed, so there is no provider to judge")
         picked = pick_segments(folder.transcript, checks, seed)
         if not as_json:
             signer = f"signed by {folder.signer}" if folder.signer else "NOT signed"
@@ -74,8 +81,8 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
                            f"got {verdict['got_sha256'][:16]}… ({verdict['by']})")
 
         if local:
-            if relays or dvm:
-                raise click.ClickException("--local replays here: leave out --relay and --dvm")
+            if dvm:
+                raise click.ClickException("--local replays here: leave out --dvm")
             report = check_local(folder, Path(data), picked, tolerance=tolerance, on_verdict=say)
         else:
             missing = [n for n, v in (("--relay", relays), ("--dvm", dvm), ("--blossom", servers),
@@ -88,6 +95,8 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
     except VerifyError as exc:
         raise click.ClickException(str(exc)) from None
     summary = report.to_dict() | {"seed": seed}
+    if publish_verdict:
+        summary["verdict"] = asyncio.run(_publish_verdict(list(relays), key_file, folder, report, seed))
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -97,6 +106,21 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
                    f"{summary['catch_probability_one_segment']:.2f}; in a tenth of them, "
                    f"{summary['catch_probability_tenth']:.2f}.")
     sys.exit(0 if report.passed else MISMATCH_EXIT)
+
+
+async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
+    """The verdict on the transcript's signer, signed with the customer's key and published."""
+    from dvm_core.customer import Customer, read_key_file
+
+    label = "verification-passed" if report.passed else "verification-failed"
+    failed = [v for v in report.verdicts if not v["match"]]
+    reason = (f"{len(report.verdicts) - len(failed)}/{len(report.verdicts)} replayed segments of "
+              f"{report.segments} matched (seed {seed})"
+              + "".join(f"; [{v['segment'][0]}, {v['segment'][1]}) did not: {v.get('reason') or 'distance ' + str(v['distance'])}"
+                        for v in failed[:3]))
+    async with Customer(read_key_file(key_file), relays) as customer:
+        event = await customer.publish_verdict(folder.signer, label, reason, job_id=folder.job_id, kind=5750)
+    return {"label": label, "event_id": event["id"], "provider": folder.signer, "reason": reason}
 
 
 async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, mints, key_file, tolerance,
