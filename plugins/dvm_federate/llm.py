@@ -452,16 +452,7 @@ class LlmFederation(Federation):
         scores: dict[str, dict] = {}
         if adapters and s.score:
             scored = await asyncio.to_thread(self.score, adapters, weights, names, rdir)
-            scores = {u.provider: u.to_dict() for u in scored}
-            for u in scored:
-                verdict = "merged" if u.merged else "LEFT OUT"
-                self.say(f"round {round_}: provider {u.provider[:12]}… score {u.score:+.4f}, {verdict}: {u.reason}")
-            keep = [u.merged for u in scored]
-            adapters = [a for a, k in zip(adapters, keep) if k]
-            weights = [w for w, k in zip(weights, keep) if k]
-            names = [n for n, k in zip(names, keep) if k]
-            if not adapters:
-                self.say(f"round {round_}: every adapter was left out; the global model stays as it was")
+            scores, (adapters, weights, names) = self._keep_scored(round_, scored, "adapter", adapters, weights, names)
         report: dict = {}
         if adapters:
             merged = self.workdir / f"global-{round_}"

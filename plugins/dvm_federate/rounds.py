@@ -394,16 +394,7 @@ class Federation:
         scores: dict[str, dict] = {}
         if updates and s.score:
             scored = await asyncio.to_thread(self.score, updates, weights, names)
-            scores = {u.provider: u.to_dict() for u in scored}
-            for u in scored:
-                verdict = "merged" if u.merged else "LEFT OUT"
-                self.say(f"round {round_}: provider {u.provider[:12]}… score {u.score:+.4f}, {verdict}: {u.reason}")
-            keep = [u.merged for u in scored]
-            updates = [p for p, k in zip(updates, keep) if k]
-            weights = [w for w, k in zip(weights, keep) if k]
-            names = [n for n, k in zip(names, keep) if k]
-            if not updates:
-                self.say(f"round {round_}: every update was left out; the global model stays as it was")
+            scores, (updates, weights, names) = self._keep_scored(round_, scored, "update", updates, weights, names)
         if updates:
             try:
                 if s.merge_provider:
@@ -490,6 +481,17 @@ class Federation:
         files["model.safetensors"].replace(out)
         report = files.get("merge_report.json")
         return json.loads(report.read_text()) if report else {}
+
+    def _keep_scored(self, round_: int, scored: list, what: str, *columns: list) -> tuple[dict, list[list]]:
+        """Say each score, and keep of `columns` (updates, weights, names…, in the scores' order)
+        the entries merged: (provider → score, the columns kept)."""
+        for u in scored:
+            verdict = "merged" if u.merged else "LEFT OUT"
+            self.say(f"round {round_}: provider {u.provider[:12]}… score {u.score:+.4f}, {verdict}: {u.reason}")
+        kept = [[x for x, u in zip(column, scored) if u.merged] for column in columns]
+        if not any(u.merged for u in scored):
+            self.say(f"round {round_}: every {what} was left out; the global model stays as it was")
+        return {u.provider: u.to_dict() for u in scored}, kept
 
     def score(self, updates: list[Path], weights: list[float], names: list[str]) -> list:
         """Score the round's updates against the global model (`scoring.score_updates`): on
