@@ -48,6 +48,7 @@ except ImportError:  # not installed as a package yet: use the source tree
     sys.path.insert(0, str(REPO / "plugins"))
     import dvm_llm_finetune as lf
 
+from dvm_federate.tiny import NOUNS, sentences  # noqa: E402
 from dvm_llm_finetune import data as datamod  # noqa: E402
 from dvm_llm_finetune import launch as launchmod  # noqa: E402
 
@@ -59,18 +60,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
-NOUNS = ["cat", "dog", "bird", "fish", "fox", "owl", "cow", "bee"]
-VERBS = ["sees", "likes", "chases", "finds", "hears", "helps"]
-ADJS = ["red", "big", "old", "shy", "fast", "calm"]
-
-
 # --- tiny models and data -------------------------------------------------------------------
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    """A tiny grammar a 2-layer model learns within a few dozen steps."""
-    rng = random.Random(seed)
-    return [f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}."
-            for _ in range(n)]
+# The toy grammar is the one `dvm federate --task llm --local` trains on (plugins/dvm_federate/tiny.py).
 
 
 def qa_pairs(n: int, seed: int = 0) -> list[dict]:
