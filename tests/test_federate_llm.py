@@ -346,7 +346,7 @@ def test_dvm_federate_task_llm_local_runs_from_one_command(tmp_path):
               "--out", str(out), timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 providers up" in run.stdout and "round 2: 2/2 adapters merged" in run.stdout
-    assert "round  eval loss  perplexity  merged  dropped  paid(sat)  seconds" in run.stdout
+    assert "round  eval loss  perplexity  merged  dropped  paid(sat)  MB up  seconds" in run.stdout
     saved = json.loads((out / "rounds.json").read_text())
     losses = [saved["base_model"]["eval_loss"]] + [r["eval_loss"] for r in saved["rounds"]]
     assert losses[2] < losses[1] < losses[0], losses

@@ -44,6 +44,20 @@ LOCAL_LLM_RATE = 100  # sats per million tokens on the local LLM providers
               help="Held-out set to evaluate on (.npz; with --task llm: JSONL).")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
               help="--task llm: the base model folder (config.json, safetensors weights, tokenizer files).")
+@click.option("--mode", type=click.Choice(["lora", "diloco"]), default="lora", show_default=True,
+              help="--task llm: lora (fresh adapters merged exactly each round) or diloco (the whole model: "
+                   "H inner AdamW steps per provider, the pseudo-gradients averaged, an outer Nesterov step here).")
+@click.option("--inner-steps", type=click.IntRange(1, 10**6), default=20, show_default=True,
+              help="--mode diloco: H, each provider's optimizer steps per round.")
+@click.option("--outer-lr", type=click.FloatRange(0, 10, min_open=True), default=0.7, show_default=True,
+              help="--mode diloco: the outer learning rate (1 with --outer-momentum 0: plain averaging).")
+@click.option("--outer-momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+              help="--mode diloco: the outer Nesterov momentum, kept across rounds and restarts.")
+@click.option("--compression", type=click.Choice(["none", "bf16", "int8"]), default="none", show_default=True,
+              help="--mode diloco: how the providers send their pseudo-gradients (int8: about a quarter "
+                   "of the bytes).")
+@click.option("--restart", is_flag=True, help="--task llm: start over even if --out holds finished rounds "
+              "(by default a run goes on after the last round finished there).")
 @click.option("--lora-r", type=click.IntRange(1, 1024), default=8, show_default=True, help="--task llm: LoRA rank.")
 @click.option("--lora-alpha", type=float, default=16, show_default=True, help="--task llm: LoRA alpha.")
 @click.option("--max-seq-length", type=click.IntRange(8, 1 << 20), default=256, show_default=True,
@@ -92,12 +106,14 @@ LOCAL_LLM_RATE = 100  # sats per million tokens on the local LLM providers
                    "plot their held-out accuracy; the global model stays --method's. Image rounds.")
 @click.option("--baseline", is_flag=True,
               help="Also train one model here on the whole training set (rounds × epochs epochs) and plot "
-                   "it on accuracy.png as the centralised reference. Image rounds.")
+                   "it on accuracy.png as the centralised reference. With --task llm: one model on all "
+                   "the data for the same tokens, its held-out loss beside the rounds'.")
 def federate_command(task, local, relays, providers, train, test, servers, wallet_dir, mints, key_file, rounds,
                      epochs, batch_size, learning_rate, split, method, trim_ratio, krum_f, clip_norm,
                      merge_dvm, max_price, pay_on_delivery, bonus, attacks, publish_verdicts, trusted, no_score,
                      job_timeout, seed, out, allow_private, model_dir, lora_r, lora_alpha, max_seq_length,
-                     target_modules, compare, baseline) -> None:
+                     target_modules, compare, baseline, mode, inner_steps, outer_lr, outer_momentum, compression,
+                     restart) -> None:
     """Federated training across DVMs: split, train, merge, evaluate, pay, repeat."""
     from dvm_core.protocol.events import parse_public_key
     from dvm_core.cli.logs import configure_logging
@@ -109,8 +125,10 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
     compared = tuple(m.strip() for m in compare.split(",") if m.strip())
     extra = {}
     if task == "llm":
-        if compared or baseline:
-            raise click.ClickException("--compare and --baseline are for image rounds (--task image)")
+        if compared:
+            raise click.ClickException("--compare is for image rounds (--task image)")
+        if mode == "diloco" and merge_dvm:
+            raise click.ClickException("--mode diloco merges here: --merge-dvm is for LoRA rounds")
         if not local and not model_dir:
             raise click.ClickException("--task llm needs --model FOLDER (or --local N for a tiny built-in one)")
         given = [x is not None for x in (model_dir, train, test)]
@@ -119,7 +137,9 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
                                        "(a tiny model and corpus built here)")
         if method != "fedavg" and merge_dvm:
             raise click.ClickException("--task llm: a robust --method runs here, not on a --merge-dvm")
-        extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length,
+        extra = {"lora_r": lora_r, "lora_alpha": lora_alpha, "max_seq_length": max_seq_length, "mode": mode,
+                 "inner_steps": inner_steps, "outer_lr": outer_lr, "outer_momentum": outer_momentum,
+                 "compression": compression, "resume": not restart, "baseline": baseline,
                  "target_modules": tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())}
         if local and model_dir is None and learning_rate is None:
             learning_rate = 3e-3   # the tiny model starts from random weights: the LoRA default 2e-4 crawls

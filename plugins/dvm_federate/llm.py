@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -51,6 +52,9 @@ ADAPTER = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 MAX_HELDOUT_BYTES = 256 << 20
+STATE = "state.json"   # in the work folder: the last finished round (see `LlmFederation.run`)
+STATE_FORMAT = "dvm-federate-llm-state/1"
+MODES = ("lora", "diloco")
 
 
 @dataclass
@@ -67,6 +71,12 @@ class LlmSettings(FederationSettings):
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ()   # empty: the plugin's default for the architecture
     max_steps: int | None = None
+    mode: str = "lora"   # lora: fresh adapters merged exactly; diloco: full model, outer Nesterov step (diloco.py)
+    inner_steps: int = 20   # diloco: H, each provider's AdamW steps per round
+    outer_lr: float = 0.7   # diloco: the outer learning rate (1 with momentum 0: plain averaging)
+    outer_momentum: float = 0.9   # diloco: the outer Nesterov momentum
+    compression: str = "none"   # diloco: how the pseudo-gradients travel: none, bf16 or int8
+    resume: bool = True   # go on from the last finished round kept in the work folder
 
 
 @dataclass
@@ -83,6 +93,10 @@ class LlmRoundReport:
     scores: dict[str, dict] = field(default_factory=dict)
     bonus: dict[str, int] = field(default_factory=dict)
     provider_losses: dict[str, dict] = field(default_factory=dict)  # provider → its job's own losses
+    bytes_down: int = 0   # the global model sent, once per provider (each downloads the archive)
+    bytes_up: int = 0   # the updates received (adapters, weights or pseudo-gradients)
+    train_seconds: dict[str, float] = field(default_factory=dict)  # provider → its training loop's time
+    outer: dict = field(default_factory=dict)   # diloco: the outer step (lr, momentum, norms)
 
 
 # --- the exact merge ----------------------------------------------------------------------------
@@ -355,25 +369,29 @@ class LlmFederation(Federation):
         self.initial_loss: float | None = None
 
     def _load_data(self, train: Path, test: Path) -> None:
+        self.train_path = Path(train)
         self.records = read_records(train)
         self.test_path = Path(test)
         read_records(self.test_path)   # fail before any money is spent
 
-    async def prepare(self) -> None:
-        """Copy the base model as round 0's global model, split and upload the shards (once),
-        and evaluate the base model on the held-out set."""
+    async def prepare(self, resumed: bool = False) -> None:
+        """Copy the base model as round 0's global model (unless `resumed`: the global model is
+        the last finished round's), split and upload the shards, and evaluate the base model
+        on the held-out set."""
         s = self.settings
-        self.global_model = self.workdir / "global-0"
-        if self.global_model.exists():
-            shutil.rmtree(self.global_model)
-        shutil.copytree(self.base_model, self.global_model,
-                        ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
+        if not resumed:
+            self.global_model = self.workdir / "global-0"
+            if self.global_model.exists():
+                shutil.rmtree(self.global_model)
+            shutil.copytree(self.base_model, self.global_model,
+                            ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
         order = list(range(len(self.records)))
         random.Random(s.seed).shuffle(order)
         n = len(self.providers)
         if len(order) < n:
             raise ValueError(f"{len(order)} training examples cannot be split among {n} providers")
         self.shards = [sorted(order[i::n]) for i in range(n)]
+        self.shard_urls = []
         for i, idx in enumerate(self.shards):
             path = self.workdir / f"shard-{i}.jsonl"
             path.write_text("".join(self.records[j] + "\n" for j in idx))
@@ -381,6 +399,8 @@ class LlmFederation(Federation):
             self.say(f"shard {i} → {self.providers[i][:12]}…: {len(idx)} examples")
         self.heldout = await asyncio.to_thread(HeldOut, self.test_path, self.global_model, s.max_seq_length)
         self.shard_sets = [self.workdir / f"shard-{i}.jsonl" for i in range(n)]
+        if resumed:
+            return
         self.initial_loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
         self.say(f"held-out set: {self.heldout.examples} examples, {self.heldout.tokens} tokens; base model "
                  f"loss {self.initial_loss:.4f}, perplexity {perplexity(self.initial_loss):.2f}")
@@ -405,22 +425,10 @@ class LlmFederation(Federation):
         started = time.monotonic()
         rdir = self.workdir / f"round-{round_}"
         rdir.mkdir(parents=True, exist_ok=True)
-        archive = await asyncio.to_thread(zip_model, self.global_model, rdir / "model.zip")
-        model_url = await upload_dataset(archive, self.servers, self.customer.keys, encrypt=True)
-        archive.unlink()   # the same files as the global model folder
-
-        async def train(i: int, provider: str):
-            inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
-            return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
-                                   rdir / f"provider-{i}")
-
-        self._paid, self._payments = {}, {}
-        outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
-                                        return_exceptions=True)
-        paid, payments = dict(self._paid), dict(self._payments)
-        for provider, why in payments.items():
-            self.say(f"round {round_}: provider {provider[:12]}… {why}")
-        adapters, weights, names, dropped, losses = [], [], [], {}, {}
+        model_url, bytes_down = await self._upload_global(rdir)
+        outcomes, paid, payments = await self._train_all(round_, rdir, model_url)
+        adapters, weights, names, dropped, losses, seconds = [], [], [], {}, {}, {}
+        bytes_up = 0
         shapes = await asyncio.to_thread(weight_shapes, self.global_model)
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
@@ -442,6 +450,8 @@ class LlmFederation(Federation):
                 self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
                 continue
             losses[provider] = _card_losses(files.get("model_card.json"))
+            seconds[provider] = _card_seconds(files.get("model_card.json"))
+            bytes_up += files[ADAPTER].stat().st_size + files[ADAPTER_CONFIG].stat().st_size
             if i in s.attacks:   # a simulation (--local --attack): this provider cheats
                 await asyncio.to_thread(simulate_adapter_attack, files[ADAPTER].parent, s.attacks[i],
                                         adapters[0] if adapters else None)
@@ -482,12 +492,42 @@ class LlmFederation(Federation):
         result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), providers=names,
                                 dropped=dropped, paid=paid, seconds=round(time.monotonic() - started, 3),
                                 merge=report, payments=payments, scores=scores, bonus=bonus,
-                                provider_losses=losses)
+                                provider_losses=losses, bytes_down=bytes_down, bytes_up=bytes_up,
+                                train_seconds=seconds)
         self.reports.append(result)
         self.say(f"round {round_}: {len(names)}/{len(self.providers)} adapters merged, held-out loss "
                  f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
                  f"{result.seconds:.1f}s")
         return result
+
+    async def _train_all(self, round_: int, rdir: Path, model_url: str) -> tuple[list, dict, dict]:
+        """Every provider's job of this round, at once, each on its shard and the global model
+        (`Federation._job`: paid, its result downloaded into rdir/provider-i): (the outcomes, an
+        exception for each provider that failed; provider → sats paid; provider → why paid)."""
+        s = self.settings
+
+        async def train(i: int, provider: str):
+            inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
+            return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
+                                   rdir / f"provider-{i}")
+
+        self._paid, self._payments = {}, {}
+        outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
+                                        return_exceptions=True)
+        paid, payments = dict(self._paid), dict(self._payments)
+        for provider, why in payments.items():
+            self.say(f"round {round_}: provider {provider[:12]}… {why}")
+        return outcomes, paid, payments
+
+    async def _upload_global(self, rdir: Path) -> tuple[str, int]:
+        """Zip and upload (encrypted) the global model for this round's jobs: (its URL, the bytes
+        the providers download in all, the archive's size once per provider)."""
+        archive = await asyncio.to_thread(zip_model, self.global_model, rdir / "model.zip")
+        try:
+            url = await upload_dataset(archive, self.servers, self.customer.keys, encrypt=True)
+            return url, archive.stat().st_size * len(self.providers)
+        finally:
+            archive.unlink()   # the same files as the global model folder
 
     def _states_alone(self, adapters: list[Path], rdir: Path, prefix: str) -> tuple[Path, list[Path]]:
         """The global weights and each adapter's update applied alone to them, as whole-model
@@ -568,12 +608,21 @@ class LlmFederation(Federation):
         to the global weights is written as a whole state (``rdir/scored-i.safetensors``, removed
         afterwards); the FedAvg of those states is the exact merge, so leave-one-out scores the
         merge itself. It holds N + 1 copies of the model in memory: fine for small models."""
+        base_file, updates = self._states_alone(adapters, rdir, "scored")
+        try:
+            return self.score_states(base_file, updates, weights, names)
+        finally:   # whole-model copies, one per adapter: not kept
+            for path in [base_file, *updates]:
+                path.unlink(missing_ok=True)
+
+    def score_states(self, base_file: Path, updates: list[Path], weights: list[float], names: list[str]) -> list:
+        """`scoring.score_updates` on whole-model states (the global one and each update's):
+        the held-out loss with and without each, and each one's loss on its provider's shard."""
         from dvm_llm_finetune import data as datamod
         from dvm_llm_finetune import model as modelmod
 
         from .scoring import score_updates
 
-        base_file, updates = self._states_alone(adapters, rdir, "scored")
         model = modelmod.load_model(self.global_model, trust_remote_code=False)   # one, for every loss
         heldout = LossOnModel(model, self.heldout.batches)
         tokenizer = modelmod.load_tokenizer(self.global_model)
@@ -589,23 +638,162 @@ class LlmFederation(Federation):
                     examples, batch_size=16, pad_id=tokenizer.pad_token_id))
             return shard_sets[i](state)
 
+        return score_updates(base_file, updates, names, weights, heldout, shard_loss,
+                             tolerance=self.settings.score_tolerance)
+
+    # --- all rounds, resumable ------------------------------------------------------------------
+
+    async def run(self) -> list[LlmRoundReport]:
+        """The rounds not done yet: a work folder whose `STATE` file says rounds 1…k are done
+        (and holds the same data) goes on from round k + 1 (``resume``, the default), with the
+        global model, the outer optimizer's state and the reports of round k. An interrupted
+        round runs again from its start."""
+        s = self.settings
+        done = self._resume() if s.resume else 0
+        if not s.resume:
+            (self.workdir / STATE).unlink(missing_ok=True)
+        if s.trusted:
+            await self.skip_flagged()
+        await self.prepare(resumed=bool(done))
+        if done >= s.rounds:
+            self.say(f"all {s.rounds} rounds were done already (see {self.workdir / STATE}); ask for more "
+                     "with --rounds, or start over with --restart")
+        for round_ in range(done + 1, s.rounds + 1):
+            await self.run_round(round_)
+            self._save_state(round_)
+        if s.baseline:
+            self.say("training the centralised baseline here: " + self.baseline_plan())
+            self.baseline = await asyncio.to_thread(self.centralised_baseline)
+            last = self.reports[-1].eval_loss if self.reports else self.initial_loss
+            self.say(f"centralised baseline: held-out loss {self.baseline:.4f}; federated {last:.4f} "
+                     f"(ratio {last / self.baseline:.4f})")
+        self.write_reports()
+        return self.reports
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the one it resumes: the task, the mode, the data
+        and the base model (sha256 of each file)."""
+        from dvm_core.datarefs import sha256_file
+
+        return {"task": "llm", "mode": self.settings.mode, "train": sha256_file(self.train_path),
+                "test": sha256_file(self.test_path),
+                "base_model": {f.name: sha256_file(f) for f in sorted(self.base_model.glob("*.safetensors"))}}
+
+    def _resume(self) -> int:
+        """Load the state of the last finished round, if the work folder holds one: its number."""
+        path = self.workdir / STATE
+        if not path.exists():
+            return 0
         try:
-            return score_updates(base_file, updates, names, weights, heldout, shard_loss,
-                                 tolerance=self.settings.score_tolerance)
-        finally:   # whole-model copies, one per adapter: not kept
-            for path in [base_file, *updates]:
-                path.unlink(missing_ok=True)
+            state = json.loads(path.read_text())
+            fingerprint, done, folder = state["fingerprint"], int(state["round"]), state["global_model"]
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(state.get("format"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {exc}): start over with --restart") \
+                from None
+        ours = self.fingerprint()
+        differs = [k for k in ours if fingerprint.get(k) != ours[k]]
+        if differs:
+            raise ValueError(f"{self.workdir} holds another federation (its {', '.join(differs)} differ, round "
+                             f"{done} done): give another --out, or --restart to start over there")
+        model = self.workdir / folder
+        if not model.is_dir():
+            raise ValueError(f"{path} names {model}, which is gone: start over with --restart")
+        self.global_model = model
+        self.initial_loss = state["initial_loss"]
+        self.reports = [LlmRoundReport(**r) for r in state["reports"]]
+        self._load_state(state)
+        self.say(f"resuming after round {done} (from {path}): global model {model}")
+        return done
+
+    def _load_state(self, state: dict) -> None:
+        """Read what a mode keeps across rounds besides the global model (`DilocoFederation`:
+        the outer momentum)."""
+
+    def _state(self) -> dict:
+        return {}
+
+    def _save_state(self, round_: int) -> None:
+        """Written once round `round_`'s global model (and outer state) are on disk: replaced
+        atomically, so a stop at any point leaves the last finished round's state."""
+        state = {"format": STATE_FORMAT, "round": round_, "fingerprint": self.fingerprint(),
+                 "global_model": self.global_model.relative_to(self.workdir).as_posix(),
+                 "initial_loss": self.initial_loss, "reports": [asdict(r) for r in self.reports], **self._state()}
+        part = self.workdir / (STATE + ".part")
+        part.write_text(json.dumps(state, indent=1) + "\n")
+        os.replace(part, self.workdir / STATE)
+
+    def baseline_plan(self) -> str:
+        s = self.settings
+        return (f"one LoRA adapter on all {len(self.records)} examples, {s.rounds * s.epochs} epochs of batch "
+                f"{s.batch_size}, merged into the base model")
+
+    def baseline_params(self) -> dict:
+        """The plugin's params for the centralised reference: the same tokens as the rounds."""
+        s = self.settings
+        params = dict(self._params(0, self.shards[0], 0), epochs=str(s.rounds * s.epochs))
+        params.pop("seed", None)
+        return params
+
+    def centralised_baseline(self) -> float:
+        """Train one model here on the whole training set with the llm-finetune plugin's own
+        loop (``baseline_params``) and return its held-out loss: the reference the federated
+        rounds are measured against (``loss_ratio``)."""
+        from dvm_llm_finetune import data as datamod
+        from dvm_llm_finetune import model as modelmod
+        from dvm_llm_finetune.params import Limits, parse_params
+        from dvm_llm_finetune.train import TrainSpec, train
+
+        folder = self.workdir / "baseline"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        limits = Limits(max_epochs=10**6, max_steps=10**9, max_seq_length=1 << 20)
+        params = parse_params({**self.baseline_params(), "seed": str(self.settings.seed)}, limits,
+                              has_eval_input=True)
+        tokenizer = modelmod.load_tokenizer(self.base_model)
+        (folder / "train.jsonl").write_text("".join(line + "\n" for line in self.records))
+        dataset = datamod.read_jsonl(folder / "train.jsonl", what="training set", max_bytes=1 << 40,
+                                     max_examples=10**9)
+        examples = datamod.tokenize(dataset, tokenizer, params.max_seq_length, what="training set").examples
+        model_type = json.loads((self.base_model / "config.json").read_text())["model_type"]
+        spec = TrainSpec(model_folder=str(self.base_model), model_type=model_type, base_model_name="baseline",
+                         params=params.as_dict(), output_dir=str(folder / "trained"), device="cpu")
+        train(spec, examples, datamod.Examples.of([]), tokenizer)
+        trained = folder / "trained"
+        if params.method == "lora":
+            merge_adapters(self.base_model, [trained], [1.0], folder / "model")
+            trained = folder / "model"
+        return self.heldout.loss(trained)
 
     def write_reports(self) -> None:
         from dvm_core.charts import plot_lines
 
+        baseline = getattr(self, "baseline", None)
+        last = self.reports[-1].eval_loss if self.reports else self.initial_loss
         (self.workdir / "rounds.json").write_text(json.dumps(
             {"settings": asdict(self.settings), "providers": self.providers,
              "base_model": {"eval_loss": self.initial_loss, "perplexity": perplexity(self.initial_loss)},
-             "rounds": [asdict(r) for r in self.reports]}, indent=2) + "\n")
+             "rounds": [asdict(r) for r in self.reports],
+             "centralised_baseline": None if baseline is None else
+             {"eval_loss": baseline, "plan": self.baseline_plan(), "loss_ratio": last / baseline}},
+            indent=2) + "\n")
         points = [(0, self.initial_loss)] + [(r.round, r.eval_loss) for r in self.reports]
-        plot_lines(self.workdir / "loss.png", "held-out loss per round (LoRA, merged exactly)",
-                   [("global model", points)], x_label="round", y_label="loss")
+        series = [("global model", points)]
+        if baseline is not None and self.reports:
+            series.append(("centralised, same tokens", [(self.reports[-1].round, baseline)]))
+        what = "DiLoCo, outer Nesterov" if self.settings.mode == "diloco" else "LoRA, merged exactly"
+        plot_lines(self.workdir / "loss.png", f"held-out loss per round ({what})", series,
+                   x_label="round", y_label="loss")
+
+
+def _card_seconds(card: Path | None) -> float | None:
+    """A provider's training-loop seconds, from its model card (what `overhead_ratio` compares)."""
+    try:
+        return float(json.loads(card.read_text())["training"]["seconds"]) if card else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _card_losses(card: Path | None) -> dict:
@@ -620,19 +808,30 @@ def _card_losses(card: Path | None) -> dict:
 
 def round_table(federation: LlmFederation) -> list[str]:
     """The per-round table `dvm federate --task llm` prints (round 0: the base model)."""
-    lines = ["round  eval loss  perplexity  merged  dropped  paid(sat)  seconds",
+    lines = ["round  eval loss  perplexity  merged  dropped  paid(sat)  MB up  seconds",
              f"{0:5d}  {federation.initial_loss:9.4f}  {perplexity(federation.initial_loss):10.2f}  "
-             f"{'-':>6}  {'-':>7}  {'-':>9}  {'-':>7}"]
+             f"{'-':>6}  {'-':>7}  {'-':>9}  {'-':>5}  {'-':>7}"]
     for r in federation.reports:
         lines.append(f"{r.round:5d}  {r.eval_loss:9.4f}  {r.perplexity:10.2f}  {len(r.providers):6d}  "
-                     f"{len(r.dropped):7d}  {sum(r.paid.values()):9d}  {r.seconds:7.1f}")
+                     f"{len(r.dropped):7d}  {sum(r.paid.values()):9d}  {r.bytes_up / 1e6:5.2f}  {r.seconds:7.1f}")
+    baseline = getattr(federation, "baseline", None)
+    if baseline is not None and federation.reports:
+        lines.append(f"centralised, same tokens: eval loss {baseline:.4f}; federated / centralised "
+                     f"{federation.reports[-1].eval_loss / baseline:.4f}")
     return lines
 
 
 async def federate_llm(customer, wallet, providers: Sequence[str], train: Path, test: Path, model: Path,
                        servers: Sequence[str], workdir: Path, settings: LlmSettings | None = None,
                        say: Callable[[str], None] = print) -> LlmFederation:
-    """Run the LLM rounds (see the module docstring); returns the federation (its `reports`)."""
-    federation = LlmFederation(customer, wallet, providers, train, test, model, servers, workdir, settings, say)
+    """Run the LLM rounds (see the module docstring; ``settings.mode`` diloco: `diloco`);
+    returns the federation (its `reports`)."""
+    from .diloco import DilocoFederation
+
+    settings = settings or LlmSettings()
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown mode {settings.mode!r}: one of {', '.join(MODES)}")
+    cls = DilocoFederation if settings.mode == "diloco" else LlmFederation
+    federation = cls(customer, wallet, providers, train, test, model, servers, workdir, settings, say)
     await federation.run()
     return federation

@@ -202,6 +202,9 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     outcome = _train_in_child(ctx, spec, train_examples, eval_examples, params) if launched else \
         _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params)
 
+    if params.output == "delta":
+        ctx.progress(94, f"writing the pseudo-gradient ({params.compression})")
+        outcome.files = _keep_only_delta(out, base, params.compression)
     ctx.progress(95, "writing the model card")
     weights = {name: sha256_file(out / name) for name in outcome.files if name.endswith(".safetensors")}
     card_file = out / "model_card.json"
@@ -239,6 +242,24 @@ def run(ctx, job: FinetuneJob) -> JobResult:
                "job_seconds": round(time.monotonic() - started, 3), "steps": outcome.steps,
                "eval_loss": outcome.after["eval_loss"], "device": outcome.device, "method": params.method}
     return JobResult(content, metrics=metrics, artifacts=artifacts)
+
+
+def _keep_only_delta(out, base, compression: str) -> list[str]:
+    """Param output=delta: replace the fine-tuned model in `out` by its pseudo-gradient against
+    the base (`delta`); the names of the files left to return."""
+    from safetensors.torch import load_file
+
+    from .delta import FILE, write_delta
+
+    trained = {}
+    for f in sorted(out.glob("*.safetensors")):
+        trained.update(load_file(str(f)))
+    write_delta(base.folder, trained, out / (FILE + ".part"), compression, base.weights_sha256)
+    for f in out.iterdir():
+        if f.is_file() and f.name != FILE + ".part":
+            f.unlink()
+    (out / (FILE + ".part")).replace(out / FILE)
+    return [FILE]
 
 
 def _mime(name: str) -> str:

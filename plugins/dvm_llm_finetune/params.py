@@ -35,6 +35,8 @@ from dvm_core.params import choice, flag, number, params_schema, plugin_settings
 
 NAME = "llm-finetune"
 METHODS = ("lora", "full")
+OUTPUTS = ("model", "delta")
+COMPRESSIONS = ("none", "bf16", "int8")
 SCHEDULES = ("cosine", "linear", "constant")
 LAUNCHERS = ("auto", "accelerate")
 MAX_BATCH_SIZE = 1024
@@ -97,6 +99,9 @@ PARAMS = {
                  "(default 1; at most the provider's max_processes)",
     "time_limit": "stop training after this many seconds and return the model as it is "
                   "(default: the provider's max_seconds)",
+    "output": "method full: model (the fine-tuned weights, default) or delta (only the pseudo-gradient "
+              "base − fine-tuned, pseudo_gradient.safetensors: what a DiLoCo round sends back)",
+    "compression": "with output delta: none (float32), bf16 or int8 (per-row absmax scales) (default none)",
     "tokens": "not needed: the worker counts the tokens before it prices the job (an older way to "
               "say how many; a number above the provider's max_tokens is refused at once)",
 }
@@ -168,6 +173,8 @@ class FinetuneParams:
     eval_fraction: float = DEFAULTS["eval_fraction"]
     processes: int = 1
     time_limit: float = Limits.max_seconds
+    output: str = "model"
+    compression: str = "none"
 
     def as_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -226,8 +233,14 @@ def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -
         lora_given = sorted(p for p in ("lora_r", "lora_alpha", "lora_dropout") if p in params)
         if lora_given:
             raise JobInputError(f"param(s) {', '.join(lora_given)} are for method lora, not full")
+    output = choice(params, "output", OUTPUTS, "model")
+    compression = choice(params, "compression", COMPRESSIONS, "none")
+    if output == "delta" and method != "full":
+        raise JobInputError("param output delta is for method full (a LoRA adapter is already its update)")
+    if compression != "none" and output != "delta":
+        raise JobInputError("param compression is for output delta: the pseudo-gradient is what is compressed")
     return FinetuneParams(
-        method=method,
+        method=method, output=output, compression=compression,
         learning_rate=number(params, "learning_rate", float, 1e-12, 1.0, DEFAULT_LR[method]),
         lr_schedule=choice(params, "lr_schedule", SCHEDULES, DEFAULTS["lr_schedule"]),
         warmup_ratio=number(params, "warmup_ratio", float, 0.0, 0.5, DEFAULTS["warmup_ratio"]),

@@ -80,6 +80,11 @@ def usage(card: dict, files: list[str]) -> list[str]:
                   "output = model.generate(**inputs, max_new_tokens=20, do_sample=False)",
                   "print(tokenizer.decode(output[0], skip_special_tokens=True))",
                   "```", ""]
+    elif card["hyperparameters"].get("output") == "delta":
+        lines += [f"Only the pseudo-gradient Δ = base − fine-tuned (`pseudo_gradient.safetensors`, compression "
+                  f"{card['hyperparameters'].get('compression')}), as a DiLoCo round asks: the fine-tuned weights "
+                  "are the base's minus Δ. `dvm_llm_finetune.delta.read_delta` reads it back as float32 "
+                  "tensors (the format is in its docstring and in docs/protocol.md).", ""]
     else:
         lines += ["The whole fine-tuned model and its tokenizer (`pip install transformers`):", "",
                   "```python",
