@@ -22,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -125,6 +128,8 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
     compared = tuple(m.strip() for m in compare.split(",") if m.strip())
     extra = {}
     if task == "llm":
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # "Loading weights" bars at every evaluation
         if compared:
             raise click.ClickException("--compare is for image rounds (--task image)")
         if mode == "diloco" and merge_dvm:
@@ -144,6 +149,10 @@ def federate_command(task, local, relays, providers, train, test, servers, walle
         if local and model_dir is None and learning_rate is None:
             learning_rate = 3e-3   # the tiny model starts from random weights: the LoRA default 2e-4 crawls
     else:
+        llm_only = [name for name, given in (("--mode", mode != "lora"), ("--compression", compression != "none"),
+                                             ("--restart", restart)) if given]
+        if llm_only:
+            raise click.ClickException(f"{', '.join(llm_only)}: for --task llm")
         extra = {"compare": compared, "baseline": baseline}
     settings = (LlmSettings if task == "llm" else FederationSettings)(
         rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, split=split,
@@ -249,25 +258,12 @@ async def _run_remote(relays, providers, train, test, servers, wallet_dir, mints
 
 async def _run_local(count: int, train, test, settings, out_dir: Path, model=None) -> int:
     """Everything on loopback: relay, mint, blob server, `count` providers, a funded customer."""
-    from dvm_core.customer import Customer
-    from dvm_core.protocol.events import Keys
-    from dvm_core.customer import write_key_file
-    from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
-    from dvm_core.customer import EcashWallet
-
     from .llm import LlmSettings
 
     llm = isinstance(settings, LlmSettings)
     root = Path(tempfile.mkdtemp(prefix="dvm-federate-"))
-    services, workers, wallet, code = [], [], None, 1
+    code = 1
     try:
-        relay = start_relay(root / "relay")
-        services.append(relay)
-        mint = start_mint(root / "mint")
-        services.append(mint)
-        blobs = start_blob_server_process(root / "blobs")
-        services.append(blobs)
-        click.echo(f"relay {relay.url}, mint {mint.url}, blob server {blobs.url}")
         if llm and train is None:
             from . import tiny
             model = tiny.save_model_folder(root / "tiny-model", "gpt2", settings.seed)
@@ -283,10 +279,53 @@ async def _run_local(count: int, train, test, settings, out_dir: Path, model=Non
             train = write_npz(root / "digits_train.npz", x_train, y_train)
             test = write_npz(root / "digits_test.npz", x_test, y_test)
             click.echo(f"data: scikit-learn's digits, {len(y_train)} to train on, {len(y_test)} held out")
+        async with local_marketplace(count, "llm-finetune" if llm else "image-classifier", root) as market:
+            code = await _federate(market.customer, market.wallet, market.providers, Path(train), Path(test),
+                                   market.servers, settings, out_dir, model)
+            click.echo(f"customer wallet now holds {await market.wallet.total_balance()} sat")
+        return code
+    finally:
+        if code == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            click.echo(f"files kept in {root}", err=True)
+
+
+@dataclass
+class LocalMarket:
+    customer: object
+    wallet: object
+    providers: list[str]
+    servers: list[str]
+    workers: list[subprocess.Popen]
+
+
+@asynccontextmanager
+async def local_marketplace(count: int, plugin: str, root: Path, funds: int = 10_000,
+                            say: Callable[[str], None] = click.echo):
+    """A relay, a Cashu mint (FakeWallet), a blob server and `count` providers (``dvm run``
+    processes serving only `plugin`, three keys, each with its share of the cores) on loopback,
+    with files under `root`, and a customer with a wallet of `funds` sat: a `LocalMarket`.
+    Everything is stopped on the way out. `dvm federate --local` and the benchmarks use it."""
+    from dvm_core.customer import Customer, EcashWallet, write_key_file
+    from dvm_core.devtools.localnet import start_blob_server_process, start_mint, start_relay
+    from dvm_core.protocol.events import Keys
+
+    services, workers, wallet = [], [], None
+    try:
+        relay = start_relay(root / "relay")
+        services.append(relay)
+        mint = start_mint(root / "mint")
+        services.append(mint)
+        blobs = start_blob_server_process(root / "blobs")
+        services.append(blobs)
+        say(f"relay {relay.url}, mint {mint.url}, blob server {blobs.url}")
         providers = []
         # Each provider gets its share of the cores: N providers each taking torch's default
         # (all cores) ran 2N busy threads on 2 cores and trained 4 to 180 times slower.
         threads = str(max(1, (os.cpu_count() or 1) // count))
+        prices = {"llm-finetune": f"\n[plugins.llm-finetune]\nsats_per_million_tokens = {LOCAL_LLM_RATE}\n",
+                  "image-classifier": f"\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n"}
         for i in range(count):
             keys = Keys.generate()
             home = root / f"provider-{i}"
@@ -295,28 +334,22 @@ async def _run_local(count: int, train, test, settings, out_dir: Path, model=Non
             (home / "dvm.toml").write_text(
                 f'[dvm]\nname = "Local provider {i}"\nrelays = ["{relay.url}"]\nkey_file = "dvm.key"\n'
                 f'state_dir = "state"\nprogress_interval = 0.5\nlog_format = "json"\nmints = ["{mint.url}"]\n'
-                f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n'
-                + (f'\n[plugins.llm-finetune]\nsats_per_million_tokens = {LOCAL_LLM_RATE}\n' if llm else
-                   f'\n[plugins.image-classifier]\nsats_per_million_sample_epochs = {LOCAL_RATE}\n'))
+                f'blob_servers = ["{blobs.url}"]\nallow_private_urls = true\n' + prices.get(plugin, ""))
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "dvm_core.cli", "run", "--config", str(home / "dvm.toml")],
                 stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1",
-                     "DVM_PLUGINS": "llm-finetune" if llm else "image-classifier",
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "DVM_PLUGINS": plugin,
                      "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
             providers.append(keys.public_key)
         customer_keys = Keys.generate()
         wallet = EcashWallet(directory=root / "customer-wallet", accepted_mints=[mint.url],
                              p2pk_private_key=customer_keys.private_key)
-        await wallet.mint_from_lightning(10_000, mint.url)
-        click.echo(f"customer wallet funded: {await wallet.total_balance()} sat")
+        await wallet.mint_from_lightning(funds, mint.url)
+        say(f"customer wallet funded: {await wallet.total_balance()} sat")
         async with Customer(customer_keys, [relay.url]) as customer:
             await _wait_ready(customer, providers, workers, root)
-            click.echo(f"{count} providers up: " + ", ".join(p[:12] + "…" for p in providers))
-            code = await _federate(customer, wallet, providers, Path(train), Path(test), [blobs.url],
-                                   settings, out_dir, model)
-        click.echo(f"customer wallet now holds {await wallet.total_balance()} sat")
-        return code
+            say(f"{count} providers up: " + ", ".join(p[:12] + "…" for p in providers))
+            yield LocalMarket(customer, wallet, providers, [blobs.url], workers)
     finally:
         for worker in workers:
             worker.terminate()
@@ -329,10 +362,6 @@ async def _run_local(count: int, train, test, settings, out_dir: Path, model=Non
             await wallet.close()
         for service in reversed(services):
             service.stop()
-        if code == 0:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            click.echo(f"files kept in {root}", err=True)
 
 
 async def _wait_ready(customer, providers: list[str], workers, root: Path, timeout: float = 120) -> None:
