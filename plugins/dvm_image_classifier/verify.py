@@ -1,6 +1,12 @@
 """The verify job (kind 5753, ``image-classifier-verify``): replay one segment of a training
 transcript and say whether it lands where the provider said.
 
+One kind for every transcript format: an image classifier's (kind 5750) is replayed here; an
+LLM fine-tuning's (kind 5751, format ``dvm-llm-finetune-transcript/1``) is handed to
+`dvm_llm_finetune.verify`, which also takes the base model (param ``model`` and ``revision``,
+or an input marked ``model``; see there). The inputs and params below are the image
+classifier's.
+
 Inputs (``url``, told apart by the ``i`` tag's marker):
 
 - no marker (or ``dataset``): the training set the job was sent (the same file);
@@ -37,7 +43,17 @@ PARAMS = {
                  "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
                  "a replay on a CPU gives",
 }
-ROLES = ("dataset", "validation", "transcript", "start", "end")
+ROLES = ("dataset", "validation", "transcript", "start", "end", "model")
+LLM_FORMAT = "dvm-llm-finetune-transcript/1"
+
+
+def _llm():
+    """The llm-finetune plugin's verify module, or None where it is not installed."""
+    try:
+        from dvm_llm_finetune import verify
+    except ImportError:
+        return None
+    return verify
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,9 @@ class VerifyJob:
     end_step: int | None
     tolerance: float
     limits: Limits
+    model_repo: str | None = None      # an LLM transcript's base model (param model, revision)
+    model_revision: str | None = None
+    llm_limits: object = None          # the llm-finetune plugin's settings (dvm_llm_finetune.params.Limits)
 
 
 def read_params(params: dict) -> tuple[int | None, float]:
@@ -53,28 +72,45 @@ def read_params(params: dict) -> tuple[int | None, float]:
             number(params, "tolerance", float, 0.0, 1.0, 0.0))
 
 
-def parse_request(request, limits: Limits) -> VerifyJob:
+def parse_request(request, limits: Limits, llm_limits=None) -> VerifyJob:
     urls = url_inputs(request, ROLES, what="the training set and the inputs marked 'transcript' and "
-                      "'start' (optionally 'end' and 'validation')")
+                      "'start' (optionally 'end', 'validation' and, for an LLM transcript, 'model')")
     for role in ("dataset", "transcript", "start"):
         if urls[role] is None:
             raise JobInputError(f"send the {'training set' if role == 'dataset' else role} as an input of "
                                 f"type 'url'{'' if role == 'dataset' else f' marked {role!r}'}")
     end_step, tolerance = read_params(request.params)
-    return VerifyJob(urls, end_step, tolerance, limits)
+    repo = revision = None
+    if llm_limits is not None:
+        repo, revision = _llm().read_model_params(request.params, llm_limits)
+        if repo is not None and urls["model"] is not None:
+            raise JobInputError("send either param model or an input marked 'model', not both")
+    elif urls["model"] is not None:
+        raise JobInputError("an input marked 'model' is for LLM transcripts, which this provider does not check")
+    return VerifyJob(urls, end_step, tolerance, limits, repo, revision, llm_limits)
 
 
 def job_kind(config: dict | None = None) -> JobKind:
     limits = Limits.from_config(config)
+    llm = _llm()
+    llm_limits = llm.Limits.from_config(config) if llm is not None else None
+    params = dict(PARAMS) | (dict(llm.PARAMS) if llm is not None else {})
+
+    def read(p):
+        read_params(p)
+        if llm is not None:
+            llm.read_model_params(p, llm_limits)
     return JobKind(
         kind=KIND, name=NAME,
-        description=("Verifies one segment of an image-classifier training transcript (a result of kind "
-                     "5750 sent with checkpoint_every): replays its steps from the start checkpoint on the "
-                     "training set and answers match or mismatch, with the distance. Inputs: url inputs, "
-                     "the training set (no marker), 'transcript', 'start', optionally 'end' and "
-                     "'validation'."),
-        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
-        params_schema=params_schema(read_params, PARAMS))
+        description=("Verifies one segment of a training transcript (a result of kind 5750, image classifier"
+                     + (", or 5751, LLM fine-tuning" if llm is not None else "") + ", sent with "
+                     "checkpoint_every): replays its steps from the start checkpoint on the training set and "
+                     "answers match or mismatch, with the distance. Inputs: url inputs, the training set (no "
+                     "marker), 'transcript', 'start', optionally 'end' and 'validation'"
+                     + ("; for an LLM transcript the base model: param model or an input marked 'model' "
+                        "(default: the transcript's hub model)" if llm is not None else "") + "."),
+        run=run, parse=lambda request: parse_request(request, limits, llm_limits), params=params,
+        params_schema=params_schema(read, params))
 
 
 def read_transcript(data: bytes) -> tuple[dict, str | None]:
@@ -92,8 +128,8 @@ def read_transcript(data: bytes) -> tuple[dict, str | None]:
         except ValueError as exc:
             raise JobInputError(f"the transcript's signature does not hold: {exc}") from None
         signer, raw = signed.pubkey, json.loads(signed.text)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not raw.get("checkpoints"):
-        raise JobInputError(f"not an image-classifier transcript (format {FORMAT})")
+    if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, LLM_FORMAT) or not raw.get("checkpoints"):
+        raise JobInputError(f"not a training transcript (format {FORMAT} or {LLM_FORMAT})")
     return raw, signer
 
 
@@ -165,6 +201,13 @@ def run(ctx, job: VerifyJob) -> JobResult:
     started = time.monotonic()
     ctx.progress(0, "downloading the transcript and checkpoints")
     transcript, signer = read_transcript(ctx.fetch(job.urls["transcript"]).read_bytes())
+    if transcript["format"] == LLM_FORMAT:
+        if job.llm_limits is None:
+            raise JobInputError("this provider does not check LLM transcripts (no llm-finetune plugin)")
+        return _llm().run_job(ctx, job, transcript, signer, job.llm_limits, started)
+    if job.model_repo is not None or job.urls["model"] is not None:
+        raise JobInputError("param model and an input marked 'model' are for LLM transcripts; this is an "
+                            "image classifier's")
     start_path = ctx.fetch(job.urls["start"], max_bytes=job.limits.max_dataset_bytes)
     end_path = ctx.fetch(job.urls["end"], max_bytes=job.limits.max_dataset_bytes) if job.urls["end"] else None
     data_path = ctx.fetch(job.urls["dataset"])
