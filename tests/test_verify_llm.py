@@ -280,9 +280,13 @@ def test_the_verify_kind_replays_an_llm_segment(assets, honest, tmp_path):
     request, ctx = verify_ctx(tmp_path / "v3", honest, tmp_path / "lied.json", 12, 18, assets["data"], model_input)
     verdict = kind.run(ctx, kind.parse(request)).content
     assert verdict["match"] is False and verdict["distance"] > 0
-    # The model param is checked as the job checks it; an image transcript takes no model.
-    request, _ = verify_ctx(tmp_path / "v4", honest, transcript, 12, 18, assets["data"], params={"model": "a/b"})
+    # The model param is checked as the job checks it.
+    request, ctx = verify_ctx(tmp_path / "v4", honest, transcript, 12, 18, assets["data"], params={"model": "a/b"})
     with pytest.raises(JobInputError, match="not offered by this provider"):
+        kind.run(ctx, kind.parse(request))
+    request, _ = verify_ctx(tmp_path / "v5", honest, transcript, 12, 18, assets["data"], model_input,
+                            params={"model": "a/b"})
+    with pytest.raises(JobInputError, match="not both"):
         kind.parse(request)
 
 

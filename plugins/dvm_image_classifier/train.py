@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from dvm_core import JobInputError
-from dvm_core.determinism import deterministic_algorithms  # noqa: F401 - used here and by transcript
+from dvm_core.devices import deterministic_algorithms  # noqa: F401 - used here and by transcript
 from dvm_core.devices import choose_device, precision_for
 
 from .models import build_model

@@ -1,11 +1,12 @@
 """The verify job (kind 5753, ``image-classifier-verify``): replay one segment of a training
 transcript and say whether it lands where the provider said.
 
-One kind for every transcript format: an image classifier's (kind 5750) is replayed here; an
-LLM fine-tuning's (kind 5751, format ``dvm-llm-finetune-transcript/1``) is handed to
-`dvm_llm_finetune.verify`, which also takes the base model (param ``model`` and ``revision``,
-or an input marked ``model``; see there). The inputs and params below are the image
-classifier's.
+One kind for every transcript format: an image classifier's (kind 5750) is replayed here; one
+of another format goes to the function its plugin registered with
+`dvm_core.register_transcript_verifier` (the llm-finetune plugin's, kind 5751, format
+``dvm-llm-finetune-transcript/1``, takes the base model too: param ``model`` and ``revision``,
+or an input marked ``model``; see `dvm_llm_finetune.verify`). The inputs and params below are
+the image classifier's.
 
 Inputs (``url``, told apart by the ``i`` tag's marker):
 
@@ -29,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from dvm_core import JobInputError, JobKind, JobResult, open_signed_file
+from dvm_core import JobInputError, JobKind, JobResult, open_signed_file, transcript_verifier
 from dvm_core.params import number, params_schema, url_inputs
 
 from .params import Limits
@@ -43,17 +44,13 @@ PARAMS = {
                  "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
                  "a replay on a CPU gives",
 }
+MODEL_PARAMS = {
+    "model": "for a fine-tuning's transcript (kind 5751): the base model, a Hugging Face repo id this "
+             "provider offers (default: the transcript's, when it names a hub model); or send a url "
+             "input marked 'model' (the model archive the job was sent)",
+    "revision": "with model: a branch, tag or commit (default: the transcript's commit)",
+}
 ROLES = ("dataset", "validation", "transcript", "start", "end", "model")
-LLM_FORMAT = "dvm-llm-finetune-transcript/1"
-
-
-def _llm():
-    """The llm-finetune plugin's verify module, or None where it is not installed."""
-    try:
-        from dvm_llm_finetune import verify
-    except ImportError:
-        return None
-    return verify
 
 
 @dataclass(frozen=True)
@@ -62,9 +59,8 @@ class VerifyJob:
     end_step: int | None
     tolerance: float
     limits: Limits
-    model_repo: str | None = None      # an LLM transcript's base model (param model, revision)
-    model_revision: str | None = None
-    llm_limits: object = None          # the llm-finetune plugin's settings (dvm_llm_finetune.params.Limits)
+    model_repo: str | None = None      # a fine-tuning transcript's base model (param model, revision),
+    model_revision: str | None = None  # checked by the plugin that registered its format
 
 
 def read_params(params: dict) -> tuple[int | None, float]:
@@ -72,7 +68,7 @@ def read_params(params: dict) -> tuple[int | None, float]:
             number(params, "tolerance", float, 0.0, 1.0, 0.0))
 
 
-def parse_request(request, limits: Limits, llm_limits=None) -> VerifyJob:
+def parse_request(request, limits: Limits) -> VerifyJob:
     urls = url_inputs(request, ROLES, what="the training set and the inputs marked 'transcript' and "
                       "'start' (optionally 'end', 'validation' and, for an LLM transcript, 'model')")
     for role in ("dataset", "transcript", "start"):
@@ -80,37 +76,27 @@ def parse_request(request, limits: Limits, llm_limits=None) -> VerifyJob:
             raise JobInputError(f"send the {'training set' if role == 'dataset' else role} as an input of "
                                 f"type 'url'{'' if role == 'dataset' else f' marked {role!r}'}")
     end_step, tolerance = read_params(request.params)
-    repo = revision = None
-    if llm_limits is not None:
-        repo, revision = _llm().read_model_params(request.params, llm_limits)
-        if repo is not None and urls["model"] is not None:
-            raise JobInputError("send either param model or an input marked 'model', not both")
-    elif urls["model"] is not None:
-        raise JobInputError("an input marked 'model' is for LLM transcripts, which this provider does not check")
-    return VerifyJob(urls, end_step, tolerance, limits, repo, revision, llm_limits)
+    repo, revision = request.params.get("model"), request.params.get("revision")
+    if repo is not None and urls["model"] is not None:
+        raise JobInputError("send either param model or an input marked 'model', not both")
+    if revision is not None and repo is None:
+        raise JobInputError("param revision goes with param model")
+    return VerifyJob(urls, end_step, tolerance, limits, repo, revision)
 
 
 def job_kind(config: dict | None = None) -> JobKind:
     limits = Limits.from_config(config)
-    llm = _llm()
-    llm_limits = llm.Limits.from_config(config) if llm is not None else None
-    params = dict(PARAMS) | (dict(llm.PARAMS) if llm is not None else {})
-
-    def read(p):
-        read_params(p)
-        if llm is not None:
-            llm.read_model_params(p, llm_limits)
+    params = dict(PARAMS) | MODEL_PARAMS
     return JobKind(
         kind=KIND, name=NAME,
-        description=("Verifies one segment of a training transcript (a result of kind 5750, image classifier"
-                     + (", or 5751, LLM fine-tuning" if llm is not None else "") + ", sent with "
-                     "checkpoint_every): replays its steps from the start checkpoint on the training set and "
-                     "answers match or mismatch, with the distance. Inputs: url inputs, the training set (no "
-                     "marker), 'transcript', 'start', optionally 'end' and 'validation'"
-                     + ("; for an LLM transcript the base model: param model or an input marked 'model' "
-                        "(default: the transcript's hub model)" if llm is not None else "") + "."),
-        run=run, parse=lambda request: parse_request(request, limits, llm_limits), params=params,
-        params_schema=params_schema(read, params))
+        description=("Verifies one segment of a training transcript (a result sent with checkpoint_every: "
+                     "kind 5750, image classifier, or 5751, LLM fine-tuning, where the llm-finetune plugin "
+                     "runs too): replays its steps from the start checkpoint on the training set and answers "
+                     "match or mismatch, with the distance. Inputs: url inputs, the training set (no marker), "
+                     "'transcript', 'start', optionally 'end' and 'validation'; for an LLM transcript the base "
+                     "model: param model or an input marked 'model' (default: the transcript's hub model)."),
+        run=run, parse=lambda request: parse_request(request, limits), params=params,
+        params_schema=params_schema(read_params, params))
 
 
 def read_transcript(data: bytes) -> tuple[dict, str | None]:
@@ -128,8 +114,11 @@ def read_transcript(data: bytes) -> tuple[dict, str | None]:
         except ValueError as exc:
             raise JobInputError(f"the transcript's signature does not hold: {exc}") from None
         signer, raw = signed.pubkey, json.loads(signed.text)
-    if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, LLM_FORMAT) or not raw.get("checkpoints"):
-        raise JobInputError(f"not a training transcript (format {FORMAT} or {LLM_FORMAT})")
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), str) or not raw.get("checkpoints"):
+        raise JobInputError("not a training transcript (a format and checkpoints)")
+    if raw["format"] != FORMAT and transcript_verifier(raw["format"]) is None:
+        raise JobInputError(f"this provider does not check transcripts of format {raw['format'][:80]!r} "
+                            f"(it checks {FORMAT} and those of the plugins it runs)")
     return raw, signer
 
 
@@ -201,13 +190,13 @@ def run(ctx, job: VerifyJob) -> JobResult:
     started = time.monotonic()
     ctx.progress(0, "downloading the transcript and checkpoints")
     transcript, signer = read_transcript(ctx.fetch(job.urls["transcript"]).read_bytes())
-    if transcript["format"] == LLM_FORMAT:
-        if job.llm_limits is None:
-            raise JobInputError("this provider does not check LLM transcripts (no llm-finetune plugin)")
-        return _llm().run_job(ctx, job, transcript, signer, job.llm_limits, started)
+    from .transcript import FORMAT
+
+    if transcript["format"] != FORMAT:   # another plugin's (read_transcript found its verifier)
+        return transcript_verifier(transcript["format"])(ctx, job, transcript, signer, started)
     if job.model_repo is not None or job.urls["model"] is not None:
-        raise JobInputError("param model and an input marked 'model' are for LLM transcripts; this is an "
-                            "image classifier's")
+        raise JobInputError("param model and an input marked 'model' are for fine-tuning transcripts; this is "
+                            "an image classifier's")
     start_path = ctx.fetch(job.urls["start"], max_bytes=job.limits.max_dataset_bytes)
     end_path = ctx.fetch(job.urls["end"], max_bytes=job.limits.max_dataset_bytes) if job.urls["end"] else None
     data_path = ctx.fetch(job.urls["dataset"])

@@ -27,7 +27,7 @@ import dataclasses
 import shutil
 import time
 
-from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
+from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl, register_transcript_verifier
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
@@ -299,3 +299,13 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     if result.get("error") == "oom":
         raise JobError(oom_message(params))
     raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")
+
+
+def _check_transcript(ctx, job, transcript, signer, started):
+    """Kind 5753 (the image-classifier plugin's verify kind) on this plugin's transcripts."""
+    from .verify import run_job
+
+    return run_job(ctx, job, transcript, signer, started)
+
+
+register_transcript_verifier("dvm-llm-finetune-transcript/1", _check_transcript)   # transcript.FORMAT

@@ -1,7 +1,8 @@
 """Verify one segment of an LLM fine-tuning's transcript (kind 5751 sent with checkpoint_every).
 
-Kind 5753 is one job kind for every transcript format: `dvm_image_classifier.verify` registers
-it, reads the transcript and hands transcripts of format `transcript.FORMAT` to `run_job` here.
+Kind 5753 is one job kind for every transcript format: the image-classifier plugin registers
+it, reads the transcript and hands transcripts of format `transcript.FORMAT` to `run_job` here
+(this plugin registers it with `dvm_core.register_transcript_verifier` when it is imported).
 Besides the inputs every check takes (the training set, no marker; ``transcript``; ``start``;
 optionally ``end``) an LLM check needs the base model: param ``model`` (a hub repo id the
 provider offers, with ``revision``), or a ``url`` input marked ``model`` (the archive the job
@@ -23,17 +24,8 @@ from dvm_core import JobInputError, JobResult
 
 from .params import REPO_ID, REVISION, Limits
 
-PARAMS = {
-    "model": "for an LLM fine-tuning's transcript: the base model, a Hugging Face repo id this provider "
-             "offers (default: the transcript's, when it names a hub model); or send a url input marked "
-             "'model' (the model archive the job was sent)",
-    "revision": "with model: a branch, tag or commit (default: the transcript's commit)",
-}
-
-
-def read_model_params(params: dict, limits: Limits) -> tuple[str | None, str | None]:
+def read_model_params(repo: str | None, revision: str | None, limits: Limits) -> tuple[str | None, str | None]:
     """Param model and revision, checked as the job checks them."""
-    repo, revision = params.get("model"), params.get("revision")
     if repo is not None:
         repo = repo.strip()
         if not REPO_ID.match(repo):
@@ -115,21 +107,24 @@ def resolve_base(ctx, job, transcript: dict, limits: Limits):
     model the transcript names."""
     from . import resolve_model
 
-    repo, revision, archive = job.model_repo, job.model_revision, job.urls.get("model")
+    repo, revision = read_model_params(job.model_repo, job.model_revision, limits)
+    archive = job.urls.get("model")
     if repo is None and archive is None:
         source = transcript["base_model"].get("source") or {}
         if "hub" not in source:
             raise JobInputError("the transcript's base model was sent as an archive: send it again as a url "
                                 "input marked 'model'")
-        repo, revision = read_model_params({"model": str(source["hub"]), "revision": str(source.get("revision"))},
-                                           limits)
+        repo, revision = read_model_params(str(source["hub"]), str(source.get("revision")), limits)
     wanted = types.SimpleNamespace(model_repo=repo, model_revision=revision, model_archive=archive, limits=limits)
     return resolve_model(ctx, wanted)
 
 
-def run_job(ctx, job, transcript: dict, signer: str | None, limits: Limits, started: float) -> JobResult:
-    """Kind 5753 for an LLM transcript: the base model, the data, the checkpoints; replay."""
+def run_job(ctx, job, transcript: dict, signer: str | None, started: float) -> JobResult:
+    """Kind 5753 for an LLM transcript: the base model, the data, the checkpoints; replay. The
+    limits are this provider's ``[plugins.llm-finetune]``."""
     from dvm_core.devices import choose_device
+
+    limits = Limits.from_config(getattr(ctx, "config", None))
 
     ctx.progress(2, "preparing the base model")
     base = resolve_base(ctx, job, transcript, limits)
