@@ -361,7 +361,7 @@ def train(spec: TrainSpec, train_examples, eval_examples, tokenizer, *, transcri
     deterministic algorithms and with its checkpoints."""
     if transcript is None:
         return _train(spec, train_examples, eval_examples, tokenizer, **kwargs)
-    from dvm_core.determinism import deterministic_algorithms
+    from dvm_core.devices import deterministic_algorithms
 
     with deterministic_algorithms():
         return _train(spec, train_examples, eval_examples, tokenizer, transcript=transcript, **kwargs)
