@@ -220,3 +220,25 @@ class JobContext:
             self.check_cancelled()
             await asyncio.sleep(min(0.05, end - time.monotonic()))
         self.check_cancelled()
+
+
+# --- training transcripts: one verify kind, many formats ---------------------------------------
+#
+# The verify kind (5753, registered by the image-classifier plugin) replays a segment of a
+# training transcript. A plugin whose jobs write transcripts of another format registers, when
+# it is imported, the function that checks them: ``run(ctx, job, transcript, signer, started)``
+# returning the `JobResult`, where `job` is the verify kind's parsed request (``urls`` by input
+# marker, ``end_step``, ``tolerance``, ``model_repo``, ``model_revision``). Plugins never import
+# each other: they meet here.
+
+_transcript_verifiers: dict[str, Callable] = {}
+
+
+def register_transcript_verifier(format: str, run: Callable) -> None:
+    """Say that `run` checks segments of transcripts whose ``format`` is `format`."""
+    _transcript_verifiers[format] = run
+
+
+def transcript_verifier(format: str) -> Callable | None:
+    """The function registered for `format`, or None where no loaded plugin checks it."""
+    return _transcript_verifiers.get(format)

@@ -297,7 +297,7 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
 
     # The verify kind, on the segment [20, 30) and on the last one.
     kind = V.job_kind({})
-    assert kind.kind == 5753 and set(kind.params_schema["properties"]) == {"end_step", "tolerance"}
+    assert kind.kind == 5753 and set(kind.params_schema["properties"]) == {"end_step", "tolerance", "model", "revision"}
     for start, end in ((20, 30), (40, 42)):
         urls = {"https://b/data": data, "https://b/t": files["transcript.json"].path,
                 "https://b/s": files[f"checkpoint-{start:07d}.safetensors"].path,

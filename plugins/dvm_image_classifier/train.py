@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from dvm_core import JobInputError
+from dvm_core.devices import deterministic_algorithms  # noqa: F401 - used here and by transcript
 from dvm_core.devices import choose_device, precision_for
 
 from .models import build_model
@@ -57,13 +56,10 @@ BN_CALIBRATION_IMAGES = 4096   # ...over this many training images at most
 AUGMENT_MIN_SIDE = 16     # crops and flips only make sense on images at least this large
 
 _init_lock = threading.Lock()
-_determinism_lock = threading.Lock()
 # Accelerate's state objects are per-process singletons, set up without locking: two jobs
 # building an Accelerator at once (two devices, or two workers in one process) raced, and one
 # failed with "'GradientState' object has no attribute 'plugin_kwargs'".
 _accelerate_lock = threading.Lock()
-_determinism_users = 0
-_determinism_before: tuple[bool, bool] | None = None
 
 
 @dataclass
@@ -137,35 +133,6 @@ def load_initial_weights(model: nn.Module, tensors: dict[str, torch.Tensor], spe
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise JobInputError(f"the initial weights hold NaN or infinite values ({key})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()}, strict=True)
-
-
-@contextmanager
-def deterministic_algorithms():
-    """Deterministic algorithms on while at least one job trains; the process's previous
-    settings come back after the last one (the switches are process-wide)."""
-    global _determinism_users, _determinism_before
-    with _determinism_lock:
-        if _determinism_users == 0:
-            _determinism_before = (torch.are_deterministic_algorithms_enabled(),
-                                   torch.is_deterministic_algorithms_warn_only_enabled(),
-                                   torch.utils.deterministic.fill_uninitialized_memory)
-            # cuBLAS is deterministic only with a fixed workspace; this takes effect if cuBLAS is
-            # not initialised yet in this process (else the warn_only warning says so).
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            # In deterministic mode PyTorch also fills every new tensor with NaN, a debugging
-            # aid that cost 10% of a CPU step here; results are the same without it.
-            torch.utils.deterministic.fill_uninitialized_memory = False
-        _determinism_users += 1
-    try:
-        yield
-    finally:
-        with _determinism_lock:
-            _determinism_users -= 1
-            if _determinism_users == 0 and _determinism_before is not None:
-                enabled, warn_only, fill = _determinism_before
-                torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-                torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 class ShuffledBatches(Sampler):

@@ -1,6 +1,13 @@
 """The verify job (kind 5753, ``image-classifier-verify``): replay one segment of a training
 transcript and say whether it lands where the provider said.
 
+One kind for every transcript format: an image classifier's (kind 5750) is replayed here; one
+of another format goes to the function its plugin registered with
+`dvm_core.register_transcript_verifier` (the llm-finetune plugin's, kind 5751, format
+``dvm-llm-finetune-transcript/1``, takes the base model too: param ``model`` and ``revision``,
+or an input marked ``model``; see `dvm_llm_finetune.verify`). The inputs and params below are
+the image classifier's.
+
 Inputs (``url``, told apart by the ``i`` tag's marker):
 
 - no marker (or ``dataset``): the training set the job was sent (the same file);
@@ -23,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from dvm_core import JobInputError, JobKind, JobResult, open_signed_file
+from dvm_core import JobInputError, JobKind, JobResult, open_signed_file, transcript_verifier
 from dvm_core.params import number, params_schema, url_inputs
 
 from .params import Limits
@@ -37,7 +44,13 @@ PARAMS = {
                  "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
                  "a replay on a CPU gives",
 }
-ROLES = ("dataset", "validation", "transcript", "start", "end")
+MODEL_PARAMS = {
+    "model": "for a fine-tuning's transcript (kind 5751): the base model, a Hugging Face repo id this "
+             "provider offers (default: the transcript's, when it names a hub model); or send a url "
+             "input marked 'model' (the model archive the job was sent)",
+    "revision": "with model: a branch, tag or commit (default: the transcript's commit)",
+}
+ROLES = ("dataset", "validation", "transcript", "start", "end", "model")
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class VerifyJob:
     end_step: int | None
     tolerance: float
     limits: Limits
+    model_repo: str | None = None      # a fine-tuning transcript's base model (param model, revision),
+    model_revision: str | None = None  # checked by the plugin that registered its format
 
 
 def read_params(params: dict) -> tuple[int | None, float]:
@@ -55,26 +70,33 @@ def read_params(params: dict) -> tuple[int | None, float]:
 
 def parse_request(request, limits: Limits) -> VerifyJob:
     urls = url_inputs(request, ROLES, what="the training set and the inputs marked 'transcript' and "
-                      "'start' (optionally 'end' and 'validation')")
+                      "'start' (optionally 'end', 'validation' and, for an LLM transcript, 'model')")
     for role in ("dataset", "transcript", "start"):
         if urls[role] is None:
             raise JobInputError(f"send the {'training set' if role == 'dataset' else role} as an input of "
                                 f"type 'url'{'' if role == 'dataset' else f' marked {role!r}'}")
     end_step, tolerance = read_params(request.params)
-    return VerifyJob(urls, end_step, tolerance, limits)
+    repo, revision = request.params.get("model"), request.params.get("revision")
+    if repo is not None and urls["model"] is not None:
+        raise JobInputError("send either param model or an input marked 'model', not both")
+    if revision is not None and repo is None:
+        raise JobInputError("param revision goes with param model")
+    return VerifyJob(urls, end_step, tolerance, limits, repo, revision)
 
 
 def job_kind(config: dict | None = None) -> JobKind:
     limits = Limits.from_config(config)
+    params = dict(PARAMS) | MODEL_PARAMS
     return JobKind(
         kind=KIND, name=NAME,
-        description=("Verifies one segment of an image-classifier training transcript (a result of kind "
-                     "5750 sent with checkpoint_every): replays its steps from the start checkpoint on the "
-                     "training set and answers match or mismatch, with the distance. Inputs: url inputs, "
-                     "the training set (no marker), 'transcript', 'start', optionally 'end' and "
-                     "'validation'."),
-        run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
-        params_schema=params_schema(read_params, PARAMS))
+        description=("Verifies one segment of a training transcript (a result sent with checkpoint_every: "
+                     "kind 5750, image classifier, or 5751, LLM fine-tuning, where the llm-finetune plugin "
+                     "runs too): replays its steps from the start checkpoint on the training set and answers "
+                     "match or mismatch, with the distance. Inputs: url inputs, the training set (no marker), "
+                     "'transcript', 'start', optionally 'end' and 'validation'; for an LLM transcript the base "
+                     "model: param model or an input marked 'model' (default: the transcript's hub model)."),
+        run=run, parse=lambda request: parse_request(request, limits), params=params,
+        params_schema=params_schema(read_params, params))
 
 
 def read_transcript(data: bytes) -> tuple[dict, str | None]:
@@ -92,8 +114,11 @@ def read_transcript(data: bytes) -> tuple[dict, str | None]:
         except ValueError as exc:
             raise JobInputError(f"the transcript's signature does not hold: {exc}") from None
         signer, raw = signed.pubkey, json.loads(signed.text)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not raw.get("checkpoints"):
-        raise JobInputError(f"not an image-classifier transcript (format {FORMAT})")
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), str) or not raw.get("checkpoints"):
+        raise JobInputError("not a training transcript (a format and checkpoints)")
+    if raw["format"] != FORMAT and transcript_verifier(raw["format"]) is None:
+        raise JobInputError(f"this provider does not check transcripts of format {raw['format'][:80]!r} "
+                            f"(it checks {FORMAT} and those of the plugins it runs)")
     return raw, signer
 
 
@@ -165,6 +190,13 @@ def run(ctx, job: VerifyJob) -> JobResult:
     started = time.monotonic()
     ctx.progress(0, "downloading the transcript and checkpoints")
     transcript, signer = read_transcript(ctx.fetch(job.urls["transcript"]).read_bytes())
+    from .transcript import FORMAT
+
+    if transcript["format"] != FORMAT:   # another plugin's (read_transcript found its verifier)
+        return transcript_verifier(transcript["format"])(ctx, job, transcript, signer, started)
+    if job.model_repo is not None or job.urls["model"] is not None:
+        raise JobInputError("param model and an input marked 'model' are for fine-tuning transcripts; this is "
+                            "an image classifier's")
     start_path = ctx.fetch(job.urls["start"], max_bytes=job.limits.max_dataset_bytes)
     end_path = ctx.fetch(job.urls["end"], max_bytes=job.limits.max_dataset_bytes) if job.urls["end"] else None
     data_path = ctx.fetch(job.urls["dataset"])

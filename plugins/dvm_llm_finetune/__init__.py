@@ -27,7 +27,7 @@ import dataclasses
 import shutil
 import time
 
-from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
+from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl, register_transcript_verifier
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
@@ -143,6 +143,7 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     from . import data as datamod
     from . import model as modelmod
     from . import outputs, readme
+    from . import transcript
     from .train import TrainSpec
 
     started = time.monotonic()
@@ -199,8 +200,9 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     ctx.progress(4, f"fine-tuning ({params.method}) a {base.model_type} model of {base.parameters:,} parameters "
                     f"on {len(train_examples)} examples ({train_tok.tokens:,} tokens)")
     launched = params.processes > 1 or limits.launcher == "accelerate"
+    recorder = transcript.recorder_for(ctx, params)   # checkpoint_every: in this process only (params)
     outcome = _train_in_child(ctx, spec, train_examples, eval_examples, params) if launched else \
-        _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params)
+        _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params, recorder)
 
     if params.output == "delta":
         ctx.progress(94, f"writing the pseudo-gradient ({params.compression})")
@@ -241,6 +243,11 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     metrics = {"tokens_per_s": round(outcome.tokens_per_s, 1), "train_seconds": round(outcome.train_seconds, 3),
                "job_seconds": round(time.monotonic() - started, 3), "steps": outcome.steps,
                "eval_loss": outcome.after["eval_loss"], "device": outcome.device, "method": params.method}
+    if recorder is not None:
+        signed, content["transcript"] = transcript.write(
+            out, recorder, params=params, base=base, datasets=datasets, train_examples=train_examples,
+            outcome=outcome, retention_days=limits.checkpoint_retention_days)
+        artifacts += signed
     return JobResult(content, metrics=metrics, artifacts=artifacts)
 
 
@@ -266,14 +273,14 @@ def _mime(name: str) -> str:
     return "application/json" if name.endswith(".json") else "application/octet-stream"
 
 
-def _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params):
+def _train_here(ctx, spec, train_examples, eval_examples, tokenizer, params, recorder=None):
     """In this process. Out of memory: the training frames are gone by the time memory is freed
     (the except block keeps no reference), and the worker goes on with a clear error."""
     from .train import free_memory, is_oom, oom_message, train
 
     try:
         return train(spec, train_examples, eval_examples, tokenizer, check_cancelled=ctx.check_cancelled,
-                     report=lambda f, m, fields: ctx.progress(5 + 88 * f, m))
+                     report=lambda f, m, fields: ctx.progress(5 + 88 * f, m), transcript=recorder)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled here
         if not is_oom(exc):
             raise
@@ -313,3 +320,13 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     if result.get("error") == "oom":
         raise JobError(oom_message(params))
     raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")
+
+
+def _check_transcript(ctx, job, transcript, signer, started):
+    """Kind 5753 (the image-classifier plugin's verify kind) on this plugin's transcripts."""
+    from .verify import run_job
+
+    return run_job(ctx, job, transcript, signer, started)
+
+
+register_transcript_verifier("dvm-llm-finetune-transcript/1", _check_transcript)   # transcript.FORMAT

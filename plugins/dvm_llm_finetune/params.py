@@ -83,6 +83,11 @@ PARAMS = {
     "batch_size": "sequences per step, per process (default 8)",
     "gradient_accumulation_steps": "batches per optimizer step (default 1)",
     "seed": "random seed: same seed, data and machine give the same weights (default 0)",
+    "checkpoint_every": "k > 0: a training transcript, signed by the provider, with a checkpoint every k "
+                        "steps and at the end (returned as files: transcript.json and "
+                        "checkpoint-<step>.safetensors: the trained weights, the optimizer's and the "
+                        "schedule's state), which a verify job (kind 5753) can replay; one process "
+                        "only; 0: none (default 0)",
     "packing": "yes: fill rows of max_seq_length tokens with whole examples, batch_size rows a step "
                "(fewer, fuller steps); no: batch_size examples a step (default no). Either way examples "
                "sharing a row never see each other",
@@ -139,6 +144,7 @@ class Limits:
     launcher: str = "auto"
     trust_remote_code: bool = False
     sats_per_million_tokens: float = 100.0
+    checkpoint_retention_days: float = 30.0   # how long a transcript's checkpoints are kept (announced)
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":
@@ -164,6 +170,7 @@ class FinetuneParams:
     batch_size: int = DEFAULTS["batch_size"]
     gradient_accumulation_steps: int = DEFAULTS["gradient_accumulation_steps"]
     seed: int = DEFAULTS["seed"]
+    checkpoint_every: int = 0        # steps between the transcript's checkpoints; 0: no transcript
     packing: bool = False
     gradient_checkpointing: bool = False
     lora_r: int = DEFAULTS["lora_r"]
@@ -213,6 +220,17 @@ class FinetuneJob:
 
 
 
+def _checkpoint_every(params: dict, limits: Limits) -> int:
+    every = number(params, "checkpoint_every", int, 0, 2**31, 0)
+    processes = number(params, "processes", int, 1, limits.max_processes, 1)
+    if every and (processes > 1 or limits.launcher == "accelerate"):
+        raise JobInputError("param checkpoint_every (a training transcript) needs training in one process, "
+                            + ("send processes=1" if processes > 1 else
+                               "and this provider trains in a child process (launcher accelerate)")
+                            + ", or checkpoint_every=0")
+    return every
+
+
 def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -> FinetuneParams:
     """Validate the request's params against the provider's limits and fill in the defaults."""
     method = choice(params, "method", METHODS, DEFAULTS["method"])
@@ -254,6 +272,7 @@ def parse_params(params: dict[str, str], limits: Limits, has_eval_input: bool) -
         gradient_accumulation_steps=number(params, "gradient_accumulation_steps", int, 1, 1024,
                                             DEFAULTS["gradient_accumulation_steps"]),
         seed=number(params, "seed", int, 0, 2**63 - 1, DEFAULTS["seed"]),
+        checkpoint_every=_checkpoint_every(params, limits),
         packing=flag(params, "packing", DEFAULTS["packing"]),
         gradient_checkpointing=flag(params, "gradient_checkpointing", DEFAULTS["gradient_checkpointing"]),
         lora_r=number(params, "lora_r", int, 1, 1024, DEFAULTS["lora_r"]),

@@ -21,8 +21,12 @@ after and writes the weights: everything a job needs that touches the model.
   fp16 GPUs and CPUs keep an fp32 base (fp16 weights of a bf16-trained model may overflow; bf16
   matmuls on most CPUs are slower than fp32).
 - Reproducibility: weights and LoRA initialisation from ``torch.manual_seed(seed)`` under a
-  lock, dropout from the same seed, batches from ``random.Random(seed)``. Same seed, data and
-  thread count → the same weights.
+  lock, each step's dropout from ``torch.manual_seed(step_seed(seed, step))`` (derived, so a
+  replay that starts at any step draws what training drew), batches from
+  ``random.Random(seed)``. Same seed, data and thread count → the same weights. With a
+  training transcript (`transcript.Recorder`) deterministic algorithms are on and a checkpoint
+  is written every k steps; `transcript.replay` re-executes a segment with the functions here
+  (`prepare_model`, `plan`, `epoch_groups`, `make_optimizer`, `optimizer_step`).
 """
 
 from __future__ import annotations
@@ -256,10 +260,117 @@ def _losses(model, train_eval, eval_batches, device, check_cancelled) -> dict:
     return out
 
 
-def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples: list[datamod.Example],
-          tokenizer, *, check_cancelled: Callable[[], None] = lambda: None,
-          report: Callable[[float, str, dict], None] = lambda fraction, message, fields: None,
-          launched: bool = False, model=None) -> Outcome:
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the global RNG (dropout) for optimizer step `step` (0-based)."""
+    return ((seed + 1) * 0x9E3779B97F4A7C15 + step) % 2**63
+
+
+def prepare_model(spec: TrainSpec, params: FinetuneParams, tokenizer, precision: str, model=None):
+    """The model as training starts: loaded after ``torch.manual_seed(seed)``, checked against
+    the tokenizer, LoRA added (its initialisation drawn from that seed). (model, LoRA targets,
+    the base's dtype)."""
+    with _init_lock:  # the global RNG is shared with other jobs' threads
+        torch.manual_seed(params.seed)
+        if model is None:
+            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code,
+                                        dtype=base_dtype(params.method, precision))
+        loaded_dtype = next(model.parameters()).dtype
+        modelmod.check_tokenizer_fits(tokenizer, model)
+        targets = None
+        if params.method == "lora":
+            targets = modelmod.lora_targets(model, spec.model_type, params.target_modules)
+        if params.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if params.method == "lora":
+            model = modelmod.add_lora(model, targets, params)
+    model.config.use_cache = False
+    return model, targets, loaded_dtype
+
+
+@dataclass
+class Plan:
+    """How the steps are laid out: the first epoch's batches, drawn from ``random.Random(seed)``
+    (`rng`, which draws the later epochs' in turn), and the figures derived from them."""
+
+    rng: random.Random
+    first_epoch: datamod.Batches
+    per_rank: int
+    steps_per_epoch: int
+    planned: int
+    warmup: int
+    mean_step_tokens: float
+
+
+def plan(train_examples, params: FinetuneParams, pad_id: int, world: int = 1) -> Plan:
+    rng = random.Random(params.seed)
+    first_epoch = datamod.epoch_batches(train_examples, batch_size=params.batch_size, packing=params.packing,
+                                        length=params.max_seq_length, pad_id=pad_id, rng=rng)
+    per_rank = max(1, len(first_epoch) // world)
+    steps_per_epoch = max(1, math.ceil(per_rank / params.gradient_accumulation_steps))
+    planned = steps_per_epoch * params.epochs
+    if params.max_steps is not None:
+        planned = min(planned, params.max_steps)
+    warmup = math.ceil(params.warmup_ratio * planned)
+    mean_step_tokens = max(1.0, first_epoch.loss_tokens() / world / steps_per_epoch)
+    return Plan(rng, first_epoch, per_rank, steps_per_epoch, planned, warmup, mean_step_tokens)
+
+
+def epoch_groups(p: Plan, epoch: int, train_examples, params: FinetuneParams, pad_id: int, world: int = 1,
+                 rank: int = 0):
+    """Epoch `epoch`'s batches of this process (call for epochs 0, 1, … in turn: each draws from
+    the plan's generator)."""
+    batches = p.first_epoch if epoch == 0 else datamod.epoch_batches(
+        train_examples, batch_size=params.batch_size, packing=params.packing, length=params.max_seq_length,
+        pad_id=pad_id, rng=p.rng)
+    if len(batches) < world:
+        batches = batches * world
+    return batches[rank::world][:p.per_rank]
+
+
+def make_optimizer(trainable: list, params: FinetuneParams, p: Plan):
+    decay = [t for t in trainable if t.ndim > 1]
+    no_decay = [t for t in trainable if t.ndim <= 1]
+    groups = [g for g in ({"params": decay, "weight_decay": params.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.lr_schedule, p.warmup, p.planned))
+    return optimizer, scheduler
+
+
+def optimizer_step(accelerator, model, group, device, isolate: bool, denominator: float, trainable: list,
+                   params: FinetuneParams, optimizer, scheduler, step: int,
+                   on_batch: Callable = lambda loss_sum, batch: None) -> None:
+    """Optimizer step `step` (0-based) over the micro-batches of `group`."""
+    torch.manual_seed(step_seed(params.seed, step))   # this step's dropout draws
+    for i, batch in enumerate(group):
+        last = i == len(group) - 1
+        sync = accelerator.no_sync(model) if not last else _nullcontext()
+        with sync, accelerator.autocast():
+            loss_sum = token_loss_sum(model, batch, device, isolate)
+            accelerator.backward(loss_sum / denominator)
+        on_batch(loss_sum, batch)
+    if params.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    model.zero_grad(set_to_none=True)
+
+
+def train(spec: TrainSpec, train_examples, eval_examples, tokenizer, *, transcript=None, **kwargs) -> Outcome:
+    """`_train`; with `transcript` (a `transcript.Recorder`, one process only), under
+    deterministic algorithms and with its checkpoints."""
+    if transcript is None:
+        return _train(spec, train_examples, eval_examples, tokenizer, **kwargs)
+    from dvm_core.devices import deterministic_algorithms
+
+    with deterministic_algorithms():
+        return _train(spec, train_examples, eval_examples, tokenizer, transcript=transcript, **kwargs)
+
+
+def _train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples: list[datamod.Example],
+           tokenizer, *, check_cancelled: Callable[[], None] = lambda: None,
+           report: Callable[[float, str, dict], None] = lambda fraction, message, fields: None,
+           launched: bool = False, model=None, transcript=None) -> Outcome:
     """Fine-tune the model in `spec.model_folder` and write the result into `spec.output_dir`.
 
     :param report: called every few steps with the fraction done (0-1), a message and fields
@@ -279,21 +390,7 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
     say = report if main else (lambda fraction, message, fields: None)
     precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
 
-    with _init_lock:  # the global RNG is shared with other jobs' threads
-        torch.manual_seed(params.seed)
-        if model is None:
-            model = modelmod.load_model(Path(spec.model_folder), trust_remote_code=spec.trust_remote_code,
-                                        dtype=base_dtype(params.method, precision))
-        loaded_dtype = next(model.parameters()).dtype
-        modelmod.check_tokenizer_fits(tokenizer, model)
-        targets = None
-        if params.method == "lora":
-            targets = modelmod.lora_targets(model, spec.model_type, params.target_modules)
-        if params.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if params.method == "lora":
-            model = modelmod.add_lora(model, targets, params)
-    model.config.use_cache = False
+    model, targets, loaded_dtype = prepare_model(spec, params, tokenizer, precision, model)
     model.to(device)
     with accelerator.autocast():   # on the bare model, before DDP wraps it
         isolate = positions_isolate(model, device)
@@ -303,24 +400,11 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
 
     pad_id = tokenizer.pad_token_id
     train_examples, eval_examples = datamod.Examples.of(train_examples), datamod.Examples.of(eval_examples)
-    rng = random.Random(params.seed)
-    length = params.max_seq_length
-    first_epoch = datamod.epoch_batches(train_examples, batch_size=params.batch_size, packing=params.packing,
-                                        length=length, pad_id=pad_id, rng=rng)
-    per_rank = max(1, len(first_epoch) // world)
-    steps_per_epoch = max(1, math.ceil(per_rank / params.gradient_accumulation_steps))
-    planned = steps_per_epoch * params.epochs
-    if params.max_steps is not None:
-        planned = min(planned, params.max_steps)
-    warmup = math.ceil(params.warmup_ratio * planned)
-    mean_step_tokens = max(1.0, first_epoch.loss_tokens() / world / steps_per_epoch)
-
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    groups = [g for g in ({"params": decay, "weight_decay": params.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.lr_schedule, warmup, planned))
+    layout = plan(train_examples, params, pad_id, world)
+    per_rank, planned, mean_step_tokens = layout.per_rank, layout.planned, layout.mean_step_tokens
+    if transcript is not None:
+        transcript.start(layout)   # refuses a checkpoint_every that would write too many
+    optimizer, scheduler = make_optimizer(trainable, params, layout)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     train_eval = datamod.eval_batches(train_examples[:EVAL_TRAIN_MAX_EXAMPLES], batch_size=EVAL_BATCH, pad_id=pad_id)
@@ -331,8 +415,6 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
 
     history: list[dict] = []
     log_every = max(1, min(10, planned // CURVE_POINTS or 1))
-    seed_dropout = params.seed + 1
-    torch.manual_seed(seed_dropout)  # dropout draws (process-wide RNG; reproducible per thread count)
     step = 0
     tokens_seen = 0
     loss_tokens_seen = 0
@@ -368,43 +450,33 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
         window_real = 0
         window_start = now
         last_read = (at, time.monotonic())
+    def on_batch(loss_sum, batch) -> None:
+        nonlocal window_loss, window_tokens, window_real, tokens_seen, loss_tokens_seen
+        window_loss += loss_sum.detach()   # on the device: no sync
+        window_tokens += batch.loss_tokens
+        window_real += batch.tokens
+        tokens_seen += batch.tokens
+        loss_tokens_seen += batch.loss_tokens
+
     batches_done = 0
     model.train()
     epoch = 0
     while epoch < params.epochs and step < planned and stopped is None:
-        batches = first_epoch if epoch == 0 else datamod.epoch_batches(
-            train_examples, batch_size=params.batch_size, packing=params.packing, length=length,
-            pad_id=pad_id, rng=rng)
-        if len(batches) < world:
-            batches = batches * world
-        mine = batches[rank::world][:per_rank]
+        mine = epoch_groups(layout, epoch, train_examples, params, pad_id, world, rank)
         epoch_start = time.perf_counter()
         for first in range(0, len(mine), params.gradient_accumulation_steps):
             check_cancelled()
             if time.monotonic() >= stop_at:
                 stopped = "time_limit"
                 break
+            if transcript is not None and step % transcript.every == 0:
+                transcript.checkpoint(step, accelerator.unwrap_model(model), optimizer, scheduler)
             group = mine[first:first + params.gradient_accumulation_steps]
             # Divided by the epoch's mean, not this step's count: batches of long examples then
             # weigh more than batches of short ones, as in random batches, and every token of
             # the epoch weighs the same whatever batch length grouping put it in.
-            denominator = mean_step_tokens
-            for i, batch in enumerate(group):
-                last = i == len(group) - 1
-                sync = accelerator.no_sync(model) if not last else _nullcontext()
-                with sync, accelerator.autocast():
-                    loss_sum = token_loss_sum(model, batch, device, isolate)
-                    accelerator.backward(loss_sum / denominator)
-                window_loss += loss_sum.detach()   # on the device: no sync
-                window_tokens += batch.loss_tokens
-                window_real += batch.tokens
-                tokens_seen += batch.tokens
-                loss_tokens_seen += batch.loss_tokens
-            if params.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, model, group, device, isolate, mean_step_tokens, trainable, params,
+                           optimizer, scheduler, step, on_batch)
             step += 1
             batches_done += len(group)
             if step % log_every == 0 or step == planned:
@@ -423,6 +495,9 @@ def train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples:
         epoch += 1
     epochs_completed = batches_done / max(1, per_rank)
 
+    if transcript is not None:
+        transcript.checkpoint(step, accelerator.unwrap_model(model), optimizer, scheduler, final=True,
+                              stopped=stopped)
     say(1.0, "evaluating the fine-tuned model", {})
     with accelerator.autocast():
         after = _losses(model, train_eval, eval_set, device, check_cancelled)

@@ -112,11 +112,33 @@ class Report:
                     self.segments, max(1, self.segments // 10), checked), 4)}
 
 
+LLM_FORMAT = "dvm-llm-finetune-transcript/1"
+
+
+def is_llm(transcript: dict) -> bool:
+    """An LLM fine-tuning's transcript (kind 5751), else an image classifier's (kind 5750)."""
+    return transcript.get("format") == LLM_FORMAT
+
+
+def job_kind_of(transcript: dict) -> int:
+    return 5751 if is_llm(transcript) else 5750
+
+
+def _checkpoint_class(transcript: dict):
+    if is_llm(transcript):
+        from dvm_llm_finetune.transcript import Checkpoint
+    else:
+        from dvm_image_classifier.transcript import Checkpoint
+    return Checkpoint
+
+
 def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
     """A mismatch found before any replay: the provider's checkpoint file for step `a` or `b` is
     not the state its transcript names there (or not a checkpoint at all)."""
     from dvm_core import JobInputError
-    from dvm_image_classifier.transcript import Checkpoint, entry_at
+    from dvm_image_classifier.transcript import entry_at
+
+    Checkpoint = _checkpoint_class(result.transcript)
 
     for step in (a, b):
         expected = entry_at(result.transcript, step)
@@ -134,9 +156,24 @@ def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
 
 
 def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]], *, tolerance: float = 0.0,
-                on_verdict=lambda verdict: None) -> Report:
-    """Replay each picked segment on this machine."""
-    from dvm_image_classifier.verify import verify_segment
+                model: Path | None = None, on_verdict=lambda verdict: None) -> Report:
+    """Replay each picked segment on this machine. An LLM transcript also needs its base model:
+    `model` (a model folder, or the archive the job was sent), else this machine's hub cache."""
+    if is_llm(result.transcript):
+        import functools
+
+        from dvm_core import JobInputError
+        from dvm_llm_finetune.verify import local_base, verify_segment
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()   # "Loading weights" bars on every replay: the report is the output
+        try:
+            folder = local_base(result.transcript, model)
+        except JobInputError as exc:
+            raise VerifyError(f"the base model: {exc}") from None
+        verify_segment = functools.partial(verify_segment, model_folder=folder)
+    else:
+        from dvm_image_classifier.verify import verify_segment
 
     report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
     for a, b in picked:
@@ -151,9 +188,11 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
 async def check_remote(customer, wallet, verifier: str, result: ResultFolder, data: Path,
                        picked: list[tuple[int, int]], servers: list[str], *, kind: int = 5753,
                        tolerance: float = 0.0, max_price: int | None = None, timeout: float = 600,
-                       on_verdict=lambda verdict: None) -> Report:
+                       model: Path | None = None, on_verdict=lambda verdict: None) -> Report:
     """Hire the verifier DVM `verifier` for each picked segment: the data, the signed transcript
-    and the two checkpoints uploaded encrypted, one paid kind-5753 job each."""
+    and the two checkpoints uploaded encrypted, one paid kind-5753 job each. For an LLM
+    transcript, `model` (the archive the job was sent) is uploaded too, marked 'model'; without
+    it the verifier takes the hub model the transcript names."""
     from dvm_core.customer import PaymentDeclined, upload_dataset
     from dvm_core.protocol.nip90 import JobInput, Result
 
@@ -162,6 +201,13 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
 
     data_url = await url(Path(data))
     transcript_url = await url(result.folder / "transcript.json")
+    extra = []
+    if model is not None:
+        if not is_llm(result.transcript):
+            raise VerifyError("a base model is for LLM transcripts; this is an image classifier's")
+        if Path(model).is_dir():
+            raise VerifyError(f"{model} is a folder: give the archive (zip/tar) the job was sent")
+        extra.append(JobInput(await url(Path(model)), "url", marker="model"))
     report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
     for a, b in picked:
         verdict = _unreplayable(result, a, b)
@@ -172,7 +218,7 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
             continue
         inputs = [JobInput(data_url, "url"), JobInput(transcript_url, "url", marker="transcript"),
                   JobInput(await url(result.checkpoint(a)), "url", marker="start"),
-                  JobInput(await url(result.checkpoint(b)), "url", marker="end")]
+                  JobInput(await url(result.checkpoint(b)), "url", marker="end"), *extra]
         params = {"end_step": str(b)} | ({"tolerance": repr(tolerance)} if tolerance else {})
         request = await customer.submit(kind, inputs, params, provider=verifier)
         verdict = None

@@ -3,6 +3,7 @@
     dvm verify dvm-result --data digits_train.npz --local                  # replay here
     dvm verify dvm-result --data digits_train.npz --relay wss://… --dvm npub1… \\
         --blossom https://… --wallet-dir wallet --mint https://…           # hire a verifier DVM
+    dvm verify llm-result --data train.jsonl --model model.zip --local     # an LLM fine-tuning's
 
 Exit status: 0 every check matched, 3 a check did not (the provider cheated in that segment, or
 the replay is not bit-identical on this machine: see ``--tolerance``), 1 the result could not be
@@ -29,6 +30,9 @@ MISMATCH_EXIT = 3
               help="Segments to check, drawn at random without replacement.")
 @click.option("--seed", type=int, default=None, help="Seed of the draw (default: a random one, printed).")
 @click.option("--local", is_flag=True, help="Replay the segments on this machine.")
+@click.option("--model", type=click.Path(exists=True),
+              help="An LLM job's base model: the archive the job was sent (or, replaying here, its folder); "
+                   "a hub model named by the transcript is taken from the hub cache (here) or by the verifier.")
 @click.option("--provider", help="The npub (or hex) that must have signed the transcript.")
 @click.option("--allow-unsigned", is_flag=True, help="Check a transcript that is not signed (a test's).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -46,13 +50,15 @@ MISMATCH_EXIT = 3
 @click.option("--publish-verdict", is_flag=True,
               help="Sign with --key and publish to --relay a verdict on the transcript's signer (NIP-32, "
                    "kind 1985): verification-failed or verification-passed, which `--trust` reads.")
-def verify_command(result, data, checks, seed, local, provider, allow_unsigned, tolerance, relays, dvm, kind,
+def verify_command(result, data, checks, seed, local, model, provider, allow_unsigned, tolerance, relays, dvm, kind,
                    servers, wallet_dir, mints, key_file, max_price, timeout, as_json, publish_verdict) -> None:
     """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
     segments picked at random and say whether each lands where the provider said."""
     import secrets
 
     from dvm_core.cli.logs import configure_logging
+
+    from dvm_core import JobInputError
 
     from .checks import VerifyError, check_local, open_result, pick_segments
 
@@ -83,7 +89,8 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
         if local:
             if dvm:
                 raise click.ClickException("--local replays here: leave out --dvm")
-            report = check_local(folder, Path(data), picked, tolerance=tolerance, on_verdict=say)
+            report = check_local(folder, Path(data), picked, tolerance=tolerance,
+                                 model=Path(model) if model else None, on_verdict=say)
         else:
             missing = [n for n, v in (("--relay", relays), ("--dvm", dvm), ("--blossom", servers),
                                       ("--wallet-dir", wallet_dir)) if not v]
@@ -91,8 +98,8 @@ def verify_command(result, data, checks, seed, local, provider, allow_unsigned, 
                 raise click.ClickException(f"missing {', '.join(missing)} (or use --local)")
             report = asyncio.run(_remote(list(relays), dvm, kind, folder, Path(data), picked, list(servers),
                                          Path(wallet_dir), list(mints), key_file, tolerance, max_price, timeout,
-                                         say))
-    except VerifyError as exc:
+                                         say, Path(model) if model else None))
+    except (VerifyError, JobInputError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = report.to_dict() | {"seed": seed}
     if publish_verdict:
@@ -112,6 +119,8 @@ async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
     """The verdict on the transcript's signer, signed with the customer's key and published."""
     from dvm_core.customer import Customer, read_key_file
 
+    from .checks import job_kind_of
+
     label = "verification-passed" if report.passed else "verification-failed"
     failed = [v for v in report.verdicts if not v["match"]]
     reason = (f"{len(report.verdicts) - len(failed)}/{len(report.verdicts)} replayed segments of "
@@ -119,12 +128,13 @@ async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
               + "".join(f"; [{v['segment'][0]}, {v['segment'][1]}) did not: {v.get('reason') or 'distance ' + str(v['distance'])}"
                         for v in failed[:3]))
     async with Customer(read_key_file(key_file), relays) as customer:
-        event = await customer.publish_verdict(folder.signer, label, reason, job_id=folder.job_id, kind=5750)
+        event = await customer.publish_verdict(folder.signer, label, reason, job_id=folder.job_id,
+                                               kind=job_kind_of(folder.transcript))
     return {"label": label, "event_id": event["id"], "provider": folder.signer, "reason": reason}
 
 
 async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, mints, key_file, tolerance,
-                  max_price, timeout, say):
+                  max_price, timeout, say, model=None):
     from dvm_core.customer import Customer, EcashWallet, load_or_create_p2pk_key, read_key_file
     from dvm_core.protocol.events import Keys, parse_public_key
 
@@ -140,6 +150,7 @@ async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, 
     try:
         async with Customer(keys, relays) as customer:
             return await check_remote(customer, wallet, verifier, folder, data, picked, servers, kind=kind,
-                                      tolerance=tolerance, max_price=max_price, timeout=timeout, on_verdict=say)
+                                      tolerance=tolerance, max_price=max_price, timeout=timeout, model=model,
+                                      on_verdict=say)
     finally:
         await wallet.close()

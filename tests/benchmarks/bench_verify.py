@@ -2,6 +2,7 @@
 spot-check costs the verifier, against the job's own training time.
 
     PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_verify.py [--rounds 3] [--epochs 10] [--segments 10]
+    PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_verify.py --task llm [--method lora|full]
 
 Prints one JSON object on stdout; progress goes to stderr. Not a pytest module. Needs
 scikit-learn (the digits data).
@@ -26,6 +27,16 @@ epochs of batches of 64 (23 steps an epoch), with ``checkpoint_every`` chosen so
   whole `train` call, with the transcript). The median over every segment of every round (the
   last segment of a run is as long as the others here).
 - `all_matched`: every segment of every round replayed bit for bit (an honest run passes).
+
+``--task llm``: the same keys for LLM fine-tuning (`dvm_llm_finetune.train.train`, what a
+kind-5751 job runs) of the tiny offline GPT-2 of `dvm_federate.tiny` (2 layers, width 64, GPT-2
+and LoRA dropout on) on ``--examples`` sentences of its toy grammar (5% held out), batches of 8
+of at most 32 tokens, ``--epochs`` epochs (default 2), LoRA (``--method``), with
+``checkpoint_every`` chosen for ``--segments`` segments. A spot check is
+`dvm_llm_finetune.verify.verify_segment`: check the base model folder's sha256, load its
+tokenizer, read and tokenize the JSONL, check the examples' sha256, build the model (LoRA from
+the seed), replay, compare. The tiny model makes the fixed costs (loading, tokenizing) weigh far
+more against a job than they would for a real model.
 """
 
 from __future__ import annotations
@@ -69,13 +80,20 @@ def run(x, y, spec, params, mean, std, folder: Path | None):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("image", "llm"), default="image")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None, help="default 10 (image), 2 (llm)")
     parser.add_argument("--segments", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (image), 8 (llm)")
+    parser.add_argument("--examples", type=int, default=800, help="llm: training sentences")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora", help="llm")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.task == "llm":
+        return main_llm(args)
+    args.epochs = args.epochs or 10
+    args.batch_size = args.batch_size or 64
 
     x_np, y_np, _, _ = digits_split(0)
     x, y = to_tensors(x_np[..., None], y_np)
@@ -139,6 +157,98 @@ def main() -> int:
         "transcript_seconds": round(statistics.median(written), 4),
         "steps": steps, "segments": len(T.segments(transcript)), "checkpoint_every": every,
         "checkpoint_bytes": checkpoint_bytes, "images": n, "epochs": args.epochs, "batch_size": args.batch_size,
+        "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
+        "machine": platform.machine(), "loadavg": loadavg(),
+    }))
+    return 0
+
+
+def main_llm(args) -> int:
+    import dataclasses
+
+    from dvm_federate import tiny
+    from dvm_llm_finetune import data as datamod
+    from dvm_llm_finetune import model as modelmod
+    from dvm_llm_finetune import transcript as LT
+    from dvm_llm_finetune.params import Limits, parse_params
+    from dvm_llm_finetune.train import TrainSpec, plan
+    from dvm_llm_finetune.train import train as llm_train
+    from dvm_llm_finetune.verify import verify_segment as llm_verify
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    epochs, batch = args.epochs or 2, args.batch_size or 8
+    root = Path(tempfile.mkdtemp(prefix="bench-verify-llm-"))
+    model_folder = tiny.save_model_folder(root / "gpt2")
+    data = tiny.write_corpus(root / "train.jsonl", args.examples)
+    base = modelmod.check_folder(model_folder, source={"archive_sha256": "-"}, limits=Limits())
+    tokenizer = modelmod.load_tokenizer(model_folder)
+    params = parse_params({"method": args.method, "epochs": str(epochs), "batch_size": str(batch),
+                           "max_seq_length": "32", "learning_rate": "0.01" if args.method == "lora" else "0.001"},
+                          Limits(), has_eval_input=False)
+    dataset = datamod.read_jsonl(data, what="training set", max_bytes=1 << 30, max_examples=10**6)
+    examples = datamod.tokenize(dataset, tokenizer, params.max_seq_length, what="training set").examples
+    train_ex, eval_ex = datamod.split_eval(examples, params.eval_fraction, params.seed)
+    steps = plan(train_ex, params, tokenizer.pad_token_id).planned
+    every = -(-steps // args.segments)
+    params = dataclasses.replace(params, checkpoint_every=every)
+    datasets = {"train": {"sha256": dataset.sha256, "format": dataset.format},
+                "eval": {"source": "held out from the training set", "fraction": params.eval_fraction}}
+
+    def run_llm(folder: Path | None):
+        out = root / "out"
+        spec = TrainSpec(model_folder=str(model_folder), model_type=base.model_type, base_model_name="tiny",
+                         params=params.as_dict(), output_dir=str(out))
+        recorder = LT.Recorder(every, folder) if folder is not None else None
+        started = time.perf_counter()
+        outcome = llm_train(spec, train_ex, eval_ex, tokenizer, transcript=recorder)
+        return time.perf_counter() - started, recorder, outcome, out
+
+    eprint(f"{len(train_ex)} examples, {steps} steps, a checkpoint every {every}: warm-up")
+    run_llm(None)
+    run_llm(root / "warm-up")
+    without, with_, paired, written, checks, matched = [], [], [], [], [], []
+    checkpoint_bytes = 0
+    for r in range(args.rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        times = {}
+        for recording in order:
+            folder = root / f"round-{r}" if recording else None
+            seconds, recorder, outcome, out = run_llm(folder)
+            times[recording] = seconds
+            if recording:
+                started = time.perf_counter()
+                LT.write(out, recorder, params=params, base=base, datasets=datasets, train_examples=train_ex,
+                         outcome=outcome, retention_days=30.0)
+                written.append(recorder.seconds + time.perf_counter() - started)
+                checkpoint_bytes = sum(f.stat().st_size for f in recorder.files)
+                transcript, recorded_in = json.loads((out / "transcript.json").read_text()), folder
+        without.append(times[False])
+        with_.append(times[True])
+        paired.append(times[True] / times[False] - 1)
+        eprint(f"round {r + 1}: training {times[False]:.2f}s without a transcript, {times[True]:.2f}s with "
+               f"({written[-1]:.3f}s writing it)")
+        for a, b in LT.segments(transcript):
+            started = time.perf_counter()
+            verdict = llm_verify(transcript, data, recorded_in / LT.entry_at(transcript, a)["file"],
+                                 recorded_in / LT.entry_at(transcript, b)["file"], model_folder=model_folder,
+                                 end_step=b, device=CPU)
+            checks.append(time.perf_counter() - started)
+            matched.append(verdict["match"])
+        eprint(f"  spot checks: median {statistics.median(checks[-len(LT.segments(transcript)):]):.3f}s a segment")
+
+    train_s, job_s, check_s = statistics.median(without), statistics.median(with_), statistics.median(checks)
+    print(json.dumps({
+        "task": "llm", "method": args.method,
+        "spot_check_over_job": round(check_s / job_s, 4),
+        "transcript_overhead": round(statistics.median(written) / train_s, 4),
+        "transcript_overhead_paired": round(statistics.median(paired), 4),
+        "all_matched": all(matched), "checks": len(matched),
+        "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
+        "train_seconds_without_transcript": round(train_s, 3),
+        "transcript_seconds": round(statistics.median(written), 4),
+        "steps": steps, "segments": len(LT.segments(transcript)), "checkpoint_every": every,
+        "checkpoint_bytes": checkpoint_bytes, "examples": len(train_ex), "epochs": epochs, "batch_size": batch,
         "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
         "machine": platform.machine(), "loadavg": loadavg(),
     }))

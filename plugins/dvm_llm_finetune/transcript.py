@@ -1,0 +1,413 @@
+"""An LLM fine-tuning's training transcript, and the replay of one of its segments (issue 17).
+
+The image classifier's design (`dvm_image_classifier.transcript`), for kind 5751: with param
+``checkpoint_every`` = k, training (`train.train`, one process) writes a checkpoint every k
+optimizer steps and at the end, as a safetensors file (never a pickle: a verifier loads
+checkpoints it did not write) holding what a resumption needs:
+
+- ``model/<name>``: the *trainable* parameters only, by their names in the training model (for
+  LoRA the adapter's ``…lora_A.default.weight``, for ``method=full`` every weight); the frozen
+  base is the base model's, which the verifier loads itself and checks by its sha256;
+- ``optim/<i>/<name>``: AdamW's moments and step count per parameter; the metadata: its param
+  groups and the learning-rate schedule's state.
+
+No RNG state is stored: the order of the examples is drawn from ``random.Random(seed)`` epoch by
+epoch (`train.plan`, `train.epoch_groups`), and step s's dropout from
+``torch.manual_seed(train.step_seed(seed, s))``, so a replay derives both. The transcript lists
+the sha256 of the trainable weights (`weights_sha256`) and of the whole state (`state_sha256`)
+at each checkpoint; the worker signs it as a Nostr event (`dvm_core.jobs.Artifact.signed`).
+A checkpoint at step s is the state in which step s + 1 starts; the last one is the returned
+adapter or model (`result_weights` names the returned file's tensors' digest).
+
+`replay` re-executes steps [a, b) from the checkpoint at a with the functions `train.train`
+uses. On a CPU with the same thread count an honest segment replays bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dvm_core import JobInputError
+
+FORMAT = "dvm-llm-finetune-transcript/1"
+CHECKPOINT_FORMAT = "dvm-llm-finetune-checkpoint/1"
+MAX_CHECKPOINTS = 64       # checkpoints one job may write (each is an artifact)
+ORDER = ("epoch e's batches: the e-th draw of data.epoch_batches from random.Random(seed) (epoch 0 "
+         "drawn first), over the training examples in file order after the held-out split; "
+         "gradient_accumulation_steps batches an optimizer step")
+DROPOUT = "optimizer step s (0-based) draws its dropout after torch.manual_seed(train.step_seed(seed, s))"
+
+
+# The digests, the distance and the verdict are defined as the image classifier's
+# (dvm_image_classifier.transcript; plugins do not import each other): one protocol.
+
+def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    """sha256 of named tensors (sorted by name: name, dtype, shape and raw bytes each) and of
+    `meta` as canonical JSON: the same values give the same digest on any machine."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if meta is not None:
+        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def segments(transcript: dict) -> list[tuple[int, int]]:
+    """The segments [a, b) between consecutive checkpoints."""
+    steps = [c["step"] for c in transcript["checkpoints"]]
+    return list(zip(steps, steps[1:]))
+
+
+def entry_at(transcript: dict, step: int) -> dict:
+    for entry in transcript["checkpoints"]:
+        if entry["step"] == step:
+            return entry
+    raise JobInputError(f"the transcript has no checkpoint at step {step}")
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        return math.inf
+    diff = norm = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            x, y = a[k].double(), b[k].double()
+            diff += float((x - y).square().sum())
+            norm += float(y.square().sum())
+    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
+
+
+def compare(transcript: dict, got: Checkpoint, claimed: Checkpoint | None, tolerance: float = 0.0) -> dict:
+    """The verdict on a replayed segment: the state reached against the transcript's record
+    (and against the provider's end checkpoint, for the distance)."""
+    expected = entry_at(transcript, got.step)
+    got_sha, got_state = got.weights_sha256(), got.state_sha256()
+    dist = 0.0 if got_sha == expected["weights_sha256"] else math.inf
+    if claimed is not None:
+        dist = distance(got.weights, claimed.weights)
+    exact = got_sha == expected["weights_sha256"] and got_state == expected["state_sha256"]
+    claimed_ok = claimed is None or claimed.weights_sha256() == expected["weights_sha256"]
+    match = claimed_ok and (exact or (tolerance > 0 and dist <= tolerance))
+    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None, "exact": exact,
+            "expected_sha256": expected["weights_sha256"], "got_sha256": got_sha,
+            "expected_state_sha256": expected["state_sha256"], "got_state_sha256": got_state,
+            "end_checkpoint_matches_transcript": claimed_ok}
+
+
+def examples_digest(examples) -> str:
+    """sha256 of the tokenized examples trained on (token ids, which tokens are targets, where
+    each example starts), in order."""
+    from . import data as datamod
+
+    examples = datamod.Examples.of(examples)
+    h = hashlib.sha256()
+    for name in ("ids", "trained", "starts"):
+        array = getattr(examples, name)
+        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+class Checkpoint:
+    """One resumable state: flat tensors (``model/…``, ``optim/<i>/…``) and JSON metadata."""
+
+    def __init__(self, step: int, tensors: dict[str, torch.Tensor], meta: dict):
+        self.step, self.tensors, self.meta = step, tensors, meta
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k[len("model/"):]: v for k, v in self.tensors.items() if k.startswith("model/")}
+
+    def weights_sha256(self) -> str:
+        return tensor_digest(self.weights)
+
+    def state_sha256(self) -> str:
+        return tensor_digest(self.tensors, self.meta)
+
+    @classmethod
+    def capture(cls, step: int, model, optimizer, scheduler) -> "Checkpoint":
+        """The state now. On a CPU the tensors are the live ones, not copies: save or hash the
+        checkpoint before training goes on."""
+        tensors = {f"model/{k}": v.detach().to("cpu") for k, v in trainable_parameters(model).items()}
+        opt = optimizer.state_dict()
+        for index, state in opt["state"].items():
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                tensors[f"optim/{index}/{name}"] = value.detach().to("cpu")
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        return cls(step, tensors, {"format": CHECKPOINT_FORMAT, "step": step, "param_groups": groups,
+                                   "scheduler": sched})
+
+    def save(self, path: Path) -> Path:
+        import json
+
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path),
+                  metadata={"dvm": json.dumps(self.meta, sort_keys=True)})
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Checkpoint":
+        """Read a checkpoint file, or raise JobInputError: it is someone else's file."""
+        import json
+
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["dvm"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise JobInputError(f"not a checkpoint of an LLM fine-tuning ({str(exc)[:200]})") from None
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT \
+                or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+            raise JobInputError(f"not a checkpoint of an LLM fine-tuning (format {CHECKPOINT_FORMAT}, a step)")
+        return cls(meta["step"], tensors, meta)
+
+    def restore(self, model, optimizer, scheduler) -> None:
+        """Put this state into objects freshly built from the transcript's params. Only what
+        training accumulates comes from the file (the trainable weights, the optimizer's
+        moments); the hyperparameters (learning rate, schedule, weight decay) come from the
+        objects, i.e. the transcript: a checkpoint cannot smuggle another learning rate in."""
+        own = trainable_parameters(model)
+        weights = self.weights
+        if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+            missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+            raise JobInputError("the checkpoint's weights do not fit this model's trainable parameters "
+                                f"(missing {missing[:3]}, unexpected {extra[:3]}, or other shapes)")
+        try:
+            with torch.no_grad():
+                for name, p in own.items():
+                    p.copy_(weights[name].to(p.dtype))
+            state: dict[int, dict] = {}
+            for key, value in self.tensors.items():
+                if key.startswith("optim/"):
+                    _, index, name = key.split("/", 2)
+                    state.setdefault(int(index), {})[name] = value
+            groups = optimizer.state_dict()["param_groups"]
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+            inner = getattr(scheduler, "scheduler", scheduler)   # Accelerate's wrapper, or the scheduler
+            inner.last_epoch, inner._step_count = self.step, self.step + 1
+            # What LambdaLR.get_lr computes at this step, the same arithmetic.
+            inner._last_lr = [base * fn(self.step) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+            for group, lr in zip(optimizer.param_groups, inner._last_lr):
+                group["lr"] = lr
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise JobInputError(f"the checkpoint does not fit this model or optimizer ({str(exc)[:200]})") from None
+
+
+class Recorder:
+    """Called by `train.train`: `start` once the steps are planned, `checkpoint` every `every`
+    steps (before step s + 1, s a multiple of `every`) and at the end, each saved in
+    `directory` and listed with its digests."""
+
+    def __init__(self, every: int, directory: Path):
+        self.every = every
+        self.directory = directory
+        self.entries: list[dict] = []
+        self.files: list[Path] = []
+        self.layout = None
+        self.seconds = 0.0        # spent writing checkpoints (the transcript's cost)
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self, layout) -> None:
+        """Refuse a checkpoint_every that would write more than `MAX_CHECKPOINTS` files."""
+        wanted = layout.planned // self.every + 2
+        if wanted > MAX_CHECKPOINTS:
+            least = math.ceil(layout.planned / (MAX_CHECKPOINTS - 2))
+            raise JobInputError(f"param checkpoint_every {self.every} would write {wanted} checkpoints over "
+                                f"{layout.planned} steps; at most {MAX_CHECKPOINTS}: send {least} or more")
+        self.layout = layout
+
+    def checkpoint(self, step: int, model, optimizer, scheduler, *, final: bool = False,
+                   stopped: str | None = None) -> None:
+        started = time.perf_counter()
+        point = Checkpoint.capture(step, model, optimizer, scheduler)
+        path = point.save(self.directory / f"checkpoint-{step:07d}.safetensors")
+        if self.entries and self.entries[-1]["step"] == step:   # the end fell on a k-th step
+            self.entries.pop()
+            self.files.pop()
+        entry = {"step": step, "weights_sha256": point.weights_sha256(), "state_sha256": point.state_sha256(),
+                 "file": path.name}
+        if final:
+            entry["final"] = True
+            entry["stopped"] = stopped
+        self.entries.append(entry)
+        self.files.append(path)
+        self.seconds += time.perf_counter() - started
+
+
+def versions() -> dict:
+    """The code the result depends on: these numbers must match for a bit-identical replay."""
+    import accelerate
+    import numpy
+    import peft
+    import tokenizers
+    import transformers
+
+    from . import __version__
+
+    return {"dvm_llm_finetune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "tokenizers": tokenizers.__version__, "accelerate": accelerate.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "machine": platform.machine()}
+
+
+def build(*, recorder: Recorder, params, base, datasets: dict, train_examples, outcome, result_weights: dict,
+          retention_days: float) -> dict:
+    """The transcript's JSON (what the worker signs)."""
+    layout = recorder.layout
+    return {
+        "format": FORMAT,
+        "versions": versions(),
+        "device": outcome.device, "threads": outcome.threads, "mixed_precision": outcome.mixed_precision,
+        "deterministic": True,
+        "tolerance": 0.0 if outcome.device == "cpu" else None,
+        "seed": params.seed,
+        "params": params.as_dict(),
+        "base_model": {"source": base.source, "model_type": base.model_type, "parameters": base.parameters,
+                       "weights_sha256": base.weights_sha256, "base_dtype": outcome.extra.get("base_dtype")},
+        "target_modules": outcome.target_modules,
+        "trainable_parameters": outcome.trainable_parameters,
+        "data": {"sha256": datasets["train"]["sha256"], "format": datasets["train"]["format"],
+                 "train_examples_sha256": examples_digest(train_examples), "train_examples": len(train_examples),
+                 "eval": datasets["eval"], "order": ORDER},
+        "dropout": DROPOUT,
+        "steps_per_epoch": layout.steps_per_epoch,
+        "planned_steps": layout.planned,
+        "warmup_steps": layout.warmup,
+        "checkpoint_every": recorder.every,
+        "checkpoints": recorder.entries,
+        "checkpoints_kept_days": retention_days,
+        "result_weights": result_weights,
+    }
+
+
+def params_from(transcript: dict):
+    from .params import FinetuneParams
+
+    try:
+        return FinetuneParams.from_dict(dict(transcript.get("params") or {}))
+    except (TypeError, ValueError) as exc:
+        raise JobInputError(f"the transcript's params are not this plugin's ({exc})") from None
+
+
+def _spec(transcript: dict, model_folder: Path, trust_remote_code: bool):
+    from .train import TrainSpec
+
+    return TrainSpec(model_folder=str(model_folder), model_type=str(transcript["base_model"]["model_type"]),
+                     base_model_name="", params=transcript["params"], output_dir="",
+                     trust_remote_code=trust_remote_code)
+
+
+def replay(transcript: dict, start: Checkpoint, model_folder: Path, train_examples, tokenizer, stop: int,
+           device: torch.device | None = None, trust_remote_code: bool = False,
+           check_cancelled=lambda: None) -> Checkpoint:
+    """Re-execute steps [start.step, stop) of the training the transcript describes, on the
+    tokenized `train_examples`, from `start`, and return the state reached."""
+    from dvm_core.devices import deterministic_algorithms
+    from dvm_core.devices import choose_device
+
+    from . import train as T
+
+    params = params_from(transcript)
+    final = transcript["checkpoints"][-1]
+    a = start.step
+    if not 0 <= a < stop <= final["step"]:
+        raise JobInputError(f"steps [{a}, {stop}) are not within the transcript's 0-{final['step']}")
+    if len(train_examples) != int(transcript["data"]["train_examples"]):
+        raise JobInputError(f"the data gives {len(train_examples)} training examples; the transcript says "
+                            f"{transcript['data']['train_examples']}")
+    device = device or choose_device(None)
+    pad_id = tokenizer.pad_token_id
+    with deterministic_algorithms():
+        accelerator = T.make_accelerator(device, False)
+        precision = accelerator.mixed_precision if accelerator.device.type == device.type else "no"
+        model, _, _ = T.prepare_model(_spec(transcript, model_folder, trust_remote_code), params, tokenizer,
+                                      precision)
+        model.to(device)
+        with accelerator.autocast():
+            isolate = T.positions_isolate(model, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        layout = T.plan(train_examples, params, pad_id)
+        optimizer, scheduler = T.make_optimizer(trainable, params, layout)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        start.restore(accelerator.unwrap_model(model), optimizer, scheduler)
+        model.train()
+        gas = params.gradient_accumulation_steps
+        step = 0
+        for epoch in range(params.epochs):
+            mine = T.epoch_groups(layout, epoch, train_examples, params, pad_id)
+            for first in range(0, len(mine), gas):
+                if step >= stop:
+                    break
+                if step >= a:
+                    check_cancelled()
+                    T.optimizer_step(accelerator, model, mine[first:first + gas], device, isolate,
+                                     layout.mean_step_tokens, trainable, params, optimizer, scheduler, step)
+                step += 1
+            if step >= stop:
+                break
+        if step < stop:
+            raise JobInputError(f"the transcript's params plan {step} steps, fewer than its checkpoints' {stop}")
+        return Checkpoint.capture(stop, accelerator.unwrap_model(model), optimizer, scheduler)
+
+
+def seeded_start(transcript: dict, model_folder: Path, tokenizer, trust_remote_code: bool = False) -> Checkpoint:
+    """The state at step 0 that the seed and the base model determine: the trainable weights as
+    `train.train` starts (LoRA drawn after ``torch.manual_seed(seed)``; for full, the base's),
+    no optimizer state."""
+    from . import train as T
+
+    params = params_from(transcript)
+    model, _, _ = T.prepare_model(_spec(transcript, model_folder, trust_remote_code), params, tokenizer, "no")
+    tensors = {f"model/{k}": v.detach().clone() for k, v in trainable_parameters(model).items()}
+    return Checkpoint(0, tensors, {})
+
+
+# --- the job's side: a recorder when asked for, the transcript and checkpoints as result files --
+
+def recorder_for(ctx, params) -> Recorder | None:
+    """The transcript's recorder when param checkpoint_every asks for one (`params` refused it
+    already where training is not in this process)."""
+    return Recorder(params.checkpoint_every, ctx.workdir / "checkpoints") if params.checkpoint_every else None
+
+
+def write(out: Path, recorder: Recorder, *, params, base, datasets: dict, train_examples, outcome,
+          retention_days: float) -> tuple[list, dict]:
+    """transcript.json (signed by the worker) and the checkpoints, as result files; and the
+    summary for the result's content."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dvm_core import Artifact
+
+    result_weights = {name: tensor_digest(load_file(str(out / name)))
+                      for name in outcome.files if name.endswith(".safetensors")}
+    record = build(recorder=recorder, params=params, base=base, datasets=datasets, train_examples=train_examples,
+                   outcome=outcome, result_weights=result_weights, retention_days=retention_days)
+    path = out / "transcript.json"
+    path.write_text(json.dumps(record, indent=1))
+    artifacts = [Artifact(path, "application/json", "transcript.json", signed=True)] + \
+        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
+    summary = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
+               "final_step": recorder.entries[-1]["step"],
+               "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}
+    return artifacts, summary

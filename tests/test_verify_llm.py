@@ -1,0 +1,428 @@
+"""Checkable training (issue 17) for LLM fine-tuning (kind 5751): the transcript, and the
+verify job (kind 5753) replaying one segment of it.
+
+The tiny offline GPT-2 of `dvm_federate.tiny` (random weights, a BPE tokenizer trained on a toy
+grammar), sent as an archive, as every test of the plugin does; GPT-2's own dropout (0.1) and
+LoRA's (0.05) are on, so the replay must draw what training drew. An honest run passes every
+segment bit for bit, LoRA and full; a provider that trained fewer steps, on other data, with
+another learning rate, or returned its starting weights is caught by the check of any segment
+it cheated in. The cheats are real jobs, run with the cheat and written up as if honest (the
+honest transcript's claims, the cheat's checkpoints), replayed by `verify.verify_segment` (what
+kind 5753 runs) on the real data and base model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import structlog
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import dvm_image_classifier.verify as V  # noqa: E402
+import dvm_llm_finetune as lf  # noqa: E402
+from dvm_core import JobInputError  # noqa: E402
+from dvm_core.jobs import JobContext  # noqa: E402
+from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+from dvm_federate import tiny  # noqa: E402
+from dvm_llm_finetune import transcript as T  # noqa: E402
+from dvm_llm_finetune import verify as LV  # noqa: E402
+
+CPU = torch.device("cpu")
+EVERY = 6
+# 200 sentences, 10% held out: 180 examples, 23 steps of 8; checkpoints at 0, 6, 12, 18, 23.
+PARAMS = {"epochs": 1, "batch_size": 8, "max_seq_length": 32, "eval_fraction": 0.1, "learning_rate": 0.01,
+          "checkpoint_every": EVERY}
+STEPS = [0, 6, 12, 18, 23]
+DATA, MODEL = "https://b/train.jsonl", "https://b/model.zip"
+REPO_ID, COMMIT = "tiny-org/tiny-gpt2", "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, steady on a shared machine; training and replay run with the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_ctx(workdir: Path, kind: int, files: dict[str, Path], markers: dict[str, str], params: dict,
+             config: dict | None = None):
+    inputs = tuple(JobInput(url, "url", "", markers.get(url, "")) for url in files)
+    request = JobRequest(id="ab" * 32, pubkey="cd" * 32, kind=kind, created_at=0, inputs=inputs,
+                         params={k: str(v) for k, v in params.items()})
+    ctx = JobContext(job_id=request.id, request=request, workdir=workdir, log=structlog.get_logger(),
+                     deadline=time.monotonic() + 3600, report=lambda p, m: None, config=config or {},
+                     fetcher=lambda url, into, max_bytes=None: files[url])
+    return request, ctx
+
+
+def hub_config(assets) -> dict:
+    return {"plugins": {"llm-finetune": {"allowed_models": [REPO_ID], "hub_cache_dir": str(assets["cache"])}}}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm-verify")
+    model = tiny.save_model_folder(root / "gpt2")
+    archive = root / "gpt2.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(model.iterdir()):
+            zf.write(f, "model/" + f.name)
+    snapshot = root / "hub" / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / COMMIT
+    shutil.copytree(model, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    return {"model": model, "zip": archive, "cache": root / "hub",
+            "data": tiny.write_corpus(root / "train.jsonl", 200),
+            "other": tiny.write_corpus(root / "other.jsonl", 200, seed=1)}
+
+
+@dataclasses.dataclass
+class Run:
+    """A transcript (as the job writes it), the folder of its checkpoints, the job's result."""
+
+    transcript: dict
+    folder: Path
+    result: object = None
+
+    def file(self, step: int) -> Path:
+        return self.folder / T.entry_at(self.transcript, step)["file"]
+
+    def check(self, assets, a: int, b: int, data: Path | None = None) -> dict:
+        return LV.verify_segment(self.transcript, data or assets["data"], self.file(a), self.file(b),
+                                 model_folder=assets["model"], end_step=b, device=CPU)
+
+    def check_all(self, assets) -> list[dict]:
+        return [self.check(assets, a, b) for a, b in T.segments(self.transcript)]
+
+
+def run_job(workdir: Path, assets, data: Path | None = None, **params) -> Run:
+    """A kind-5751 job as the worker runs it, on the zipped tiny GPT-2."""
+    files = {DATA: data or assets["data"], MODEL: assets["zip"]}
+    request, ctx = make_ctx(workdir, lf.KIND, files, {MODEL: "model"}, PARAMS | params)
+    kind = lf.job_kind({})
+    result = kind.run(ctx, kind.parse(request))
+    files = {a.name: a for a in result.artifacts}
+    transcript = json.loads(files["transcript.json"].path.read_text())
+    return Run(transcript, files["checkpoint-0000000.safetensors"].path.parent, result)
+
+
+@pytest.fixture(scope="module")
+def honest(assets, tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("honest"), assets)
+
+
+def test_the_job_returns_a_signed_transcript_and_checkpoints(honest):
+    files = {a.name: a for a in honest.result.artifacts}
+    assert files["transcript.json"].signed and not files["adapter_model.safetensors"].signed
+    assert sorted(n for n in files if n.startswith("checkpoint-")) == \
+        [f"checkpoint-{s:07d}.safetensors" for s in STEPS]
+    t = honest.transcript
+    assert t["format"] == T.FORMAT == "dvm-llm-finetune-transcript/1" and t["seed"] == 0
+    assert [c["step"] for c in t["checkpoints"]] == STEPS and t["planned_steps"] == 23
+    assert t["checkpoints"][-1]["final"] is True and t["checkpoints"][-1]["stopped"] is None
+    assert t["versions"]["torch"] == torch.__version__ and "transformers" in t["versions"]
+    assert t["params"]["learning_rate"] == 0.01 and t["device"] == "cpu" and t["threads"] == 1
+    assert t["base_model"]["source"]["archive_sha256"] and t["data"]["train_examples"] == 180
+    assert t["checkpoints_kept_days"] == 30.0
+    assert honest.result.content["transcript"]["final_weights_sha256"] == t["checkpoints"][-1]["weights_sha256"]
+    # A checkpoint holds the adapter only (not the frozen base), the optimizer's moments, no RNG.
+    last = T.Checkpoint.load(honest.file(23))
+    assert last.weights and all(".lora_" in k for k in last.weights)
+    assert any(k.endswith("/exp_avg_sq") for k in last.tensors) and last.meta["scheduler"]["last_epoch"] == 23
+    # The returned adapter is the last checkpoint's weights (peft drops the adapter's name).
+    from safetensors.torch import load_file
+    adapter = load_file(str(files["adapter_model.safetensors"].path))
+    assert T.tensor_digest(adapter) == t["result_weights"]["adapter_model.safetensors"]
+    assert {k.replace(".default.", "."): v for k, v in last.weights.items()}.keys() == adapter.keys()
+    assert all(torch.equal(v, adapter[k.replace(".default.", ".")]) for k, v in last.weights.items())
+
+
+def test_an_honest_run_passes_every_segment(assets, honest):
+    verdicts = honest.check_all(assets)
+    assert [v["match"] for v in verdicts] == [True] * 4, verdicts
+    assert all(v["exact"] and v["distance"] == 0.0 and v["expected_sha256"] == v["got_sha256"] for v in verdicts)
+    assert all(v["data_matches_transcript"] and v["start_checkpoint_matches_transcript"]
+               and v["base_model_matches_transcript"] for v in verdicts)
+
+
+def test_full_finetuning_replays_too(assets, tmp_path):
+    run = run_job(tmp_path, assets, method="full", learning_rate=1e-3, max_steps=6, checkpoint_every=3)
+    assert [c["step"] for c in run.transcript["checkpoints"]] == [0, 3, 6]
+    point = T.Checkpoint.load(run.file(3))
+    assert "transformer.wte.weight" in point.weights       # every weight, no adapter
+    assert [v["match"] for v in run.check_all(assets)] == [True, True]
+
+
+def written_up(folder: Path, honest: Run, cheat: Run, steps=None) -> Run:
+    """The cheat's checkpoints under the honest transcript's claims (params, data, steps); with
+    `steps`, the cheat's i-th checkpoint relabelled as step steps[i]."""
+    folder.mkdir()
+    claim = json.loads(json.dumps(honest.transcript))
+    entries = []
+    for i, entry in enumerate(cheat.transcript["checkpoints"]):
+        point = T.Checkpoint.load(cheat.folder / entry["file"])
+        step = steps[i] if steps else entry["step"]
+        point = T.Checkpoint(step, point.tensors, dict(point.meta, step=step))
+        name = f"checkpoint-{step:07d}.safetensors"
+        point.save(folder / name)
+        entries.append({"step": step, "weights_sha256": point.weights_sha256(),
+                        "state_sha256": point.state_sha256(), "file": name})
+    claim["checkpoints"] = entries
+    return Run(claim, folder)
+
+
+def assert_caught(run: Run, assets) -> list[dict]:
+    verdicts = run.check_all(assets)
+    assert verdicts and not any(v["match"] for v in verdicts), verdicts
+    assert all(v["expected_sha256"] != v["got_sha256"] and v["distance"] > 0 for v in verdicts)
+    return verdicts
+
+
+def test_fewer_steps_are_caught(assets, honest, tmp_path):
+    """Half the steps (12, a checkpoint every 3), written up as 23 with one every 6."""
+    cheat = run_job(tmp_path / "job", assets, max_steps=12, checkpoint_every=3)
+    assert [c["step"] for c in cheat.transcript["checkpoints"]] == [0, 3, 6, 9, 12]
+    assert_caught(written_up(tmp_path / "claim", honest, cheat, STEPS), assets)
+
+
+def test_other_data_is_caught(assets, honest, tmp_path):
+    """Trained on other sentences, claiming the customer's data."""
+    cheat = run_job(tmp_path / "job", assets, data=assets["other"])
+    verdicts = assert_caught(written_up(tmp_path / "claim", honest, cheat), assets)
+    assert all(v["data_matches_transcript"] for v in verdicts)   # the claim names the real data
+
+
+def test_another_learning_rate_is_caught(assets, honest, tmp_path):
+    cheat = run_job(tmp_path / "job", assets, learning_rate=0.03)
+    assert_caught(written_up(tmp_path / "claim", honest, cheat), assets)
+
+
+def test_starting_weights_returned_are_caught(assets, honest, tmp_path):
+    """No training at all: every checkpoint is the starting state, relabelled."""
+    zero = Run({"checkpoints": [honest.transcript["checkpoints"][0]] * len(STEPS)}, honest.folder)
+    assert_caught(written_up(tmp_path / "claim", honest, zero, STEPS), assets)
+
+
+def test_a_cheat_in_one_segment_is_caught_by_that_segment_only(assets, honest, tmp_path):
+    """Honest to step 18, then the last five steps skipped: only [18, 23) fails."""
+    folder = tmp_path / "partial"
+    shutil.copytree(honest.folder, folder)
+    partial = json.loads(json.dumps(honest.transcript))
+    point = T.Checkpoint.load(folder / T.entry_at(partial, 18)["file"])
+    point = T.Checkpoint(23, point.tensors, dict(point.meta, step=23))
+    point.save(folder / T.entry_at(partial, 23)["file"])
+    partial["checkpoints"][-1].update(weights_sha256=point.weights_sha256(), state_sha256=point.state_sha256())
+    verdicts = Run(partial, folder).check_all(assets)
+    assert [v["match"] for v in verdicts] == [True, True, True, False]
+    assert verdicts[-1]["distance"] > 0
+
+
+def test_other_base_model_data_or_start_mismatch(assets, honest, tmp_path):
+    # Other starting weights at step 0 than the seed gives (an adapter from elsewhere).
+    point = T.Checkpoint.load(honest.file(0))
+    key = next(k for k in point.weights if "lora_A" in k)
+    point.tensors[f"model/{key}"] = point.tensors[f"model/{key}"] + 1e-3
+    verdict = LV.verify_segment(honest.transcript, assets["data"], point.save(tmp_path / "s.safetensors"),
+                                honest.file(6), model_folder=assets["model"], end_step=6, device=CPU)
+    assert verdict["match"] is False and verdict["start_checkpoint_matches_transcript"] is False
+    # The customer's data is not what the transcript says was trained on.
+    verdict = honest.check(assets, 6, 12, data=assets["other"])
+    assert verdict["match"] is False and verdict["data_matches_transcript"] is False
+    # Another base model than the transcript's.
+    other = tiny.save_model_folder(tmp_path / "other-model", seed=1)
+    verdict = LV.verify_segment(honest.transcript, assets["data"], honest.file(6), honest.file(12),
+                                model_folder=other, end_step=12, device=CPU)
+    assert verdict["match"] is False and verdict["base_model_matches_transcript"] is False
+    with pytest.raises(JobInputError, match="not a checkpoint of an LLM fine-tuning"):
+        T.Checkpoint.load(assets["data"])
+
+
+# --- kind 5753, as the worker runs it ----------------------------------------------------------
+
+def verify_ctx(workdir, run: Run, transcript: Path, a: int, b: int, data: Path, extra: dict | None = None,
+               params: dict | None = None, config: dict | None = None):
+    urls = {"https://b/d": data, "https://b/t": transcript, "https://b/s": run.file(a), "https://b/e": run.file(b)}
+    markers = {"https://b/t": "transcript", "https://b/s": "start", "https://b/e": "end"}
+    for url, (path, marker) in (extra or {}).items():
+        urls[url], markers[url] = path, marker
+    return make_ctx(workdir, V.KIND, urls, markers, params or {}, config)
+
+
+def test_the_verify_kind_replays_an_llm_segment(assets, honest, tmp_path):
+    kind = V.job_kind({})
+    assert {"model", "revision"} <= set(kind.params_schema["properties"]) and "5751" in kind.description
+    transcript = next(a.path for a in honest.result.artifacts if a.name == "transcript.json")
+    model_input = {"https://b/m": (assets["zip"], "model")}
+    request, ctx = verify_ctx(tmp_path / "v1", honest, transcript, 12, 18, assets["data"], model_input)
+    verdict = kind.run(ctx, kind.parse(request)).content
+    assert verdict["match"] is True and verdict["segment"] == [12, 18] and verdict["distance"] == 0.0
+    assert verdict["transcript_signer"] is None and verdict["base_model_matches_transcript"] is True
+    # Without the model: the transcript names an archive, which must be sent.
+    request, ctx = verify_ctx(tmp_path / "v2", honest, transcript, 12, 18, assets["data"])
+    with pytest.raises(JobInputError, match="marked 'model'"):
+        kind.run(ctx, kind.parse(request))
+    # A transcript that names another learning rate than the checkpoints were trained at.
+    lied = json.loads(transcript.read_text())
+    lied["params"]["learning_rate"] *= 2
+    (tmp_path / "lied.json").write_text(json.dumps(lied))
+    request, ctx = verify_ctx(tmp_path / "v3", honest, tmp_path / "lied.json", 12, 18, assets["data"], model_input)
+    verdict = kind.run(ctx, kind.parse(request)).content
+    assert verdict["match"] is False and verdict["distance"] > 0
+    # The model param is checked as the job checks it.
+    request, ctx = verify_ctx(tmp_path / "v4", honest, transcript, 12, 18, assets["data"], params={"model": "a/b"})
+    with pytest.raises(JobInputError, match="not offered by this provider"):
+        kind.run(ctx, kind.parse(request))
+    request, _ = verify_ctx(tmp_path / "v5", honest, transcript, 12, 18, assets["data"], model_input,
+                            params={"model": "a/b"})
+    with pytest.raises(JobInputError, match="not both"):
+        kind.parse(request)
+
+
+def test_a_hub_model_job_is_verified_with_the_transcripts_model(assets, tmp_path):
+    """Param model (the provider's hub cache): the transcript names repo and commit; the
+    verifier takes them from it."""
+    config = hub_config(assets)
+    request, ctx = make_ctx(tmp_path / "job", lf.KIND, {DATA: assets["data"]}, {},
+                            PARAMS | {"model": REPO_ID, "max_steps": 4, "checkpoint_every": 2}, config)
+    kind = lf.job_kind(config)
+    result = kind.run(ctx, kind.parse(request))
+    files = {a.name: a.path for a in result.artifacts}
+    transcript = json.loads(files["transcript.json"].read_text())
+    assert transcript["base_model"]["source"] == {"hub": REPO_ID, "revision": COMMIT}
+    run = Run(transcript, files["checkpoint-0000000.safetensors"].parent)
+    verify = V.job_kind(config)
+    for a, b in ((0, 2), (2, 4)):
+        request, ctx = verify_ctx(tmp_path / f"v{a}", run, files["transcript.json"], a, b, assets["data"],
+                                  config=config)
+        verdict = verify.run(ctx, verify.parse(request)).content
+        assert verdict["match"] is True and verdict["segment"] == [a, b], verdict
+
+
+def test_checkpoint_every_is_checked(assets, tmp_path):
+    files = {DATA: assets["data"], MODEL: assets["zip"]}
+    config = {"plugins": {"llm-finetune": {"max_processes": 2}}}
+    request, _ = make_ctx(tmp_path, lf.KIND, files, {MODEL: "model"}, PARAMS | {"processes": 2}, config)
+    with pytest.raises(JobInputError, match="checkpoint_every .*one process.*send processes=1"):
+        lf.job_kind(config).parse(request)
+    config = {"plugins": {"llm-finetune": {"launcher": "accelerate"}}}
+    request, _ = make_ctx(tmp_path, lf.KIND, files, {MODEL: "model"}, PARAMS, config)
+    with pytest.raises(JobInputError, match="child process"):
+        lf.job_kind(config).parse(request)
+    request, _ = make_ctx(tmp_path, lf.KIND, files, {MODEL: "model"}, PARAMS | {"checkpoint_every": -1})
+    with pytest.raises(JobInputError, match="checkpoint_every"):
+        lf.job_kind({}).parse(request)
+    request, ctx = make_ctx(tmp_path / "many", lf.KIND, files, {MODEL: "model"},
+                            PARAMS | {"epochs": 3, "checkpoint_every": 1})
+    with pytest.raises(JobInputError, match="would write 71 checkpoints over 69 steps; at most 64: send 2 or more"):
+        lf.job_kind({}).run(ctx, lf.job_kind({}).parse(request))
+
+
+# --- `dvm verify` on an LLM result -------------------------------------------------------------
+
+def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
+    from click.testing import CliRunner
+    from dvm_verify.commands import MISMATCH_EXIT, verify_command
+
+    folder = tmp_path / "result"
+    shutil.copytree(honest.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(honest.transcript))
+    args = [str(folder), "--data", str(assets["data"]), "--local", "--allow-unsigned", "--checks", "4"]
+    missing = CliRunner().invoke(verify_command, args)
+    assert missing.exit_code == 1 and "--model" in missing.output
+    ok = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--json"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads(ok.stdout)
+    assert summary["passed"] and summary["checked"] == 4 and all(v["distance"] == 0.0 for v in summary["verdicts"])
+    # The learning rate claimed is not the one trained at: every segment fails.
+    claim = json.loads(json.dumps(honest.transcript))
+    claim["params"]["learning_rate"] = 0.02
+    (folder / "transcript.json").write_text(json.dumps(claim))
+    bad = CliRunner().invoke(verify_command, args + ["--model", str(assets["model"]), "--checks", "2"])
+    assert bad.exit_code == MISMATCH_EXIT and "FAILED: 0/2 segments match" in bad.output
+
+
+# --- through a real worker, relay, mint and blob server ----------------------------------------
+
+@pytest.fixture
+async def blobs(tmp_path):
+    from dvm_core.devtools.blobserver import start_blob_server
+
+    server = await start_blob_server(tmp_path / "blobs")
+    yield server
+    await server.stop()
+
+
+async def test_a_paid_llm_job_with_a_transcript_verified_by_a_verifier_dvm(workers, mint, relay, blobs, assets,
+                                                                          tmp_path):
+    """A private kind-5751 job with checkpoint_every: the transcript comes back as a kind-1750
+    event signed by the provider; one segment replayed here, one by a verifier DVM (kind 5753,
+    paid, the base model archive sent marked 'model'); `dvm verify` as typed hires it too."""
+    from click.testing import CliRunner
+    from dvm_core import SIGNED_FILE_KIND
+    from dvm_core.customer.client import download_artifacts, upload_dataset
+    from dvm_core.protocol.nip90 import Result
+    from dvm_core.worker.plugins import plugin_manager
+    from dvm_verify.checks import check_local, check_remote, open_result
+    from dvm_verify.commands import verify_command
+
+    from .paying import close_customer, funded_customer
+
+    worker = await workers.start(
+        pm=plugin_manager(only=["image-classifier", "llm-finetune"]), mints=[mint.url], blob_servers=[blobs.url],
+        allow_private_urls=True, prices={"image-classifier-verify": 2})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        data_url = await upload_dataset(assets["data"], [blobs.url], customer.keys, encrypt=True)
+        model_url = await upload_dataset(assets["zip"], [blobs.url], customer.keys, encrypt=True)
+        request = await customer.submit(lf.KIND, [JobInput(data_url, "url"), JobInput(model_url, "url", marker="model")],
+                                        {k: str(v) for k, v in PARAMS.items()}, provider=worker.keys.public_key)
+        result = None
+        async for update in customer.updates(request, timeout=300):
+            if isinstance(update, Result):
+                result = update
+                break
+            assert update.status != "error", update.message
+            if update.status == "payment-required":
+                await customer.pay_with_nutzap(request, update, customer.wallet)
+        assert result is not None
+        folder = tmp_path / "result"
+        saved = {p.name for p in await download_artifacts(result, folder, allow_private=True)}
+        assert {"adapter_model.safetensors", "transcript.json", "checkpoint-0000000.safetensors",
+                "checkpoint-0000023.safetensors"} <= saved
+        event = json.loads((folder / "transcript.json").read_text())
+        assert event["kind"] == SIGNED_FILE_KIND and event["pubkey"] == worker.keys.public_key
+
+        opened = open_result(folder, provider=worker.keys.npub)
+        assert opened.transcript["format"] == T.FORMAT
+        here = check_local(opened, assets["data"], [(6, 12)], model=assets["zip"])
+        assert here.passed and here.verdicts[0]["distance"] == 0.0
+        there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, assets["data"],
+                                   [(18, 23)], [blobs.url], max_price=5, timeout=300, model=assets["zip"])
+        assert there.passed and there.verdicts[0]["transcript_signer"] == worker.keys.public_key
+        assert there.verdicts[0]["base_model_matches_transcript"] is True
+
+        payer = await funded_customer(tmp_path, mint.url, relay.url)
+        wallet_dir = payer.wallet.directory
+        await close_customer(payer)
+        run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
+            str(folder), "--data", str(assets["data"]), "--model", str(assets["zip"]), "--checks", "1",
+            "--seed", "2", "--provider", worker.keys.npub, "--relay", relay.url, "--dvm", worker.keys.npub,
+            "--blossom", blobs.url, "--wallet-dir", str(wallet_dir), "--mint", mint.url, "--max-price", "5",
+            "--json"])
+        assert run.exit_code == 0, run.output
+        summary = json.loads(run.stdout)
+        assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
+    finally:
+        await close_customer(customer)
