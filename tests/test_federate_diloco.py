@@ -273,3 +273,46 @@ async def test_diloco_provider_dropping_mid_round_and_a_sign_flipper(workers, mi
     assert fedavg.eval_loss > runs["median"].reports[0].eval_loss
     assert median.eval_loss < base - 0.5, (base, median.eval_loss)
     assert median.merge["method"] == "median"
+
+
+async def test_a_round_cut_short_after_paying_is_not_paid_again(workers, mint, relay, blobs, tmp_path):
+    """The customer's run is stopped in round 1 once the providers are paid and training; run
+    again in the same folder, it takes each paid job's result from the relay (its journal says
+    it was paid) instead of asking and paying again: round 1 costs one payment per provider."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 2)]
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=60, score=False)
+    fed = tmp_path / "fed"
+    progress: list[str] = []
+
+    def say(line: str) -> None:
+        print(line)
+        if "%" in line and "step" in line:
+            progress.append(line)
+
+    try:
+        before = await customer.wallet.total_balance()
+        run = asyncio.get_running_loop().create_task(federate_llm(
+            customer, customer.wallet, providers, train, test, model, [blobs.url], fed, settings, say=say))
+        while not progress and not run.done():   # both paid, one training: stop the customer
+            await asyncio.sleep(0.05)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        journals = sorted(json.loads(p.read_text())["state"] for p in (fed / "round-1").glob("*.job.json"))
+        assert journals == ["paid", "paid"], journals
+        lines: list[str] = []
+        resumed = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url], fed,
+                                     settings, say=lines.append)
+        after = await customer.wallet.total_balance()
+    finally:
+        await close_customer(customer)
+    (only,) = resumed.reports
+    assert only.providers == providers and not only.dropped, lines
+    assert sum(1 for line in lines if "(paid before the restart) recovered" in line) == 2, lines
+    assert all("not paid again" in why for why in only.payments.values()), only.payments
+    assert before - after == sum(only.paid.values()) == 2   # one sat per provider, once
+    assert only.eval_loss < resumed.initial_loss

@@ -30,7 +30,7 @@ def request(inputs: list[JobInput], params: dict[str, str]) -> JobRequest:
 PLUGINS = {
     "image-classifier": (ic.job_kind({}), [JobInput(URLS[0], "url")], {}),
     "llm-finetune": (lf.job_kind({}), [JobInput(URLS[0], "url"), JobInput(URLS[1], "url", marker="model")],
-                     {}),
+                     {"output": {"method": "full"}, "compression": {"method": "full", "output": "delta"}}),
     "fedavg": (fa.job_kind({}), [JobInput(u, "url", marker="update") for u in URLS[:12]]
                + [JobInput(URLS[12], "url", marker="base")], {"m": {"method": "multi_krum"}}),
     "image-classifier-verify": (icv.job_kind({}), [JobInput(URLS[0], "url"), JobInput(URLS[1], "url", marker="transcript"),

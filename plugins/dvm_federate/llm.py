@@ -507,9 +507,14 @@ class LlmFederation(Federation):
         s = self.settings
 
         async def train(i: int, provider: str):
+            journal = rdir / f"provider-{i}.job.json"
+            if journal.exists() and not s.pay_on_delivery:   # this round was cut short: paid already?
+                entry = json.loads(journal.read_text())
+                if entry.get("provider") == provider and entry.get("state") in ("paying", "paid"):
+                    return await self._recover_job(provider, journal, rdir / f"provider-{i}")
             inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
             return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
-                                   rdir / f"provider-{i}")
+                                   rdir / f"provider-{i}", journal=journal)
 
         self._paid, self._payments = {}, {}
         outcomes = await asyncio.gather(*(train(i, p) for i, p in enumerate(self.providers)),
@@ -647,14 +652,22 @@ class LlmFederation(Federation):
         """The rounds not done yet: a work folder whose `STATE` file says rounds 1…k are done
         (and holds the same data) goes on from round k + 1 (``resume``, the default), with the
         global model, the outer optimizer's state and the reports of round k. An interrupted
-        round runs again from its start."""
+        round runs again from its start, except that a job paid (by nutzap) before the stop is
+        not asked or paid again: its result is taken from the relays (`Federation._recover_job`,
+        from the journal ``round-k/provider-i.job.json``)."""
         s = self.settings
-        done = self._resume() if s.resume else 0
         if not s.resume:
             (self.workdir / STATE).unlink(missing_ok=True)
+        resumed = (self.workdir / STATE).exists()
+        done = self._resume() if resumed else 0
+        if not resumed:   # journals of jobs of an earlier federation in this folder: not ours
+            for journal in self.workdir.glob("round-*/provider-*.job.json"):
+                journal.unlink()
         if s.trusted:
             await self.skip_flagged()
-        await self.prepare(resumed=bool(done))
+        await self.prepare(resumed=resumed)
+        if not resumed:
+            self._save_state(0)   # from here a stop resumes, with the journals of round 1's jobs
         if done >= s.rounds:
             self.say(f"all {s.rounds} rounds were done already (see {self.workdir / STATE}); ask for more "
                      "with --rounds, or start over with --restart")

@@ -133,6 +133,18 @@ class ProviderFailed(Exception):
     pass
 
 
+def _journal_writer(path: Path | None, request: dict, provider: str) -> Callable[..., None]:
+    """A function that records a job's payment state in `path` (atomically): the request, the
+    provider, `state` (submitted, paying, paid, declined) and the sats asked."""
+    def note(state: str, amount: int = 0) -> None:
+        if path is None:
+            return
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps({"request": request, "provider": provider, "state": state, "amount": amount}))
+        part.replace(path)
+    return note
+
+
 def split_indices(labels: np.ndarray, parts: int, how: str = "iid", seed: int = 0) -> list[np.ndarray]:
     """Indices of each of `parts` shards. ``iid``: a random permutation cut in equal parts.
     ``label``: non-IID, the classic pathological split (McMahan et al.): sorted by label, cut
@@ -258,14 +270,19 @@ class Federation:
         return params
 
     async def _job(self, provider: str, kind: int, inputs: list[JobInput], params: dict[str, str],
-                   dest: Path, label: str = "") -> tuple[dict[str, Path], int]:
+                   dest: Path, label: str = "", journal: Path | None = None) -> tuple[dict[str, Path], int]:
         """One paid job on one provider: its downloaded files and what it cost. Its progress
         (the provider's ``processing`` feedback) is said as it comes, after `label`, with a rate
-        and an ETA, and a full bar once its result is in."""
+        and an ETA, and a full bar once its result is in. With a `journal` file, the request and
+        how far its payment went (submitted, paying, paid) are written there before each step,
+        so a restarted run can take the result of a job it paid for (`_recover_job`) instead of
+        paying again."""
         s = self.settings
         if s.pay_on_delivery:
             params = dict(params, pay_on_delivery=self.wallet.p2pk_pubkey)   # the HTLCs' refund key
         request = await self.customer.submit(kind, inputs, params, provider=provider)
+        note = _journal_writer(journal, request, provider)
+        note("submitted")
         paid = 0
         started = time.monotonic()
         meter = ProgressMeter()
@@ -290,12 +307,15 @@ class Federation:
                     asked = (update.amount_msats or 0) // 1000
                     if paid:
                         raise ProviderFailed("asked to be paid twice")
+                    note("paying", asked)
                     try:   # checked by the client: signer, amount, cap, mint, lock
                         await self.customer.pay_with_nutzap(request, update, self.wallet,
                                                             max_price=s.max_price)
                     except PaymentDeclined as exc:
+                        note("declined")
                         self._payments[provider] = f"not paid: {exc}"
                         raise ProviderFailed(f"not paid: {exc}") from None
+                    note("paid", asked)
                     paid = asked
                     self._paid[provider] = asked
                     self._payments[provider] = (f"paid {asked} sat (its quote, within max_price "
@@ -304,6 +324,36 @@ class Federation:
             await self.customer.cancel(request, "timed out")
             raise ProviderFailed(f"no result within {s.job_timeout:g}s") from None
         raise ProviderFailed("no result")
+
+    async def _recover_job(self, provider: str, journal: Path, dest: Path) -> tuple[dict[str, Path], int]:
+        """The result of a job paid (or being paid) before a restart, from its `journal`: found
+        on the relays (`Customer.recover`), or awaited until the job timeout; not paid again."""
+        s = self.settings
+        entry = json.loads(journal.read_text())
+        amount = int(entry.get("amount") or 0)
+        job_id = entry["request"]["id"]
+        try:
+            request, _feedback, result = await self.customer.recover(job_id)
+            if result is None:
+                async for update in self.customer.updates(request, timeout=s.job_timeout):
+                    if isinstance(update, Result):
+                        result = update
+                        break
+                    if update.status == "error":
+                        raise ProviderFailed(update.message or "error")
+            if result is None:
+                raise ProviderFailed("no result")
+        except LookupError:
+            raise ProviderFailed(f"its job {job_id[:12]}… paid before the restart is not on the relays") from None
+        except TimeoutError:
+            raise ProviderFailed(f"no result within {s.job_timeout:g}s for its job paid before the restart") from None
+        finally:
+            self._paid[provider] = amount
+            how = "paid" if entry.get("state") == "paid" else "was paying"
+            self._payments[provider] = f"{how} {amount} sat before the restart (job {job_id[:12]}…), not paid again"
+        files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
+        self.say(f"provider {provider[:12]}… result of job {job_id[:12]}… (paid before the restart) recovered")
+        return {p.name: p for p in files}, amount
 
     async def _pay_on_delivery(self, provider: str, request: dict, offer, timeout: float):
         """Pay a provider's offer of its sealed update (checked: signer, amount, cap, lock, mint)
