@@ -316,3 +316,24 @@ async def test_a_round_cut_short_after_paying_is_not_paid_again(workers, mint, r
     assert all("not paid again" in why for why in only.payments.values()), only.payments
     assert before - after == sum(only.paid.values()) == 2   # one sat per provider, once
     assert only.eval_loss < resumed.initial_loss
+
+
+async def test_diloco_scores_leave_a_lazy_provider_out(workers, mint, relay, blobs, tmp_path):
+    """Scored (the default), a provider that sends a zero pseudo-gradient (its starting weights
+    back) is left out of the outer step, and said so; the others' step lowers the loss."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 3)]
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=8, attacks={1: "lazy"})
+    try:
+        federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
+                                        tmp_path / "fed", settings, say=print)
+    finally:
+        await close_customer(customer)
+    (only,) = federation.reports
+    assert only.providers == [providers[0], providers[2]]
+    assert only.scores[providers[1]]["merged"] is False
+    assert "no change from the global model" in only.scores[providers[1]]["reason"]
+    assert only.eval_loss < federation.initial_loss
