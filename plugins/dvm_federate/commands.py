@@ -8,9 +8,10 @@ Two ways to run it:
   blob server and three providers (``dvm run`` processes, three keys), funds a customer wallet,
   and federates scikit-learn's digits (unless ``--train``/``--test`` are given).
 
-``--task llm`` federates LoRA fine-tuning of a language model (kind 5751, `llm`) instead:
-``--train``/``--test`` are JSONL sets and ``--model`` a model folder; with ``--local N`` and none
-of them, a tiny GPT-2 and a toy corpus built here (`tiny`).
+``--task llm`` federates fine-tuning of a language model (kind 5751) instead: LoRA adapters
+merged exactly (`llm`), or with ``--mode diloco`` the whole model, pseudo-gradients and an outer
+Nesterov step (`diloco`). ``--train``/``--test`` are JSONL sets and ``--model`` a model folder;
+with ``--local N`` and none of them, a tiny GPT-2 and a toy corpus built here (`tiny`).
 """
 
 from __future__ import annotations

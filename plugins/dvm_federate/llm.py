@@ -24,8 +24,10 @@ the held-out loss of the merge (leave one out) are left out; the gains share ``-
 
 A provider that fails, refuses, asks too much or times out is left out of that round, as with
 images. A robust ``method`` (median, trimmed mean, Krum) or ``clip_norm`` merges the updates
-W + Δᵢ with `dvm_fedavg.merge.merge_files` instead of the exact sum. Not here yet (issue 20):
-full-model DiLoCo, compression, resuming a stopped run.
+W + Δᵢ with `dvm_fedavg.merge.merge_files` instead of the exact sum.
+
+Full-model DiLoCo rounds (``mode="diloco"``) are `diloco.DilocoFederation`, a subclass. Both
+modes keep ``state.json`` in the work folder after each round and resume from it (`LlmFederation.run`).
 """
 
 from __future__ import annotations
