@@ -194,7 +194,7 @@ async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     lines: list[str] = []
     settings = LlmSettings(rounds=3, epochs=1, batch_size=8, learning_rate=3e-3, lora_r=8, lora_alpha=16,
-                           target_modules=("c_attn", "c_proj", "c_fc"), allow_private_urls=True)
+                           target_modules=("c_attn", "c_proj", "c_fc"), allow_private_urls=True, baseline=True)
     try:
         federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
                                         tmp_path / "fed", settings, say=lines.append)
@@ -212,6 +212,9 @@ async def test_three_providers_three_rounds_lower_the_heldout_loss(workers, mint
     saved = json.loads((tmp_path / "fed" / "rounds.json").read_text())
     assert [r["eval_loss"] for r in saved["rounds"]] == losses[1:]
     assert saved["base_model"]["eval_loss"] == losses[0]
+    # The centralised reference: one adapter on all 240 examples for 3 epochs, merged the same way.
+    assert saved["centralised_baseline"]["eval_loss"] == federation.baseline < losses[0]
+    assert "one LoRA adapter on all 240 examples, 3 epochs of batch 8" in saved["centralised_baseline"]["plan"]
     assert (tmp_path / "fed" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "fed" / "global-3" / "model.safetensors").is_file()
     # Scored before the merge (on by default): every honest adapter lowers its shard's loss and is kept.
