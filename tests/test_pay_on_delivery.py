@@ -282,3 +282,55 @@ async def test_dvm_job_reclaim_takes_back_what_the_dvm_did_not_redeem(workers, r
         stdout, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         assert f"took back {PRICE} sat; balance {FUNDS} sat" in stdout.decode()
+
+
+async def announced_terms(customer, request, timeout: float = 30.0):
+    """The `processing` feedback that accepts a job paid on delivery, with the offer's terms."""
+    async for update in customer.updates(request, timeout=timeout):
+        assert update.status not in ("error", "payment-required") and not isinstance(update, Result)
+        if update.status == "processing" and update.content.startswith("creqA"):
+            return update
+    raise AssertionError("no terms announced")
+
+
+@pytest.mark.parametrize("encrypt", ["nip44", None])
+async def test_the_ecash_is_made_while_the_job_runs(workers, mint, blobs, funded, tmp_path, encrypt):
+    """The acceptance announces the terms the offer will ask for (hash, this job's key, locktime,
+    amount): the customer makes the HTLC ecash then (`prepare_delivery`), and once the offer
+    comes it sends that ecash without a second swap; the offer's hash and locktime are the
+    announced ones, and the result opens as always."""
+    worker = await delivery_worker(workers, mint, blobs)
+    request = await submit(funded, worker, encrypt)
+    accepted = await announced_terms(funded, request)
+    states: list[dict] = []
+    prepared = await funded.prepare_delivery(request, accepted, funded.wallet, keep=states.append)
+    assert prepared is not None and prepared.amount == PRICE
+    assert [sorted(s) for s in states] == [["job_id", "prepared", "swap"], ["job_id", "prepared", "swap", "token"]]
+    assert await funded.wallet.total_balance() == FUNDS - PRICE     # made, kept here, not sent
+    offer_feedback = await offered(funded, request)
+    offer = parse_offer(offer_feedback.content)
+    assert (offer.hash, offer.locktime) == (prepared.terms.hash, prepared.terms.locktime)
+    delivery = await funded.pay_on_delivery(request, offer_feedback, funded.wallet, prepared=prepared)
+    assert delivery.token == prepared.token
+    assert await funded.wallet.total_balance() == FUNDS - PRICE     # no second swap, nothing more spent
+    result = await funded.await_delivery(delivery, funded.wallet, timeout=30)
+    assert result_json(result)["words"] == 11
+    saved = await download_artifacts(result, tmp_path / "out", allow_private=True)
+    assert saved[0].read_text().startswith("word,count")
+    assert await redeemed_balance(worker, PRICE) == PRICE
+    assert worker.store.get_meta("delivery-lock:" + request["id"]) is None   # K lives in the delivery now
+
+
+async def test_ecash_made_for_other_terms_is_kept_for_reclaim(workers, mint, blobs, funded):
+    """Ecash made for terms the offer does not ask for (here another job's) is not sent: a new
+    one is made, and the payment's state lists the first as unused, for `dvm job reclaim`."""
+    worker = await delivery_worker(workers, mint, blobs)
+    first, second = await submit(funded, worker), await submit(funded, worker)
+    prepared = await funded.prepare_delivery(first, await announced_terms(funded, first), funded.wallet)
+    states: list[dict] = []
+    delivery = await funded.pay_on_delivery(second, await offered(funded, second), funded.wallet,
+                                            prepared=prepared, keep=states.append)
+    assert delivery.token != prepared.token
+    assert states[-1]["unused_tokens"] == [prepared.token] and states[-1]["token"] == delivery.token
+    assert await funded.wallet.total_balance() == FUNDS - 2 * PRICE
+    assert result_json(await funded.await_delivery(delivery, funded.wallet, timeout=30))["words"] == 11

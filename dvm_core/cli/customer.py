@@ -581,6 +581,10 @@ def job_reclaim(token_file, wallet_dir, mints) -> None:
                            "yours (`dvm job fetch`); what it did not redeem comes back now", err=True)
             received = await wallet.reclaim_htlc(token)
             click.echo(f"took back {received.amount} sat; balance {await wallet.total_balance()} sat")
+            for unused in state.get("unused_tokens") or []:   # made for terms the offer did not keep
+                received = await wallet.reclaim_htlc(unused)
+                click.echo(f"took back {received.amount} sat made for earlier terms; balance "
+                           f"{await wallet.total_balance()} sat")
         finally:
             await wallet.close()
     try:

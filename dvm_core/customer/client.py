@@ -361,58 +361,124 @@ class Customer:
         provider = self._signer(request, feedback, "offer")
         try:
             offer = parse_offer(feedback.content)
-            creq = decode_payment_request(offer.payment_request)
+        except ValueError as exc:
+            raise PaymentDeclined(f"the offer cannot be read: {exc}") from None
+        if offer.unit != "sat":
+            raise PaymentDeclined(f"the DVM asks to be paid in {offer.unit!r}, not sat")
+        terms, creq = await self._htlc_request(request, provider, offer.payment_request, feedback,
+                                               refund_key=refund_key, max_price=max_price, mints=mints,
+                                               min_lock_seconds=min_lock_seconds,
+                                               max_lock_seconds=max_lock_seconds, what="offer")
+        if creq["a"] != offer.amount:
+            raise PaymentDeclined(f"the offer's amounts disagree (offer {offer.amount} sat, payment request "
+                                  f"{creq['a']} sat)")
+        if terms.hash != offer.hash:
+            raise PaymentDeclined("the payment request locks to another hash than the offer's")
+        if terms.locktime != offer.locktime:
+            raise PaymentDeclined("the payment request's locktime is not the offer's")
+        if len(offer.files) > MAX_ARTIFACTS:
+            raise PaymentDeclined(f"the offer lists more than {MAX_ARTIFACTS} files")
+        return offer, terms, creq
+
+    async def _htlc_request(self, request: dict, provider: str, payment_request: str, feedback: Feedback, *,
+                            refund_key: str, max_price: int | None, mints: list[str] | None,
+                            min_lock_seconds: float, max_lock_seconds: float, what: str) -> tuple[HtlcTerms, dict]:
+        """The HTLC terms of a NUT-18 request a DVM sent for a job paid on delivery, checked:
+        in sat, the amount the same as the feedback's `amount` tag (if it has one) and within
+        `max_price` and the DVM's announced price; the lock to this job's key derived from the
+        DVM's advertised wallet key, our `refund_key`, a locktime between `min_lock_seconds` and
+        `max_lock_seconds` from now; on a mint the DVM announced and we hold. Returns (the terms,
+        the request with `a` an int and `m` narrowed to usable mints); raises PaymentDeclined."""
+        try:
+            creq = decode_payment_request(payment_request)
             terms = htlc_terms_of(creq.get("nut10"))
             amount = int(creq["a"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise PaymentDeclined(f"the offer cannot be read: {exc}") from None
+            raise PaymentDeclined(f"the {what} cannot be read: {exc}") from None
         if terms is None:
-            raise PaymentDeclined("the offer's payment request asks for no HTLC lock")
-        if creq.get("u", "sat") != "sat" or offer.unit != "sat":
+            raise PaymentDeclined(f"the {what}'s payment request asks for no HTLC lock")
+        if creq.get("u", "sat") != "sat":
             raise PaymentDeclined(f"the DVM asks to be paid in {creq.get('u')!r}, not sat")
-        if not (amount == offer.amount and feedback.amount_msats == amount * 1000):
-            raise PaymentDeclined(f"the offer's amounts disagree (amount tag {feedback.amount_msats} msats, "
-                                  f"offer {offer.amount} sat, payment request {amount} sat)")
-        info = await self._announced_terms(request, provider, amount, max_price, "offer")
-        if terms.hash != offer.hash:
-            raise PaymentDeclined("the payment request locks to another hash than the offer's")
+        if feedback.amount_msats is not None and feedback.amount_msats != amount * 1000:
+            raise PaymentDeclined(f"the {what}'s amounts disagree (amount tag {feedback.amount_msats} msats, "
+                                  f"payment request {amount} sat)")
+        if what == "offer" and feedback.amount_msats is None:
+            raise PaymentDeclined("the offer has no amount tag")
+        info = await self._announced_terms(request, provider, amount, max_price, what)
         if terms.pubkey != job_lock_pubkey(info.p2pk_pubkey, request["id"]):
             raise PaymentDeclined("the payment request asks for a lock to a key that is not this job's "
                                   "key derived from the DVM's advertised wallet key")
         if terms.refund_key[2:] != refund_key[-64:]:
             raise PaymentDeclined(f"the payment request's refund key is {terms.refund_key}, not yours")
         now = time.time()
-        if terms.locktime != offer.locktime or not (now + min_lock_seconds <= terms.locktime
-                                                    <= now + max_lock_seconds):
+        if not (now + min_lock_seconds <= terms.locktime <= now + max_lock_seconds):
             raise PaymentDeclined(f"the lock would expire at {terms.locktime} (unix time), "
                                   f"{terms.locktime - int(now)} s from now; between {min_lock_seconds:g} "
                                   f"and {max_lock_seconds:g} s is accepted")
-        if len(offer.files) > MAX_ARTIFACTS:
-            raise PaymentDeclined(f"the offer lists more than {MAX_ARTIFACTS} files")
         usable = _usable_mints(creq, info, mints)
-        return offer, terms, dict(creq, m=usable, a=amount)
+        return terms, dict(creq, m=usable, a=amount)
 
-    async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
-                              max_price: int | None = None, keep: Callable[[dict], None] | None = None,
-                              min_lock_seconds: float = 120) -> "Delivery":
-        """Answer a pay-on-delivery offer, once `check_delivery` passed: HTLC-locked ecash of
-        exactly the amount asked (`wallet.send_htlc`), sent as a nutzap to the DVM the request
-        named. `keep(state)` is called to store the payment's state, a JSON-able dict, as it
-        grows: before the swap that makes the ecash (`{"job_id", "swap"}`: what
-        `wallet.recover_htlc_send` needs if the swap's answer is lost), then with the `token`
-        before the nutzap goes out (what reads the key from the mint and takes the ecash back:
-        `dvm job reclaim`). Raises PaymentDeclined."""
-        offer, terms, creq = await self.check_delivery(
-            request, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
-            mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds)
-        provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
-        state: dict = {"job_id": request["id"]}
+    async def prepare_delivery(self, request: dict, feedback: Feedback, wallet, *,
+                               max_price: int | None = None, keep: Callable[[dict], None] | None = None,
+                               min_lock_seconds: float = 120,
+                               max_lock_seconds: float = 7 * 86400) -> "PreparedDelivery | None":
+        """Make the HTLC ecash for a job paid on delivery while it runs: a DVM announces the
+        terms its offer will have (hash, this job's key, locktime, amount) in the `processing`
+        feedback that accepts the job (a NUT-18 request as its content), so the swap at the mint
+        need not wait for the offer. The ecash is kept here, not sent: `pay_on_delivery` sends it
+        once the offer (the sealed result's hashes) has come and asks for exactly these terms.
+        `keep` as for `pay_on_delivery` (before the swap, then with the token). Returns None for
+        feedback that announces no terms; raises PaymentDeclined for terms that fail the checks
+        `check_delivery` makes."""
+        if feedback.status != "processing" or not feedback.content.startswith("creqA"):
+            return None
+        provider = self._signer(request, feedback, "announcement of the terms")
+        terms, creq = await self._htlc_request(
+            request, provider, feedback.content, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
+            mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds,
+            max_lock_seconds=max_lock_seconds, what="announced terms")
+        state: dict = {"job_id": request["id"], "prepared": True}
         keep = keep or (lambda _state: None)
 
         def before_swap(record: dict) -> None:
             state["swap"] = record
             keep(dict(state))
         token = await wallet.send_htlc(creq["a"], creq["m"][0], terms, before_swap=before_swap)
+        state["token"] = token
+        keep(dict(state))
+        return PreparedDelivery(terms, creq["a"], creq["m"][0], token)
+
+    async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
+                              max_price: int | None = None, keep: Callable[[dict], None] | None = None,
+                              min_lock_seconds: float = 120,
+                              prepared: "PreparedDelivery | None" = None) -> "Delivery":
+        """Answer a pay-on-delivery offer, once `check_delivery` passed: HTLC-locked ecash of
+        exactly the amount asked (`wallet.send_htlc`), sent as a nutzap to the DVM the request
+        named. `keep(state)` is called to store the payment's state, a JSON-able dict, as it
+        grows: before the swap that makes the ecash (`{"job_id", "swap"}`: what
+        `wallet.recover_htlc_send` needs if the swap's answer is lost), then with the `token`
+        before the nutzap goes out (what reads the key from the mint and takes the ecash back:
+        `dvm job reclaim`). With `prepared` (`prepare_delivery`) whose terms, amount and mint
+        are the offer's, that ecash is sent and no swap is made; with other terms it stays
+        ours, listed in the state as ``unused_tokens`` (`dvm job reclaim` takes it back after
+        its locktime), and a new one is made. Raises PaymentDeclined."""
+        offer, terms, creq = await self.check_delivery(
+            request, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
+            mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds)
+        provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
+        state: dict = {"job_id": request["id"]}
+        keep = keep or (lambda _state: None)
+        if prepared is not None and (prepared.terms, prepared.amount) == (terms, creq["a"]) \
+                and prepared.mint in creq["m"]:
+            token = prepared.token
+        else:
+            if prepared is not None:
+                state["unused_tokens"] = [prepared.token]
+
+            def before_swap(record: dict) -> None:
+                state["swap"] = record
+                keep(dict(state))
+            token = await wallet.send_htlc(creq["a"], creq["m"][0], terms, before_swap=before_swap)
         state["token"] = token
         keep(dict(state))
         proofs = list(decode_token(token).proofs)
@@ -527,6 +593,17 @@ def _usable_mints(creq: dict, info: WalletInfo, mints: list[str] | None) -> list
         raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
                               "is one it announces and your wallet holds")
     return usable
+
+
+@dataclass(frozen=True)
+class PreparedDelivery:
+    """HTLC ecash made for a job paid on delivery before its offer came (`prepare_delivery`):
+    kept by the customer until the offer asks for exactly these terms."""
+
+    terms: HtlcTerms
+    amount: int
+    mint: str
+    token: str
 
 
 @dataclass(frozen=True)

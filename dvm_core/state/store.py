@@ -518,6 +518,9 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
 
 def _private_file(path: Path, create: bool) -> None:
     """Readable by its owner alone (0600): created so when `create`, else tightened if it exists."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import json
 import secrets
 import shutil
 import sqlite3
@@ -40,6 +41,7 @@ from .room import WAITING_MESSAGE, when_room
 log = structlog.get_logger("dvm.worker")
 
 STOP_GRACE_SECONDS = 10.0
+DELIVERY_LOCK = "delivery-lock:"   # meta key prefix: K and the locktime of a job paid on delivery
 
 
 @dataclass
@@ -307,6 +309,37 @@ class Runner:
         crashpoint("result-stored")
         self.outbox.send_stored(event, "result", request.id)
 
+    def delivery_lock(self, request, job_kind) -> tuple[bytes, int]:
+        """(K, locktime) of a job paid on delivery: drawn when the job is accepted and kept in
+        the store (meta ``delivery-lock:<job id>``) before anything names sha256(K), so the
+        terms announced with ``processing`` (`delivery_terms`) are the ones the offer asks for,
+        across restarts too, when the job ends within half of ``delivery_lock_seconds`` (the
+        locktime is that long after the acceptance); a job that runs longer is offered with
+        fresh terms (`_offer`), so the customer's ecash is never locked longer than one lock."""
+        key = DELIVERY_LOCK + request.id
+        stored = self.store.get_meta(key)
+        if stored:
+            lock = json.loads(stored)
+            return bytes.fromhex(lock["preimage"]), int(lock["locktime"])
+        preimage = secrets.token_bytes(32)
+        locktime = int(time.time()) + self.settings.delivery_lock_seconds
+        self.store.set_meta(key, json.dumps({"preimage": preimage.hex(), "locktime": locktime}))
+        return preimage, locktime
+
+    def delivery_terms(self, request, job_kind, due: int) -> str:
+        """The NUT-18 request the offer of this job will carry (HTLC on sha256(K), this job's
+        key, the locktime, the customer's refund key), announced when the job is accepted so
+        that the customer can make the ecash while the job runs (`Customer.prepare_delivery`)."""
+        from dvm_core.protocol.ecash import HtlcTerms, encode_payment_request, htlc_hash
+
+        preimage, locktime = self.delivery_lock(request, job_kind)
+        terms = HtlcTerms(htlc_hash(preimage), self.cashier.wallet.job_lock_pubkey(request.id), locktime,
+                          request.pay_on_delivery)
+        return encode_payment_request(
+            payment_id=request.id[:16], amount=due, unit=self.settings.unit, mints=self.settings.mints,
+            description=f"NIP-90 job {request.id}, paid on delivery", nostr_target=self.outbox.keys.npub,
+            htlc=terms)
+
     async def _offer(self, active: ActiveJob, result: JobResult, metrics: dict) -> None:
         """Pay on delivery: seal the result under a key only the payment will reveal, and offer
         it (`protocol.delivery`). K, the sealed result and the offer are stored with the state
@@ -318,7 +351,12 @@ class Runner:
         from dvm_core.protocol.nip44 import get_conversation_key
         from dvm_core.transport.blobcrypt import encrypt_bytes
         request, keys = active.request, self.outbox.keys
-        preimage = secrets.token_bytes(32)
+        preimage, locktime = self.delivery_lock(request, active.job_kind)
+        if locktime - time.time() < self.settings.delivery_lock_seconds / 2:
+            # The job ran long past its announced terms: a fresh K and a full lock for the offer
+            # (a customer that made ecash for the announced ones takes it back after their locktime).
+            preimage = secrets.token_bytes(32)
+            locktime = int(time.time()) + self.settings.delivery_lock_seconds
         conversation = get_conversation_key(keys.private_key, request.pubkey) if request.encrypted else None
         key = seal_key(preimage, conversation).hex()
         artifacts = await self._upload_artifacts(active, result, key=key)
@@ -332,7 +370,6 @@ class Runner:
         if len(sealed) > MAX_SEALED_RESULT:
             raise JobError(f"the result is too large to offer on delivery ({len(payload)} bytes of "
                            "JSON): nothing is charged")
-        locktime = int(time.time()) + self.settings.delivery_lock_seconds
         terms = HtlcTerms(hash_, self.cashier.wallet.job_lock_pubkey(request.id), locktime,
                           request.pay_on_delivery)
         creq = encode_payment_request(
@@ -354,6 +391,7 @@ class Runner:
                                         offer=offer.to_content(), result=payload)
                 self.store.add_outgoing(event, "feedback", request.id)
                 self.store.set_state(request.id, JobState.DELIVERED, summary=metrics)
+                self.store.delete_meta(DELIVERY_LOCK + request.id)   # K is in the delivery now
         await when_room(store_offer, job_id=request.id, what="storing the offer",
                         on_wait=lambda: active.reply.feedback("processing", WAITING_MESSAGE))
         crashpoint("delivery-offered")

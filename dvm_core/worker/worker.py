@@ -45,7 +45,7 @@ from .offer import Offer
 from .outbox import Outbox, Reply
 from .plugins import collect_job_kinds, plugin_manager
 from .room import WAITING_MESSAGE, log_full, retry_delay, when_room
-from .runner import STOP_GRACE_SECONDS, ActiveJob, Outcome, Runner
+from .runner import DELIVERY_LOCK, STOP_GRACE_SECONDS, ActiveJob, Outcome, Runner
 
 log = structlog.get_logger("dvm.worker")
 
@@ -388,14 +388,18 @@ class Worker:
             message += f"; paid {min(paid.amount, paid.price)} {paid.unit}"
             if paid.warning:
                 message += f". {paid.warning}"
+        terms = ""
         if due:
             message += (f"; you pay {due} {self.settings.unit} on delivery, when the result is ready "
-                        "(nothing now)")
-        reply.feedback("processing", message)
+                        "(nothing now; the ecash may be made now, as the terms below ask)")
+            terms = self.runner.delivery_terms(request, job.job_kind, due)   # K kept before it is named
+        reply.feedback("processing", message, content=terms)
         return active
 
     def _finish(self, active: ActiveJob, outcome: Outcome) -> None:
         request = active.request
+        if active.due and outcome.state in (JobState.FAILED, JobState.CANCELLED):
+            self.store.delete_meta(DELIVERY_LOCK + request.id)   # never offered: K named nothing paid
         if outcome.state in (JobState.FAILED, JobState.CANCELLED):
             self._end_job(active.reply, outcome.state, outcome.error,
                           refund=outcome.refund and active.paid is not None, keep=outcome.keep)

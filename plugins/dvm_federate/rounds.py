@@ -287,6 +287,7 @@ class Federation:
         started = time.monotonic()
         meter = ProgressMeter()
         label = label or f"provider {provider[:12]}…"
+        preparing: asyncio.Task | None = None   # pay on delivery: the ecash made while the job runs
         try:
             async for update in self.customer.updates(request, timeout=s.job_timeout):
                 if isinstance(update, Result):
@@ -297,9 +298,13 @@ class Federation:
                     raise ProviderFailed(update.message or "error")
                 if update.status == "processing" and update.progress is not None:
                     self.say(f"{label} {meter.line(update.progress, update.message)}")
+                if s.pay_on_delivery and preparing is None and update.status == "processing" \
+                        and update.content.startswith("creqA"):
+                    preparing = asyncio.ensure_future(self._prepare_delivery(provider, request, update))
                 if update.status == "payment-required" and s.pay_on_delivery:
+                    prepared = await preparing if preparing is not None else None
                     result = await self._pay_on_delivery(provider, request, update,
-                                                         s.job_timeout - (time.monotonic() - started))
+                                                         s.job_timeout - (time.monotonic() - started), prepared)
                     self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, self._paid[provider]
@@ -323,6 +328,9 @@ class Federation:
         except TimeoutError:
             await self.customer.cancel(request, "timed out")
             raise ProviderFailed(f"no result within {s.job_timeout:g}s") from None
+        finally:
+            if preparing is not None and not preparing.done():
+                await asyncio.shield(preparing)   # its state is written before it returns: let it end
         raise ProviderFailed("no result")
 
     async def _recover_job(self, provider: str, journal: Path, dest: Path) -> tuple[dict[str, Path], int]:
@@ -355,20 +363,40 @@ class Federation:
         self.say(f"provider {provider[:12]}… result of job {job_id[:12]}… (paid before the restart) recovered")
         return {p.name: p for p in files}, amount
 
-    async def _pay_on_delivery(self, provider: str, request: dict, offer, timeout: float):
-        """Pay a provider's offer of its sealed update (checked: signer, amount, cap, lock, mint)
-        with HTLC ecash, kept under workdir/delivery-tokens/ before it is sent; returns the result
-        the key opens. A provider that never redeems is dropped; the ecash comes back after the
-        locktime (`dvm job reclaim`)."""
-        s = self.settings
+    def _delivery_keeper(self, request: dict) -> Callable[[dict], None]:
+        """Where a job's pay-on-delivery state goes: workdir/delivery-tokens/<job id>.json."""
         tokens = self.workdir / "delivery-tokens"
 
         def keep(state: dict) -> None:
             tokens.mkdir(exist_ok=True, mode=0o700)
-            (tokens / f"{request['id']}.json").write_text(json.dumps(state))
+            path = tokens / f"{request['id']}.json"
+            part = path.with_name(path.name + ".part")
+            part.write_text(json.dumps(state))
+            part.replace(path)
+        return keep
+
+    async def _prepare_delivery(self, provider: str, request: dict, accepted):
+        """The HTLC ecash for the terms a provider announced when it accepted the job, made
+        while it trains (`Customer.prepare_delivery`); None when they fail a check or the
+        wallet cannot make it now (the ecash is then made when the offer comes)."""
+        try:
+            return await self.customer.prepare_delivery(request, accepted, self.wallet, max_price=self.settings.max_price,
+                                                        keep=self._delivery_keeper(request))
+        except Exception as exc:   # noqa: BLE001 - any failure here only loses the head start
+            self.say(f"provider {provider[:12]}…: the ecash is made when the offer comes ({exc})")
+            return None
+
+    async def _pay_on_delivery(self, provider: str, request: dict, offer, timeout: float, prepared=None):
+        """Pay a provider's offer of its sealed update (checked: signer, amount, cap, lock, mint)
+        with HTLC ecash (`prepared` while it trained, if it is for these terms), kept under
+        workdir/delivery-tokens/ before it is sent; returns the result the key opens. A provider
+        that never redeems is dropped; the ecash comes back after the locktime (`dvm job reclaim`)."""
+        s = self.settings
+        tokens = self.workdir / "delivery-tokens"
+        keep = self._delivery_keeper(request)
         try:
             delivery = await self.customer.pay_on_delivery(request, offer, self.wallet,
-                                                           max_price=s.max_price, keep=keep)
+                                                           max_price=s.max_price, keep=keep, prepared=prepared)
         except PaymentDeclined as exc:
             self._payments[provider] = f"not paid: {exc}"
             raise ProviderFailed(f"not paid: {exc}") from None

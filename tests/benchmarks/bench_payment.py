@@ -37,8 +37,11 @@ dealt so that each kind gets the same mix (`token_proofs`).
   HTLC-locked proofs, then the nutzap published), `Customer.await_delivery` (`--poll-seconds`).
   Timed from the request's publish until `await_delivery` returns the opened Result, i.e. the
   decrypted result; the paid job is timed the same way, until `Customer.result` returns it
-  decrypted (`paid_result_p50_ms`). The HTLC token cannot be made in advance (its hash comes in
-  the offer), so its swap is inside the timing. The worker answers once that ecash is checked
+  decrypted (`paid_result_p50_ms`). The worker announces the offer's terms (hash, job key,
+  locktime, amount) in the `processing` feedback that accepts the job, and the customer makes
+  the HTLC token then (`Customer.prepare_delivery`), while the job runs, and sends it once the
+  offer comes (`pay_on_delivery(prepared=...)`): the swap is inside the timing but overlaps the
+  job, the seal and the offer. The worker answers once that ecash is checked
   (`deliver_before_redeem`, the default) and swaps it afterwards, so the path holds one swap at
   the mint, the customer's, as the paid path holds one, the worker's.
 - relay round trip (context): a ping (kind 1) to the responder and its reply, as bench_core.
@@ -63,11 +66,12 @@ path (`delivery_hops_p50_ms`), and the time each wallet spends in the HTTP swap 
 methods, so leave it off for the headline numbers); `--profile` runs cProfile over the
 sequential phase or the concurrent one.
 
-Experiments (off by default): `--alt-poll-seconds S` and/or `--alt-lazy-first-check` add a
-second delivery path, `delivery_alt`, interleaved with the first, that passes `await_delivery`
-another poll_seconds, or a wallet whose first checkstate answers "not yet" without asking the
-mint (`LazyFirstCheck`: what `await_delivery` now does itself, since the experiment showed the
-checkstate on the critical path). dvm_core is not changed by either.
+Experiments (off by default): `--alt-poll-seconds S`, `--alt-lazy-first-check` and/or
+`--alt-no-prepare` add a second delivery path, `delivery_alt`, interleaved with the first, that
+passes `await_delivery` another poll_seconds, or a wallet whose first checkstate answers "not
+yet" without asking the mint (`LazyFirstCheck`: what `await_delivery` now does itself, since the
+experiment showed the checkstate on the critical path), or makes the HTLC token only when the
+offer comes (as before the terms were announced at acceptance). dvm_core is not changed by any.
 """
 
 from __future__ import annotations
@@ -410,6 +414,7 @@ class DeliveryPath:
     name: str
     poll_seconds: float
     lazy_first_check: bool = False   # await_delivery gets a wallet whose first checkstate is skipped
+    prepare: bool = True   # make the HTLC ecash when the acceptance announces the terms (prepare_delivery)
     times: list = field(default_factory=list)
     ids: list = field(default_factory=list)
     stamps: dict = field(default_factory=dict)
@@ -568,6 +573,7 @@ async def delivery_job(customer: TimedCustomer, worker_pk: str, dw: TimedDeliver
     dw.current = rid
     stamps: dict = {}
     problem = None
+    preparing = None
     try:
         offer = None
         async with contextlib.aclosing(customer.updates(request, timeout)) as updates:
@@ -581,9 +587,17 @@ async def delivery_job(customer: TimedCustomer, worker_pk: str, dw: TimedDeliver
                 if update.status == "error":
                     problem = f"error feedback: {update.message}"
                     break
+                if path.prepare and preparing is None and update.status == "processing" \
+                        and update.content.startswith("creqA"):   # the terms, at acceptance
+                    stamps["terms"] = time.perf_counter()
+                    preparing = asyncio.ensure_future(customer.prepare_delivery(request, update, wallet,
+                                                                                max_price=price))
         if offer is not None:
             stamps["offer"] = time.perf_counter()
-            delivery = await customer.pay_on_delivery(request, offer, wallet, max_price=price)
+            prepared = await preparing if preparing is not None else None
+            stamps["prepared"] = time.perf_counter()
+            delivery = await customer.pay_on_delivery(request, offer, wallet, max_price=price, prepared=prepared)
+            stamps["prepared_used"] = prepared is not None and delivery.token == prepared.token
             stamps["paid"] = time.perf_counter()
             result = await customer.await_delivery(
                 delivery, LazyFirstCheck(wallet) if path.lazy_first_check else wallet,
@@ -767,10 +781,11 @@ async def main_async(args) -> dict:
         paths: list[DeliveryPath] = []
         if not args.no_delivery:
             paths.append(DeliveryPath("delivery", args.poll_seconds))
-            if args.alt_poll_seconds is not None or args.alt_lazy_first_check:
+            if args.alt_poll_seconds is not None or args.alt_lazy_first_check or args.alt_no_prepare:
                 alt_poll = args.poll_seconds if args.alt_poll_seconds is None else args.alt_poll_seconds
                 paths.append(DeliveryPath("delivery_alt", alt_poll,
-                                          lazy_first_check=args.alt_lazy_first_check))
+                                          lazy_first_check=args.alt_lazy_first_check,
+                                          prepare=not args.alt_no_prepare))
             # Pay on delivery from a wallet of its own, funded apart (the HTLC tokens are made
             # during the timing: their hash comes in the offer); its P2PK key, the refund key,
             # is the customer's Nostr key, as in tests/paying.py.
@@ -1017,6 +1032,9 @@ def main() -> None:
                     help="Customer.await_delivery's poll_seconds on the delivery path (its default: 2.0)")
     ap.add_argument("--alt-poll-seconds", type=float, default=None,
                     help="experiment: add a second delivery path, interleaved, with this poll_seconds")
+    ap.add_argument("--alt-no-prepare", action="store_true",
+                    help="delivery_alt makes the HTLC ecash only when the offer comes (as before the "
+                         "terms were announced at acceptance)")
     ap.add_argument("--alt-lazy-first-check", action="store_true",
                     help="experiment: add a second delivery path, interleaved, whose await_delivery "
                          "waits for the result event before its first checkstate (LazyFirstCheck)")
