@@ -71,11 +71,12 @@ def job_kind(config: dict | None = None) -> JobKind:
 @hookimpl
 def register_job_kinds(register, config):
     """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``,
-    and kind 5753 ``image-classifier-verify``, which replays a segment of its transcripts."""
+    and the checker of its transcripts, which kind 5753 (``training-verify``, served by the core
+    wherever a training plugin is loaded) hands them to."""
     from . import verify
 
     register(job_kind(config))
-    register(verify.job_kind(config))
+    register(verify.checker())
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:

@@ -27,7 +27,7 @@ import dataclasses
 import shutil
 import time
 
-from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl, register_transcript_verifier
+from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
@@ -71,8 +71,13 @@ def job_kind(config: dict | None = None) -> JobKind:
 
 @hookimpl
 def register_job_kinds(register, config):
-    """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``."""
+    """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``, and the
+    checker of its transcripts, which kind 5753 (``training-verify``, served by the core wherever a
+    training plugin is loaded) hands them to."""
+    from .verify import checker
+
     register(job_kind(config))
+    register(checker())
 
 
 @hookimpl
@@ -322,11 +327,3 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")
 
 
-def _check_transcript(ctx, job, transcript, signer, started):
-    """Kind 5753 (the image-classifier plugin's verify kind) on this plugin's transcripts."""
-    from .verify import run_job
-
-    return run_job(ctx, job, transcript, signer, started)
-
-
-register_transcript_verifier("dvm-llm-finetune-transcript/1", _check_transcript)   # transcript.FORMAT
