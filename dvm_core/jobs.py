@@ -32,12 +32,18 @@ class Artifact:
     worker delivers, in its place, a Nostr event of kind `SIGNED_FILE_KIND` signed with the
     provider's key, whose content is the file's text (UTF-8) and whose tags name the request
     (``e``), its kind (``k``), the file (``name``) and the sha256 of the content (``x``). A plugin
-    never sees the key; the customer checks the signature against the provider's pubkey."""
+    never sees the key; the customer checks the signature against the provider's pubkey.
+
+    `keep_days`: the file is kept for this many days only (a training transcript's checkpoints,
+    for the retention the provider announces): the worker records the blob in its store when it
+    uploads it and deletes it from the blob server once that time has passed (BUD-02 ``DELETE``;
+    retried until the server answers, across restarts). None: the worker never deletes it."""
 
     path: Path
     type: str = "application/octet-stream"
     name: str | None = None
     signed: bool = False
+    keep_days: float | None = None
 
 
 SIGNED_FILE_KIND = 1750   # a file a provider signed for a job (docs/protocol.md)

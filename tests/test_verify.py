@@ -292,6 +292,8 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
     assert files["transcript.json"].signed and not files["model.safetensors"].signed
     checkpoints = sorted(n for n in files if n.startswith("checkpoint-"))
     assert checkpoints == [f"checkpoint-{s:07d}.safetensors" for s in (0, 10, 20, 30, 40, 42)]
+    assert all(files[n].keep_days == 30.0 for n in checkpoints)   # the worker deletes them then
+    assert files["model.safetensors"].keep_days is None and files["transcript.json"].keep_days is None
     transcript = json.loads(files["transcript.json"].path.read_text())
     assert transcript["format"] == T.FORMAT and transcript["seed"] == 0 and transcript["checkpoint_every"] == EVERY
     assert transcript["versions"]["torch"] == torch.__version__ and transcript["params"]["epochs"] == EPOCHS

@@ -142,7 +142,10 @@ def test_the_job_returns_a_signed_transcript_and_checkpoints(honest):
     assert t["versions"]["torch"] == torch.__version__ and "transformers" in t["versions"]
     assert t["params"]["learning_rate"] == 0.01 and t["device"] == "cpu" and t["threads"] == 1
     assert t["base_model"]["source"]["archive_sha256"] and t["data"]["train_examples"] == 180
-    assert t["checkpoints_kept_days"] == 30.0
+    assert t["checkpoints_kept_days"] == 30.0 and "kept 30 days" in lf.job_kind({}).description
+    assert "kept 7 days" in lf.job_kind({"plugins": {"llm-finetune": {"checkpoint_retention_days": 7}}}).description
+    assert all(a.keep_days == 30.0 for n, a in files.items() if n.startswith("checkpoint-"))   # deleted then
+    assert files["adapter_model.safetensors"].keep_days is None and files["transcript.json"].keep_days is None
     assert honest.result.content["transcript"]["final_weights_sha256"] == t["checkpoints"][-1]["weights_sha256"]
     # A checkpoint holds the adapter only (not the frozen base), the optimizer's moments, no RNG.
     last = T.Checkpoint.load(honest.file(23))

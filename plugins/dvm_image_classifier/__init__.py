@@ -300,7 +300,7 @@ def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha2
     path = out / "transcript.json"
     path.write_text(json.dumps(record, indent=1))
     return [Artifact(path, "application/json", "transcript.json", signed=True)] + \
-        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
+        [Artifact(f, "application/octet-stream", f.name, keep_days=retention_days) for f in recorder.files]
 
 
 def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:

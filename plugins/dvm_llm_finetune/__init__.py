@@ -60,7 +60,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"weights) instead of param model. Hub models offered: {models}. Limits: "
             f"{limits.max_model_parameters:,} parameters, {limits.max_tokens:,} tokens, "
             f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
-            f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
+            f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing} "
+            f"With checkpoint_every, a signed training transcript and its checkpoints, kept "
+            f"{limits.checkpoint_retention_days:g} days; kind 5753 verifies a segment of it."),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         params_schema=params_schema(limits),
         precheck=precheck,
