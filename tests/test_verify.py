@@ -427,6 +427,7 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         assert run.exit_code == 0, run.output
         summary = json.loads(run.output)
         assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
+        assert [(w["file"], w["match"]) for w in summary["returned_weights"]] == [("model.safetensors", True)]
         assert summary["verdicts"][0]["segment"] == list(pick_segments(opened.transcript, 1, seed=2)[0])
 
         # A transcript that names another learning rate than the checkpoints were trained at:

@@ -389,6 +389,7 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     folder = tmp_path / "result"
     shutil.copytree(honest.folder, folder)
     (folder / "transcript.json").write_text(json.dumps(honest.transcript))
+    shutil.copy(next(a.path for a in honest.result.artifacts if a.name == "adapter_model.safetensors"), folder)
     args = [str(folder), "--data", str(assets["data"]), "--local", "--allow-unsigned", "--checks", "4"]
     missing = CliRunner().invoke(verify_command, args)
     assert missing.exit_code == 1 and "--model" in missing.output
@@ -396,6 +397,26 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout)
     assert summary["passed"] and summary["checked"] == 4 and all(v["distance"] == 0.0 for v in summary["verdicts"])
+    assert summary["returned_weights"] == [{"file": "adapter_model.safetensors", "match": True,
+                                            "expected_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"],
+                                            "got_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"]}]
+    said = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1"])
+    assert said.exit_code == 0 and "returned weights: adapter_model.safetensors matches the transcript" in said.output
+    # The adapter returned is not the one trained (one weight nudged): the segments still replay,
+    # the returned weights do not match, and the check fails.
+    from safetensors.torch import load_file, save_file
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    first = sorted(adapter)[0]
+    adapter[first] = adapter[first].clone()
+    adapter[first].view(-1)[0] += 1e-3
+    save_file(adapter, str(folder / "adapter_model.safetensors"))
+    swapped = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1"])
+    assert swapped.exit_code == MISMATCH_EXIT, swapped.output
+    assert "returned weights: adapter_model.safetensors DOES NOT MATCH the transcript" in swapped.output
+    assert "FAILED: 1/1 segments match; the returned adapter_model.safetensors not the transcript's" in swapped.output
+    (folder / "adapter_model.safetensors").unlink()
+    gone = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1", "--json"])
+    assert gone.exit_code == 0 and json.loads(gone.stdout)["returned_weights"][0]["match"] is None
     # The learning rate claimed is not the one trained at: every segment fails.
     claim = json.loads(json.dumps(honest.transcript))
     claim["params"]["learning_rate"] = 0.02
