@@ -9,8 +9,7 @@ layers below (see dvm_core/README.md); plugins do not import them.
 import pluggy
 
 from .jobs import (SIGNED_FILE_KIND, Artifact, JobCancelled, JobContext, JobError, JobInputError, JobKind,
-                   JobResult, JobTimeout, SignedFile, StopReason, open_signed_file, register_transcript_verifier,
-                   transcript_verifier)
+                   JobResult, JobTimeout, SignedFile, StopReason, TranscriptChecker, open_signed_file)
 from .protocol.nip90 import JobInput, JobRequest
 
 hookimpl = pluggy.HookimplMarker("dvm")
@@ -18,5 +17,5 @@ hookimpl = pluggy.HookimplMarker("dvm")
 __all__ = [
     "hookimpl", "Artifact", "JobKind", "JobResult", "JobContext", "JobError", "JobInputError",
     "JobCancelled", "JobTimeout", "StopReason", "JobRequest", "JobInput", "SIGNED_FILE_KIND",
-    "SignedFile", "open_signed_file", "register_transcript_verifier", "transcript_verifier",
+    "SignedFile", "open_signed_file", "TranscriptChecker",
 ]

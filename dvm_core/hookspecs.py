@@ -54,7 +54,10 @@ def register_job_kinds(register, config):
     """Register the job kinds this plugin serves.
 
     :param register: call ``register(JobKind(...))`` once per kind (see `dvm_core.jobs.JobKind`).
-        Registering a kind number or name that another plugin already took is an error.
+        Registering a kind number or name that another plugin already took is an error. A plugin
+        whose jobs write training transcripts also calls ``register(TranscriptChecker(...))``
+        (`dvm_core.jobs.TranscriptChecker`): the worker then serves the verify kind, 5753
+        ``training-verify`` (`dvm_core.transcripts`), once for every format registered.
     :param config: the worker's whole configuration as a dict (from the TOML file); a plugin
         reads its own table, ``config["plugins"]["<plugin name>"]``, if it has settings.
     """

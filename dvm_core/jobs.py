@@ -18,7 +18,8 @@ from .errors import JobCancelled, JobError, JobInputError, JobTimeout, StopReaso
 from .protocol.nip90 import JobRequest
 
 __all__ = ["StopReason", "JobCancelled", "JobError", "JobInputError", "JobTimeout",
-           "Artifact", "SIGNED_FILE_KIND", "SignedFile", "open_signed_file", "JobResult", "JobKind", "JobContext"]
+           "Artifact", "SIGNED_FILE_KIND", "SignedFile", "open_signed_file", "JobResult", "JobKind", "JobContext",
+           "TranscriptChecker"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,18 @@ class Artifact:
     worker delivers, in its place, a Nostr event of kind `SIGNED_FILE_KIND` signed with the
     provider's key, whose content is the file's text (UTF-8) and whose tags name the request
     (``e``), its kind (``k``), the file (``name``) and the sha256 of the content (``x``). A plugin
-    never sees the key; the customer checks the signature against the provider's pubkey."""
+    never sees the key; the customer checks the signature against the provider's pubkey.
+
+    `keep_days`: the file is kept for this many days only (a training transcript's checkpoints,
+    for the retention the provider announces): the worker records the blob in its store when it
+    uploads it and deletes it from the blob server once that time has passed (BUD-02 ``DELETE``;
+    retried until the server answers, across restarts). None: the worker never deletes it."""
 
     path: Path
     type: str = "application/octet-stream"
     name: str | None = None
     signed: bool = False
+    keep_days: float | None = None
 
 
 SIGNED_FILE_KIND = 1750   # a file a provider signed for a job (docs/protocol.md)
@@ -224,21 +231,38 @@ class JobContext:
 
 # --- training transcripts: one verify kind, many formats ---------------------------------------
 #
-# The verify kind (5753, registered by the image-classifier plugin) replays a segment of a
-# training transcript. A plugin whose jobs write transcripts of another format registers, when
-# it is imported, the function that checks them: ``run(ctx, job, transcript, signer, started)``
-# returning the `JobResult`, where `job` is the verify kind's parsed request (``urls`` by input
-# marker, ``end_step``, ``tolerance``, ``model_repo``, ``model_revision``). Plugins never import
-# each other: they meet here.
-
-_transcript_verifiers: dict[str, Callable] = {}
+# The verify kind (5753, ``training-verify``, built by the core: `dvm_core.transcripts`) replays
+# a segment of a training transcript. It is served by every worker where a loaded plugin
+# registers a `TranscriptChecker` (through the same ``register`` as its job kinds), once however
+# many do; each transcript goes to the checker of its ``format``. Plugins never import each
+# other: they meet here.
 
 
-def register_transcript_verifier(format: str, run: Callable) -> None:
-    """Say that `run` checks segments of transcripts whose ``format`` is `format`."""
-    _transcript_verifiers[format] = run
+@dataclass(frozen=True)
+class TranscriptChecker:
+    """How a plugin checks segments of the training transcripts its jobs write.
 
+    :param format: the transcript's ``format`` string, e.g. ``"dvm-llm-finetune-transcript/1"``.
+    :param run: ``run(ctx, job, transcript, signer, started) -> JobResult``, in the job's worker
+        thread: `job` is the verify kind's `dvm_core.transcripts.VerifyJob` (``urls`` by input
+        marker, ``end_step``, ``tolerance``, ``params``: this checker's own params, as sent),
+        `transcript` the transcript (a dict, its format checked), `signer` the hex key that
+        signed it (None for a bare one), `started` the job's ``time.monotonic()`` start. Read
+        the provider's settings from ``ctx.config``.
+    :param what: the jobs whose transcripts these are, for the kind's description, e.g.
+        ``"kind 5751, LLM fine-tuning"``.
+    :param params: params only this format takes (name: one-line description), accepted by
+        the verify kind wherever this checker is loaded.
+    :param roles: input markers only this format takes (e.g. ``"model"``).
+    :param check: ``check(job)`` at parse time (quick, no I/O): raise `JobInputError` for a
+        combination of this checker's params or inputs that cannot work.
+    :param needs: what the customer sends besides the common inputs, for the description.
+    """
 
-def transcript_verifier(format: str) -> Callable | None:
-    """The function registered for `format`, or None where no loaded plugin checks it."""
-    return _transcript_verifiers.get(format)
+    format: str
+    run: Callable
+    what: str
+    params: dict[str, str] = field(default_factory=dict)
+    roles: tuple[str, ...] = ()
+    check: Callable | None = None
+    needs: str = ""

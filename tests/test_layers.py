@@ -18,7 +18,7 @@ CORE = ROOT / "dvm_core"
 # The plugin API: dvm_core's top level. It may use the pure protocol code, nothing else of the core.
 PLUGIN_API = {"dvm_core", "dvm_core.hookspecs", "dvm_core.jobs", "dvm_core.errors", "dvm_core.params",
               "dvm_core.archives", "dvm_core.childproc", "dvm_core.datarefs", "dvm_core.charts",
-              "dvm_core.launch", "dvm_core.devices"}
+              "dvm_core.launch", "dvm_core.devices", "dvm_core.transcripts"}
 
 # Each layer and the layers of dvm_core it may import (besides the plugin API's pure parts).
 LAYERS = {
@@ -107,7 +107,8 @@ def test_each_core_module_imports_only_its_layer_and_below(path, name, package):
 
 @pytest.mark.parametrize("path,name,package", [m for m in CORE_MODULES if core_layer(m[1]) == "protocol"
                                                or m[1] in ("dvm_core.jobs", "dvm_core.errors", "dvm_core.params",
-                                                           "dvm_core.datarefs", "dvm_core.hookspecs")],
+                                                           "dvm_core.datarefs", "dvm_core.hookspecs",
+                                                           "dvm_core.transcripts")],
                          ids=lambda m: m if isinstance(m, str) else "")
 def test_protocol_code_and_the_plugin_contract_do_no_io(path, name, package):
     imported = {i for i in imports_of(path, package) if i.split(".")[0] in STDLIB or "." not in i}

@@ -14,7 +14,9 @@ import dvm_fedavg as fa
 import dvm_image_classifier as ic
 import dvm_llm_finetune as lf
 from dvm_image_classifier import verify as icv
+from dvm_llm_finetune import verify as lfv
 from dvm_core import JobInputError
+from dvm_core import transcripts
 from dvm_core.params import coerce_params
 from dvm_core.protocol.nip90 import (JobInput, JobRequest, KindDescription, build_handler_announcement,
                                      parse_handler_announcement)
@@ -33,7 +35,7 @@ PLUGINS = {
                      {"output": {"method": "full"}, "compression": {"method": "full", "output": "delta"}}),
     "fedavg": (fa.job_kind({}), [JobInput(u, "url", marker="update") for u in URLS[:12]]
                + [JobInput(URLS[12], "url", marker="base")], {"m": {"method": "multi_krum"}}),
-    "image-classifier-verify": (icv.job_kind({}), [JobInput(URLS[0], "url"), JobInput(URLS[1], "url", marker="transcript"),
+    "training-verify": (transcripts.job_kind([icv.checker(), lfv.checker()]), [JobInput(URLS[0], "url"), JobInput(URLS[1], "url", marker="transcript"),
                                                    JobInput(URLS[2], "url", marker="start")], {}),
 }
 # What also depends on the inputs, which a schema of the params cannot know: Multi-Krum keeps at

@@ -28,6 +28,7 @@ pytest.importorskip("sklearn")
 from dvm_core import JobInputError  # noqa: E402
 from dvm_core.jobs import JobContext  # noqa: E402
 from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+from dvm_core.transcripts import KIND as VERIFY_KIND  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -45,6 +46,13 @@ from dvm_image_classifier.train import normalisation, split_indices, to_tensors,
 
 CPU = torch.device("cpu")
 EPOCHS, BATCH, EVERY = 2, 64, 10     # 1438 digits, 10% held out: 21 steps an epoch, 42 in all
+
+
+def verify_kind(config: dict | None = None, plugins=("image-classifier",)):
+    """Kind 5753 as a worker running `plugins` registers it."""
+    from dvm_core.worker.plugins import collect_job_kinds, plugin_manager
+
+    return collect_job_kinds(plugin_manager(only=list(plugins)), config or {})[VERIFY_KIND]
 
 
 def make_ctx(tmp_path: Path, kind: int, files: dict[str, Path], markers: dict[str, str], params: dict):
@@ -284,6 +292,8 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
     assert files["transcript.json"].signed and not files["model.safetensors"].signed
     checkpoints = sorted(n for n in files if n.startswith("checkpoint-"))
     assert checkpoints == [f"checkpoint-{s:07d}.safetensors" for s in (0, 10, 20, 30, 40, 42)]
+    assert all(files[n].keep_days == 30.0 for n in checkpoints)   # the worker deletes them then
+    assert files["model.safetensors"].keep_days is None and files["transcript.json"].keep_days is None
     transcript = json.loads(files["transcript.json"].path.read_text())
     assert transcript["format"] == T.FORMAT and transcript["seed"] == 0 and transcript["checkpoint_every"] == EVERY
     assert transcript["versions"]["torch"] == torch.__version__ and transcript["params"]["epochs"] == EPOCHS
@@ -296,14 +306,15 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
         == result.content["transcript"]["final_weights_sha256"]
 
     # The verify kind, on the segment [20, 30) and on the last one.
-    kind = V.job_kind({})
-    assert kind.kind == 5753 and set(kind.params_schema["properties"]) == {"end_step", "tolerance", "model", "revision"}
+    kind = verify_kind()
+    assert V.FORMAT == T.FORMAT and kind.name == "training-verify" and kind.plugin == "image-classifier"
+    assert kind.kind == 5753 and set(kind.params_schema["properties"]) == {"end_step", "tolerance"}
     for start, end in ((20, 30), (40, 42)):
         urls = {"https://b/data": data, "https://b/t": files["transcript.json"].path,
                 "https://b/s": files[f"checkpoint-{start:07d}.safetensors"].path,
                 "https://b/e": files[f"checkpoint-{end:07d}.safetensors"].path}
         markers = {"https://b/t": "transcript", "https://b/s": "start", "https://b/e": "end"}
-        request, ctx = make_ctx(tmp_path / f"verify-{start}", V.KIND, urls, markers, {})
+        request, ctx = make_ctx(tmp_path / f"verify-{start}", VERIFY_KIND, urls, markers, {})
         verdict = kind.run(ctx, kind.parse(request)).content
         assert verdict["match"] is True and verdict["segment"] == [start, end] and verdict["distance"] == 0.0
         assert verdict["transcript_signer"] is None   # a bare transcript: the worker signs it on delivery
@@ -313,7 +324,7 @@ def test_the_job_writes_a_transcript_that_the_verify_kind_passes(tmp_path, digit
     lied["params"]["learning_rate"] *= 2
     (tmp_path / "lied.json").write_text(json.dumps(lied))
     urls |= {"https://b/t": tmp_path / "lied.json"}
-    request, ctx = make_ctx(tmp_path / "verify-lied", V.KIND, urls, markers, {})
+    request, ctx = make_ctx(tmp_path / "verify-lied", VERIFY_KIND, urls, markers, {})
     assert kind.run(ctx, kind.parse(request)).content["match"] is False
 
 
@@ -325,9 +336,9 @@ def test_checkpoint_every_is_checked(tmp_path, digits):
     request, _ = make_ctx(tmp_path, ic.KIND, {"https://b/data": digits[0]}, {}, {"checkpoint_every": -1})
     with pytest.raises(JobInputError, match="checkpoint_every"):
         ic.job_kind({}).parse(request)
-    request, _ = make_ctx(tmp_path, V.KIND, {"https://b/data": digits[0]}, {}, {})
+    request, _ = make_ctx(tmp_path, VERIFY_KIND, {"https://b/data": digits[0]}, {}, {})
     with pytest.raises(JobInputError, match="transcript"):
-        V.job_kind({}).parse(request)
+        verify_kind().parse(request)
 
 
 # --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
@@ -359,7 +370,7 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
 
     worker = await workers.start(
         pm=plugin_manager(only=["image-classifier"]), mints=[mint.url], blob_servers=[blobs.url],
-        allow_private_urls=True, prices={"image-classifier-verify": 2},
+        allow_private_urls=True, prices={"training-verify": 2},
         plugins={"image-classifier": {"sats_per_million_sample_epochs": 1000}})
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
@@ -416,6 +427,7 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         assert run.exit_code == 0, run.output
         summary = json.loads(run.output)
         assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
+        assert [(w["file"], w["match"]) for w in summary["returned_weights"]] == [("model.safetensors", True)]
         assert summary["verdicts"][0]["segment"] == list(pick_segments(opened.transcript, 1, seed=2)[0])
 
         # A transcript that names another learning rate than the checkpoints were trained at:

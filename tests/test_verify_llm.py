@@ -28,11 +28,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import dvm_image_classifier.verify as V  # noqa: E402
 import dvm_llm_finetune as lf  # noqa: E402
 from dvm_core import JobInputError  # noqa: E402
 from dvm_core.jobs import JobContext  # noqa: E402
 from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
+from dvm_core.transcripts import KIND as VERIFY_KIND  # noqa: E402
 from dvm_federate import tiny  # noqa: E402
 from dvm_llm_finetune import transcript as T  # noqa: E402
 from dvm_llm_finetune import verify as LV  # noqa: E402
@@ -54,6 +54,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def verify_kind(config: dict | None = None, plugins=("llm-finetune",)):
+    """Kind 5753 as a worker running `plugins` registers it."""
+    from dvm_core.worker.plugins import collect_job_kinds, plugin_manager
+
+    return collect_job_kinds(plugin_manager(only=list(plugins)), config or {})[VERIFY_KIND]
 
 
 def make_ctx(workdir: Path, kind: int, files: dict[str, Path], markers: dict[str, str], params: dict,
@@ -135,7 +142,10 @@ def test_the_job_returns_a_signed_transcript_and_checkpoints(honest):
     assert t["versions"]["torch"] == torch.__version__ and "transformers" in t["versions"]
     assert t["params"]["learning_rate"] == 0.01 and t["device"] == "cpu" and t["threads"] == 1
     assert t["base_model"]["source"]["archive_sha256"] and t["data"]["train_examples"] == 180
-    assert t["checkpoints_kept_days"] == 30.0
+    assert t["checkpoints_kept_days"] == 30.0 and "kept 30 days" in lf.job_kind({}).description
+    assert "kept 7 days" in lf.job_kind({"plugins": {"llm-finetune": {"checkpoint_retention_days": 7}}}).description
+    assert all(a.keep_days == 30.0 for n, a in files.items() if n.startswith("checkpoint-"))   # deleted then
+    assert files["adapter_model.safetensors"].keep_days is None and files["transcript.json"].keep_days is None
     assert honest.result.content["transcript"]["final_weights_sha256"] == t["checkpoints"][-1]["weights_sha256"]
     # A checkpoint holds the adapter only (not the frozen base), the optimizer's moments, no RNG.
     last = T.Checkpoint.load(honest.file(23))
@@ -257,11 +267,11 @@ def verify_ctx(workdir, run: Run, transcript: Path, a: int, b: int, data: Path, 
     markers = {"https://b/t": "transcript", "https://b/s": "start", "https://b/e": "end"}
     for url, (path, marker) in (extra or {}).items():
         urls[url], markers[url] = path, marker
-    return make_ctx(workdir, V.KIND, urls, markers, params or {}, config)
+    return make_ctx(workdir, VERIFY_KIND, urls, markers, params or {}, config)
 
 
 def test_the_verify_kind_replays_an_llm_segment(assets, honest, tmp_path):
-    kind = V.job_kind({})
+    kind = verify_kind()
     assert {"model", "revision"} <= set(kind.params_schema["properties"]) and "5751" in kind.description
     transcript = next(a.path for a in honest.result.artifacts if a.name == "transcript.json")
     model_input = {"https://b/m": (assets["zip"], "model")}
@@ -290,6 +300,47 @@ def test_the_verify_kind_replays_an_llm_segment(assets, honest, tmp_path):
         kind.parse(request)
 
 
+def test_kind_5753_is_served_by_either_training_plugin_once(assets, honest, tmp_path):
+    """llm-finetune alone serves kind 5753 for its transcripts; with image-classifier too, the
+    kind is registered once and checks both formats; image-classifier alone refuses an LLM
+    transcript before fetching anything else, saying which formats it checks (its provider does
+    not run llm-finetune, whose settings, model allow-list and hub cache the check needs)."""
+    from dvm_core.worker.plugins import describe, plugin_manager
+
+    from dvm_image_classifier import verify as ICV
+
+    llm_only = verify_kind()
+    assert llm_only.plugin == "llm-finetune" and "5751" in llm_only.description and "5750" not in llm_only.description
+    both = verify_kind(plugins=("image-classifier", "llm-finetune"))
+    assert both.plugin == "image-classifier,llm-finetune" and "5750" in both.description and "5751" in both.description
+    assert set(both.params) == {"end_step", "tolerance", "model", "revision"} == set(both.params_schema["properties"])
+    listed = {p["name"]: [k["kind"] for k in p["kinds"]]
+              for p in describe(plugin_manager(only=["image-classifier", "llm-finetune"]), {})}
+    assert listed == {"image-classifier": [5750, 5753], "llm-finetune": [5751, 5753]}
+    assert LV.FORMAT == T.FORMAT
+
+    transcript = next(a.path for a in honest.result.artifacts if a.name == "transcript.json")
+    model_input = {"https://b/m": (assets["zip"], "model")}
+    request, ctx = verify_ctx(tmp_path / "both", honest, transcript, 18, 23, assets["data"], model_input)
+    verdict = both.run(ctx, both.parse(request)).content
+    assert verdict["match"] is True and verdict["segment"] == [18, 23]
+
+    image_only = verify_kind(plugins=("image-classifier",))
+    fetched = []
+    request, ctx = verify_ctx(tmp_path / "image", honest, transcript, 18, 23, assets["data"])
+    fetcher = ctx._fetcher
+    ctx._fetcher = lambda url, into, **kw: fetched.append(url) or fetcher(url, into, **kw)
+    with pytest.raises(JobInputError, match=r"does not check transcripts of format 'dvm-llm-finetune-transcript/1': "
+                                            rf"it checks {ICV.FORMAT} \(kind 5750, image classifier\)"):
+        image_only.run(ctx, image_only.parse(request))
+    assert fetched == ["https://b/t"]
+    # Nor does it take the LLM check's model input or params.
+    request, _ = verify_ctx(tmp_path / "image2", honest, transcript, 18, 23, assets["data"], model_input)
+    with pytest.raises(JobInputError, match="unknown input marker 'model'"):
+        image_only.parse(request)
+    assert "model" not in image_only.params
+
+
 def test_a_hub_model_job_is_verified_with_the_transcripts_model(assets, tmp_path):
     """Param model (the provider's hub cache): the transcript names repo and commit; the
     verifier takes them from it."""
@@ -302,7 +353,7 @@ def test_a_hub_model_job_is_verified_with_the_transcripts_model(assets, tmp_path
     transcript = json.loads(files["transcript.json"].read_text())
     assert transcript["base_model"]["source"] == {"hub": REPO_ID, "revision": COMMIT}
     run = Run(transcript, files["checkpoint-0000000.safetensors"].parent)
-    verify = V.job_kind(config)
+    verify = verify_kind(config)
     for a, b in ((0, 2), (2, 4)):
         request, ctx = verify_ctx(tmp_path / f"v{a}", run, files["transcript.json"], a, b, assets["data"],
                                   config=config)
@@ -338,6 +389,7 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     folder = tmp_path / "result"
     shutil.copytree(honest.folder, folder)
     (folder / "transcript.json").write_text(json.dumps(honest.transcript))
+    shutil.copy(next(a.path for a in honest.result.artifacts if a.name == "adapter_model.safetensors"), folder)
     args = [str(folder), "--data", str(assets["data"]), "--local", "--allow-unsigned", "--checks", "4"]
     missing = CliRunner().invoke(verify_command, args)
     assert missing.exit_code == 1 and "--model" in missing.output
@@ -345,6 +397,26 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout)
     assert summary["passed"] and summary["checked"] == 4 and all(v["distance"] == 0.0 for v in summary["verdicts"])
+    assert summary["returned_weights"] == [{"file": "adapter_model.safetensors", "match": True,
+                                            "expected_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"],
+                                            "got_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"]}]
+    said = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1"])
+    assert said.exit_code == 0 and "returned weights: adapter_model.safetensors matches the transcript" in said.output
+    # The adapter returned is not the one trained (one weight nudged): the segments still replay,
+    # the returned weights do not match, and the check fails.
+    from safetensors.torch import load_file, save_file
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    first = sorted(adapter)[0]
+    adapter[first] = adapter[first].clone()
+    adapter[first].view(-1)[0] += 1e-3
+    save_file(adapter, str(folder / "adapter_model.safetensors"))
+    swapped = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1"])
+    assert swapped.exit_code == MISMATCH_EXIT, swapped.output
+    assert "returned weights: adapter_model.safetensors DOES NOT MATCH the transcript" in swapped.output
+    assert "FAILED: 1/1 segments match; the returned adapter_model.safetensors not the transcript's" in swapped.output
+    (folder / "adapter_model.safetensors").unlink()
+    gone = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1", "--json"])
+    assert gone.exit_code == 0 and json.loads(gone.stdout)["returned_weights"][0]["match"] is None
     # The learning rate claimed is not the one trained at: every segment fails.
     claim = json.loads(json.dumps(honest.transcript))
     claim["params"]["learning_rate"] = 0.02
@@ -368,7 +440,8 @@ async def test_a_paid_llm_job_with_a_transcript_verified_by_a_verifier_dvm(worke
                                                                           tmp_path):
     """A private kind-5751 job with checkpoint_every: the transcript comes back as a kind-1750
     event signed by the provider; one segment replayed here, one by a verifier DVM (kind 5753,
-    paid, the base model archive sent marked 'model'); `dvm verify` as typed hires it too."""
+    paid, the base model archive sent marked 'model') that runs llm-finetune alone (no
+    image-classifier plugin); `dvm verify` as typed hires it too."""
     from click.testing import CliRunner
     from dvm_core import SIGNED_FILE_KIND
     from dvm_core.customer.client import download_artifacts, upload_dataset
@@ -380,8 +453,8 @@ async def test_a_paid_llm_job_with_a_transcript_verified_by_a_verifier_dvm(worke
     from .paying import close_customer, funded_customer
 
     worker = await workers.start(
-        pm=plugin_manager(only=["image-classifier", "llm-finetune"]), mints=[mint.url], blob_servers=[blobs.url],
-        allow_private_urls=True, prices={"image-classifier-verify": 2})
+        pm=plugin_manager(only=["llm-finetune"]), mints=[mint.url], blob_servers=[blobs.url],
+        allow_private_urls=True, prices={"training-verify": 2})
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
         data_url = await upload_dataset(assets["data"], [blobs.url], customer.keys, encrypt=True)

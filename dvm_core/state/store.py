@@ -113,6 +113,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS expiring_blobs (
+    server TEXT NOT NULL,           -- the blob server it was uploaded to
+    sha256 TEXT NOT NULL,
+    job_id TEXT,                    -- the job whose result it is
+    name TEXT,                      -- the file's name in the result
+    expires REAL NOT NULL,          -- unix time: deleted from the server after this
+    attempts INTEGER NOT NULL DEFAULT 0,   -- deletes that failed so far
+    next_try REAL NOT NULL,         -- no delete before this (expires, then after each failure)
+    last_error TEXT,
+    PRIMARY KEY (server, sha256)
+);
+CREATE INDEX IF NOT EXISTS expiring_blobs_due ON expiring_blobs(next_try);
 """
 
 ACTIVE_STATES = tuple(s.value for s in ACTIVE)
@@ -511,6 +523,33 @@ class Store:
         return dict(row) if row else None
 
     # meta -----------------------------------------------------------------
+    # blobs kept for a time (`Artifact.keep_days`) -------------------------------------------
+    def add_expiring_blob(self, *, server: str, sha256: str, expires: float, job_id: str | None = None,
+                          name: str | None = None) -> None:
+        """Record an uploaded blob to delete from `server` after `expires`. The same blob recorded
+        again (the same bytes in another result) is kept until the later of the two."""
+        self.db.execute(
+            "INSERT INTO expiring_blobs (server, sha256, job_id, name, expires, next_try) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(server, sha256) DO UPDATE SET expires = max(expires, excluded.expires), "
+            "next_try = max(next_try, excluded.next_try)",
+            (server, sha256, job_id, name, expires, expires))
+
+    def due_blobs(self, now: float, limit: int = 100) -> list[dict]:
+        """Blobs whose time is up (and whose last failed delete is not too recent)."""
+        rows = self.db.execute("SELECT * FROM expiring_blobs WHERE next_try <= ? AND expires <= ? "
+                               "ORDER BY next_try LIMIT ?", (now, now, limit))
+        return [dict(r) for r in rows]
+
+    def expiring_blobs(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM expiring_blobs ORDER BY expires")]
+
+    def blob_deleted(self, server: str, sha256: str) -> None:
+        self.db.execute("DELETE FROM expiring_blobs WHERE server = ? AND sha256 = ?", (server, sha256))
+
+    def blob_delete_failed(self, server: str, sha256: str, error: str, retry_at: float) -> None:
+        self.db.execute("UPDATE expiring_blobs SET attempts = attempts + 1, last_error = ?, next_try = ? "
+                        "WHERE server = ? AND sha256 = ?", (error[:500], retry_at, server, sha256))
+
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None

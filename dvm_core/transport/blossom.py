@@ -98,7 +98,14 @@ class BlossomClient:
 
     async def upload(self, path_or_bytes: str | os.PathLike | bytes,
                      content_type: str = "application/octet-stream") -> BlobDescriptor:
-        """Upload a blob to the first server that takes it, trying each in order.
+        """Upload a blob to the first server that takes it, trying each in order (see
+        `upload_to`)."""
+        return (await self.upload_to(path_or_bytes, content_type))[1]
+
+    async def upload_to(self, path_or_bytes: str | os.PathLike | bytes,
+                        content_type: str = "application/octet-stream") -> tuple[str, BlobDescriptor]:
+        """Upload a blob to the first server that takes it, trying each in order; that server
+        (as configured, which the descriptor's URL need not name) and the descriptor.
 
         A file is hashed first and then streamed from disk, never held in memory. A server
         fails if it cannot be reached, answers an error, or returns a descriptor whose sha256
@@ -120,7 +127,7 @@ class BlossomClient:
             for server in self.servers:
                 result = await self._upload_one(http, server, data, path, digest, size, content_type)
                 if isinstance(result, BlobDescriptor):
-                    return result
+                    return server, result
                 failures.append((server, result))
         raise BlossomError(f"upload of {digest} failed on every server", failures)
 

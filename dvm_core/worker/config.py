@@ -48,6 +48,10 @@ class Settings:
     deliver_before_redeem: bool = True
     mint_retry_seconds: float = 600.0  # how long to retry a mint that is down before giving up
     blob_servers: list[str] = field(default_factory=list)  # Blossom servers for result files
+    # result files kept for a time (a transcript's checkpoints): how often the worker looks for
+    # those whose time is up and deletes them (BUD-02), and how long it waits after a failed delete
+    blob_sweep_seconds: float = 3600.0
+    blob_retry_seconds: float = 3600.0
     max_download_bytes: int = 2 * 1024**3   # per input file
     download_timeout: float = 600.0
     precheck_seconds: float = 120.0  # a plugin's look at the inputs before pricing (free to the customer)
@@ -176,6 +180,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("max_concurrent_jobs must be at least 1")
     if s.max_queued_jobs < 0:
         raise ConfigError("max_queued_jobs must be 0 or more")
+    if s.blob_sweep_seconds <= 0 or s.blob_retry_seconds <= 0:
+        raise ConfigError("blob_sweep_seconds and blob_retry_seconds must be positive")
     if s.job_time_limit <= 0:
         raise ConfigError("job_time_limit must be positive")
     if s.delivery_lock_seconds < 20:

@@ -13,7 +13,7 @@ import pluggy
 import structlog
 
 from dvm_core import hookspecs
-from dvm_core.jobs import JobKind
+from dvm_core.jobs import JobKind, TranscriptChecker
 
 ENTRY_POINT_GROUP = "dvm"
 log = structlog.get_logger("dvm.plugins")
@@ -76,23 +76,37 @@ def collect_job_kinds(pm: pluggy.PluginManager, config: dict) -> dict[int, JobKi
             raise PluginError(f"[kinds] {name} = {number!r}: a job kind is a whole number in 5000-5999")
         overrides[str(name)] = number
 
+    def add(job_kind: JobKind, plugin: str) -> None:
+        if job_kind.name in overrides:
+            job_kind.kind = overrides[job_kind.name]
+            job_kind.__post_init__()
+        if job_kind.name in owners:
+            raise PluginError(f"job kind name {job_kind.name!r} registered by both "
+                              f"{owners[job_kind.name]!r} and {plugin!r}")
+        if job_kind.kind in kinds:
+            raise PluginError(f"kind {job_kind.kind} registered twice ({kinds[job_kind.kind].name!r}"
+                              f" and {job_kind.name!r}); renumber one under [kinds] in the config")
+        owners[job_kind.name] = plugin
+        job_kind.plugin = plugin
+        kinds[job_kind.kind] = job_kind
+
+    checkers: dict[str, tuple[TranscriptChecker, str]] = {}
     for impl in pm.hook.register_job_kinds.get_hookimpls():
-        def register(job_kind: JobKind, _plugin=impl.plugin_name) -> None:
+        def register(job_kind: JobKind | TranscriptChecker, _plugin=impl.plugin_name) -> None:
+            if isinstance(job_kind, TranscriptChecker):
+                if job_kind.format in checkers:
+                    raise PluginError(f"transcript format {job_kind.format!r} registered by both "
+                                      f"{checkers[job_kind.format][1]!r} and {_plugin!r}")
+                checkers[job_kind.format] = (job_kind, _plugin)
+                return
             if not isinstance(job_kind, JobKind):
                 raise PluginError(f"plugin {_plugin!r} registered {job_kind!r}, not a JobKind")
-            if job_kind.name in overrides:
-                job_kind.kind = overrides[job_kind.name]
-                job_kind.__post_init__()
-            if job_kind.name in owners:
-                raise PluginError(f"job kind name {job_kind.name!r} registered by both "
-                                  f"{owners[job_kind.name]!r} and {_plugin!r}")
-            if job_kind.kind in kinds:
-                raise PluginError(f"kind {job_kind.kind} registered twice ({kinds[job_kind.kind].name!r}"
-                                  f" and {job_kind.name!r}); renumber one under [kinds] in the config")
-            owners[job_kind.name] = _plugin
-            job_kind.plugin = _plugin
-            kinds[job_kind.kind] = job_kind
+            add(job_kind, _plugin)
         impl.function(**{a: {"register": register, "config": config}[a] for a in impl.argnames})
+    if checkers:   # the verify kind: once, for every format a loaded plugin checks
+        from dvm_core import transcripts
+        add(transcripts.job_kind([c for c, _ in checkers.values()]),
+            ",".join(dict.fromkeys(plugin for _, plugin in checkers.values())))
     unknown = set(overrides) - set(owners)
     if unknown:
         raise PluginError(f"[kinds] names job kinds no plugin registered: {', '.join(sorted(unknown))}")
@@ -116,6 +130,6 @@ def describe(pm: pluggy.PluginManager, config: dict) -> list[dict]:
             "package": dist.metadata["Name"] if dist else None,
             "kinds": sorted(
                 ({"kind": k.kind, "result_kind": k.kind + 1000, "name": k.name}
-                 for k in kinds.values() if k.plugin == name), key=lambda d: d["kind"]),
+                 for k in kinds.values() if name in k.plugin.split(",")), key=lambda d: d["kind"]),
         })
     return out

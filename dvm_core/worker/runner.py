@@ -259,9 +259,13 @@ class Runner:
                 file_key = await asyncio.to_thread(encrypt_file, path, sealed, key=key)
                 path = sealed
             try:
-                blob = await client.upload(path, "application/octet-stream" if file_key else artifact.type)
+                server, blob = await client.upload_to(path, "application/octet-stream" if file_key else artifact.type)
             except BlossomError as exc:
                 raise JobError(f"could not upload the result files: {exc}") from None
+            if artifact.keep_days is not None:   # deleted then by the worker's sweep (`Worker._expire_blobs`)
+                self.store.add_expiring_blob(server=server, sha256=blob.sha256, job_id=active.request.id,
+                                             name=artifact.name or artifact.path.name,
+                                             expires=time.time() + artifact.keep_days * 86400)
             entry = {"name": artifact.name or artifact.path.name, "url": blob.url, "sha256": blob.sha256,
                      "size": blob.size, "type": artifact.type}
             if file_key:

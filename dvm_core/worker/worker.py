@@ -21,6 +21,7 @@ running are read again and resumed, so each request gets exactly one answer.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Worker:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._heartbeat_task: asyncio.Task | None = None
+        self._expiry_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()      # background work: publishing, heartbeat
         self._requests: set[asyncio.Task] = set()   # one per request being handled
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
@@ -137,6 +139,7 @@ class Worker:
             self._heartbeat_task = self._spawn(self._heartbeat())
         if self.cashier is not None:
             self._spawn(self._check_mints())
+        self._expiry_task = self._spawn(self._expire_blobs())
         self.ready.set()
         log.info("worker ready", npub=self.keys.npub, kinds=sorted(self.kinds),
                  relays=self.settings.relays)
@@ -157,6 +160,8 @@ class Worker:
         self.cancels.stop()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()   # it sleeps between announcements: nothing to wait for
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()      # what it did not delete stays in the store for the next start
         log.info("worker stopping", active=len(self.runner.active), running=self.runner.running(),
                  grace_seconds=grace)
         await self.pool.unsubscribe("dvm-requests")
@@ -228,6 +233,19 @@ class Worker:
             if self._stopping:
                 return
             await self.outbox.publish(self.outbox.sign(*self.announcement()), role="announcement")
+
+    async def _expire_blobs(self) -> None:
+        """Delete result files whose time is up (`Artifact.keep_days`, `expiry.sweep`): at start,
+        then every `blob_sweep_seconds`."""
+        from .expiry import sweep
+        while not self._stopping:
+            try:
+                await sweep(self.store, self.keys, retry_seconds=self.settings.blob_retry_seconds)
+            except sqlite3.OperationalError as exc:
+                if not disk_full(exc):
+                    raise
+                log.warning("could not record an expired file's deletion: the disk is full", error=str(exc))
+            await asyncio.sleep(self.settings.blob_sweep_seconds)
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= and the logs."""

@@ -71,11 +71,12 @@ def job_kind(config: dict | None = None) -> JobKind:
 @hookimpl
 def register_job_kinds(register, config):
     """Register kind 5750 ``image-classifier`` with the limits of ``[plugins.image-classifier]``,
-    and kind 5753 ``image-classifier-verify``, which replays a segment of its transcripts."""
+    and the checker of its transcripts, which kind 5753 (``training-verify``, served by the core
+    wherever a training plugin is loaded) hands them to."""
     from . import verify
 
     register(job_kind(config))
-    register(verify.job_kind(config))
+    register(verify.checker())
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:
@@ -299,7 +300,7 @@ def _write_transcript(out: Path, recorder, *, params, spec, mean, std, data_sha2
     path = out / "transcript.json"
     path.write_text(json.dumps(record, indent=1))
     return [Artifact(path, "application/json", "transcript.json", signed=True)] + \
-        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
+        [Artifact(f, "application/octet-stream", f.name, keep_days=retention_days) for f in recorder.files]
 
 
 def _no_better_than_chance(val_accuracy: float | None, y_val) -> str | None:

@@ -16,7 +16,8 @@ The provider's limits come from the worker's configuration::
     sats_per_million_sample_epochs = 10   # the price: samples × epochs × this / 10⁶, min 1 sat
     processes = 1                    # > 1: train under `accelerate launch` in that many processes
     checkpoint_retention_days = 30   # how long the blob servers keep a transcript's checkpoints
-                                     # (announced, and stated in each transcript; not enforced here)
+                                     # (announced, stated in each transcript; the worker deletes
+                                     # them from its blob servers then: `Artifact.keep_days`)
 
 ``processes``: 1 (the default) trains in the worker's process. N > 1 runs each job's training as
 ``accelerate launch --num_processes N --multi_gpu -m dvm_image_classifier.launched`` in a child

@@ -27,7 +27,7 @@ import dataclasses
 import shutil
 import time
 
-from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl, register_transcript_verifier
+from dvm_core import Artifact, JobError, JobInputError, JobKind, JobResult, hookimpl
 from dvm_core.datarefs import sha256_file
 
 from .params import NAME, PARAMS, FinetuneJob, Limits, parse_request, price
@@ -60,7 +60,9 @@ def job_kind(config: dict | None = None) -> JobKind:
             f"weights) instead of param model. Hub models offered: {models}. Limits: "
             f"{limits.max_model_parameters:,} parameters, {limits.max_tokens:,} tokens, "
             f"{limits.max_seq_length} tokens per sequence, {limits.max_epochs} epochs, "
-            f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing}"),
+            f"{limits.max_seconds:g} s, {limits.max_processes} process(es). {pricing} "
+            f"With checkpoint_every, a signed training transcript and its checkpoints, kept "
+            f"{limits.checkpoint_retention_days:g} days; kind 5753 verifies a segment of it."),
         run=run, parse=lambda request: parse_request(request, limits), params=dict(PARAMS),
         params_schema=params_schema(limits),
         precheck=precheck,
@@ -71,8 +73,13 @@ def job_kind(config: dict | None = None) -> JobKind:
 
 @hookimpl
 def register_job_kinds(register, config):
-    """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``."""
+    """Register kind 5751 ``llm-finetune`` with the settings of ``[plugins.llm-finetune]``, and the
+    checker of its transcripts, which kind 5753 (``training-verify``, served by the core wherever a
+    training plugin is loaded) hands them to."""
+    from .verify import checker
+
     register(job_kind(config))
+    register(checker())
 
 
 @hookimpl
@@ -322,11 +329,3 @@ def _train_in_child(ctx, spec, train_examples, eval_examples, params):
     raise JobError(f"training failed: {result.get('message', 'unknown error')[:500]}")
 
 
-def _check_transcript(ctx, job, transcript, signer, started):
-    """Kind 5753 (the image-classifier plugin's verify kind) on this plugin's transcripts."""
-    from .verify import run_job
-
-    return run_job(ctx, job, transcript, signer, started)
-
-
-register_transcript_verifier("dvm-llm-finetune-transcript/1", _check_transcript)   # transcript.FORMAT

@@ -22,6 +22,8 @@ The provider's settings come from the worker's configuration::
     launcher = "auto"                                # "accelerate": always a child process
     trust_remote_code = false                        # models with their own Python code
     sats_per_million_tokens = 100                    # price: tokens × epochs × this / 10⁶, min 1
+    checkpoint_retention_days = 30                   # a transcript's checkpoints (checkpoint_every) are
+                                                     # announced as kept this long, and deleted then
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ class Limits:
     launcher: str = "auto"
     trust_remote_code: bool = False
     sats_per_million_tokens: float = 100.0
-    checkpoint_retention_days: float = 30.0   # how long a transcript's checkpoints are kept (announced)
+    checkpoint_retention_days: float = 30.0   # how long a transcript's checkpoints are kept (announced;
+                                              # the worker deletes them then: `Artifact.keep_days`)
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Limits":

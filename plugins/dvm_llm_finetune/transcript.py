@@ -406,7 +406,7 @@ def write(out: Path, recorder: Recorder, *, params, base, datasets: dict, train_
     path = out / "transcript.json"
     path.write_text(json.dumps(record, indent=1))
     artifacts = [Artifact(path, "application/json", "transcript.json", signed=True)] + \
-        [Artifact(f, "application/octet-stream", f.name) for f in recorder.files]
+        [Artifact(f, "application/octet-stream", f.name, keep_days=retention_days) for f in recorder.files]
     summary = {"checkpoint_every": recorder.every, "checkpoints": len(recorder.entries),
                "final_step": recorder.entries[-1]["step"],
                "final_weights_sha256": recorder.entries[-1]["weights_sha256"]}

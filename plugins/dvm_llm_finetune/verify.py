@@ -1,9 +1,9 @@
 """Verify one segment of an LLM fine-tuning's transcript (kind 5751 sent with checkpoint_every).
 
-Kind 5753 is one job kind for every transcript format: the image-classifier plugin registers
-it, reads the transcript and hands transcripts of format `transcript.FORMAT` to `run_job` here
-(this plugin registers it with `dvm_core.register_transcript_verifier` when it is imported).
-Besides the inputs every check takes (the training set, no marker; ``transcript``; ``start``;
+Kind 5753 (``training-verify``) is one job kind for every transcript format, built by the core
+(`dvm_core.transcripts`) wherever a training plugin is loaded: it reads the transcript and hands
+those of format `transcript.FORMAT` to `run_job` here (this plugin registers `checker()` with its
+job kinds). Besides the inputs every check takes (the training set, no marker; ``transcript``; ``start``;
 optionally ``end``) an LLM check needs the base model: param ``model`` (a hub repo id the
 provider offers, with ``revision``), or a ``url`` input marked ``model`` (the archive the job
 was sent), or nothing when the transcript names a hub model this provider offers (its repo and
@@ -20,9 +20,34 @@ import time
 import types
 from pathlib import Path
 
-from dvm_core import JobInputError, JobResult
+from dvm_core import JobInputError, JobResult, TranscriptChecker
 
 from .params import REPO_ID, REVISION, Limits
+
+FORMAT = "dvm-llm-finetune-transcript/1"   # transcript.FORMAT (that module imports torch)
+PARAMS = {
+    "model": "for a fine-tuning's transcript (kind 5751): the base model, a Hugging Face repo id this "
+             "provider offers (default: the transcript's, when it names a hub model); or send a url "
+             "input marked 'model' (the model archive the job was sent)",
+    "revision": "with model: a branch, tag or commit (default: the transcript's commit)",
+}
+
+
+def check_request(job) -> None:
+    """At parse time: the model params and input go together as the job's do."""
+    if job.params.get("model") is not None and job.urls.get("model") is not None:
+        raise JobInputError("send either param model or an input marked 'model', not both")
+    if job.params.get("revision") is not None and job.params.get("model") is None:
+        raise JobInputError("param revision goes with param model")
+
+
+def checker() -> TranscriptChecker:
+    """What this plugin registers for kind 5753."""
+    return TranscriptChecker(format=FORMAT, run=run_job, what="kind 5751, LLM fine-tuning", params=PARAMS,
+                             roles=("model",), check=check_request,
+                             needs="the base model, param model (a hub repo id offered here) or a url "
+                                   "input marked 'model' (default: the transcript's hub model).")
+
 
 def read_model_params(repo: str | None, revision: str | None, limits: Limits) -> tuple[str | None, str | None]:
     """Param model and revision, checked as the job checks them."""
@@ -107,7 +132,7 @@ def resolve_base(ctx, job, transcript: dict, limits: Limits):
     model the transcript names."""
     from . import resolve_model
 
-    repo, revision = read_model_params(job.model_repo, job.model_revision, limits)
+    repo, revision = read_model_params(job.params.get("model"), job.params.get("revision"), limits)
     archive = job.urls.get("model")
     if repo is None and archive is None:
         source = transcript["base_model"].get("source") or {}

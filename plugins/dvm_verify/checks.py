@@ -96,15 +96,16 @@ class Report:
     segments: int
     verdicts: list[dict] = field(default_factory=list)
     signer: str | None = None
+    weights: list[dict] = field(default_factory=list)   # `check_returned_weights`
 
     @property
     def passed(self) -> bool:
-        return all(v.get("match") for v in self.verdicts)
+        return all(v.get("match") for v in self.verdicts) and all(w["match"] is not False for w in self.weights)
 
     def to_dict(self) -> dict:
         checked = len(self.verdicts)
         return {"passed": self.passed, "segments": self.segments, "checked": checked, "signer": self.signer,
-                "verdicts": self.verdicts,
+                "verdicts": self.verdicts, "returned_weights": self.weights,
                 # had the provider cheated in one segment (or in a tenth of them): the chance
                 # that these checks would have caught it
                 "catch_probability_one_segment": round(catch_probability(self.segments, 1, checked), 4),
@@ -113,6 +114,35 @@ class Report:
 
 
 LLM_FORMAT = "dvm-llm-finetune-transcript/1"
+
+
+def check_returned_weights(result: ResultFolder) -> list[dict]:
+    """Whether the weights the job returned are the ones the transcript names: for an LLM
+    transcript each file of its ``result_weights`` (the adapter, or the model's safetensors), for
+    an image classifier's ``model.safetensors`` against the last checkpoint's ``weights_sha256``.
+    One entry per file: ``match`` True or False, or None when the file is not in the folder (then
+    unchecked, and said so)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if is_llm(result.transcript):
+        from dvm_llm_finetune.transcript import tensor_digest
+        expected = dict(result.transcript.get("result_weights") or {})
+    else:
+        from dvm_image_classifier.transcript import tensor_digest
+        expected = {"model.safetensors": result.transcript["checkpoints"][-1]["weights_sha256"]}
+    out = []
+    for name, digest in sorted(expected.items()):
+        path = result.folder / name
+        entry = {"file": name, "expected_sha256": digest, "got_sha256": None, "match": None}
+        if path.exists():
+            try:
+                entry["got_sha256"] = tensor_digest(load_file(str(path)))
+            except (SafetensorError, OSError, ValueError) as exc:
+                entry["error"] = f"not a safetensors file: {exc}"
+            entry["match"] = entry["got_sha256"] == digest
+        out.append(entry)
+    return out
 
 
 def is_llm(transcript: dict) -> bool:

@@ -60,7 +60,7 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
 
     from dvm_core import JobInputError
 
-    from .checks import VerifyError, check_local, open_result, pick_segments
+    from .checks import VerifyError, check_local, check_returned_weights, open_result, pick_segments
 
     configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
     if seed is None:
@@ -99,16 +99,28 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
             report = asyncio.run(_remote(list(relays), dvm, kind, folder, Path(data), picked, list(servers),
                                          Path(wallet_dir), list(mints), key_file, tolerance, max_price, timeout,
                                          say, Path(model) if model else None))
+        report.weights = check_returned_weights(folder)
     except (VerifyError, JobInputError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not as_json:
+        for w in report.weights:
+            if w["match"] is None:
+                click.echo(f"returned weights: {w['file']} is not in the folder: not checked against the transcript")
+            elif w["match"]:
+                click.echo(f"returned weights: {w['file']} matches the transcript ({w['expected_sha256'][:16]}…)")
+            else:
+                click.echo(f"returned weights: {w['file']} DOES NOT MATCH the transcript: expected "
+                           f"{w['expected_sha256'][:16]}…, got {(w['got_sha256'] or w.get('error', '?'))[:60]}")
     summary = report.to_dict() | {"seed": seed}
     if publish_verdict:
         summary["verdict"] = asyncio.run(_publish_verdict(list(relays), key_file, folder, report, seed))
     if as_json:
         click.echo(json.dumps(summary))
     else:
+        wrong = [w["file"] for w in report.weights if w["match"] is False]
         click.echo(f"{'PASSED' if report.passed else 'FAILED'}: {sum(v['match'] for v in report.verdicts)}/"
-                   f"{len(report.verdicts)} segments match. Had the provider cheated in one segment of "
+                   f"{len(report.verdicts)} segments match"
+                   + (f"; the returned {', '.join(wrong)} not the transcript's" if wrong else "") + ". Had the provider cheated in one segment of "
                    f"{report.segments}, these checks would have caught it with probability "
                    f"{summary['catch_probability_one_segment']:.2f}; in a tenth of them, "
                    f"{summary['catch_probability_tenth']:.2f}.")

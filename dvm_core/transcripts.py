@@ -1,0 +1,129 @@
+"""The verify kind (5753, ``training-verify``): replay one segment of a training transcript and
+say whether it lands where the provider said.
+
+One kind for every transcript format, built here by the core and served by every worker where
+a loaded plugin registers a `dvm_core.TranscriptChecker` (the image-classifier plugin for its
+kind-5750 transcripts, llm-finetune for its kind-5751 ones): registered once however many do
+(`dvm_core.worker.plugins.collect_job_kinds`). This module reads the request and the
+transcript (its signature, its ``format``) and hands it to the checker of that format; a format
+no loaded plugin checks is refused with the formats this provider does check.
+
+Inputs (``url``, told apart by the ``i`` tag's marker), for every format:
+
+- no marker (or ``dataset``): the training set the job was sent (the same file);
+- ``transcript``: ``transcript.json`` from the result (the signed event, or the bare JSON);
+- ``start``: the checkpoint at the segment's first step;
+- ``end`` (optional): the provider's checkpoint at its last step, for the distance;
+
+and those a checker adds (``validation`` for an image classifier's, ``model`` for an LLM's).
+Params: ``end_step`` (default: the transcript's next checkpoint after the start),
+``tolerance`` (default 0: bit-identical), and those a checker adds (``model``, ``revision``).
+
+No torch and no plugin here: the checkers do the replaying, in their plugins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from .jobs import JobInputError, JobKind, JobResult, TranscriptChecker, open_signed_file
+from .params import number, params_schema, url_inputs
+
+KIND = 5753
+NAME = "training-verify"
+ROLES = ("dataset", "transcript", "start", "end")
+PARAMS = {
+    "end_step": "the step the replay stops at, a checkpoint of the transcript (default: the next "
+                "checkpoint after the start checkpoint's step)",
+    "tolerance": "the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights) that still "
+                 "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
+                 "a replay on a CPU gives",
+}
+MAX_TRANSCRIPT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    """What the verify kind's parse hands to its run (and run to the format's checker)."""
+
+    urls: dict                       # role -> URL or None (the common roles and the checkers')
+    end_step: int | None
+    tolerance: float
+    params: dict = field(default_factory=dict)   # the checkers' own params, as sent
+
+
+def read_params(params: dict) -> tuple[int | None, float]:
+    return (number(params, "end_step", int, 1, 2**62, None),
+            number(params, "tolerance", float, 0.0, 1.0, 0.0))
+
+
+def parse_request(request, checkers: list[TranscriptChecker]) -> VerifyJob:
+    roles = ROLES + tuple(dict.fromkeys(r for c in checkers for r in c.roles))
+    extra = [f"'{r}'" for r in roles[4:]]
+    urls = url_inputs(request, roles, what="the training set and the inputs marked 'transcript' and "
+                      "'start' (optionally 'end'" + (", " + ", ".join(extra) if extra else "") + ")")
+    for role in ("dataset", "transcript", "start"):
+        if urls[role] is None:
+            raise JobInputError(f"send the {'training set' if role == 'dataset' else role} as an input of "
+                                f"type 'url'{'' if role == 'dataset' else f' marked {role!r}'}")
+    end_step, tolerance = read_params(request.params)
+    own = {name for c in checkers for name in c.params}
+    job = VerifyJob(urls, end_step, tolerance, {k: v for k, v in request.params.items() if k in own})
+    for checker in checkers:
+        if checker.check is not None:
+            checker.check(job)
+    return job
+
+
+def read_transcript(data: bytes, checkers: dict[str, TranscriptChecker]) -> tuple[dict, str | None]:
+    """The transcript and the key that signed it (None for a bare, unsigned transcript); one of
+    a format no checker here checks is refused."""
+    signer = None
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise JobInputError("the transcript is not JSON") from None
+    if isinstance(raw, dict) and "sig" in raw:
+        try:
+            signed = open_signed_file(data)
+        except ValueError as exc:
+            raise JobInputError(f"the transcript's signature does not hold: {exc}") from None
+        signer, raw = signed.pubkey, json.loads(signed.text)
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), str) or not raw.get("checkpoints"):
+        raise JobInputError("not a training transcript (a format and checkpoints)")
+    if raw["format"] not in checkers:
+        checked = "; ".join(f"{f} ({c.what})" for f, c in sorted(checkers.items()))
+        raise JobInputError(f"this provider does not check transcripts of format {raw['format'][:80]!r}: "
+                            f"it checks {checked}, those of the training plugins it runs")
+    return raw, signer
+
+
+def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
+    """The verify kind for the checkers the loaded plugins registered (at least one)."""
+    if not checkers:
+        raise ValueError("the verify kind needs at least one transcript checker")
+    by_format = {c.format: c for c in checkers}
+    params = dict(PARAMS)
+    for checker in checkers:
+        params.update(checker.params)
+    whats = "; ".join(c.what for c in checkers)
+    needs = " ".join(f"For {c.what}: {c.needs}" for c in checkers if c.needs)
+
+    def run(ctx, job: VerifyJob) -> JobResult:
+        started = time.monotonic()
+        ctx.progress(0, "downloading the transcript")
+        transcript, signer = read_transcript(
+            ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        return by_format[transcript["format"]].run(ctx, job, transcript, signer, started)
+
+    return JobKind(
+        kind=KIND, name=NAME,
+        description=("Verifies one segment of a training transcript (a result sent with checkpoint_every; "
+                     f"this provider checks those of {whats}): replays its steps from the start checkpoint "
+                     "on the training set and answers match or mismatch, with the distance. Inputs: url "
+                     "inputs, the training set (no marker), 'transcript', 'start', optionally 'end'. "
+                     + needs).strip(),
+        run=run, parse=lambda request: parse_request(request, checkers), params=params,
+        params_schema=params_schema(read_params, params))
