@@ -1047,3 +1047,37 @@ def test_nan_loss_is_caught_without_a_read_back_per_step(assets, tmp_path, monke
     expect_error(tmp_path, {DATA_URL: assets["text"], MODEL_URL: assets["gpt2_zip"]},
                  {"max_steps": 40, "learning_rate": 0.01}, match="loss became NaN at step 13")
     assert 1 <= reads["n"] <= 4     # steps 1-20: two read-backs (a few more if steps are slow), not 13+
+
+
+def test_two_jobs_at_once_draw_their_own_dropout(tmp_path):
+    """Two CPU jobs training at the same time in one process (a worker with two slots), with
+    dropout on: each ends with the weights it has when it trains alone. Their steps draw from
+    the one process-wide generator in turn (`train._cpu_step_lock`), each seeded for its step."""
+    from dvm_federate import tiny
+    from dvm_llm_finetune.params import FinetuneParams
+    from dvm_llm_finetune.train import TrainSpec, train
+
+    model = tiny.save_model_folder(tmp_path / "model", "gpt2")   # GPT-2's dropout 0.1 is on
+    from dvm_llm_finetune.model import load_tokenizer
+    tokenizer = load_tokenizer(model)
+    dataset = tiny.write_corpus(tmp_path / "train.jsonl", 64, seed=1)
+    examples = datamod.tokenize(datamod.read_jsonl(dataset, what="t", max_bytes=1 << 20, max_examples=1000),
+                                tokenizer, 32, what="t").examples
+
+    def run(name: str, seed: int) -> bytes:
+        params = FinetuneParams(method="full", learning_rate=3e-3, max_steps=12, epochs=4, batch_size=8,
+                                max_seq_length=32, seed=seed, eval_fraction=0.0)
+        spec = TrainSpec(model_folder=str(model), model_type="gpt2", base_model_name="m", params=params.as_dict(),
+                         output_dir=str(tmp_path / name), device="cpu")
+        train(spec, datamod.Examples.of(examples), datamod.Examples.of([]), tokenizer)
+        return (tmp_path / name / "model.safetensors").read_bytes()
+
+    alone = {seed: run(f"alone-{seed}", seed) for seed in (1, 2)}
+    together: dict[int, bytes] = {}
+    threads = [threading.Thread(target=lambda s=seed: together.__setitem__(s, run(f"together-{s}", s)))
+               for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and alone[1] != alone[2]

@@ -57,6 +57,7 @@ READ_BACK_STEPS = 10              # the losses are read back (a GPU sync) once p
 READ_BACK_SECONDS = 5.0           # or this often if steps are slow (progress on a CPU)
 
 _init_lock = threading.Lock()
+_cpu_step_lock = threading.Lock()   # see `optimizer_step`
 
 
 @dataclass
@@ -340,15 +341,29 @@ def make_optimizer(trainable: list, params: FinetuneParams, p: Plan):
 def optimizer_step(accelerator, model, group, device, isolate: bool, denominator: float, trainable: list,
                    params: FinetuneParams, optimizer, scheduler, step: int,
                    on_batch: Callable = lambda loss_sum, batch: None) -> None:
-    """Optimizer step `step` (0-based) over the micro-batches of `group`."""
-    torch.manual_seed(step_seed(params.seed, step))   # this step's dropout draws
-    for i, batch in enumerate(group):
-        last = i == len(group) - 1
-        sync = accelerator.no_sync(model) if not last else _nullcontext()
-        with sync, accelerator.autocast():
-            loss_sum = token_loss_sum(model, batch, device, isolate)
-            accelerator.backward(loss_sum / denominator)
-        on_batch(loss_sum, batch)
+    """Optimizer step `step` (0-based) over the micro-batches of `group`.
+
+    Its dropout draws come from a generator seeded for this step (`step_seed`): on a GPU the
+    job's own device's generator; on the CPU the process-wide one, which every job of this
+    process shares, so the CPU steps that draw run one at a time (`_cpu_step_lock`): two jobs
+    at once would otherwise interleave their draws, and neither would replay bit for bit."""
+    seed = step_seed(params.seed, step)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+        lock = _nullcontext()
+    else:
+        lock = _cpu_step_lock
+    with lock:
+        if device.type != "cuda":
+            torch.default_generator.manual_seed(seed)
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            sync = accelerator.no_sync(model) if not last else _nullcontext()
+            with sync, accelerator.autocast():
+                loss_sum = token_loss_sum(model, batch, device, isolate)
+                accelerator.backward(loss_sum / denominator)
+            on_batch(loss_sum, batch)
     if params.max_grad_norm > 0:
         accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
     optimizer.step()
