@@ -102,7 +102,7 @@ def log(*args) -> None:
 def write_documents(path: Path, tokens: float, tokenizer, seed: int) -> int:
     """Documents of 500-2,000 tokens (about) until `tokens` tokens; the words written."""
     sys.path.insert(0, str(REPO))
-    from tests.test_llm_finetune import ADJS, NOUNS, VERBS
+    from dvm_federate.tiny import ADJS, NOUNS, VERBS
 
     rng = random.Random(seed)
     sample = " ".join(f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}."
