@@ -23,9 +23,19 @@ causal mask made on the device, by the model itself where it can: see the batche
 its first token is not predicted from the one before: training computes what it would on each
 example alone. Each epoch draws a new order from the job's seed.
 
-Memory: the tokens are kept compact (`Examples`, int32), an epoch is planned as indices and its
-batches are built one at a time as training reaches them (`Batches`), so host memory is the
-data itself plus one batch, whatever the number of tokens (tests/benchmarks/bench_llm_memory.py).
+Memory: nothing grows with the number of tokens. `read_jsonl` checks every line (format,
+fields, limits) and hashes the file in one pass but keeps no record (`Records` parses the file
+again when `tokenize` iterates it; chat conversations go to the template's child process and
+come back rendered one a line through files). `tokenize` writes the int32 token ids and bool
+targets to a temporary file in the job's work folder as they come (`ExamplesBuilder(folder)`,
+a megabyte or so buffered), keeping in memory only each example's start, length and loss count
+(`Examples`, 32 bytes an example); the held-out split and slices are views of the same file.
+An epoch is planned as example indices (the same seeded order as ever), and each batch is built
+when training reaches it, its examples read from the file with ``os.pread`` (`Batches`): those
+pages sit in the kernel's page cache, not in the process's resident set, as a memory map's
+touched pages would. Host memory is then a few bytes an example plus one batch: 0.27-0.28 GiB
+(interpreter, torch and tokenizer included) for 20 M as for 60 M tokens at L = 2,048
+(tests/benchmarks/bench_llm_memory.py); the file takes about 5 bytes a token on disk.
 """
 
 from __future__ import annotations
@@ -482,19 +492,29 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
     work folder; None: the system's temporary folder), read back when used (`Examples`). Chat
     templates are rendered in a child process given `render_seconds` at most
     (`render.render_chats`)."""
-    eos = tokenizer.eos_token_id
-    examples = ExamplesBuilder(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
-    dropped = 0
-    shortest_dropped = None
-    loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
-               "chat": "assistant turns"}[dataset.format]
     chat_template = dataset.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     renders = None
     if chat_template:
         from .render import RENDER_SECONDS, render_chats
-        renders = render_chats(tokenizer, [record["messages"] for record in dataset.records],
+        renders = render_chats(tokenizer, (record["messages"] for record in dataset.records),
                                seconds=min(RENDER_SECONDS, render_seconds or RENDER_SECONDS),
-                               check_cancelled=check_cancelled)
+                               check_cancelled=check_cancelled, folder=folder)
+    try:
+        examples = ExamplesBuilder(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
+        return _tokenize(dataset, tokenizer, max_seq_length, what, check_cancelled, examples,
+                         None if renders is None else iter(renders))
+    finally:
+        if renders is not None:
+            renders.close()
+
+
+def _tokenize(dataset: Dataset, tokenizer, max_seq_length: int, what: str, check_cancelled, examples,
+              renders) -> Tokenized:
+    eos = tokenizer.eos_token_id
+    dropped = 0
+    shortest_dropped = None
+    loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
+               "chat": "assistant turns"}[dataset.format]
     for index, record in enumerate(dataset.records):
         if index % 1000 == 0:
             check_cancelled()
@@ -515,7 +535,7 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
             labels = [IGNORE] * len(prompt) + completion
         else:
             ids, labels, masked = _chat_tokens(record["messages"], tokenizer,
-                                               renders[index] if renders is not None else None)
+                                               next(renders) if renders is not None else None)
             if not masked:
                 loss_on = "whole conversations (the chat template does not render turn by turn)"
         if len(ids) > max_seq_length:
@@ -599,7 +619,8 @@ def split_eval(examples, fraction: float, seed: int) -> tuple[Examples, Examples
 # restart at 0 for each, and which example each token belongs to (`Batch.document`), from
 # which the device builds the block-diagonal mask when the model does not isolate packed
 # examples by their positions itself (`train.positions_isolate`). Host memory is then the
-# compact examples (`Examples`) plus one batch, whatever the epoch's size.
+# per-example figures (`Examples`; the tokens themselves are read from their file for each
+# batch) plus one batch, whatever the epoch's size.
 
 @dataclass
 class Batch:
