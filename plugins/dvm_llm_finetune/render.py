@@ -36,6 +36,8 @@ def render_chats(tokenizer, conversations: Iterable[list[dict]], *, seconds: flo
     conversations go to the child and the renders come back one a line through files (in a
     temporary folder in `folder`, or the system's): neither is ever held whole in memory, and
     the `Renders` returned read them back one by one (close it, or let it go, to remove them)."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="dvm-chat-", dir=folder)
     try:
         return _render(Path(tmp.name), tmp, tokenizer, conversations, seconds, check_cancelled)
