@@ -136,7 +136,8 @@ def precheck(ctx, job: FinetuneJob) -> FinetuneJob:
     # the customer hears that it was the template, not that the inputs took too long.
     tokens = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
                               check_cancelled=ctx.check_cancelled,
-                              render_seconds=max(1.0, ctx.time_left() - PRECHECK_MARGIN_SECONDS)).tokens
+                              render_seconds=max(1.0, ctx.time_left() - PRECHECK_MARGIN_SECONDS),
+                              folder=ctx.workdir).tokens
     if tokens > limits.max_tokens:
         raise JobInputError(f"the training set holds {tokens:,} tokens; this provider trains on at "
                             f"most {limits.max_tokens:,} per epoch")
@@ -163,7 +164,8 @@ def run(ctx, job: FinetuneJob) -> JobResult:
     train_set = datamod.read_jsonl(ctx.fetch(job.dataset), what="training set", max_bytes=limits.max_dataset_bytes,
                                    max_examples=limits.max_examples, check_cancelled=ctx.check_cancelled)
     train_tok = datamod.tokenize(train_set, tokenizer, params.max_seq_length, what="training set",
-                                 check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left())
+                                 check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left(),
+                                 folder=ctx.workdir)   # the tokens go to a file there, read back by batch
     if train_tok.tokens > limits.max_tokens:
         raise JobInputError(f"the training set holds {train_tok.tokens:,} tokens; this provider trains on at "
                             f"most {limits.max_tokens:,} per epoch")
@@ -180,7 +182,8 @@ def run(ctx, job: FinetuneJob) -> JobResult:
                                       max_bytes=limits.max_dataset_bytes, max_examples=limits.max_examples,
                                       check_cancelled=ctx.check_cancelled)
         eval_tok = datamod.tokenize(eval_set, tokenizer, params.max_seq_length, what="evaluation set",
-                                    check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left())
+                                    check_cancelled=ctx.check_cancelled, render_seconds=ctx.time_left(),
+                                    folder=ctx.workdir)
         train_examples, eval_examples = train_tok.examples, eval_tok.examples
         datasets["eval"] = {"source": "input", "sha256": eval_set.sha256, "format": eval_set.format,
                             "examples": len(eval_examples)}

@@ -23,36 +23,86 @@ causal mask made on the device, by the model itself where it can: see the batche
 its first token is not predicted from the one before: training computes what it would on each
 example alone. Each epoch draws a new order from the job's seed.
 
-Memory: the tokens are kept compact (`Examples`, int32), an epoch is planned as indices and its
-batches are built one at a time as training reaches them (`Batches`), so host memory is the
-data itself plus one batch, whatever the number of tokens (tests/benchmarks/bench_llm_memory.py).
+Memory: nothing grows with the number of tokens. `read_jsonl` checks every line (format,
+fields, limits) and hashes the file in one pass but keeps no record (`Records` parses the file
+again when `tokenize` iterates it; chat conversations go to the template's child process and
+come back rendered one a line through files). `tokenize` writes the int32 token ids and bool
+targets to a temporary file in the job's work folder as they come (`ExamplesBuilder(folder)`,
+a megabyte or so buffered), keeping in memory only each example's start, length and loss count
+(`Examples`, 32 bytes an example); the held-out split and slices are views of the same file.
+An epoch is planned as example indices (the same seeded order as ever), and each batch is built
+when training reaches it, its examples read from the file with ``os.pread`` (`Batches`): those
+pages sit in the kernel's page cache, not in the process's resident set, as a memory map's
+touched pages would. Host memory is then a few bytes an example plus one batch: 0.27-0.28 GiB
+(interpreter, torch and tokenizer included) for 20 M as for 60 M tokens at L = 2,048
+(tests/benchmarks/bench_llm_memory.py); the file takes about 5 bytes a token on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dvm_core import JobInputError
-from dvm_core.datarefs import sha256_file
+from dvm_core import JobError, JobInputError
 
 IGNORE = -100
 FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
 ROLES = ("system", "user", "assistant", "tool")
 OPEN_ROWS = 64   # first-fit looks for room in the last this many rows only
+CHUNK_TOKENS = 1 << 20   # tokens written to, or read from, the examples' files at once
 
 
 @dataclass
 class Dataset:
-    """A checked JSONL file: its records (one format), sha256 and size."""
+    """A checked JSONL file: its records (one format; `read_jsonl` gives `Records`, read again
+    from the file when iterated, a list does as well), sha256 and size."""
 
-    records: list[dict]
+    records: "list[dict] | Records"
     format: str
     sha256: str
     bytes: int
+
+
+class Records:
+    """The records of a JSONL file `read_jsonl` has checked, parsed again from the file each
+    time they are iterated: holding them all would hold the whole dataset in memory."""
+
+    def __init__(self, path: Path, count: int, what: str, stamp: tuple | None = None):
+        self.path, self.count, self.what = Path(path), count, what
+        self._stamp = stamp or _stamp(self.path)   # (size, mtime, inode) when it was checked
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        if _stamp(self.path) != self._stamp:
+            raise JobError(f"the {self.what} changed on disk after it was checked")
+        with open(self.path, "rb") as f:
+            for raw in f:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield json.loads(line)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        for i, record in enumerate(self):
+            if i == index:
+                return record
+        raise IndexError(index)
+
+
+def _stamp(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 @dataclass
@@ -63,29 +113,77 @@ class Example:
     labels: list[int]
 
 
+class _Column:
+    """A flat array of one dtype (an example's tokens are a range of it): in memory (a numpy
+    array), or in a file read with explicit reads (``os.pread``), whose pages then stay in the
+    page cache, not in this process's resident set, however much of the file an epoch reads."""
+
+    def __init__(self, dtype, array=None, *, file=None, offset: int = 0, size: int = 0):
+        import numpy as np
+
+        self.dtype = np.dtype(dtype)
+        self.array = None if array is None else np.asarray(array, dtype=self.dtype)
+        self.file = file            # an open binary file, kept open (a temporary file lives with it)
+        self.offset = offset        # where the array starts in it (after a .npy header)
+        self.size = len(self.array) if self.array is not None else size
+
+    def read(self, a: int, b: int):
+        """Elements [a, b), as an array (read-only when read from the file)."""
+        import numpy as np
+
+        if self.array is not None:
+            return self.array[a:b]
+        if b <= a:
+            return np.zeros(0, dtype=self.dtype)
+        size = self.dtype.itemsize
+        want, at = (b - a) * size, self.offset + a * size
+        parts = []
+        while want:
+            part = os.pread(self.file.fileno(), want, at)
+            if not part:
+                raise OSError(f"{getattr(self.file, 'name', 'token file')}: ends before element {b}")
+            parts.append(part)
+            want -= len(part)
+            at += len(part)
+        return np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), dtype=self.dtype)
+
+
 class Examples:
     """Tokenized examples, compact: every token id in one int32 array, whether each token is a
     target (its label is its id, else IGNORE) in one bool array, and where each example starts.
-    About 5 bytes a token, where lists of Python ints (`Example`) take about 70: a 50 M-token
-    training set is 250 MB, not several GB. Indexing gives an `Example` (lists), iterating too."""
+    About 5 bytes a token, where lists of Python ints (`Example`) take about 70. Those two
+    arrays are in memory (`Examples.of`, `ExamplesBuilder()`) or in a file (`tokenize`:
+    ``ExamplesBuilder(folder)``), from which each example is read when it is used: then only
+    the per-example figures (starts, lengths, loss counts: 32 bytes an example) are in memory,
+    whatever the number of tokens. `take` and slices are views (no token is copied).
+    Indexing gives an `Example` (lists), iterating too; `ids`/`trained` the whole arrays, in
+    memory (small sets only: `chunks` reads them piece by piece)."""
 
-    def __init__(self, ids, trained, starts):
+    def __init__(self, ids, trained, starts, *, at=None, loss_counts=None):
         import numpy as np
 
-        self.ids = np.asarray(ids, dtype=np.int32)
-        self.trained = np.asarray(trained, dtype=np.bool_)
-        self.starts = np.asarray(starts, dtype=np.int64)        # len(self) + 1 offsets
+        self._ids = ids if isinstance(ids, _Column) else _Column(np.int32, ids)
+        self._trained = trained if isinstance(trained, _Column) else _Column(np.bool_, trained)
+        self.starts = np.asarray(starts, dtype=np.int64)        # len(self) + 1 offsets, as if contiguous
         self.lengths = np.diff(self.starts)
-        # Targets of each example after its first token (never predicted from the one before).
-        after_first = self.trained.copy()
-        after_first[self.starts[:-1][self.lengths > 0]] = False
-        self.loss_counts = np.add.reduceat(after_first, self.starts[:-1], dtype=np.int64) \
-            if len(self.lengths) and len(after_first) else np.zeros(len(self.lengths), dtype=np.int64)
-        self.loss_counts[self.lengths == 0] = 0
+        # Where each example's tokens are in the two arrays (a view taken by `take` skips some).
+        self._at = self.starts[:-1] if at is None else np.asarray(at, dtype=np.int64)
+        if loss_counts is not None:
+            self.loss_counts = np.asarray(loss_counts, dtype=np.int64)
+        elif self._trained.array is not None and at is None:
+            # Targets of each example after its first token (never predicted from the one before).
+            after_first = self._trained.array.copy()
+            after_first[self.starts[:-1][self.lengths > 0]] = False
+            self.loss_counts = np.add.reduceat(after_first, self.starts[:-1], dtype=np.int64) \
+                if len(self.lengths) and len(after_first) else np.zeros(len(self.lengths), dtype=np.int64)
+            self.loss_counts[self.lengths == 0] = 0
+        else:
+            self.loss_counts = np.array([int(self._trained.read(a + 1, a + n).sum()) if n else 0
+                                         for a, n in zip(self._at.tolist(), self.lengths.tolist())], dtype=np.int64)
 
     @classmethod
     def of(cls, examples) -> "Examples":
-        """`examples` as `Examples` (a list of `Example`s is converted)."""
+        """`examples` as `Examples` (a list of `Example`s is converted, in memory)."""
         if isinstance(examples, Examples):
             return examples
         builder = ExamplesBuilder()
@@ -105,28 +203,72 @@ class Examples:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def pieces(self, index: int):
+        """(ids, trained) of one example: an int32 and a bool array."""
+        if index < 0:
+            index += len(self)
+        a = int(self._at[index])
+        b = a + int(self.lengths[index])
+        return self._ids.read(a, b), self._trained.read(a, b)
+
     def arrays(self, index: int):
         """(ids, labels) of one example as int32 arrays."""
         import numpy as np
 
-        a, b = self.starts[index], self.starts[index + 1]
-        ids = self.ids[a:b]
-        return ids, np.where(self.trained[a:b], ids, np.int32(IGNORE))
+        ids, trained = self.pieces(index)
+        return ids, np.where(trained, ids, np.int32(IGNORE))
 
     def take(self, indices) -> "Examples":
-        """The examples at `indices`, in that order."""
+        """The examples at `indices`, in that order: a view, sharing the token arrays."""
         import numpy as np
 
         indices = np.asarray(indices, dtype=np.int64)
-        if not len(indices):
-            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.zeros(1, np.int64))
         lengths = self.lengths[indices]
         starts = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
-        # Gather every token of the chosen examples at once: its source offset is its
-        # example's start plus its place in the example.
-        source = np.repeat(self.starts[indices] - starts[:-1], lengths) + np.arange(starts[-1], dtype=np.int64)
-        return Examples(self.ids[source], self.trained[source], starts)
+        return Examples(self._ids, self._trained, starts, at=self._at[indices], loss_counts=self.loss_counts[indices])
+
+    def _runs(self):
+        """(first, end) in the token arrays of each run of examples stored one after another."""
+        import numpy as np
+
+        if not len(self):
+            return
+        ends = self._at + self.lengths
+        breaks = np.flatnonzero(self._at[1:] != ends[:-1]) + 1
+        for s, e in zip([0, *breaks.tolist()], [*breaks.tolist(), len(self)]):
+            yield int(self._at[s]), int(ends[e - 1])
+
+    def chunks(self, part: str, size: int = CHUNK_TOKENS):
+        """The ``"ids"`` or ``"trained"`` of all examples in order, as arrays of at most `size`."""
+        column = {"ids": self._ids, "trained": self._trained}[part]
+        for a, b in self._runs():
+            for s in range(a, b, size):
+                yield column.read(s, min(b, s + size))
+
+    def _whole(self, part: str):
+        import numpy as np
+
+        column = {"ids": self._ids, "trained": self._trained}[part]
+        if column.array is not None and len(self) and int(self._at[0]) == 0 and \
+                np.array_equal(self._at, self.starts[:-1]):
+            return column.array[:self.tokens]
+        parts = list(self.chunks(part))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=column.dtype)
+
+    @property
+    def ids(self):
+        """Every token id in order, in memory (use `chunks` for a large set)."""
+        return self._whole("ids")
+
+    @property
+    def trained(self):
+        """Whether each token is a target, in order, in memory (use `chunks` for a large set)."""
+        return self._whole("trained")
+
+    @property
+    def on_disk(self) -> bool:
+        return self._ids.array is None
 
     @property
     def tokens(self) -> int:
@@ -134,18 +276,64 @@ class Examples:
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.trained.nbytes + self.starts.nbytes
+        """The size of the examples as arrays (token ids, targets, starts), wherever they are."""
+        return self.tokens * (4 + 1) + self.starts.nbytes
+
+    def save(self, folder: Path, name: str) -> None:
+        """Write ``<name>.{ids,trained,starts,loss_counts}.npy`` into `folder`, the token
+        arrays piece by piece (`load` reads them back)."""
+        import numpy as np
+
+        for part in ("ids", "trained"):
+            column = {"ids": self._ids, "trained": self._trained}[part]
+            with open(folder / f"{name}.{part}.npy", "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(column.dtype),
+                                                         "fortran_order": False, "shape": (self.tokens,)})
+                for chunk in self.chunks(part):
+                    f.write(chunk.tobytes())
+        np.save(folder / f"{name}.starts.npy", self.starts, allow_pickle=False)
+        np.save(folder / f"{name}.loss_counts.npy", self.loss_counts, allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> "Examples":
+        """What `save` wrote, the token arrays left in their files (read when used)."""
+        import numpy as np
+
+        columns = []
+        for part, dtype in (("ids", np.int32), ("trained", np.bool_)):
+            f = open(folder / f"{name}.{part}.npy", "rb")
+            version = np.lib.format.read_magic(f)
+            if version != (1, 0):
+                raise ValueError(f"{f.name}: .npy version {version}, not (1, 0)")
+            shape, fortran, got = np.lib.format.read_array_header_1_0(f)
+            if got != np.dtype(dtype) or fortran or len(shape) != 1:
+                raise ValueError(f"{f.name}: not a flat {np.dtype(dtype)} array")
+            columns.append(_Column(dtype, file=f, offset=f.tell(), size=shape[0]))
+        starts = np.load(folder / f"{name}.starts.npy", allow_pickle=False)
+        loss_counts = np.load(folder / f"{name}.loss_counts.npy", allow_pickle=False)
+        if int(starts[-1]) != columns[0].size:
+            raise ValueError(f"{name}: the starts do not match the tokens")
+        return cls(*columns, starts, loss_counts=loss_counts)
 
 
 class ExamplesBuilder:
-    """Collects examples one by one into `Examples` (growing typed arrays, never int lists)."""
+    """Collects examples one by one into `Examples` (growing typed arrays, never int lists):
+    in memory, or, given a `folder`, written to a temporary file there (unnamed: it goes when
+    the `Examples` do) every `CHUNK_TOKENS` tokens, so that only the per-example figures grow."""
 
-    def __init__(self):
+    def __init__(self, folder: Path | None = None):
         from array import array
 
         self._ids = array("i")
         self._trained = array("b")
-        self._starts = [0]
+        self._starts = array("q", [0])
+        self._loss_counts = array("q")
+        self._files = None
+        self._written = 0
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self._files = tuple(tempfile.TemporaryFile(dir=folder, prefix=f"examples-{part}-")
+                                for part in ("ids", "trained"))
 
     def add(self, ids: list[int], labels: list[int] | None = None) -> None:
         """One example; `labels` None: every token is a target. A label must be its token's id
@@ -161,7 +349,18 @@ class ExamplesBuilder:
             trained = bytes(label != IGNORE for label in labels)
         self._ids.extend(ids)
         self._trained.frombytes(trained)
-        self._starts.append(len(self._ids))
+        self._starts.append(self._written + len(self._ids))
+        self._loss_counts.append(trained.count(1, 1))   # its first token is never a target
+        if self._files is not None and len(self._ids) >= CHUNK_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        from array import array
+
+        self._files[0].write(self._ids)
+        self._files[1].write(self._trained)
+        self._written += len(self._ids)
+        self._ids, self._trained = array("i"), array("b")
 
     def __len__(self) -> int:
         return len(self._starts) - 1
@@ -169,11 +368,20 @@ class ExamplesBuilder:
     def finish(self) -> Examples:
         import numpy as np
 
+        starts = np.frombuffer(self._starts, dtype=np.int64)
+        loss_counts = np.frombuffer(self._loss_counts, dtype=np.int64)
+        if self._files is not None:
+            self._flush()
+            for f in self._files:
+                f.flush()
+            return Examples(_Column(np.int32, file=self._files[0], size=self._written),
+                            _Column(np.bool_, file=self._files[1], size=self._written), starts,
+                            loss_counts=loss_counts)
         if not len(self._ids):
-            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.asarray(self._starts, dtype=np.int64))
+            return Examples(np.zeros(0, np.int32), np.zeros(0, np.bool_), starts, loss_counts=loss_counts)
         # Views of the arrays' own buffers (kept alive by the views): no copy of the tokens.
         return Examples(np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._trained, dtype=np.bool_),
-                        np.asarray(self._starts, dtype=np.int64))
+                        starts, loss_counts=loss_counts)
 
 
 @dataclass
@@ -190,13 +398,16 @@ class Tokenized:
 def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
                check_cancelled: Callable[[], None] = lambda: None) -> Dataset:
     """Read and check a JSONL dataset; JobInputError naming the line of any problem."""
-    size = path.stat().st_size
+    stamp = _stamp(path)
+    size = stamp[0]
     if size > max_bytes:
         raise JobInputError(f"the {what} is {size} bytes; this provider takes at most {max_bytes}")
-    records: list[dict] = []
+    count = 0
     fmt = None
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            digest.update(raw)
             if number % 10000 == 0:
                 check_cancelled()
             try:
@@ -222,12 +433,13 @@ def read_jsonl(path: Path, *, what: str, max_bytes: int, max_examples: int,
                 raise JobInputError(f"{what}, line {number}: a {line_format} example in a {fmt} dataset "
                                     "(one format per file)")
             _check_record(record, fmt, what, number)
-            records.append(record)
-            if len(records) > max_examples:
+            count += 1
+            if count > max_examples:
                 raise JobInputError(f"the {what} has more than {max_examples} examples (this provider's limit)")
-    if not records:
+    if not count:
         raise JobInputError(f"the {what} holds no examples: send one JSON object per line")
-    return Dataset(records=records, format=fmt, sha256=sha256_file(path), bytes=size)
+    # The records are not kept: `tokenize` reads them again (`Records`).
+    return Dataset(records=Records(path, count, what, stamp), format=fmt, sha256=digest.hexdigest(), bytes=size)
 
 
 def _format_of(record: dict, what: str, number: int) -> str:
@@ -273,22 +485,36 @@ def _check_record(record: dict, fmt: str, what: str, number: int) -> None:
 # --- tokenizing ----------------------------------------------------------------------------
 
 def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
-             check_cancelled: Callable[[], None] = lambda: None, render_seconds: float | None = None) -> Tokenized:
-    """Turn records into `Example`s, every one at most `max_seq_length` tokens. Chat templates
-    are rendered in a child process given `render_seconds` at most (`render.render_chats`)."""
-    eos = tokenizer.eos_token_id
-    examples = ExamplesBuilder()
-    dropped = 0
-    shortest_dropped = None
-    loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
-               "chat": "assistant turns"}[dataset.format]
+             check_cancelled: Callable[[], None] = lambda: None, render_seconds: float | None = None,
+             folder: Path | None = None) -> Tokenized:
+    """Turn records into `Examples`, every one at most `max_seq_length` tokens, in one pass over
+    the records, the tokens written as they come to a temporary file in `folder` (the job's
+    work folder; None: the system's temporary folder), read back when used (`Examples`). Chat
+    templates are rendered in a child process given `render_seconds` at most
+    (`render.render_chats`)."""
     chat_template = dataset.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     renders = None
     if chat_template:
         from .render import RENDER_SECONDS, render_chats
-        renders = render_chats(tokenizer, [record["messages"] for record in dataset.records],
+        renders = render_chats(tokenizer, (record["messages"] for record in dataset.records),
                                seconds=min(RENDER_SECONDS, render_seconds or RENDER_SECONDS),
-                               check_cancelled=check_cancelled)
+                               check_cancelled=check_cancelled, folder=folder)
+    try:
+        examples = ExamplesBuilder(Path(folder) if folder is not None else Path(tempfile.gettempdir()))
+        return _tokenize(dataset, tokenizer, max_seq_length, what, check_cancelled, examples,
+                         None if renders is None else iter(renders))
+    finally:
+        if renders is not None:
+            renders.close()
+
+
+def _tokenize(dataset: Dataset, tokenizer, max_seq_length: int, what: str, check_cancelled, examples,
+              renders) -> Tokenized:
+    eos = tokenizer.eos_token_id
+    dropped = 0
+    shortest_dropped = None
+    loss_on = {"text": "all tokens", "prompt-completion": "completions (and end-of-sequence)",
+               "chat": "assistant turns"}[dataset.format]
     for index, record in enumerate(dataset.records):
         if index % 1000 == 0:
             check_cancelled()
@@ -309,7 +535,7 @@ def tokenize(dataset: Dataset, tokenizer, max_seq_length: int, *, what: str,
             labels = [IGNORE] * len(prompt) + completion
         else:
             ids, labels, masked = _chat_tokens(record["messages"], tokenizer,
-                                               renders[index] if renders is not None else None)
+                                               next(renders) if renders is not None else None)
             if not masked:
                 loss_on = "whole conversations (the chat template does not render turn by turn)"
         if len(ids) > max_seq_length:
@@ -393,7 +619,8 @@ def split_eval(examples, fraction: float, seed: int) -> tuple[Examples, Examples
 # restart at 0 for each, and which example each token belongs to (`Batch.document`), from
 # which the device builds the block-diagonal mask when the model does not isolate packed
 # examples by their positions itself (`train.positions_isolate`). Host memory is then the
-# compact examples (`Examples`) plus one batch, whatever the epoch's size.
+# per-example figures (`Examples`; the tokens themselves are read from their file for each
+# batch) plus one batch, whatever the epoch's size.
 
 @dataclass
 class Batch:
@@ -413,7 +640,7 @@ def _collate(examples: Examples, rows: list[list[int]], pad_id: int, length: int
     import numpy as np
     import torch
 
-    lengths, starts = examples.lengths, examples.starts
+    lengths = examples.lengths
     length = length or max(int(sum(lengths[i] for i in row)) for row in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     labels = np.full((len(rows), length), IGNORE, dtype=np.int64)
@@ -423,11 +650,10 @@ def _collate(examples: Examples, rows: list[list[int]], pad_id: int, length: int
     for r, row in enumerate(rows):
         at = 0
         for d, i in enumerate(row):
-            a, b = int(starts[i]), int(starts[i + 1])
-            n = b - a
-            piece = examples.ids[a:b]
+            piece, trained = examples.pieces(i)     # read from the examples' file when there
+            n = len(piece)
             ids[r, at:at + n] = piece
-            labels[r, at:at + n] = np.where(examples.trained[a:b], piece, IGNORE)
+            labels[r, at:at + n] = np.where(trained, piece, IGNORE)
             labels[r, at] = IGNORE  # never predicted from the example before it
             positions[r, at:at + n] = np.arange(n)
             document[r, at:at + n] = d

@@ -1,8 +1,9 @@
 """Training in child processes: ``accelerate launch`` over several GPUs (or, for tests, the CPU).
 
 The worker's process writes the job (`train.TrainSpec`) as JSON into the job's folder
-(``launch/job.json``) and the tokenized examples beside it as ``.npy`` arrays (`data.Examples`:
-int32 ids, bool targets, int64 starts; read back without pickle, memory-mapped), and runs
+(``launch/job.json``) and the tokenized examples beside it as ``.npy`` arrays (`data.Examples.save`:
+int32 ids, bool targets, int64 starts and loss counts; written and read back piece by piece,
+without pickle, each example read from the file when a batch needs it), and runs
 `dvm_core.launch.run`, which starts ``python -m accelerate.commands.launch ... -m
 dvm_llm_finetune.launch launch/job.json`` in a new process group. Each launched process runs
 `train.train`; the main one prints progress lines (forwarded to the customer) and writes the
@@ -30,25 +31,16 @@ MULTI_CPU = False   # see above: `dvm_core.launch.command`'s multi_cpu
 __all__ = ["write_job", "main", "MULTI_CPU", "KILL_GRACE_S"]
 
 
-PARTS = ("ids", "trained", "starts")
-
-
 def _save_examples(folder: Path, name: str, examples) -> None:
-    import numpy as np
-
     from .data import Examples
 
-    examples = Examples.of(examples)
-    for part in PARTS:
-        np.save(folder / f"{name}.{part}.npy", getattr(examples, part), allow_pickle=False)
+    Examples.of(examples).save(folder, name)
 
 
 def _load_examples(folder: Path, name: str):
-    import numpy as np
-
     from .data import Examples
 
-    return Examples(*(np.load(folder / f"{name}.{part}.npy", mmap_mode="r", allow_pickle=False) for part in PARTS))
+    return Examples.load(folder, name)
 
 
 def write_job(folder: Path, spec, train_examples, eval_examples) -> Path:

@@ -9,10 +9,11 @@ after and writes the weights: everything a job needs that touches the model.
   optimizer step and divided by their count, so long and short examples weigh per token, the
   same with or without packing or gradient accumulation.
 - Each epoch is planned beforehand (`data.epoch_batches`, seeded: example indices only) and
-  its batches built one at a time as the loop reaches them, so host memory does not grow with
-  the dataset; between steps only ``check_cancelled()`` and a clock read. The loss curve has a
-  point every step on short jobs (about `CURVE_POINTS` in all), but those losses stay on the
-  device and are read back together (one GPU sync) every `READ_BACK_STEPS` steps, for the
+  its batches built one at a time as the loop reaches them, their examples read from the
+  tokenized examples' file (`data.Examples`), so host memory does not grow with the dataset;
+  between steps only ``check_cancelled()`` and a clock read. The loss curve has a point every
+  step on short jobs (about `CURVE_POINTS` in all), but those losses stay on the device and
+  are read back together (one GPU sync) every `READ_BACK_STEPS` steps, for the
   curve, the NaN check and the progress report: never a sync per step.
 - Mixed precision: bf16 on GPUs that support it, fp16 on others, none on a CPU. For LoRA the
   frozen base is loaded in bf16 where training runs in bf16 (`base_dtype`): half the memory and

@@ -111,10 +111,13 @@ def examples_digest(examples) -> str:
 
     examples = datamod.Examples.of(examples)
     h = hashlib.sha256()
-    for name in ("ids", "trained", "starts"):
-        array = getattr(examples, name)
-        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        h.update(array.tobytes())
+    # As if hashing the three arrays whole; the token arrays are read piece by piece (they
+    # may be in a file, larger than memory should hold).
+    for name, dtype, shape in (("ids", "<i4", (examples.tokens,)), ("trained", "|b1", (examples.tokens,)),
+                               ("starts", examples.starts.dtype.str, examples.starts.shape)):
+        h.update(f"{name}\0{dtype}\0{shape}\0".encode())
+        for chunk in ([examples.starts] if name == "starts" else examples.chunks(name)):
+            h.update(chunk.tobytes())
     return h.hexdigest()
 
 
