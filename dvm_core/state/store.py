@@ -329,6 +329,22 @@ class Store:
         )
         return [(r["job_id"], r["role"], json.loads(r["event"])) for r in rows]
 
+    def count_unpublished(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+
+    def outgoing_rowid(self, event_id: str) -> int | None:
+        """Where an event stands in the outbox's order (its rowid), or None if it is not there."""
+        row = self.db.execute("SELECT rowid FROM outbox WHERE event_id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
+    def unpublished_after(self, rowid: int, limit: int) -> list[tuple[int, str | None, str, dict]]:
+        """Up to `limit` unpublished events stored after `rowid`, oldest first, with their rowid:
+        the outbox's backlog read a batch at a time, never all at once."""
+        rows = self.db.execute(
+            "SELECT rowid, job_id, role, event FROM outbox WHERE rowid > ? AND published_at IS NULL"
+            " ORDER BY rowid LIMIT ?", (rowid, limit))
+        return [(r[0], r["job_id"], r["role"], json.loads(r["event"])) for r in rows]
+
     def outgoing_for_job(self, job_id: str, role: str) -> dict | None:
         row = self.db.execute(
             "SELECT event FROM outbox WHERE job_id = ? AND role = ? ORDER BY created LIMIT 1",
