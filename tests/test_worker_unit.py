@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -197,3 +198,42 @@ async def test_a_slow_relay_holds_at_most_max_in_flight_publishes(tmp_path):
     assert [c for c in published if c.startswith("progress")] == ["progress 7", "progress 8", "progress 9"]
     assert pool.most_waiting == 4
     store.close()
+
+
+async def test_a_flood_waits_in_the_store_not_in_tasks(tmp_path):
+    """Issue 19's flood: while the outbox is congested (or `max_handling` requests have a task
+    each), new requests are recorded and wait in the store; they are taken up, oldest first,
+    as room frees, and each is answered once."""
+    pool = SlowPool()
+    config = load_config(write_config(tmp_path / "dvm.toml", "ws://memory.invalid"), env={})
+    w = Worker(config, Keys.generate(), plugin_manager(only=["textstats"]), pool=pool)
+    w.outbox.max_in_flight, w.max_handling = 4, 6
+    await w.start()
+    try:
+        customer = Keys.generate()
+        events = [request(customer, w, text=f"word {i}") for i in range(40)]
+        most_tasks = 0
+        for event in events:
+            pool.deliver(event)
+            most_tasks = max(most_tasks, len(w._requests))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        most_tasks = max(most_tasks, len(w._requests))
+        assert most_tasks <= 6 and pool.most_waiting <= 4
+        assert len(w.store.jobs(("received",))) >= 30   # waiting in the store
+        pool.open.set()
+        deadline = asyncio.get_running_loop().time() + 20
+        while asyncio.get_running_loop().time() < deadline:
+            results = [e for e in pool.published if e["kind"] == KIND + 1000]
+            if len(results) >= 40:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        answered = Counter(next(t[1] for t in e["tags"] if t[0] == "e")
+                           for e in pool.published if e["kind"] == KIND + 1000)
+        assert answered == Counter({e["id"]: 1 for e in events})
+        assert all(w.store.get_job(e["id"]).state == "succeeded" for e in events)
+        assert w.counts["received"] == 40 and w.outbox.dropped == 0 and w._deferred_after is None
+    finally:
+        pool.open.set()
+        await w.stop(grace=1.0)

@@ -304,6 +304,19 @@ class Store:
             rows = self.db.execute("SELECT * FROM jobs ORDER BY received_at DESC LIMIT ?", (limit,))
         return [_job(r) for r in rows]
 
+    def job_rowid(self, job_id: str) -> int | None:
+        """Where a request stands in the order it was recorded in (its rowid), or None."""
+        row = self.db.execute("SELECT rowid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def received_after(self, rowid: int, limit: int) -> list[tuple[int, dict]]:
+        """Up to `limit` requests recorded after `rowid` and still `received`, oldest first,
+        with their rowid: requests that waited in the store, taken up a batch at a time."""
+        rows = self.db.execute(
+            "SELECT rowid, request FROM jobs WHERE rowid > ? AND state = ? ORDER BY rowid LIMIT ?",
+            (rowid, JobState.RECEIVED.value, limit))
+        return [(r[0], json.loads(r[1])) for r in rows]
+
     def latest_request_time(self) -> int | None:
         row = self.db.execute("SELECT MAX(created_at) FROM jobs").fetchone()
         return row[0]
