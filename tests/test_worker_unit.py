@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -140,3 +141,99 @@ async def test_a_request_for_another_dvm_is_left_alone(worker):
 async def test_the_worker_subscribes_to_requests_of_its_kinds(worker):
     filters = worker.pool.subscriptions["dvm-requests"]()
     assert filters[0]["kinds"] == [KIND]
+
+
+class SlowPool(MemoryPool):
+    """A relay that takes events only while `open` is set (one in a flood, slower than the
+    worker): counts the publishes waiting for its OK at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = asyncio.Event()
+        self.waiting = self.most_waiting = 0
+
+    async def publish(self, event: dict) -> list[PublishResult]:
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+        return await super().publish(event)
+
+
+async def test_a_slow_relay_holds_at_most_max_in_flight_publishes(tmp_path):
+    """Issue 19's flood: answers beyond `max_in_flight` wait in the store (stored ones) or in a
+    bounded queue (those that may be lost), not each in a task of its own; all stored ones
+    still go out, once each, oldest first."""
+    from dvm_core.state.store import Store
+    from dvm_core.worker.outbox import Outbox
+    pool, store, keys = SlowPool(), Store(tmp_path / "state.db"), Keys.generate()
+    tasks: set[asyncio.Task] = set()
+
+    def spawn(coro):
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    outbox = Outbox(pool=pool, store=store, keys=keys, relay_hint="memory", spawn=spawn,
+                    max_in_flight=4, max_waiting=3)
+    stored = [outbox.sign(KIND + 1000, f"result {i}", []) for i in range(20)]
+    for i, event in enumerate(stored):
+        outbox.store_and_send(event, "result", f"job{i}")
+    for i in range(10):
+        outbox.send(outbox.sign(FEEDBACK_KIND, f"progress {i}", []))
+    await asyncio.sleep(0.05)
+    assert pool.most_waiting == 4 and len(tasks) == 4
+    assert outbox.congested and outbox.dropped == 7
+    outbox.send_stored(stored[0], "result", "job0")   # already going out: not twice
+    pool.open.set()
+    deadline = asyncio.get_running_loop().time() + 5
+    while (tasks or store.unpublished()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert store.unpublished() == [] and not outbox.congested and outbox.in_flight == 0
+    published = [e["content"] for e in pool.published]
+    assert [c for c in published if c.startswith("result")] == [e["content"] for e in stored]
+    assert [c for c in published if c.startswith("progress")] == ["progress 7", "progress 8", "progress 9"]
+    assert pool.most_waiting == 4
+    store.close()
+
+
+async def test_a_flood_waits_in_the_store_not_in_tasks(tmp_path):
+    """Issue 19's flood: while the outbox is congested (or `max_handling` requests have a task
+    each), new requests are recorded and wait in the store; they are taken up, oldest first,
+    as room frees, and each is answered once."""
+    pool = SlowPool()
+    config = load_config(write_config(tmp_path / "dvm.toml", "ws://memory.invalid"), env={})
+    w = Worker(config, Keys.generate(), plugin_manager(only=["textstats"]), pool=pool)
+    w.outbox.max_in_flight, w.max_handling = 4, 6
+    await w.start()
+    try:
+        customer = Keys.generate()
+        events = [request(customer, w, text=f"word {i}") for i in range(40)]
+        most_tasks = 0
+        for event in events:
+            pool.deliver(event)
+            most_tasks = max(most_tasks, len(w._requests))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        most_tasks = max(most_tasks, len(w._requests))
+        assert most_tasks <= 6 and pool.most_waiting <= 4
+        assert len(w.store.jobs(("received",))) >= 30   # waiting in the store
+        pool.open.set()
+        deadline = asyncio.get_running_loop().time() + 20
+        while asyncio.get_running_loop().time() < deadline:
+            results = [e for e in pool.published if e["kind"] == KIND + 1000]
+            if len(results) >= 40:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        answered = Counter(next(t[1] for t in e["tags"] if t[0] == "e")
+                           for e in pool.published if e["kind"] == KIND + 1000)
+        assert answered == Counter({e["id"]: 1 for e in events})
+        assert all(w.store.get_job(e["id"]).state == "succeeded" for e in events)
+        assert w.counts["received"] == 40 and w.outbox.dropped == 0 and w._deferred_after is None
+    finally:
+        pool.open.set()
+        await w.stop(grace=1.0)

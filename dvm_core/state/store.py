@@ -316,6 +316,19 @@ class Store:
             rows = self.db.execute("SELECT * FROM jobs ORDER BY received_at DESC LIMIT ?", (limit,))
         return [_job(r) for r in rows]
 
+    def job_rowid(self, job_id: str) -> int | None:
+        """Where a request stands in the order it was recorded in (its rowid), or None."""
+        row = self.db.execute("SELECT rowid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def received_after(self, rowid: int, limit: int) -> list[tuple[int, dict]]:
+        """Up to `limit` requests recorded after `rowid` and still `received`, oldest first,
+        with their rowid: requests that waited in the store, taken up a batch at a time."""
+        rows = self.db.execute(
+            "SELECT rowid, request FROM jobs WHERE rowid > ? AND state = ? ORDER BY rowid LIMIT ?",
+            (rowid, JobState.RECEIVED.value, limit))
+        return [(r[0], json.loads(r[1])) for r in rows]
+
     def latest_request_time(self) -> int | None:
         row = self.db.execute("SELECT MAX(created_at) FROM jobs").fetchone()
         return row[0]
@@ -340,6 +353,22 @@ class Store:
             "SELECT job_id, role, event FROM outbox WHERE published_at IS NULL ORDER BY created"
         )
         return [(r["job_id"], r["role"], json.loads(r["event"])) for r in rows]
+
+    def count_unpublished(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+
+    def outgoing_rowid(self, event_id: str) -> int | None:
+        """Where an event stands in the outbox's order (its rowid), or None if it is not there."""
+        row = self.db.execute("SELECT rowid FROM outbox WHERE event_id = ?", (event_id,)).fetchone()
+        return row[0] if row else None
+
+    def unpublished_after(self, rowid: int, limit: int) -> list[tuple[int, str | None, str, dict]]:
+        """Up to `limit` unpublished events stored after `rowid`, oldest first, with their rowid:
+        the outbox's backlog read a batch at a time, never all at once."""
+        rows = self.db.execute(
+            "SELECT rowid, job_id, role, event FROM outbox WHERE rowid > ? AND published_at IS NULL"
+            " ORDER BY rowid LIMIT ?", (rowid, limit))
+        return [(r[0], r["job_id"], r["role"], json.loads(r["event"])) for r in rows]
 
     def outgoing_for_job(self, job_id: str, role: str) -> dict | None:
         row = self.db.execute(

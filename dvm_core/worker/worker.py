@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 
 import pluggy
@@ -51,6 +52,8 @@ from .runner import DELIVERY_LOCK, STOP_GRACE_SECONDS, ActiveJob, Outcome, Runne
 log = structlog.get_logger("dvm.worker")
 
 MAX_CRASHES = 2              # a job that took the worker down this often is failed and refunded
+HANDLING_MARGIN = 256        # requests being read or refused at once, beyond those queued or unpaid
+DEFERRED_BATCH = 64          # requests taken up from the store at a time
 
 
 class Worker:
@@ -77,6 +80,11 @@ class Worker:
         self._expiry_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()      # background work: publishing, heartbeat
         self._requests: set[asyncio.Task] = set()   # one per request being handled
+        self._handling: Counter[str] = Counter()    # their request ids
+        # Requests with a task each, at most; beyond (or while the outbox is congested), new
+        # requests are recorded and wait in the store, not in memory (issue 19's flood).
+        self.max_handling = s.max_queued_jobs + s.max_unpaid_jobs + s.max_concurrent_jobs + HANDLING_MARGIN
+        self._deferred_after: int | None = None     # requests recorded after this jobs rowid wait there
         self.counts = {"received": 0, "rejected": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
         self.outbox = Outbox(pool=self.pool, store=self.store, keys=keys, relay_hint=s.relays[0],
                              spawn=self._spawn)
@@ -271,7 +279,7 @@ class Worker:
                 self._give_up(record)
                 continue
             log.info("resuming job after restart", job_id=record.id, state=record.state)
-            self._spawn(self._handle(record.request, resumed=True), self._requests)
+            self._spawn_request(record.request, self._handle(record.request, resumed=True))
 
     def _give_up(self, record) -> None:
         """A job that took the worker down MAX_CRASHES times is not run again: failed, refunded,
@@ -293,7 +301,7 @@ class Worker:
         if event["kind"] == DELETION_KIND:
             self._on_deletion(event)
         elif event["kind"] in self.kinds and not self._stopping:
-            self._spawn(self._handle(event), self._requests)
+            self._take_request(event)
         elif event["kind"] == NUTZAP_KIND and self.cashier is not None:
             self.cashier.on_nutzap(event)
 
@@ -308,13 +316,73 @@ class Worker:
                 log.info("job cancelled by the customer", job_id=job_id)
                 self.runner.cancel(active, StopReason.CUSTOMER)
 
+    # requests waiting in the store -----------------------------------------
+    def _spawn_request(self, event: dict, coro) -> asyncio.Task:
+        task = self._spawn(coro, self._requests)
+        event_id = event["id"]
+        self._handling[event_id] += 1
+
+        def ended(_task, handling=self._handling):
+            handling[event_id] -= 1
+            if handling[event_id] <= 0:
+                del handling[event_id]
+        task.add_done_callback(ended)
+        return task
+
+    def _saturated(self) -> bool:
+        return len(self._handling) >= self.max_handling or self.outbox.congested
+
+    def _take_request(self, event: dict) -> None:
+        """A new request gets a task of its own, or, when the worker has as many as it keeps or
+        its answers wait for the relays (the outbox is congested), is recorded and waits in the
+        store for `_take_up_deferred`: a flood of any length costs the store, not memory."""
+        if self._deferred_after is None and not self._saturated():
+            self._spawn_request(event, self._handle(event))
+            return
+        try:
+            size = event_size(event)
+            if size > self.settings.max_request_bytes:
+                # Recorded without its body, it could not be read again: refused now, at once.
+                self._spawn_request(event, self._handle(event))
+                return
+            if not self.intake.take(event, size, resumed=False):
+                return
+            rowid = self.store.job_rowid(event["id"]) if self._deferred_after is None else None
+        except Exception:   # e.g. a full disk: its own task takes it, and waits for room
+            self._spawn_request(event, self._handle(event))
+            return
+        if rowid is not None:
+            self._deferred_after = rowid - 1
+            log.info("busy: new requests wait in the store", handling=len(self._handling),
+                     publishing=self.outbox.in_flight)
+            self._spawn(self._take_up_deferred())
+
+    async def _take_up_deferred(self) -> None:
+        """The requests that wait in the store, oldest first, a batch at a time as room frees."""
+        while not self._stopping:
+            if self.outbox.congested or len(self._handling) > self.max_handling * 3 // 4:
+                await asyncio.sleep(0.05)
+                continue
+            limit = min(DEFERRED_BATCH, self.max_handling - len(self._handling))
+            rows = self.store.received_after(self._deferred_after, limit)
+            for rowid, event in rows:
+                self._deferred_after = rowid
+                if event["id"] not in self._handling:
+                    self._spawn_request(event, self._handle(event, taken=True))
+            if len(rows) < limit:
+                self._deferred_after = None   # none wait any more
+                log.info("no more requests wait in the store")
+                return
+            await asyncio.sleep(0)
+
     # one request, from the relay to its answer -----------------------------
-    async def _handle(self, event: dict, resumed: bool = False, waited: int = 0) -> None:
-        """`waited`: how many times this request already waited for room in the store."""
+    async def _handle(self, event: dict, resumed: bool = False, waited: int = 0, taken: bool = False) -> None:
+        """`waited`: how many times this request already waited for room in the store;
+        `taken`: recorded already, it waited in the store for its turn."""
         reply = None
         try:
             size = event_size(event)
-            if not self.intake.take(event, size, resumed):
+            if not taken and not self.intake.take(event, size, resumed):
                 return
             crashpoint("request-recorded")
             with structlog.contextvars.bound_contextvars(job_id=event["id"]):
@@ -360,7 +428,7 @@ class Worker:
         log_full(event["id"], "taking the request", waited, delay)
         if waited == 0 and reply is not None:
             reply.feedback("processing", WAITING_MESSAGE)
-        self._spawn(self._when_room(event, waited + 1, delay), self._requests)
+        self._spawn_request(event, self._when_room(event, waited + 1, delay))
 
     async def _when_room(self, event: dict, waited: int, delay: float) -> None:
         await asyncio.sleep(delay)
