@@ -237,3 +237,42 @@ async def test_a_flood_waits_in_the_store_not_in_tasks(tmp_path):
     finally:
         pool.open.set()
         await w.stop(grace=1.0)
+
+
+async def test_a_restart_resumes_every_unfinished_request_a_page_at_a_time(tmp_path):
+    """Stopped in a flood with 30 requests recorded and unanswered, a worker that keeps at most
+    6 in hand resumes them all after its restart: the first 6 at once, the rest a page at a
+    time as room frees (`Worker._resume_rest`), never more than 6 tasks; each answered once."""
+    config = load_config(write_config(tmp_path / "dvm.toml", "ws://memory.invalid"), env={})
+    keys, customer = Keys.generate(), Keys.generate()
+    first_pool = SlowPool()   # never opens: nothing is answered before the stop
+    first = Worker(config, keys, plugin_manager(only=["textstats"]), pool=first_pool)
+    first.outbox.max_in_flight, first.max_handling = 4, 6
+    await first.start()
+    events = [request(customer, first, text=f"word {i}") for i in range(30)]
+    for event in events:
+        first_pool.deliver(event)
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.2)
+    first_pool.open.set()   # let the stop's own publishes go
+    await first.stop(grace=0.5)
+
+    pool = MemoryPool()
+    second = Worker(config, keys, plugin_manager(only=["textstats"]), pool=pool)
+    second.max_handling = 6
+    unanswered = [e["id"] for e in events if second.store.get_job(e["id"]).state != "succeeded"]
+    assert len(unanswered) > 12, len(unanswered)   # more than two pages wait for the restart
+    most = 0
+    await second.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline and any(second.store.get_job(i).state != "succeeded" for i in unanswered):
+            most = max(most, len(second._requests))
+            await asyncio.sleep(0.01)
+        answered = Counter(next(t[1] for t in e["tags"] if t[0] == "e")
+                           for e in pool.published if e["kind"] == KIND + 1000)
+        assert all(answered[i] == 1 for i in unanswered), answered
+        assert most <= 6
+    finally:
+        await second.stop(grace=1.0)

@@ -321,6 +321,19 @@ class Store:
         row = self.db.execute("SELECT rowid FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None
 
+    def last_rowid(self) -> int:
+        """The rowid of the request recorded last (0 for none)."""
+        return self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM jobs").fetchone()[0]
+
+    def unfinished_after(self, states: tuple[str, ...], rowid: int, limit: int) -> list[tuple[int, JobRecord]]:
+        """Up to `limit` jobs in `states` recorded after `rowid`, oldest first, with their rowid:
+        the unfinished jobs a restart resumes, a page at a time."""
+        marks = ",".join("?" * len(states))
+        rows = self.db.execute(
+            f"SELECT rowid, * FROM jobs WHERE state IN ({marks}) AND rowid > ? ORDER BY rowid LIMIT ?",
+            (*states, rowid, limit))
+        return [(r[0], _job(r)) for r in rows]
+
     def received_after(self, rowid: int, limit: int) -> list[tuple[int, dict]]:
         """Up to `limit` requests recorded after `rowid` and still `received`, oldest first,
         with their rowid: requests that waited in the store, taken up a batch at a time."""

@@ -270,8 +270,23 @@ class Worker:
 
     # restarts --------------------------------------------------------------
     def _recover(self) -> None:
+        """Resume the jobs a stop left unfinished: at most `max_handling` at once, the rest (a
+        flood cut short) a page at a time as room frees (`_resume_rest`), never all at once and
+        never forgotten."""
         self.outbox.resend_unpublished()
-        for record in self.store.jobs(tuple(s.value for s in ACTIVE + AWAITING_PAYMENT)):
+        states = tuple(s.value for s in ACTIVE + AWAITING_PAYMENT)
+        end = self.store.last_rowid()   # requests recorded after the start are not resumed ones
+        rows = self.store.unfinished_after(states, 0, self.max_handling)
+        after = self._resume(rows)
+        if len(rows) == self.max_handling:
+            self._spawn(self._resume_rest(states, after, end))
+
+    def _resume(self, rows: list) -> int:
+        """Resume these (rowid, job) of the store; the last rowid."""
+        after = 0
+        for after, record in rows:
+            if record.id in self._handling:
+                continue
             if self.store.outgoing_for_job(record.id, "result") is not None:
                 self.store.set_state(record.id, JobState.SUCCEEDED)
                 continue
@@ -280,6 +295,22 @@ class Worker:
                 continue
             log.info("resuming job after restart", job_id=record.id, state=record.state)
             self._spawn_request(record.request, self._handle(record.request, resumed=True))
+        return after
+
+    async def _resume_rest(self, states: tuple[str, ...], after: int, end: int) -> None:
+        """The unfinished jobs beyond the first `max_handling` after a restart, up to rowid
+        `end`, a page at a time as the worker has room for them."""
+        while not self._stopping and after < end:
+            room = self.max_handling - len(self._handling)
+            if self.outbox.congested or room < max(1, self.max_handling // 4):
+                await asyncio.sleep(0.05)
+                continue
+            rows = [(rowid, record) for rowid, record in
+                    self.store.unfinished_after(states, after, min(DEFERRED_BATCH, room)) if rowid <= end]
+            if not rows:
+                return
+            after = self._resume(rows)
+            await asyncio.sleep(0)
 
     def _give_up(self, record) -> None:
         """A job that took the worker down MAX_CRASHES times is not run again: failed, refunded,
