@@ -903,6 +903,9 @@ async def main_async(args) -> dict:
             tracer.recording = False
 
         if args.concurrent:
+            # The delivery jobs' ecash is swapped after their results (deliver_before_redeem):
+            # let the last of those swaps land before the books of this phase are opened.
+            await settle(worker, [i for path in paths for i in path.ids])
             provider_before = await worker.cashier.wallet.total_balance()
             eprint(f"concurrent: {args.concurrent} paid jobs at once, "
                    f"max_concurrent_jobs={args.max_concurrent_jobs}")
