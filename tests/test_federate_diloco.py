@@ -337,3 +337,20 @@ async def test_diloco_scores_leave_a_lazy_provider_out(workers, mint, relay, blo
     assert only.scores[providers[1]]["merged"] is False
     assert "no change from the global model" in only.scores[providers[1]]["reason"]
     assert only.eval_loss < federation.initial_loss
+
+
+async def test_inner_steps_that_do_not_fit_the_shards_are_refused_before_any_job(tmp_path):
+    """H steps of the batch must fit in the passes over a shard providers allow (20): asked
+    for more, the run stops before any job is sent or paid, saying what to change."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 48, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 10, seed=2)
+
+    class NoCustomer:   # any use of it would be a job or a payment
+        def __getattr__(self, name):
+            raise AssertionError(f"customer.{name} used")
+
+    settings = dataclasses.replace(SETTINGS, inner_steps=200)   # 16 examples, 2 steps a pass
+    with pytest.raises(ValueError, match="H = 200 steps of batch 8 take 101 passes over shard 0"):
+        await federate_llm(NoCustomer(), None, ["ab" * 32, "cd" * 32, "ef" * 32], train, test, model, [],
+                           tmp_path / "fed", settings, say=print)

@@ -29,6 +29,7 @@ rounds (OpenDiLoCo keeps it on the worker; a job here starts AdamW afresh).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import shutil
 import time
@@ -131,10 +132,26 @@ class DilocoFederation(LlmFederation):
         self.momentum: dict | None = None
         self.momentum_file: Path | None = None
 
+    async def prepare(self, resumed: bool = False) -> None:
+        s = self.settings
+        n = len(self.providers)
+        for i in range(n):   # the shards' sizes (`LlmFederation.prepare` deals the lines out), before any upload
+            shard = range(i, len(self.records), n)
+            if self._epochs(shard) > MAX_EPOCHS:
+                raise ValueError(
+                    f"H = {s.inner_steps} steps of batch {s.batch_size} take {self._epochs(shard)} passes over "
+                    f"shard {i} ({len(shard)} examples); providers allow {MAX_EPOCHS} by default: lower "
+                    "--inner-steps or --batch-size, or give more data")
+        await super().prepare(resumed)
+
+    def _epochs(self, shard) -> int:
+        """Passes over a shard that hold H steps (one more: examples dropped as too long)."""
+        s = self.settings
+        return math.ceil(s.inner_steps / max(1, len(shard) // s.batch_size)) + 1
+
     def _params(self, provider_index: int, shard, round_: int) -> dict[str, str]:
         s = self.settings
-        per_epoch = max(1, len(shard) // s.batch_size)
-        epochs = min(MAX_EPOCHS, math.ceil(s.inner_steps / per_epoch) + 1)   # enough for H steps
+        epochs = min(MAX_EPOCHS, self._epochs(shard))
         params = {"method": "full", "output": "delta", "compression": s.compression,
                   "max_steps": str(s.inner_steps), "epochs": str(epochs), "batch_size": str(s.batch_size),
                   "max_seq_length": str(s.max_seq_length), "lr_schedule": "constant", "warmup_ratio": "0",
@@ -212,6 +229,9 @@ class DilocoFederation(LlmFederation):
                 drop(provider, str(exc))
                 continue
             bytes_up += files[FILE].stat().st_size
+            steps = _card_steps(files.get("model_card.json"))
+            if steps is not None and steps != s.inner_steps:
+                self.say(f"round {round_}: provider {provider[:12]}… took {steps} inner steps, not {s.inner_steps}")
             losses[provider] = _card_losses(files.get("model_card.json"))
             seconds[provider] = _card_seconds(files.get("model_card.json"))
             if i in s.attacks:   # a simulation (--local --attack): this provider cheats
@@ -273,6 +293,13 @@ class DilocoFederation(LlmFederation):
         self.global_model, self.momentum_file = out, momentum_file
         report["names"] = [n[:12] for n in names]
         return report, outer
+
+
+def _card_steps(card: Path | None) -> int | None:
+    try:
+        return int(json.loads(card.read_text())["training"]["steps"]) if card else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _save(state: dict, path: Path) -> None:

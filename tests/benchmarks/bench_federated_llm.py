@@ -3,7 +3,7 @@ centralised for the same tokens, the bytes a round moves with and without compre
 round's wall time against the providers' training time.
 
     .venv/bin/python tests/benchmarks/bench_federated_llm.py [--providers 3] [--rounds 3]
-        [--inner-steps 200] [--batch-size 8] [--learning-rate 3e-3] [--examples 200]
+        [--inner-steps 800] [--batch-size 8] [--learning-rate 3e-3] [--examples 500]
 
 Prints one JSON object on stdout; progress goes to stderr. Not a pytest module.
 
@@ -135,7 +135,8 @@ def main() -> int:
     parser.add_argument("--inner-steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--examples", type=int, default=200, help="training sentences per provider")
+    parser.add_argument("--examples", type=int, default=500,
+                        help="training sentences per provider (H steps of the batch must fit in 19 passes)")
     parser.add_argument("--job-timeout", type=float, default=600)
     parser.add_argument("--no-score", action="store_true", help="merge every update unscored")
     args = parser.parse_args()
