@@ -54,6 +54,7 @@ ADAPTER = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 MAX_HELDOUT_BYTES = 256 << 20
+SHARD_SCORE_EXAMPLES = 256   # an update's loss on its own shard is measured on this many of its examples
 STATE = "state.json"   # in the work folder: the last finished round (see `LlmFederation.run`)
 STATE_FORMAT = "dvm-federate-llm-state/1"
 MODES = ("lora", "diloco")
@@ -641,8 +642,10 @@ class LlmFederation(Federation):
                 shard = datamod.read_jsonl(self.shard_sets[index[names[i]]], what="shard", max_bytes=1 << 40,
                                            max_examples=10**9)
                 examples = datamod.tokenize(shard, tokenizer, self.settings.max_seq_length, what="shard").examples
+                # Its first SHARD_SCORE_EXAMPLES (in the training file's order): enough to tell whether
+                # the update learnt its data, at a cost that does not grow with the shard.
                 shard_sets[i] = LossOnModel(model, datamod.eval_batches(
-                    examples, batch_size=16, pad_id=tokenizer.pad_token_id))
+                    examples[:SHARD_SCORE_EXAMPLES], batch_size=16, pad_id=tokenizer.pad_token_id))
             return shard_sets[i](state)
 
         return score_updates(base_file, updates, names, weights, heldout, shard_loss,
