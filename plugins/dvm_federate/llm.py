@@ -207,7 +207,6 @@ def merge_adapters(base: Path, adapter_dirs: Sequence[Path], weights: Sequence[f
     """Write into folder `out` the model folder `base` with the adapters merged (`merge_into`):
     its other files copied, each safetensors file rewritten with the merged tensors. Returns a
     short report (modules changed, the norm of the merged update)."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
