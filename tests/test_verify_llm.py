@@ -290,10 +290,15 @@ def test_the_verify_kind_replays_an_llm_segment(assets, honest, tmp_path):
     request, ctx = verify_ctx(tmp_path / "v3", honest, tmp_path / "lied.json", 12, 18, assets["data"], model_input)
     verdict = kind.run(ctx, kind.parse(request)).content
     assert verdict["match"] is False and verdict["distance"] > 0
-    # The model param is checked as the job checks it.
+    # The model param is checked as the job checks it, when the request is read: before payment.
     request, ctx = verify_ctx(tmp_path / "v4", honest, transcript, 12, 18, assets["data"], params={"model": "a/b"})
     with pytest.raises(JobInputError, match="not offered by this provider"):
-        kind.run(ctx, kind.parse(request))
+        kind.parse(request)
+    offered = verify_kind({"plugins": {"llm-finetune": {"allowed_models": ["a/b"]}}})
+    assert offered.parse(request).params == {"model": "a/b"}
+    with pytest.raises(JobInputError, match="not a branch, tag or commit"):
+        offered.parse(verify_ctx(tmp_path / "v6", honest, transcript, 12, 18, assets["data"],
+                                 params={"model": "a/b", "revision": "../x y"})[0])
     request, _ = verify_ctx(tmp_path / "v5", honest, transcript, 12, 18, assets["data"], model_input,
                             params={"model": "a/b"})
     with pytest.raises(JobInputError, match="not both"):

@@ -79,7 +79,7 @@ def register_job_kinds(register, config):
     from .verify import checker
 
     register(job_kind(config))
-    register(checker())
+    register(checker(config))
 
 
 @hookimpl

@@ -33,18 +33,23 @@ PARAMS = {
 }
 
 
-def check_request(job) -> None:
-    """At parse time: the model params and input go together as the job's do."""
+def check_request(job, limits: Limits | None = None) -> None:
+    """At parse time, before any payment: the model params and input go together as the job's
+    do, and with the provider's `limits` a param model is a repo id it offers (as the job
+    checks it)."""
     if job.params.get("model") is not None and job.urls.get("model") is not None:
         raise JobInputError("send either param model or an input marked 'model', not both")
     if job.params.get("revision") is not None and job.params.get("model") is None:
         raise JobInputError("param revision goes with param model")
+    if limits is not None:
+        read_model_params(job.params.get("model"), job.params.get("revision"), limits)
 
 
-def checker() -> TranscriptChecker:
-    """What this plugin registers for kind 5753."""
+def checker(config: dict | None = None) -> TranscriptChecker:
+    """What this plugin registers for kind 5753 (`config`: the worker's, for the models it offers)."""
+    limits = Limits.from_config(config) if config is not None else None
     return TranscriptChecker(format=FORMAT, run=run_job, what="kind 5751, LLM fine-tuning", params=PARAMS,
-                             roles=("model",), check=check_request,
+                             roles=("model",), check=lambda job: check_request(job, limits),
                              needs="the base model, param model (a hub repo id offered here) or a url "
                                    "input marked 'model' (default: the transcript's hub model).")
 
