@@ -25,6 +25,7 @@ No torch and no plugin here: the checkers do the replaying, in their plugins.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -127,3 +128,51 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
                      + needs).strip(),
         run=run, parse=lambda request: parse_request(request, checkers), params=params,
         params_schema=params_schema(read_params, params))
+
+
+# --- the verdict, the same for every format (the plugins replay; the arithmetic below only
+# calls the tensors' own methods, so the core imports no torch) ------------------------------
+
+def segments(transcript: dict) -> list[tuple[int, int]]:
+    """The segments [a, b) between consecutive checkpoints."""
+    steps = [c["step"] for c in transcript["checkpoints"]]
+    return list(zip(steps, steps[1:]))
+
+
+def entry_at(transcript: dict, step: int) -> dict:
+    for entry in transcript["checkpoints"]:
+        if entry["step"] == step:
+            return entry
+    raise JobInputError(f"the transcript has no checkpoint at step {step}")
+
+
+def distance(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        return math.inf
+    diff = norm = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            x, y = a[k].double(), b[k].double()
+            diff += float((x - y).square().sum())
+            norm += float(y.square().sum())
+    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
+
+
+def compare(transcript: dict, got, claimed, tolerance: float = 0.0) -> dict:
+    """The verdict on a replayed segment: the state reached (`got`) against the transcript's
+    record, and against the provider's end checkpoint (`claimed`, or None) for the distance.
+    `got` and `claimed` are a plugin's checkpoints: ``step``, ``weights`` (name → tensor),
+    ``weights_sha256()`` and ``state_sha256()``."""
+    expected = entry_at(transcript, got.step)
+    got_sha, got_state = got.weights_sha256(), got.state_sha256()
+    dist = 0.0 if got_sha == expected["weights_sha256"] else math.inf
+    if claimed is not None:
+        dist = distance(got.weights, claimed.weights)
+    exact = got_sha == expected["weights_sha256"] and got_state == expected["state_sha256"]
+    claimed_ok = claimed is None or claimed.weights_sha256() == expected["weights_sha256"]
+    match = claimed_ok and (exact or (tolerance > 0 and dist <= tolerance))
+    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None, "exact": exact,
+            "expected_sha256": expected["weights_sha256"], "got_sha256": got_sha,
+            "expected_state_sha256": expected["state_sha256"], "got_state_sha256": got_state,
+            "end_checkpoint_matches_transcript": claimed_ok}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dvm_core import JobInputError
+from dvm_core.transcripts import compare, distance, entry_at, segments  # noqa: F401 - one verdict for every format
 
 FORMAT = "dvm-image-classifier-transcript/1"
 CHECKPOINT_FORMAT = "dvm-image-classifier-checkpoint/1"
@@ -226,19 +227,6 @@ def params_from(transcript: dict):
         raise JobInputError(f"the transcript's params are not this plugin's ({exc})") from None
 
 
-def segments(transcript: dict) -> list[tuple[int, int]]:
-    """The segments [a, b) between consecutive checkpoints."""
-    steps = [c["step"] for c in transcript["checkpoints"]]
-    return list(zip(steps, steps[1:]))
-
-
-def entry_at(transcript: dict, step: int) -> dict:
-    for entry in transcript["checkpoints"]:
-        if entry["step"] == step:
-            return entry
-    raise JobInputError(f"the transcript has no checkpoint at step {step}")
-
-
 def replay(transcript: dict, start: Checkpoint, images: torch.Tensor, labels: torch.Tensor, stop: int,
            device: torch.device | None = None, check_cancelled=lambda: None) -> Checkpoint:
     """Re-execute steps [start.step, stop) of the training the transcript describes on the uint8
@@ -323,32 +311,3 @@ def seeded_start(transcript: dict) -> Checkpoint | None:
     tensors["rng/augment"] = torch.Generator().manual_seed((params.seed + 1) % 2**64).get_state()
     return Checkpoint(0, tensors, {})
 
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
-    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
-        return math.inf
-    diff = norm = 0.0
-    for k in a:
-        if a[k].is_floating_point():
-            x, y = a[k].double(), b[k].double()
-            diff += float((x - y).square().sum())
-            norm += float(y.square().sum())
-    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
-
-
-def compare(transcript: dict, got: Checkpoint, claimed: Checkpoint | None, tolerance: float = 0.0) -> dict:
-    """The verdict on a replayed segment: the state reached against the transcript's record
-    (and against the provider's end checkpoint, for the distance)."""
-    expected = entry_at(transcript, got.step)
-    got_sha, got_state = got.weights_sha256(), got.state_sha256()
-    dist = 0.0 if got_sha == expected["weights_sha256"] else math.inf
-    if claimed is not None:
-        dist = distance(got.weights, claimed.weights)
-    exact = got_sha == expected["weights_sha256"] and got_state == expected["state_sha256"]
-    claimed_ok = claimed is None or claimed.weights_sha256() == expected["weights_sha256"]
-    match = claimed_ok and (exact or (tolerance > 0 and dist <= tolerance))
-    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None, "exact": exact,
-            "expected_sha256": expected["weights_sha256"], "got_sha256": got_sha,
-            "expected_state_sha256": expected["state_sha256"], "got_state_sha256": got_state,
-            "end_checkpoint_matches_transcript": claimed_ok}

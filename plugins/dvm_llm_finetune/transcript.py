@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dvm_core import JobInputError
+from dvm_core.transcripts import compare, distance, entry_at, segments  # noqa: F401 - one verdict for every format
 
 FORMAT = "dvm-llm-finetune-transcript/1"
 CHECKPOINT_FORMAT = "dvm-llm-finetune-checkpoint/1"
@@ -45,8 +46,8 @@ ORDER = ("epoch e's batches: the e-th draw of data.epoch_batches from random.Ran
 DROPOUT = "optimizer step s (0-based) draws its dropout after torch.manual_seed(train.step_seed(seed, s))"
 
 
-# The digests, the distance and the verdict are defined as the image classifier's
-# (dvm_image_classifier.transcript; plugins do not import each other): one protocol.
+# The digest is defined as the image classifier's (dvm_image_classifier.transcript; plugins do
+# not import each other), the distance and the verdict are the core's (dvm_core.transcripts).
 
 def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
     """sha256 of named tensors (sorted by name: name, dtype, shape and raw bytes each) and of
@@ -61,47 +62,6 @@ def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) ->
     return h.hexdigest()
 
 
-def segments(transcript: dict) -> list[tuple[int, int]]:
-    """The segments [a, b) between consecutive checkpoints."""
-    steps = [c["step"] for c in transcript["checkpoints"]]
-    return list(zip(steps, steps[1:]))
-
-
-def entry_at(transcript: dict, step: int) -> dict:
-    for entry in transcript["checkpoints"]:
-        if entry["step"] == step:
-            return entry
-    raise JobInputError(f"the transcript has no checkpoint at step {step}")
-
-
-def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
-    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
-        return math.inf
-    diff = norm = 0.0
-    for k in a:
-        if a[k].is_floating_point():
-            x, y = a[k].double(), b[k].double()
-            diff += float((x - y).square().sum())
-            norm += float(y.square().sum())
-    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
-
-
-def compare(transcript: dict, got: Checkpoint, claimed: Checkpoint | None, tolerance: float = 0.0) -> dict:
-    """The verdict on a replayed segment: the state reached against the transcript's record
-    (and against the provider's end checkpoint, for the distance)."""
-    expected = entry_at(transcript, got.step)
-    got_sha, got_state = got.weights_sha256(), got.state_sha256()
-    dist = 0.0 if got_sha == expected["weights_sha256"] else math.inf
-    if claimed is not None:
-        dist = distance(got.weights, claimed.weights)
-    exact = got_sha == expected["weights_sha256"] and got_state == expected["state_sha256"]
-    claimed_ok = claimed is None or claimed.weights_sha256() == expected["weights_sha256"]
-    match = claimed_ok and (exact or (tolerance > 0 and dist <= tolerance))
-    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None, "exact": exact,
-            "expected_sha256": expected["weights_sha256"], "got_sha256": got_sha,
-            "expected_state_sha256": expected["state_sha256"], "got_state_sha256": got_state,
-            "end_checkpoint_matches_transcript": claimed_ok}
 
 
 def examples_digest(examples) -> str:

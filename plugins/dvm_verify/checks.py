@@ -46,7 +46,7 @@ class ResultFolder:
     job_id: str | None
 
     def checkpoint(self, step: int) -> Path:
-        from dvm_image_classifier.transcript import entry_at
+        from dvm_core.transcripts import entry_at
 
         path = self.folder / entry_at(self.transcript, step)["file"]
         if not path.exists():
@@ -82,7 +82,7 @@ def open_result(folder: Path, provider: str | None = None, allow_unsigned: bool 
 
 def pick_segments(transcript: dict, checks: int, seed: int) -> list[tuple[int, int]]:
     """`checks` distinct segments, drawn with `seed` (all of them when there are fewer)."""
-    from dvm_image_classifier.transcript import segments
+    from dvm_core.transcripts import segments
 
     every = segments(transcript)
     chosen = random.Random(seed).sample(range(len(every)), min(checks, len(every)))
@@ -166,7 +166,7 @@ def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
     """A mismatch found before any replay: the provider's checkpoint file for step `a` or `b` is
     not the state its transcript names there (or not a checkpoint at all)."""
     from dvm_core import JobInputError
-    from dvm_image_classifier.transcript import entry_at
+    from dvm_core.transcripts import entry_at
 
     Checkpoint = _checkpoint_class(result.transcript)
 
