@@ -437,15 +437,8 @@ class Customer:
             request, provider, feedback.content, feedback, refund_key=wallet.p2pk_pubkey, max_price=max_price,
             mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds,
             max_lock_seconds=max_lock_seconds, what="announced terms")
-        state: dict = {"job_id": request["id"], "prepared": True}
-        keep = keep or (lambda _state: None)
-
-        def before_swap(record: dict) -> None:
-            state["swap"] = record
-            keep(dict(state))
-        token = await wallet.send_htlc(creq["a"], creq["m"][0], terms, before_swap=before_swap)
-        state["token"] = token
-        keep(dict(state))
+        token = await _make_htlc(wallet, creq["a"], creq["m"][0], terms,
+                                 {"job_id": request["id"], "prepared": True}, keep)
         return PreparedDelivery(terms, creq["a"], creq["m"][0], token)
 
     async def pay_on_delivery(self, request: dict, feedback: Feedback, wallet, *,
@@ -467,22 +460,18 @@ class Customer:
             mints=list(wallet.accepted_mints), min_lock_seconds=min_lock_seconds)
         provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
         state: dict = {"job_id": request["id"]}
-        keep = keep or (lambda _state: None)
         if prepared is not None and (prepared.terms, prepared.amount) == (terms, creq["a"]) \
                 and prepared.mint in creq["m"]:
-            token = prepared.token
+            token, mint = prepared.token, prepared.mint
+            state["token"] = token
+            (keep or (lambda _state: None))(dict(state))
         else:
             if prepared is not None:
                 state["unused_tokens"] = [prepared.token]
-
-            def before_swap(record: dict) -> None:
-                state["swap"] = record
-                keep(dict(state))
-            token = await wallet.send_htlc(creq["a"], creq["m"][0], terms, before_swap=before_swap)
-        state["token"] = token
-        keep(dict(state))
+            mint = creq["m"][0]
+            token = await _make_htlc(wallet, creq["a"], mint, terms, state, keep)
         proofs = list(decode_token(token).proofs)
-        kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
+        kind, content, tags = build_nutzap(mint, proofs, provider, unit=wallet.unit,
                                            zapped_event=request["id"], zapped_kind=request["kind"],
                                            comment="payment on delivery")
         event = sign_event(self.keys, kind, content, tags)
@@ -593,6 +582,21 @@ def _usable_mints(creq: dict, info: WalletInfo, mints: list[str] | None) -> list
         raise PaymentDeclined(f"none of the mints the DVM asks for ({', '.join(offered) or 'none'}) "
                               "is one it announces and your wallet holds")
     return usable
+
+
+async def _make_htlc(wallet, amount: int, mint: str, terms: HtlcTerms, state: dict,
+                     keep: Callable[[dict], None] | None) -> str:
+    """HTLC ecash for `terms` (`wallet.send_htlc`), `state` kept before the swap (with its
+    outputs, for `recover_htlc_send`) and again with the token: what `dvm job reclaim` reads."""
+    keep = keep or (lambda _state: None)
+
+    def before_swap(record: dict) -> None:
+        state["swap"] = record
+        keep(dict(state))
+    token = await wallet.send_htlc(amount, mint, terms, before_swap=before_swap)
+    state["token"] = token
+    keep(dict(state))
+    return token
 
 
 @dataclass(frozen=True)
