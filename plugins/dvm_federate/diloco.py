@@ -35,8 +35,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .llm import LlmFederation, LlmRoundReport, _card_losses, _card_seconds, perplexity
-from .rounds import ProviderFailed, simulate_attack
+from .llm import LlmFederation, LlmRoundReport, _card_losses, _card_seconds, _failure
+from .rounds import simulate_attack
 
 MAX_EPOCHS = 20   # the llm-finetune plugin's default max_epochs
 
@@ -206,27 +206,19 @@ class DilocoFederation(LlmFederation):
         await asyncio.to_thread(_save, global_state, base_file)
         base_sha256 = await asyncio.to_thread(weights_sha256, self.global_model)
         updates, weights, names, dropped, losses, seconds, bytes_up = [], [], [], {}, {}, {}, 0
-
-        def drop(provider: str, why: str) -> None:
-            dropped[provider] = why
-            self.say(f"round {round_}: provider {provider[:12]}… dropped: {why}")
-
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                drop(provider, str(outcome) if isinstance(outcome, ProviderFailed)
-                     else f"{type(outcome).__name__}: {outcome}")
+                self._drop(round_, dropped, provider, _failure(outcome))
                 continue
             files, _cost = outcome
             if FILE not in files:
-                drop(provider, f"the result has no {FILE}")
+                self._drop(round_, dropped, provider, f"the result has no {FILE}")
                 continue
             path = rdir / f"update-{i}.safetensors"
             try:
                 await asyncio.to_thread(_update_state, files[FILE], global_state, base_sha256, path)
             except ValueError as exc:
-                drop(provider, str(exc))
+                self._drop(round_, dropped, provider, str(exc))
                 continue
             bytes_up += files[FILE].stat().st_size
             steps = _card_steps(files.get("model_card.json"))
@@ -254,21 +246,14 @@ class DilocoFederation(LlmFederation):
             self.say(f"round {round_}: no pseudo-gradient came back; the global model stays as it was")
         for path in [base_file, *rdir.glob("update-*.safetensors"), rdir / "merged.safetensors"]:
             path.unlink(missing_ok=True)   # whole-model copies; the pseudo-gradients received stay
-        bonus = await self._pay_bonus(round_, names, scores, payments) if s.bonus and names else {}
-        if s.publish_verdicts and scores:
-            await self._publish_verdicts(round_, scores)
-        loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
-        result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), providers=names,
-                                dropped=dropped, paid=paid, seconds=round(time.monotonic() - started, 3),
-                                merge=report, payments=payments, scores=scores, bonus=bonus,
-                                provider_losses=losses, bytes_down=bytes_down, bytes_up=bytes_up,
-                                train_seconds=seconds, outer=outer)
-        self.reports.append(result)
-        self.say(f"round {round_}: {len(names)}/{len(self.providers)} pseudo-gradients merged ({s.method}), "
-                 f"outer step {outer.get('step_norm', 0):.4g}; held-out loss {loss:.4f} (perplexity "
-                 f"{result.perplexity:.2f}), {bytes_up / 1e6:.2f} MB up ({s.compression}), paid "
-                 f"{sum(paid.values())} sat, {result.seconds:.1f}s")
-        return result
+        return await self._end_round(
+            round_, started,
+            lambda r: f"{len(r.providers)}/{len(self.providers)} pseudo-gradients merged ({s.method}), outer step "
+                      f"{r.outer.get('step_norm', 0):.4g}; held-out loss {r.eval_loss:.4f} (perplexity "
+                      f"{r.perplexity:.2f}), {r.bytes_up / 1e6:.2f} MB up ({s.compression}), paid "
+                      f"{sum(r.paid.values())} sat, {r.seconds:.1f}s",
+            providers=names, dropped=dropped, paid=paid, merge=report, payments=payments, scores=scores,
+            provider_losses=losses, bytes_down=bytes_down, bytes_up=bytes_up, train_seconds=seconds, outer=outer)
 
     def _outer_round(self, round_: int, rdir: Path, base_file: Path, global_state: dict, layout: dict,
                      updates: list[Path], weights: list[float], names: list[str]) -> tuple[dict, dict]:

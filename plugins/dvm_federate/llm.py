@@ -434,22 +434,16 @@ class LlmFederation(Federation):
         shapes = await asyncio.to_thread(weight_shapes, self.global_model)
         for i, (provider, outcome) in enumerate(zip(self.providers, outcomes)):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                dropped[provider] = str(outcome) if isinstance(outcome, ProviderFailed) \
-                    else f"{type(outcome).__name__}: {outcome}"
-                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                self._drop(round_, dropped, provider, _failure(outcome))
                 continue
             files, _cost = outcome
             if ADAPTER not in files or ADAPTER_CONFIG not in files:
-                dropped[provider] = f"the result has no {ADAPTER} and {ADAPTER_CONFIG}"
-                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                self._drop(round_, dropped, provider, f"the result has no {ADAPTER} and {ADAPTER_CONFIG}")
                 continue
             try:
                 await asyncio.to_thread(check_adapter, files[ADAPTER].parent, shapes)
             except ValueError as exc:
-                dropped[provider] = str(exc)
-                self.say(f"round {round_}: provider {provider[:12]}… dropped: {dropped[provider]}")
+                self._drop(round_, dropped, provider, str(exc))
                 continue
             losses[provider] = _card_losses(files.get("model_card.json"))
             seconds[provider] = _card_seconds(files.get("model_card.json"))
@@ -487,19 +481,32 @@ class LlmFederation(Federation):
                 self.say(f"round {round_}: the merge failed ({exc}); the global model stays as it was")
         elif not scores:
             self.say(f"round {round_}: no adapter came back; the global model stays as it was")
-        bonus = await self._pay_bonus(round_, names, scores, payments) if s.bonus and names else {}
+        return await self._end_round(
+            round_, started, lambda r: f"{len(r.providers)}/{len(self.providers)} adapters merged, held-out loss "
+                                       f"{r.eval_loss:.4f} (perplexity {r.perplexity:.2f}), paid "
+                                       f"{sum(r.paid.values())} sat, {r.seconds:.1f}s",
+            providers=names, dropped=dropped, paid=paid, merge=report, payments=payments, scores=scores,
+            provider_losses=losses, bytes_down=bytes_down, bytes_up=bytes_up, train_seconds=seconds)
+
+    def _drop(self, round_: int, dropped: dict[str, str], provider: str, why: str) -> None:
+        """Leave `provider` out of this round (`dropped`), and say why."""
+        dropped[provider] = why
+        self.say(f"round {round_}: provider {provider[:12]}… dropped: {why}")
+
+    async def _end_round(self, round_: int, started: float, summary: Callable[[LlmRoundReport], str],
+                         **fields) -> LlmRoundReport:
+        """A round's end, in either mode, once the global model is written: bonuses and verdicts
+        for the scored updates, the held-out loss, the report kept and `summary` of it said."""
+        s = self.settings
+        names, scores = fields["providers"], fields["scores"]
+        bonus = await self._pay_bonus(round_, names, scores, fields["payments"]) if s.bonus and names else {}
         if s.publish_verdicts and scores:
             await self._publish_verdicts(round_, scores)
         loss = await asyncio.to_thread(self.heldout.loss, self.global_model)
-        result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), providers=names,
-                                dropped=dropped, paid=paid, seconds=round(time.monotonic() - started, 3),
-                                merge=report, payments=payments, scores=scores, bonus=bonus,
-                                provider_losses=losses, bytes_down=bytes_down, bytes_up=bytes_up,
-                                train_seconds=seconds)
+        result = LlmRoundReport(round=round_, eval_loss=loss, perplexity=perplexity(loss), bonus=bonus,
+                                seconds=round(time.monotonic() - started, 3), **fields)
         self.reports.append(result)
-        self.say(f"round {round_}: {len(names)}/{len(self.providers)} adapters merged, held-out loss "
-                 f"{loss:.4f} (perplexity {result.perplexity:.2f}), paid {sum(paid.values())} sat, "
-                 f"{result.seconds:.1f}s")
+        self.say(f"round {round_}: {summary(result)}")
         return result
 
     async def _train_all(self, round_: int, rdir: Path, model_url: str) -> tuple[list, dict, dict]:
@@ -803,6 +810,14 @@ class LlmFederation(Federation):
         what = "DiLoCo, outer Nesterov" if self.settings.mode == "diloco" else "LoRA, merged exactly"
         plot_lines(self.workdir / "loss.png", f"held-out loss per round ({what})", series,
                    x_label="round", y_label="loss")
+
+
+def _failure(outcome: BaseException) -> str:
+    """Why a provider's job failed, from what `asyncio.gather` returned for it (anything but an
+    Exception, a cancellation say, goes on up)."""
+    if not isinstance(outcome, Exception):
+        raise outcome
+    return str(outcome) if isinstance(outcome, ProviderFailed) else f"{type(outcome).__name__}: {outcome}"
 
 
 def _card_seconds(card: Path | None) -> float | None:
