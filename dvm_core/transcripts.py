@@ -146,6 +146,18 @@ def entry_at(transcript: dict, step: int) -> dict:
     raise JobInputError(f"the transcript has no checkpoint at step {step}")
 
 
+def segment_end(transcript: dict, start_step: int, end_step: int | None) -> int:
+    """The step a replay from `start_step` stops at: `end_step` (a checkpoint of the
+    transcript), else the next checkpoint after the start."""
+    if end_step is None:
+        later = [c["step"] for c in transcript["checkpoints"] if c["step"] > start_step]
+        if not later:
+            raise JobInputError(f"the start checkpoint is the transcript's last (step {start_step})")
+        end_step = later[0]
+    entry_at(transcript, end_step)
+    return end_step
+
+
 def distance(a: dict, b: dict) -> float:
     """‖a − b‖ / ‖b‖ over the floating-point tensors (inf when the keys or shapes differ)."""
     if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):

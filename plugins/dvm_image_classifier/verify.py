@@ -65,12 +65,7 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, en
     started = time.perf_counter()
     start = T.Checkpoint.load(start_path)
     recorded = T.entry_at(transcript, start.step)
-    if end_step is None:
-        later = [c["step"] for c in transcript["checkpoints"] if c["step"] > start.step]
-        if not later:
-            raise JobInputError(f"the start checkpoint is the transcript's last (step {start.step})")
-        end_step = later[0]
-    T.entry_at(transcript, end_step)
+    end_step = T.segment_end(transcript, start.step, end_step)
     x, y, file_sha = training_tensors(data_path, transcript, has_validation=has_validation, limits=limits,
                                       workdir=workdir, check_cancelled=check_cancelled)
     data_ok = T.data_digest(x, y) == transcript["data"]["train_tensors_sha256"]

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dvm_core import JobInputError
-from dvm_core.transcripts import compare, distance, entry_at, segments  # noqa: F401 - one verdict for every format
+from dvm_core.transcripts import compare, distance, entry_at, segment_end, segments  # noqa: F401 - one verdict for every format
 
 FORMAT = "dvm-llm-finetune-transcript/1"
 CHECKPOINT_FORMAT = "dvm-llm-finetune-checkpoint/1"

@@ -103,12 +103,7 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, mo
     model_folder = Path(model_folder)
     start = T.Checkpoint.load(start_path)
     recorded = T.entry_at(transcript, start.step)
-    if end_step is None:
-        later = [c["step"] for c in transcript["checkpoints"] if c["step"] > start.step]
-        if not later:
-            raise JobInputError(f"the start checkpoint is the transcript's last (step {start.step})")
-        end_step = later[0]
-    T.entry_at(transcript, end_step)
+    end_step = T.segment_end(transcript, start.step, end_step)
     base = modelmod.check_folder(model_folder, source={}, limits=limits, check_cancelled=check_cancelled)
     base_ok = base.weights_sha256 == transcript["base_model"]["weights_sha256"]
     tokenizer = modelmod.load_tokenizer(model_folder)
