@@ -42,7 +42,7 @@ class Settings:
     input_error_fee: int = 0        # kept of a paid job that fails on the customer's data (announced)
     payment_timeout: float = 3600.0 # how long a job waits for a nutzap after payment-required
     max_unpaid_jobs: int = 100      # jobs waiting for payment at once; beyond: "busy"
-    delivery_lock_seconds: int = 3600  # pay on delivery: the HTLC's locktime, from the offer on
+    delivery_lock_seconds: int = 3600  # pay on delivery: the HTLC's lock, from the acceptance (`Runner.delivery_lock`)
     # pay on delivery: send the result as soon as the customer's ecash is checked (only this
     # worker can spend it before its locktime) and swap it at the mint afterwards; false: swap first
     deliver_before_redeem: bool = True
