@@ -369,6 +369,7 @@ class LlmFederation(Federation):
         super().__init__(customer, wallet, providers, train, test, servers, workdir, settings, say)
         self.global_model: Path | None = None
         self.initial_loss: float | None = None
+        self._fingerprint: dict | None = None
 
     def _load_data(self, train: Path, test: Path) -> None:
         self.train_path = Path(train)
@@ -696,7 +697,13 @@ class LlmFederation(Federation):
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the one it resumes: the task, the mode, the data
-        and the base model (sha256 of each file)."""
+        and the base model (sha256 of each file), hashed once a run (the base model's weights
+        can be gigabytes; `_save_state` writes it every round)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash_inputs()
+        return self._fingerprint
+
+    def _hash_inputs(self) -> dict:
         from dvm_core.datarefs import sha256_file
 
         return {"task": "llm", "mode": self.settings.mode, "train": sha256_file(self.train_path),
