@@ -334,12 +334,18 @@ class Runner:
         """The NUT-18 request the offer of this job will carry (HTLC on sha256(K), this job's
         key, the locktime, the customer's refund key), announced when the job is accepted so
         that the customer can make the ecash while the job runs (`Customer.prepare_delivery`)."""
-        from dvm_core.protocol.ecash import HtlcTerms, encode_payment_request, htlc_hash
+        from dvm_core.protocol.ecash import htlc_hash
 
         preimage, locktime = self.delivery_lock(request, job_kind)
-        terms = HtlcTerms(htlc_hash(preimage), self.cashier.wallet.job_lock_pubkey(request.id), locktime,
-                          request.pay_on_delivery)
-        return encode_payment_request(
+        return self._htlc_request(request, due, htlc_hash(preimage), locktime)[1]
+
+    def _htlc_request(self, request, due: int, hash_: str, locktime: int):
+        """(HtlcTerms, NUT-18 creqA) of a job paid on delivery: HTLC on `hash_`, this job's key,
+        `locktime`, the customer's refund key; `due` on our mints."""
+        from dvm_core.protocol.ecash import HtlcTerms, encode_payment_request
+
+        terms = HtlcTerms(hash_, self.cashier.wallet.job_lock_pubkey(request.id), locktime, request.pay_on_delivery)
+        return terms, encode_payment_request(
             payment_id=request.id[:16], amount=due, unit=self.settings.unit, mints=self.settings.mints,
             description=f"NIP-90 job {request.id}, paid on delivery", nostr_target=self.outbox.keys.npub,
             htlc=terms)
@@ -351,7 +357,7 @@ class Runner:
         the ecash (`Checkout.collect_on_delivery`)."""
         from dvm_core.protocol.delivery import (MAX_SEALED_RESULT, DeliveryOffer, encode_sealed,
                                                 seal_key)
-        from dvm_core.protocol.ecash import HtlcTerms, encode_payment_request, htlc_hash
+        from dvm_core.protocol.ecash import htlc_hash
         from dvm_core.protocol.nip44 import get_conversation_key
         from dvm_core.transport.blobcrypt import encrypt_bytes
         request, keys = active.request, self.outbox.keys
@@ -374,12 +380,7 @@ class Runner:
         if len(sealed) > MAX_SEALED_RESULT:
             raise JobError(f"the result is too large to offer on delivery ({len(payload)} bytes of "
                            "JSON): nothing is charged")
-        terms = HtlcTerms(hash_, self.cashier.wallet.job_lock_pubkey(request.id), locktime,
-                          request.pay_on_delivery)
-        creq = encode_payment_request(
-            payment_id=request.id[:16], amount=active.due, unit=self.settings.unit,
-            mints=self.settings.mints, description=f"NIP-90 job {request.id}, paid on delivery",
-            nostr_target=keys.npub, htlc=terms)
+        terms, creq = self._htlc_request(request, active.due, hash_, locktime)
         files = [{k: a[k] for k in ("name", "url", "sha256", "size", "type")} for a in artifacts]
         offer = DeliveryOffer(hash_, active.due, self.settings.unit, locktime, creq, sealed, files,
                               public=metrics)
