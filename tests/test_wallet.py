@@ -26,7 +26,7 @@ from bolt11 import Tags as Bolt11Tags
 from bolt11 import encode as bolt11_encode
 
 from dvm_core.devtools.localnet import start_mint
-from dvm_core.payments.wallet import EcashWallet
+from dvm_core.payments.wallet import COUNTER_BLOCK, EcashWallet
 from dvm_core.payments.wallet_types import PaymentError, Received
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,26 @@ async def test_payment_arrives_and_balances_add_up(customer, provider, mint):
     # the same token again: the mint says spent, and that is final
     await refused(provider.receive(token, min_amount=21), "already spent")
     assert await provider.total_balance() == 21
+
+
+async def test_receives_take_fresh_secrets_across_sends_and_restarts(customer, wallets, mint, tmp_path):
+    """Receiving derives its outputs' secrets from counter blocks kept in memory (_take_counters);
+    Nutshell's own swaps (a send) and a reopened wallet must never derive the same secrets: the
+    mint would refuse outputs it already signed."""
+    marks = []
+    provider = wallets("provider", [mint.url])
+    for _ in range(3):
+        await provider.receive(await customer.send(3), min_amount=3, before_swap=marks.append)
+    paid_out = await provider.send(4)                    # Nutshell's split, its own counter
+    await provider.close()
+    again = wallets("provider", [mint.url])              # the same files: a restart
+    for _ in range(3):
+        await again.receive(await customer.send(2), min_amount=2, before_swap=marks.append)
+    await again.receive(paid_out, min_amount=4)          # our own ecash back, through a swap
+    assert await again.balance() == {mint.url: 15}
+    counters = [m["counter"] for m in marks]
+    assert counters == sorted(counters) and len(set(counters)) == 6
+    assert counters[3] >= counters[0] + COUNTER_BLOCK    # the first block's rest was skipped
 
 
 async def test_sent_proofs_are_reserved_and_never_sent_twice(customer, provider):
@@ -407,7 +427,7 @@ def test_importing_nutshell_leaves_the_process_alone(tmp_path, mint):
         logging.getLogger("cashu").setLevel(logging.DEBUG)
 
         from dvm_core.payments import nutshell
-        from dvm_core.payments.wallet import EcashWallet
+        from dvm_core.payments.wallet import COUNTER_BLOCK, EcashWallet
 
         async def main():
             wallet = EcashWallet("wallet", [sys.argv[1]])

@@ -23,8 +23,10 @@ dealt so that each kind gets the same mix (`token_proofs`).
   feedback for it arrives, which must be `processing` with "paid <price> sat": the worker sends
   it after the swap at the mint. The result is awaited before the next step.
 - raw_redeem: `EcashWallet.receive(token, min_amount=price)` on a wallet of its own (fresh
-  directory, same mint): our wrapper, i.e. parse + offline checks + DLEQ checks + Nutshell's
-  `redeem`. Keysets are loaded once during the warm-up, as the worker's wallet keeps them.
+  directory, same mint): our wrapper, i.e. parse + offline checks + DLEQ checks + the swap
+  (`EcashWallet._swap_in`: Nutshell's redeem less its second DLEQ check, its per-swap counter
+  transaction, its used-secrets query and its history writes, on a kept HTTP connection).
+  Keysets are loaded once during the warm-up, as the worker's wallet keeps them.
 - nutshell_redeem: Nutshell's own `Wallet.redeem(proofs)` on a third wallet (opened with
   `Wallet.with_db` + `load_mint()` once, as a bare script keeping its wallet would); the token
   is parsed (`deserialize_token_from_string`, `_expand_short_keyset_ids`) outside the timing.
@@ -847,7 +849,7 @@ async def main_async(args) -> dict:
                            "Wallet.redeem(proofs) on a wallet with the mint already loaded, which is "
                            "what a bare script does (DLEQ check + POST /v1/swap + unblind + store); "
                            "ratio_vs_wrapper_receive divides by raw_redeem_p50_ms, our "
-                           "EcashWallet.receive (parse + checks + DLEQ + the same redeem). The paid "
+                           "EcashWallet.receive (parse + checks + DLEQ + our leaner swap). The paid "
                            "path also crosses the relay twice (relay_rtt_p50_ms) and decrypts NIP-44."),
             "n": len(paid),
             "warmup": args.warmup,
