@@ -50,6 +50,8 @@ from dvm_core.state.store import Store
 log = structlog.get_logger("dvm.payments")
 
 LOCKTIME_MARGIN_SECONDS = 600
+# A delivered job's swap waits for its result to reach a relay, at most this long.
+AFTER_RESULT_SECONDS = 5.0
 MAX_PENDING_FOR_UNKNOWN_JOBS = 1000   # nutzaps kept for job requests this DVM has not seen (yet)
 
 
@@ -322,14 +324,18 @@ class Cashier:
                 self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
                 raise PaymentRefused(exc.customer_message) from None
 
-    def redeem_delivered(self, job_id: str) -> None:
+    def redeem_delivered(self, job_id: str, after: asyncio.Future | None = None) -> None:
         """Swap, in the background, the ecash of a delivered job whose result went out once the
-        ecash was checked (`_accept_htlc`); retried until its locktime. Also after a restart."""
+        ecash was checked (`_accept_htlc`); retried until its locktime. Also after a restart.
+        `after`: the result's publishing; the swap waits for it (at most AFTER_RESULT_SECONDS),
+        so that the result reaches the relays before the swap's work competes with it."""
         row = self.store.payment_for_job(job_id)
         if row is not None and row["state"] in ("received", "redeeming"):
-            self._spawn(self._redeem_delivered(row))
+            self._spawn(self._redeem_delivered(row, after))
 
-    async def _redeem_delivered(self, row: dict) -> None:
+    async def _redeem_delivered(self, row: dict, after: asyncio.Future | None = None) -> None:
+        if after is not None:
+            await asyncio.wait([after], timeout=AFTER_RESULT_SECONDS)
         if row["state"] == "redeemed":    # swapped and counted; a restart came before `consumed`
             self.consumed(row["job_id"])
             return

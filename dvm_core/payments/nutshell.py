@@ -78,7 +78,7 @@ def _import() -> SimpleNamespace:
                 from cashu.core.secret import Tags
                 from cashu.core.settings import settings
                 from cashu.core.db import LockOptions
-                from cashu.wallet.crud import bump_secret_derivation, invalidate_proof
+                from cashu.wallet.crud import bump_secret_derivation, invalidate_proof, update_proof
                 from cashu.wallet.errors import BalanceTooLowError
                 from cashu.wallet.v1_api import LedgerAPI
                 from cashu.wallet.wallet import Wallet
@@ -142,7 +142,7 @@ def _import() -> SimpleNamespace:
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
         bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,
-        invalidate_proof=invalidate_proof, LockOptions=LockOptions,
+        invalidate_proof=invalidate_proof, update_proof=update_proof, LockOptions=LockOptions,
     )
 
 

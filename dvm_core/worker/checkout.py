@@ -155,8 +155,8 @@ class Checkout:
             self.store.set_state(request.id, JobState.SUCCEEDED)
             self.cashier.consumed(request.id)
         crashpoint("delivery-result-stored")
-        reply.send_stored(event, "result")
-        self.cashier.redeem_delivered(request.id)   # checked, not swapped yet: swap it now
+        sent = reply.send_stored(event, "result")
+        self.cashier.redeem_delivered(request.id, after=sent)   # checked, not swapped yet: swap it
         log.info("paid on delivery", job_id=request.id, amount=paid.amount, price=paid.price,
                  waited=round(time.time() - row["created"], 3))
         return JobState.SUCCEEDED, ""

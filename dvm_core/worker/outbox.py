@@ -78,27 +78,28 @@ class Outbox:
                             role=dropped_role, waiting=len(self._waiting), in_flight=self.in_flight)
         self._waiting.append((event, role))
 
-    def send_stored(self, event: dict, role: str, job_id: str | None) -> None:
+    def send_stored(self, event: dict, role: str, job_id: str | None) -> asyncio.Task | None:
         """Publish an event already in the store's outbox, in the background, until it arrives
-        (when every publish slot is taken, it waits in the store for one)."""
+        (when every publish slot is taken, it waits in the store for one). Returns the publishing
+        task when it started now."""
         if event["id"] in self._publishing:
-            return
+            return None
         if self._backlog_after is None and self.in_flight < self.max_in_flight:
-            self._start(event, role, job_id, stored=True)
-            return
+            return self._start(event, role, job_id, stored=True)
         if self._backlog_after is None:
             rowid = self.store.outgoing_rowid(event["id"])
             if rowid is None:   # not in the store after all: it goes out now, whatever the load
-                self._start(event, role, job_id, stored=True)
-                return
+                return self._start(event, role, job_id, stored=True)
             self._backlog_after = rowid - 1   # it and every stored event after it wait there
+        return None
 
-    def _start(self, event: dict, role: str, job_id: str | None, stored: bool) -> None:
+    def _start(self, event: dict, role: str, job_id: str | None, stored: bool) -> asyncio.Task:
         self.in_flight += 1
         if stored:
             self._publishing.add(event["id"])
         task = self.spawn(self.publish(event, role=role, job_id=job_id, stored=stored))
         task.add_done_callback(lambda _t, event_id=event["id"]: self._ended(event_id))
+        return task
 
     def _ended(self, event_id: str) -> None:
         self.in_flight -= 1
@@ -198,9 +199,10 @@ class Reply:
         event = self._feedback("error", message, amount_msats=amount_msats)
         self._outbox.store_and_send(event, "feedback", self.request.id)
 
-    def send_stored(self, event: dict, role: str) -> None:
-        """Publish one of this request's events, already in the store's outbox, until it arrives."""
-        self._outbox.send_stored(event, role, self.request.id)
+    def send_stored(self, event: dict, role: str) -> asyncio.Task | None:
+        """Publish one of this request's events, already in the store's outbox, until it arrives;
+        the publishing task when it started now."""
+        return self._outbox.send_stored(event, role, self.request.id)
 
     def result(self, payload: str) -> dict:
         """The signed result event (not yet stored or sent)."""

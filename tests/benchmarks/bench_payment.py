@@ -51,7 +51,8 @@ dealt so that each kind gets the same mix (`token_proofs`).
   (request, offer, nutzap, result), i.e. one ping's round trip more than the paid path.
 
 The five are interleaved, one at a time, in an order that rotates each step, so they all see the
-same conditions. `ratio` = paid_p50_ms / nutshell_redeem_p50_ms (see `ratio_note`).
+same conditions; after a delivery the worker's swap of its ecash, which follows the result, is
+waited for (untimed) before the next step. `ratio` = paid_p50_ms / nutshell_redeem_p50_ms (see `ratio_note`).
 `delivery_ratio` = delivery_p50_ms / paid_result_p50_ms, against the goal
 `delivery_ratio_goal` = 1.2 + relay_rtt_s / paid_result_median (1.2 plus one relay round trip);
 `delivery_phases_p50_ms` says where the delivery path's time goes (see `delivery_note`).
@@ -470,6 +471,10 @@ async def sequential(customer: TimedCustomer, worker: Worker, responder: Respond
                     path.times.append(took)
                     path.ids.append(req_id)
                     path.stamps[req_id] = stamps
+                if req_id is not None:
+                    # The worker swaps the delivered job's ecash after the result: let it finish
+                    # before the next step, which it would otherwise slow down.
+                    await settle(worker, [req_id])
             elif step == "raw_redeem":
                 t0 = time.perf_counter()
                 got = await raw.receive(tokens["raw"][i], min_amount=price)
