@@ -32,6 +32,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy
 import torch
 
 from dvm_core import JobInputError
@@ -54,14 +55,31 @@ def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) ->
     `meta` as canonical JSON: the same values give the same digest on any machine."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        head, raw = _head_and_bytes(tensors[name])
+        h.update(name.encode() + head)
+        h.update(raw)
     if meta is not None:
-        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+        h.update(_canonical(meta))
     return h.hexdigest()
 
 
+def _head_and_bytes(t: torch.Tensor):
+    """What `tensor_digest` hashes for one tensor after its name: dtype and shape, then its raw
+    bytes as a buffer (a view, not a copy, for a contiguous tensor in memory)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    head = f"\0{t.dtype}\0{list(t.shape)}\0".encode()
+    try:
+        raw = t.numpy().reshape(-1).view(numpy.uint8)
+    except TypeError:           # a dtype numpy lacks (bfloat16, float8): reinterpret in torch
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+    return head, raw
+
+
+def _canonical(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def examples_digest(examples) -> str:
@@ -101,6 +119,20 @@ class Checkpoint:
     def state_sha256(self) -> str:
         return tensor_digest(self.tensors, self.meta)
 
+    def digests(self) -> tuple[str, str]:
+        """(`weights_sha256()`, `state_sha256()`) in one pass over the tensors: the ``model/``
+        keys sort in the same order with their prefix as without."""
+        weights, state = hashlib.sha256(), hashlib.sha256()
+        for key in sorted(self.tensors):
+            head, raw = _head_and_bytes(self.tensors[key])
+            state.update(key.encode() + head)
+            state.update(raw)
+            if key.startswith("model/"):
+                weights.update(key[len("model/"):].encode() + head)
+                weights.update(raw)
+        state.update(_canonical(self.meta))
+        return weights.hexdigest(), state.hexdigest()
+
     @classmethod
     def capture(cls, step: int, model, optimizer, scheduler) -> "Checkpoint":
         """The state now. On a CPU the tensors are the live ones, not copies: save or hash the
@@ -118,12 +150,19 @@ class Checkpoint:
                                    "scheduler": sched})
 
     def save(self, path: Path) -> Path:
-        import json
+        """A safetensors file. Written through numpy where every dtype has a numpy twin (the same
+        bytes as safetensors.torch writes, with less work per tensor), else through torch."""
+        import safetensors.numpy
+        import safetensors.torch
 
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path),
-                  metadata={"dvm": json.dumps(self.meta, sort_keys=True)})
+        metadata = {"dvm": json.dumps(self.meta, sort_keys=True)}
+        try:
+            arrays = {k: v.contiguous().numpy() for k, v in self.tensors.items()}
+        except TypeError:       # bfloat16 or another dtype numpy lacks
+            safetensors.torch.save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path),
+                                        metadata=metadata)
+        else:
+            safetensors.numpy.save_file(arrays, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -207,8 +246,8 @@ class Recorder:
         if self.entries and self.entries[-1]["step"] == step:   # the end fell on a k-th step
             self.entries.pop()
             self.files.pop()
-        entry = {"step": step, "weights_sha256": point.weights_sha256(), "state_sha256": point.state_sha256(),
-                 "file": path.name}
+        weights_sha256, state_sha256 = point.digests()
+        entry = {"step": step, "weights_sha256": weights_sha256, "state_sha256": state_sha256, "file": path.name}
         if final:
             entry["final"] = True
             entry["stopped"] = stopped
