@@ -25,6 +25,7 @@ uses. On a CPU with the same thread count an honest segment replays bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -66,16 +67,19 @@ def tensor_digest(tensors: dict[str, torch.Tensor], meta: dict | None = None) ->
 def _head_and_bytes(t: torch.Tensor):
     """What `tensor_digest` hashes for one tensor after its name: dtype and shape, then its raw
     bytes as a buffer (a view, not a copy, for a contiguous tensor in memory)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    head = f"\0{t.dtype}\0{list(t.shape)}\0".encode()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
+    head = _head(t.dtype, t.shape)
     try:
-        raw = t.numpy().reshape(-1).view(numpy.uint8)
+        raw = t.detach().numpy().reshape(-1).view(numpy.uint8)
     except TypeError:           # a dtype numpy lacks (bfloat16, float8): reinterpret in torch
-        raw = t.reshape(-1).view(torch.uint8).numpy()
+        raw = t.detach().reshape(-1).view(torch.uint8).numpy()
     return head, raw
+
+
+@functools.lru_cache(maxsize=4096)
+def _head(dtype: torch.dtype, shape: torch.Size) -> bytes:
+    return f"\0{dtype}\0{list(shape)}\0".encode()
 
 
 def _canonical(meta: dict) -> bytes:
