@@ -126,10 +126,14 @@ async def test_receives_take_fresh_secrets_across_sends_and_restarts(customer, w
     mint would refuse outputs it already signed."""
     marks = []
     provider = wallets("provider", [mint.url])
-    for _ in range(3):
+    for i in range(3):
         await provider.receive(await customer.send(3), min_amount=3, before_swap=marks.append)
+        if i == 0:
+            client = provider._wallets[mint.url].httpx  # one HTTP client for every call to the mint
     paid_out = await provider.send(4)                    # Nutshell's split, its own counter
+    assert provider._wallets[mint.url].httpx is client and not client.is_closed
     await provider.close()
+    assert client.is_closed
     again = wallets("provider", [mint.url])              # the same files: a restart
     for _ in range(3):
         await again.receive(await customer.send(2), min_amount=2, before_swap=marks.append)

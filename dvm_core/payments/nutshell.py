@@ -136,8 +136,8 @@ def _import() -> SimpleNamespace:
                 self.__dict__["_kept_httpx"] = client
 
     return SimpleNamespace(
-        Wallet=Wallet, KeptClientWallet=KeptClientWallet, Proof=Proof, P2PKWitness=P2PKWitness, HTLCWitness=HTLCWitness,
-        BlindedMessage=BlindedMessage,
+        Wallet=Wallet, KeptClientWallet=KeptClientWallet, Proof=Proof, P2PKWitness=P2PKWitness,
+        HTLCWitness=HTLCWitness, BlindedMessage=BlindedMessage,
         HTLCSecret=HTLCSecret, SigFlags=SigFlags, Tags=Tags,
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
