@@ -69,7 +69,7 @@ def _import() -> SimpleNamespace:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 from loguru import logger
 
-                from cashu.core.base import BlindedMessage, HTLCWitness, P2PKWitness, Proof
+                from cashu.core.base import BlindedMessage, DLEQWallet, HTLCWitness, P2PKWitness, Proof
                 from cashu.core.crypto import b_dhke
                 from cashu.core.crypto.secp import PrivateKey, PublicKey
                 from cashu.core.htlc import HTLCSecret
@@ -78,7 +78,8 @@ def _import() -> SimpleNamespace:
                 from cashu.core.secret import Tags
                 from cashu.core.settings import settings
                 from cashu.core.db import LockOptions
-                from cashu.wallet.crud import bump_secret_derivation, invalidate_proof, update_proof
+                from cashu.wallet.crud import (bump_secret_derivation, invalidate_proof, store_proof,
+                                               update_proof)
                 from cashu.wallet.errors import BalanceTooLowError
                 from cashu.wallet.v1_api import LedgerAPI
                 from cashu.wallet.wallet import Wallet
@@ -137,12 +138,13 @@ def _import() -> SimpleNamespace:
 
     return SimpleNamespace(
         Wallet=Wallet, KeptClientWallet=KeptClientWallet, Proof=Proof, P2PKWitness=P2PKWitness,
-        HTLCWitness=HTLCWitness, BlindedMessage=BlindedMessage,
+        HTLCWitness=HTLCWitness, BlindedMessage=BlindedMessage, DLEQWallet=DLEQWallet,
         HTLCSecret=HTLCSecret, SigFlags=SigFlags, Tags=Tags,
         PrivateKey=PrivateKey, PublicKey=PublicKey, b_dhke=b_dhke, nut10=nut10,
         schnorr_sign=schnorr_sign, settings=settings, BalanceTooLowError=BalanceTooLowError,
         bump_secret_derivation=bump_secret_derivation, LedgerAPI=LedgerAPI,
-        invalidate_proof=invalidate_proof, update_proof=update_proof, LockOptions=LockOptions,
+        invalidate_proof=invalidate_proof, store_proof=store_proof, update_proof=update_proof,
+        LockOptions=LockOptions,
     )
 
 

@@ -127,6 +127,22 @@ async def _post_swap(c, wallet, inputs: list, outputs: list) -> list:
     return [promise for _, promise in sorted(zip(order, signed))]
 
 
+def _unblind(c, wallet, promises: list, secrets: list[str], rs: list) -> list:
+    """The proofs the mint's signatures make (Nutshell's `_construct_proofs` without storing
+    them): unblinded, with their DLEQ proofs, checked (NUT-12)."""
+    proofs = []
+    for promise, secret, r in zip(promises, secrets, rs):
+        key = wallet.keysets[promise.id].public_keys[promise.amount]   # our outputs' keyset
+        C = c.b_dhke.step3_alice(c.PublicKey(bytes.fromhex(promise.C_)), r, key)
+        proof = c.Proof(id=promise.id, amount=promise.amount, C=C.format().hex(), secret=secret,
+                        derivation_path="custom")
+        if promise.dleq:
+            proof.dleq = c.DLEQWallet(e=promise.dleq.e, s=promise.dleq.s, r=r.to_hex())
+        proofs.append(proof)
+    wallet.verify_proofs_dleq(proofs)
+    return proofs
+
+
 def _wallet_name(mint: str, unit: str) -> str:
     readable = re.sub(r"[^a-z0-9]+", "_", mint.split("://", 1)[1]).strip("_")[:40]
     return f"{readable}-{unit}-{hashlib.sha256(f'{mint} {unit}'.encode()).hexdigest()[:8]}"
@@ -630,8 +646,9 @@ class EcashWallet:
         """Nutshell's `swap_to_send(proofs, amount, secret_lock=lock, set_reserved=True)` with
         fewer database transactions: no used-secrets query (the change's secrets are random, as
         Nutshell makes them for a locked send, and each locked one has a fresh nonce), and the
-        spent inputs and the reservation of the locked proofs written in one transaction, not one
-        per proof. Returns the locked proofs, reserved. The caller holds the mint's spend lock."""
+        new proofs, the reservation of the locked ones and the spent inputs written in one
+        transaction, not one for the new proofs and one per proof after it. Returns the locked
+        proofs, reserved. The caller holds the mint's spend lock."""
         proofs = wallet.active_proofs(proofs)
         if sum(p.amount for p in proofs) < amount:
             raise c.BalanceTooLowError()
@@ -643,17 +660,19 @@ class EcashWallet:
         outputs, rs = wallet._construct_outputs(keep + send, secrets, [], wallet.keyset_id)
         inputs = wallet.sign_proofs_inplace_swap(inputs, outputs)
         promises = await _post_swap(c, wallet, inputs, outputs)
-        made = await wallet._construct_proofs(promises, secrets, rs, ["custom"] * len(secrets))
+        made = _unblind(c, wallet, promises, secrets, rs)
         locked = made[len(keep):]
         send_id = str(uuid.uuid1())
-        async with wallet.db.connect() as conn:
-            for proof in inputs:
-                await c.invalidate_proof(proof, db=wallet.db, conn=conn)
+        async with wallet.db.connect() as conn:   # one transaction: what came, what went, what is sent
+            for proof in made:
+                await c.store_proof(proof, db=wallet.db, conn=conn)
             for proof in locked:
                 proof.reserved = True
                 await c.update_proof(proof, reserved=True, send_id=send_id, conn=conn)
+            for proof in inputs:
+                await c.invalidate_proof(proof, db=wallet.db, conn=conn)
         spent = {p.secret for p in inputs}
-        wallet.proofs = [p for p in wallet.proofs if p.secret not in spent]
+        wallet.proofs = [p for p in wallet.proofs if p.secret not in spent] + made
         return locked
 
     # -- pay on delivery (NUT-14), the customer's side ----------------------------------------
