@@ -132,3 +132,28 @@ def test_tokenize_writes_into_the_folder_given(tmp_path):
     for i in (0, 17, 29):
         whole = tokenizer.apply_chat_template(conversations[i], tokenize=False)
         assert tokenizer.decode(tokenized.examples[i].input_ids) == whole
+
+
+@pytest.mark.parametrize("fmt", ["text", "prompt-completion"])
+def test_tokenizing_in_batches_gives_the_ids_of_one_call_per_record(tmp_path, monkeypatch, fmt):
+    """The tokenizer gets ENCODE_BATCH records' texts a call; the examples must be those of one
+    call per record (the transcript's examples digest, which a verifier recomputes, depends on it),
+    whatever the batch size, with odd texts and a last batch cut short."""
+    from tests.test_llm_finetune import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    texts = [f"the cat number {i} sees the dog." for i in range(40)] + \
+        ["", " ", "  leading", "trailing  ", "héllo wörld ✓", "a\nb\n\n", "the " * 300]
+    if fmt == "text":
+        records = [{"text": t} for t in texts]
+    else:
+        records = [{"prompt": t, "completion": f" answer {i} {t[:5]}"} for i, t in enumerate(texts)]
+    dataset = datamod.Dataset(records=records, format=fmt, sha256="-", bytes=0)
+    digests = []
+    for batch in (1, 7, 256):
+        monkeypatch.setattr(datamod, "ENCODE_BATCH", batch)
+        digests.append(examples_digest(datamod.tokenize(dataset, tokenizer, 48, what="training set").examples))
+    assert digests[0] == digests[1] == digests[2]
+    one = datamod.tokenize(dataset, tokenizer, 48, what="training set").examples
+    first = tokenizer(records[0]["text"] if fmt == "text" else records[0]["prompt"], add_special_tokens=True)
+    assert list(one[0].input_ids[:len(first["input_ids"])]) == first["input_ids"]   # a single call's ids
