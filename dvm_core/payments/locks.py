@@ -25,6 +25,7 @@ Pure code: no network, no store; the derivation is public so that any client can
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
@@ -48,6 +49,7 @@ def _tweak(base_pubkey: str, job_id: str) -> bytes:
     return t.to_bytes(32, "big")
 
 
+@functools.lru_cache(maxsize=4096)   # asked for several times a payment; a point addition each
 def job_lock_pubkey(base_pubkey: str, job_id: str) -> str:
     """The compressed key (66 hex) that ecash for `job_id` is locked to: P + t·G, where P is the
     DVM's P2PK key as it advertises it (compressed) and t is `_tweak(P, job_id)`."""
@@ -56,6 +58,7 @@ def job_lock_pubkey(base_pubkey: str, job_id: str) -> str:
     return point.format().hex()
 
 
+@functools.lru_cache(maxsize=4096)
 def job_lock_secret(base_secret: str, job_id: str) -> str:
     """The private key of `job_lock_pubkey(pubkey of base_secret, job_id)`: d + t mod n."""
     key = coincurve.PrivateKey(bytes.fromhex(base_secret))
