@@ -127,20 +127,40 @@ async def _post_swap(c, wallet, inputs: list, outputs: list) -> list:
     return [promise for _, promise in sorted(zip(order, signed))]
 
 
-def _unblind(c, wallet, promises: list, secrets: list[str], rs: list) -> list:
+def _unblind(c, wallet, promises: list, secrets: list[str], rs: list, paths: list[str]) -> list:
     """The proofs the mint's signatures make (Nutshell's `_construct_proofs` without storing
-    them): unblinded, with their DLEQ proofs, checked (NUT-12)."""
+    them, `_keep_swapped` does): unblinded, with their DLEQ proofs, checked (NUT-12)."""
     proofs = []
-    for promise, secret, r in zip(promises, secrets, rs):
+    for promise, secret, r, path in zip(promises, secrets, rs, paths):
         key = wallet.keysets[promise.id].public_keys[promise.amount]   # our outputs' keyset
         C = c.b_dhke.step3_alice(c.PublicKey(bytes.fromhex(promise.C_)), r, key)
         proof = c.Proof(id=promise.id, amount=promise.amount, C=C.format().hex(), secret=secret,
-                        derivation_path="custom")
+                        derivation_path=path)
         if promise.dleq:
             proof.dleq = c.DLEQWallet(e=promise.dleq.e, s=promise.dleq.s, r=r.to_hex())
         proofs.append(proof)
     wallet.verify_proofs_dleq(proofs)
     return proofs
+
+
+async def _keep_swapped(c, wallet, made: list, spent: list = (), sent: list = ()) -> None:
+    """After a swap, in one transaction: the new proofs (`made`) stored, those of them we are
+    sending (`sent`) reserved, and our own inputs (`spent`) moved to Nutshell's history; the
+    wallet's list in memory likewise."""
+    async with wallet.db.connect() as conn:
+        for proof in made:
+            await c.store_proof(proof, db=wallet.db, conn=conn)
+        if sent:
+            send_id = str(uuid.uuid1())
+            for proof in sent:
+                proof.reserved = True
+                await c.update_proof(proof, reserved=True, send_id=send_id, conn=conn)
+        for proof in spent:
+            await c.invalidate_proof(proof, db=wallet.db, conn=conn)
+    if spent:
+        gone = {p.secret for p in spent}
+        wallet.proofs = [p for p in wallet.proofs if p.secret not in gone]
+    wallet.proofs += made
 
 
 def _wallet_name(mint: str, unit: str) -> str:
@@ -270,16 +290,17 @@ class EcashWallet:
 
     async def _redeem(self, info: TokenInfo, min_amount: int, job_secret: str | None,
                       before_swap: Callable[[dict], None] | None,
-                      preimage: bytes | None = None) -> Received:
-        """The mint's part of `receive` (and `reclaim_htlc`), once the offline checks passed:
-        DLEQ against the mint's keys, the fee, our signatures, then the swap."""
+                      preimage: bytes | None = None, ours: bool = False) -> Received:
+        """The mint's part of `receive` (and `reclaim_htlc`, `ours`: ecash this wallet sent),
+        once the offline checks passed: DLEQ against the mint's keys, the fee, our signatures,
+        then the swap."""
         wallet, proofs, _ = await self._verified(info, min_amount)
         self._sign_own_locks(proofs, info.conditions, job_secret, preimage)
         try:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
             async with self._spend_lock(info.mint):
-                kept = await self._swap_in(wallet, info.mint, proofs, before_swap)
+                kept = await self._swap_in(wallet, info.mint, proofs, before_swap, ours)
         except Exception as exc:
             raise mint_error(exc, info.mint) from exc
         amount = sum(p.amount for p in kept)
@@ -287,7 +308,7 @@ class EcashWallet:
                         token_id=info.token_id)
 
     async def _swap_in(self, wallet, mint: str, proofs: list,
-                       before_swap: Callable[[dict], None] | None) -> list:
+                       before_swap: Callable[[dict], None] | None, ours: bool = False) -> list:
         """Swap `proofs` (checked, signed where locked) for new proofs of our own: the steps of
         Nutshell's `Wallet.redeem`, less what a receiver that already checked the token does not
         need before the mint's answer is kept (about a fifth of a redeem's time on loopback):
@@ -300,10 +321,11 @@ class EcashWallet:
           mint refuses outputs it already signed, before it spends any input);
         - a transaction per input to move it to Nutshell's history table (`proofs_used`, which
           Nutshell 0.21 only ever writes) when it is someone else's: it never was among our
-          proofs. Proofs of ours (a reclaim) leave the wallet as in `redeem`.
+          proofs. Proofs of ours (`ours`: a reclaim) leave the wallet in the transaction that
+          stores the new ones (`_keep_swapped`).
 
-        Our outputs are made, unblinded, DLEQ-checked and stored as Nutshell does it; the caller
-        holds the mint's spend lock."""
+        Our outputs are made, unblinded and DLEQ-checked as Nutshell does it; the caller holds
+        the mint's spend lock."""
         c = nutshell.load()
         keyset = wallet.keyset_id
         amounts, _ = wallet.determine_output_amounts(proofs, 0, keyset_id_outputs=keyset)
@@ -318,10 +340,8 @@ class EcashWallet:
                                                 keyset)
         proofs = wallet.sign_proofs_inplace_swap(proofs, outputs)
         promises = await _post_swap(c, wallet, proofs, outputs)
-        ours = {p.secret for p in wallet.proofs}
-        kept = await wallet._construct_proofs(promises, secrets, rs, [path for _, _, path in derived])
-        if any(p.secret in ours for p in proofs):   # ecash of ours coming back (a reclaim)
-            await wallet.invalidate(proofs)
+        kept = _unblind(c, wallet, promises, secrets, rs, [path for _, _, path in derived])
+        await _keep_swapped(c, wallet, kept, spent=proofs if ours else ())
         return kept
 
     async def _take_counters(self, wallet, mint: str, n: int) -> int:
@@ -660,19 +680,9 @@ class EcashWallet:
         outputs, rs = wallet._construct_outputs(keep + send, secrets, [], wallet.keyset_id)
         inputs = wallet.sign_proofs_inplace_swap(inputs, outputs)
         promises = await _post_swap(c, wallet, inputs, outputs)
-        made = _unblind(c, wallet, promises, secrets, rs)
+        made = _unblind(c, wallet, promises, secrets, rs, ["custom"] * len(secrets))
         locked = made[len(keep):]
-        send_id = str(uuid.uuid1())
-        async with wallet.db.connect() as conn:   # one transaction: what came, what went, what is sent
-            for proof in made:
-                await c.store_proof(proof, db=wallet.db, conn=conn)
-            for proof in locked:
-                proof.reserved = True
-                await c.update_proof(proof, reserved=True, send_id=send_id, conn=conn)
-            for proof in inputs:
-                await c.invalidate_proof(proof, db=wallet.db, conn=conn)
-        spent = {p.secret for p in inputs}
-        wallet.proofs = [p for p in wallet.proofs if p.secret not in spent] + made
+        await _keep_swapped(c, wallet, made, spent=inputs, sent=locked)
         return locked
 
     # -- pay on delivery (NUT-14), the customer's side ----------------------------------------
@@ -809,7 +819,7 @@ class EcashWallet:
                                "only once.", code="spent")
         info = dataclasses.replace(info, proofs=tuple(info.proofs[i] for i in keep),
                                    conditions=tuple(info.conditions[i] for i in keep))
-        return await self._redeem(info, 0, None, before_swap)
+        return await self._redeem(info, 0, None, before_swap, ours=True)
 
     async def melt(self, bolt11: str, mint: str | None = None) -> dict:
         """Pay a Lightning invoice with our ecash (melt quote, then melt).
