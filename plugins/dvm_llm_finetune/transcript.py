@@ -25,12 +25,16 @@ uses. On a CPU with the same thread count an honest segment replays bit for bit.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import math
+import mmap
+import os
 import platform
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy
@@ -138,16 +142,20 @@ class Checkpoint:
         return weights.hexdigest(), state.hexdigest()
 
     @classmethod
-    def capture(cls, step: int, model, optimizer, scheduler) -> "Checkpoint":
+    def capture(cls, step: int, model, optimizer, scheduler, *, to_cpu: bool = True) -> "Checkpoint":
         """The state now. On a CPU the tensors are the live ones, not copies: save or hash the
-        checkpoint before training goes on."""
-        tensors = {f"model/{k}": v.detach().to("cpu") for k, v in trainable_parameters(model).items()}
+        checkpoint before training goes on. `to_cpu=False` leaves them where they are (for a
+        `CheckpointWriter`, which copies them straight into its buffer)."""
+        def held(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu") if to_cpu else t.detach()
+
+        tensors = {f"model/{k}": held(v) for k, v in trainable_parameters(model).items()}
         opt = optimizer.state_dict()
         for index, state in opt["state"].items():
             for name, value in state.items():
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
-                tensors[f"optim/{index}/{name}"] = value.detach().to("cpu")
+                tensors[f"optim/{index}/{name}"] = held(value)
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         return cls(step, tensors, {"format": CHECKPOINT_FORMAT, "step": step, "param_groups": groups,
@@ -219,6 +227,210 @@ class Checkpoint:
             raise JobInputError(f"the checkpoint does not fit this model or optimizer ({str(exc)[:200]})") from None
 
 
+# safetensors' names of the dtypes a checkpoint may hold (safetensors/src/tensor.rs).
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+ALIGN = 4096     # direct I/O: buffer address, file offset and length in multiples of this
+
+
+class _Layout:
+    """Where each tensor of a checkpoint goes in a `CheckpointWriter`'s buffer: a safetensors file
+    whose header is padded with spaces to `room` bytes (a multiple of `ALIGN`, so that the data
+    starts on a page), then the tensors by descending item size and name (as safetensors orders
+    them, every tensor aligned to its item size)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], room: int):
+        self.key = _layout_key(tensors)
+        order = sorted(self.key, key=lambda e: (-e[1].itemsize, e[0]))
+        self.offsets: dict[str, tuple[int, int]] = {}
+        parts, at = [], 0
+        for name, dtype, shape in order:
+            size = math.prod(shape) * dtype.itemsize
+            self.offsets[name] = (at, at + size)
+            parts.append(f'{json.dumps(name)}:{{"dtype":"{SAFETENSORS_DTYPES[dtype]}","shape":'
+                         f'{json.dumps(list(shape), separators=(",", ":"))},"data_offsets":[{at},{at + size}]}}')
+            at += size
+        self.tensors_json = ",".join(parts)
+        self.data = at
+        self.room = room
+        self.size = -(-(room + at) // ALIGN) * ALIGN
+
+    def header(self, meta: dict) -> bytes | None:
+        """The header (with its length in front, padded), or None when it does not fit `room`."""
+        metadata = json.dumps({"dvm": json.dumps(meta, sort_keys=True)}, separators=(",", ":"))
+        text = f'{{"__metadata__":{metadata}' + (f",{self.tensors_json}}}" if self.tensors_json else "}")
+        raw = text.encode()
+        if 8 + len(raw) > self.room:
+            return None
+        return (self.room - 8).to_bytes(8, "little") + raw + b" " * (self.room - 8 - len(raw))
+
+
+def _layout_key(tensors: dict[str, torch.Tensor]) -> tuple:
+    return tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+
+
+class CheckpointWriter:
+    """Saves checkpoints at a cost a training loop can afford. Each checkpoint is copied from the
+    live (or device) tensors into one reused, page-aligned buffer laid out as its safetensors
+    file; one background thread writes the file with direct I/O (``O_DIRECT``: no page cache to
+    fill, almost no CPU) while training goes on. The digests (`Checkpoint.digests`) are taken
+    from the buffer: in the loop when training runs on the CPU (whose cores are busy training
+    anyway), in the background thread when it runs on a GPU (whose host cores are idle), or as
+    `hash_in_background` says. `write` waits for the previous checkpoint first; `close` waits for
+    the last one and frees the buffer.
+
+    The files are valid safetensors files whose header is padded with spaces so that the data
+    starts on a page; `Checkpoint.load` reads them. Where direct I/O is refused (tmpfs on older
+    kernels, other systems) the same bytes go through the page cache."""
+
+    def __init__(self, *, hash_in_background: bool | None = None):
+        self.hash_in_background = hash_in_background
+        self._layout: _Layout | None = None
+        self._buffer: mmap.mmap | None = None
+        self._slots: dict[str, torch.Tensor] = {}
+        self._hashed: list[tuple[bytes, bytes | None, memoryview]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self.cpu_seconds = 0.0      # spent by the background thread
+        self.direct = hasattr(os, "O_DIRECT")
+
+    def write(self, point: Checkpoint, path: Path) -> Future:
+        """Start saving `point` to `path`: a future of its (weights_sha256, state_sha256)."""
+        self.wait()
+        if any(t.dtype not in SAFETENSORS_DTYPES for t in point.tensors.values()):
+            cpu = Checkpoint(point.step, {k: v.detach().cpu() for k, v in point.tensors.items()}, point.meta)
+            cpu.save(path)
+            return _done(cpu.digests())
+        layout = self._layout
+        header = layout.header(point.meta) if layout is not None and layout.key == _layout_key(point.tensors) \
+            else None
+        if header is None:
+            layout = self._arrange(point)
+            header = layout.header(point.meta)
+        self._buffer[:layout.room] = header
+        with torch.no_grad():
+            for name, t in point.tensors.items():
+                slot = self._slots.get(name)
+                if slot is not None:
+                    slot.copy_(t)
+        background = self.hash_in_background
+        if background is None:
+            background = any(t.device.type != "cpu" for t in point.tensors.values())
+        meta = _canonical(point.meta)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        total = layout.room + layout.data
+        if background:
+            self._pending = self._pool.submit(self._save, path, total, meta)
+            return self._pending
+        self._pending = self._pool.submit(self._save, path, total, None)
+        return _done(self._digests(meta))
+
+    def _digests(self, meta: bytes) -> tuple[str, str]:
+        """Both digests in one pass over the buffer (`Checkpoint.digests`' definition)."""
+        weights, state = hashlib.sha256(), hashlib.sha256()
+        for state_head, weights_head, raw in self._hashed:
+            state.update(state_head)
+            state.update(raw)
+            if weights_head is not None:
+                weights.update(weights_head)
+                weights.update(raw)
+        state.update(meta)
+        return weights.hexdigest(), state.hexdigest()
+
+    def _arrange(self, point: Checkpoint) -> _Layout:
+        """A layout (and a buffer, if the old one is too small) for tensors of these names,
+        dtypes and shapes, with 1 KiB to spare in the header for metadata that grows."""
+        bare = _Layout(point.tensors, ALIGN)
+        need = 8 + len(bare.tensors_json) + len(json.dumps(json.dumps(point.meta, sort_keys=True))) + 1024
+        layout = _Layout(point.tensors, -(-need // ALIGN) * ALIGN)
+        if self._buffer is None or len(self._buffer) < layout.size:
+            self._release()
+            self._buffer = mmap.mmap(-1, layout.size)
+        self._slots, self._hashed = {}, []
+        view = memoryview(self._buffer)
+        for name, dtype, shape in layout.key:
+            begin, end = layout.offsets[name]
+            if end > begin:
+                self._slots[name] = torch.frombuffer(self._buffer, dtype=dtype, count=math.prod(shape),
+                                                     offset=layout.room + begin).view(shape)
+        for name, dtype, shape in sorted(layout.key):
+            begin, end = layout.offsets[name]
+            head = _head(dtype, torch.Size(shape))
+            weights_head = (name[len("model/"):].encode() + head) if name.startswith("model/") else None
+            self._hashed.append((name.encode() + head, weights_head,
+                                 view[layout.room + begin:layout.room + end]))
+        self._layout = layout
+        return layout
+
+    def _save(self, path: Path, total: int, meta: bytes | None) -> tuple[str, str] | None:
+        """In the background thread: the digests (given the metadata to hash), then the file."""
+        started = time.thread_time()
+        try:
+            digests = self._digests(meta) if meta is not None else None
+            view = memoryview(self._buffer)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            fd = None
+            if self.direct:
+                try:
+                    fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                    _write_all(fd, view[:-(-total // ALIGN) * ALIGN])
+                    os.ftruncate(fd, total)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct = False    # this file system refuses direct I/O: the page cache
+                    if fd is not None:
+                        os.close(fd)
+                    fd = None
+            if fd is None:
+                fd = os.open(path, flags, 0o644)
+                _write_all(fd, view[:total])
+            os.close(fd)
+            return digests
+        finally:
+            self.cpu_seconds += time.thread_time() - started
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being saved; raise what went wrong saving it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last checkpoint, stop the thread and free the buffer."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            self._release()
+
+    def _release(self) -> None:
+        self._slots, self._hashed, self._layout = {}, [], None
+        if self._buffer is not None:
+            try:
+                self._buffer.close()
+            except BufferError:     # a view still held somewhere: the collector frees it
+                pass
+            self._buffer = None
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class Recorder:
     """Called by `train.train`: `start` once the steps are planned, `checkpoint` every `every`
     steps (before step s + 1, s a multiple of `every`) and at the end, each saved in
@@ -230,8 +442,16 @@ class Recorder:
         self.entries: list[dict] = []
         self.files: list[Path] = []
         self.layout = None
-        self.seconds = 0.0        # spent writing checkpoints (the transcript's cost)
+        self.writer = CheckpointWriter()
+        self._digests: list[Future] = []
+        self.loop_seconds = 0.0   # spent in the training loop on checkpoints
         directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def seconds(self) -> float:
+        """The transcript's cost to training: the time the loop spent on checkpoints, and the
+        CPU time of the thread writing them (it competes with training for the cores)."""
+        return self.loop_seconds + self.writer.cpu_seconds
 
     def start(self, layout) -> None:
         """Refuse a checkpoint_every that would write more than `MAX_CHECKPOINTS` files."""
@@ -244,20 +464,28 @@ class Recorder:
 
     def checkpoint(self, step: int, model, optimizer, scheduler, *, final: bool = False,
                    stopped: str | None = None) -> None:
+        """Save the state before step `step` + 1. The files and the entries' digests are complete
+        once the final checkpoint is saved."""
         started = time.perf_counter()
-        point = Checkpoint.capture(step, model, optimizer, scheduler)
-        path = point.save(self.directory / f"checkpoint-{step:07d}.safetensors")
+        point = Checkpoint.capture(step, model, optimizer, scheduler, to_cpu=False)
+        path = self.directory / f"checkpoint-{step:07d}.safetensors"
         if self.entries and self.entries[-1]["step"] == step:   # the end fell on a k-th step
             self.entries.pop()
             self.files.pop()
-        weights_sha256, state_sha256 = point.digests()
-        entry = {"step": step, "weights_sha256": weights_sha256, "state_sha256": state_sha256, "file": path.name}
+            self._digests.pop()
+        entry = {"step": step, "weights_sha256": None, "state_sha256": None, "file": path.name}
         if final:
             entry["final"] = True
             entry["stopped"] = stopped
         self.entries.append(entry)
         self.files.append(path)
-        self.seconds += time.perf_counter() - started
+        self._digests.append(self.writer.write(point, path))
+        if final:
+            self.writer.close()
+        for entry, digests in zip(self.entries, self._digests):
+            if entry["state_sha256"] is None and digests.done():
+                entry["weights_sha256"], entry["state_sha256"] = digests.result()
+        self.loop_seconds += time.perf_counter() - started
 
 
 def versions() -> dict:

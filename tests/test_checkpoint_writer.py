@@ -1,0 +1,146 @@
+"""The LLM transcript's checkpoint writer (`dvm_llm_finetune.transcript.CheckpointWriter`): a
+checkpoint is snapshotted into one page-aligned buffer, hashed, and written in the background
+with direct I/O while training goes on. What must hold: the file is a safetensors file with the
+state as it was when `write` was called (not as training left it afterwards), its digests are
+`Checkpoint.digests()`, whichever thread hashes, and a failure to write is raised, not lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors = pytest.importorskip("safetensors")
+
+from safetensors.torch import save as st_save  # noqa: E402
+
+from dvm_llm_finetune import transcript as T  # noqa: E402
+
+
+def state(seed: int = 0, *, optimizer: bool = True) -> T.Checkpoint:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model/h.0.attn.c_attn.weight": torch.randn(64, 192, generator=g),
+        "model/h.0.ln_1.bias": torch.randn(64, generator=g),
+        "model/wte.weight": torch.randn(50, 64, generator=g).to(torch.bfloat16),
+        "model/empty": torch.empty(0, 4),
+        "model/scale": torch.tensor(0.5, dtype=torch.float16),
+    }
+    if optimizer:
+        for i, name in enumerate(["h.0.attn.c_attn.weight", "h.0.ln_1.bias"]):
+            shape = tensors[f"model/{name}"].shape
+            tensors[f"optim/{i}/exp_avg"] = torch.randn(shape, generator=g)
+            tensors[f"optim/{i}/exp_avg_sq"] = torch.rand(shape, generator=g)
+            tensors[f"optim/{i}/step"] = torch.tensor(float(seed + 1))
+    return T.Checkpoint(seed, tensors, {"format": T.CHECKPOINT_FORMAT, "step": seed,
+                                        "param_groups": [{"lr": 0.001 * (seed + 1), "betas": [0.9, 0.999]}],
+                                        "scheduler": {"last_epoch": seed}})
+
+
+def header_of(raw: bytes) -> tuple[dict, int]:
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), 8 + n
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_files_hold_the_state_when_written_with_its_digests(tmp_path, background):
+    writer = T.CheckpointWriter(hash_in_background=background)
+    points = [state(0, optimizer=False), state(1), state(2)]   # the layout grows after step 0
+    expected = [(p.digests(), {k: v.clone() for k, v in p.tensors.items()}) for p in points]
+    futures = []
+    for p in points:
+        futures.append(writer.write(p, tmp_path / f"c{p.step}.safetensors"))
+        with torch.no_grad():           # training goes on: the live tensors change at once
+            for t in p.tensors.values():
+                t.add_(1) if t.dtype != torch.bool else None
+    writer.close()
+    for p, future, (digests, tensors) in zip(points, futures, expected):
+        assert future.result() == digests
+        loaded = T.Checkpoint.load(tmp_path / f"c{p.step}.safetensors")
+        assert loaded.digests() == digests
+        assert set(loaded.tensors) == set(tensors)
+        for k, v in tensors.items():
+            assert loaded.tensors[k].dtype == v.dtype and torch.equal(loaded.tensors[k], v), k
+        assert loaded.meta == json.loads(json.dumps(p.meta))
+
+
+def test_the_file_is_safetensors_own_layout_with_the_data_on_a_page(tmp_path):
+    point = state(3)
+    writer = T.CheckpointWriter()
+    writer.write(point, tmp_path / "c.safetensors")
+    writer.close()
+    ours = (tmp_path / "c.safetensors").read_bytes()
+    theirs = st_save({k: v.contiguous() for k, v in point.tensors.items()},
+                     metadata={"dvm": json.dumps(point.meta, sort_keys=True)})
+    our_header, our_start = header_of(ours)
+    their_header, their_start = header_of(theirs)
+    assert our_start % T.ALIGN == 0 and our_start > 8
+    assert our_header["__metadata__"] == their_header["__metadata__"]
+    for name, entry in their_header.items():
+        if name == "__metadata__":
+            continue
+        a, b = our_header[name]["data_offsets"]
+        c, d = entry["data_offsets"]
+        assert (our_header[name]["dtype"], our_header[name]["shape"]) == (entry["dtype"], entry["shape"])
+        assert ours[our_start + a:our_start + b] == theirs[their_start + c:their_start + d], name
+    assert len(ours) == our_start + max(e["data_offsets"][1] for k, e in our_header.items() if k != "__metadata__")
+
+
+def test_where_direct_io_is_refused_the_page_cache_writes_the_same_bytes(tmp_path, monkeypatch):
+    point = state(4)
+    direct = T.CheckpointWriter()
+    direct.write(point, tmp_path / "direct.safetensors")
+    direct.close()
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    cached = T.CheckpointWriter()
+    cached.write(point, tmp_path / "cached.safetensors")
+    cached.close()
+    assert not cached.direct
+    assert (tmp_path / "cached.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_file_that_cannot_be_written_is_an_error_not_a_silence(tmp_path, background):
+    writer = T.CheckpointWriter(hash_in_background=background)
+    future = writer.write(state(5), tmp_path / "missing" / "c.safetensors")
+    with pytest.raises(FileNotFoundError):
+        writer.close()
+    if background:
+        with pytest.raises(FileNotFoundError):
+            future.result()
+
+
+def test_the_recorder_counts_the_writing_threads_time_and_finishes_every_file(tmp_path):
+    recorder = T.Recorder(2, tmp_path / "ck")
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for step in range(5):
+        if step % 2 == 0:
+            recorder.checkpoint(step, model, optimizer, scheduler)
+        model(torch.randn(3, 8)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    recorder.checkpoint(5, model, optimizer, scheduler, final=True, stopped=None)
+    assert [e["step"] for e in recorder.entries] == [0, 2, 4, 5]
+    for entry, path in zip(recorder.entries, recorder.files):
+        loaded = T.Checkpoint.load(path)
+        assert loaded.step == entry["step"]
+        assert (loaded.weights_sha256(), loaded.state_sha256()) == (entry["weights_sha256"], entry["state_sha256"])
+    assert recorder.entries[-1]["weights_sha256"] == T.tensor_digest(T.trainable_parameters(model))
+    assert recorder.writer.cpu_seconds > 0
+    assert recorder.seconds == pytest.approx(recorder.loop_seconds + recorder.writer.cpu_seconds)
