@@ -273,21 +273,18 @@ def _layout_key(tensors: dict[str, torch.Tensor]) -> tuple:
 
 
 class CheckpointWriter:
-    """Saves checkpoints at a cost a training loop can afford. Each checkpoint is copied from the
-    live (or device) tensors into one reused, page-aligned buffer laid out as its safetensors
-    file; one background thread writes the file with direct I/O (``O_DIRECT``: no page cache to
-    fill, almost no CPU) while training goes on. The digests (`Checkpoint.digests`) are taken
-    from the buffer: in the loop when training runs on the CPU (whose cores are busy training
-    anyway), in the background thread when it runs on a GPU (whose host cores are idle), or as
-    `hash_in_background` says. `write` waits for the previous checkpoint first; `close` waits for
-    the last one and frees the buffer.
+    """Saves checkpoints of training on a GPU while training goes on. The loop only waits for
+    each checkpoint's copy from the device into one reused, page-aligned host buffer laid out as
+    its safetensors file; a background thread (the host's cores are idle while the GPU trains)
+    then takes the digests (`Checkpoint.digests`') from the buffer and writes the file with
+    direct I/O (``O_DIRECT``: no page cache filled with checkpoints, almost no CPU). `write`
+    waits for the previous checkpoint first; `close` waits for the last one and frees the buffer.
 
     The files are valid safetensors files whose header is padded with spaces so that the data
     starts on a page; `Checkpoint.load` reads them. Where direct I/O is refused (tmpfs on older
     kernels, other systems) the same bytes go through the page cache."""
 
-    def __init__(self, *, hash_in_background: bool | None = None):
-        self.hash_in_background = hash_in_background
+    def __init__(self):
         self._layout: _Layout | None = None
         self._buffer: mmap.mmap | None = None
         self._slots: dict[str, torch.Tensor] = {}
@@ -298,7 +295,8 @@ class CheckpointWriter:
         self.direct = hasattr(os, "O_DIRECT")
 
     def write(self, point: Checkpoint, path: Path) -> Future:
-        """Start saving `point` to `path`: a future of its (weights_sha256, state_sha256)."""
+        """Start saving `point` to `path`: a future of its (weights_sha256, state_sha256). It
+        returns once the tensors are copied: training may change them."""
         self.wait()
         if any(t.dtype not in SAFETENSORS_DTYPES for t in point.tensors.values()):
             cpu = Checkpoint(point.step, {k: v.detach().cpu() for k, v in point.tensors.items()}, point.meta)
@@ -316,18 +314,10 @@ class CheckpointWriter:
                 slot = self._slots.get(name)
                 if slot is not None:
                     slot.copy_(t)
-        background = self.hash_in_background
-        if background is None:
-            background = any(t.device.type != "cpu" for t in point.tensors.values())
-        meta = _canonical(point.meta)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        total = layout.room + layout.data
-        if background:
-            self._pending = self._pool.submit(self._save, path, total, meta)
-            return self._pending
-        self._pending = self._pool.submit(self._save, path, total, None)
-        return _done(self._digests(meta))
+        self._pending = self._pool.submit(self._save, path, layout.room + layout.data, _canonical(point.meta))
+        return self._pending
 
     def _digests(self, meta: bytes) -> tuple[str, str]:
         """Both digests in one pass over the buffer (`Checkpoint.digests`' definition)."""
@@ -366,11 +356,11 @@ class CheckpointWriter:
         self._layout = layout
         return layout
 
-    def _save(self, path: Path, total: int, meta: bytes | None) -> tuple[str, str] | None:
-        """In the background thread: the digests (given the metadata to hash), then the file."""
+    def _save(self, path: Path, total: int, meta: bytes) -> tuple[str, str]:
+        """In the background thread: the digests, then the file."""
         started = time.thread_time()
         try:
-            digests = self._digests(meta) if meta is not None else None
+            digests = self._digests(meta)
             view = memoryview(self._buffer)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             fd = None
@@ -434,15 +424,21 @@ def _write_all(fd: int, data: memoryview) -> None:
 class Recorder:
     """Called by `train.train`: `start` once the steps are planned, `checkpoint` every `every`
     steps (before step s + 1, s a multiple of `every`) and at the end, each saved in
-    `directory` and listed with its digests."""
+    `directory` and listed with its digests.
 
-    def __init__(self, every: int, directory: Path):
+    Training on a GPU saves its checkpoints in the background (a `CheckpointWriter`); training
+    on the CPU saves and hashes them in the loop, since there the cores a background thread would
+    use are training (measured: a background writer cost a CPU job as much or more). `background`
+    forces one or the other."""
+
+    def __init__(self, every: int, directory: Path, *, background: bool | None = None):
         self.every = every
         self.directory = directory
+        self.background = background
         self.entries: list[dict] = []
         self.files: list[Path] = []
         self.layout = None
-        self.writer = CheckpointWriter()
+        self.writer: CheckpointWriter | None = None
         self._digests: list[Future] = []
         self.loop_seconds = 0.0   # spent in the training loop on checkpoints
         directory.mkdir(parents=True, exist_ok=True)
@@ -450,8 +446,9 @@ class Recorder:
     @property
     def seconds(self) -> float:
         """The transcript's cost to training: the time the loop spent on checkpoints, and the
-        CPU time of the thread writing them (it competes with training for the cores)."""
-        return self.loop_seconds + self.writer.cpu_seconds
+        CPU time of the thread saving them in the background, if any (counted in full, as if it
+        competed with training for the cores)."""
+        return self.loop_seconds + (self.writer.cpu_seconds if self.writer is not None else 0.0)
 
     def start(self, layout) -> None:
         """Refuse a checkpoint_every that would write more than `MAX_CHECKPOINTS` files."""
@@ -468,6 +465,9 @@ class Recorder:
         once the final checkpoint is saved."""
         started = time.perf_counter()
         point = Checkpoint.capture(step, model, optimizer, scheduler, to_cpu=False)
+        background = self.background
+        if background is None:
+            background = any(t.device.type != "cpu" for t in point.tensors.values())
         path = self.directory / f"checkpoint-{step:07d}.safetensors"
         if self.entries and self.entries[-1]["step"] == step:   # the end fell on a k-th step
             self.entries.pop()
@@ -479,8 +479,17 @@ class Recorder:
             entry["stopped"] = stopped
         self.entries.append(entry)
         self.files.append(path)
-        self._digests.append(self.writer.write(point, path))
-        if final:
+        if background:
+            if self.writer is None:
+                self.writer = CheckpointWriter()
+            self._digests.append(self.writer.write(point, path))
+        else:
+            if self.writer is not None:
+                self.writer.wait()
+            point = Checkpoint(step, {k: v.to("cpu") for k, v in point.tensors.items()}, point.meta)
+            point.save(path)
+            self._digests.append(_done(point.digests()))
+        if final and self.writer is not None:
             self.writer.close()
         for entry, digests in zip(self.entries, self._digests):
             if entry["state_sha256"] is None and digests.done():

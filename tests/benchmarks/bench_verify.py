@@ -3,6 +3,7 @@ spot-check costs the verifier, against the job's own training time.
 
     PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_verify.py [--rounds 3] [--epochs 10] [--segments 10]
     PYTHONPATH=plugins .venv/bin/python tests/benchmarks/bench_verify.py --task llm [--method lora|full]
+    ... [--device cuda]     # training and every replay on that device (default: cpu)
 
 Prints one JSON object on stdout; progress goes to stderr. Not a pytest module. Needs
 scikit-learn (the digits data).
@@ -27,6 +28,11 @@ epochs of batches of 64 (23 steps an epoch), with ``checkpoint_every`` chosen so
   whole `train` call, with the transcript). The median over every segment of every round (the
   last segment of a run is as long as the others here).
 - `all_matched`: every segment of every round replayed bit for bit (an honest run passes).
+- `max_distance`: the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights, the
+  verify job's) of an honest replay: 0.0 where every segment replays bit for bit. Against it,
+  `one_step_short_distance` (median over rounds): the distance of a replay of the middle segment
+  that stops one optimizer step short, the smallest cheat there is. On a device where replays are
+  not bit for bit (a GPU), a verifier's ``tolerance`` must lie between the two.
 
 ``--task llm``: the same keys for LLM fine-tuning (`dvm_llm_finetune.train.train`, what a
 kind-5751 job runs) of the tiny offline GPT-2 of `dvm_federate.tiny` (2 layers, width 64, GPT-2
@@ -69,7 +75,7 @@ from dvm_image_classifier.params import TrainParams  # noqa: E402
 from dvm_image_classifier.train import normalisation, to_tensors, train  # noqa: E402
 from dvm_image_classifier.verify import verify_segment  # noqa: E402
 
-CPU = torch.device("cpu")
+DEVICE = torch.device("cpu")    # --device
 
 
 def run(x, y, spec, params, mean, std, folder: Path | None):
@@ -77,8 +83,19 @@ def run(x, y, spec, params, mean, std, folder: Path | None):
     recorder = T.Recorder(params.checkpoint_every, folder) if folder is not None else None
     started = time.perf_counter()
     outcome = train(train_images=x, train_labels=y, val_images=None, val_labels=None, spec=spec, params=params,
-                    mean=mean, std=std, device=CPU, transcript=recorder)
+                    mean=mean, std=std, device=DEVICE, transcript=recorder)
     return time.perf_counter() - started, recorder, outcome
+
+
+def middle(segments) -> tuple[int, int]:
+    return segments[len(segments) // 2]
+
+
+def distances(verdicts: list[dict]) -> dict:
+    """The figures of the honest replays' distances (None where a replay was not comparable)."""
+    found = [v["distance"] for v in verdicts]
+    return {"max_distance": max((d for d in found if d is not None), default=None),
+            "exact": sum(bool(v["exact"]) for v in verdicts), "incomparable": sum(d is None for d in found)}
 
 
 def main() -> int:
@@ -91,8 +108,11 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=800, help="llm: training sentences")
     parser.add_argument("--method", choices=("lora", "full"), default="lora", help="llm")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="where training and the replays run (cpu, cuda, cuda:1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.task == "llm":
         return main_llm(args)
     args.epochs = args.epochs or 10
@@ -116,6 +136,7 @@ def main() -> int:
     run(x, y, spec, params, mean, std, root / "warm-up")
 
     without, with_, paired, written, checks, matched = [], [], [], [], [], []
+    verdicts, short = [], []
     checkpoint_bytes = 0
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
@@ -142,10 +163,15 @@ def main() -> int:
         for a, b in T.segments(transcript):
             started = time.perf_counter()
             verdict = verify_segment(transcript, data, recorded_in / T.entry_at(transcript, a)["file"],
-                                     recorded_in / T.entry_at(transcript, b)["file"], end_step=b, device=CPU)
+                                     recorded_in / T.entry_at(transcript, b)["file"], end_step=b, device=DEVICE)
             checks.append(time.perf_counter() - started)
             matched.append(verdict["match"])
+            verdicts.append(verdict)
         eprint(f"  spot checks: median {statistics.median(checks[-len(T.segments(transcript)):]):.3f}s a segment")
+        a, b = middle(T.segments(transcript))
+        got = T.replay(transcript, T.Checkpoint.load(recorded_in / T.entry_at(transcript, a)["file"]), x, y, b - 1,
+                       device=DEVICE)
+        short.append(T.distance(got.weights, T.Checkpoint.load(recorded_in / T.entry_at(transcript, b)["file"]).weights))
 
     train_s = statistics.median(without)
     job_s = statistics.median(with_)
@@ -154,7 +180,8 @@ def main() -> int:
         "spot_check_over_job": round(check_s / job_s, 4),
         "transcript_overhead": round(statistics.median(written) / train_s, 4),
         "transcript_overhead_paired": round(statistics.median(paired), 4),
-        "all_matched": all(matched), "checks": len(matched),
+        "all_matched": all(matched), "checks": len(matched), **distances(verdicts),
+        "one_step_short_distance": statistics.median(short), "device": str(DEVICE),
         "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
         "train_seconds_without_transcript": round(train_s, 3),
         "transcript_seconds": round(statistics.median(written), 4),
@@ -201,7 +228,7 @@ def main_llm(args) -> int:
     def run_llm(folder: Path | None):
         out = root / "out"
         spec = TrainSpec(model_folder=str(model_folder), model_type=base.model_type, base_model_name="tiny",
-                         params=params.as_dict(), output_dir=str(out))
+                         params=params.as_dict(), output_dir=str(out), device=str(DEVICE))
         recorder = LT.Recorder(every, folder) if folder is not None else None
         started = time.perf_counter()
         outcome = llm_train(spec, train_ex, eval_ex, tokenizer, transcript=recorder)
@@ -211,7 +238,7 @@ def main_llm(args) -> int:
     run_llm(None)
     run_llm(root / "warm-up")
     without, with_, paired, written, checks, matched = [], [], [], [], [], []
-    checkpoint_bytes, in_loop = 0, []
+    checkpoint_bytes, in_loop, verdicts, short = 0, [], [], []
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
         times = {}
@@ -236,10 +263,16 @@ def main_llm(args) -> int:
             started = time.perf_counter()
             verdict = llm_verify(transcript, data, recorded_in / LT.entry_at(transcript, a)["file"],
                                  recorded_in / LT.entry_at(transcript, b)["file"], model_folder=model_folder,
-                                 end_step=b, device=CPU)
+                                 end_step=b, device=DEVICE)
             checks.append(time.perf_counter() - started)
             matched.append(verdict["match"])
+            verdicts.append(verdict)
         eprint(f"  spot checks: median {statistics.median(checks[-len(LT.segments(transcript)):]):.3f}s a segment")
+        a, b = middle(LT.segments(transcript))
+        got = LT.replay(transcript, LT.Checkpoint.load(recorded_in / LT.entry_at(transcript, a)["file"]), model_folder,
+                        train_ex, tokenizer, b - 1, device=DEVICE)
+        short.append(LT.distance(got.weights,
+                                 LT.Checkpoint.load(recorded_in / LT.entry_at(transcript, b)["file"]).weights))
 
     train_s, job_s, check_s = statistics.median(without), statistics.median(with_), statistics.median(checks)
     print(json.dumps({
@@ -247,7 +280,8 @@ def main_llm(args) -> int:
         "spot_check_over_job": round(check_s / job_s, 4),
         "transcript_overhead": round(statistics.median(written) / train_s, 4),
         "transcript_overhead_paired": round(statistics.median(paired), 4),
-        "all_matched": all(matched), "checks": len(matched),
+        "all_matched": all(matched), "checks": len(matched), **distances(verdicts),
+        "one_step_short_distance": statistics.median(short), "device": str(DEVICE),
         "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
         "train_seconds_without_transcript": round(train_s, 3),
         "transcript_seconds": round(statistics.median(written), 4),
