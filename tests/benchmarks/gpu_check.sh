@@ -5,6 +5,8 @@
 #
 #   tests/benchmarks/gpu_check.sh                      # on a GPU machine: --device cuda, < 8 min on one H200
 #   tests/benchmarks/gpu_check.sh --device cpu --tiny  # the same commands, tiny sizes: a dry run on a CPU
+#   tests/benchmarks/gpu_check.sh --transcripts        # also issue 17's: replays on the GPU, checkpoints
+#                                                      # (95 s more: under 10 min in all, one device call)
 #
 # Each check runs under its own time limit (the limits add up to under 8 minutes), so the
 # script always ends in time; a check cut short says so (rc=124) and the others still run.
@@ -17,11 +19,13 @@ cd "$(dirname "$0")/../.."
 
 DEVICE=cuda
 TINY=0
+TRANSCRIPTS=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
         --tiny) TINY=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --transcripts) TRANSCRIPTS=1; shift ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -43,6 +47,8 @@ if [ "$TINY" = 1 ]; then
     TESTS_IMAGE=(-k "launched_training_in_two_processes")
     LIMIT_FULL=300; LIMIT_LORA=300; LIMIT_SMALL=300; LIMIT_IMAGE=300; LIMIT_TESTS_LLM=600
     LIMIT_TESTS_IMAGE=300; LIMIT_LAUNCH=300
+    VERIFY_IMAGE=(--rounds 1 --epochs 2); VERIFY_LLM=(--rounds 1 --examples 200); CHECKPOINT=(--params 2e6)
+    LIMIT_VERIFY_IMAGE=300; LIMIT_VERIFY_LLM=300; LIMIT_CHECKPOINT=120
 else
     # One H200: a 1.1 B Llama (TinyLlama's shape) on documents of 500-2,000 tokens, batch 8,
     # L = 2,048, 30 optimizer steps a side after 8 of warm-up; the 135 M one for LoRA too.
@@ -60,6 +66,11 @@ or cancelling or deadline or shared_rows or bf16 or nan_loss or same_seed")
 or few_steps")
     LIMIT_FULL=110; LIMIT_LORA=95; LIMIT_SMALL=45; LIMIT_IMAGE=45; LIMIT_TESTS_LLM=100
     LIMIT_TESTS_IMAGE=65; LIMIT_LAUNCH=20     # 480 s in all
+    # --transcripts (issue 17): the bench jobs trained and every segment replayed on the GPU (is a
+    # replay bit for bit there, and if not, how far from a one-step cheat?); a 1.2 GB checkpoint
+    # (100 M parameters with AdamW's moments) saved in the loop and by the background writer.
+    VERIFY_IMAGE=(--rounds 1); VERIFY_LLM=(--rounds 1); CHECKPOINT=(--params 100e6)
+    LIMIT_VERIFY_IMAGE=30; LIMIT_VERIFY_LLM=40; LIMIT_CHECKPOINT=25
 fi
 
 FAILED=0
@@ -114,6 +125,16 @@ check tests_llm "$LIMIT_TESTS_LLM" "$PY" -m pytest -q -p no:cacheprovider --dura
     tests/test_llm_finetune.py "${TESTS_LLM[@]}"
 check tests_image "$LIMIT_TESTS_IMAGE" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
     tests/test_image_classifier.py "${TESTS_IMAGE[@]}"
+if [ "$TRANSCRIPTS" = 1 ]; then
+    # Issue 17: max_distance 0.0 and all_matched true where replays are bit for bit; else a
+    # verifier's tolerance lies between max_distance and one_step_short_distance.
+    check verify_image "$LIMIT_VERIFY_IMAGE" "$PY" tests/benchmarks/bench_verify.py --device "$DEVICE" \
+        "${VERIFY_IMAGE[@]}"
+    check verify_llm_full "$LIMIT_VERIFY_LLM" "$PY" tests/benchmarks/bench_verify.py --task llm --method full \
+        --device "$DEVICE" "${VERIFY_LLM[@]}"
+    check checkpoint "$LIMIT_CHECKPOINT" "$PY" tests/benchmarks/bench_checkpoint.py --device "$DEVICE" \
+        "${CHECKPOINT[@]}"
+fi
 # pytest's last line is its summary; the slowest tests are above it:
 for name in tests_llm tests_image; do
     echo "=== $name: slowest"; grep -E '^[0-9.]+s (call|setup)' "$OUT/$name.out" | head -n 8
