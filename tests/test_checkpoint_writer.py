@@ -146,3 +146,120 @@ def test_the_recorder_saves_every_checkpoint_in_the_loop_or_the_background(tmp_p
         assert recorder.seconds == pytest.approx(recorder.loop_seconds + recorder.writer.cpu_seconds)
     else:
         assert recorder.writer is None and recorder.seconds == recorder.loop_seconds > 0
+
+
+def accepts_direct_io(folder) -> bool:
+    """Whether `folder`'s file system takes an O_DIRECT write of one aligned page."""
+    import mmap
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    page = mmap.mmap(-1, T.ALIGN)
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        os.write(fd, page)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(folder / "probe")
+        page.close()
+
+
+def test_direct_io_is_used_where_the_file_system_takes_it(tmp_path):
+    """Not a silent fall back to the page cache (an unaligned write would be refused with
+    EINVAL and fall back, and every other test would still pass)."""
+    if not accepts_direct_io(tmp_path):
+        pytest.skip("this file system refuses direct I/O")
+    writer = T.CheckpointWriter()
+    for step in range(2):
+        writer.write(state(step), tmp_path / f"c{step}.safetensors")
+    writer.close()
+    assert writer.direct
+    assert T.Checkpoint.load(tmp_path / "c1.safetensors").digests() == state(1).digests()
+
+
+def test_training_stopped_early_closes_the_writer(tmp_path):
+    """Cancelled, NaN, out of memory: no final checkpoint, yet the checkpoint being written is
+    finished, the thread stopped and the buffer freed; a failure of the writer goes with the
+    job's error as a note, not over it."""
+    recorder = T.Recorder(1, tmp_path / "ck", background=True)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    recorder.checkpoint(0, model, optimizer, scheduler)
+    writer = recorder.writer
+    error = RuntimeError("cancelled")
+    recorder.abandon(error)
+    assert writer._pool is None and writer._buffer is None and writer._pending is None
+    assert T.Checkpoint.load(recorder.files[0]).step == 0
+    assert not getattr(error, "__notes__", None)
+
+    failing = T.Recorder(1, tmp_path / "gone", background=True)
+    failing.checkpoint(0, model, optimizer, scheduler)
+    failing.writer.wait()
+    (tmp_path / "gone" / "checkpoint-0000000.safetensors").unlink()
+    (tmp_path / "gone").rmdir()
+    failing.checkpoint(1, model, optimizer, scheduler)
+    error = RuntimeError("loss became NaN")
+    failing.abandon(error)
+    assert failing.writer._pool is None and failing.writer._buffer is None
+    assert any("saving a checkpoint failed: FileNotFoundError" in note for note in error.__notes__)
+
+
+def test_a_stopped_llm_training_abandons_its_recorder(tmp_path):
+    """`train.train` calls `Recorder.abandon` with whatever stopped it."""
+    pytest.importorskip("transformers")
+    from dvm_federate import tiny
+    from dvm_llm_finetune import data as datamod
+    from dvm_llm_finetune import model as modelmod
+    from dvm_llm_finetune.params import Limits, parse_params
+    from dvm_llm_finetune.train import TrainSpec, train
+
+    folder = tiny.save_model_folder(tmp_path / "gpt2")
+    tokenizer = modelmod.load_tokenizer(folder)
+    base = modelmod.check_folder(folder, source={"archive_sha256": "-"}, limits=Limits())
+    params = parse_params({"method": "full", "epochs": "1", "batch_size": "4", "max_seq_length": "32",
+                           "checkpoint_every": "1"}, Limits(), has_eval_input=False)
+    dataset = datamod.read_jsonl(tiny.write_corpus(tmp_path / "train.jsonl", 40), what="training set",
+                                 max_bytes=1 << 20, max_examples=1000)
+    examples = datamod.tokenize(dataset, tokenizer, 32, what="training set").examples
+    spec = TrainSpec(model_folder=str(folder), model_type=base.model_type, base_model_name="tiny",
+                     params=params.as_dict(), output_dir=str(tmp_path / "out"), device="cpu")
+    recorder = T.Recorder(1, tmp_path / "ck", background=True)
+
+    def cancel_after_two_checkpoints():
+        if len(recorder.entries) >= 2:
+            raise RuntimeError("cancelled by the customer")
+
+    with pytest.raises(RuntimeError, match="cancelled by the customer"):
+        train(spec, examples[:36], examples[36:], tokenizer, transcript=recorder,
+              check_cancelled=cancel_after_two_checkpoints)
+    assert not any(e.get("final") for e in recorder.entries)
+    assert recorder.files and recorder.writer is not None
+    assert recorder.writer._pool is None and recorder.writer._buffer is None
+    for path in recorder.files:
+        T.Checkpoint.load(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (gpu_check.sh runs it on one)")
+def test_tensors_on_a_gpu_are_written_as_they_were_when_written(tmp_path):
+    writer = T.CheckpointWriter()
+    points = [state(0), state(1)]
+    for p in points:
+        p.tensors = {k: v.to("cuda") for k, v in p.tensors.items()}
+    expected = [T.Checkpoint(p.step, {k: v.cpu() for k, v in p.tensors.items()}, p.meta).digests() for p in points]
+    futures = []
+    for p in points:
+        futures.append(writer.write(p, tmp_path / f"c{p.step}.safetensors"))
+        with torch.no_grad():
+            for t in p.tensors.values():
+                t.add_(1)
+    writer.close()
+    for p, future, digests in zip(points, futures, expected):
+        assert future.result() == digests
+        assert T.Checkpoint.load(tmp_path / f"c{p.step}.safetensors").digests() == digests

@@ -379,8 +379,12 @@ def train(spec: TrainSpec, train_examples, eval_examples, tokenizer, *, transcri
         return _train(spec, train_examples, eval_examples, tokenizer, **kwargs)
     from dvm_core.devices import deterministic_algorithms
 
-    with deterministic_algorithms():
-        return _train(spec, train_examples, eval_examples, tokenizer, transcript=transcript, **kwargs)
+    try:
+        with deterministic_algorithms():
+            return _train(spec, train_examples, eval_examples, tokenizer, transcript=transcript, **kwargs)
+    except BaseException as exc:     # cancelled, NaN, out of memory: no final checkpoint
+        transcript.abandon(exc)
+        raise
 
 
 def _train(spec: TrainSpec, train_examples: list[datamod.Example], eval_examples: list[datamod.Example],

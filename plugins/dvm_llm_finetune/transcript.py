@@ -364,26 +364,32 @@ class CheckpointWriter:
             digests = self._digests(meta)
             view = memoryview(self._buffer)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            fd = None
             if self.direct:
                 try:
-                    fd = os.open(path, flags | os.O_DIRECT, 0o644)
-                    _write_all(fd, view[:-(-total // ALIGN) * ALIGN])
-                    os.ftruncate(fd, total)
+                    self._write_direct(path, flags, view, total)
+                    return digests
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
                     self.direct = False    # this file system refuses direct I/O: the page cache
-                    if fd is not None:
-                        os.close(fd)
-                    fd = None
-            if fd is None:
-                fd = os.open(path, flags, 0o644)
+            fd = os.open(path, flags, 0o644)
+            try:
                 _write_all(fd, view[:total])
-            os.close(fd)
+            finally:
+                os.close(fd)
             return digests
         finally:
             self.cpu_seconds += time.thread_time() - started
+
+    @staticmethod
+    def _write_direct(path: Path, flags: int, view: memoryview, total: int) -> None:
+        """Whole pages from the page-aligned buffer, then the file cut to its true size."""
+        fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        try:
+            _write_all(fd, view[:-(-total // ALIGN) * ALIGN])
+            os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
 
     def wait(self) -> None:
         """Wait for the checkpoint being saved; raise what went wrong saving it."""
@@ -496,6 +502,18 @@ class Recorder:
             if entry["state_sha256"] is None and digests.done():
                 entry["weights_sha256"], entry["state_sha256"] = digests.result()
         self.loop_seconds += time.perf_counter() - started
+
+    def abandon(self, error: BaseException) -> None:
+        """Training stopped on `error` (cancelled, NaN, out of memory, out of time) before the
+        final checkpoint: wait for the checkpoint being written, stop the writer's thread and
+        free its buffer. A failure of the writer is added to `error` as a note, not raised over
+        it."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.close()
+        except Exception as exc:    # noqa: BLE001 - `error` is what the job reports
+            error.add_note(f"and saving a checkpoint failed: {type(exc).__name__}: {exc}")
 
 
 def versions() -> dict:
