@@ -364,32 +364,18 @@ class CheckpointWriter:
             digests = self._digests(meta)
             view = memoryview(self._buffer)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            if self.direct:
+            if self.direct:     # whole pages from the page-aligned buffer, cut to size after
                 try:
-                    self._write_direct(path, flags, view, total)
+                    _write_file(path, flags | os.O_DIRECT, view[:-(-total // ALIGN) * ALIGN], total)
                     return digests
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
                     self.direct = False    # this file system refuses direct I/O: the page cache
-            fd = os.open(path, flags, 0o644)
-            try:
-                _write_all(fd, view[:total])
-            finally:
-                os.close(fd)
+            _write_file(path, flags, view[:total], total)
             return digests
         finally:
             self.cpu_seconds += time.thread_time() - started
-
-    @staticmethod
-    def _write_direct(path: Path, flags: int, view: memoryview, total: int) -> None:
-        """Whole pages from the page-aligned buffer, then the file cut to its true size."""
-        fd = os.open(path, flags | os.O_DIRECT, 0o644)
-        try:
-            _write_all(fd, view[:-(-total // ALIGN) * ALIGN])
-            os.ftruncate(fd, total)
-        finally:
-            os.close(fd)
 
     def wait(self) -> None:
         """Wait for the checkpoint being saved; raise what went wrong saving it."""
@@ -423,9 +409,18 @@ def _done(value) -> Future:
     return future
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def _write_file(path: Path, flags: int, data: memoryview, size: int) -> None:
+    """Write `data` to `path` (opened with `flags`), then cut the file to `size` bytes if longer;
+    the descriptor is closed whatever fails."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        longer = len(data) > size
+        while data:
+            data = data[os.write(fd, data):]
+        if longer:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 class Recorder:
