@@ -236,6 +236,10 @@ async def test_token_spent_before_it_arrives(workers, mint, funded):
     no_work_done(worker, request)
     assert await provider_balance(worker) == 0
     assert await funded.wallet.total_balance() == FUNDS
+    # The mint refused that swap before signing anything: its mark is forgotten (its secrets
+    # go to the next swap), so no recovery can take someone else's swap for this one.
+    payment = worker.store.payment_for_job(request["id"])
+    assert (payment["state"], payment["swap"]) == ("rejected", None)
 
 
 # -- locks ----------------------------------------------------------------------------------------

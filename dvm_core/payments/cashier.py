@@ -384,6 +384,7 @@ class Cashier:
                     token, min_amount=price, require_lock=method in ("p2pk", "nutzap"),
                     min_locktime=min_locktime, job_id=request.id,
                     before_swap=lambda mark: self.store.add_payment_swap(info.token_id, mark),
+                    swap_refused=lambda mark: self.store.remove_payment_swap(info.token_id, mark),
                     **({"htlc": delivery.terms, "preimage": delivery.preimage} if delivery else {}))
                 break
             except PaymentError as exc:

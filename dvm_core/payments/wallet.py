@@ -48,10 +48,29 @@ from .wallet_types import (Invoice, PaymentError, Received, SpendingCondition, T
 # names a keyset we have not seen.
 KEYSET_REFRESH_SECONDS = 600.0
 MINT_QUOTE_TIMEOUT = 60.0
-# Outputs asked for again after a swap whose answer was lost: more than one swap makes.
+# Outputs asked for again after a swap whose answer was lost, for a mark noted before marks
+# carried their swap's output count ("outputs"): more than one swap makes.
 RESTORE_WINDOW = 64
 # Secret counters advanced at a time for our swaps (`_take_counters`).
 COUNTER_BLOCK = 16
+
+
+def _inputs_refused(exc: BaseException) -> bool:
+    """The mint answered a swap with "spent" (11001) or "pending" (11002): it checks the inputs
+    before it signs any output (NUT-03), so none of the swap's outputs was signed. (A lost
+    answer, a timeout or any other error proves nothing of the kind.)"""
+    return bool(re.search(r"\(Code: 1100[12]\)", str(exc)))
+
+
+def _runs(numbers: list[int]) -> list[list[int]]:
+    """Sorted distinct integers cut into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return runs
 
 
 def read_token(token: str) -> TokenInfo:
@@ -230,6 +249,7 @@ class EcashWallet:
     async def receive(self, token: str, *, min_amount: int, require_lock: bool = False,
                       min_locktime: int | None = None, job_id: str | None = None,
                       before_swap: Callable[[dict], None] | None = None,
+                      swap_refused: Callable[[dict], None] | None = None,
                       htlc: HtlcTerms | None = None, preimage: bytes | None = None) -> Received:
         """Take a payment: check the token, swap it at the mint for our own proofs, and report
         what arrived after the mint's fee.
@@ -239,7 +259,12 @@ class EcashWallet:
         token from then on. `job_id`: the key derived for this job (`locks.job_lock_pubkey`) is
         ours too. `before_swap(mark)` is called just before the swap with where its outputs'
         secrets start: store it, and `recover_swap(mint, mark)` gets them back if the mint's answer
-        is lost. Raises PaymentError; if it is `retryable`, keep the token and try again later.
+        is lost. If the mint refuses the swap because the token is spent or pending (it checks
+        that before it signs anything), `swap_refused(mark)` is called: forget the mark, and its
+        secrets are used for the next swap instead of being skipped (a seed restore stops at a
+        wide enough gap, and anyone can send spent tokens). Without `swap_refused`, a noted mark's
+        secrets are never used again. Raises PaymentError; if it is `retryable`, keep the token
+        and try again later.
 
         `htlc` with `preimage` (pay on delivery): every proof must be HTLC-locked exactly as
         `htlc` says (its hash, its one key, which must be the key of `job_id`, its refund key,
@@ -254,7 +279,8 @@ class EcashWallet:
             self._check_conditions(info, require_lock, min_locktime, job_secret)
         else:
             self._check_htlc(info, htlc, preimage, job_secret)
-        return await self._redeem(info, min_amount, job_secret, before_swap, preimage)
+        return await self._redeem(info, min_amount, job_secret, before_swap, preimage,
+                                  swap_refused=swap_refused)
 
     async def check_htlc_payment(self, token: str, *, min_amount: int, job_id: str,
                                  htlc: HtlcTerms, preimage: bytes) -> int:
@@ -290,7 +316,8 @@ class EcashWallet:
 
     async def _redeem(self, info: TokenInfo, min_amount: int, job_secret: str | None,
                       before_swap: Callable[[dict], None] | None,
-                      preimage: bytes | None = None, ours: bool = False) -> Received:
+                      preimage: bytes | None = None, ours: bool = False,
+                      swap_refused: Callable[[dict], None] | None = None) -> Received:
         """The mint's part of `receive` (and `reclaim_htlc`, `ours`: ecash this wallet sent),
         once the offline checks passed: DLEQ against the mint's keys, the fee, our signatures,
         then the swap."""
@@ -300,7 +327,7 @@ class EcashWallet:
             # One swap per mint at a time: Nutshell advances its secret counter under an SQLite
             # lock that concurrent swaps would fight over (and time out on under load).
             async with self._spend_lock(info.mint):
-                kept = await self._swap_in(wallet, info.mint, proofs, before_swap, ours)
+                kept = await self._swap_in(wallet, info.mint, proofs, before_swap, ours, swap_refused)
         except Exception as exc:
             raise mint_error(exc, info.mint) from exc
         amount = sum(p.amount for p in kept)
@@ -308,7 +335,8 @@ class EcashWallet:
                         token_id=info.token_id)
 
     async def _swap_in(self, wallet, mint: str, proofs: list,
-                       before_swap: Callable[[dict], None] | None, ours: bool = False) -> list:
+                       before_swap: Callable[[dict], None] | None, ours: bool = False,
+                       swap_refused: Callable[[dict], None] | None = None) -> list:
         """Swap `proofs` (checked, signed where locked) for new proofs of our own: the steps of
         Nutshell's `Wallet.redeem`, less what a receiver that already checked the token does not
         need before the mint's answer is kept (about a fifth of a redeem's time on loopback):
@@ -316,7 +344,8 @@ class EcashWallet:
         - the DLEQ check of the inputs (`_verified` did it, for every proof);
         - a counter transaction per swap: the outputs' secrets are derived from counters taken
           from a block advanced in the wallet's database beforehand (`_take_counters`), and
-          `before_swap` is given the first;
+          `before_swap` is given the first (and their number); a swap the mint refused for its
+          inputs gives them back (`_give_back_counters`);
         - the used-secrets query: secrets derived from a freshly advanced counter are new (and a
           mint refuses outputs it already signed, before it spends any input);
         - a transaction per input to move it to Nutshell's history table (`proofs_used`, which
@@ -330,8 +359,9 @@ class EcashWallet:
         keyset = wallet.keyset_id
         amounts, _ = wallet.determine_output_amounts(proofs, 0, keyset_id_outputs=keyset)
         start = await self._take_counters(wallet, mint, len(amounts))
+        mark = {"keyset": keyset, "counter": start, "outputs": len(amounts)}
         if before_swap is not None:
-            before_swap({"keyset": keyset, "counter": start})
+            before_swap(mark)
             crashpoint("before-swap")
         derived = [await wallet.generate_determinstic_secret(i, keyset)
                    for i in range(start, start + len(amounts))]
@@ -339,7 +369,14 @@ class EcashWallet:
         outputs, rs = wallet._construct_outputs(amounts, secrets, [c.PrivateKey(r) for _, r, _ in derived],
                                                 keyset)
         proofs = wallet.sign_proofs_inplace_swap(proofs, outputs)
-        promises = await _post_swap(c, wallet, proofs, outputs)
+        try:
+            promises = await _post_swap(c, wallet, proofs, outputs)
+        except Exception as exc:
+            if _inputs_refused(exc) and (before_swap is None or swap_refused is not None):
+                if swap_refused is not None:
+                    swap_refused(mark)   # the mark is forgotten before its secrets are reused
+                self._give_back_counters(mint, keyset, start, len(amounts))
+            raise
         kept = _unblind(c, wallet, promises, secrets, rs, [path for _, _, path in derived])
         await _keep_swapped(c, wallet, kept, spent=proofs if ours else ())
         return kept
@@ -348,7 +385,7 @@ class EcashWallet:
         """The first of `n` unused secret counters (NUT-13) of the wallet's keyset. They come from
         a block of at least COUNTER_BLOCK advanced in the database in one transaction, so that
         neither Nutshell's own swaps nor a restart hand them out again; a block's rest is skipped
-        after a restart (a gap well inside the seed restore's). The caller holds the spend lock."""
+        after a restart (fewer than a seed restore's batch of 25). The caller holds the spend lock."""
         keyset = wallet.keyset_id
         first, end = self._counter_blocks.get((mint, keyset), (0, 0))
         if end - first < n:
@@ -360,6 +397,14 @@ class EcashWallet:
             end = first + size
         self._counter_blocks[(mint, keyset)] = (first + n, end)
         return first
+
+    def _give_back_counters(self, mint: str, keyset: str, start: int, n: int) -> None:
+        """The `n` counters from `start` that `_take_counters` just handed out are unused (the
+        mint refused that swap): the next swap takes them again. The caller holds the spend lock,
+        so no other swap took counters in between."""
+        first, end = self._counter_blocks.get((mint, keyset), (0, 0))
+        if first == start + n:
+            self._counter_blocks[(mint, keyset)] = (start, end)
 
     async def _verified(self, info: TokenInfo, min_amount: int) -> tuple[object, list, int]:
         """The checks that need the mint's keys (fetched once, then kept): every proof's keyset
@@ -380,20 +425,29 @@ class EcashWallet:
         return wallet, proofs, fee
 
     async def recover_swap(self, mint: str, marks: list[dict]) -> tuple[bool, int]:
-        """NUT-09: ask the mint again for the signatures of swaps whose answer was lost (their
-        outputs' secrets are derived from our seed, from each of `marks` on), and keep those that
-        are still unspent and not already ours. Returns (whether one of those swaps took place at
-        the mint, the amount recovered)."""
+        """NUT-09: ask the mint again for the signatures of swaps whose answer was lost (each of
+        `marks` says where a swap's output secrets start, derived from our seed, and how many it
+        had), and keep those that are still unspent and not already ours. Returns (whether one of
+        those swaps took place at the mint, the amount recovered).
+
+        Only the swaps' own outputs are asked for, and the counter skips nothing past them: a
+        seed restore (NUT-13) scans in batches and stops at the first empty ones (Nutshell's:
+        two batches of 25), so a wide skip after each recovery would hide all later ecash from
+        it. (A mark without "outputs", noted by an older version, gets RESTORE_WINDOW.)"""
         c = nutshell.load()
         wallet = await self._online(self._accepted(mint))
         recovered, happened = 0, False
         async with self._spend_lock(mint):
-            # Counters after the restored window come from the database again.
-            self._counter_blocks = {k: v for k, v in self._counter_blocks.items() if k[0] != mint}
             for keyset in dict.fromkeys(str(m["keyset"]) for m in marks):
-                starts = sorted(int(m["counter"]) for m in marks if str(m["keyset"]) == keyset)
-                first, last = starts[0], starts[-1] + RESTORE_WINDOW - 1
-                secrets, rs, paths = await wallet.generate_secrets_from_to(first, last, keyset_id=keyset)
+                spans = sorted({(int(m["counter"]), int(m.get("outputs") or RESTORE_WINDOW))
+                                for m in marks if str(m["keyset"]) == keyset})
+                # Each counter once (old marks' windows may overlap), in contiguous runs.
+                counters = sorted({i for start, n in spans for i in range(start, start + n)})
+                secrets, rs, paths = [], [], []
+                for run in _runs(counters):
+                    more = await wallet.generate_secrets_from_to(run[0], run[-1], keyset_id=keyset)
+                    for into, items in zip((secrets, rs, paths), more):
+                        into.extend(items)
                 outputs, _ = wallet._construct_outputs([1] * len(secrets), secrets, rs, keyset_id=keyset)
                 try:
                     restored, promises = await c.LedgerAPI.restore_promises(wallet, outputs)
@@ -402,8 +456,8 @@ class EcashWallet:
                 await wallet.load_proofs(reload=True)
                 known = {p.secret for p in wallet.proofs}
                 where = {o.B_: i for i, o in enumerate(outputs)}
-                signed = {where[o.B_] for o in restored if o.B_ in where}
-                happened |= any(start - first in signed for start in starts)  # a swap's first output
+                signed = {counters[where[o.B_]] for o in restored if o.B_ in where}
+                happened |= any(start in signed for start, _ in spans)   # a swap's first output
                 found = [(promise, where[o.B_]) for o, promise in zip(restored, promises)
                          if o.B_ in where and secrets[where[o.B_]] not in known]
                 if found:
@@ -415,9 +469,11 @@ class EcashWallet:
                     except Exception as exc:
                         raise mint_error(exc, mint) from exc
                     recovered += sum(p.amount for p in spendable)
+                last = counters[-1]
                 counter = await c.bump_secret_derivation(db=wallet.db, keyset_id=keyset, by=0)
-                if counter <= last:   # never hand out a secret of this window again
+                if counter <= last:   # never hand out a secret of these swaps again
                     await c.bump_secret_derivation(db=wallet.db, keyset_id=keyset, by=last + 1 - counter)
+                    self._counter_blocks.pop((mint, keyset), None)   # from the database again
         return happened, recovered
 
     def _job_secret(self, job_id: str | None) -> str | None:

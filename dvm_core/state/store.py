@@ -443,6 +443,14 @@ class Store:
         self.db.execute("UPDATE payments SET swap = ? WHERE token_id = ?",
                         (json.dumps(marks + [mark]), token_id))
 
+    def remove_payment_swap(self, token_id: str, mark: dict) -> None:
+        """Forget a mark whose swap the mint refused (none of its outputs was signed), before
+        the wallet uses its secrets for another swap."""
+        row = self.db.execute("SELECT swap FROM payments WHERE token_id = ?", (token_id,)).fetchone()
+        marks = [m for m in (json.loads(row[0]) if row and row[0] else []) if m != mark]
+        self.db.execute("UPDATE payments SET swap = ? WHERE token_id = ?",
+                        (json.dumps(marks) if marks else None, token_id))
+
     def payment(self, token_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM payments WHERE token_id = ?", (token_id,)).fetchone()
         return dict(row) if row else None

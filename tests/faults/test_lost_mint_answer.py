@@ -104,3 +104,69 @@ async def test_an_htlc_payment_whose_swap_answer_is_lost_is_recovered(proxy, tmp
         assert await wallet.total_balance() == 100 - 21
     finally:
         await wallet.close()
+
+
+async def seed_restore(wallet, mint_url: str, directory) -> int:
+    """What a stock Nutshell wallet restores from `wallet`'s seed alone (NUT-13, its default
+    batches of 25, stopping after two empty ones), in a database of its own."""
+    from dvm_core.payments import nutshell
+    c = nutshell.load()
+    fresh = await c.Wallet.with_db(mint_url, str(directory), name="restored")
+    try:
+        await fresh.restore_wallet_from_mnemonic(wallet._wallets[mint_url].mnemonic)
+        await fresh.load_proofs(reload=True)
+        return sum(p.amount for p in fresh.proofs if not p.reserved)
+    finally:
+        if fresh.httpx is not None:
+            await fresh.httpx.aclose()
+        await fresh.db.engine.dispose()
+
+
+async def test_lost_answers_and_spent_tokens_leave_no_gap_in_the_seed(proxy, mint, tmp_path):
+    """Every sat the provider holds can be restored from its wallet's seed by a stock wallet.
+    That scan stops at the first wide enough run of unused secrets, so neither a recovered lost
+    answer (only that swap's own outputs are skipped) nor anyone's spent tokens (a refused swap's
+    secrets are used by the next swap) may leave one."""
+    from dvm_core.payments.wallet import COUNTER_BLOCK, EcashWallet
+    from dvm_core.payments.wallet_types import PaymentError
+
+    customer = EcashWallet(tmp_path / "customer", [proxy.url])
+    provider = EcashWallet(tmp_path / "provider", [proxy.url])
+    try:
+        await customer.mint_from_lightning(200, proxy.url)
+        marks: list[dict] = []
+        for _ in range(3):   # three swaps whose answers are lost, each recovered
+            token = await customer.send(7, mint=proxy.url)
+            proxy.drop_answer_to(b"POST /v1/swap")
+            with pytest.raises(PaymentError):
+                await provider.receive(token, min_amount=7, before_swap=marks.append)
+            with pytest.raises(PaymentError) as spent:
+                await provider.receive(token, min_amount=7, before_swap=marks.append,
+                                       swap_refused=marks.remove)
+            assert spent.value.code == "spent"
+            assert await provider.recover_swap(proxy.url, marks) == (True, 7)
+            marks.clear()
+        assert proxy.dropped == 3
+        # A flood of spent tokens (anyone can send them): each swap is refused at the mint.
+        spent_token = await customer.send(7, mint=proxy.url)
+        await customer.receive(spent_token, min_amount=7)
+        refused = []
+        for _ in range(20):
+            with pytest.raises(PaymentError):
+                await provider.receive(spent_token, min_amount=7, before_swap=refused.append,
+                                       swap_refused=lambda mark: refused.append(("forgotten", mark)))
+        assert len(refused) == 40 and {m["counter"] for m in refused[::2]} == {refused[0]["counter"]}
+        assert all(r == ("forgotten", m) for m, r in zip(refused[::2], refused[1::2]))
+        # Without a way to forget its mark, a refused swap's secrets are never used again.
+        with pytest.raises(PaymentError):
+            await provider.receive(spent_token, min_amount=7, before_swap=refused.append)
+        after = []
+        await provider.receive(await customer.send(7, mint=proxy.url), min_amount=7,
+                               before_swap=after.append)
+        skipped = after[0]["counter"] - (refused[-1]["counter"] + refused[-1]["outputs"])
+        assert 0 <= skipped < COUNTER_BLOCK   # at most the rest of a block of counters
+        assert await provider.total_balance() == 28
+        assert await seed_restore(provider, proxy.url, tmp_path / "restored") == 28
+    finally:
+        await customer.close()
+        await provider.close()
