@@ -52,6 +52,9 @@ log = structlog.get_logger("dvm.payments")
 LOCKTIME_MARGIN_SECONDS = 600
 # A delivered job's swap waits for its result to reach a relay, at most this long.
 AFTER_RESULT_SECONDS = 5.0
+# Ecash owed back whose mint does not answer: tried again after this long, doubling up to the max.
+RETURN_RETRY_SECONDS = 5.0
+RETURN_RETRY_MAX_SECONDS = 600.0
 MAX_PENDING_FOR_UNKNOWN_JOBS = 1000   # nutzaps kept for job requests this DVM has not seen (yet)
 
 
@@ -112,6 +115,10 @@ class Cashier:
         self._signals: dict[str, asyncio.Event] = {}   # jobs waiting for a nutzap
         self._cancelled: set[str] = set()              # ...whose customer cancelled the wait
         self._delivering: set[int] = set()
+        self._returning: set[str] = set()              # tokens being given back (`_keep_returning`)
+        # Making a payout's proofs and storing them with it, one payout at a time: a payout cut
+        # off while they were made looks for them among ours, and must not take another's.
+        self._payout_lock = asyncio.Lock()
 
     @property
     def p2pk_pubkey(self) -> str:
@@ -134,6 +141,10 @@ class Cashier:
                 self._spawn(self._return_stray(row))
         for row in self.store.delivered_unredeemed():
             self._spawn(self._redeem_delivered(row))
+        for row in self.store.payments_to_return():
+            if row["state"] != "returning":   # killed between recording it and marking it so
+                self.store.set_payment(row["token_id"], "returning")
+            self._keep_returning(row["token_id"])
 
     # whose payment is it? ------------------------------------------------------
     def token_in(self, request: JobRequest, private_tags: list | None) -> tuple[str, str] | None:
@@ -369,6 +380,9 @@ class Cashier:
             raise PaymentRefused(exc.customer_message) from None
         holder = self.store.record_payment(info.token_id, request.id, request.pubkey, method,
                                            info.mint, info.unit, info.amount, price, token, refund_to)
+        if holder is not None and holder["state"] == "returning":
+            raise PaymentRefused("this token is being sent back to you (its mint did not answer "
+                                 "in time); send a new one")
         if holder is not None and holder["job_id"] != request.id:
             if holder["state"] in ("received", "redeeming"):
                 raise PaymentRefused(f"this token is being redeemed for job {holder['job_id']}; send a new one")
@@ -397,34 +411,39 @@ class Cashier:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     continue
-                swap = (self.store.payment(info.token_id) or {}).get("swap")
-                if exc.code == "spent" and swap:
+                marks = self._marks(info.token_id)
+                if exc.code == "spent" and marks:
                     # Spent, and we had swapped it: the mint's answer (or we) got lost on the way.
                     # Its signatures are asked for again (NUT-09) and the job runs.
                     try:
-                        happened, recovered = await self.wallet.recover_swap(info.mint, json.loads(swap))
+                        recovered = await self._recovered(info, marks)
                     except PaymentError as recover_error:
                         if recover_error.retryable and time.monotonic() < deadline:
                             await asyncio.sleep(delay)
                             delay = min(delay * 2, 30.0)
                             continue
-                        raise PaymentRefused(recover_error.customer_message + " Your token is kept; "
-                                             "send the request again later.") from None
-                    if happened:
-                        amount = min(info.amount, recovered) if recovered else info.amount
-                        log.warning("the mint had swapped the token before its answer was lost; "
-                                    "recovered the ecash", job_id=request.id, recovered=recovered)
-                        received = _Received(amount)
-                        break
+                        exc = recover_error   # the swap may have taken place: given back below
+                    else:
+                        if recovered is not None:
+                            log.warning("the mint had swapped the token before its answer was lost; "
+                                        "recovered the ecash", job_id=request.id, recovered=recovered)
+                            received = _Received(recovered)
+                            break
                 self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
                 message = exc.customer_message
-                if not exc.retryable and locked:
-                    returned = await self._give_back(request, token, refund_to, message)
+                # Ecash only this DVM can spend, or that a lost swap may have taken, is not left
+                # behind: it goes back to its payer, now or once the mint answers again.
+                if (locked and not exc.retryable) or (delivery is None and (locked or marks)):
+                    returned = await self._give_back(request, token, refund_to, message, swapped=bool(marks))
                     if returned:
                         message = (message.replace("; it was not redeemed.", ".").rstrip(".") +
                                    f". Only this DVM could spend it, so it redeemed it: it was sent back "
                                    f"to you as a nutzap ({returned} {info.unit}); send a new request "
                                    "or payment.")
+                    elif returned is None:
+                        message = (message.rstrip(".") + ". This DVM keeps your token and sends it "
+                                   "back to you as a nutzap as soon as the mint answers; send a new "
+                                   "request or payment.")
                 elif exc.retryable:
                     message += " Your token was not redeemed."
                 raise PaymentRefused(message) from None
@@ -447,35 +466,112 @@ class Cashier:
         crashpoint("payment-redeemed")
         return paid
 
-    async def give_back(self, request: JobRequest, token: str, method: str, reason: str) -> int:
+    async def give_back(self, request: JobRequest, token: str, method: str, reason: str) -> int | None:
         """A token offered for a job that will not run: if it is this customer's and locked to
-        us (so spendable by us alone), redeem it and send it back. Returns the amount sent back."""
+        us (so spendable by us alone), redeem it and send it back. Returns the amount sent back;
+        None: its mint did not answer, and it is sent back once it does (`_give_back`)."""
         try:
             refund_to = await self._owner(request, token, method, request.pubkey)
         except PaymentRefused:
             return 0
         return await self._give_back(request, token, refund_to, reason)
 
-    async def _give_back(self, request: JobRequest, token: str, refund_to: str | None, reason: str) -> int:
+    async def _give_back(self, request: JobRequest, token: str, refund_to: str | None, reason: str,
+                         swapped: bool = False) -> int | None:
+        """Send back a token that pays for nothing, when only we can spend it (locked to us) or
+        a swap of ours whose answer was lost may have taken it (`swapped`). It is recorded as
+        `returning` (its swaps' marks kept) before the mint is asked; returns the amount sent
+        back, 0 when there is nothing to send back (spent by someone else, not ours to take),
+        None when the mint did not answer: tried again in the background until it does, after
+        a restart too."""
         try:
             info = self.wallet.inspect(token)
         except PaymentError:
             return 0
-        if not info.locked:
+        if not info.locked and not swapped:
             return 0   # a plain token was never taken: it is still the customer's
         holder = self.store.record_payment(info.token_id, request.id, request.pubkey, "returned",
                                            info.mint, info.unit, info.amount, 0, token, refund_to)
+        if holder is not None and holder["state"] == "returning":
+            return None
         if holder is not None and holder["state"] not in ("rejected", "received"):
             return 0
-        self.store.set_payment(info.token_id, "redeeming")
+        self.store.set_payment(info.token_id, "returning", error=reason)
+        returned = await self._return_now(info.token_id)
+        if returned is None:
+            log.warning("the mint did not answer; the token is sent back once it does",
+                        job_id=request.id, mint=info.mint, amount=info.amount)
+            self._keep_returning(info.token_id)
+        return returned
+
+    async def _return_now(self, token_id: str) -> int | None:
+        """One try at sending back a `returning` token: swapped (or the lost swap's ecash
+        recovered), then owed to its payer in one transaction with its new state. Returns the
+        amount, 0 if nothing is to be sent back, None if the mint did not answer."""
+        row = self.store.payment(token_id)
+        if row is None or row["state"] != "returning":
+            return 0
+        info = self.wallet.inspect(row["token"])
+        job = self.store.get_job(row["job_id"])
+        request = JobRequest(id=row["job_id"], pubkey=row["customer"], kind=job.kind if job else 0,
+                             created_at=job.created_at if job else 0)
         try:
-            received = await self.wallet.receive(token, min_amount=1, require_lock=True, job_id=request.id)
+            received = await self.wallet.receive(
+                row["token"], min_amount=1, require_lock=info.locked, job_id=row["job_id"],
+                before_swap=lambda mark: self.store.add_payment_swap(token_id, mark),
+                swap_refused=lambda mark: self.store.remove_payment_swap(token_id, mark))
+            amount = received.amount
         except PaymentError as exc:
-            self.store.set_payment(info.token_id, "rejected", error=exc.customer_message)
-            return 0  # not spendable (spent, fake, wrong mint): nothing to give back
-        self._owe(request, info.token_id, info.mint, info.unit, refund_to, received.amount, "refund",
-                  f"refund: {reason}", payment_state="refunded", received=received.amount)
-        return received.amount
+            marks = self._marks(token_id)
+            amount = None
+            if exc.code == "spent" and marks:
+                try:
+                    amount = await self._recovered(info, marks)
+                except PaymentError as recover_error:
+                    exc = recover_error
+            if amount is None:
+                if exc.retryable:
+                    return None
+                self.store.set_payment(token_id, "rejected", error=exc.customer_message)
+                return 0  # not spendable (spent by another, fake, wrong mint): nothing to give back
+        self._owe(request, token_id, info.mint, info.unit, row["refund_to"], amount, "refund",
+                  f"refund: {row['error']}", payment_state="refunded", received=amount)
+        return amount
+
+    def _keep_returning(self, token_id: str) -> None:
+        """Try `_return_now` again in the background, ever less often, until the mint answers."""
+        if token_id in self._returning:
+            return
+        self._returning.add(token_id)
+
+        async def go() -> None:
+            delay = RETURN_RETRY_SECONDS
+            try:
+                while True:
+                    await asyncio.sleep(delay)
+                    try:
+                        if await self._return_now(token_id) is not None:
+                            return
+                    except Exception:
+                        log.exception("sending a token back failed; trying again", token_id=token_id)
+                    delay = min(delay * 2, RETURN_RETRY_MAX_SECONDS)
+            finally:
+                self._returning.discard(token_id)
+
+        self._spawn(go())
+
+    def _marks(self, token_id: str) -> list[dict]:
+        """Where the swaps of this token began (`EcashWallet.receive`'s before_swap)."""
+        swap = (self.store.payment(token_id) or {}).get("swap")
+        return json.loads(swap) if swap else []
+
+    async def _recovered(self, info, marks: list[dict]) -> int | None:
+        """The token is spent and swaps of ours may have spent it: what one of them brought
+        (NUT-09), or None if none of them took place. Raises PaymentError (the mint)."""
+        happened, recovered = await self.wallet.recover_swap(info.mint, marks)
+        if not happened:
+            return None
+        return min(info.amount, recovered) if recovered else info.amount
 
     # nutzaps --------------------------------------------------------------------
     def _waits_for_payment(self, job_id: str) -> bool:
@@ -573,7 +669,8 @@ class Cashier:
         """Whether a payment for this job was taken (received, being redeemed, redeemed or used):
         a job resumed after a restart is not asked to pay again."""
         row = self.store.payment_for_job(job_id)
-        return row is not None and row["state"] in ("received", "redeeming", "redeemed", "consumed")
+        return (row is not None and row["method"] != "returned"
+                and row["state"] in ("received", "redeeming", "redeemed", "consumed"))
 
     def refundable(self, job_id: str) -> int:
         """What is still held of a job's payment: what would be refunded."""
@@ -637,22 +734,23 @@ class Cashier:
     async def _deliver_once(self, row: dict) -> None:
         lock = row["lock_to"] or await self._customer_lock(row["customer"])
         proofs = []
-        if row["state"] == "sending":
-            # Killed while the mint was making them: they may be in our wallet already.
-            found = await self.wallet.locked_proofs(row["mint"], lock, exclude=self.store.payout_secrets())
-            if sum(p["amount"] for p in found) == row["amount"]:
-                proofs = found
-        if not proofs:
-            self.store.set_payout(row["id"], "sending", lock_to=lock, attempt=True)
-            crashpoint("payout-sending")
-            proofs = await self.wallet.send_proofs(row["amount"], row["mint"], lock_to=lock)
-            crashpoint("payout-made")
-        kind, content, tags = build_nutzap(row["mint"], proofs, row["customer"], unit=row["unit"],
-                                           zapped_event=row["job_id"], zapped_kind=row["zapped_kind"],
-                                           comment=row["comment"])
-        event = self._sign(kind, content, tags)
-        self.store.payout_sent(row["id"], proofs, event, row["role"], row["job_id"])
-        crashpoint("payout-stored")
+        async with self._payout_lock:
+            if row["state"] == "sending":
+                # Killed while the mint was making them: they may be in our wallet already.
+                found = await self.wallet.locked_proofs(row["mint"], lock, exclude=self.store.payout_secrets())
+                if sum(p["amount"] for p in found) == row["amount"]:
+                    proofs = found
+            if not proofs:
+                self.store.set_payout(row["id"], "sending", lock_to=lock, attempt=True)
+                crashpoint("payout-sending")
+                proofs = await self.wallet.send_proofs(row["amount"], row["mint"], lock_to=lock)
+                crashpoint("payout-made")
+            kind, content, tags = build_nutzap(row["mint"], proofs, row["customer"], unit=row["unit"],
+                                               zapped_event=row["job_id"], zapped_kind=row["zapped_kind"],
+                                               comment=row["comment"])
+            event = self._sign(kind, content, tags)
+            self.store.payout_sent(row["id"], proofs, event, row["role"], row["job_id"])
+            crashpoint("payout-stored")
         log.info("ecash sent back", role=row["role"], job_id=row["job_id"], amount=row["amount"],
                  locked_to=lock[:10])
         await self._publish(event, row["role"], row["job_id"])

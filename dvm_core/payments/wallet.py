@@ -643,18 +643,22 @@ class EcashWallet:
     async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
         """Proofs in our wallet's database that are locked to `lock_to` (made for someone else by
         a send whose answer a crash cut off), leaving out the secrets in `exclude`."""
-        wallet = await self._open(self._accepted(mint))
-        await wallet.load_proofs(reload=True)
+        mint = self._accepted(mint)
+        wallet = await self._open(mint)
         want = compressed_pubkey(lock_to)
         found = []
-        for p in wallet.proofs:
-            if p.secret in exclude or p.dleq is None:
-                continue
-            data, _, _ = p2pk_lock({"secret": p.secret})
-            if data is not None and data.lower() == want:
-                found.append(p)
-        if found:
-            await wallet.set_reserved_for_send(found, reserved=True)   # never ours to spend
+        # Under the spend lock: Nutshell's reload empties the list in memory, awaits, then fills
+        # it, so two at once (payouts delivered together after a restart) would double it.
+        async with self._spend_lock(mint):
+            await wallet.load_proofs(reload=True)
+            for p in wallet.proofs:
+                if p.secret in exclude or p.dleq is None:
+                    continue
+                data, _, _ = p2pk_lock({"secret": p.secret})
+                if data is not None and data.lower() == want:
+                    found.append(p)
+            if found:
+                await wallet.set_reserved_for_send(found, reserved=True)   # never ours to spend
         return [p.to_dict(include_dleq=True) for p in found]
 
     async def send(self, amount: int, mint: str | None = None, lock_to: str | None = None, *,

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS payments (
     price INTEGER NOT NULL,
     token TEXT NOT NULL,            -- kept until redeemed, to retry after a mint outage or a crash
     received INTEGER,               -- what arrived after mint fees
-    state TEXT NOT NULL,            -- received, redeeming, redeemed, rejected, consumed, refunded
+    state TEXT NOT NULL,            -- received, redeeming, redeemed, rejected, consumed, refunded,
+                                    -- returning (to be sent back once its mint answers)
     error TEXT,
     change_sent INTEGER NOT NULL DEFAULT 0,
     refund_sent INTEGER NOT NULL DEFAULT 0,
@@ -557,6 +558,12 @@ class Store:
             "INSERT INTO deliveries (job_id, preimage, hash, locktime, refund_key, price, offer, result,"
             " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, preimage.hex(), hash, locktime, refund_key, price, offer, result, time.time()))
+
+    def payments_to_return(self) -> list[dict]:
+        """Tokens being sent back (`Cashier._give_back`), to be tried again after a restart."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM payments WHERE state = 'returning' OR (method = 'returned' AND state IN"
+            " ('received', 'redeeming')) ORDER BY created")]
 
     def delivered_unredeemed(self) -> list[dict]:
         """Payments of jobs paid on delivery whose result went out before the swap at the mint

@@ -3,8 +3,8 @@ the request, or a nutzap after `payment-required`), before the job is queued, or
 customer asked to pay on delivery, once its result is sealed and offered.
 
 `Checkout.pay` returns what was paid (None for a free job, `Due` for one paid on delivery) or
-raises `Refused`, which the worker answers; money already redeemed for a refused job is
-refunded in the same transaction as the refusal (`Refused.refund`).
+raises `Refused`, which the worker answers; money already redeemed for a refused job (a job
+resumed after a restart can be refused too) is refunded in the same transaction as the refusal.
 `Checkout.collect_on_delivery` waits for the hash-locked ecash of a delivered job and, once it
 is checked (by default: only our job key and the key K can spend it before its locktime, so the
 swap may follow) or redeemed (`deliver_before_redeem = false`), stores and sends the result with
@@ -66,6 +66,12 @@ class Checkout:
 
     async def pay(self, job: Job, reply: Reply) -> Paid | Due | None:
         request, scheme = job.request, job.scheme
+        stored = self.store.payment_for_job(request.id) \
+            if job.paid_already and self.cashier is not None and request.pay_on_delivery is None else None
+        if stored is not None:
+            # Resumed after a restart with its payment taken: at the price it was paid at (its
+            # precheck, which may have priced it, is not run again), the bid checked back then.
+            return await self._collect(job, reply, stored["price"], None)
         try:
             price = self.price(job)
         except Exception:
@@ -85,16 +91,27 @@ class Checkout:
                 if returned:
                     reason += (f"; your token, locked to this DVM, was redeemed and its {returned} {unit} "
                                "sent back to you as a nutzap")
+                elif returned is None:
+                    reason += ("; your token, locked to this DVM, is sent back to you as a nutzap as "
+                               "soon as its mint answers")
                 else:
                     reason += "; your token was not redeemed"
             raise Refused(reason, scheme, amount_msats=price * 1000)
         if request.pay_on_delivery is not None:
             if offered is not None:
                 reason = "you asked to pay on delivery and sent a token as well: pay one way"
-                if await self.cashier.give_back(request, offered[0], offered[1], reason):
+                returned = await self.cashier.give_back(request, offered[0], offered[1], reason)
+                if returned:
                     reason += "; your token, locked to this DVM, was sent back to you as a nutzap"
+                elif returned is None:
+                    reason += ("; your token, locked to this DVM, is sent back to you as a nutzap as "
+                               "soon as its mint answers")
                 raise Refused(reason, scheme)
             return Due(price)
+        return await self._collect(job, reply, price, offered)
+
+    async def _collect(self, job: Job, reply: Reply, price: int, offered: tuple[str, str] | None) -> Paid:
+        request, scheme = job.request, job.scheme
 
         def say(status: str, message: str, content: str) -> None:
             if status == "payment-required":
@@ -115,7 +132,7 @@ class Checkout:
             if disk_full(exc):
                 raise   # the job waits for room (Worker._handle); what was paid is in the store
             log.exception("taking payment failed", job_id=request.id)
-            raise Refused("internal error while taking payment", scheme, refund=True) from None
+            raise Refused("internal error while taking payment", scheme) from None
         finally:
             if self.unpaid.pop(request.id, None) is not None:
                 self.cancels.forget(request.id)

@@ -53,14 +53,14 @@ class Job:
 
 class Refused(Exception):
     """The request is not taken; `reason` goes to the customer (encrypted when the request
-    was). `private_detail`: the reason may quote the private request, so the log masks its strings."""
+    was), and whatever was redeemed for it and is still held goes back with the refusal.
+    `private_detail`: the reason may quote the private request, so the log masks its strings."""
 
     def __init__(self, reason: str, scheme: Scheme | None, private_detail: bool = True, *,
-                 amount_msats: int | None = None, refund: bool = False):
+                 amount_msats: int | None = None):
         super().__init__(reason)
         self.reason, self.scheme, self.private_detail = reason, scheme, private_detail
         self.amount_msats = amount_msats   # the price, when the bid was below it
-        self.refund = refund               # what was redeemed for it goes back, with the refusal
 
 
 MASK = "‹private›"

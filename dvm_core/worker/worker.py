@@ -528,11 +528,11 @@ class Worker:
 
     # answers that end a job -------------------------------------------------
     def _refuse(self, reply: Reply, refusal: Refused) -> None:
-        """A request not taken: rejected with the reason, and what was redeemed for it (if
-        `refusal.refund`) refunded, in one transaction."""
+        """A request not taken: rejected with the reason, and what was redeemed for it and is
+        still held (a resumed job was paid before the restart) refunded, in one transaction."""
         reason = refusal.reason
         with self.store.atomic():
-            if refusal.refund and self.cashier is not None and self.cashier.refund_job(reply.request, reason):
+            if self.cashier is not None and self.cashier.refund_job(reply.request, reason):
                 reason += "; what was redeemed was refunded as a nutzap"
             # The reason can quote decrypted params: for a private request the provider's log and
             # store get it with the customer's strings masked; the customer gets it whole.
