@@ -150,6 +150,48 @@ async def test_dvm_job_submit_with_a_cap_pays_the_quote_and_reports_json(workers
     assert await provider_balance(worker) == PRICE
 
 
+async def test_a_job_is_paid_once_however_often_the_dvm_asks(workers, relay, mint, tmp_path, funded):
+    """The DVM asks a second time (restarted before it saw the nutzap, or just wanting more; here
+    its own payment-required signed again, a second later): `dvm job submit --max-price` pays
+    once, says so, and the job goes on; the library declines a second payment too."""
+    from dvm_core.protocol.ecash import NUTZAP_KIND
+    from dvm_core.transport.relay import RelayPool
+    worker = await paid_worker(workers, mint)
+    wallet = await cli_wallet(tmp_path, mint.url)
+    await wallet.close()
+    asked_again = asyncio.Event()
+
+    async def ask_again(event, _relay):
+        status = next((t for t in event["tags"] if t and t[0] == "status"), [None, None])
+        if status[1] == "payment-required" and not asked_again.is_set():
+            asked_again.set()
+            await watcher.publish(sign_event(worker.keys, FEEDBACK_KIND, event["content"], event["tags"],
+                                             created_at=event["created_at"] + 1))
+
+    watcher = RelayPool([relay.url], ask_again)
+    await watcher.start()
+    await watcher.subscribe("asks", [{"kinds": [FEEDBACK_KIND], "authors": [worker.keys.public_key]}])
+    try:
+        code, out, err = await dvm_submit(relay, worker, wallet, "--max-price", str(PRICE), "--json",
+                                          "--out", str(tmp_path / "o"))
+        zaps = await watcher.query([{"kinds": [NUTZAP_KIND], "#p": [worker.keys.public_key]}], 3)
+    finally:
+        await watcher.close()
+    assert code == 0 and asked_again.is_set(), err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["status"] == "succeeded" and report["paid_sat"] == PRICE
+    assert err.count(f"paid {PRICE} sat with a nutzap") == 1 and "is not paid twice" in err, err
+    assert len([z for z in zaps if ["e", report["job_id"]] in [t[:2] for t in z["tags"]]]) == 1
+    assert report["balance_sat"] == FUNDS - PRICE and await provider_balance(worker) == PRICE
+
+    request = await funded.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+    asked = await anext(funded.updates(request, timeout=20))
+    await funded.pay_with_nutzap(request, asked, funded.wallet)
+    with pytest.raises(PaymentDeclined, match="not paid twice"):
+        await funded.pay_with_nutzap(request, asked, funded.wallet)
+    assert await funded.wallet.total_balance() == FUNDS - PRICE
+
+
 async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay, mint, tmp_path):
     import signal
     import sys

@@ -300,6 +300,12 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
                     return paid
                 result = paid
                 break
+            if update.status == "payment-required" and report["paid_sat"]:
+                # Paid once already: a DVM that asks again (after a restart, or to be paid twice)
+                # is not paid again; the job goes on, and ends with its result or a refund.
+                click.echo(f"the DVM asks for payment again ({update.message}); this job was paid "
+                           f"{report['paid_sat']} sat already and is not paid twice", err=True)
+                continue
             if update.status == "payment-required":
                 code = await _pay(customer, request, update, wallet, options)
                 if code is not None:

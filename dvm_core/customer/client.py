@@ -65,6 +65,7 @@ class Customer:
         self._schemes: dict[str, tuple[Scheme | None, str | None]] = {}
         self._wallet_infos: dict[str, WalletInfo] = {}
         self._collected: set[str] = set()
+        self._paid: dict[str, int] = {}   # jobs paid by `pay_with_nutzap` -> the amount
 
     async def __aenter__(self) -> "Customer":
         await self.pool.start()
@@ -278,12 +279,18 @@ class Customer:
                               max_price: int | None = None) -> dict:
         """Answer a `payment-required` feedback, once `check_payment_request` passed: a NIP-61
         nutzap of exactly the amount asked, on a mint the DVM announced, P2PK-locked to this
-        job's key, sent to the DVM the request named. Raises PaymentDeclined."""
+        job's key, sent to the DVM the request named. A job is paid once: a second
+        `payment-required` for it (a DVM that asks again, honest after a restart or not) is
+        declined, so `max_price` caps the job, not each ask. Raises PaymentDeclined."""
+        if request["id"] in self._paid:
+            raise PaymentDeclined(f"this job was paid already ({self._paid[request['id']]} sat); it "
+                                  "is not paid twice")
         creq = await self.check_payment_request(request, feedback, max_price=max_price,
                                                 mints=list(wallet.accepted_mints))
         provider = self._schemes.get(request["id"], (None, None))[1] or feedback.event["pubkey"]
         # Bare proofs with the mint's full keyset ids, as NIP-61 wants (a cashuB token's 16-hex
         # short ids are refused by stock wallets).
+        self._paid[request["id"]] = creq["a"]   # before the ecash is made: never twice
         proofs = await wallet.send_proofs(creq["a"], creq["m"][0], lock_to=creq["nut10"]["d"])
         kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
                                            zapped_event=request["id"], zapped_kind=request["kind"],
