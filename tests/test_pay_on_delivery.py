@@ -321,6 +321,46 @@ async def test_the_ecash_is_made_while_the_job_runs(workers, mint, blobs, funded
     assert worker.store.get_meta("delivery-lock:" + request["id"]) is None   # K lives in the delivery now
 
 
+async def test_a_lost_early_swap_is_not_written_over_by_the_next_try(workers, mint, blobs, funded, tmp_path,
+                                                                    monkeypatch):
+    """The ecash made while the job runs, its mint's answer lost: the record of that swap's
+    outputs is the only key to the money. The next try at paying (the offer, `dvm federate`, or
+    `dvm job submit` run again with the same --out) writes its own state through the same
+    `state_keeper`: the earlier record is moved beside, not written over, and gives the HTLC
+    ecash back (NUT-09)."""
+    import dvm_core.payments.wallet as wallet_module
+    from dvm_core.customer.client import state_keeper
+    from dvm_core.payments.wallet_types import PaymentError
+    worker = await delivery_worker(workers, mint, blobs)
+    request = await submit(funded, worker)
+    accepted = await announced_terms(funded, request)
+    path, moved = tmp_path / "delivery.json", []
+    keep = state_keeper(path, moved.append)
+    real = wallet_module._post_swap
+
+    async def answer_lost(c, wallet, inputs, outputs):
+        await real(c, wallet, inputs, outputs)
+        raise httpx.ReadTimeout("the answer was lost")
+
+    monkeypatch.setattr(wallet_module, "_post_swap", answer_lost)
+    with pytest.raises(PaymentError):
+        await funded.prepare_delivery(request, accepted, funded.wallet, keep=keep)
+    monkeypatch.setattr(wallet_module, "_post_swap", real)
+    first = json.loads(path.read_text())
+    assert "swap" in first and "token" not in first and moved == []
+    with pytest.raises(PaymentError):   # the coins that swap spent are spent: this try fails
+        await funded.pay_on_delivery(request, await offered(funded, request), funded.wallet, keep=keep)
+    assert moved == [tmp_path / "delivery-1.json"] and json.loads(moved[0].read_text()) == first
+    assert json.loads(path.read_text())["swap"] != first["swap"]
+    token = await funded.wallet.recover_htlc_send(first["swap"])
+    assert decode_token(token).amount == PRICE and await provider_balance(worker) == 0
+    # The failed try's own record is moved beside too; the same payment written again with
+    # more (the token after its swap, then a mark) stays in place.
+    keep({**first, "token": token})
+    keep({**first, "token": token, "sent": True})
+    assert len(moved) == 2 and json.loads(path.read_text())["sent"]
+
+
 async def test_ecash_made_for_other_terms_is_kept_for_reclaim(workers, mint, blobs, funded):
     """Ecash made for terms the offer does not ask for (here another job's) is not sent: a new
     one is made, and the payment's state lists the first as unused, for `dvm job reclaim`."""

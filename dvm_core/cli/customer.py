@@ -393,10 +393,9 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
     """Answer a pay-on-delivery offer: checked, asked or capped, paid with HTLC ecash kept in
     OUT/delivery.json; then the key, from the DVM or the mint, opens the offered result.
     Returns the opened Result, or an exit code."""
-    import os
     import time
 
-    from dvm_core.customer.client import PaymentDeclined
+    from dvm_core.customer.client import PaymentDeclined, state_keeper
     from dvm_core.payments.wallet_types import PaymentError
     report = options.report
     try:
@@ -422,16 +421,11 @@ async def _pay_on_delivery(customer, request, update, wallet, out, timeout, opti
     if not _confirmed(options, offer.amount):
         return 4
     token_path = out / "delivery.json"
-
-    def keep(state: dict) -> None:   # before each step: the key to the money if all else fails
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = token_path.with_name(token_path.name + ".part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, token_path)
+    # Before each step: the key to the money if all else fails. An earlier run's, with money
+    # of its own, is moved beside, not written over.
+    keep = state_keeper(token_path, lambda aside: click.echo(
+        f"an earlier payment's record was in {token_path}: moved to {aside} (take that ecash back "
+        f"with `dvm job reclaim --wallet-dir DIR {aside}`)", err=True))
     try:
         delivery = await customer.pay_on_delivery(request, update, wallet, max_price=options.max_price,
                                                   keep=keep)

@@ -13,9 +13,9 @@ from dvm_core.state.keyfiles import KeyFileError, read_key_file, write_key_file
 from .directory import DvmInfo, find_dvms
 from .progress import ProgressMeter
 from .client import (Customer, Delivery, JobFailed, PaymentDeclined, download_artifacts, open_delivery,
-                     result_json, upload_dataset)
+                     result_json, state_keeper, upload_dataset)
 
 __all__ = ["Customer", "ProgressMeter", "Delivery", "JobFailed", "PaymentDeclined", "download_artifacts", "open_delivery",
-           "result_json",
+           "result_json", "state_keeper",
            "upload_dataset", "KeyFileError", "read_key_file", "write_key_file", "EcashWallet",
            "PaymentError", "load_or_create_p2pk_key", "DvmInfo", "find_dvms"]

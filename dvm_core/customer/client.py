@@ -591,6 +591,49 @@ def _usable_mints(creq: dict, info: WalletInfo, mints: list[str] | None) -> list
     return usable
 
 
+def state_keeper(path: Path, moved: Callable[[Path], None] | None = None) -> Callable[[dict], None]:
+    """A `keep` for `pay_on_delivery` and `prepare_delivery`: each state is written to `path`
+    (0600, fsynced, replaced atomically). A file already there that holds money the new state
+    does not (a swap record or a token of an earlier try: a rerun with the same --out, a lost
+    answer before the offer) is never written over: it is moved beside, to the first free
+    `<stem>-N<suffix>`, and `moved(new_path)` is told; `dvm job reclaim` takes either file."""
+    import os
+
+    def swap(state: dict) -> str | None:
+        return json.dumps(state["swap"], sort_keys=True) if state.get("swap") else None
+
+    def money(state: dict) -> set[str]:
+        # A swap's record matters until its token is kept (its change is in the wallet then).
+        return {t for t in [state.get("token") or swap(state), *(state.get("unused_tokens") or [])] if t}
+
+    def holds(state: dict) -> set[str]:
+        return money(state) | {t for t in [swap(state)] if t}
+
+    def keep(state: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists():
+            try:
+                earlier = json.loads(path.read_text())
+                kept = money(earlier) <= holds(state) if isinstance(earlier, dict) else False
+            except (OSError, ValueError):
+                kept = False   # unreadable: not ours to judge, keep it too
+            if not kept:
+                n = 1
+                while (aside := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+                    n += 1
+                os.replace(path, aside)
+                if moved is not None:
+                    moved(aside)
+        part = path.with_name(path.name + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    return keep
+
+
 async def _make_htlc(wallet, amount: int, mint: str, terms: HtlcTerms, state: dict,
                      keep: Callable[[dict], None] | None) -> str:
     """HTLC ecash for `terms` (`wallet.send_htlc`), `state` kept before the swap (with its

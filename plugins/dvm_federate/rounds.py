@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dvm_core.customer import Customer, PaymentDeclined, ProgressMeter, download_artifacts, upload_dataset
+from dvm_core.customer import (Customer, PaymentDeclined, ProgressMeter, download_artifacts, state_keeper,
+                               upload_dataset)
 from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -365,15 +366,11 @@ class Federation:
 
     def _delivery_keeper(self, request: dict) -> Callable[[dict], None]:
         """Where a job's pay-on-delivery state goes: workdir/delivery-tokens/<job id>.json."""
-        tokens = self.workdir / "delivery-tokens"
-
-        def keep(state: dict) -> None:
-            tokens.mkdir(exist_ok=True, mode=0o700)
-            path = tokens / f"{request['id']}.json"
-            part = path.with_name(path.name + ".part")
-            part.write_text(json.dumps(state))
-            part.replace(path)
-        return keep
+        path = self.workdir / "delivery-tokens" / f"{request['id']}.json"
+        # An earlier try's record with money of its own (a lost answer while the ecash was
+        # made early) is moved beside, not written over.
+        return state_keeper(path, lambda aside: self.say(
+            f"an earlier payment record for job {request['id'][:12]}… kept in {aside}"))
 
     async def _prepare_delivery(self, provider: str, request: dict, accepted):
         """The HTLC ecash for the terms a provider announced when it accepted the job, made
