@@ -192,6 +192,55 @@ async def test_a_job_is_paid_once_however_often_the_dvm_asks(workers, relay, min
     assert await funded.wallet.total_balance() == FUNDS - PRICE
 
 
+async def test_dvm_job_reclaim_sends_a_nutzap_payment_no_relay_took(workers, relay, mint, tmp_path):
+    """A payment kept in OUT/payment.json whose nutzap no relay took: `dvm job reclaim` with
+    --relay publishes it (signed by customer.nsec beside it), and the job is paid and runs;
+    run again, it says the payment went out already."""
+    import sys
+
+    from dvm_core.customer.client import Customer, state_keeper
+    from dvm_core.state.keyfiles import write_key_file
+    worker = await paid_worker(workers, mint)
+    wallet = await cli_wallet(tmp_path, mint.url)
+    out = tmp_path / "o"
+    out.mkdir()
+    keys = Keys.generate()
+    write_key_file(out / "customer.nsec", keys)
+    try:
+        async with Customer(keys, [relay.url]) as customer:
+            await customer.pool.wait_all_connected(10)
+            request = await customer.submit(KIND, TEXT, {}, provider=worker.keys.public_key)
+            asked = await anext(customer.updates(request, timeout=20))
+            publish = customer.pool.publish
+
+            async def nobody_takes_it(event):
+                return [] if event["kind"] == 9321 else await publish(event)
+            customer.pool.publish = nobody_takes_it
+            with pytest.raises(RuntimeError, match="no relay accepted"):
+                await customer.pay_with_nutzap(request, asked, wallet, keep=state_keeper(out / "payment.json"))
+    finally:
+        await wallet.close()
+
+    async def reclaim() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dvm_core.cli", "job", "reclaim", "--wallet-dir", str(wallet.directory),
+            "--mint", mint.url, "--relay", relay.url, str(out / "payment.json"),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        text, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, text.decode()
+
+    code, text = await reclaim()
+    assert code == 0 and f"sent the payment of {PRICE} sat for job {request['id']}" in text, text
+    for _ in range(100):
+        if worker.store.get_job(request["id"]).state == "succeeded":
+            break
+        await asyncio.sleep(0.1)
+    assert worker.store.get_job(request["id"]).state == "succeeded"
+    assert await provider_balance(worker) == PRICE
+    code, text = await reclaim()
+    assert code == 0 and "was sent already" in text, text
+
+
 async def test_ctrl_c_on_a_paid_queued_job_cancels_and_refunds_it(workers, relay, mint, tmp_path):
     import signal
     import sys

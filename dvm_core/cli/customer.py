@@ -307,7 +307,7 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
                            f"{report['paid_sat']} sat already and is not paid twice", err=True)
                 continue
             if update.status == "payment-required":
-                code = await _pay(customer, request, update, wallet, options)
+                code = await _pay(customer, request, update, wallet, options, out)
                 if code is not None:
                     await customer.cancel(request, report["message"])
                     return code
@@ -353,10 +353,12 @@ async def _save_result(result, out, allow_private, report) -> int:
     return 0
 
 
-async def _pay(customer, request, update, wallet, options) -> int | None:
-    """Answer a payment-required: the quote, checked; asked or capped; paid. None once paid,
-    else the exit code."""
-    from dvm_core.customer.client import PaymentDeclined
+async def _pay(customer, request, update, wallet, options, out) -> int | None:
+    """Answer a payment-required: the quote, checked; asked or capped; paid, the payment kept
+    in OUT/payment.json as it goes. None once paid, else the exit code."""
+    from pathlib import Path
+
+    from dvm_core.customer.client import PaymentDeclined, state_keeper
     from dvm_core.payments.wallet_types import PaymentError
     report = options.report
     mints = list(wallet.accepted_mints) if wallet is not None else None
@@ -380,10 +382,21 @@ async def _pay(customer, request, update, wallet, options) -> int | None:
         return 2
     if not _confirmed(options, creq["a"]):
         return 4
+    record = Path(out) / "payment.json"
+    keep = state_keeper(record, lambda aside: click.echo(
+        f"an earlier payment's record was in {record}: moved to {aside} (`dvm job reclaim "
+        f"--wallet-dir DIR {aside}` finishes or brings back that payment)", err=True))
+    kept = []
     try:
-        await customer.pay_with_nutzap(request, update, wallet, max_price=options.max_price)
-    except (PaymentDeclined, PaymentError) as exc:
-        return _not_paid(report, exc)
+        await customer.pay_with_nutzap(request, update, wallet, max_price=options.max_price,
+                                       keep=lambda state: (kept.append(True), keep(state)))
+    except (PaymentDeclined, PaymentError, RuntimeError) as exc:
+        code = _not_paid(report, exc)
+        if kept:
+            click.echo(f"the payment may have been made at the mint: `dvm job reclaim --wallet-dir DIR "
+                       f"{record}` sends it on (the DVM then runs the job, or sends the ecash back)",
+                       err=True)
+        return code
     report["paid_sat"] = creq["a"]
     click.echo(f"paid {creq['a']} sat with a nutzap", err=True)
     return None
@@ -464,7 +477,8 @@ def _confirmed(options, amount: int) -> bool:
 def _not_paid(report: dict, exc: Exception) -> int:
     """A payment declined by our checks or failed at the mint: one line, exit code 3."""
     from dvm_core.customer.client import PaymentDeclined
-    message = f"not paying: {exc}" if isinstance(exc, PaymentDeclined) else exc.customer_message
+    message = (f"not paying: {exc}" if isinstance(exc, PaymentDeclined)
+               else getattr(exc, "customer_message", str(exc)))
     click.echo(f"error: {message}", err=True)
     report["message"] = message
     return 3
@@ -553,10 +567,19 @@ def job_cancel(relays, key_file, job_id) -> None:
 @click.option("--wallet-dir", type=click.Path(file_okay=False), required=True,
               help="The wallet that paid (its key is the ecash's refund key).")
 @click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
-def job_reclaim(token_file, wallet_dir, mints) -> None:
+@click.option("--relay", "relays", multiple=True,
+              help="Relay URL (repeatable): where a nutzap payment (OUT/payment.json) is sent again.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True),
+              help="The nsec key file that sent the job (default: customer.nsec beside TOKEN_FILE).")
+def job_reclaim(token_file, wallet_dir, mints, relays, key_file) -> None:
     """Take back ecash paid on delivery that the DVM did not redeem (after its locktime), or
-    show the key it revealed if it did. TOKEN_FILE: OUT/delivery.json of `dvm job submit
-    --pay-on-delivery` (also after it was cut short while paying), or a bare token."""
+    show the key it revealed if it did; or finish a nutzap payment cut short.
+
+    TOKEN_FILE: OUT/delivery.json of `dvm job submit --pay-on-delivery` (also after it was cut
+    short while paying), or a bare token; or OUT/payment.json of a nutzap payment that did not
+    finish (a lost answer from the mint, a crash, no relay took it): its ecash, locked to the
+    job's key, is the DVM's alone to spend, so its nutzap is sent (again, --relay): the DVM runs
+    the job if it still waits for it, else sends the ecash back to you."""
     from pathlib import Path
 
     from dvm_core.payments.wallet_types import PaymentError
@@ -566,6 +589,9 @@ def job_reclaim(token_file, wallet_dir, mints) -> None:
         try:
             text = Path(token_file).read_text().strip()
             state = json.loads(text) if text.startswith("{") else {"token": text}
+            if state.get("provider"):   # a nutzap payment (`dvm job submit`), not pay on delivery
+                await _resend_payment(state, wallet, relays, key_file, Path(token_file))
+                return
             token = state.get("token")
             if token is None and state.get("swap"):   # cut short while the ecash was being made
                 token = await wallet.recover_htlc_send(state["swap"])
@@ -591,6 +617,30 @@ def job_reclaim(token_file, wallet_dir, mints) -> None:
         asyncio.run(go())
     except PaymentError as exc:
         raise click.ClickException(exc.customer_message) from None
+
+
+async def _resend_payment(state: dict, wallet, relays, key_file, path) -> None:
+    from dvm_core.customer.client import Customer, state_keeper
+    from dvm_core.protocol.events import Keys
+    if state.get("published"):
+        click.echo(f"this payment was sent already ({state['amount']} sat for job {state['job_id']})")
+        return
+    if not relays:
+        raise click.ClickException("give --relay: the payment's nutzap is sent there")
+    beside = path.with_name("customer.nsec")
+    try:
+        keys = read_key_file(key_file or beside) if key_file or beside.exists() else Keys.generate()
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    async with Customer(keys, list(relays)) as customer:
+        await customer.pool.wait_all_connected(10)
+        event = await customer.resend_payment(state, wallet, keep=state_keeper(path))
+    if event is None:
+        click.echo("the payment was never made at the mint: your ecash is still in the wallet; "
+                   f"balance {await wallet.total_balance()} sat")
+        return
+    click.echo(f"sent the payment of {state['amount']} sat for job {state['job_id']} to the DVM "
+               f"(nutzap {event['id']}): it runs the job if it still waits, else sends the ecash back")
 
 
 def _progress_line(feedback, meter) -> str:

@@ -276,12 +276,20 @@ class Customer:
         return info
 
     async def pay_with_nutzap(self, request: dict, feedback: Feedback, wallet, *,
-                              max_price: int | None = None) -> dict:
+                              max_price: int | None = None,
+                              keep: Callable[[dict], None] | None = None) -> dict:
         """Answer a `payment-required` feedback, once `check_payment_request` passed: a NIP-61
         nutzap of exactly the amount asked, on a mint the DVM announced, P2PK-locked to this
         job's key, sent to the DVM the request named. A job is paid once: a second
         `payment-required` for it (a DVM that asks again, honest after a restart or not) is
-        declined, so `max_price` caps the job, not each ask. Raises PaymentDeclined."""
+        declined, so `max_price` caps the job, not each ask. Raises PaymentDeclined.
+
+        `keep(state)` stores the payment as it goes (a JSON-able dict; `state_keeper` writes it
+        to a file): before the swap that locks the ecash (`{"job_id", "provider", "kind",
+        "swap"}`: only this record gets the locked ecash back if the mint's answer is lost),
+        then with the signed nutzap (`"event"`) before it is published, then `"published"`.
+        Ecash locked to the job's key is the DVM's alone to spend: a payment cut short is sent
+        on with `resend_payment(state)`, never lost (`dvm job reclaim` does it)."""
         if request["id"] in self._paid:
             raise PaymentDeclined(f"this job was paid already ({self._paid[request['id']]} sat); it "
                                   "is not paid twice")
@@ -291,15 +299,54 @@ class Customer:
         # Bare proofs with the mint's full keyset ids, as NIP-61 wants (a cashuB token's 16-hex
         # short ids are refused by stock wallets).
         self._paid[request["id"]] = creq["a"]   # before the ecash is made: never twice
-        proofs = await wallet.send_proofs(creq["a"], creq["m"][0], lock_to=creq["nut10"]["d"])
-        kind, content, tags = build_nutzap(creq["m"][0], proofs, provider, unit=wallet.unit,
-                                           zapped_event=request["id"], zapped_kind=request["kind"],
+        keep = keep or (lambda _state: None)
+        state: dict = {"job_id": request["id"], "provider": provider, "kind": request["kind"],
+                       "amount": creq["a"]}
+
+        def before_swap(record: dict) -> None:
+            state["swap"] = record
+            keep(dict(state))
+        proofs = await wallet.send_proofs(creq["a"], creq["m"][0], lock_to=creq["nut10"]["d"],
+                                          before_swap=before_swap)
+        return await self._send_payment(state, proofs, creq["m"][0], wallet.unit, keep)
+
+    async def _send_payment(self, state: dict, proofs: list[dict], mint: str, unit: str,
+                            keep: Callable[[dict], None]) -> dict:
+        kind, content, tags = build_nutzap(mint, proofs, state["provider"], unit=unit,
+                                           zapped_event=state["job_id"], zapped_kind=state["kind"],
                                            comment="payment")
         event = sign_event(self.keys, kind, content, tags)
+        state["event"] = event
+        keep(dict(state))
         results = await self.pool.publish(event)
         if not any(r.ok for r in results):
-            raise RuntimeError("no relay accepted the nutzap")
+            raise RuntimeError("no relay accepted the nutzap (it is kept: send it again with "
+                               "`dvm job reclaim`)")
+        state["published"] = True
+        keep(dict(state))
         return event
+
+    async def resend_payment(self, state: dict, wallet, keep: Callable[[dict], None] | None = None) -> dict | None:
+        """Finish a nutzap payment that `pay_with_nutzap` kept in `state` and did not finish (a
+        lost answer from the mint, a crash, no relay took it): its nutzap published again, made
+        first from the ecash the lost swap locked (NUT-09) if it never was. The DVM runs the job
+        if it still waits for that payment, else sends the ecash back. Returns the nutzap event,
+        or None when the swap never took place at the mint (the coins are still in `wallet`).
+        Raises PaymentError (the mint), RuntimeError (no relay took it)."""
+        keep = keep or (lambda _state: None)
+        if state.get("event"):
+            event = verify_event(state["event"])
+            results = await self.pool.publish(event)
+            if not any(r.ok for r in results):
+                raise RuntimeError("no relay accepted the nutzap; try again later")
+            keep({**state, "published": True})
+            return event
+        if not state.get("swap"):
+            return None
+        proofs = await wallet.recover_locked_send(state["swap"])
+        if proofs is None:
+            return None
+        return await self._send_payment(dict(state), proofs, state["swap"]["mint"], wallet.unit, keep)
 
     async def send_bonus(self, provider: str, amount: int, wallet, *, comment: str = "bonus") -> dict:
         """A gift outside any job (e.g. a federated round's bonus for contribution): a NIP-61

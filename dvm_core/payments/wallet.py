@@ -629,15 +629,19 @@ class EcashWallet:
             return False
 
     # -- sending and paying -----------------------------------------------------------------
-    async def send_proofs(self, amount: int, mint: str, lock_to: str | None = None) -> list[dict]:
+    async def send_proofs(self, amount: int, mint: str, lock_to: str | None = None, *,
+                          before_swap: Callable[[dict], None] | None = None) -> list[dict]:
         """Like `send`, but the proofs themselves (NUT-00 dicts with DLEQ and the mint's full
-        keyset id), as a NIP-61 nutzap carries them."""
+        keyset id), as a NIP-61 nutzap carries them. `before_swap` as for `send_htlc`: the
+        locked outputs have random secrets, so if the mint's answer is lost only that record
+        gets them back (`recover_locked_send`)."""
         mint = self._accepted(mint)
         c = nutshell.load()
         wallet = await self._online(mint)
         lock = await self._nut11_lock(c, wallet, lock_to, None, None)
         async with self._spend_lock(mint):
-            chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
+            with _outputs_noted(wallet, mint, before_swap):
+                chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
         return [p.to_dict(include_dleq=True) for p in chosen]
 
     async def locked_proofs(self, mint: str, lock_to: str, exclude: set[str] = frozenset()) -> list[dict]:
@@ -784,6 +788,16 @@ class EcashWallet:
         signatures of the outputs `record` (what `before_swap` got) lists (NUT-09). Returns the
         HTLC token its swap made, with the change back in the wallet, or None when the swap
         never happened at the mint (then the coins it would have spent are still ours)."""
+        made = await self._recover_locked_send(record)
+        return None if made is None else await made[0].serialize_proofs(made[1], include_dleq=True)
+
+    async def recover_locked_send(self, record: dict) -> list[dict] | None:
+        """`recover_htlc_send` for `send_proofs(before_swap=...)`: the locked proofs its swap
+        made (NUT-00 dicts with DLEQ and full keyset ids, as a nutzap carries them), or None."""
+        made = await self._recover_locked_send(record)
+        return None if made is None else [p.to_dict(include_dleq=True) for p in made[1]]
+
+    async def _recover_locked_send(self, record: dict) -> tuple[object, list] | None:
         c = nutshell.load()
         mint = self._accepted(record["mint"])
         wallet = await self._online(mint)
@@ -813,7 +827,7 @@ class EcashWallet:
             locked = [known[o["secret"]] for _, o in found
                       if o["secret"] in known and not _plain(known[o["secret"]])]
             await wallet.set_reserved_for_send(locked, reserved=True)
-            return await wallet.serialize_proofs(locked, include_dleq=True)
+            return wallet, locked
 
     def _read_htlc(self, token: str) -> TokenInfo:
         """A token of ours made by `send_htlc`: every proof HTLC-locked, from one of our mints."""

@@ -7,6 +7,7 @@ restore, the secrets come from its seed) and counts the payment as made.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -170,3 +171,48 @@ async def test_lost_answers_and_spent_tokens_leave_no_gap_in_the_seed(proxy, min
     finally:
         await customer.close()
         await provider.close()
+
+
+@pytest.mark.parametrize("cut", ["mint-answer-lost", "no-relay-took-it"])
+async def test_a_nutzap_payment_cut_short_is_sent_on_from_its_record(workers, proxy, relay, tmp_path, cut):
+    """The customer's side: `pay_with_nutzap` keeps its state (the swap's outputs before the mint
+    is asked, then the signed nutzap before it is published). Cut short by a lost answer from the
+    mint, or by no relay taking the nutzap, the ecash, locked to the job's key, would be nobody's;
+    `resend_payment` (what `dvm job reclaim OUT/payment.json` runs) makes or publishes the nutzap
+    from the record, and the job is paid once and runs."""
+    from dvm_core.customer.client import state_keeper
+    from dvm_core.payments.wallet_types import PaymentError
+    customer = await funded_customer(tmp_path, proxy.url, relay.url)
+    try:
+        worker = await paid_worker(workers, proxy)
+        before = await customer.wallet.total_balance()
+        request = await customer.submit(KIND, [JobInput("cut short", "text")], {}, provider=worker.keys.public_key)
+        asked = await anext(customer.updates(request, timeout=20))
+        assert asked.status == "payment-required"
+        path = tmp_path / "payment.json"
+        if cut == "mint-answer-lost":
+            proxy.drop_answer_to(b"POST /v1/swap")
+            with pytest.raises(PaymentError):
+                await customer.pay_with_nutzap(request, asked, customer.wallet, keep=state_keeper(path))
+            assert proxy.dropped == 1
+        else:
+            publish = customer.pool.publish
+
+            async def nobody_takes_it(event):
+                return [] if event["kind"] == 9321 else await publish(event)
+            customer.pool.publish = nobody_takes_it
+            with pytest.raises(RuntimeError, match="no relay accepted"):
+                await customer.pay_with_nutzap(request, asked, customer.wallet, keep=state_keeper(path))
+            customer.pool.publish = publish
+        state = json.loads(path.read_text())
+        assert "swap" in state and not state.get("published")
+        assert ("event" in state) == (cut == "no-relay-took-it")
+        assert worker.store.payment_for_job(request["id"]) is None   # the DVM has nothing yet
+        event = await customer.resend_payment(state, customer.wallet, keep=state_keeper(path))
+        assert event is not None and json.loads(path.read_text())["published"]
+        assert result_json(await customer.result(request, timeout=30))["words"] == 2
+        assert worker.store.payment_for_job(request["id"])["state"] == "consumed"
+        assert await provider_balance(worker) == PRICE
+        assert await customer.wallet.total_balance() == before - PRICE
+    finally:
+        await close_customer(customer)
