@@ -8,6 +8,7 @@ the same steps and tokens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 
@@ -316,6 +317,45 @@ async def test_a_round_cut_short_after_paying_is_not_paid_again(workers, mint, r
     assert all("not paid again" in why for why in only.payments.values()), only.payments
     assert before - after == sum(only.paid.values()) == 2   # one sat per provider, once
     assert only.eval_loss < resumed.initial_loss
+
+
+async def test_a_round_paid_on_delivery_cut_short_is_not_paid_again(workers, mint, relay, blobs, tmp_path):
+    """The same with `pay_on_delivery`: stopped once both providers' offers are paid, run again
+    in the same folder, each job's sealed result is opened with its key (from the DVM's result
+    or the mint) and the HTLC ecash kept in delivery-tokens/, not paid for again."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 2)]
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=8, score=False, pay_on_delivery=True)
+    fed = tmp_path / "fed"
+
+    def journals() -> list[str]:
+        return sorted(json.loads(p.read_text())["state"] for p in (fed / "round-1").glob("*.job.json"))
+
+    try:
+        before = await customer.wallet.total_balance()
+        run = asyncio.get_running_loop().create_task(federate_llm(
+            customer, customer.wallet, providers, train, test, model, [blobs.url], fed, settings, say=print))
+        while not run.done() and not ((fed / "round-1").is_dir() and
+                                      all(j in ("paying", "paid") for j in journals() or ["-"])
+                                      and len(journals()) == 2):
+            await asyncio.sleep(0.02)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        assert set(journals()) <= {"paying", "paid"} and len(journals()) == 2, journals()
+        lines: list[str] = []
+        resumed = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url], fed,
+                                     settings, say=lines.append)
+        after = await customer.wallet.total_balance()
+    finally:
+        await close_customer(customer)
+    (only,) = resumed.reports
+    assert only.providers == providers and not only.dropped, lines
+    assert sum(1 for line in lines if "(paid before the restart) recovered" in line) == 2, lines
+    assert before - after == sum(only.paid.values()) == 2   # one sat per provider, once
 
 
 async def test_diloco_scores_leave_a_lazy_provider_out(workers, mint, relay, blobs, tmp_path):

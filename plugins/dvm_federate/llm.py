@@ -518,7 +518,7 @@ class LlmFederation(Federation):
 
         async def train(i: int, provider: str):
             journal = rdir / f"provider-{i}.job.json"
-            if journal.exists() and not s.pay_on_delivery:   # this round was cut short: paid already?
+            if journal.exists():   # this round was cut short: paid already?
                 entry = json.loads(journal.read_text())
                 if entry.get("provider") == provider and entry.get("state") in ("paying", "paid"):
                     return await self._recover_job(provider, journal, rdir / f"provider-{i}")

@@ -304,8 +304,16 @@ class Federation:
                     preparing = asyncio.ensure_future(self._prepare_delivery(provider, request, update))
                 if update.status == "payment-required" and s.pay_on_delivery:
                     prepared = await preparing if preparing is not None else None
-                    result = await self._pay_on_delivery(provider, request, update,
-                                                         s.job_timeout - (time.monotonic() - started), prepared)
+                    asked = (update.amount_msats or 0) // 1000
+                    note("paying", asked)   # a restart from here opens this job's result, never pays again
+                    try:
+                        result = await self._pay_on_delivery(provider, request, update,
+                                                             s.job_timeout - (time.monotonic() - started), prepared)
+                    except ProviderFailed:
+                        if provider not in self._paid:   # declined: nothing was sent
+                            note("declined")
+                        raise
+                    note("paid", self._paid[provider])
                     self.say(f"{label} {meter.done('result received')}")
                     files = await download_artifacts(result, dest, allow_private=s.allow_private_urls)
                     return {p.name: p for p in files}, self._paid[provider]
@@ -315,8 +323,10 @@ class Federation:
                         raise ProviderFailed("asked to be paid twice")
                     note("paying", asked)
                     try:   # checked by the client: signer, amount, cap, mint, lock
-                        await self.customer.pay_with_nutzap(request, update, self.wallet,
-                                                            max_price=s.max_price)
+                        # Kept as it goes: a payment cut short is sent on with `dvm job reclaim`.
+                        await self.customer.pay_with_nutzap(
+                            request, update, self.wallet, max_price=s.max_price,
+                            keep=state_keeper(dest.parent / f"{dest.name}.payment.json"))
                     except PaymentDeclined as exc:
                         note("declined")
                         self._payments[provider] = f"not paid: {exc}"
@@ -334,6 +344,23 @@ class Federation:
                 await asyncio.shield(preparing)   # its state is written before it returns: let it end
         raise ProviderFailed("no result")
 
+    async def _open_paid_offer(self, provider: str, request: dict, feedback: list) -> Result:
+        """A job paid on delivery before a restart: its offer (the last `payment-required`
+        found), the HTLC token kept in delivery-tokens/, and the key K from the DVM's result or
+        from the mint (`Customer.await_delivery`)."""
+        from dvm_core.customer.client import Delivery
+        offers = [f for f in feedback if f.status == "payment-required"]
+        path = self.workdir / "delivery-tokens" / f"{request['id']}.json"
+        state = json.loads(path.read_text()) if path.exists() else {}
+        if not offers or not state.get("token"):
+            raise ProviderFailed("its payment on delivery before the restart is not complete on record "
+                                 f"({path}): take the ecash back with `dvm job reclaim`")
+        offer, terms, _ = await self.customer.check_delivery(
+            request, offers[-1], refund_key=self.wallet.p2pk_pubkey, mints=list(self.wallet.accepted_mints),
+            min_lock_seconds=0)
+        delivery = Delivery(request, provider, offer, state["token"], terms)
+        return await self.customer.await_delivery(delivery, self.wallet, timeout=self.settings.job_timeout)
+
     async def _recover_job(self, provider: str, journal: Path, dest: Path) -> tuple[dict[str, Path], int]:
         """The result of a job paid (or being paid) before a restart, from its `journal`: found
         on the relays (`Customer.recover`), or awaited until the job timeout; not paid again."""
@@ -342,7 +369,9 @@ class Federation:
         amount = int(entry.get("amount") or 0)
         job_id = entry["request"]["id"]
         try:
-            request, _feedback, result = await self.customer.recover(job_id)
+            request, feedback, result = await self.customer.recover(job_id)
+            if s.pay_on_delivery:   # the result is the sealed one the offer paid for, opened with K
+                result = await self._open_paid_offer(provider, request, feedback)
             if result is None:
                 async for update in self.customer.updates(request, timeout=s.job_timeout):
                     if isinstance(update, Result):
