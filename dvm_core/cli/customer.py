@@ -393,8 +393,9 @@ async def _pay(customer, request, update, wallet, options, out) -> int | None:
     except (PaymentDeclined, PaymentError, RuntimeError) as exc:
         code = _not_paid(report, exc)
         if kept:
-            click.echo(f"the payment may have been made at the mint: `dvm job reclaim --wallet-dir DIR "
-                       f"{record}` sends it on (the DVM then runs the job, or sends the ecash back)",
+            click.echo(f"the payment may have been made at the mint: this job is cancelled, and "
+                       f"`dvm job reclaim --wallet-dir DIR --relay R {record}` sends that ecash to the DVM, "
+                       "which sends it back to you as a nutzap (`dvm wallet collect` takes it in)",
                        err=True)
         return code
     report["paid_sat"] = creq["a"]

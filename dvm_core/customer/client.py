@@ -524,8 +524,15 @@ class Customer:
                 state["unused_tokens"] = [prepared.token]
             mint = creq["m"][0]
             token = await _make_htlc(wallet, creq["a"], mint, terms, state, keep)
-        proofs = list(decode_token(token).proofs)
-        kind, content, tags = build_nutzap(mint, proofs, provider, unit=wallet.unit,
+        await self.send_delivery_payment(request, provider, token)
+        return Delivery(request, provider, offer, token, terms)
+
+    async def send_delivery_payment(self, request: dict, provider: str, token: str) -> dict:
+        """The nutzap that carries HTLC ecash made for a job paid on delivery, published (again:
+        the same proofs pay once, so a payment whose nutzap may not have gone out is sent again
+        safely). Raises RuntimeError when no relay takes it."""
+        info = decode_token(token)
+        kind, content, tags = build_nutzap(info.mint, list(info.proofs), provider, unit=info.unit,
                                            zapped_event=request["id"], zapped_kind=request["kind"],
                                            comment="payment on delivery")
         event = sign_event(self.keys, kind, content, tags)
@@ -533,7 +540,7 @@ class Customer:
         if not any(r.ok for r in results):
             raise RuntimeError("no relay accepted the nutzap (the ecash is kept: send it again, or "
                                "take it back after the locktime)")
-        return Delivery(request, provider, offer, token, terms)
+        return event
 
     async def await_delivery(self, delivery: "Delivery", wallet, *, timeout: float = 600.0,
                              poll_seconds: float = 2.0) -> Result:

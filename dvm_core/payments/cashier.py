@@ -690,6 +690,19 @@ class Cashier:
                       "refund", f"refund: {reason}", payment_state="refunded")
         return amount
 
+    def return_unfinished(self, job_id: str, reason: str) -> bool:
+        """A job refused with its payment recorded but not redeemed (a restart cut the swap
+        short, then the resumed job was refused before paying resumed): the token is sent back
+        (`returning`, tried until the mint answers; a swap that did happen is recovered from its
+        marks). Nothing else swaps it then: the job will not collect again. Returns whether one
+        was. Inside the caller's `store.atomic()`; the retry starts after it."""
+        row = self.store.payment_for_job(job_id)
+        if row is None or row["method"] == "returned" or row["state"] not in ("received", "redeeming"):
+            return False
+        self.store.set_payment(row["token_id"], "returning", error=reason)
+        self._keep_returning(row["token_id"])
+        return True
+
     def consumed(self, job_id: str) -> None:
         row = self.store.payment_for_job(job_id)
         if row is not None and row["state"] == "redeemed":

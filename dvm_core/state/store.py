@@ -431,10 +431,12 @@ class Store:
         self.db.execute(f"UPDATE payments SET {', '.join(sets)} WHERE token_id = ?", (*args, token_id))
 
     def payment_for_job(self, job_id: str) -> dict | None:
-        """The payment that pays for a job (the latest redeemed one, else the latest)."""
+        """The payment that pays for a job (the latest redeemed one, else the latest), a token
+        being sent back (method `returned`) only when there is no other: its retries can end
+        long after a later payment for the job began."""
         row = self.db.execute(
-            "SELECT * FROM payments WHERE job_id = ? ORDER BY state IN ('redeemed', 'consumed') DESC,"
-            " updated DESC LIMIT 1", (job_id,)).fetchone()
+            "SELECT * FROM payments WHERE job_id = ? ORDER BY method != 'returned' DESC,"
+            " state IN ('redeemed', 'consumed') DESC, updated DESC LIMIT 1", (job_id,)).fetchone()
         return dict(row) if row else None
 
     def add_payment_swap(self, token_id: str, mark: dict) -> None:

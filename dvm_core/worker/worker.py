@@ -534,6 +534,8 @@ class Worker:
         with self.store.atomic():
             if self.cashier is not None and self.cashier.refund_job(reply.request, reason):
                 reason += "; what was redeemed was refunded as a nutzap"
+            elif self.cashier is not None and self.cashier.return_unfinished(reply.request.id, reason):
+                reason += "; your payment, whose redemption a restart cut short, is sent back as a nutzap"
             # The reason can quote decrypted params: for a private request the provider's log and
             # store get it with the customer's strings masked; the customer gets it whole.
             private = reply.scheme is not None and refusal.private_detail

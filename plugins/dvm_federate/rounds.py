@@ -344,7 +344,7 @@ class Federation:
                 await asyncio.shield(preparing)   # its state is written before it returns: let it end
         raise ProviderFailed("no result")
 
-    async def _open_paid_offer(self, provider: str, request: dict, feedback: list) -> Result:
+    async def _open_paid_offer(self, provider: str, request: dict, feedback: list, answered: bool) -> Result:
         """A job paid on delivery before a restart: its offer (the last `payment-required`
         found), the HTLC token kept in delivery-tokens/, and the key K from the DVM's result or
         from the mint (`Customer.await_delivery`)."""
@@ -359,6 +359,10 @@ class Federation:
             request, offers[-1], refund_key=self.wallet.p2pk_pubkey, mints=list(self.wallet.accepted_mints),
             min_lock_seconds=0)
         delivery = Delivery(request, provider, offer, state["token"], terms)
+        if not answered:
+            # Its nutzap may never have gone out (killed first, or no relay took it): sent again,
+            # which pays nothing twice (the same proofs).
+            await self.customer.send_delivery_payment(request, provider, state["token"])
         return await self.customer.await_delivery(delivery, self.wallet, timeout=self.settings.job_timeout)
 
     async def _recover_job(self, provider: str, journal: Path, dest: Path) -> tuple[dict[str, Path], int]:
@@ -371,7 +375,7 @@ class Federation:
         try:
             request, feedback, result = await self.customer.recover(job_id)
             if s.pay_on_delivery:   # the result is the sealed one the offer paid for, opened with K
-                result = await self._open_paid_offer(provider, request, feedback)
+                result = await self._open_paid_offer(provider, request, feedback, result is not None)
             if result is None:
                 async for update in self.customer.updates(request, timeout=s.job_timeout):
                     if isinstance(update, Result):

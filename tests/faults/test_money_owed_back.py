@@ -175,9 +175,12 @@ def _sized_plugin(refuse: bool = False):
     return pm
 
 
-@pytest.mark.parametrize("after", ["runs", "refused"])
+@pytest.mark.parametrize("after", ["runs", "refused", "refused-mid-swap"])
 async def test_a_paid_job_resumed_after_a_restart_runs_at_its_price_or_is_refunded(
         workers, mint, funded, after):
+    """`refused-mid-swap`: the kill came after the swap reached the mint and before the payment
+    was marked redeemed (the row left `redeeming`, its swap's mark noted): refused on resume, the
+    payment is recovered from its mark and sent back."""
     keys = Keys.generate()
     worker = await workers.start(keys=keys, pm=_sized_plugin(), mints=[mint.url], name="w")
     before = await funded.wallet.total_balance()
@@ -189,9 +192,12 @@ async def test_a_paid_job_resumed_after_a_restart_runs_at_its_price_or_is_refund
         if job is not None and job.state == "running":
             break
         await asyncio.sleep(0.05)
-    assert worker.store.payment_for_job(request["id"])["state"] == "redeemed"
+    payment = worker.store.payment_for_job(request["id"])
+    assert payment["state"] == "redeemed" and payment["swap"]
+    if after == "refused-mid-swap":
+        worker.store.set_payment(payment["token_id"], "redeeming")
     await worker.stop(grace=0.2)   # an ordinary restart: the running job is queued again
-    again = await workers.start(keys=keys, pm=_sized_plugin(refuse=after == "refused"),
+    again = await workers.start(keys=keys, pm=_sized_plugin(refuse=after != "runs"),
                                 mints=[mint.url], name="w")
     if after == "runs":   # at the price paid (2), not the unprechecked 10 over the bid
         assert result_json(await funded.result(request, timeout=30)) == {"done": True}
@@ -201,7 +207,8 @@ async def test_a_paid_job_resumed_after_a_restart_runs_at_its_price_or_is_refund
         with pytest.raises(JobFailed) as failed:
             await funded.result(request, timeout=30)
         assert "no longer accepted" in failed.value.feedback.message
-        assert "refunded as a nutzap" in failed.value.feedback.message
+        assert ("refunded as a nutzap" if after == "refused" else "is sent back as a nutzap") \
+            in failed.value.feedback.message
         assert await claim_nutzaps(funded, 2, timeout=20) == 2
         assert await funded.wallet.total_balance() == before
         assert await provider_balance(again) == 0
@@ -255,4 +262,29 @@ async def test_payouts_cut_off_together_never_share_proofs(mint, tmp_path):
         assert await wallet.total_balance() == 20 - 6
     finally:
         await wallet.close()
+        store.close()
+
+
+def test_the_payment_of_a_job_is_never_a_token_being_sent_back(tmp_path):
+    """A token given back (method `returned`) can be refunded by its retries long after a later
+    payment for the same job began: the job's payment is the later one, whatever the times."""
+    from dvm_core.state.store import Store
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        job = "cd" * 32
+        store.record_payment("t1", job, "customer", "returned", "http://mint", "sat", 5, 0, "token-1")
+        store.set_payment("t1", "returning")
+        store.record_payment("t2", job, "customer", "nutzap", "http://mint", "sat", 5, 5, "token-2")
+        store.set_payment("t2", "redeeming")
+        store.set_payment("t1", "refunded", received=5)   # the retry ends after t2 began
+        assert store.payment_for_job(job)["token_id"] == "t2"
+        assert [r["token_id"] for r in store.payments_to_return()] == []
+        store.set_payment("t2", "rejected")
+        assert store.payment_for_job(job)["token_id"] == "t2"
+        assert store.payment_for_job("ef" * 32) is None
+        only = "ab" * 32
+        store.record_payment("t3", only, "customer", "returned", "http://mint", "sat", 5, 0, "token-3")
+        assert store.payment_for_job(only)["token_id"] == "t3"   # nothing else: that one
+        assert [r["token_id"] for r in store.payments_to_return()] == ["t3"]
+    finally:
         store.close()
