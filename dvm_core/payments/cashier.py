@@ -529,6 +529,18 @@ class Cashier:
                     amount = await self._recovered(info, marks)
                 except PaymentError as recover_error:
                     exc = recover_error
+            if amount is None and exc.code == "spent" and info.locked:
+                # Some of its proofs were spent, by someone who copied them from the public
+                # nutzap into one of theirs (given back to its payer): the rest goes back too.
+                try:
+                    rest = await self.wallet.unspent_part(row["token"])
+                    if rest is not None:
+                        amount = (await self.wallet.receive(
+                            rest, min_amount=1, require_lock=True, job_id=row["job_id"],
+                            before_swap=lambda mark: self.store.add_payment_swap(token_id, mark),
+                            swap_refused=lambda mark: self.store.remove_payment_swap(token_id, mark))).amount
+                except PaymentError as rest_error:
+                    exc = rest_error
             if amount is None:
                 if exc.retryable:
                     return None

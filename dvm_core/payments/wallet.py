@@ -35,8 +35,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from dvm_core.protocol.ecash import (HtlcTerms, TokenFormatError, decode_token, htlc_hash,
-                                     normalize_mint_url, p2pk_lock)
+from dvm_core.protocol.ecash import (HtlcTerms, TokenFormatError, decode_token, encode_token_a,
+                                     htlc_hash, normalize_mint_url, p2pk_lock)
 
 from . import nutshell
 from .crashpoints import crashpoint
@@ -782,6 +782,22 @@ class EcashWallet:
             with _outputs_noted(wallet, mint, before_swap):
                 chosen = await self._choose_to_send(c, wallet, mint, amount, lock)
             return await wallet.serialize_proofs(chosen, include_dleq=True)
+
+    async def unspent_part(self, token: str) -> str | None:
+        """The proofs of `token` the mint says are still unspent (NUT-07), as a token of their
+        own, when some of its proofs were spent (someone copied them into a token of theirs);
+        None when all or none are. Raises PaymentError (the mint)."""
+        info = read_token(token)
+        wallet = await self._online(self._accepted(info.mint))
+        try:
+            states = await wallet.check_proof_state(_nutshell_proofs(info))
+        except Exception as exc:
+            raise mint_error(exc, info.mint) from exc
+        unspent = {s.Y for s in states.states if s.unspent}
+        keep = [p for p, y in zip(info.proofs, [q.Y for q in _nutshell_proofs(info)]) if y in unspent]
+        if not keep or len(keep) == len(info.proofs):
+            return None
+        return encode_token_a(info.mint, [dict(p) for p in keep], info.unit)
 
     async def recover_htlc_send(self, record: dict) -> str | None:
         """After `send_htlc` was cut short (a crash, a lost answer): ask the mint for the

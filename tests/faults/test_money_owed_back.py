@@ -288,3 +288,41 @@ def test_the_payment_of_a_job_is_never_a_token_being_sent_back(tmp_path):
         assert [r["token_id"] for r in store.payments_to_return()] == ["t3"]
     finally:
         store.close()
+
+
+async def test_proofs_copied_out_of_a_nutzap_leave_the_rest_to_go_back(workers, mint, relay, tmp_path):
+    """Someone copies one proof of a customer's nutzap (public, locked to the job's key) into a
+    nutzap of his own for that job and gets it to the DVM first: too little to pay, it goes
+    back to the job's customer. The customer's nutzap is then spent in part: the rest, still
+    unspent (NUT-07), goes back as well. Nothing to the copier, nothing left stranded."""
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        worker = await paid_worker(workers, mint, payment_timeout=6.0)
+        before = await customer.wallet.total_balance()
+        request = await customer.submit(KIND, [JobInput("a b", "text")], {}, provider=worker.keys.public_key)
+        asked = await anext(customer.updates(request, timeout=20))
+        lock = decode_payment_request(asked.content)["nut10"]["d"]
+        proofs = await customer.wallet.send_proofs(PRICE, mint.url, lock_to=lock)
+        assert len(proofs) >= 2
+        copier = Keys.generate()
+        kind, content, tags = build_nutzap(mint.url, proofs[:1], worker.keys.public_key,
+                                           zapped_event=request["id"], zapped_kind=KIND)
+        await customer.pool.publish(sign_event(copier, kind, content, tags))
+        for _ in range(100):
+            rows = list(worker.store.db.execute("SELECT state FROM payments WHERE job_id = ?", (request["id"],)))
+            if rows and rows[0][0] == "refunded":
+                break
+            await asyncio.sleep(0.1)
+        kind, content, tags = build_nutzap(mint.url, proofs, worker.keys.public_key,
+                                           zapped_event=request["id"], zapped_kind=KIND)
+        await customer.pool.publish(sign_event(customer.keys, kind, content, tags))
+        with pytest.raises(JobFailed):   # never paid in full: no work
+            await customer.result(request, timeout=30)
+        assert await claim_nutzaps(customer, PRICE, timeout=20) == PRICE
+        assert await customer.wallet.total_balance() == before
+        assert await provider_balance(worker) == 0
+        states = [r[0] for r in worker.store.db.execute(
+            "SELECT state FROM payments WHERE job_id = ?", (request["id"],))]
+        assert sorted(states) == ["refunded", "refunded"], states
+    finally:
+        await close_customer(customer)
