@@ -397,8 +397,7 @@ class Cashier:
                 received = await self.wallet.receive(
                     token, min_amount=price, require_lock=method in ("p2pk", "nutzap"),
                     min_locktime=min_locktime, job_id=request.id,
-                    before_swap=lambda mark: self.store.add_payment_swap(info.token_id, mark),
-                    swap_refused=lambda mark: self.store.remove_payment_swap(info.token_id, mark),
+                    **self._swap_notes(info.token_id),
                     **({"htlc": delivery.terms, "preimage": delivery.preimage} if delivery else {}))
                 break
             except PaymentError as exc:
@@ -518,8 +517,7 @@ class Cashier:
         try:
             received = await self.wallet.receive(
                 row["token"], min_amount=1, require_lock=info.locked, job_id=row["job_id"],
-                before_swap=lambda mark: self.store.add_payment_swap(token_id, mark),
-                swap_refused=lambda mark: self.store.remove_payment_swap(token_id, mark))
+                **self._swap_notes(token_id))
             amount = received.amount
         except PaymentError as exc:
             marks = self._marks(token_id)
@@ -537,8 +535,7 @@ class Cashier:
                     if rest is not None:
                         amount = (await self.wallet.receive(
                             rest, min_amount=1, require_lock=True, job_id=row["job_id"],
-                            before_swap=lambda mark: self.store.add_payment_swap(token_id, mark),
-                            swap_refused=lambda mark: self.store.remove_payment_swap(token_id, mark))).amount
+                            **self._swap_notes(token_id))).amount
                 except PaymentError as rest_error:
                     exc = rest_error
             if amount is None:
@@ -571,6 +568,11 @@ class Cashier:
                 self._returning.discard(token_id)
 
         self._spawn(go())
+
+    def _swap_notes(self, token_id: str) -> dict:
+        """`EcashWallet.receive`'s callbacks that note (and forget) a swap's mark on this token's row."""
+        return {"before_swap": lambda mark: self.store.add_payment_swap(token_id, mark),
+                "swap_refused": lambda mark: self.store.remove_payment_swap(token_id, mark)}
 
     def _marks(self, token_id: str) -> list[dict]:
         """Where the swaps of this token began (`EcashWallet.receive`'s before_swap)."""
