@@ -310,3 +310,39 @@ async def test_our_nutzaps_carry_the_mints_full_keyset_ids(workers, mint, funded
     assert event["kind"] == NUTZAP_KIND
     assert all(len(p["id"]) == 66 for p in parse_nutzap(event).proofs), parse_nutzap(event).proofs
     assert result_json(await funded.result(request, timeout=30))["words"] == 5
+
+
+async def test_dvm_wallet_collect_redeems_change_locked_to_the_nostr_key(workers, relay, mint, tmp_path):
+    """A DVM that sees no kind 10019 of the customer's locks change and refunds to "02" + the
+    customer's Nostr key (NIP-61's fallback). `dvm wallet collect --key` redeems them into a
+    wallet whose own P2PK key (p2pk.key) is another: it signs those locks with the nsec."""
+    import sys
+
+    from dvm_core.customer.client import Customer
+    from dvm_core.state.keyfiles import write_key_file
+    worker = await paid_worker(workers, mint)
+    wallet = await cli_wallet(tmp_path, mint.url)
+    keys = Keys.generate()
+    write_key_file(tmp_path / "customer.nsec", keys)
+    assert wallet.p2pk_pubkey[2:] != keys.public_key
+    try:
+        async with Customer(keys, [relay.url]) as customer:
+            await customer.pool.wait_all_connected(10)
+            token = await wallet.send(PRICE + 3, mint=mint.url)
+            request = await customer.submit(KIND, TEXT, {}, provider=worker.keys.public_key, cashu=token)
+            assert result_json(await customer.result(request, timeout=30))["words"] == 5
+    finally:
+        await wallet.close()
+    for _ in range(100):
+        payouts = worker.store.payouts(request["id"])
+        if payouts and payouts[0]["state"] == "sent":
+            break
+        await asyncio.sleep(0.1)
+    assert [(p["role"], p["amount"], p["lock_to"], p["state"]) for p in payouts] == \
+        [("change", 3, "02" + keys.public_key, "sent")]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dvm_core.cli", "wallet", "collect", "--wallet-dir", str(wallet.directory),
+        "--mint", mint.url, "--relay", relay.url, "--key", str(tmp_path / "customer.nsec"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    text, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and f"collected 3 sat; balance {FUNDS - PRICE} sat" in text.decode(), text

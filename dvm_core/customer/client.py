@@ -615,7 +615,10 @@ class Customer:
                 if zap.event_id in self._collected or zap.mint not in wallet.accepted_mints:
                     continue
                 try:
-                    total += (await wallet.receive(zap.token(), min_amount=1, require_lock=True)).amount
+                    # Locked to the wallet's key (our kind 10019), or to "02" + our Nostr key
+                    # where the DVM did not see that event.
+                    total += (await wallet.receive(zap.token(), min_amount=1, require_lock=True,
+                                                   also_key=self.keys.private_key)).amount
                 except PaymentError as exc:
                     if exc.retryable:
                         continue          # the mint is down: try again next time

@@ -250,7 +250,8 @@ class EcashWallet:
                       min_locktime: int | None = None, job_id: str | None = None,
                       before_swap: Callable[[dict], None] | None = None,
                       swap_refused: Callable[[dict], None] | None = None,
-                      htlc: HtlcTerms | None = None, preimage: bytes | None = None) -> Received:
+                      htlc: HtlcTerms | None = None, preimage: bytes | None = None,
+                      also_key: str | None = None) -> Received:
         """Take a payment: check the token, swap it at the mint for our own proofs, and report
         what arrived after the mint's fee.
 
@@ -266,15 +267,21 @@ class EcashWallet:
         secrets are never used again. Raises PaymentError; if it is `retryable`, keep the token
         and try again later.
 
+        `also_key` (64 hex): one more secret key whose locks are ours for this token alone. A
+        customer collecting refunds passes its Nostr key: a DVM that saw no kind 10019 of theirs
+        locks to "02" + their Nostr key (NIP-61), not to this wallet's key.
+
         `htlc` with `preimage` (pay on delivery): every proof must be HTLC-locked exactly as
         `htlc` says (its hash, its one key, which must be the key of `job_id`, its refund key,
         SIG_INPUTS), with a locktime no earlier than `htlc.locktime`; anything else is refused
         before the mint is asked, because the swap reveals `preimage` to the mint and so to the
         customer. The swap's witness holds the preimage and the job key's signature.
         """
+        if also_key is not None and (job_id is not None or htlc is not None):
+            raise ValueError("also_key is for plain P2PK locks, not with job_id or htlc")
         info = read_token(token)
         self._check_offline(info, min_amount)
-        job_secret = self._job_secret(job_id)
+        job_secret = self._job_secret(job_id) if also_key is None else even_y_secret(also_key)
         if htlc is None:
             self._check_conditions(info, require_lock, min_locktime, job_secret)
         else:
