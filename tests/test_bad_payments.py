@@ -16,7 +16,7 @@ import time
 import cbor2
 import pytest
 
-from dvm_core.customer.client import Customer, JobFailed, result_json
+from dvm_core.customer.client import JobFailed, result_json
 from dvm_core.protocol.ecash import NUTZAP_INFO_KIND, build_nutzap, decode_payment_request, decode_token
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.devtools.localnet import start_mint

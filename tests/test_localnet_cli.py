@@ -15,7 +15,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from dvm_core.protocol.events import Keys, sign_event
 from dvm_core.protocol.nip90 import HANDLER_KIND

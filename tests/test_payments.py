@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from dvm_core.customer.client import Customer, JobFailed, result_json
-from dvm_core.protocol.ecash import decode_payment_request, decode_token, encode_token_a
+from dvm_core.customer.client import JobFailed, result_json
+from dvm_core.protocol.ecash import decode_payment_request
 from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import JobInput
 

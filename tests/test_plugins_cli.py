@@ -208,7 +208,7 @@ def cli(request, tmp_path_factory):
         "no-key.toml": f"[dvm]\n{RELAY_LINE}",
         "bad-nsec.toml": f'[dvm]\n{RELAY_LINE}key_file = "{bad_nsec}"\n',
         "no-relays.toml": f'[dvm]\nkey_file = "{key}"\n',
-        "bad.toml": f'[dvm]\nrelays = ["ws://127.0.0.1:1"\nname = \n',
+        "bad.toml": '[dvm]\nrelays = ["ws://127.0.0.1:1"\nname = \n',
         "bad-kinds.toml": f'[dvm]\n{RELAY_LINE}key_file = "{key}"\n\n[kinds]\ntext-stats = 4000\n',
         "ok.toml": f'[dvm]\n{RELAY_LINE}key_file = "{key}"\n',
     }

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from dvm_core.customer.client import Customer, JobFailed, result_json
-from dvm_core.protocol.events import Keys, sign_event
+from dvm_core.protocol.events import Keys
 from dvm_core.protocol.nip90 import FEEDBACK_KIND, JobInput, Result
 
 from dvm_core.worker.config import load_config
