@@ -263,3 +263,45 @@ def test_tensors_on_a_gpu_are_written_as_they_were_when_written(tmp_path):
     for p, future, digests in zip(points, futures, expected):
         assert future.result() == digests
         assert T.Checkpoint.load(tmp_path / f"c{p.step}.safetensors").digests() == digests
+
+
+def test_saved_in_the_loop_with_its_digests_in_one_pass(tmp_path):
+    """`Checkpoint.save_and_digest` (the CPU's path): the digests are `digests()`, the file is a
+    safetensors file whose tensors are safetensors' own bytes, its header padded to 8 only."""
+    point = state(6)
+    digests = point.save_and_digest(tmp_path / "c.safetensors")
+    assert digests == point.digests()
+    ours = (tmp_path / "c.safetensors").read_bytes()
+    theirs = st_save({k: v.contiguous() for k, v in point.tensors.items()},
+                     metadata={"dvm": json.dumps(point.meta, sort_keys=True)})
+    our_header, our_start = header_of(ours)
+    their_header, their_start = header_of(theirs)
+    assert our_start % 8 == 0 and our_start - 8 - len(json.dumps(our_header, separators=(",", ":"))) < 8
+    assert our_header["__metadata__"] == their_header["__metadata__"] and set(our_header) == set(their_header)
+    for name, entry in their_header.items():
+        if name != "__metadata__":
+            (a, b), (c, d) = our_header[name]["data_offsets"], entry["data_offsets"]
+            assert (our_header[name]["dtype"], our_header[name]["shape"]) == (entry["dtype"], entry["shape"])
+            assert ours[our_start + a:our_start + b] == theirs[their_start + c:their_start + d], name
+    assert len(ours) == len(theirs) - their_start + our_start
+    loaded = T.Checkpoint.load(tmp_path / "c.safetensors")
+    assert loaded.digests() == digests and loaded.meta == json.loads(json.dumps(point.meta))
+
+
+def test_saved_in_the_loop_whatever_writev_takes_at_a_time(tmp_path, monkeypatch):
+    """More tensors than one writev takes (IOV_MAX), each call taking only part of what it is
+    given: the file still holds every byte, once."""
+    g = torch.Generator().manual_seed(7)
+    point = T.Checkpoint(7, {f"model/t{i:04d}": torch.randn(i % 5 + 1, generator=g) for i in range(1500)},
+                         {"format": T.CHECKPOINT_FORMAT, "step": 7})
+    point.save_and_digest(tmp_path / "whole.safetensors")
+
+    def stingy(fd, buffers):
+        assert len(buffers) <= 1024
+        return os.write(fd, b"".join(bytes(b) for b in buffers[:3])[:101])   # a prefix of them
+
+    monkeypatch.setattr(os, "writev", stingy)
+    assert point.save_and_digest(tmp_path / "bits.safetensors") == point.digests()
+    assert (tmp_path / "bits.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    loaded = T.Checkpoint.load(tmp_path / "bits.safetensors")
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in point.tensors.items())

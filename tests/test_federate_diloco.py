@@ -151,17 +151,26 @@ SETTINGS = LlmSettings(mode="diloco", rounds=3, inner_steps=20, batch_size=8, le
                        outer_lr=0.7, outer_momentum=0.9, allow_private_urls=True, max_seq_length=64)
 
 
+async def federation_parts(workers, mint, relay, blobs, tmp_path, *, providers: int = 2, train: int = 96,
+                           test: int = 30):
+    """What a federated LLM run needs: the tiny base model's folder, train and test corpora of
+    `train` and `test` sentences, `providers` running LLM providers (their keys) and a funded
+    customer (close it with `close_customer`)."""
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train_file = tiny.write_corpus(tmp_path / "train.jsonl", train, seed=1)
+    test_file = tiny.write_corpus(tmp_path / "test.jsonl", test, seed=2)
+    keys = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, providers)]
+    return model, train_file, test_file, keys, await funded_customer(tmp_path, mint.url, relay.url)
+
+
 async def test_diloco_three_providers_within_two_percent_of_centralised(workers, mint, relay, blobs, tmp_path):
     """Three providers, three rounds of H = 20 inner steps, the pseudo-gradients averaged and an
     outer Nesterov step: the held-out loss falls every round and ends within 2 % of one model
     trained here on all the shards for 3 × 20 steps of batch 3 × 8 (the same tokens)."""
     from safetensors.torch import load_file
 
-    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
-    train = tiny.write_corpus(tmp_path / "train.jsonl", 240, seed=1)
-    test = tiny.write_corpus(tmp_path / "test.jsonl", 60, seed=2)
-    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 3)]
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    model, train, test, providers, customer = await federation_parts(workers, mint, relay, blobs, tmp_path,
+                                                                     providers=3, train=240, test=60)
     lines: list[str] = []
     try:
         federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],
@@ -202,11 +211,7 @@ async def test_diloco_resumes_after_its_last_finished_round(workers, mint, relay
     travel at about a quarter of float32's bytes. With resume off it starts over."""
     from safetensors.torch import load_file
 
-    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
-    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
-    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
-    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 2)]
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    model, train, test, providers, customer = await federation_parts(workers, mint, relay, blobs, tmp_path)
     settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=8, compression="int8", score=False)
     fed = tmp_path / "fed"
     try:
@@ -280,11 +285,7 @@ async def test_a_round_cut_short_after_paying_is_not_paid_again(workers, mint, r
     """The customer's run is stopped in round 1 once the providers are paid and training; run
     again in the same folder, it takes each paid job's result from the relay (its journal says
     it was paid) instead of asking and paying again: round 1 costs one payment per provider."""
-    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
-    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
-    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
-    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 2)]
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    model, train, test, providers, customer = await federation_parts(workers, mint, relay, blobs, tmp_path)
     settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=60, score=False)
     fed = tmp_path / "fed"
     progress: list[str] = []
@@ -326,11 +327,7 @@ async def test_a_round_paid_on_delivery_cut_short_is_not_paid_again(workers, min
     each job's sealed result is opened with its key (from the DVM's result or the mint) and the
     HTLC ecash kept in delivery-tokens/ (its nutzap sent again where there is no result yet),
     not paid for again."""
-    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
-    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
-    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
-    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 2)]
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    model, train, test, providers, customer = await federation_parts(workers, mint, relay, blobs, tmp_path)
     settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=8, score=False, pay_on_delivery=True)
     fed = tmp_path / "fed"
 
@@ -376,11 +373,7 @@ async def test_a_round_paid_on_delivery_cut_short_is_not_paid_again(workers, min
 async def test_diloco_scores_leave_a_lazy_provider_out(workers, mint, relay, blobs, tmp_path):
     """Scored (the default), a provider that sends a zero pseudo-gradient (its starting weights
     back) is left out of the outer step, and said so; the others' step lowers the loss."""
-    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
-    train = tiny.write_corpus(tmp_path / "train.jsonl", 96, seed=1)
-    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
-    providers = [w.keys.public_key for w in await start_llm_providers(workers, mint, blobs, 3)]
-    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    model, train, test, providers, customer = await federation_parts(workers, mint, relay, blobs, tmp_path, providers=3)
     settings = dataclasses.replace(SETTINGS, rounds=1, inner_steps=8, attacks={1: "lazy"})
     try:
         federation = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url],

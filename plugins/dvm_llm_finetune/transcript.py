@@ -178,6 +178,30 @@ class Checkpoint:
             safetensors.numpy.save_file(arrays, str(path), metadata=metadata)
         return path
 
+    def save_and_digest(self, path: Path) -> tuple[str, str]:
+        """`save(path)`, then `digests()`, in one pass over the tensors and with no copy of them:
+        the digests are taken from the tensors' own bytes, and the file (the bytes
+        `CheckpointWriter` writes, with the header padded to 8 bytes only) is written from them
+        with ``writev``. For a dtype safetensors cannot name, `save` and `digests`."""
+        if any(t.dtype not in SAFETENSORS_DTYPES for t in self.tensors.values()):
+            self.save(path)
+            return self.digests()
+        raw = {k: _head_and_bytes(v) for k, v in self.tensors.items()}
+        weights, state = hashlib.sha256(), hashlib.sha256()
+        for key in sorted(raw):
+            head, data = raw[key]
+            state.update(key.encode() + head)
+            state.update(data)
+            if key.startswith("model/"):
+                weights.update(key[len("model/"):].encode() + head)
+                weights.update(data)
+        state.update(_canonical(self.meta))
+        layout = _file_layout(_layout_key(self.tensors))
+        parts = [layout.tight_header(self.meta)]
+        parts += [raw[name][1] for name, (begin, end) in layout.offsets.items() if end > begin]
+        _write_parts(path, parts)
+        return weights.hexdigest(), state.hexdigest()
+
     @classmethod
     def load(cls, path: Path) -> "Checkpoint":
         """Read a checkpoint file, or raise JobInputError: it is someone else's file."""
@@ -243,8 +267,8 @@ class _Layout:
     starts on a page), then the tensors by descending item size and name (as safetensors orders
     them, every tensor aligned to its item size)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], room: int):
-        self.key = _layout_key(tensors)
+    def __init__(self, tensors: dict[str, torch.Tensor] | tuple, room: int):
+        self.key = _layout_key(tensors) if isinstance(tensors, dict) else tensors
         order = sorted(self.key, key=lambda e: (-e[1].itemsize, e[0]))
         self.offsets: dict[str, tuple[int, int]] = {}
         parts, at = [], 0
@@ -261,16 +285,30 @@ class _Layout:
 
     def header(self, meta: dict) -> bytes | None:
         """The header (with its length in front, padded), or None when it does not fit `room`."""
-        metadata = json.dumps({"dvm": json.dumps(meta, sort_keys=True)}, separators=(",", ":"))
-        text = f'{{"__metadata__":{metadata}' + (f",{self.tensors_json}}}" if self.tensors_json else "}")
-        raw = text.encode()
+        raw = self._header_json(meta)
         if 8 + len(raw) > self.room:
             return None
         return (self.room - 8).to_bytes(8, "little") + raw + b" " * (self.room - 8 - len(raw))
 
+    def tight_header(self, meta: dict) -> bytes:
+        """The header padded to a multiple of 8 bytes only, as safetensors pads it (sets `room`)."""
+        self.room = 8 + -(-len(self._header_json(meta)) // 8) * 8
+        return self.header(meta)
+
+    def _header_json(self, meta: dict) -> bytes:
+        metadata = json.dumps({"dvm": json.dumps(meta, sort_keys=True)}, separators=(",", ":"))
+        return (f'{{"__metadata__":{metadata}' + (f",{self.tensors_json}}}" if self.tensors_json else "}")).encode()
+
 
 def _layout_key(tensors: dict[str, torch.Tensor]) -> tuple:
     return tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+
+
+@functools.lru_cache(maxsize=4)
+def _file_layout(key: tuple) -> _Layout:
+    """The layout of `Checkpoint.save_and_digest`'s files: every checkpoint of a job has the
+    same tensors, so it is worked out once (its `room` is set by each `tight_header`)."""
+    return _Layout(key, ALIGN)
 
 
 class CheckpointWriter:
@@ -423,6 +461,24 @@ def _write_file(path: Path, flags: int, data: memoryview, size: int) -> None:
         os.close(fd)
 
 
+def _write_parts(path: Path, parts: list) -> None:
+    """Write buffers one after the other to a new `path` with ``writev`` (as many as the system
+    takes a call); the descriptor is closed whatever fails."""
+    views = [memoryview(part).cast("B") for part in parts]
+    views = [v for v in views if len(v)]
+    batch = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while views:
+            written = os.writev(fd, views[:batch])
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
+    finally:
+        os.close(fd)
+
+
 class Recorder:
     """Called by `train.train`: `start` once the steps are planned, `checkpoint` every `every`
     steps (before step s + 1, s a multiple of `every`) and at the end, each saved in
@@ -489,8 +545,7 @@ class Recorder:
             if self.writer is not None:
                 self.writer.wait()
             point = Checkpoint(step, {k: v.to("cpu") for k, v in point.tensors.items()}, point.meta)
-            point.save(path)
-            self._digests.append(_done(point.digests()))
+            self._digests.append(_done(point.save_and_digest(path)))
         if final and self.writer is not None:
             self.writer.close()
         for entry, digests in zip(self.entries, self._digests):

@@ -9,7 +9,7 @@ The state is what full fine-tuning of a model of ``--params`` fp32 parameters ch
 weights and AdamW's two moments (12 bytes a parameter), as tensors of 2,048 × 2,048 on
 ``--device``. Each round saves it both ways, in alternating order, into new files:
 
-- baseline, in the loop (`Checkpoint.save` and `Checkpoint.digests` after a copy to the host:
+- baseline, in the loop (`Checkpoint.save_and_digest` after a copy to the host:
   what `transcript.Recorder` does for training on the CPU, and did for every device before):
   `baseline_seconds`, all of which the loop waits for;
 - contender, `transcript.CheckpointWriter`: `blocked_seconds` is what the loop waits for (the
@@ -70,8 +70,7 @@ def sync(device: torch.device) -> None:
 def in_the_loop(point: T.Checkpoint, path: Path) -> tuple[float, tuple]:
     started = time.perf_counter()
     host = T.Checkpoint(point.step, {k: v.to("cpu") for k, v in point.tensors.items()}, point.meta)
-    host.save(path)
-    digests = host.digests()
+    digests = host.save_and_digest(path)
     return time.perf_counter() - started, digests
 
 
