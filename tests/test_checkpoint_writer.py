@@ -248,6 +248,8 @@ def test_a_stopped_llm_training_abandons_its_recorder(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (gpu_check.sh runs it on one)")
 def test_tensors_on_a_gpu_are_written_as_they_were_when_written(tmp_path):
+    """Copied into a page-locked buffer without a wait per tensor: the copies are finished when
+    `write` returns, before training changes the tensors."""
     writer = T.CheckpointWriter()
     points = [state(0), state(1)]
     for p in points:
@@ -256,6 +258,7 @@ def test_tensors_on_a_gpu_are_written_as_they_were_when_written(tmp_path):
     futures = []
     for p in points:
         futures.append(writer.write(p, tmp_path / f"c{p.step}.safetensors"))
+        assert writer.pinned
         with torch.no_grad():
             for t in p.tensors.values():
                 t.add_(1)
@@ -305,3 +308,49 @@ def test_saved_in_the_loop_whatever_writev_takes_at_a_time(tmp_path, monkeypatch
     assert (tmp_path / "bits.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
     loaded = T.Checkpoint.load(tmp_path / "bits.safetensors")
     assert all(torch.equal(loaded.tensors[k], v) for k, v in point.tensors.items())
+
+
+class FakeCudart:
+    """What `torch.cuda.cudart()` answers on a GPU machine, for the writer's page-locking: the
+    calls it gets are kept (this machine has no CUDA runtime to lock pages with)."""
+
+    def __init__(self, answer: int = 0):
+        self.answer, self.calls = answer, []
+
+    def cudaHostRegister(self, address, size, flags):
+        self.calls.append(("register", address, size, flags))
+        return self.answer
+
+    def cudaHostUnregister(self, address):
+        self.calls.append(("unregister", address))
+        return 0
+
+
+@pytest.mark.parametrize("answer", [0, 1])
+def test_the_buffer_for_a_gpu_is_page_locked_once_and_unlocked_before_it_is_freed(tmp_path, monkeypatch, answer):
+    """pin=True (what a checkpoint on a CUDA device gets): the whole buffer is registered once,
+    where it lies, and unregistered when the writer closes, before the buffer is freed. Where the
+    driver refuses (answer 1), nothing is unregistered and the files are the same."""
+    cudart = FakeCudart(answer)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    writer = T.CheckpointWriter(pin=True)
+    points = [state(8), state(9)]
+    digests = [p.digests() for p in points]
+    futures = [writer.write(p, tmp_path / f"c{p.step}.safetensors") for p in points]
+    address, size = writer._pinned_at, len(writer._buffer)
+    assert writer.pinned == (answer == 0)
+    assert address % T.ALIGN == 0 and size >= writer._layout.size
+    writer.close()
+    assert cudart.calls == [("register", address, size, 0)] + ([("unregister", address)] if answer == 0 else [])
+    assert not writer.pinned and writer._buffer is None
+    assert [f.result() for f in futures] == digests
+    assert [T.Checkpoint.load(tmp_path / f"c{p.step}.safetensors").digests() for p in points] == digests
+
+
+def test_a_cpu_checkpoint_is_not_page_locked(tmp_path, monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    writer = T.CheckpointWriter()
+    writer.write(state(10), tmp_path / "c.safetensors")
+    writer.close()
+    assert cudart.calls == [] and not writer.pinned

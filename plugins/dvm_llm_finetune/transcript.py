@@ -321,9 +321,17 @@ class CheckpointWriter:
 
     The files are valid safetensors files whose header is padded with spaces so that the data
     starts on a page; `Checkpoint.load` reads them. Where direct I/O is refused (tmpfs on older
-    kernels, other systems) the same bytes go through the page cache."""
+    kernels, other systems) the same bytes go through the page cache.
 
-    def __init__(self):
+    For a checkpoint on a CUDA device the buffer is page-locked (``cudaHostRegister``, as
+    torch.distributed.checkpoint's stager pins its own), so that the copies from the device go
+    to it by DMA, queued one after the other, with one wait at the end; where the driver
+    refuses, they go through CUDA's staging buffer as before. `pin` forces it on or off."""
+
+    def __init__(self, *, pin: bool | None = None):
+        self.pin = pin
+        self.pinned = False         # the buffer is page-locked now
+        self._pinned_at = 0
         self._layout: _Layout | None = None
         self._buffer: mmap.mmap | None = None
         self._slots: dict[str, torch.Tensor] = {}
@@ -348,11 +356,17 @@ class CheckpointWriter:
             layout = self._arrange(point)
             header = layout.header(point.meta)
         self._buffer[:layout.room] = header
+        queued = set()      # devices with copies still queued (into the page-locked buffer)
         with torch.no_grad():
             for name, t in point.tensors.items():
                 slot = self._slots.get(name)
                 if slot is not None:
-                    slot.copy_(t)
+                    later = self.pinned and t.device.type == "cuda"
+                    slot.copy_(t, non_blocking=later)
+                    if later:
+                        queued.add(t.device)
+        for device in queued:   # the copies are done before training may change the tensors
+            torch.cuda.current_stream(device).synchronize()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending = self._pool.submit(self._save, path, layout.room + layout.data, _canonical(point.meta))
@@ -379,6 +393,8 @@ class CheckpointWriter:
         if self._buffer is None or len(self._buffer) < layout.size:
             self._release()
             self._buffer = mmap.mmap(-1, layout.size)
+            if self.pin or (self.pin is None and any(t.device.type == "cuda" for t in point.tensors.values())):
+                self._page_lock()
         self._slots, self._hashed = {}, []
         view = memoryview(self._buffer)
         for name, dtype, shape in layout.key:
@@ -431,8 +447,20 @@ class CheckpointWriter:
                 self._pool = None
             self._release()
 
+    def _page_lock(self) -> None:
+        """Page-lock the buffer for copies from a GPU; where that fails, go on without."""
+        address = torch.frombuffer(self._buffer, dtype=torch.uint8, count=1).data_ptr()
+        try:
+            self.pinned = int(torch.cuda.cudart().cudaHostRegister(address, len(self._buffer), 0)) == 0
+        except Exception:   # noqa: BLE001 - no CUDA runtime in this build, or none that answers
+            self.pinned = False
+        self._pinned_at = address
+
     def _release(self) -> None:
         self._slots, self._hashed, self._layout = {}, [], None
+        if self.pinned:
+            self.pinned = False
+            torch.cuda.cudart().cudaHostUnregister(self._pinned_at)
         if self._buffer is not None:
             try:
                 self._buffer.close()
