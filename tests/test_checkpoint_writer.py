@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+import threading
 
 import pytest
 
@@ -312,45 +313,59 @@ def test_saved_in_the_loop_whatever_writev_takes_at_a_time(tmp_path, monkeypatch
 
 class FakeCudart:
     """What `torch.cuda.cudart()` answers on a GPU machine, for the writer's page-locking: the
-    calls it gets are kept (this machine has no CUDA runtime to lock pages with)."""
+    calls it gets are kept (this machine has no CUDA runtime to lock pages with), with whether
+    they came from the caller's thread and whether the buffer was still there at unlocking."""
 
-    def __init__(self, answer: int = 0):
-        self.answer, self.calls = answer, []
+    def __init__(self, writer_of, answer: int = 0):
+        self.writer_of, self.answer, self.calls = writer_of, answer, []
+        self.caller = threading.get_ident()
 
     def cudaHostRegister(self, address, size, flags):
-        self.calls.append(("register", address, size, flags))
+        self.calls.append(("register", address, size, flags, threading.get_ident() == self.caller))
         return self.answer
 
     def cudaHostUnregister(self, address):
-        self.calls.append(("unregister", address))
+        buffer = self.writer_of()._buffer
+        self.calls.append(("unregister", address, buffer is not None and not buffer.closed,
+                           threading.get_ident() == self.caller))
         return 0
 
 
 @pytest.mark.parametrize("answer", [0, 1])
 def test_the_buffer_for_a_gpu_is_page_locked_once_and_unlocked_before_it_is_freed(tmp_path, monkeypatch, answer):
     """pin=True (what a checkpoint on a CUDA device gets): the whole buffer is registered once,
-    where it lies, and unregistered when the writer closes, before the buffer is freed. Where the
-    driver refuses (answer 1), nothing is unregistered and the files are the same."""
-    cudart = FakeCudart(answer)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    where it lies, for every device (portable), from a thread of its own (a refusal's error must
+    not reach the training thread's next kernel launch); unregistered while it is still there,
+    when a bigger checkpoint needs a new buffer and when the writer closes. Where the driver
+    refuses (answer 1), nothing is unregistered and the files are the same."""
     writer = T.CheckpointWriter(pin=True)
-    points = [state(8), state(9)]
+    cudart = FakeCudart(lambda: writer, answer)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    points = [state(8, optimizer=False), state(9), state(10)]   # the second one needs a bigger buffer
     digests = [p.digests() for p in points]
-    futures = [writer.write(p, tmp_path / f"c{p.step}.safetensors") for p in points]
-    address, size = writer._pinned_at, len(writer._buffer)
-    assert writer.pinned == (answer == 0)
-    assert address % T.ALIGN == 0 and size >= writer._layout.size
+    futures, buffers = [], []
+    for p in points:
+        futures.append(writer.write(p, tmp_path / f"c{p.step}.safetensors"))
+        buffers.append((writer._pinned_at, len(writer._buffer)))
+        assert writer.pinned == (answer == 0)
     writer.close()
-    assert cudart.calls == [("register", address, size, 0)] + ([("unregister", address)] if answer == 0 else [])
+    (first, small), (second, big) = buffers[0], buffers[1]
+    assert buffers[2] == buffers[1] and big > small and first % T.ALIGN == 0
+    locks = [("register", first, small, 1, False), ("register", second, big, 1, False)]
+    if answer == 0:
+        assert cudart.calls == [locks[0], ("unregister", first, True, False), locks[1],
+                                ("unregister", second, True, False)]
+    else:
+        assert cudart.calls == locks
     assert not writer.pinned and writer._buffer is None
     assert [f.result() for f in futures] == digests
     assert [T.Checkpoint.load(tmp_path / f"c{p.step}.safetensors").digests() for p in points] == digests
 
 
 def test_a_cpu_checkpoint_is_not_page_locked(tmp_path, monkeypatch):
-    cudart = FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
     writer = T.CheckpointWriter()
+    cudart = FakeCudart(lambda: writer)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
     writer.write(state(10), tmp_path / "c.safetensors")
     writer.close()
     assert cudart.calls == [] and not writer.pinned

@@ -324,6 +324,29 @@ async def test_refund_locked_to_the_customers_nostr_key(customer, provider, wall
     assert (await owner.receive(refund, min_amount=12)).amount == 12
 
 
+async def test_a_lock_to_the_nostr_key_is_redeemed_with_also_key_by_any_wallet(customer, provider, wallets, mint):
+    """`also_key` (a customer collecting refunds a DVM locked to "02" + its Nostr key): a wallet
+    with another P2PK key of its own, and one with none, sign those locks with it. SIG_ALL to
+    that key is refused before the mint is asked (only the wallet's own key gets SIG_ALL
+    signatures, from Nutshell)."""
+    await provider.receive(await customer.send(30), min_amount=30)
+    nostr_secret = keys_by_parity()[1]
+    nostr_pubkey = xonly(nostr_secret)
+    own_key = wallets("own-key", [mint.url], p2pk_private_key=keys_by_parity()[0])
+    no_key = wallets("no-key", [mint.url])
+    for wallet in (own_key, no_key):
+        refund = await provider.send(6, lock_to=nostr_pubkey)
+        await refused(wallet.receive(refund, min_amount=6, require_lock=True), "locked to another key")
+        assert (await wallet.receive(refund, min_amount=6, require_lock=True, also_key=nostr_secret)).amount == 6
+    sig_all = decode_b(await provider.send(6, lock_to=nostr_pubkey))
+    secret = json.loads(sig_all["t"][0]["p"][0]["s"])
+    secret[1]["tags"] = [["sigflag", "SIG_ALL"]]
+    sig_all["t"][0]["p"][0]["s"] = json.dumps(secret)
+    await refused(no_key.receive(encode_b(sig_all), min_amount=6, also_key=nostr_secret), "SIG_ALL")
+    with pytest.raises(ValueError):
+        await no_key.receive(refund, min_amount=6, also_key=nostr_secret, job_id="ab" * 32)
+
+
 async def test_mint_fees_are_counted_before_and_after_the_swap(wallets, fee_mint):
     payer = wallets("payer", [fee_mint.url])
     await payer.mint_from_lightning(100, fee_mint.url)

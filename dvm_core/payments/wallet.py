@@ -524,9 +524,11 @@ class EcashWallet:
             if cond.n_sigs > 1:
                 raise PaymentError(f"The token needs {cond.n_sigs} signatures to be spent; this "
                                    "worker can give only its own.")
-            if cond.sig_all and ours not in cond.pubkeys:
-                raise PaymentError(f"The token is locked (SIG_ALL) to {cond.pubkeys[0]}, not to this "
-                                   f"worker's key {ours}.")
+            if cond.sig_all and not (self._p2pk_secret and self.p2pk_pubkey in cond.pubkeys):
+                # Nutshell signs SIG_ALL for the wallet's own key only; ours for other keys
+                # (a job's, also_key) sign each input, which the mint refuses for SIG_ALL.
+                raise PaymentError(f"The token is locked (SIG_ALL) to {cond.pubkeys[0]}; this worker "
+                                   "takes SIG_ALL locks to its own wallet key only, SIG_INPUTS otherwise.")
             if min_locktime is not None and cond.locktime is not None and cond.locktime < min_locktime:
                 raise PaymentError(
                     f"The token's lock expires at {cond.locktime} (unix time), before {min_locktime}: "
@@ -573,13 +575,12 @@ class EcashWallet:
         only for "02"+x) and those locked to the key derived for a job; and give HTLC proofs
         the `preimage` with the signature (Nutshell would sign them without it). `conditions`:
         the proofs' spending conditions, from `read_token`."""
-        if self._p2pk_secret is None:
+        secrets = [s for s in (self._p2pk_secret, job_secret) if s]
+        if not secrets:
             return
         c = nutshell.load()
-        signers = {}
-        for secret in filter(None, (self._p2pk_secret, job_secret)):
-            signers[xonly_pubkey(secret)] = c.PrivateKey(bytes.fromhex(secret))
-        ours = self.p2pk_pubkey
+        signers = {xonly_pubkey(secret): c.PrivateKey(bytes.fromhex(secret)) for secret in secrets}
+        ours = self.p2pk_pubkey if self._p2pk_secret else None
         for proof, cond in zip(proofs, conditions):
             if cond is None:
                 continue

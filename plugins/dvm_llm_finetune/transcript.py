@@ -291,9 +291,11 @@ class _Layout:
         return (self.room - 8).to_bytes(8, "little") + raw + b" " * (self.room - 8 - len(raw))
 
     def tight_header(self, meta: dict) -> bytes:
-        """The header padded to a multiple of 8 bytes only, as safetensors pads it (sets `room`)."""
-        self.room = 8 + -(-len(self._header_json(meta)) // 8) * 8
-        return self.header(meta)
+        """The header padded to a multiple of 8 bytes only, as safetensors pads it (whatever
+        `room` is: a cached layout is shared by threads and never changed)."""
+        raw = self._header_json(meta)
+        size = -(-len(raw) // 8) * 8
+        return size.to_bytes(8, "little") + raw + b" " * (size - len(raw))
 
     def _header_json(self, meta: dict) -> bytes:
         metadata = json.dumps({"dvm": json.dumps(meta, sort_keys=True)}, separators=(",", ":"))
@@ -307,7 +309,7 @@ def _layout_key(tensors: dict[str, torch.Tensor]) -> tuple:
 @functools.lru_cache(maxsize=4)
 def _file_layout(key: tuple) -> _Layout:
     """The layout of `Checkpoint.save_and_digest`'s files: every checkpoint of a job has the
-    same tensors, so it is worked out once (its `room` is set by each `tight_header`)."""
+    same tensors, so it is worked out once (read only: jobs in other threads share it)."""
     return _Layout(key, ALIGN)
 
 
@@ -357,16 +359,18 @@ class CheckpointWriter:
             header = layout.header(point.meta)
         self._buffer[:layout.room] = header
         queued = set()      # devices with copies still queued (into the page-locked buffer)
-        with torch.no_grad():
-            for name, t in point.tensors.items():
-                slot = self._slots.get(name)
-                if slot is not None:
-                    later = self.pinned and t.device.type == "cuda"
-                    slot.copy_(t, non_blocking=later)
-                    if later:
-                        queued.add(t.device)
-        for device in queued:   # the copies are done before training may change the tensors
-            torch.cuda.current_stream(device).synchronize()
+        try:
+            with torch.no_grad():
+                for name, t in point.tensors.items():
+                    slot = self._slots.get(name)
+                    if slot is not None:
+                        later = self.pinned and t.device.type == "cuda"
+                        slot.copy_(t, non_blocking=later)
+                        if later:
+                            queued.add(t.device)
+        finally:    # the copies are done before training may change the tensors (or the buffer goes)
+            for device in queued:
+                torch.cuda.current_stream(device).synchronize()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending = self._pool.submit(self._save, path, layout.room + layout.data, _canonical(point.meta))
@@ -393,8 +397,9 @@ class CheckpointWriter:
         if self._buffer is None or len(self._buffer) < layout.size:
             self._release()
             self._buffer = mmap.mmap(-1, layout.size)
-            if self.pin or (self.pin is None and any(t.device.type == "cuda" for t in point.tensors.values())):
-                self._page_lock()
+            devices = {t.device for t in point.tensors.values() if t.device.type == "cuda"}
+            if self.pin or (self.pin is None and devices):
+                self._page_lock(next(iter(devices), None))
         self._slots, self._hashed = {}, []
         view = memoryview(self._buffer)
         for name, dtype, shape in layout.key:
@@ -447,26 +452,44 @@ class CheckpointWriter:
                 self._pool = None
             self._release()
 
-    def _page_lock(self) -> None:
-        """Page-lock the buffer for copies from a GPU; where that fails, go on without."""
+    def _page_lock(self, device: torch.device | None) -> None:
+        """Page-lock the buffer for copies from a GPU (portable: for every device); where that
+        fails, go on without. The CUDA runtime keeps its last error per thread, and torch's next
+        kernel launch in the thread would raise a failed registration's: so it is asked in a
+        thread of its own."""
         address = torch.frombuffer(self._buffer, dtype=torch.uint8, count=1).data_ptr()
+        size = len(self._buffer)
+
+        def register() -> bool:
+            if device is not None:
+                torch.cuda.set_device(device)
+            return int(torch.cuda.cudart().cudaHostRegister(address, size, CUDA_HOST_REGISTER_PORTABLE)) == 0
         try:
-            self.pinned = int(torch.cuda.cudart().cudaHostRegister(address, len(self._buffer), 0)) == 0
+            self.pinned = _in_a_thread(register)
         except Exception:   # noqa: BLE001 - no CUDA runtime in this build, or none that answers
             self.pinned = False
         self._pinned_at = address
 
     def _release(self) -> None:
         self._slots, self._hashed, self._layout = {}, [], None
-        if self.pinned:
-            self.pinned = False
-            torch.cuda.cudart().cudaHostUnregister(self._pinned_at)
+        if self.pinned:     # before the buffer is freed
+            self.pinned, address = False, self._pinned_at
+            _in_a_thread(lambda: torch.cuda.cudart().cudaHostUnregister(address))
         if self._buffer is not None:
             try:
                 self._buffer.close()
             except BufferError:     # a view still held somewhere: the collector frees it
                 pass
             self._buffer = None
+
+
+CUDA_HOST_REGISTER_PORTABLE = 1    # cudaHostRegisterPortable
+
+
+def _in_a_thread(call):
+    """`call()` in a new thread, its result or its exception here."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-host-register") as pool:
+        return pool.submit(call).result()
 
 
 def _done(value) -> Future:
@@ -492,17 +515,22 @@ def _write_file(path: Path, flags: int, data: memoryview, size: int) -> None:
 def _write_parts(path: Path, parts: list) -> None:
     """Write buffers one after the other to a new `path` with ``writev`` (as many as the system
     takes a call); the descriptor is closed whatever fails."""
-    views = [memoryview(part).cast("B") for part in parts]
-    views = [v for v in views if len(v)]
-    batch = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
+    views = [v for v in (memoryview(part).cast("B") for part in parts) if len(v)]
+    batch = 1024
+    if hasattr(os, "sysconf"):
+        batch = max(1, min(os.sysconf("SC_IOV_MAX"), batch))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        while views:
-            written = os.writev(fd, views[:batch])
-            while views and written >= len(views[0]):
-                written -= len(views.pop(0))
+        i = 0
+        while i < len(views):
+            written = os.writev(fd, views[i:i + batch])
+            if written <= 0:
+                raise OSError(errno.EIO, f"writing {path} made no progress")
+            while i < len(views) and written >= len(views[i]):
+                written -= len(views[i])
+                i += 1
             if written:
-                views[0] = views[0][written:]
+                views[i] = views[i][written:]
     finally:
         os.close(fd)
 
