@@ -171,20 +171,51 @@ def distance(a: dict, b: dict) -> float:
     return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
 
 
+def state_distance(a: dict, b: dict) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the groups of two whole checkpoint states (name → tensor):
+    the weights (``model/…``) and each kind of optimizer state (``optim/<i>/exp_avg``, …) apart,
+    since the moments are orders of magnitude smaller than the weights and a change to them
+    (one that stops training, say) would hide in a single norm. Tensors that are not floating
+    point (counters, RNG states) must be equal. inf when the keys, shapes or those differ."""
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
+        return math.inf
+    groups: dict[str, tuple[float, float]] = {}
+    for k in a:
+        if not (a[k].is_floating_point() and b[k].is_floating_point()):
+            if a[k].dtype != b[k].dtype or not bool((a[k] == b[k]).all()):
+                return math.inf
+            continue
+        group = "optim/" + k.rsplit("/", 1)[-1] if k.startswith("optim/") else k.split("/", 1)[0]
+        x, y = a[k].double(), b[k].double()
+        diff, norm = groups.get(group, (0.0, 0.0))
+        groups[group] = (diff + float((x - y).square().sum()), norm + float(y.square().sum()))
+    return max((math.sqrt(d) / max(math.sqrt(n), 1e-30) for d, n in groups.values()), default=0.0)
+
+
 def compare(transcript: dict, got, claimed, tolerance: float = 0.0) -> dict:
     """The verdict on a replayed segment: the state reached (`got`) against the transcript's
     record, and against the provider's end checkpoint (`claimed`, or None) for the distance.
-    `got` and `claimed` are a plugin's checkpoints: ``step``, ``weights`` (name → tensor),
-    ``weights_sha256()`` and ``state_sha256()``."""
+    `got` and `claimed` are a plugin's checkpoints: ``step``, ``tensors`` (the whole state,
+    name → tensor), ``weights`` (name → tensor), ``weights_sha256()`` and ``state_sha256()``.
+
+    Bit for bit (`exact`) is a match. With a `tolerance`, so is a replay whose whole state lies
+    within it of the end checkpoint (`state_distance`: the weights and each optimizer moment
+    apart), provided that checkpoint is the one the transcript committed to (its state's
+    sha256, not only its weights'): else the next segment's replay would start from moments
+    the provider chose, and an untrained run could replay "within tolerance" forever."""
     expected = entry_at(transcript, got.step)
     got_sha, got_state = got.weights_sha256(), got.state_sha256()
     dist = 0.0 if got_sha == expected["weights_sha256"] else math.inf
+    whole = 0.0 if got_state == expected["state_sha256"] else math.inf
     if claimed is not None:
         dist = distance(got.weights, claimed.weights)
+        whole = state_distance(got.tensors, claimed.tensors)
     exact = got_sha == expected["weights_sha256"] and got_state == expected["state_sha256"]
-    claimed_ok = claimed is None or claimed.weights_sha256() == expected["weights_sha256"]
-    match = claimed_ok and (exact or (tolerance > 0 and dist <= tolerance))
-    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None, "exact": exact,
+    claimed_ok = claimed is None or (claimed.weights_sha256() == expected["weights_sha256"]
+                                     and claimed.state_sha256() == expected["state_sha256"])
+    match = claimed_ok and (exact or (tolerance > 0 and whole <= tolerance))
+    return {"match": bool(match), "distance": dist if math.isfinite(dist) else None,
+            "state_distance": whole if math.isfinite(whole) else None, "exact": exact,
             "expected_sha256": expected["weights_sha256"], "got_sha256": got_sha,
             "expected_state_sha256": expected["state_sha256"], "got_state_sha256": got_state,
             "end_checkpoint_matches_transcript": claimed_ok}

@@ -257,6 +257,57 @@ def test_a_cheat_in_one_segment_is_caught_by_that_segment_only(tmp_path, digits,
     assert verdicts[-1]["distance"] > 0
 
 
+def committed_copy(run: Run, folder: Path, change) -> Run:
+    """The run with `change(step, checkpoint)` applied to its checkpoints (it returns the new
+    tensors), each file and digest written up as the transcript's."""
+    folder.mkdir()
+    changed = json.loads(json.dumps(run.transcript))
+    for entry in changed["checkpoints"]:
+        point = T.Checkpoint.load(run.file(entry["step"]))
+        point = T.Checkpoint(entry["step"], change(entry["step"], point), dict(point.meta, step=entry["step"]))
+        point.save(folder / entry["file"])
+        entry.update(weights_sha256=point.weights_sha256(), state_sha256=point.state_sha256())
+    return Run(changed, folder)
+
+
+def test_a_tolerance_takes_noise_but_not_moments_that_stop_training(tmp_path, digits, honest, monkeypatch):
+    """With a tolerance (a GPU's replays are not bit for bit), a replay within it of the end
+    checkpoint matches: every committed state moved by 1e-7. Not a provider who trained to step
+    10, then set AdamW's second moments to 1e30 (no weight moves any more) and committed that
+    state for every later step: the whole state is not within the tolerance, in any segment. (A
+    verdict on the weights alone let such a run through when the cheat also ran the forward
+    passes that move BatchNorm's statistics: found in review.)"""
+    run = honest[0]
+    data = digits[0]
+
+    def noise(step, point):     # the last state, as a replay elsewhere might have reached it
+        g = torch.Generator().manual_seed(step)
+        return {k: v * (1 + 1e-7 * torch.randn(v.shape, generator=g)) if v.is_floating_point() and step == 42 else v
+                for k, v in point.tensors.items()}
+    noisy = committed_copy(run, tmp_path / "noisy", noise)
+    checks = [V.verify_segment(noisy.transcript, data, noisy.file(40), noisy.file(42), end_step=42, device=CPU,
+                               tolerance=tolerance) for tolerance in (0.0, 1e-4)]
+    assert [v["match"] for v in checks] == [False, True] and not checks[1]["exact"], checks
+    assert 0 < checks[1]["state_distance"] < 1e-6
+
+    # The cheat: AdamW frozen at step 10; later states made by forward passes alone (they move
+    # BatchNorm's statistics as training would), no backward pass, no update.
+    import accelerate
+    point = T.Checkpoint.load(run.file(10))
+    point.tensors = {k: torch.full_like(v, 1e30) if k.endswith("/exp_avg_sq") else v for k, v in point.tensors.items()}
+    stalled = {10: point.tensors}
+    monkeypatch.setattr(accelerate.Accelerator, "backward", lambda self, loss, **kw: None)
+    for a, b in T.segments(run.transcript)[1:]:
+        point = T.replay(run.transcript, point, digits[1], digits[2], b, device=CPU)
+        stalled[b] = point.tensors
+    monkeypatch.undo()
+    lazy = committed_copy(run, tmp_path / "stalled", lambda step, point: stalled.get(step, point.tensors))
+    verdicts = [V.verify_segment(lazy.transcript, data, lazy.file(a), lazy.file(b), end_step=b, device=CPU,
+                                 tolerance=1e-4) for a, b in T.segments(lazy.transcript)]
+    assert [v["match"] for v in verdicts] == [False] * 5, verdicts
+    assert all(v["state_distance"] is None or v["state_distance"] > 1e-4 for v in verdicts)   # None: counters differ
+
+
 def test_a_start_checkpoint_not_in_the_transcript_and_other_data_mismatch(tmp_path, digits, honest):
     run, _, _, _ = honest
     # Two segments at once replay as well.

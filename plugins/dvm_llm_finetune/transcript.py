@@ -42,7 +42,8 @@ import numpy
 import torch
 
 from dvm_core import JobInputError
-from dvm_core.transcripts import compare, distance, entry_at, segment_end, segments  # noqa: F401 - one verdict for every format
+from dvm_core.transcripts import (  # noqa: F401 - one verdict for every format
+    compare, distance, entry_at, segment_end, segments, state_distance)
 
 FORMAT = "dvm-llm-finetune-transcript/1"
 CHECKPOINT_FORMAT = "dvm-llm-finetune-checkpoint/1"

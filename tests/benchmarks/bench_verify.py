@@ -31,8 +31,11 @@ epochs of batches of 64 (23 steps an epoch), with ``checkpoint_every`` chosen so
 - `max_distance`: the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights, the
   verify job's) of an honest replay: 0.0 where every segment replays bit for bit. Against it,
   `one_step_short_distance` (median over rounds): the distance of a replay of the middle segment
-  that stops one optimizer step short, the smallest cheat there is. On a device where replays are
-  not bit for bit (a GPU), a verifier's ``tolerance`` must lie between the two.
+  that stops one optimizer step short, the smallest cheat there is. `max_state_distance` and
+  `one_step_short_state_distance`: the same for the whole state (`state_distance`: the weights
+  and each optimizer moment apart), which is what a tolerance is checked against. On a device
+  where replays are not bit for bit (a GPU), a verifier's ``tolerance`` must lie between
+  `max_state_distance` and `one_step_short_state_distance`.
 
 ``--task llm``: the same keys for LLM fine-tuning (`dvm_llm_finetune.train.train`, what a
 kind-5751 job runs) of the tiny offline GPT-2 of `dvm_federate.tiny` (2 layers, width 64, GPT-2
@@ -94,7 +97,9 @@ def middle(segments) -> tuple[int, int]:
 def distances(verdicts: list[dict]) -> dict:
     """The figures of the honest replays' distances (None where a replay was not comparable)."""
     found = [v["distance"] for v in verdicts]
+    whole = [v["state_distance"] for v in verdicts if v["state_distance"] is not None]
     return {"max_distance": max((d for d in found if d is not None), default=None),
+            "max_state_distance": max(whole, default=None),
             "exact": sum(bool(v["exact"]) for v in verdicts), "incomparable": sum(d is None for d in found)}
 
 
@@ -136,7 +141,7 @@ def main() -> int:
     run(x, y, spec, params, mean, std, root / "warm-up")
 
     without, with_, paired, written, checks, matched = [], [], [], [], [], []
-    verdicts, short = [], []
+    verdicts, short, short_state = [], [], []
     checkpoint_bytes = 0
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
@@ -171,7 +176,9 @@ def main() -> int:
         a, b = middle(T.segments(transcript))
         got = T.replay(transcript, T.Checkpoint.load(recorded_in / T.entry_at(transcript, a)["file"]), x, y, b - 1,
                        device=DEVICE)
-        short.append(T.distance(got.weights, T.Checkpoint.load(recorded_in / T.entry_at(transcript, b)["file"]).weights))
+        claimed = T.Checkpoint.load(recorded_in / T.entry_at(transcript, b)["file"])
+        short.append(T.distance(got.weights, claimed.weights))
+        short_state.append(T.state_distance(got.tensors, claimed.tensors))
 
     train_s = statistics.median(without)
     job_s = statistics.median(with_)
@@ -181,7 +188,8 @@ def main() -> int:
         "transcript_overhead": round(statistics.median(written) / train_s, 4),
         "transcript_overhead_paired": round(statistics.median(paired), 4),
         "all_matched": all(matched), "checks": len(matched), **distances(verdicts),
-        "one_step_short_distance": statistics.median(short), "device": str(DEVICE),
+        "one_step_short_distance": statistics.median(short),
+        "one_step_short_state_distance": statistics.median(short_state), "device": str(DEVICE),
         "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
         "train_seconds_without_transcript": round(train_s, 3),
         "transcript_seconds": round(statistics.median(written), 4),
@@ -238,7 +246,7 @@ def main_llm(args) -> int:
     run_llm(None)
     run_llm(root / "warm-up")
     without, with_, paired, written, checks, matched = [], [], [], [], [], []
-    checkpoint_bytes, in_loop, verdicts, short = 0, [], [], []
+    checkpoint_bytes, in_loop, verdicts, short, short_state = 0, [], [], [], []
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
         times = {}
@@ -271,8 +279,9 @@ def main_llm(args) -> int:
         a, b = middle(LT.segments(transcript))
         got = LT.replay(transcript, LT.Checkpoint.load(recorded_in / LT.entry_at(transcript, a)["file"]), model_folder,
                         train_ex, tokenizer, b - 1, device=DEVICE)
-        short.append(LT.distance(got.weights,
-                                 LT.Checkpoint.load(recorded_in / LT.entry_at(transcript, b)["file"]).weights))
+        claimed = LT.Checkpoint.load(recorded_in / LT.entry_at(transcript, b)["file"])
+        short.append(LT.distance(got.weights, claimed.weights))
+        short_state.append(LT.state_distance(got.tensors, claimed.tensors))
 
     train_s, job_s, check_s = statistics.median(without), statistics.median(with_), statistics.median(checks)
     print(json.dumps({
@@ -281,7 +290,8 @@ def main_llm(args) -> int:
         "transcript_overhead": round(statistics.median(written) / train_s, 4),
         "transcript_overhead_paired": round(statistics.median(paired), 4),
         "all_matched": all(matched), "checks": len(matched), **distances(verdicts),
-        "one_step_short_distance": statistics.median(short), "device": str(DEVICE),
+        "one_step_short_distance": statistics.median(short),
+        "one_step_short_state_distance": statistics.median(short_state), "device": str(DEVICE),
         "spot_check_seconds": round(check_s, 3), "job_train_seconds": round(job_s, 3),
         "train_seconds_without_transcript": round(train_s, 3),
         "transcript_seconds": round(statistics.median(written), 4),
