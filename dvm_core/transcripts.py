@@ -98,6 +98,9 @@ def read_transcript(data: bytes, checkers: dict[str, TranscriptChecker]) -> tupl
         checked = "; ".join(f"{f} ({c.what})" for f, c in sorted(checkers.items()))
         raise JobInputError(f"this provider does not check transcripts of format {raw['format'][:80]!r}: "
                             f"it checks {checked}, those of the training plugins it runs")
+    problems = structure_problems(raw)
+    if problems:
+        raise JobInputError("not a transcript as training writes it: " + "; ".join(problems[:3]))
     return raw, signer
 
 
@@ -132,6 +135,52 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
 
 # --- the verdict, the same for every format (the plugins replay; the arithmetic below only
 # calls the tensors' own methods, so the core imports no torch) ------------------------------
+
+def structure_problems(transcript: dict) -> list[str]:
+    """What makes a transcript's list of checkpoints other than training writes it, or []: every
+    checkpoint_every (k) steps from step 0 and at the end (the last one `final`, at
+    planned_steps unless `stopped` early), each with its two digests and a plain file name.
+    A provider who writes another list (uneven segments: a long untrained one among short
+    honest ones, which a check drawn at random seldom picks; a replay of a million steps) has
+    not written what the job wrote; the spot-check odds hold only for this one."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def digest(value) -> bool:
+        return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+    entries, k, planned = transcript.get("checkpoints"), transcript.get("checkpoint_every"), transcript.get("planned_steps")
+    if not isinstance(entries, list) or len(entries) < 2 or not all(isinstance(e, dict) for e in entries):
+        return ["its checkpoints are not a list of at least two entries"]
+    if not whole(k) or k < 1 or not whole(planned) or planned < 1:
+        return ["it names no checkpoint_every and planned_steps (whole numbers, at least 1)"]
+    problems = []
+    for i, entry in enumerate(entries):
+        step, name = entry.get("step"), entry.get("file")
+        if not whole(step):
+            problems.append(f"checkpoint {i} has no step")
+            continue
+        if not (digest(entry.get("weights_sha256")) and digest(entry.get("state_sha256"))):
+            problems.append(f"the checkpoint at step {step} lacks its weights_sha256 or state_sha256")
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            problems.append(f"the checkpoint at step {step} names no plain file ({str(name)[:80]!r})")
+        last = i == len(entries) - 1
+        if not last and step != i * k:
+            problems.append(f"checkpoint {i} is at step {step}, not {i * k} (every {k} steps from 0)")
+        if bool(entry.get("final")) != last:
+            problems.append(f"the checkpoint at step {step} is {'not ' if last else ''}marked final")
+    if problems:
+        return problems
+    end, before = entries[-1]["step"], entries[-2]["step"]
+    if not before < end <= before + k:
+        problems.append(f"the last checkpoint is at step {end}, not within {k} steps after {before}")
+    stopped = entries[-1].get("stopped")
+    if stopped is None and end != planned:
+        problems.append(f"training ends at step {end} without being stopped early, but {planned} steps were planned")
+    if stopped is not None and end > planned:
+        problems.append(f"training was stopped ({str(stopped)[:40]}) at step {end}, after the {planned} planned")
+    return problems
+
 
 def segments(transcript: dict) -> list[tuple[int, int]]:
     """The segments [a, b) between consecutive checkpoints."""

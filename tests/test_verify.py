@@ -543,3 +543,71 @@ def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digit
     assert catch_probability(10, 1, 1) == pytest.approx(0.1) and catch_probability(10, 10, 1) == 1.0
     assert catch_probability(100, 10, 10) == pytest.approx(1 - math.comb(90, 10) / math.comb(100, 10))
     assert checks_needed(100, 10, 0.95) == 25 and checks_needed(10, 1, 0.5) == 5
+
+
+def test_a_transcript_not_as_training_writes_it_fails_before_any_replay(tmp_path, digits, honest):
+    """Uneven segments (ten honest steps, then 32 untrained in one segment that a random check
+    seldom draws), a step that is not a multiple of checkpoint_every, an end short of the planned
+    steps with no early stop, a file name with a path: the verify job refuses to replay it (the
+    input was the customer's), and `dvm verify` says FAILED (exit 3) without replaying."""
+    from click.testing import CliRunner
+    from dvm_core.transcripts import structure_problems
+    from dvm_verify.commands import verify_command
+
+    run = honest[0]
+    assert structure_problems(run.transcript) == []
+
+    def edited(change) -> dict:
+        transcript = json.loads(json.dumps(run.transcript))
+        change(transcript, transcript["checkpoints"])
+        return transcript
+
+    def uneven(t, entries):   # [0, 10), [10, 42): the second one untrained
+        entries[:] = [entries[0], entries[1], dict(entries[1], step=42, final=True, stopped=None,
+                                                   file=entries[-1]["file"])]
+    cases = {
+        "uneven": (edited(uneven), "not within 10 steps after 10"),
+        "off the grid": (edited(lambda t, e: e[2].update(step=21)), "checkpoint 2 is at step 21, not 20"),
+        "short": (edited(lambda t, e: t.update(planned_steps=84)), "without being stopped early, but 84"),
+        "a path": (edited(lambda t, e: e[1].update(file="../../etc/passwd")), "names no plain file"),
+        "no digest": (edited(lambda t, e: e[3].pop("state_sha256")), "lacks its weights_sha256 or state_sha256"),
+        "two finals": (edited(lambda t, e: e[2].update(final=True)), "is marked final"),
+    }
+    kind = verify_kind()
+    for name, (transcript, words) in cases.items():
+        problems = structure_problems(transcript)
+        assert any(words in p for p in problems), (name, problems)
+        (tmp_path / f"{name}.json").write_text(json.dumps(transcript))
+        request, ctx = make_ctx(tmp_path, VERIFY_KIND, {"data": digits[0], "t": tmp_path / f"{name}.json",
+                                                        "s": run.file(0)}, {"t": "transcript", "s": "start"}, {})
+        with pytest.raises(JobInputError, match="not a transcript as training writes it"):
+            kind.run(ctx, kind.parse(request))
+
+    folder = tmp_path / "uneven-result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(cases["uneven"][0]))
+    out = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
+                                              "--json"])
+    assert out.exit_code == 3, out.output
+    report = json.loads(out.output)
+    assert not report["passed"] and report["checked"] == 0 and "not within 10 steps" in report["problems"][0]
+
+
+def test_a_checkpoint_not_delivered_fails_the_check_of_its_segments(tmp_path, digits, honest):
+    """The checkpoints are kept for the time the provider announces: one missing from the
+    result is a failed check of the segments it bounds (exit 3, a verdict to publish), not a
+    check that could not be made (exit 1, nothing said about the provider)."""
+    from click.testing import CliRunner
+    from dvm_verify.commands import verify_command
+
+    run = honest[0]
+    folder = tmp_path / "result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(run.transcript))
+    (folder / T.entry_at(run.transcript, 20)["file"]).unlink()
+    out = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
+                                              "--checks", "5", "--json"])
+    assert out.exit_code == 3, out.output
+    verdicts = json.loads(out.output)["verdicts"]
+    assert [v["match"] for v in verdicts] == [True, False, False, True, True]
+    assert all("for step 20" in v["reason"] and "was not delivered" in v["reason"] for v in verdicts[1:3])

@@ -97,15 +97,17 @@ class Report:
     verdicts: list[dict] = field(default_factory=list)
     signer: str | None = None
     weights: list[dict] = field(default_factory=list)   # `check_returned_weights`
+    problems: list[str] = field(default_factory=list)   # `dvm_core.transcripts.structure_problems`
 
     @property
     def passed(self) -> bool:
-        return all(v.get("match") for v in self.verdicts) and all(w["match"] is not False for w in self.weights)
+        return not self.problems and all(v.get("match") for v in self.verdicts) \
+            and all(w["match"] is not False for w in self.weights)
 
     def to_dict(self) -> dict:
         checked = len(self.verdicts)
         return {"passed": self.passed, "segments": self.segments, "checked": checked, "signer": self.signer,
-                "verdicts": self.verdicts, "returned_weights": self.weights,
+                "problems": self.problems, "verdicts": self.verdicts, "returned_weights": self.weights,
                 # had the provider cheated in one segment (or in a tenth of them): the chance
                 # that these checks would have caught it
                 "catch_probability_one_segment": round(catch_probability(self.segments, 1, checked), 4),
@@ -172,16 +174,19 @@ def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
 
     for step in (a, b):
         expected = entry_at(result.transcript, step)
+        why = f"the provider's checkpoint for step {step} is not the state its transcript names"
         try:
             point = Checkpoint.load(result.checkpoint(step))
             ok = point.step == step and point.state_sha256() == expected["state_sha256"]
             got = point.weights_sha256()
         except JobInputError:
             ok, got = False, None
+        except VerifyError:     # kept for the announced retention time: its absence is the provider's
+            ok, got = False, None
+            why = f"the provider's checkpoint for step {step} ({expected['file']}) was not delivered"
         if not ok:
             return {"match": False, "distance": None, "segment": [a, b],
-                    "expected_sha256": expected["weights_sha256"], "got_sha256": got,
-                    "reason": f"the provider's checkpoint for step {step} is not the state its transcript names"}
+                    "expected_sha256": expected["weights_sha256"], "got_sha256": got, "reason": why}
     return None
 
 

@@ -60,7 +60,9 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
 
     from dvm_core import JobInputError
 
-    from .checks import VerifyError, check_local, check_returned_weights, open_result, pick_segments
+    from dvm_core.transcripts import structure_problems
+
+    from .checks import Report, VerifyError, check_local, check_returned_weights, open_result, pick_segments
 
     configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
     if seed is None:
@@ -71,8 +73,13 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
         folder = open_result(Path(result), provider, allow_unsigned=allow_unsigned)
         if publish_verdict and folder.signer is None:
             raise VerifyError("--publish-verdict: the transcript is not signed, so there is no provider to judge")
-        picked = pick_segments(folder.transcript, checks, seed)
-        if not as_json:
+        problems = structure_problems(folder.transcript)
+        picked = [] if problems else pick_segments(folder.transcript, checks, seed)
+        if problems:
+            if not as_json:
+                click.echo("the transcript is not as training writes it, so no segment is replayed: "
+                           + "; ".join(problems[:5]))
+        elif not as_json:
             signer = f"signed by {folder.signer}" if folder.signer else "NOT signed"
             click.echo(f"transcript: {len(folder.transcript['checkpoints']) - 1} segments, {signer}; "
                        f"checking {len(picked)} (seed {seed}): "
@@ -86,7 +93,11 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
                 click.echo(f"  [{a}, {b}): {words}, distance {distance}, expected {verdict['expected_sha256'][:16]}…, "
                            f"got {verdict['got_sha256'][:16]}… ({verdict['by']})")
 
-        if local:
+        if problems:
+            entries = folder.transcript["checkpoints"]
+            report = Report(len(entries) - 1 if isinstance(entries, list) else 0, signer=folder.signer,
+                            problems=problems)
+        elif local:
             if dvm:
                 raise click.ClickException("--local replays here: leave out --dvm")
             report = check_local(folder, Path(data), picked, tolerance=tolerance,
@@ -99,7 +110,8 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
             report = asyncio.run(_remote(list(relays), dvm, kind, folder, Path(data), picked, list(servers),
                                          Path(wallet_dir), list(mints), key_file, tolerance, max_price, timeout,
                                          say, Path(model) if model else None))
-        report.weights = check_returned_weights(folder)
+        if not problems:
+            report.weights = check_returned_weights(folder)
     except (VerifyError, JobInputError) as exc:
         raise click.ClickException(str(exc)) from None
     if not as_json:
@@ -118,6 +130,9 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
         click.echo(json.dumps(summary))
     else:
         wrong = [w["file"] for w in report.weights if w["match"] is False]
+        if report.problems:
+            click.echo("FAILED: the transcript is not as training writes it (above), so it cannot be checked.")
+            sys.exit(MISMATCH_EXIT)
         click.echo(f"{'PASSED' if report.passed else 'FAILED'}: {sum(v['match'] for v in report.verdicts)}/"
                    f"{len(report.verdicts)} segments match"
                    + (f"; the returned {', '.join(wrong)} not the transcript's" if wrong else "") + ". Had the provider cheated in one segment of "
@@ -135,7 +150,8 @@ async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
 
     label = "verification-passed" if report.passed else "verification-failed"
     failed = [v for v in report.verdicts if not v["match"]]
-    reason = (f"{len(report.verdicts) - len(failed)}/{len(report.verdicts)} replayed segments of "
+    reason = ("the transcript is not as training writes it: " + "; ".join(report.problems[:3])) if report.problems \
+        else (f"{len(report.verdicts) - len(failed)}/{len(report.verdicts)} replayed segments of "
               f"{report.segments} matched (seed {seed})"
               + "".join(f"; [{v['segment'][0]}, {v['segment'][1]}) did not: {v.get('reason') or 'distance ' + str(v['distance'])}"
                         for v in failed[:3]))
