@@ -173,6 +173,15 @@ def test_full_finetuning_replays_too(assets, tmp_path):
     point = T.Checkpoint.load(run.file(3))
     assert "transformer.wte.weight" in point.weights       # every weight, no adapter
     assert [v["match"] for v in run.check_all(assets)] == [True, True]
+    # The returned model's files hold the last checkpoint's weights, as the customer checks them.
+    from dvm_verify.checks import ResultFolder, check_returned_weights
+    folder = tmp_path / "checked"
+    shutil.copytree(run.folder, folder)
+    for a in run.result.artifacts:
+        if a.name in run.transcript["result_weights"]:
+            shutil.copy(a.path, folder / a.name)
+    weights = check_returned_weights(ResultFolder(folder, run.transcript, None, None))
+    assert len(weights) >= 2 and all(w["match"] for w in weights), weights
 
 
 def written_up(folder: Path, honest: Run, cheat: Run, steps=None) -> Run:
@@ -402,9 +411,10 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout)
     assert summary["passed"] and summary["checked"] == 4 and all(v["distance"] == 0.0 for v in summary["verdicts"])
-    assert summary["returned_weights"] == [{"file": "adapter_model.safetensors", "match": True,
-                                            "expected_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"],
-                                            "got_sha256": honest.transcript["result_weights"]["adapter_model.safetensors"]}]
+    digest = honest.transcript["result_weights"]["adapter_model.safetensors"]
+    assert summary["returned_weights"] == [
+        {"file": "adapter_model.safetensors", "match": True, "expected_sha256": digest, "got_sha256": digest},
+        {"file": "returned weights = last checkpoint's", "match": True, "expected_sha256": digest, "got_sha256": digest}]
     said = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1"])
     assert said.exit_code == 0 and "returned weights: adapter_model.safetensors matches the transcript" in said.output
     # The adapter returned is not the one trained (one weight nudged): the segments still replay,
@@ -419,6 +429,16 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     assert swapped.exit_code == MISMATCH_EXIT, swapped.output
     assert "returned weights: adapter_model.safetensors DOES NOT MATCH the transcript" in swapped.output
     assert "FAILED: 1/1 segments match; the returned adapter_model.safetensors not the transcript's" in swapped.output
+    # ... and a transcript that names that other adapter's digest as the one returned: the file
+    # is the transcript's, but not the weights its last checkpoint holds (found in review); a
+    # transcript that names no returned file at all fails too.
+    for claimed in ({"adapter_model.safetensors": T.tensor_digest(adapter)}, {}):
+        (folder / "transcript.json").write_text(json.dumps(dict(honest.transcript, result_weights=claimed)))
+        other = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1", "--json"])
+        assert other.exit_code == MISMATCH_EXIT, other.output
+        weights = json.loads(other.stdout)["returned_weights"]
+        assert [w["match"] for w in weights] == [True, False] if claimed else [False], weights
+    (folder / "transcript.json").write_text(json.dumps(honest.transcript))
     (folder / "adapter_model.safetensors").unlink()
     gone = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--checks", "1", "--json"])
     assert gone.exit_code == 0 and json.loads(gone.stdout)["returned_weights"][0]["match"] is None

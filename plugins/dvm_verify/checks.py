@@ -127,24 +127,58 @@ def check_returned_weights(result: ResultFolder) -> list[dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if is_llm(result.transcript):
+    llm = is_llm(result.transcript)
+    if llm:
         from dvm_llm_finetune.transcript import tensor_digest
         expected = dict(result.transcript.get("result_weights") or {})
     else:
         from dvm_image_classifier.transcript import tensor_digest
         expected = {"model.safetensors": result.transcript["checkpoints"][-1]["weights_sha256"]}
-    out = []
+    out, returned = [], {}
     for name, digest in sorted(expected.items()):
         path = result.folder / name
         entry = {"file": name, "expected_sha256": digest, "got_sha256": None, "match": None}
         if path.exists():
             try:
-                entry["got_sha256"] = tensor_digest(load_file(str(path)))
+                tensors = load_file(str(path))
+                entry["got_sha256"] = tensor_digest(tensors)
+                returned.update(tensors)
             except (SafetensorError, OSError, ValueError) as exc:
                 entry["error"] = f"not a safetensors file: {exc}"
             entry["match"] = entry["got_sha256"] == digest
         out.append(entry)
+    if llm:
+        out.append(_returned_against_last_checkpoint(result, expected, returned, out, tensor_digest))
     return out
+
+
+def _returned_against_last_checkpoint(result: ResultFolder, expected: dict, returned: dict, entries: list,
+                                      tensor_digest) -> dict:
+    """An LLM transcript names its returned files' digests itself (`result_weights`): that they
+    are the trained weights is checked here, against the last checkpoint (whose state is the
+    transcript's): the returned tensors, all files together, are its weights, named as peft and
+    transformers save them (without the adapter's name, ``.default``). None when a file or the
+    checkpoint is not in the folder; False when the transcript names no returned file."""
+    last = result.transcript["checkpoints"][-1]
+    entry = {"file": "returned weights = last checkpoint's", "expected_sha256": last["weights_sha256"],
+             "got_sha256": None, "match": None}
+    if not expected:
+        return entry | {"match": False, "error": "the transcript names no returned weights (result_weights)"}
+    if any(e["match"] is None for e in entries) or any(e["match"] is False for e in entries):
+        return entry | {"error": "not compared: a returned file is missing or is not the transcript's"}
+    from dvm_core import JobInputError
+    try:
+        point = _checkpoint_class(result.transcript).load(result.checkpoint(last["step"]))
+    except VerifyError:
+        return entry | {"error": f"not compared: {last['file']} is not in the folder"}
+    except JobInputError:
+        point = None
+    if point is None or point.state_sha256() != last["state_sha256"]:
+        return entry | {"match": False, "error": f"{last['file']} is not the state the transcript names"}
+    named = {k.replace(".default.", "."): v for k, v in point.weights.items()}
+    entry["expected_sha256"], entry["got_sha256"] = tensor_digest(named), tensor_digest(returned)
+    entry["match"] = entry["expected_sha256"] == entry["got_sha256"]
+    return entry
 
 
 def is_llm(transcript: dict) -> bool:

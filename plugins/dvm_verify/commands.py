@@ -116,7 +116,9 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
         raise click.ClickException(str(exc)) from None
     if not as_json:
         for w in report.weights:
-            if w["match"] is None:
+            if w.get("error") and not w.get("got_sha256"):
+                click.echo(f"returned weights ({w['file']}): {w['error']}")
+            elif w["match"] is None:
                 click.echo(f"returned weights: {w['file']} is not in the folder: not checked against the transcript")
             elif w["match"]:
                 click.echo(f"returned weights: {w['file']} matches the transcript ({w['expected_sha256'][:16]}…)")
