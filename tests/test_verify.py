@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import json
 import shutil
 import sys
@@ -174,6 +175,7 @@ def cheat(tmp_path, digits, honest, *, params=None, images=None, labels=None, re
             point = T.Checkpoint(step, point.tensors, dict(point.meta, step=step))
             point.save(folder / entry["file"])
             entry.update(step=step, weights_sha256=point.weights_sha256(), state_sha256=point.state_sha256())
+        recorder.every = EVERY
     return write_up(folder, recorder, outcome, claimed, real_images, real_labels, "a" * 64, mean, std)
 
 
@@ -611,3 +613,30 @@ def test_a_checkpoint_not_delivered_fails_the_check_of_its_segments(tmp_path, di
     verdicts = json.loads(out.output)["verdicts"]
     assert [v["match"] for v in verdicts] == [True, False, False, True, True]
     assert all("for step 20" in v["reason"] and "was not delivered" in v["reason"] for v in verdicts[1:3])
+
+
+def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_building_it(tmp_path, digits, honest):
+    """A verifier rebuilds what a stranger's transcript names: an image size, a network, a run
+    its limits would refuse for a job are refused before anything is built (found in review:
+    image_size 3000 asked for 12 GiB, widths [60000] for 130 GB)."""
+    run = honest[0]
+
+    def edited(**changes) -> dict:
+        transcript = json.loads(json.dumps(run.transcript))
+        for key, value in changes.items():
+            part, _, name = key.partition("__")
+            (transcript[part] if name else transcript)[name or part] = value
+        return transcript
+    cases = {
+        "image_size": (edited(params__image_size=3000), "image_size (4-128 here)"),
+        "widths": (edited(architecture__widths=[60000]), "architecture is not the network"),
+        "epochs": (edited(params__epochs=10**6), "epochs (1-200 here)"),
+        "steps": (edited(planned_steps=10**9), "steps_per_epoch and planned_steps"),
+        "batch": (edited(params__batch_size=10**7), "batch_size (2-4096)"),
+    }
+    for name, (transcript, words) in cases.items():
+        started = time.perf_counter()
+        with pytest.raises(JobInputError, match=re.escape(words)):
+            V.verify_segment(transcript, digits[0], run.file(0), run.file(10), end_step=10, device=CPU,
+                             workdir=tmp_path)
+        assert time.perf_counter() - started < 5, name

@@ -270,6 +270,22 @@ def test_other_base_model_data_or_start_mismatch(assets, honest, tmp_path):
 
 # --- kind 5753, as the worker runs it ----------------------------------------------------------
 
+def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_building_it(assets, honest):
+    """Its params are read as a job's are here (this provider's limits): a LoRA rank, a
+    sequence length, a batch or a number of steps no job could have is refused before the model
+    is built (found in review: nothing bounded them)."""
+    cases = {"lora_r": 10**5, "max_seq_length": 10**6, "batch_size": 10**6, "learning_rate": 50.0,
+             "planned_steps": 10**9}
+    for name, value in cases.items():
+        transcript = json.loads(json.dumps(honest.transcript))
+        (transcript if name == "planned_steps" else transcript["params"])[name] = value
+        started = time.perf_counter()
+        with pytest.raises(JobInputError, match="no job here could have|a job here runs at most"):
+            LV.verify_segment(transcript, assets["data"], honest.file(0), honest.file(6), end_step=6,
+                              model_folder=assets["model"], device=CPU)
+        assert time.perf_counter() - started < 10, name
+
+
 def verify_ctx(workdir, run: Run, transcript: Path, a: int, b: int, data: Path, extra: dict | None = None,
                params: dict | None = None, config: dict | None = None):
     urls = {"https://b/d": data, "https://b/t": transcript, "https://b/s": run.file(a), "https://b/e": run.file(b)}

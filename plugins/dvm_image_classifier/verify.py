@@ -36,17 +36,52 @@ def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Li
     `run` reads it (the same resizing, class order and held-out split)."""
     from . import data as datamod
     from .train import split_indices, to_tensors
-    from .transcript import params_from
 
-    params = params_from(transcript)
+    from .models import make_spec
+
+    params = checked_params(transcript, limits)
     raw = datamod.load_labelled(path, what="training set", limits=limits, workdir=workdir,
                                 image_size=params.image_size, check_cancelled=check_cancelled)
     train_set = datamod.as_training_set(raw)
+    _, height, width, channels = train_set.images.shape
+    if transcript.get("architecture") != make_spec(params.architecture, channels, len(train_set.classes),
+                                                   height, width):
+        raise JobInputError("the transcript's architecture is not the network its params and this training "
+                            "set give (the job builds that one)")
     x, y = to_tensors(train_set.images, train_set.labels)
     if not has_validation and transcript["data"].get("validation", {}).get("source") != "input":
         train_idx, _ = split_indices(x.shape[0], params.validation_fraction, params.seed)
         x, y = x[train_idx], y[train_idx]
     return x, y, raw.sha256
+
+
+def checked_params(transcript: dict, limits: Limits):
+    """The transcript's `TrainParams`, refused (JobInputError) where a job sent to this provider
+    could not have had them: a verifier rebuilds what the transcript names, and a stranger's
+    transcript must not make it build a network, an image size or a replay its limits refuse."""
+    from .params import ARCHITECTURES, MAX_BATCH_SIZE, MIN_IMAGE_SIZE
+    from .transcript import params_from
+
+    params = params_from(transcript)
+    spe, planned, every = (transcript.get(k) for k in ("steps_per_epoch", "planned_steps", "checkpoint_every"))
+    wrong = []
+    if params.architecture not in ("auto",) + ARCHITECTURES:
+        wrong.append(f"architecture {str(params.architecture)[:40]!r}")
+    if not (isinstance(params.epochs, int) and 1 <= params.epochs <= limits.max_epochs):
+        wrong.append(f"epochs (1-{limits.max_epochs} here)")
+    if not (isinstance(params.batch_size, int) and 2 <= params.batch_size <= MAX_BATCH_SIZE):
+        wrong.append(f"batch_size (2-{MAX_BATCH_SIZE})")
+    if params.image_size is not None and not (isinstance(params.image_size, int)
+                                              and MIN_IMAGE_SIZE <= params.image_size <= limits.max_image_size):
+        wrong.append(f"image_size ({MIN_IMAGE_SIZE}-{limits.max_image_size} here)")
+    if params.checkpoint_every != every:
+        wrong.append("checkpoint_every (not the transcript's)")
+    if not wrong and not (isinstance(spe, int) and 1 <= spe <= limits.max_samples // params.batch_size + 1
+                          and planned == spe * params.epochs):
+        wrong.append(f"steps_per_epoch and planned_steps (at most {limits.max_samples} images here)")
+    if wrong:
+        raise JobInputError("the transcript names params no job here could have: " + ", ".join(wrong))
+    return params
 
 
 def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, end_step: int | None = None,

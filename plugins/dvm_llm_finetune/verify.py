@@ -78,9 +78,8 @@ def training_examples(transcript: dict, data_path: Path, tokenizer, *, limits: L
     the job reads it (the same tokenizer, sequence length and held-out split); and the file's
     sha256."""
     from . import data as datamod
-    from .transcript import params_from
 
-    params = params_from(transcript)
+    params = checked_params(transcript, limits)
     dataset = datamod.read_jsonl(data_path, what="training set", max_bytes=limits.max_dataset_bytes,
                                  max_examples=limits.max_examples, check_cancelled=check_cancelled)
     examples = datamod.tokenize(dataset, tokenizer, params.max_seq_length, what="training set",
@@ -88,6 +87,37 @@ def training_examples(transcript: dict, data_path: Path, tokenizer, *, limits: L
     if (transcript["data"].get("eval") or {}).get("source") != "input":
         examples, _ = datamod.split_eval(examples, params.eval_fraction, params.seed)
     return examples, dataset.sha256
+
+
+def checked_params(transcript: dict, limits: Limits):
+    """The transcript's `FinetuneParams`, read again as a job's params are read here
+    (`params.parse_params`, this provider's limits): a verifier rebuilds what a stranger's
+    transcript names, and must not build a LoRA rank, a sequence length, a batch or a run of
+    steps its limits refuse a job. Refused with JobInputError. (Its time limit is not the
+    replay's and is not compared.)"""
+    import dataclasses
+
+    from .params import parse_params
+    from .transcript import params_from
+
+    params = params_from(transcript)
+    raw = {}
+    for name, value in params.as_dict().items():
+        if value is None or name == "time_limit" or (params.method == "full" and name.startswith("lora_")):
+            continue
+        raw[name] = ("true" if value else "false") if isinstance(value, bool) else \
+            ",".join(value) if isinstance(value, list) else repr(value) if isinstance(value, float) else str(value)
+    has_eval = (transcript.get("data", {}).get("eval") or {}).get("source") == "input"
+    try:
+        again = parse_params(raw, dataclasses.replace(limits, launcher="auto"), has_eval_input=has_eval)
+    except JobInputError as exc:
+        raise JobInputError(f"the transcript names params no job here could have: {exc}") from None
+    planned = transcript.get("planned_steps")
+    if dataclasses.replace(again, time_limit=params.time_limit) != params:
+        raise JobInputError("the transcript's params are not as a job's are read here")
+    if not isinstance(planned, int) or not 1 <= planned <= limits.max_steps:
+        raise JobInputError(f"the transcript plans {str(planned)[:20]} steps; a job here runs at most {limits.max_steps}")
+    return params
 
 
 def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, model_folder, end_step: int | None = None,
