@@ -38,7 +38,8 @@ ROLES = ("dataset", "transcript", "start", "end")
 PARAMS = {
     "end_step": "the step the replay stops at, a checkpoint of the transcript (default: the next "
                 "checkpoint after the start checkpoint's step)",
-    "tolerance": "the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights) that still "
+    "tolerance": "the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights and of each optimizer "
+                 "moment apart) that still "
                  "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
                  "a replay on a CPU gives",
 }

@@ -640,3 +640,41 @@ def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_build
             V.verify_segment(transcript, digits[0], run.file(0), run.file(10), end_step=10, device=CPU,
                              workdir=tmp_path)
         assert time.perf_counter() - started < 5, name
+
+
+def test_a_job_started_from_the_customers_weights_is_checked_against_them_at_step_0(tmp_path, digits, honest):
+    """A transcript that names initial weights (the customer sent some): step 0 passes with the
+    weights sent, and with no others; without them it cannot pass. Before, naming any digest
+    switched the check of step 0 off, so a provider could start from a model of its own
+    (found in review)."""
+    from safetensors.torch import save_file
+
+    from dvm_core.datarefs import sha256_file
+    from dvm_image_classifier.models import build_model
+
+    _, images, labels = digits
+    _, params, mean, std = honest
+    spec = make_spec("auto", 1, 10, 8, 8)
+    torch.manual_seed(11)
+    sent = build_model(spec).state_dict()
+    save_file({k: v.contiguous() for k, v in sent.items()}, str(tmp_path / "sent.safetensors"))
+    torch.manual_seed(12)
+    save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, str(tmp_path / "own.safetensors"))
+    recorder = T.Recorder(EVERY, tmp_path / "from-sent")
+    outcome = train(train_images=images, train_labels=labels, val_images=None, val_labels=None, spec=spec,
+                    params=params, mean=mean, std=std, device=CPU, transcript=recorder, initial_weights=sent)
+    run = write_up(tmp_path / "from-sent", recorder, outcome, params, images, labels, "a" * 64, mean, std)
+    run.transcript["initial_weights_sha256"] = sha256_file(tmp_path / "sent.safetensors")
+
+    def step_0(weights) -> dict:
+        return V.verify_segment(run.transcript, digits[0], run.file(0), run.file(10), end_step=10, device=CPU,
+                                weights_path=weights)
+    assert step_0(tmp_path / "sent.safetensors")["match"] is True
+    missing = step_0(None)
+    assert missing["match"] is False and "send them, marked 'weights'" in missing["reason"]
+    other = step_0(tmp_path / "own.safetensors")
+    assert other["match"] is False and "not the ones the transcript says" in other["reason"]
+    # A provider that started from its own model, naming that model's digest as the customer's:
+    # checked against what the customer really sent, step 0 fails.
+    run.transcript["initial_weights_sha256"] = sha256_file(tmp_path / "own.safetensors")
+    assert step_0(tmp_path / "sent.safetensors")["match"] is False

@@ -295,19 +295,22 @@ def replay(transcript: dict, start: Checkpoint, images: torch.Tensor, labels: to
         return Checkpoint.capture(stop, accelerator.unwrap_model(model), optimizer, scheduler, aug_generator)
 
 
-def seeded_start(transcript: dict) -> Checkpoint | None:
+def seeded_start(transcript: dict, initial_weights: dict | None = None) -> Checkpoint | None:
     """The state at step 0 that the seed alone determines (the network initialised after
     ``torch.manual_seed(seed)``, the augmentation generator seeded with seed + 1), as `train.train`
-    starts, or None when the job started from the customer's weights (the verifier lacks them)."""
+    starts; for a job that started from the customer's weights (the transcript names their
+    sha256), with `initial_weights` loaded into it, or None without them."""
     from . import train as T
     from .models import build_model
 
-    if transcript.get("initial_weights_sha256"):
+    if transcript.get("initial_weights_sha256") and initial_weights is None:
         return None
     params = params_from(transcript)
     with T._init_lock:  # the global RNG is shared with other threads: seed and draw at once
         torch.manual_seed(params.seed)
         model = build_model(transcript["architecture"])
+    if transcript.get("initial_weights_sha256"):
+        T.load_initial_weights(model, initial_weights, transcript["architecture"])
     tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}
     tensors["rng/augment"] = torch.Generator().manual_seed((params.seed + 1) % 2**64).get_state()
     return Checkpoint(0, tensors, {})

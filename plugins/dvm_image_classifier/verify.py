@@ -18,6 +18,7 @@ import math
 import time
 
 from dvm_core import JobInputError, JobResult, TranscriptChecker
+from dvm_core.datarefs import sha256_file
 
 from .params import Limits
 
@@ -26,8 +27,10 @@ FORMAT = "dvm-image-classifier-transcript/1"   # transcript.FORMAT (that module 
 
 def checker() -> TranscriptChecker:
     """What this plugin registers for kind 5753."""
-    return TranscriptChecker(format=FORMAT, run=check, what="kind 5750, image classifier", roles=("validation",),
-                             needs="optionally the validation set the job was sent, marked 'validation'.")
+    return TranscriptChecker(format=FORMAT, run=check, what="kind 5750, image classifier",
+                             roles=("validation", "weights"),
+                             needs="optionally the validation set the job was sent, marked 'validation', and "
+                                   "the initial weights it was sent, marked 'weights' (to check step 0).")
 
 
 def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Limits, workdir,
@@ -86,8 +89,10 @@ def checked_params(transcript: dict, limits: Limits):
 
 def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, end_step: int | None = None,
                    tolerance: float = 0.0, has_validation: bool = False, limits: Limits | None = None,
-                   workdir=None, device=None, check_cancelled=lambda: None) -> dict:
-    """Replay one segment and give the verdict (`transcript.compare`'s, with the checks around it)."""
+                   workdir=None, device=None, check_cancelled=lambda: None, weights_path=None) -> dict:
+    """Replay one segment and give the verdict (`transcript.compare`'s, with the checks around it).
+    `weights_path`: the initial weights the job was sent, if any (step 0 is checked against
+    them; without them, a transcript that names some cannot pass step 0)."""
     import tempfile
     from pathlib import Path
 
@@ -105,15 +110,28 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, en
                                       workdir=workdir, check_cancelled=check_cancelled)
     data_ok = T.data_digest(x, y) == transcript["data"]["train_tensors_sha256"]
     start_ok = start.state_sha256() == recorded["state_sha256"]
-    seeded = T.seeded_start(transcript) if start.step == 0 else None
-    if seeded is not None:   # step 0 is the seed's: no other starting point slips in
-        start_ok = start_ok and seeded.weights_sha256() == start.weights_sha256() and \
+    why = None
+    if start.step == 0:      # step 0 is the seed's (and the customer's weights'): no other start slips in
+        initial = None
+        if transcript.get("initial_weights_sha256"):
+            if weights_path is None:
+                why = ("the job started from the customer's weights (the transcript says so): send them, "
+                       "marked 'weights', to check step 0")
+            elif sha256_file(weights_path) != transcript["initial_weights_sha256"]:
+                why = "the weights sent are not the ones the transcript says the job started from"
+            else:
+                from . import _read_weights
+                initial = _read_weights(Path(weights_path), limits)
+        seeded = T.seeded_start(transcript, initial) if why is None else None
+        start_ok = start_ok and seeded is not None and seeded.weights_sha256() == start.weights_sha256() and \
             torch.equal(seeded.tensors["rng/augment"], start.tensors["rng/augment"]) and \
             not any(k.startswith("optim/") for k in start.tensors)
     claimed = T.Checkpoint.load(end_path) if end_path is not None else None
     got = T.replay(transcript, start, x, y, end_step, device=device, check_cancelled=check_cancelled)
     verdict = T.compare(transcript, got, claimed, tolerance)
     verdict["match"] = bool(verdict["match"] and data_ok and start_ok)
+    if why is not None:
+        verdict["reason"] = why
     verdict.update({"segment": [start.step, end_step], "data_matches_transcript": data_ok,
                     "data_file_sha256": file_sha,
                     "start_checkpoint_matches_transcript": start_ok, "tolerance": tolerance,
@@ -132,8 +150,11 @@ def check(ctx, job, transcript: dict, signer: str | None, started: float) -> Job
     start_path = ctx.fetch(job.urls["start"], max_bytes=limits.max_dataset_bytes)
     end_path = ctx.fetch(job.urls["end"], max_bytes=limits.max_dataset_bytes) if job.urls["end"] else None
     data_path = ctx.fetch(job.urls["dataset"])
+    weights_path = ctx.fetch(job.urls["weights"], max_bytes=limits.max_dataset_bytes) \
+        if job.urls.get("weights") else None
     ctx.progress(10, "replaying the segment")
     verdict = verify_segment(transcript, data_path, start_path, end_path, end_step=job.end_step,
+                             weights_path=weights_path,
                              tolerance=job.tolerance, has_validation=job.urls.get("validation") is not None,
                              limits=limits, workdir=ctx.workdir,
                              device=choose_device(getattr(ctx, "device", None)),

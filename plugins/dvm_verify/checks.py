@@ -225,12 +225,15 @@ def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
 
 
 def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]], *, tolerance: float = 0.0,
-                model: Path | None = None, on_verdict=lambda verdict: None) -> Report:
+                model: Path | None = None, weights: Path | None = None, on_verdict=lambda verdict: None) -> Report:
     """Replay each picked segment on this machine. An LLM transcript also needs its base model:
-    `model` (a model folder, or the archive the job was sent), else this machine's hub cache."""
-    if is_llm(result.transcript):
-        import functools
+    `model` (a model folder, or the archive the job was sent), else this machine's hub cache. An
+    image classifier's job sent initial weights is checked at step 0 against `weights`."""
+    import functools
 
+    if weights is not None and is_llm(result.transcript):
+        raise VerifyError("initial weights (--weights) are for image classifier transcripts; an LLM's base is --model")
+    if is_llm(result.transcript):
         from dvm_core import JobInputError
         from dvm_llm_finetune.verify import local_base, verify_segment
         from transformers.utils import logging as hf_logging
@@ -243,6 +246,7 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
         verify_segment = functools.partial(verify_segment, model_folder=folder)
     else:
         from dvm_image_classifier.verify import verify_segment
+        verify_segment = functools.partial(verify_segment, weights_path=weights)
 
     report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
     for a, b in picked:
@@ -257,7 +261,8 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
 async def check_remote(customer, wallet, verifier: str, result: ResultFolder, data: Path,
                        picked: list[tuple[int, int]], servers: list[str], *, kind: int = 5753,
                        tolerance: float = 0.0, max_price: int | None = None, timeout: float = 600,
-                       model: Path | None = None, on_verdict=lambda verdict: None) -> Report:
+                       model: Path | None = None, weights: Path | None = None,
+                       on_verdict=lambda verdict: None) -> Report:
     """Hire the verifier DVM `verifier` for each picked segment: the data, the signed transcript
     and the two checkpoints uploaded encrypted, one paid kind-5753 job each. For an LLM
     transcript, `model` (the archive the job was sent) is uploaded too, marked 'model'; without
@@ -277,6 +282,10 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
         if Path(model).is_dir():
             raise VerifyError(f"{model} is a folder: give the archive (zip/tar) the job was sent")
         extra.append(JobInput(await url(Path(model)), "url", marker="model"))
+    if weights is not None:
+        if is_llm(result.transcript):
+            raise VerifyError("initial weights (--weights) are for image classifier transcripts")
+        extra.append(JobInput(await url(Path(weights)), "url", marker="weights"))
     report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
     for a, b in picked:
         verdict = _unreplayable(result, a, b)

@@ -33,10 +33,14 @@ MISMATCH_EXIT = 3
 @click.option("--model", type=click.Path(exists=True),
               help="An LLM job's base model: the archive the job was sent (or, replaying here, its folder); "
                    "a hub model named by the transcript is taken from the hub cache (here) or by the verifier.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="The initial weights the job was sent, if any (an image classifier's step 0 is checked "
+                   "against them).")
 @click.option("--provider", help="The npub (or hex) that must have signed the transcript.")
 @click.option("--allow-unsigned", is_flag=True, help="Check a transcript that is not signed (a test's).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Largest relative distance of the weights that still matches (0: bit-identical).")
+              help="Largest relative distance of the state (the weights and each optimizer moment apart) "
+                   "that still matches (0: bit-identical).")
 @click.option("--relay", "relays", multiple=True, help="Relay URL, to hire a verifier DVM (repeatable).")
 @click.option("--dvm", help="The verifier DVM's npub or hex key (a provider serving kind 5753).")
 @click.option("--kind", type=click.IntRange(5000, 5999), default=5753, show_default=True)
@@ -50,7 +54,7 @@ MISMATCH_EXIT = 3
 @click.option("--publish-verdict", is_flag=True,
               help="Sign with --key and publish to --relay a verdict on the transcript's signer (NIP-32, "
                    "kind 1985): verification-failed or verification-passed, which `--trust` reads.")
-def verify_command(result, data, checks, seed, local, model, provider, allow_unsigned, tolerance, relays, dvm, kind,
+def verify_command(result, data, checks, seed, local, model, weights, provider, allow_unsigned, tolerance, relays, dvm, kind,
                    servers, wallet_dir, mints, key_file, max_price, timeout, as_json, publish_verdict) -> None:
     """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
     segments picked at random and say whether each lands where the provider said."""
@@ -101,7 +105,8 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
             if dvm:
                 raise click.ClickException("--local replays here: leave out --dvm")
             report = check_local(folder, Path(data), picked, tolerance=tolerance,
-                                 model=Path(model) if model else None, on_verdict=say)
+                                 model=Path(model) if model else None, weights=Path(weights) if weights else None,
+                                 on_verdict=say)
         else:
             missing = [n for n, v in (("--relay", relays), ("--dvm", dvm), ("--blossom", servers),
                                       ("--wallet-dir", wallet_dir)) if not v]
@@ -109,7 +114,7 @@ def verify_command(result, data, checks, seed, local, model, provider, allow_uns
                 raise click.ClickException(f"missing {', '.join(missing)} (or use --local)")
             report = asyncio.run(_remote(list(relays), dvm, kind, folder, Path(data), picked, list(servers),
                                          Path(wallet_dir), list(mints), key_file, tolerance, max_price, timeout,
-                                         say, Path(model) if model else None))
+                                         say, Path(model) if model else None, Path(weights) if weights else None))
         if not problems:
             report.weights = check_returned_weights(folder)
     except (VerifyError, JobInputError) as exc:
@@ -164,7 +169,7 @@ async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
 
 
 async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, mints, key_file, tolerance,
-                  max_price, timeout, say, model=None):
+                  max_price, timeout, say, model=None, weights=None):
     from dvm_core.customer import Customer, EcashWallet, load_or_create_p2pk_key, read_key_file
     from dvm_core.protocol.events import Keys, parse_public_key
 
@@ -180,7 +185,7 @@ async def _remote(relays, dvm, kind, folder, data, picked, servers, wallet_dir, 
     try:
         async with Customer(keys, relays) as customer:
             return await check_remote(customer, wallet, verifier, folder, data, picked, servers, kind=kind,
-                                      tolerance=tolerance, max_price=max_price, timeout=timeout, model=model,
+                                      tolerance=tolerance, max_price=max_price, timeout=timeout, model=model, weights=weights,
                                       on_verdict=say)
     finally:
         await wallet.close()
