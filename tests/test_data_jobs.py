@@ -202,6 +202,12 @@ async def test_dvm_job_submit_uploads_follows_and_saves_the_result(workers, rela
     assert json.loads(stdout)["words"] == 11
     assert (out / "word_counts.csv").read_text().startswith("word,count")
     assert json.loads((out / "result.json").read_text())["words"] == 11
+    # What was ordered is kept beside it (for `dvm verify`), private: its URL holds the file's key.
+    order = json.loads((out / "request.json").read_text())
+    assert order["kind"] == KIND and order["params"] == {"counts_file": "yes", "work_seconds": "1"}
+    assert order["provider"] == worker.keys.public_key and len(order["id"]) == 64
+    assert [i["type"] for i in order["inputs"]] == ["url"] and "#" in order["inputs"][0]["data"]
+    assert (out / "request.json").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.fixture

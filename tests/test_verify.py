@@ -678,3 +678,33 @@ def test_a_job_started_from_the_customers_weights_is_checked_against_them_at_ste
     # checked against what the customer really sent, step 0 fails.
     run.transcript["initial_weights_sha256"] = sha256_file(tmp_path / "own.safetensors")
     assert step_0(tmp_path / "sent.safetensors")["match"] is False
+
+
+def test_a_transcript_of_a_cheaper_job_than_the_one_ordered_fails(tmp_path, digits, honest):
+    """Held to what was ordered (OUT/request.json of `dvm job submit`, found in RESULT or given
+    with --request): an honest transcript of fewer epochs, or another learning rate, than the
+    customer sent replays bit for bit, and is still not the job paid for (found in review)."""
+    from click.testing import CliRunner
+    from dvm_verify.commands import MISMATCH_EXIT, verify_command
+
+    run = honest[0]
+    folder = tmp_path / "result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(run.transcript))
+    args = [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned", "--checks", "1", "--json"]
+
+    def verify(params: dict, kind: int = 5750):
+        (folder / "request.json").write_text(json.dumps({"id": "ab" * 32, "kind": kind, "params": params,
+                                                         "inputs": [{"data": "https://x/y", "type": "url",
+                                                                     "marker": ""}]}))
+        out = CliRunner().invoke(verify_command, args)
+        return out.exit_code, json.loads(out.output)
+    code, report = verify({"epochs": "2", "batch_size": "64", "checkpoint_every": "10"})
+    assert code == 0 and report["passed"] and report["checked"] == 1, report
+    code, report = verify({"epochs": "4", "checkpoint_every": "10"})
+    assert code == MISMATCH_EXIT and report["checked"] == 0
+    assert report["problems"] == ["param epochs: 4 was ordered, the transcript trained with 2"]
+    code, report = verify({"learning_rate": "0.003"})
+    assert code == MISMATCH_EXIT and "param learning_rate: 0.003 was ordered" in report["problems"][0]
+    code, report = verify({}, kind=5751)
+    assert code == MISMATCH_EXIT and "kind 5751 was ordered" in report["problems"][0]

@@ -253,6 +253,7 @@ async def _submit(relays, provider, kind, texts, urls, files, params, servers, c
                     report["message"] = str(exc)
                     return 1
                 report["job_id"] = request["id"]
+                _keep_order(out, request, kind, provider, inputs, params)
                 click.echo(f"job {request['id']} sent", err=True)
                 code = await _follow(customer, request, wallet, out, timeout, allow_private, options)
             except asyncio.CancelledError:   # Ctrl-C
@@ -330,6 +331,19 @@ async def _follow(customer, request, wallet, out, timeout, allow_private, option
     if code == 0 and not options.as_json:
         click.echo(result.content)
     return code
+
+
+def _keep_order(out, request: dict, kind: int, provider: str, inputs, params: dict) -> None:
+    """OUT/request.json (0600: the inputs' URLs may carry decryption keys): what was ordered,
+    as sent (the params, the inputs and their markers), for `dvm verify` to hold the
+    transcript to."""
+    import os
+    out.mkdir(parents=True, exist_ok=True)
+    order = {"id": request["id"], "kind": kind, "provider": provider, "params": dict(params),
+             "inputs": [{"data": i.data, "type": i.type, "marker": i.marker} for i in inputs]}
+    fd = os.open(out / "request.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(order, f, indent=1)
 
 
 async def _save_result(result, out, allow_private, report) -> int:

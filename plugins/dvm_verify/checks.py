@@ -80,6 +80,49 @@ def open_result(folder: Path, provider: str | None = None, allow_unsigned: bool 
     return ResultFolder(Path(folder), raw, signer, job_id)
 
 
+def order_problems(transcript: dict, order: dict, job_id: str | None) -> list[str]:
+    """Where the transcript does not describe the job that was ordered (`order`: OUT/request.json
+    of `dvm job submit`, the request as sent): another job id or kind, or a param the customer
+    sent that it trained with another value of (fewer epochs, another learning rate, every
+    checkpoint_every...). An honest replay of a cheaper job than the one paid for is still a
+    cheat. The params are read as the plugin reads them (`parse_params`, its defaults), with no
+    provider's limits."""
+    import dataclasses
+
+    problems = []
+    if job_id is not None and order.get("id") not in (None, job_id):
+        problems.append(f"the transcript is signed for job {job_id}, not the one ordered ({str(order['id'])[:64]})")
+    if order.get("kind") not in (None, job_kind_of(transcript)):
+        problems.append(f"the transcript is of a kind-{job_kind_of(transcript)} job; kind {order['kind']} was ordered")
+    sent = {str(k): str(v) for k, v in (order.get("params") or {}).items()}
+    markers = {str(i.get("marker") or "") for i in order.get("inputs") or [] if isinstance(i, dict)}
+    if is_llm(transcript):
+        from dvm_llm_finetune.params import Limits, parse_params
+
+        def read(limits):
+            return parse_params(sent, limits, has_eval_input="eval" in markers).as_dict()
+    else:
+        from dvm_image_classifier.params import Limits, parse_params
+        from dvm_image_classifier.transcript import _params_json
+
+        def read(limits):
+            return _params_json(parse_params(sent, limits, has_validation_input="validation" in markers))
+    limits = Limits()
+    limits = dataclasses.replace(limits, **{f.name: 10**12 for f in dataclasses.fields(limits)
+                                            if f.name.startswith("max_") and type(getattr(limits, f.name)) in (int, float)})
+    from dvm_core import JobInputError
+    try:
+        ordered = read(limits)
+    except JobInputError as exc:
+        raise VerifyError(f"the order's params cannot be read: {exc}") from None
+    claimed = transcript.get("params") or {}
+    for name in sorted(set(sent) & set(ordered) - {"time_limit"}):
+        if claimed.get(name) != ordered[name]:
+            problems.append(f"param {name}: {ordered[name]!r} was ordered, the transcript trained with "
+                            f"{claimed.get(name)!r}")
+    return problems
+
+
 def pick_segments(transcript: dict, checks: int, seed: int) -> list[tuple[int, int]]:
     """`checks` distinct segments, drawn with `seed` (all of them when there are fewer)."""
     from dvm_core.transcripts import segments

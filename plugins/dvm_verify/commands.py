@@ -36,6 +36,9 @@ MISMATCH_EXIT = 3
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="The initial weights the job was sent, if any (an image classifier's step 0 is checked "
                    "against them).")
+@click.option("--request", "order_file", type=click.Path(exists=True, dir_okay=False),
+              help="What was ordered: OUT/request.json of `dvm job submit` (default: RESULT/request.json, "
+                   "if there). The transcript must train what it says.")
 @click.option("--provider", help="The npub (or hex) that must have signed the transcript.")
 @click.option("--allow-unsigned", is_flag=True, help="Check a transcript that is not signed (a test's).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -54,7 +57,7 @@ MISMATCH_EXIT = 3
 @click.option("--publish-verdict", is_flag=True,
               help="Sign with --key and publish to --relay a verdict on the transcript's signer (NIP-32, "
                    "kind 1985): verification-failed or verification-passed, which `--trust` reads.")
-def verify_command(result, data, checks, seed, local, model, weights, provider, allow_unsigned, tolerance, relays, dvm, kind,
+def verify_command(result, data, checks, seed, local, model, weights, order_file, provider, allow_unsigned, tolerance, relays, dvm, kind,
                    servers, wallet_dir, mints, key_file, max_price, timeout, as_json, publish_verdict) -> None:
     """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
     segments picked at random and say whether each lands where the provider said."""
@@ -66,7 +69,8 @@ def verify_command(result, data, checks, seed, local, model, weights, provider, 
 
     from dvm_core.transcripts import structure_problems
 
-    from .checks import Report, VerifyError, check_local, check_returned_weights, open_result, pick_segments
+    from .checks import (Report, VerifyError, check_local, check_returned_weights, open_result, order_problems,
+                         pick_segments)
 
     configure_logging("console", "warning")   # stdout is the report's (one JSON object with --json)
     if seed is None:
@@ -78,10 +82,21 @@ def verify_command(result, data, checks, seed, local, model, weights, provider, 
         if publish_verdict and folder.signer is None:
             raise VerifyError("--publish-verdict: the transcript is not signed, so there is no provider to judge")
         problems = structure_problems(folder.transcript)
+        order_path = Path(order_file) if order_file else Path(result) / "request.json"
+        if not problems and order_path.exists():
+            try:
+                order = json.loads(order_path.read_text())
+            except ValueError:
+                raise VerifyError(f"{order_path} is not JSON") from None
+            problems = order_problems(folder.transcript, order if isinstance(order, dict) else {}, folder.job_id)
+        elif not problems and not as_json:
+            click.echo(f"no {order_path.name} in {result} (--request): the transcript's params are not compared "
+                       "with what was ordered")
         picked = [] if problems else pick_segments(folder.transcript, checks, seed)
         if problems:
             if not as_json:
-                click.echo("the transcript is not as training writes it, so no segment is replayed: "
+                click.echo("the transcript does not describe the training that was ordered and done, so no "
+                           "segment is replayed: "
                            + "; ".join(problems[:5]))
         elif not as_json:
             signer = f"signed by {folder.signer}" if folder.signer else "NOT signed"
@@ -138,7 +153,7 @@ def verify_command(result, data, checks, seed, local, model, weights, provider, 
     else:
         wrong = [w["file"] for w in report.weights if w["match"] is False]
         if report.problems:
-            click.echo("FAILED: the transcript is not as training writes it (above), so it cannot be checked.")
+            click.echo("FAILED: the transcript does not describe the training ordered (above).")
             sys.exit(MISMATCH_EXIT)
         click.echo(f"{'PASSED' if report.passed else 'FAILED'}: {sum(v['match'] for v in report.verdicts)}/"
                    f"{len(report.verdicts)} segments match"
@@ -157,7 +172,7 @@ async def _publish_verdict(relays, key_file, folder, report, seed) -> dict:
 
     label = "verification-passed" if report.passed else "verification-failed"
     failed = [v for v in report.verdicts if not v["match"]]
-    reason = ("the transcript is not as training writes it: " + "; ".join(report.problems[:3])) if report.problems \
+    reason = ("the transcript does not describe the training ordered: " + "; ".join(report.problems[:3])) if report.problems \
         else (f"{len(report.verdicts) - len(failed)}/{len(report.verdicts)} replayed segments of "
               f"{report.segments} matched (seed {seed})"
               + "".join(f"; [{v['segment'][0]}, {v['segment'][1]}) did not: {v.get('reason') or 'distance ' + str(v['distance'])}"
