@@ -466,6 +466,21 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     assert bad.exit_code == MISMATCH_EXIT and "FAILED: 0/2 segments match" in bad.output
 
 
+def test_an_llm_transcript_is_held_to_the_base_model_and_params_ordered(honest):
+    """`dvm verify --request`'s comparison for an LLM job: the base model sent (an archive,
+    marked 'model') or asked for (param model), and the params sent."""
+    from dvm_verify.checks import order_problems
+
+    sent = {"learning_rate": "0.01", "checkpoint_every": "6"}
+    archive = [{"data": "https://x/m", "type": "url", "marker": "model"}]
+    assert order_problems(honest.transcript, {"kind": 5751, "params": sent, "inputs": archive}, None) == []
+    hub = order_problems(honest.transcript, {"kind": 5751, "params": dict(sent, model="org/other"), "inputs": []},
+                         None)
+    assert len(hub) == 1 and "the base model 'org/other' was ordered" in hub[0]
+    more = order_problems(honest.transcript, {"params": dict(sent, epochs="3"), "inputs": archive}, "ab" * 32)
+    assert more == ["param epochs: 3 was ordered, the transcript trained with " f"{honest.transcript['params']['epochs']}"]
+
+
 # --- through a real worker, relay, mint and blob server ----------------------------------------
 
 @pytest.fixture

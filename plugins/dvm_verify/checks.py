@@ -116,6 +116,12 @@ def order_problems(transcript: dict, order: dict, job_id: str | None) -> list[st
     except JobInputError as exc:
         raise VerifyError(f"the order's params cannot be read: {exc}") from None
     claimed = transcript.get("params") or {}
+    if is_llm(transcript):   # the base model: the hub repo asked for, or the archive sent
+        source = (transcript.get("base_model") or {}).get("source") or {}
+        if "model" in sent and source.get("hub") != sent["model"]:
+            problems.append(f"the base model {sent['model']!r} was ordered; the transcript's is {source}")
+        if "model" in markers and not source.get("archive_sha256"):
+            problems.append(f"a base model archive was sent; the transcript's base is {source}")
     for name in sorted(set(sent) & set(ordered) - {"time_limit"}):
         if claimed.get(name) != ordered[name]:
             problems.append(f"param {name}: {ordered[name]!r} was ordered, the transcript trained with "
