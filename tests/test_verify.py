@@ -613,6 +613,10 @@ def test_a_checkpoint_not_delivered_fails_the_check_of_its_segments(tmp_path, di
     verdicts = json.loads(out.output)["verdicts"]
     assert [v["match"] for v in verdicts] == [True, False, False, True, True]
     assert all("for step 20" in v["reason"] and "was not delivered" in v["reason"] for v in verdicts[1:3])
+    said = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
+                                               "--checks", "5"])   # in words: a verdict without a state
+    assert said.exit_code == 3 and "Traceback" not in said.output, said.output
+    assert "[10, 20): MISMATCH, distance n/a" in said.output and "got nothing (local): the provider's" in said.output
 
 
 def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_building_it(tmp_path, digits, honest):

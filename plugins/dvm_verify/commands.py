@@ -109,8 +109,9 @@ def verify_command(result, data, checks, seed, local, model, weights, order_file
                 a, b = verdict["segment"]
                 words = "match" if verdict["match"] else "MISMATCH"
                 distance = "n/a" if verdict["distance"] is None else f"{verdict['distance']:.3g}"
+                got = f"{verdict['got_sha256'][:16]}…" if verdict.get("got_sha256") else "nothing"
                 click.echo(f"  [{a}, {b}): {words}, distance {distance}, expected {verdict['expected_sha256'][:16]}…, "
-                           f"got {verdict['got_sha256'][:16]}… ({verdict['by']})")
+                           f"got {got} ({verdict['by']})" + (f": {verdict['reason']}" if verdict.get("reason") else ""))
 
         if problems:
             entries = folder.transcript["checkpoints"]
