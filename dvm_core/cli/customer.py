@@ -337,13 +337,11 @@ def _keep_order(out, request: dict, kind: int, provider: str, inputs, params: di
     """OUT/request.json (0600: the inputs' URLs may carry decryption keys): what was ordered,
     as sent (the params, the inputs and their markers), for `dvm verify` to hold the
     transcript to."""
-    import os
+    from dvm_core.customer.client import write_private_json
     out.mkdir(parents=True, exist_ok=True)
-    order = {"id": request["id"], "kind": kind, "provider": provider, "params": dict(params),
-             "inputs": [{"data": i.data, "type": i.type, "marker": i.marker} for i in inputs]}
-    fd = os.open(out / "request.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(order, f, indent=1)
+    write_private_json(out / "request.json", {
+        "id": request["id"], "kind": kind, "provider": provider, "params": dict(params),
+        "inputs": [{"data": i.data, "type": i.type, "marker": i.marker} for i in inputs]})
 
 
 async def _save_result(result, out, allow_private, report) -> int:

@@ -681,14 +681,21 @@ def state_keeper(path: Path, moved: Callable[[Path], None] | None = None) -> Cal
                 os.replace(path, aside)
                 if moved is not None:
                     moved(aside)
-        part = path.with_name(path.name + ".part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
+        write_private_json(path, state)
     return keep
+
+
+def write_private_json(path: Path, value) -> None:
+    """Write `value` as JSON to `path`, readable by us only (0600), fsynced and replaced
+    atomically: a kill leaves the old file or the new one, never half of one."""
+    import os
+    part = path.with_name(path.name + ".part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
 
 
 async def _make_htlc(wallet, amount: int, mint: str, terms: HtlcTerms, state: dict,

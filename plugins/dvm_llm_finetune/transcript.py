@@ -83,6 +83,21 @@ def _head_and_bytes(t: torch.Tensor):
     return head, raw
 
 
+def _both_digests(raw: dict, meta: dict) -> tuple[str, str]:
+    """(weights_sha256, state_sha256) of tensors given as name → `_head_and_bytes`: both in one
+    pass, since the ``model/`` keys sort in the same order with their prefix as without."""
+    weights, state = hashlib.sha256(), hashlib.sha256()
+    for key in sorted(raw):
+        head, data = raw[key]
+        state.update(key.encode() + head)
+        state.update(data)
+        if key.startswith("model/"):
+            weights.update(key[len("model/"):].encode() + head)
+            weights.update(data)
+    state.update(_canonical(meta))
+    return weights.hexdigest(), state.hexdigest()
+
+
 @functools.lru_cache(maxsize=4096)
 def _head(dtype: torch.dtype, shape: torch.Size) -> bytes:
     return f"\0{dtype}\0{list(shape)}\0".encode()
@@ -130,18 +145,8 @@ class Checkpoint:
         return tensor_digest(self.tensors, self.meta)
 
     def digests(self) -> tuple[str, str]:
-        """(`weights_sha256()`, `state_sha256()`) in one pass over the tensors: the ``model/``
-        keys sort in the same order with their prefix as without."""
-        weights, state = hashlib.sha256(), hashlib.sha256()
-        for key in sorted(self.tensors):
-            head, raw = _head_and_bytes(self.tensors[key])
-            state.update(key.encode() + head)
-            state.update(raw)
-            if key.startswith("model/"):
-                weights.update(key[len("model/"):].encode() + head)
-                weights.update(raw)
-        state.update(_canonical(self.meta))
-        return weights.hexdigest(), state.hexdigest()
+        """(`weights_sha256()`, `state_sha256()`) in one pass over the tensors."""
+        return _both_digests({k: _head_and_bytes(v) for k, v in self.tensors.items()}, self.meta)
 
     @classmethod
     def capture(cls, step: int, model, optimizer, scheduler, *, to_cpu: bool = True) -> "Checkpoint":
@@ -188,20 +193,12 @@ class Checkpoint:
             self.save(path)
             return self.digests()
         raw = {k: _head_and_bytes(v) for k, v in self.tensors.items()}
-        weights, state = hashlib.sha256(), hashlib.sha256()
-        for key in sorted(raw):
-            head, data = raw[key]
-            state.update(key.encode() + head)
-            state.update(data)
-            if key.startswith("model/"):
-                weights.update(key[len("model/"):].encode() + head)
-                weights.update(data)
-        state.update(_canonical(self.meta))
+        digests = _both_digests(raw, self.meta)
         layout = _file_layout(_layout_key(self.tensors))
         parts = [layout.tight_header(self.meta)]
         parts += [raw[name][1] for name, (begin, end) in layout.offsets.items() if end > begin]
         _write_parts(path, parts)
-        return weights.hexdigest(), state.hexdigest()
+        return digests
 
     @classmethod
     def load(cls, path: Path) -> "Checkpoint":
@@ -287,20 +284,23 @@ class _Layout:
     def header(self, meta: dict) -> bytes | None:
         """The header (with its length in front, padded), or None when it does not fit `room`."""
         raw = self._header_json(meta)
-        if 8 + len(raw) > self.room:
-            return None
-        return (self.room - 8).to_bytes(8, "little") + raw + b" " * (self.room - 8 - len(raw))
+        return _framed(raw, self.room - 8) if 8 + len(raw) <= self.room else None
 
     def tight_header(self, meta: dict) -> bytes:
         """The header padded to a multiple of 8 bytes only, as safetensors pads it (whatever
         `room` is: a cached layout is shared by threads and never changed)."""
         raw = self._header_json(meta)
-        size = -(-len(raw) // 8) * 8
-        return size.to_bytes(8, "little") + raw + b" " * (size - len(raw))
+        return _framed(raw, -(-len(raw) // 8) * 8)
 
     def _header_json(self, meta: dict) -> bytes:
         metadata = json.dumps({"dvm": json.dumps(meta, sort_keys=True)}, separators=(",", ":"))
         return (f'{{"__metadata__":{metadata}' + (f",{self.tensors_json}}}" if self.tensors_json else "}")).encode()
+
+
+def _framed(header: bytes, size: int) -> bytes:
+    """A safetensors header: its length (`size`, little-endian u64), then the JSON padded with
+    spaces to that length."""
+    return size.to_bytes(8, "little") + header + b" " * (size - len(header))
 
 
 def _layout_key(tensors: dict[str, torch.Tensor]) -> tuple:

@@ -57,8 +57,9 @@ MISMATCH_EXIT = 3
 @click.option("--publish-verdict", is_flag=True,
               help="Sign with --key and publish to --relay a verdict on the transcript's signer (NIP-32, "
                    "kind 1985): verification-failed or verification-passed, which `--trust` reads.")
-def verify_command(result, data, checks, seed, local, model, weights, order_file, provider, allow_unsigned, tolerance, relays, dvm, kind,
-                   servers, wallet_dir, mints, key_file, max_price, timeout, as_json, publish_verdict) -> None:
+def verify_command(result, data, checks, seed, local, model, weights, order_file, provider, allow_unsigned, tolerance,
+                   relays, dvm, kind, servers, wallet_dir, mints, key_file, max_price, timeout, as_json,
+                   publish_verdict) -> None:
     """Spot-check RESULT (a result folder with transcript.json and its checkpoints): replay
     segments picked at random and say whether each lands where the provider said."""
     import secrets
