@@ -53,7 +53,8 @@ def job() -> None:
 @click.option("--no-local-check", is_flag=True,
               help="Upload without first running the kind's own data checks here (when its plugin is installed).")
 @click.option("--out", type=click.Path(file_okay=False), default="dvm-result", show_default=True,
-              help="Where to save the result and its files.")
+              help="Where to save the result and its files, and what was ordered (request.json, for "
+                   "`dvm verify`).")
 @click.option("--timeout", type=float, default=3600, show_default=True)
 @click.option("--allow-private", is_flag=True, envvar="DVM_ALLOW_PRIVATE",
               help="Allow blob servers and downloads on loopback/private addresses (a local marketplace, "
