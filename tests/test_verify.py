@@ -525,7 +525,9 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         await close_customer(customer)
 
 
-def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digits, honest):
+def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digits, honest, monkeypatch):
+    import tempfile
+
     from click.testing import CliRunner
     from dvm_verify.checks import catch_probability, checks_needed
     from dvm_verify.commands import verify_command
@@ -536,9 +538,13 @@ def test_dvm_verify_local_passes_an_honest_run_and_says_the_odds(tmp_path, digit
     (folder / "transcript.json").write_text(json.dumps(run.transcript))
     refused = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local"])
     assert refused.exit_code == 1 and "is not signed" in refused.output
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     ok = CliRunner().invoke(verify_command, [str(folder), "--data", str(digits[0]), "--local", "--allow-unsigned",
                                              "--checks", "2", "--seed", "5"])
     assert ok.exit_code == 0, ok.output
+    assert list(scratch.iterdir()) == []    # nothing of the replays is left behind in the temp folder
     assert "transcript: 5 segments, NOT signed; checking 2 (seed 5)" in ok.output
     assert "PASSED: 2/2 segments match" in ok.output and "probability 0.40" in ok.output
     # The odds the README gives.

@@ -412,7 +412,9 @@ def test_checkpoint_every_is_checked(assets, tmp_path):
 
 # --- `dvm verify` on an LLM result -------------------------------------------------------------
 
-def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
+def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path, monkeypatch):
+    import tempfile
+
     from click.testing import CliRunner
     from dvm_verify.commands import MISMATCH_EXIT, verify_command
 
@@ -423,8 +425,12 @@ def test_dvm_verify_local_on_an_llm_result(assets, honest, tmp_path):
     args = [str(folder), "--data", str(assets["data"]), "--local", "--allow-unsigned", "--checks", "4"]
     missing = CliRunner().invoke(verify_command, args)
     assert missing.exit_code == 1 and "--model" in missing.output
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     ok = CliRunner().invoke(verify_command, args + ["--model", str(assets["zip"]), "--json"])
     assert ok.exit_code == 0, ok.output
+    assert list(scratch.iterdir()) == []    # the base model unpacked from the archive is gone again
     summary = json.loads(ok.stdout)
     assert summary["passed"] and summary["checked"] == 4 and all(v["distance"] == 0.0 for v in summary["verdicts"])
     digest = honest.transcript["result_weights"]["adapter_model.safetensors"]

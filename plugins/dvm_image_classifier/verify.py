@@ -100,8 +100,14 @@ def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, en
 
     from . import transcript as T
 
+    if workdir is None:     # the data's unpacked files go with the verdict, not into /tmp for good
+        with tempfile.TemporaryDirectory(prefix="dvm-verify-") as tmp:
+            return verify_segment(transcript, data_path, start_path, end_path, end_step=end_step,
+                                  tolerance=tolerance, has_validation=has_validation, limits=limits,
+                                  workdir=tmp, device=device, check_cancelled=check_cancelled,
+                                  weights_path=weights_path)
     limits = limits or Limits()
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="verify-"))
+    workdir = Path(workdir)
     started = time.perf_counter()
     start = T.Checkpoint.load(start_path)
     recorded = T.entry_at(transcript, start.step)

@@ -15,7 +15,6 @@ Whether a share of the training set was held out, and which, follows from the tr
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -200,9 +199,10 @@ def run_job(ctx, job, transcript: dict, signer: str | None, started: float) -> J
     return JobResult(verdict, metrics=metrics)
 
 
-def local_base(transcript: dict, model: Path | None, workdir: Path | None = None) -> Path:
+def local_base(transcript: dict, model: Path | None, workdir: Path) -> Path:
     """For `dvm verify --local`: the base model folder, from `model` (a folder, or the archive
-    the job was sent) or, for a hub model, this machine's hub cache."""
+    the job was sent, unpacked under `workdir`, which the caller removes) or, for a hub model,
+    this machine's hub cache."""
     from dvm_core.archives import ArchiveError, extract_archive
 
     from . import model as modelmod
@@ -216,7 +216,7 @@ def local_base(transcript: dict, model: Path | None, workdir: Path | None = None
     model = Path(model)
     if model.is_dir():
         return modelmod.find_model_folder(model)
-    target = Path(workdir or tempfile.mkdtemp(prefix="verify-model-")) / "base_model"
+    target = Path(workdir) / "base_model"
     try:
         extract_archive(model, target, max_total_bytes=Limits.max_model_bytes + (64 << 20), max_files=1000)
     except ArchiveError as exc:

@@ -279,31 +279,33 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
     `model` (a model folder, or the archive the job was sent), else this machine's hub cache. An
     image classifier's job sent initial weights is checked at step 0 against `weights`."""
     import functools
+    import tempfile
 
     if weights is not None and is_llm(result.transcript):
         raise VerifyError("initial weights (--weights) are for image classifier transcripts; an LLM's base is --model")
-    if is_llm(result.transcript):
-        from dvm_core import JobInputError
-        from dvm_llm_finetune.verify import local_base, verify_segment
-        from transformers.utils import logging as hf_logging
+    with tempfile.TemporaryDirectory(prefix="dvm-verify-") as workdir:   # an unpacked base model: gigabytes
+        if is_llm(result.transcript):
+            from dvm_core import JobInputError
+            from dvm_llm_finetune.verify import local_base, verify_segment
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()   # "Loading weights" bars on every replay: the report is the output
-        try:
-            folder = local_base(result.transcript, model)
-        except JobInputError as exc:
-            raise VerifyError(f"the base model: {exc}") from None
-        verify_segment = functools.partial(verify_segment, model_folder=folder)
-    else:
-        from dvm_image_classifier.verify import verify_segment
-        verify_segment = functools.partial(verify_segment, weights_path=weights)
+            hf_logging.disable_progress_bar()   # "Loading weights" bars on every replay: the report is the output
+            try:
+                folder = local_base(result.transcript, model, Path(workdir))
+            except JobInputError as exc:
+                raise VerifyError(f"the base model: {exc}") from None
+            verify_segment = functools.partial(verify_segment, model_folder=folder)
+        else:
+            from dvm_image_classifier.verify import verify_segment
+            verify_segment = functools.partial(verify_segment, weights_path=weights)
 
-    report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
-    for a, b in picked:
-        verdict = _unreplayable(result, a, b) or verify_segment(result.transcript, data, result.checkpoint(a), result.checkpoint(b),
-                                 end_step=b, tolerance=tolerance)
-        verdict["by"] = "local"
-        report.verdicts.append(verdict)
-        on_verdict(verdict)
+        report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
+        for a, b in picked:
+            verdict = _unreplayable(result, a, b) or verify_segment(
+                result.transcript, data, result.checkpoint(a), result.checkpoint(b), end_step=b, tolerance=tolerance)
+            verdict["by"] = "local"
+            report.verdicts.append(verdict)
+            on_verdict(verdict)
     return report
 
 
