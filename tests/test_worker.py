@@ -141,6 +141,36 @@ async def test_requests_sent_while_the_worker_was_down_are_picked_up(workers, cu
     assert again.counts["received"] == 1  # the first request was not handled twice
 
 
+async def test_a_recorded_request_sent_again_as_the_worker_restarts_is_resumed(tmp_path, relay):
+    """Killed just after recording a request, the worker starts again; the relay sends the
+    request again before the worker reads its store (CI saw this order once, in the kill-point
+    test). The job must be resumed, not left to a task that drops it as "seen before"."""
+    keys = Keys.generate()
+    cfg = tmp_path / "w" / "dvm.toml"
+    cfg.parent.mkdir()
+    write_config(cfg, relay.url)
+    async with Customer(Keys.generate(), [relay.url]) as c:
+        await c.pool.wait_all_connected(10)
+        request = await c.submit(KIND, TEXT, {"top": "1"}, provider=keys.public_key)
+        worker = Worker(load_config(cfg, env={}), keys, plugin_manager(only=["textstats"]))
+        assert worker.store.record_request(request)      # what the killed worker left
+        recover, take = worker._recover, worker._take_request
+        worker._recover = lambda: None
+
+        def take_then_recover(event):   # the relay's copy arrives first, then the store is read
+            take(event)
+            if event["id"] == request["id"]:
+                recover()
+        worker._take_request = take_then_recover
+        await worker.start()
+        try:
+            result = await c.result(request, timeout=20)
+            assert result_json(result)["top_words"] == [["the", 2]]
+            assert worker.store.get_job(request["id"]).state == "succeeded"
+        finally:
+            await worker.stop(grace=1)
+
+
 async def _count_results(relay_url: str, request_id: str, kind: int) -> list[dict]:
     async with Customer(Keys.generate(), [relay_url]) as c:
         seen = []

@@ -366,7 +366,18 @@ class Worker:
     def _take_request(self, event: dict) -> None:
         """A new request gets a task of its own, or, when the worker has as many as it keeps or
         its answers wait for the relays (the outbox is congested), is recorded and waits in the
-        store for `_take_up_deferred`: a flood of any length costs the store, not memory."""
+        store for `_take_up_deferred`: a flood of any length costs the store, not memory.
+
+        One already handled here, or recorded (seen on another relay, or again after a restart),
+        gets no task: a task, even one that would end at once as "seen before", would stand in
+        `_handling` for the job, and `_recover` or `_take_up_deferred` would leave the recorded
+        job to it (a request recorded just before a kill, sent again by the relay as the worker
+        came back, was never resumed)."""
+        try:
+            if event["id"] in self._handling or self.store.job_rowid(event["id"]) is not None:
+                return
+        except Exception:   # the store unreadable: the request's own task finds out and says so
+            pass
         if self._deferred_after is None and not self._saturated():
             self._spawn_request(event, self._handle(event))
             return
