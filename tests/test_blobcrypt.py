@@ -138,7 +138,8 @@ def test_reordered_and_removed_chunks():
 
 
 @pytest.mark.parametrize("size", [10, CHUNK, 2 * CHUNK])
-@pytest.mark.parametrize("garbage", [b"x", os.urandom(TAG_SIZE), os.urandom(CHUNK + TAG_SIZE)])
+@pytest.mark.parametrize("garbage", [b"x", os.urandom(TAG_SIZE), os.urandom(CHUNK + TAG_SIZE)],
+                         ids=["one-byte", "a-tag", "a-chunk-and-tag"])   # same ids in every process (xdist)
 def test_appended_garbage(size, garbage):
     blob, key = encrypt_bytes(os.urandom(size), chunk_size=CHUNK)
     with pytest.raises(BlobDecryptError, match="corrupt"):

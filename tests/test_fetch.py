@@ -431,7 +431,7 @@ def test_blocked_reason(address, blocked):
     ("https://example.com/x", "abc", "not 64 hex digits"),
     ("https://example.com/x", "g" * 64, "not 64 hex digits"),
     ("http:///x", GOOD_SHA, "has no host"),
-])
+], ids=["ftp", "file", "short-sha", "non-hex-sha", "no-host"])   # GOOD is random: ids of its own (xdist)
 async def test_bad_arguments(tmp_path, no_network, url, sha, match):
     with pytest.raises(FetchError, match=match):
         await fetch(url, sha, tmp_path, cache_dir=None, max_bytes=100)
