@@ -36,12 +36,17 @@ js: tests/js/node_modules/.installed
 demo: $(STAMP)
 	$(BIN)/dvm demo
 
+# The test files run in PYTEST_WORKERS processes at once (pytest-xdist; one file stays in one
+# process, with its fixtures): most tests wait on relays, mints and child processes. 0: one process.
+PYTEST_WORKERS ?= 3
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP) js
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # Everything: the slow examples and the whole fault matrix too.
 test-all: $(STAMP) js
-	$(BIN)/python -m pytest -q -ra -m "slow or not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_XDIST) -m "slow or not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules

@@ -18,6 +18,7 @@ asked for, ``pytest -m slow tests/test_llm_finetune.py`` (about 1¼ minutes on 2
 from __future__ import annotations
 
 import copy
+import os
 import json
 import random
 import re
@@ -487,7 +488,9 @@ def test_a_chat_template_that_never_ends_is_stopped(assets, tmp_path):
         datamod.tokenize(ds, hostile, 128, what="training set", render_seconds=8)
     assert time.monotonic() - started < 30
     assert threading.active_count() == threads
-    leftover = subprocess.run(["pgrep", "-f", "dvm_llm_finetune.render"], capture_output=True, text=True).stdout
+    # Only this process's children: other tests may be rendering at the same time (pytest -n).
+    leftover = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "dvm_llm_finetune.render"],
+                              capture_output=True, text=True).stdout
     assert leftover.strip() == ""
 
 
