@@ -116,6 +116,13 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
     whats = "; ".join(c.what for c in checkers)
     needs = " ".join(f"For {c.what}: {c.needs}" for c in checkers if c.needs)
 
+    def precheck(ctx, job: VerifyJob) -> VerifyJob:
+        """Before payment: the transcript (small) is read and checked, so one of a format not
+        served here, or not as training writes it, is refused before the customer pays. `run`
+        finds the download again (fetches are cached)."""
+        read_transcript(ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        return job
+
     def run(ctx, job: VerifyJob) -> JobResult:
         started = time.monotonic()
         ctx.progress(0, "downloading the transcript")
@@ -131,7 +138,7 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
                      "inputs, the training set (no marker), 'transcript', 'start', optionally 'end'. "
                      + needs).strip(),
         run=run, parse=lambda request: parse_request(request, checkers), params=params,
-        params_schema=params_schema(read_params, params))
+        params_schema=params_schema(read_params, params), precheck=precheck)
 
 
 # --- the verdict, the same for every format (the plugins replay; the arithmetic below only

@@ -404,6 +404,42 @@ async def blobs(tmp_path):
     await server.stop()
 
 
+async def test_a_transcript_not_as_training_writes_it_is_refused_before_payment(workers, mint, relay, blobs,
+                                                                                digits, honest, tmp_path):
+    """The verify kind reads the transcript before it asks for payment: one with a checkpoint
+    left out (uneven segments) is refused, and the customer pays nothing."""
+    from dvm_core.customer.client import upload_dataset
+    from dvm_core.worker.plugins import plugin_manager
+
+    from .paying import close_customer, funded_customer
+
+    run = honest[0]
+    worker = await workers.start(pm=plugin_manager(only=["image-classifier"]), mints=[mint.url],
+                                 blob_servers=[blobs.url], allow_private_urls=True, prices={"training-verify": 2})
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    try:
+        uneven = json.loads(json.dumps(run.transcript))
+        del uneven["checkpoints"][2]
+        (tmp_path / "transcript.json").write_text(json.dumps(uneven))
+        urls = [await upload_dataset(path, [blobs.url], customer.keys, encrypt=True)
+                for path in (digits[0], tmp_path / "transcript.json", run.file(10))]
+        before = sum((await customer.wallet.balance()).values())
+        request = await customer.submit(VERIFY_KIND, [JobInput(urls[0], "url"),
+                                                      JobInput(urls[1], "url", marker="transcript"),
+                                                      JobInput(urls[2], "url", marker="start")],
+                                        {}, provider=worker.keys.public_key)
+        statuses = []
+        async for update in customer.updates(request, timeout=60):
+            statuses.append(update.status)
+            if update.status == "error":
+                assert "not a transcript as training writes it" in update.message, update.message
+                break
+        assert statuses[-1] == "error" and "payment-required" not in statuses, statuses
+        assert sum((await customer.wallet.balance()).values()) == before
+    finally:
+        await close_customer(customer)
+
+
 async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(workers, mint, relay, blobs,
                                                                              digits, tmp_path):
     """A private kind-5750 job with checkpoint_every: the result holds transcript.json as a
