@@ -257,6 +257,10 @@ class TranscriptChecker:
     :param check: ``check(job)`` at parse time (quick, no I/O): raise `JobInputError` for a
         combination of this checker's params or inputs that cannot work.
     :param needs: what the customer sends besides the common inputs, for the description.
+    :param precheck: ``precheck(ctx, job, transcript)`` before payment (in the verify kind's
+        precheck, the transcript downloaded and its structure checked): raise `JobInputError`
+        for a transcript no job sent to this provider could have written (params, sizes,
+        steps beyond ``ctx.config``'s limits), so the customer is told before paying.
     """
 
     format: str
@@ -266,3 +270,4 @@ class TranscriptChecker:
     roles: tuple[str, ...] = ()
     check: Callable | None = None
     needs: str = ""
+    precheck: Callable | None = None

@@ -118,9 +118,14 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
 
     def precheck(ctx, job: VerifyJob) -> VerifyJob:
         """Before payment: the transcript (small) is read and checked, so one of a format not
-        served here, or not as training writes it, is refused before the customer pays. `run`
-        finds the download again (fetches are cached)."""
-        read_transcript(ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        served here, not as training writes it, or (the checker's precheck) one no job here could
+        have written, is refused before the customer pays. `run` finds the download again
+        (fetches are cached)."""
+        transcript, _ = read_transcript(
+            ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        checker = by_format[transcript["format"]]
+        if checker.precheck is not None:
+            checker.precheck(ctx, job, transcript)
         return job
 
     def run(ctx, job: VerifyJob) -> JobResult:

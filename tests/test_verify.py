@@ -404,10 +404,22 @@ async def blobs(tmp_path):
     await server.stop()
 
 
-async def test_a_transcript_not_as_training_writes_it_is_refused_before_payment(workers, mint, relay, blobs,
-                                                                                digits, honest, tmp_path):
+def _checkpoint_left_out(transcript: dict) -> str:
+    del transcript["checkpoints"][2]
+    return "not a transcript as training writes it"
+
+
+def _huge_images(transcript: dict) -> str:
+    transcript["params"]["image_size"] = 3000     # a verifier would decode every image at 3000x3000
+    return "the transcript names params no job here could have: image_size"
+
+
+@pytest.mark.parametrize("spoil", [_checkpoint_left_out, _huge_images], ids=["uneven", "image-size"])
+async def test_a_transcript_no_job_here_could_write_is_refused_before_payment(workers, mint, relay, blobs,
+                                                                              digits, honest, tmp_path, spoil):
     """The verify kind reads the transcript before it asks for payment: one with a checkpoint
-    left out (uneven segments) is refused, and the customer pays nothing."""
+    left out (uneven segments), or with params beyond this provider's limits, is refused, and
+    the customer pays nothing."""
     from dvm_core.customer.client import upload_dataset
     from dvm_core.worker.plugins import plugin_manager
 
@@ -418,9 +430,9 @@ async def test_a_transcript_not_as_training_writes_it_is_refused_before_payment(
                                  blob_servers=[blobs.url], allow_private_urls=True, prices={"training-verify": 2})
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
-        uneven = json.loads(json.dumps(run.transcript))
-        del uneven["checkpoints"][2]
-        (tmp_path / "transcript.json").write_text(json.dumps(uneven))
+        spoilt = json.loads(json.dumps(run.transcript))
+        why = spoil(spoilt)
+        (tmp_path / "transcript.json").write_text(json.dumps(spoilt))
         urls = [await upload_dataset(path, [blobs.url], customer.keys, encrypt=True)
                 for path in (digits[0], tmp_path / "transcript.json", run.file(10))]
         before = sum((await customer.wallet.balance()).values())
@@ -432,7 +444,7 @@ async def test_a_transcript_not_as_training_writes_it_is_refused_before_payment(
         async for update in customer.updates(request, timeout=60):
             statuses.append(update.status)
             if update.status == "error":
-                assert "not a transcript as training writes it" in update.message, update.message
+                assert why in update.message, update.message
                 break
         assert statuses[-1] == "error" and "payment-required" not in statuses, statuses
         assert sum((await customer.wallet.balance()).values()) == before

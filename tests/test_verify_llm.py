@@ -18,6 +18,7 @@ import dataclasses
 import json
 import shutil
 import time
+import types
 import zipfile
 from pathlib import Path
 
@@ -284,6 +285,11 @@ def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_build
             LV.verify_segment(transcript, assets["data"], honest.file(0), honest.file(6), end_step=6,
                               model_folder=assets["model"], device=CPU)
         assert time.perf_counter() - started < 10, name
+        # ... and by the verify kind's precheck, before the customer pays (nothing downloaded but
+        # the transcript); the honest transcript passes it.
+        with pytest.raises(JobInputError, match="no job here could have|a job here runs at most"):
+            LV.checker({}).precheck(types.SimpleNamespace(config={}), None, transcript)
+    LV.checker({}).precheck(types.SimpleNamespace(config={}), None, honest.transcript)
 
 
 def verify_ctx(workdir, run: Run, transcript: Path, a: int, b: int, data: Path, extra: dict | None = None,

@@ -29,6 +29,8 @@ def checker() -> TranscriptChecker:
     """What this plugin registers for kind 5753."""
     return TranscriptChecker(format=FORMAT, run=check, what="kind 5750, image classifier",
                              roles=("validation", "weights"),
+                             precheck=lambda ctx, job, transcript: checked_params(
+                                 transcript, Limits.from_config(getattr(ctx, "config", None))),
                              needs="optionally the validation set the job was sent, marked 'validation', and "
                                    "the initial weights it was sent, marked 'weights' (to check step 0).")
 

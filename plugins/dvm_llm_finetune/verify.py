@@ -49,6 +49,8 @@ def checker(config: dict | None = None) -> TranscriptChecker:
     limits = Limits.from_config(config) if config is not None else None
     return TranscriptChecker(format=FORMAT, run=run_job, what="kind 5751, LLM fine-tuning", params=PARAMS,
                              roles=("model",), check=lambda job: check_request(job, limits),
+                             precheck=lambda ctx, job, transcript: checked_params(
+                                 transcript, Limits.from_config(getattr(ctx, "config", None))),
                              needs="the base model, param model (a hub repo id offered here) or a url "
                                    "input marked 'model' (default: the transcript's hub model).")
 
