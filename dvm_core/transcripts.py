@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .jobs import JobInputError, JobKind, JobResult, TranscriptChecker, open_signed_file
 from .params import number, params_schema, url_inputs
@@ -54,6 +54,9 @@ class VerifyJob:
     end_step: int | None
     tolerance: float
     params: dict = field(default_factory=dict)   # the checkers' own params, as sent
+    # Read by the precheck (before payment) for run: the transcript, checked, and its signer.
+    transcript: dict | None = field(default=None, compare=False, repr=False)
+    signer: str | None = None
 
 
 def read_params(params: dict) -> tuple[int | None, float]:
@@ -116,23 +119,25 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
     whats = "; ".join(c.what for c in checkers)
     needs = " ".join(f"For {c.what}: {c.needs}" for c in checkers if c.needs)
 
+    def read(ctx, job: VerifyJob) -> tuple[dict, str | None]:
+        return read_transcript(ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(),
+                               by_format)
+
     def precheck(ctx, job: VerifyJob) -> VerifyJob:
         """Before payment: the transcript (small) is read and checked, so one of a format not
         served here, not as training writes it, or (the checker's precheck) one no job here could
-        have written, is refused before the customer pays. `run` finds the download again
-        (fetches are cached)."""
-        transcript, _ = read_transcript(
-            ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        have written, is refused before the customer pays; `run` gets it with the job."""
+        transcript, signer = read(ctx, job)
         checker = by_format[transcript["format"]]
         if checker.precheck is not None:
             checker.precheck(ctx, job, transcript)
-        return job
+        return replace(job, transcript=transcript, signer=signer)
 
     def run(ctx, job: VerifyJob) -> JobResult:
         started = time.monotonic()
         ctx.progress(0, "downloading the transcript")
-        transcript, signer = read_transcript(
-            ctx.fetch(job.urls["transcript"], max_bytes=MAX_TRANSCRIPT_BYTES).read_bytes(), by_format)
+        # A job resumed after a restart was paid before it, and skips the precheck: read here.
+        transcript, signer = (job.transcript, job.signer) if job.transcript is not None else read(ctx, job)
         return by_format[transcript["format"]].run(ctx, job, transcript, signer, started)
 
     return JobKind(

@@ -273,6 +273,11 @@ def _unreplayable(result: ResultFolder, a: int, b: int) -> dict | None:
     return None
 
 
+def _weights_fit(result: ResultFolder, weights: Path | None) -> None:
+    if weights is not None and is_llm(result.transcript):
+        raise VerifyError("initial weights (--weights) are for image classifier transcripts; an LLM's base is --model")
+
+
 def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]], *, tolerance: float = 0.0,
                 model: Path | None = None, weights: Path | None = None, on_verdict=lambda verdict: None) -> Report:
     """Replay each picked segment on this machine. An LLM transcript also needs its base model:
@@ -281,8 +286,7 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
     import functools
     import tempfile
 
-    if weights is not None and is_llm(result.transcript):
-        raise VerifyError("initial weights (--weights) are for image classifier transcripts; an LLM's base is --model")
+    _weights_fit(result, weights)
     with tempfile.TemporaryDirectory(prefix="dvm-verify-") as workdir:   # an unpacked base model: gigabytes
         if is_llm(result.transcript):
             from dvm_core import JobInputError
@@ -324,6 +328,7 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
     async def url(path: Path) -> str:
         return await upload_dataset(path, servers, customer.keys, encrypt=True)
 
+    _weights_fit(result, weights)    # before anything is uploaded
     data_url = await url(Path(data))
     transcript_url = await url(result.folder / "transcript.json")
     extra = []
@@ -334,8 +339,6 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
             raise VerifyError(f"{model} is a folder: give the archive (zip/tar) the job was sent")
         extra.append(JobInput(await url(Path(model)), "url", marker="model"))
     if weights is not None:
-        if is_llm(result.transcript):
-            raise VerifyError("initial weights (--weights) are for image classifier transcripts")
         extra.append(JobInput(await url(Path(weights)), "url", marker="weights"))
     report = Report(len(result.transcript["checkpoints"]) - 1, signer=result.signer)
     for a, b in picked:
