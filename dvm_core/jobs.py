@@ -261,6 +261,14 @@ class TranscriptChecker:
         precheck, the transcript downloaded and its structure checked): raise `JobInputError`
         for a transcript no job sent to this provider could have written (params, sizes,
         steps beyond ``ctx.config``'s limits), so the customer is told before paying.
+    :param price: ``price(transcript, steps) -> int``: what replaying `steps` steps of this
+        transcript costs, in the worker's unit (after `precheck`): the plugin's training rate
+        for the work of those steps, so a check costs what the training it repeats cost. It
+        must come with `pricing`. A worker where some checker prices charges each check by its
+        segment; a format whose checker has no price is checked free; where none prices, a
+        check costs the fixed ``[prices] training-verify`` (else ``default_price``).
+    :param pricing: how `price` prices, in one line for customers (the verify kind's
+        announcement shows it for this format).
     """
 
     format: str
@@ -271,3 +279,10 @@ class TranscriptChecker:
     check: Callable | None = None
     needs: str = ""
     precheck: Callable | None = None
+    price: Callable[[dict, int], int] | None = field(default=None, compare=False)
+    pricing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.price is not None and not self.pricing:
+            raise ValueError(f"transcript checker {self.format!r} has a price but no pricing: say how "
+                             "it prices, customers see it in the announcement")

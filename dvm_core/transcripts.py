@@ -19,6 +19,12 @@ and those a checker adds (``validation`` for an image classifier's, ``model`` fo
 Params: ``end_step`` (default: the transcript's next checkpoint after the start),
 ``tolerance`` (default 0: bit-identical), and those a checker adds (``model``, ``revision``).
 
+A check replays one segment, the one the start checkpoint begins (``end_step``, when sent, must
+be where it ends), and is priced by it: each checker prices the steps of its format at its
+plugin's training rate (`TranscriptChecker.price`), so a check costs what the training it
+repeats cost, and a long segment (a stranger's transcript may make one of a whole job) costs
+as much as its training would.
+
 No torch and no plugin here: the checkers do the replaying, in their plugins.
 """
 
@@ -36,8 +42,9 @@ KIND = 5753
 NAME = "training-verify"
 ROLES = ("dataset", "transcript", "start", "end")
 PARAMS = {
-    "end_step": "the step the replay stops at, a checkpoint of the transcript (default: the next "
-                "checkpoint after the start checkpoint's step)",
+    "end_step": "the step the replay stops at: the checkpoint after the start checkpoint's step (a check "
+                "replays one segment; default: that one). Sent, it prices the check before the start "
+                "checkpoint is read",
     "tolerance": "the largest distance (‖replayed − claimed‖ / ‖claimed‖ of the weights and of each optimizer "
                  "moment apart) that still "
                  "matches; 0 (the default) asks for bit-identical weights and optimizer state, which "
@@ -126,12 +133,34 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
     def precheck(ctx, job: VerifyJob) -> VerifyJob:
         """Before payment: the transcript (small) is read and checked, so one of a format not
         served here, not as training writes it, or (the checker's precheck) one no job here could
-        have written, is refused before the customer pays; `run` gets it with the job."""
+        have written, or an `end_step` that ends none of its segments, is refused before the
+        customer pays; `run` gets it with the job, and `price` prices its segment."""
         transcript, signer = read(ctx, job)
         checker = by_format[transcript["format"]]
         if checker.precheck is not None:
             checker.precheck(ctx, job, transcript)
+        segment_steps(transcript, job.end_step)
         return replace(job, transcript=transcript, signer=signer)
+
+    def price(job: VerifyJob) -> int:
+        """A check's price: its segment's steps (the longest segment's, when no end_step says
+        which) at the training rate of the transcript's format; free for a format whose checker
+        does not price. Called after the precheck, which read the transcript."""
+        if job.transcript is None:
+            raise ValueError("the verify kind prices a job only after its precheck read the transcript")
+        checker = by_format[job.transcript["format"]]
+        if checker.price is None:
+            return 0
+        return checker.price(job.transcript, segment_steps(job.transcript, job.end_step))
+
+    priced = [c for c in checkers if c.price is not None]
+    pricing = None
+    if priced:
+        free = [c.what for c in checkers if c.price is None]
+        pricing = ("each check by the steps of the segment it replays (the longest segment's, unless "
+                   "end_step names it), at the training rate: "
+                   + "; ".join(f"{c.what}: {c.pricing}" for c in priced)
+                   + (f"; {', '.join(free)}: free" if free else ""))
 
     def run(ctx, job: VerifyJob) -> JobResult:
         started = time.monotonic()
@@ -148,7 +177,8 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
                      "inputs, the training set (no marker), 'transcript', 'start', optionally 'end'. "
                      + needs).strip(),
         run=run, parse=lambda request: parse_request(request, checkers), params=params,
-        params_schema=params_schema(read_params, params), precheck=precheck)
+        params_schema=params_schema(read_params, params), precheck=precheck,
+        price=price if priced else None, pricing=pricing)
 
 
 # --- the verdict, the same for every format (the plugins replay; the arithmetic below only
@@ -214,15 +244,30 @@ def entry_at(transcript: dict, step: int) -> dict:
 
 
 def segment_end(transcript: dict, start_step: int, end_step: int | None) -> int:
-    """The step a replay from `start_step` stops at: `end_step` (a checkpoint of the
-    transcript), else the next checkpoint after the start."""
+    """The step a replay from `start_step` stops at: the next checkpoint after it. A check
+    replays one segment: an `end_step` sent must be that checkpoint (several segments are
+    several checks, each priced by its own)."""
+    later = [c["step"] for c in transcript["checkpoints"] if c["step"] > start_step]
+    if not later:
+        raise JobInputError(f"the start checkpoint is the transcript's last (step {start_step})")
+    if end_step is not None and end_step != later[0]:
+        entry_at(transcript, end_step)
+        raise JobInputError(f"a check replays one segment: the one from step {start_step} ends at step "
+                            f"{later[0]}, not at end_step {end_step}; send one check for each segment")
+    return later[0]
+
+
+def segment_steps(transcript: dict, end_step: int | None) -> int:
+    """The steps a check replays, known before its start checkpoint is read (what it is priced
+    by): those of the segment that ends at `end_step`, else the longest segment's."""
+    spans = segments(transcript)
     if end_step is None:
-        later = [c["step"] for c in transcript["checkpoints"] if c["step"] > start_step]
-        if not later:
-            raise JobInputError(f"the start checkpoint is the transcript's last (step {start_step})")
-        end_step = later[0]
-    entry_at(transcript, end_step)
-    return end_step
+        return max(b - a for a, b in spans)
+    for a, b in spans:
+        if b == end_step:
+            return b - a
+    raise JobInputError(f"end_step {end_step} ends no segment of the transcript: its segments end at steps "
+                        + ", ".join(str(b) for _, b in spans[:8]) + (", …" if len(spans) > 8 else ""))
 
 
 def distance(a: dict, b: dict) -> float:

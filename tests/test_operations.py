@@ -132,9 +132,14 @@ async def test_status_jobs_and_doctor(tmp_path, relay, customer, mint):
 def test_doctor_names_what_is_broken(tmp_path):
     config = tmp_path / "dvm.toml"
     config.write_text('[dvm]\nrelays = ["ws://127.0.0.1:9"]\nmints = ["http://127.0.0.1:9"]\n'
-                      f'key_file = "{tmp_path / "missing.key"}"\n')
+                      f'key_file = "{tmp_path / "missing.key"}"\n'
+                      '[prices]\n"text-stats" = 1\n"image-classifier" = 5\n"training-verify" = 2\n')
     out = dvm("doctor", "--config", str(config))
     assert out.returncode == 1
+    # Fixed prices for kinds their plugins price by work are not what a job costs: said.
+    for name in ("image-classifier", "training-verify"):
+        assert f"[prices] {name}: not charged, its plugin prices this kind by work" in out.stdout, out.stdout
+    assert "[prices] text-stats" not in out.stdout
     assert "FAIL  key:" in out.stdout and "FAIL  relay ws://127.0.0.1:9" in out.stdout
     assert "FAIL  mint http://127.0.0.1:9/v1/info" in out.stdout
     assert "Traceback" not in out.stderr

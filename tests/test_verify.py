@@ -28,7 +28,7 @@ pytest.importorskip("sklearn")
 from dvm_core import JobInputError  # noqa: E402
 from dvm_core.jobs import JobContext  # noqa: E402
 from dvm_core.protocol.nip90 import JobInput, JobRequest  # noqa: E402
-from dvm_core.transcripts import KIND as VERIFY_KIND  # noqa: E402
+from dvm_core.transcripts import KIND as VERIFY_KIND, structure_problems  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -312,9 +312,9 @@ def test_a_tolerance_takes_noise_but_not_moments_that_stop_training(tmp_path, di
 
 def test_a_start_checkpoint_not_in_the_transcript_and_other_data_mismatch(tmp_path, digits, honest):
     run, _, _, _ = honest
-    # Two segments at once replay as well.
-    verdict = V.verify_segment(run.transcript, digits[0], run.file(10), run.file(30), end_step=30, device=CPU)
-    assert verdict["match"] is True and verdict["segment"] == [10, 30]
+    # A check replays one segment: two at once (which one price would pay for) are refused.
+    with pytest.raises(JobInputError, match="a check replays one segment: the one from step 10 ends at step 20"):
+        V.verify_segment(run.transcript, digits[0], run.file(10), run.file(30), end_step=30, device=CPU)
     # The provider's start checkpoint is not the state its transcript names.
     point = T.Checkpoint.load(run.file(10))
     key = next(k for k in point.tensors if k.startswith("model/") and k.endswith("weight"))
@@ -393,6 +393,42 @@ def test_checkpoint_every_is_checked(tmp_path, digits):
         verify_kind().parse(request)
 
 
+
+def test_a_check_replays_one_segment_and_is_priced_by_it(tmp_path, honest):
+    """A check costs the training rate for the images its segment goes through, known from the
+    transcript before payment (end_step names the segment; without it, the longest one's), so
+    a transcript of one long segment (a stranger may write one of a whole job) costs a check
+    as much as the training. An end_step that ends no segment is refused before payment."""
+    run = honest[0]
+    rate = {"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 10000}}}
+    kind = verify_kind(rate)
+    assert "10000 sats per million images replayed" in kind.pricing
+
+    def priced(transcript: dict, params: dict) -> int:
+        (tmp_path / "t.json").write_text(json.dumps(transcript))
+        files = {"https://b/data": tmp_path / "t.json", "https://b/t": tmp_path / "t.json",
+                 "https://b/s": run.file(0)}
+        request, ctx = make_ctx(tmp_path, VERIFY_KIND, files, {"https://b/t": "transcript", "https://b/s": "start"},
+                                params)
+        return kind.price(kind.precheck(ctx, kind.parse(request)))
+
+    assert BATCH == 64   # 10 steps: 640 images, 6.4 sat; 2 steps: 1.28
+    assert priced(run.transcript, {"end_step": 20}) == 7 and priced(run.transcript, {"end_step": 42}) == 2
+    assert priced(run.transcript, {}) == 7
+    for wrong in (25, 43):
+        with pytest.raises(JobInputError, match=f"end_step {wrong} ends no segment of the transcript"):
+            priced(run.transcript, {"end_step": wrong})
+    # One segment over the whole job: 42 steps of 64 images.
+    whole = json.loads(json.dumps(run.transcript))
+    whole["checkpoint_every"] = whole["params"]["checkpoint_every"] = 42
+    whole["checkpoints"] = [whole["checkpoints"][0], whole["checkpoints"][-1]]
+    assert structure_problems(whole) == [] and priced(whole, {}) == math.ceil(42 * 64 * 10000 / 1e6) == 27
+
+    # Free training, free checks: a check then costs the fixed [prices] training-verify.
+    free = verify_kind({"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 0}}})
+    assert free.price is None and free.pricing is None
+
+
 # --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
 
 @pytest.fixture
@@ -427,7 +463,7 @@ async def test_a_transcript_no_job_here_could_write_is_refused_before_payment(wo
 
     run = honest[0]
     worker = await workers.start(pm=plugin_manager(only=["image-classifier"]), mints=[mint.url],
-                                 blob_servers=[blobs.url], allow_private_urls=True, prices={"training-verify": 2})
+                                 blob_servers=[blobs.url], allow_private_urls=True)
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
         spoilt = json.loads(json.dumps(run.transcript))
@@ -452,6 +488,13 @@ async def test_a_transcript_no_job_here_could_write_is_refused_before_payment(wo
         await close_customer(customer)
 
 
+RATE = 10000   # sats per million images: the training rate a check is priced at too
+
+
+def check_price(a: int, b: int) -> int:
+    return math.ceil((b - a) * 64 * RATE / 1e6)    # 64: the default batch_size
+
+
 async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(workers, mint, relay, blobs,
                                                                              digits, tmp_path):
     """A private kind-5750 job with checkpoint_every: the result holds transcript.json as a
@@ -470,8 +513,7 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
 
     worker = await workers.start(
         pm=plugin_manager(only=["image-classifier"]), mints=[mint.url], blob_servers=[blobs.url],
-        allow_private_urls=True, prices={"training-verify": 2},
-        plugins={"image-classifier": {"sats_per_million_sample_epochs": 1000}})
+        allow_private_urls=True, plugins={"image-classifier": {"sats_per_million_sample_epochs": RATE}})
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
         url = await upload_dataset(digits[0], [blobs.url], customer.keys, encrypt=True)
@@ -510,12 +552,19 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
 
         before = await balance()
         there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0], picked,
-                                   [blobs.url], max_price=5, timeout=300)
+                                   [blobs.url], max_price=10, timeout=300)
         assert there.passed and [v["segment"] for v in there.verdicts] == [list(s) for s in picked]
         assert all(v["transcript_signer"] == worker.keys.public_key and v["distance"] == 0.0 for v in there.verdicts)
-        assert before - await balance() == 4     # two checks at 2 sat
+        # Each check is priced by its segment, at the training rate: steps × 64 images a step ×
+        # RATE / 10⁶, rounded up (a 10-step segment 7 sat, the last one, of 2 steps, 2 sat).
+        assert before - await balance() == sum(check_price(a, b) for a, b in picked)
+        spent = before - await balance()
+        info = await customer.wallet_info(worker.keys.public_key)
+        assert "training-verify" not in info.prices
+        assert f"{RATE} sats per million images replayed" in info.pricing["training-verify"]
 
-        # `dvm verify` as typed, hiring the verifier DVM: one check, paid from another wallet.
+        # `dvm verify` with no --max-price does not pay a verifier that prices checks by their
+        # segment (it could ask anything).
         payer = await funded_customer(tmp_path, mint.url, relay.url)
         wallet_dir = payer.wallet.directory
         await close_customer(payer)
@@ -523,7 +572,14 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
             str(folder), "--data", str(digits[0]), "--checks", "1", "--seed", "2", "--provider", worker.keys.npub,
             "--relay", relay.url, "--dvm", worker.keys.npub, "--blossom", blobs.url, "--wallet-dir", str(wallet_dir),
-            "--mint", mint.url, "--max-price", "5", "--json"])
+            "--mint", mint.url, "--json"])
+        assert run.exit_code != 0 and "give --max-price" in run.output, run.output
+
+        # `dvm verify` as typed, hiring the verifier DVM: one check, paid from another wallet.
+        run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
+            str(folder), "--data", str(digits[0]), "--checks", "1", "--seed", "2", "--provider", worker.keys.npub,
+            "--relay", relay.url, "--dvm", worker.keys.npub, "--blossom", blobs.url, "--wallet-dir", str(wallet_dir),
+            "--mint", mint.url, "--max-price", "10", "--json"])
         assert run.exit_code == 0, run.output
         summary = json.loads(run.output)
         assert summary["passed"] and summary["verdicts"][0]["by"] == worker.keys.public_key
@@ -539,17 +595,18 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         (lied / "transcript.json").write_text(json.dumps(claim))
         there = await check_remote(customer, customer.wallet, worker.keys.public_key,
                                    open_result(lied, allow_unsigned=True), digits[0], [(10, 20)], [blobs.url],
-                                   max_price=5, timeout=300)
+                                   max_price=10, timeout=300)
         assert not there.passed and there.verdicts[0]["distance"] > 0
-        assert there.verdicts[0]["transcript_signer"] is None and before - await balance() == 6
+        assert there.verdicts[0]["transcript_signer"] is None
+        assert before - await balance() == spent + check_price(10, 20)
 
         # The checkpoint at 20 replaced by the one at 30: [10, 20) and [20, 30) no longer hold,
         # which is seen before paying anyone.
         (folder / "checkpoint-0000020.safetensors").write_bytes((folder / "checkpoint-0000030.safetensors").read_bytes())
         there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, digits[0],
-                                   [(10, 20)], [blobs.url], max_price=5, timeout=300)
+                                   [(10, 20)], [blobs.url], max_price=10, timeout=300)
         assert not there.passed and "not the state its transcript names" in there.verdicts[0]["reason"]
-        assert before - await balance() == 6
+        assert before - await balance() == spent + check_price(10, 20)
 
         # `dvm verify` as typed, here: every segment (5 checks of 5), one JSON object, and the
         # verdict published for whoever trusts this customer (`--trust`).

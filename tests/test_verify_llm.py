@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import shutil
 import time
 import types
@@ -292,6 +293,20 @@ def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_build
     LV.checker({}).precheck(types.SimpleNamespace(config={}), None, honest.transcript)
 
 
+def test_a_check_of_an_llm_segment_is_priced_at_the_training_rate_for_its_steps(honest):
+    """Each step counted as full sequences (batch_size × gradient_accumulation_steps ×
+    max_seq_length tokens: the tokens themselves are known only once the data is tokenized)."""
+    checker = LV.checker({"plugins": {"llm-finetune": {"sats_per_million_tokens": 2000}}})
+    assert "2000 sats per million tokens replayed" in checker.pricing
+    assert checker.price(honest.transcript, 6) == math.ceil(6 * 8 * 32 * 2000 / 1e6) == 4
+    accumulating = json.loads(json.dumps(honest.transcript))
+    accumulating["params"]["gradient_accumulation_steps"] = 4
+    assert checker.price(accumulating, 6) == math.ceil(6 * 4 * 8 * 32 * 2000 / 1e6) == 13
+    assert checker.price(honest.transcript, 1) == 1        # at least 1 sat
+    free = LV.checker({"plugins": {"llm-finetune": {"sats_per_million_tokens": 0}}})
+    assert free.price is None and free.pricing is None
+
+
 def verify_ctx(workdir, run: Run, transcript: Path, a: int, b: int, data: Path, extra: dict | None = None,
                params: dict | None = None, config: dict | None = None):
     urls = {"https://b/d": data, "https://b/t": transcript, "https://b/s": run.file(a), "https://b/e": run.file(b)}
@@ -522,7 +537,7 @@ async def test_a_paid_llm_job_with_a_transcript_verified_by_a_verifier_dvm(worke
 
     worker = await workers.start(
         pm=plugin_manager(only=["llm-finetune"]), mints=[mint.url], blob_servers=[blobs.url],
-        allow_private_urls=True, prices={"training-verify": 2})
+        allow_private_urls=True, plugins={"llm-finetune": {"sats_per_million_tokens": 2000}})
     customer = await funded_customer(tmp_path, mint.url, relay.url)
     try:
         data_url = await upload_dataset(assets["data"], [blobs.url], customer.keys, encrypt=True)
@@ -549,10 +564,14 @@ async def test_a_paid_llm_job_with_a_transcript_verified_by_a_verifier_dvm(worke
         assert opened.transcript["format"] == T.FORMAT
         here = check_local(opened, assets["data"], [(6, 12)], model=assets["zip"])
         assert here.passed and here.verdicts[0]["distance"] == 0.0
+        before = sum((await customer.wallet.balance()).values())
         there = await check_remote(customer, customer.wallet, worker.keys.public_key, opened, assets["data"],
                                    [(18, 23)], [blobs.url], max_price=5, timeout=300, model=assets["zip"])
         assert there.passed and there.verdicts[0]["transcript_signer"] == worker.keys.public_key
         assert there.verdicts[0]["base_model_matches_transcript"] is True
+        # Priced by its segment at the training rate, each step counted as full sequences: 5 steps
+        # × 8 × 32 tokens × 2000 sats per million = 2.56, rounded up.
+        assert before - sum((await customer.wallet.balance()).values()) == 3
 
         payer = await funded_customer(tmp_path, mint.url, relay.url)
         wallet_dir = payer.wallet.directory

@@ -21,6 +21,7 @@ import httpx
 from dvm_core.devices import gpu_indices
 from dvm_core.worker.config import ConfigError, load_config
 from dvm_core.worker.keys import load_keys
+from dvm_core.worker.offer import ignored_prices
 from dvm_core.worker.plugins import PluginError, collect_job_kinds, plugin_manager
 from dvm_core.transport.fetch import FetchError, blocked_reason, resolve_checked
 from dvm_core.transport.relay import RelayConnection
@@ -68,6 +69,10 @@ async def run_checks(config_path: str, say: Callable[[str], None]) -> bool:
         kinds = collect_job_kinds(pm, config.raw)
         if kinds:
             good("plugins: " + ", ".join(f"{k.name} (kind {k.kind}, {k.plugin})" for k in kinds.values()))
+            for name in ignored_prices(kinds.values(), config.raw.get("prices") or {}):
+                owners = next(k.plugin for k in kinds.values() if k.name == name).split(",")
+                warn(f"[prices] {name}: not charged, its plugin prices this kind by work",
+                     "drop the entry; the rate is set under " + " and ".join(f"[plugins.{o}]" for o in owners))
         else:
             bad("plugins: no job kinds registered", "install a plugin, or check DVM_PLUGINS names installed ones")
     except PluginError as exc:

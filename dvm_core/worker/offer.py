@@ -32,6 +32,9 @@ class Offer:
         self.pm = pm
         self.public_key = public_key
         self.prices = dict(config.get("prices") or {})
+        for name in ignored_prices(kinds.values(), self.prices):
+            log.warning("a [prices] entry is not charged: its plugin prices this kind by work", kind=name,
+                        pricing=next(k.pricing for k in kinds.values() if k.name == name))
 
     def fixed_price(self, job_kind: JobKind) -> int:
         return self.prices.get(job_kind.name, self.settings.default_price)
@@ -86,3 +89,9 @@ class Offer:
 
 def _fixed_pricing(price: int, unit: str) -> str:
     return f"{price} {unit} per job" if price else "free"
+
+
+def ignored_prices(kinds, prices: dict) -> list[str]:
+    """The `[prices]` entries of kinds their plugin prices by work (`JobKind.price`), which are
+    not what a job of them costs (the worker logs them and `dvm doctor` warns)."""
+    return sorted(k.name for k in kinds if k.price is not None and k.name in prices)

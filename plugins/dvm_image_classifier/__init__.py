@@ -76,7 +76,7 @@ def register_job_kinds(register, config):
     from . import verify
 
     register(job_kind(config))
-    register(verify.checker())
+    register(verify.checker(config))
 
 
 def precheck(ctx, job: ImageClassifierJob) -> ImageClassifierJob:

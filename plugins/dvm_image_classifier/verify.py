@@ -25,14 +25,26 @@ from .params import Limits
 FORMAT = "dvm-image-classifier-transcript/1"   # transcript.FORMAT (that module imports torch)
 
 
-def checker() -> TranscriptChecker:
-    """What this plugin registers for kind 5753."""
+def checker(config: dict | None = None) -> TranscriptChecker:
+    """What this plugin registers for kind 5753 (`config`: the worker's, for its training rate,
+    which prices a check as it priced the training: by the images its steps go through)."""
+    rate = Limits.from_config(config).sats_per_million_sample_epochs
     return TranscriptChecker(format=FORMAT, run=check, what="kind 5750, image classifier",
                              roles=("validation", "weights"),
                              precheck=lambda ctx, job, transcript: checked_params(
                                  transcript, Limits.from_config(getattr(ctx, "config", None))),
                              needs="optionally the validation set the job was sent, marked 'validation', and "
-                                   "the initial weights it was sent, marked 'weights' (to check step 0).")
+                                   "the initial weights it was sent, marked 'weights' (to check step 0).",
+                             price=(lambda transcript, steps: replay_price(transcript, steps, rate))
+                             if rate > 0 else None,
+                             pricing=f"{rate:g} sats per million images replayed (batch_size a step), at "
+                                     "least 1 sat" if rate > 0 else None)
+
+
+def replay_price(transcript: dict, steps: int, rate: float) -> int:
+    """Replaying `steps` steps: the images they go through (batch_size each; the transcript's
+    params, checked by the precheck) at `rate` sats per million, rounded up, at least 1 sat."""
+    return max(1, math.ceil(steps * transcript["params"]["batch_size"] * rate / 1e6))
 
 
 def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Limits, workdir,

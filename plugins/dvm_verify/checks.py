@@ -313,6 +313,18 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
     return report
 
 
+async def _fixed_price_announced(customer, verifier: str, kind: int) -> None:
+    """Without a cap (`max_price`), a check is paid only at a fixed price the verifier announced
+    (which the client holds it to); one that prices checks by their segment could ask anything."""
+    info = await customer.wallet_info(verifier)
+    name = info.names.get(str(kind))
+    if not isinstance(info.prices.get(name) if name else None, int):
+        rule = (info.pricing or {}).get(name) if name else None
+        raise VerifyError("not paid: the verifier announces no fixed price for a check"
+                          + (f" (it prices {rule})" if rule else "")
+                          + "; give --max-price, the most you pay for one check")
+
+
 async def check_remote(customer, wallet, verifier: str, result: ResultFolder, data: Path,
                        picked: list[tuple[int, int]], servers: list[str], *, kind: int = 5753,
                        tolerance: float = 0.0, max_price: int | None = None, timeout: float = 600,
@@ -361,6 +373,8 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
             if update.status == "error":
                 raise VerifyError(f"the verifier refused the check of [{a}, {b}): {update.message}")
             if update.status == "payment-required":
+                if max_price is None:
+                    await _fixed_price_announced(customer, verifier, kind)
                 try:
                     await customer.pay_with_nutzap(request, update, wallet, max_price=max_price)
                 except PaymentDeclined as exc:

@@ -51,7 +51,8 @@ MISMATCH_EXIT = 3
 @click.option("--wallet-dir", type=click.Path(file_okay=False), help="The wallet that pays the verifier.")
 @click.option("--mint", "mints", multiple=True, help="The wallet's mint(s).")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Your nsec key file (default: a fresh key).")
-@click.option("--max-price", type=click.IntRange(0), default=None, help="Most sats paid per check.")
+@click.option("--max-price", type=click.IntRange(0), default=None,
+              help="Most sats paid per check; needed for a verifier that prices checks by their segment.")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for each check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--publish-verdict", is_flag=True,
