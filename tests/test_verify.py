@@ -429,6 +429,24 @@ def test_a_check_replays_one_segment_and_is_priced_by_it(tmp_path, honest):
     assert free.price is None and free.pricing is None
 
 
+def test_a_transcript_whose_epochs_the_data_cannot_fill_is_refused_before_payment(digits, honest):
+    """steps_per_epoch must be what train_samples in batches of batch_size give: one more (and
+    the planned steps to match, stopped early) passed, and the replay ran off the end of an
+    epoch into an IndexError, an internal error refunded in full (found in review)."""
+    run = honest[0]
+    transcript = json.loads(json.dumps(run.transcript))
+    assert transcript["steps_per_epoch"] == 21 and transcript["data"]["train_samples"] == 1294
+    transcript["steps_per_epoch"] = 22
+    transcript["planned_steps"] = 44
+    transcript["checkpoints"][-1]["stopped"] = "time_limit"
+    assert structure_problems(transcript) == []
+    with pytest.raises(JobInputError, match="train_samples, steps_per_epoch and planned_steps"):
+        V.checked_params(transcript, V.Limits())
+    with pytest.raises(JobInputError, match="train_samples, steps_per_epoch and planned_steps"):
+        Run(transcript, run.folder).check(digits[0], 20, 30)
+    V.checked_params(run.transcript, V.Limits())
+
+
 # --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
 
 @pytest.fixture

@@ -293,6 +293,17 @@ def test_a_transcript_naming_what_no_job_here_could_have_is_refused_before_build
     LV.checker({}).precheck(types.SimpleNamespace(config={}), None, honest.transcript)
 
 
+def test_a_transcript_planning_other_steps_than_its_params_give_is_refused_before_any_step(assets, honest):
+    """Its params on the data plan 20 steps (max_steps), its checkpoints go to 23: refused
+    before the replay trains anything (before, [18, 23) replayed two steps, then failed)."""
+    transcript = json.loads(json.dumps(honest.transcript))
+    transcript["params"]["max_steps"] = 20
+    with pytest.raises(JobInputError, match="the transcript plans 23 steps, 23 an epoch; its params on this "
+                                            "data plan 20, 23 an epoch"):
+        LV.verify_segment(transcript, assets["data"], honest.file(18), honest.file(23), end_step=23,
+                          model_folder=assets["model"], device=CPU)
+
+
 def test_a_check_of_an_llm_segment_is_priced_at_the_training_rate_for_its_steps(honest):
     """Each step counted as full sequences (batch_size × gradient_accumulation_steps ×
     max_seq_length tokens: the tokens themselves are known only once the data is tokenized)."""

@@ -42,9 +42,11 @@ def checker(config: dict | None = None) -> TranscriptChecker:
 
 
 def replay_price(transcript: dict, steps: int, rate: float) -> int:
-    """Replaying `steps` steps: the images they go through (batch_size each; the transcript's
-    params, checked by the precheck) at `rate` sats per million, rounded up, at least 1 sat."""
-    return max(1, math.ceil(steps * transcript["params"]["batch_size"] * rate / 1e6))
+    """Replaying `steps` steps: the images they go through (batch_size each, read as the replay
+    reads it; checked by the precheck) at `rate` sats per million, rounded up, at least 1 sat."""
+    from .transcript import params_from
+
+    return max(1, math.ceil(steps * params_from(transcript).batch_size * rate / 1e6))
 
 
 def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Limits, workdir,
@@ -93,12 +95,22 @@ def checked_params(transcript: dict, limits: Limits):
         wrong.append(f"image_size ({MIN_IMAGE_SIZE}-{limits.max_image_size} here)")
     if params.checkpoint_every != every:
         wrong.append("checkpoint_every (not the transcript's)")
-    if not wrong and not (isinstance(spe, int) and 1 <= spe <= limits.max_samples // params.batch_size + 1
-                          and planned == spe * params.epochs):
-        wrong.append(f"steps_per_epoch and planned_steps (at most {limits.max_samples} images here)")
+    n = (transcript.get("data") or {}).get("train_samples") if isinstance(transcript.get("data"), dict) else None
+    if not wrong and not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= limits.max_samples
+                          and spe == steps_per_epoch(n, params.batch_size) and planned == spe * params.epochs):
+        # The replay takes an epoch's batches from the training set: steps_per_epoch must be
+        # the number train_samples gives (else a replay runs off the end of an epoch).
+        wrong.append(f"train_samples, steps_per_epoch and planned_steps (at most {limits.max_samples} images "
+                     "here, in batches of batch_size)")
     if wrong:
         raise JobInputError("the transcript names params no job here could have: " + ", ".join(wrong))
     return params
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """A one-process training's steps per epoch over `n` images (`train.train`): a last batch of
+    one image is dropped."""
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
 
 def verify_segment(transcript: dict, data_path, start_path, end_path=None, *, end_step: int | None = None,

@@ -720,6 +720,12 @@ def replay(transcript: dict, start: Checkpoint, model_folder: Path, train_exampl
             isolate = T.positions_isolate(model, device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         layout = T.plan(train_examples, params, pad_id)
+        if (layout.planned, layout.steps_per_epoch) != (transcript.get("planned_steps"),
+                                                         transcript.get("steps_per_epoch")):
+            # Before any step: a replay would otherwise run the steps the data gives, then fail.
+            raise JobInputError(f"the transcript plans {transcript.get('planned_steps')} steps, "
+                                f"{transcript.get('steps_per_epoch')} an epoch; its params on this data plan "
+                                f"{layout.planned}, {layout.steps_per_epoch} an epoch")
         optimizer, scheduler = T.make_optimizer(trainable, params, layout)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         start.restore(accelerator.unwrap_model(model), optimizer, scheduler)

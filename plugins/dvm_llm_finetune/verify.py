@@ -63,11 +63,13 @@ def checker(config: dict | None = None) -> TranscriptChecker:
 
 def replay_price(transcript: dict, steps: int, rate: float) -> int:
     """Replaying `steps` optimizer steps: at most batch_size × gradient_accumulation_steps ×
-    max_seq_length tokens each (the transcript's params, checked by the precheck; the tokens
+    max_seq_length tokens each (the transcript's params, read as the replay reads them; the tokens
     themselves are only known once the data is tokenized) at `rate` sats per million, rounded
     up, at least 1 sat."""
-    params = transcript["params"]
-    tokens = params["batch_size"] * params["gradient_accumulation_steps"] * params["max_seq_length"]
+    from .transcript import params_from
+
+    params = params_from(transcript)
+    tokens = params.batch_size * params.gradient_accumulation_steps * params.max_seq_length
     return max(1, math.ceil(steps * tokens * rate / 1e6))
 
 
