@@ -30,14 +30,23 @@ import shutil
 import stat
 import struct
 import tarfile
+import threading
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Iterator
 
-__all__ = ["ArchiveError", "extract_archive", "archive_format", "RATIO_MIN_BYTES"]
+__all__ = ["ArchiveError", "extract_archive", "archive_format", "RATIO_MIN_BYTES", "NUMPY_HEADER_LOCK"]
 
 RATIO_MIN_BYTES = 1 << 20
+
+#: Held while numpy reads an .npy header (``np.load``, an .npz member,
+#: ``np.lib.format.read_array_header_*``). numpy parses the header with ``ast.literal_eval``, and
+#: CPython 3.11 keeps the AST constructor's recursion depth in state every thread shares: two jobs
+#: of one worker parsing at once (a thread switch inside it, which a garbage collection running a
+#: finaliser allows) fail with "SystemError: AST constructor recursion depth mismatch"
+#: (python/cpython#106905). A plugin reading .npy/.npz files in a job's thread takes it.
+NUMPY_HEADER_LOCK = threading.RLock()
 CHUNK = 1 << 20
 MAX_TRAILING_BYTES = 1 << 20
 MAX_TAR_HEADER_BYTES = 64 << 10   # a GNU long name or a PAX header; tarfile reads one whole

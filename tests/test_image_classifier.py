@@ -649,3 +649,50 @@ def test_a_model_no_better_than_chance_says_so(tmp_path):
     assert "no better than chance" in result.content["warning"], result.content
     card = json.loads(next(a.path for a in result.artifacts if a.name == "model_card.json").read_text())
     assert card["warning"] == result.content["warning"]
+
+
+def test_datasets_read_by_jobs_at_once_do_not_trip_numpys_header_parsing(tmp_path):
+    """numpy parses an .npy header with ast.literal_eval, which on CPython 3.11 fails with
+    "SystemError: AST constructor recursion depth mismatch" when two threads are in it at once
+    and a garbage collection runs a finaliser meanwhile (seen in CI: five providers in one
+    process, a federated round's job failed, and refunded). Four jobs' threads read .npz
+    datasets at once, with such garbage about: none fails (before the lock, 5-6 % of the loads
+    did here: 55 and 74 of 1200)."""
+    import gc
+
+    from dvm_image_classifier import data as datamod
+    from dvm_image_classifier.params import Limits
+
+    x, y, _, _ = digits_split(0)
+    path = tmp_path / "small.npz"
+    np.savez(path, x=x[:50], y=y[:50])
+    errors: list[str] = []
+
+    class Finalised:
+        def __del__(self):
+            [i for i in range(50)]     # Python code in a collection: a thread switch can come
+
+    def job() -> None:
+        for _ in range(300):
+            a, b = Finalised(), Finalised()
+            a.other, b.other = b, a
+            del a, b
+            try:
+                datamod.load_labelled(path, what="training set", limits=Limits(), workdir=tmp_path,
+                                      image_size=None, check_cancelled=lambda: None)
+            except Exception as exc:   # noqa: BLE001 - counted, shown below
+                errors.append(repr(exc))
+
+    interval, threshold = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 5, 5)
+    try:
+        threads = [threading.Thread(target=job) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*threshold)
+    assert errors == [], f"{len(errors)} of 1200 loads failed, e.g. {errors[0]}"

@@ -166,7 +166,9 @@ def split_indices(labels: np.ndarray, parts: int, how: str = "iid", seed: int = 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(x, y as indices into the names, class names) of an image-classifier .npz: `y` indexes
     its ``classes`` when it has them, else the labels' own values (as text) are the names."""
-    with np.load(path, allow_pickle=False) as data:
+    from dvm_core.archives import NUMPY_HEADER_LOCK
+
+    with NUMPY_HEADER_LOCK, np.load(path, allow_pickle=False) as data:
         x, y = data["x"], data["y"].astype(np.int64)
         names = [str(c) for c in data["classes"]] if "classes" in data.files else None
     if names is None:

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from dvm_core import JobInputError
 from dvm_core.datarefs import sha256_file
-from dvm_core.archives import ArchiveError, archive_format, extract_archive
+from dvm_core.archives import NUMPY_HEADER_LOCK, ArchiveError, archive_format, extract_archive
 
 from .params import MIN_IMAGE_SIZE, Limits
 
@@ -166,7 +166,7 @@ def _is_npz(path: Path) -> bool:
 def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> tuple[tuple[int, ...], np.dtype]:
     """Read and check one .npy member's header (shape, dtype) without reading its data."""
     name = info.filename
-    with zf.open(info) as f:
+    with zf.open(info) as f, NUMPY_HEADER_LOCK:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -209,8 +209,10 @@ def _load_npz(path: Path, what: str, limits: Limits):
                                         f"(more than {MAX_RATIO:g}): refused as a decompression bomb")
                 headers[key] = _npy_header(zf, info, what)
         _check_npz_headers(headers, what)
-        # The headers are sound and the sizes bounded: now let numpy read the data, never pickles.
-        with np.load(path, allow_pickle=False) as npz:
+        # The headers are sound and the sizes bounded: now let numpy read the data, never pickles
+        # (under the lock: numpy parses each header again; the sizes are bounded, so a load
+        # holds it for at most the seconds max_dataset_bytes takes to read).
+        with NUMPY_HEADER_LOCK, np.load(path, allow_pickle=False) as npz:
             x = npz["x"]
             y = npz["y"]
             classes = npz["classes"] if "classes" in headers else None

@@ -301,18 +301,22 @@ class Examples:
         """What `save` wrote, the token arrays left in their files (read when used)."""
         import numpy as np
 
+        from dvm_core.archives import NUMPY_HEADER_LOCK   # numpy's header parsing is not thread-safe
+
         columns = []
         for part, dtype in (("ids", np.int32), ("trained", np.bool_)):
             f = open(folder / f"{name}.{part}.npy", "rb")
-            version = np.lib.format.read_magic(f)
-            if version != (1, 0):
-                raise ValueError(f"{f.name}: .npy version {version}, not (1, 0)")
-            shape, fortran, got = np.lib.format.read_array_header_1_0(f)
+            with NUMPY_HEADER_LOCK:
+                version = np.lib.format.read_magic(f)
+                if version != (1, 0):
+                    raise ValueError(f"{f.name}: .npy version {version}, not (1, 0)")
+                shape, fortran, got = np.lib.format.read_array_header_1_0(f)
             if got != np.dtype(dtype) or fortran or len(shape) != 1:
                 raise ValueError(f"{f.name}: not a flat {np.dtype(dtype)} array")
             columns.append(_Column(dtype, file=f, offset=f.tell(), size=shape[0]))
-        starts = np.load(folder / f"{name}.starts.npy", allow_pickle=False)
-        loss_counts = np.load(folder / f"{name}.loss_counts.npy", allow_pickle=False)
+        with NUMPY_HEADER_LOCK:
+            starts = np.load(folder / f"{name}.starts.npy", allow_pickle=False)
+            loss_counts = np.load(folder / f"{name}.loss_counts.npy", allow_pickle=False)
         if int(starts[-1]) != columns[0].size:
             raise ValueError(f"{name}: the starts do not match the tokens")
         return cls(*columns, starts, loss_counts=loss_counts)
