@@ -447,6 +447,25 @@ def test_a_transcript_whose_epochs_the_data_cannot_fill_is_refused_before_paymen
     V.checked_params(run.transcript, V.Limits())
 
 
+
+async def test_hiring_a_verifier_with_a_wrong_model_fails_before_anything_is_uploaded(tmp_path, digits, honest):
+    """A base model given for an image classifier's transcript is said before the data, the
+    transcript and the checkpoints go to the blob server (here one that does not answer, and no
+    customer: the check must not get as far as it). A model folder for an LLM's is checked at
+    the same place."""
+    from dvm_verify.checks import VerifyError, check_remote, open_result
+
+    run = honest[0]
+    folder = tmp_path / "result"
+    shutil.copytree(run.folder, folder)
+    (folder / "transcript.json").write_text(json.dumps(run.transcript))
+    opened = open_result(folder, allow_unsigned=True)
+    (tmp_path / "model.zip").write_bytes(b"PK")
+    with pytest.raises(VerifyError, match="a base model is for LLM transcripts"):
+        await check_remote(None, None, "ab" * 32, opened, digits[0], [(10, 20)], ["http://127.0.0.1:9"],
+                           model=tmp_path / "model.zip", timeout=5)
+
+
 # --- through a real worker, relay, mint and blob server; `dvm verify` ----------------------
 
 @pytest.fixture

@@ -341,14 +341,15 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
         return await upload_dataset(path, servers, customer.keys, encrypt=True)
 
     _weights_fit(result, weights)    # before anything is uploaded
-    data_url = await url(Path(data))
-    transcript_url = await url(result.folder / "transcript.json")
-    extra = []
     if model is not None:
         if not is_llm(result.transcript):
             raise VerifyError("a base model is for LLM transcripts; this is an image classifier's")
         if Path(model).is_dir():
             raise VerifyError(f"{model} is a folder: give the archive (zip/tar) the job was sent")
+    data_url = await url(Path(data))
+    transcript_url = await url(result.folder / "transcript.json")
+    extra = []
+    if model is not None:
         extra.append(JobInput(await url(Path(model)), "url", marker="model"))
     if weights is not None:
         extra.append(JobInput(await url(Path(weights)), "url", marker="weights"))
