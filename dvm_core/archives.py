@@ -42,10 +42,12 @@ RATIO_MIN_BYTES = 1 << 20
 
 #: Held while numpy reads an .npy header (``np.load``, an .npz member,
 #: ``np.lib.format.read_array_header_*``). numpy parses the header with ``ast.literal_eval``, and
-#: CPython 3.11 keeps the AST constructor's recursion depth in state every thread shares: two jobs
-#: of one worker parsing at once (a thread switch inside it, which a garbage collection running a
-#: finaliser allows) fail with "SystemError: AST constructor recursion depth mismatch"
-#: (python/cpython#106905). A plugin reading .npy/.npz files in a job's thread takes it.
+#: CPython before 3.11.8 (3.12.2 on 3.12) keeps the AST constructor's recursion depth in state
+#: every thread shares: two jobs of one worker parsing at once (a thread switch inside it, which a
+#: garbage collection running a finaliser allows) fail with "SystemError: AST constructor
+#: recursion depth mismatch" (python/cpython#106905). A plugin reading .npy/.npz files in a job's
+#: thread takes it; `dvm doctor` warns on those Pythons, where other libraries' parsing stays
+#: unguarded.
 NUMPY_HEADER_LOCK = threading.RLock()
 CHUNK = 1 << 20
 MAX_TRAILING_BYTES = 1 << 20

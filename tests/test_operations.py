@@ -140,6 +140,11 @@ def test_doctor_names_what_is_broken(tmp_path):
     for name in ("image-classifier", "training-verify"):
         assert f"[prices] {name}: not charged, its plugin prices this kind by work" in out.stdout, out.stdout
     assert "[prices] text-stats" not in out.stdout
+    # A Python whose AST constructor is not thread-safe (python/cpython#106905) is said.
+    from dvm_core.devtools.doctor import ast_race_in
+    assert [ast_race_in(v) for v in ((3, 11, 7), (3, 11, 8), (3, 12, 1), (3, 12, 2), (3, 13, 0))] == \
+        [True, False, True, False, False]
+    assert ("AST constructor recursion depth mismatch" in out.stdout) == ast_race_in(sys.version_info[:3])
     assert "FAIL  key:" in out.stdout and "FAIL  relay ws://127.0.0.1:9" in out.stdout
     assert "FAIL  mint http://127.0.0.1:9/v1/info" in out.stdout
     assert "Traceback" not in out.stderr

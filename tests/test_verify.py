@@ -447,7 +447,6 @@ def test_a_transcript_whose_epochs_the_data_cannot_fill_is_refused_before_paymen
     V.checked_params(run.transcript, V.Limits())
 
 
-
 async def test_hiring_a_verifier_with_a_wrong_model_fails_before_anything_is_uploaded(tmp_path, digits, honest):
     """A base model given for an image classifier's transcript is said before the data, the
     transcript and the checkpoints go to the blob server (here one that does not answer, and no

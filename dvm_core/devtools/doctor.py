@@ -118,6 +118,7 @@ async def run_checks(config_path: str, say: Callable[[str], None]) -> bool:
         warn("blob servers: none configured, so jobs that return files fail",
              "list a Blossom server in blob_servers = [...]")
     _check_gpu(good, warn, bad, s.devices)
+    _check_python(warn)
     return summary()
 
 
@@ -158,6 +159,23 @@ async def _blob_reach(url: str, allow_private: bool, warn, bad) -> None:
             "inputs stored on it, and customers elsewhere cannot download the results it holds",
             "for a test on this machine set allow_private_urls = true in [dvm]; for customers "
             "elsewhere list a public Blossom server in blob_servers = [...]")
+
+
+def ast_race_in(version: tuple[int, int, int]) -> bool:
+    """Whether this CPython's AST constructor keeps its recursion depth in state shared by
+    threads (python/cpython#106905, fixed in 3.11.8 and 3.12.2): there, code that parses Python
+    in two job threads at once (numpy reading .npy headers, inspect, jinja2) can fail with
+    "SystemError: AST constructor recursion depth mismatch"."""
+    return (3, 11, 0) <= version < (3, 11, 8) or (3, 12, 0) <= version < (3, 12, 2)
+
+
+def _check_python(warn) -> None:
+    version = tuple(sys.version_info[:3])
+    if ast_race_in(version):
+        warn(f"python {'.'.join(map(str, version))}: jobs running at once can fail now and then with "
+             "\"SystemError: AST constructor recursion depth mismatch\" (CPython bug gh-106905; the "
+             "worker guards numpy's .npy reading, the common case, but not every library)",
+             "run the worker on Python 3.11.8 or later (3.12.2 or later on 3.12)")
 
 
 def _check_gpu(good, warn, bad, devices: list[str]) -> None:
