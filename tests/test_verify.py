@@ -600,16 +600,18 @@ async def test_a_paid_job_with_a_transcript_verified_here_and_by_a_verifier_dvm(
         assert f"{RATE} sats per million images replayed" in info.pricing["training-verify"]
 
         # `dvm verify` with no --max-price does not pay a verifier that prices checks by their
-        # segment (it could ask anything).
+        # segment (it could ask anything), and says so before uploading anything.
         payer = await funded_customer(tmp_path, mint.url, relay.url)
         wallet_dir = payer.wallet.directory
         await close_customer(payer)
         import asyncio
+        stored = len(list(blobs.store.blobs.iterdir()))
         run = await asyncio.to_thread(CliRunner().invoke, verify_command, [
             str(folder), "--data", str(digits[0]), "--checks", "1", "--seed", "2", "--provider", worker.keys.npub,
             "--relay", relay.url, "--dvm", worker.keys.npub, "--blossom", blobs.url, "--wallet-dir", str(wallet_dir),
             "--mint", mint.url, "--json"])
         assert run.exit_code != 0 and "give --max-price" in run.output, run.output
+        assert len(list(blobs.store.blobs.iterdir())) == stored
 
         # `dvm verify` as typed, hiring the verifier DVM: one check, paid from another wallet.
         run = await asyncio.to_thread(CliRunner().invoke, verify_command, [

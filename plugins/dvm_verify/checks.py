@@ -313,11 +313,15 @@ def check_local(result: ResultFolder, data: Path, picked: list[tuple[int, int]],
     return report
 
 
-async def _fixed_price_announced(customer, verifier: str, kind: int) -> None:
+async def _fixed_price_announced(customer, verifier: str, kind: int, *, before_asked: bool = False) -> None:
     """Without a cap (`max_price`), a check is paid only at a fixed price the verifier announced
-    (which the client holds it to); one that prices checks by their segment could ask anything."""
+    (which the client holds it to); one that prices checks by their segment could ask anything.
+    `before_asked`: before anything is uploaded, refuse only a verifier whose announcement says
+    it prices this kind by a rule (one that announces nothing may serve it free)."""
     info = await customer.wallet_info(verifier)
     name = info.names.get(str(kind))
+    if before_asked and not (name and (info.pricing or {}).get(name)):
+        return
     if not isinstance(info.prices.get(name) if name else None, int):
         rule = (info.pricing or {}).get(name) if name else None
         raise VerifyError("not paid: the verifier announces no fixed price for a check"
@@ -346,6 +350,8 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
             raise VerifyError("a base model is for LLM transcripts; this is an image classifier's")
         if Path(model).is_dir():
             raise VerifyError(f"{model} is a folder: give the archive (zip/tar) the job was sent")
+    if max_price is None:
+        await _fixed_price_announced(customer, verifier, kind, before_asked=True)
     data_url = await url(Path(data))
     transcript_url = await url(result.folder / "transcript.json")
     extra = []
