@@ -184,6 +184,13 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
 # --- the verdict, the same for every format (the plugins replay; the arithmetic below only
 # calls the tensors' own methods, so the core imports no torch) ------------------------------
 
+def check_pricing(base: float, rate: float, per: str) -> str:
+    """A checker's `pricing` in words: `base` sats a check plus `rate` sats per million `per`
+    (what its `price` charges, rounded up, at least 1 sat)."""
+    parts = ([f"{base:g} sats a check"] if base else []) + ([f"{rate:g} sats per million {per}"] if rate else [])
+    return " plus ".join(parts) + ", at least 1 sat"
+
+
 def structure_problems(transcript: dict) -> list[str]:
     """What makes a transcript's list of checkpoints other than training writes it, or []: every
     checkpoint_every (k) steps from step 0 and at the end (the last one `final`, at

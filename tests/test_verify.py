@@ -424,6 +424,14 @@ def test_a_check_replays_one_segment_and_is_priced_by_it(tmp_path, honest):
     whole["checkpoints"] = [whole["checkpoints"][0], whole["checkpoints"][-1]]
     assert structure_problems(whole) == [] and priced(whole, {}) == math.ceil(42 * 64 * 10000 / 1e6) == 27
 
+    # A provider's fixed part per check (sats_per_check: its fixed costs), on top.
+    kind = verify_kind({"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 10000,
+                                                         "sats_per_check": 5}}})
+    assert "5 sats a check plus 10000 sats per million images replayed" in kind.pricing
+    assert priced(run.transcript, {"end_step": 20}) == 12 and priced(run.transcript, {"end_step": 42}) == 7
+    kind = verify_kind({"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 0, "sats_per_check": 3}}})
+    assert "3 sats a check, at least 1 sat" in kind.pricing and priced(whole, {}) == 3
+
     # Free training, free checks: a check then costs the fixed [prices] training-verify.
     free = verify_kind({"plugins": {"image-classifier": {"sats_per_million_sample_epochs": 0}}})
     assert free.price is None and free.pricing is None

@@ -314,6 +314,9 @@ def test_a_check_of_an_llm_segment_is_priced_at_the_training_rate_for_its_steps(
     accumulating["params"]["gradient_accumulation_steps"] = 4
     assert checker.price(accumulating, 6) == math.ceil(6 * 4 * 8 * 32 * 2000 / 1e6) == 13
     assert checker.price(honest.transcript, 1) == 1        # at least 1 sat
+    based = LV.checker({"plugins": {"llm-finetune": {"sats_per_million_tokens": 2000, "sats_per_check": 20}}})
+    assert based.pricing.startswith("20 sats a check plus 2000 sats per million tokens replayed")
+    assert based.price(honest.transcript, 6) == math.ceil(20 + 6 * 8 * 32 * 2000 / 1e6) == 24
     free = LV.checker({"plugins": {"llm-finetune": {"sats_per_million_tokens": 0}}})
     assert free.price is None and free.pricing is None
 

@@ -14,6 +14,8 @@ The provider's limits come from the worker's configuration::
     max_epochs = 200
     max_seconds = 3600               # training time a job may ask for (param time_limit)
     sats_per_million_sample_epochs = 10   # the price: samples × epochs × this / 10⁶, min 1 sat
+    sats_per_check = 0               # a verify check of this plugin's transcripts: this, plus its
+                                     # segment's images at the rate above (its fixed costs: the data)
     processes = 1                    # > 1: train under `accelerate launch` in that many processes
     checkpoint_retention_days = 30   # how long the blob servers keep a transcript's checkpoints
                                      # (announced, stated in each transcript; the worker deletes
@@ -93,6 +95,7 @@ class Limits:
     max_epochs: int = 200
     max_seconds: float = 3600.0
     sats_per_million_sample_epochs: float = 10.0
+    sats_per_check: float = 0.0
     processes: int = 1
     checkpoint_retention_days: float = 30.0
 
@@ -101,7 +104,7 @@ class Limits:
         """Read the limits from the worker's whole configuration. Raises ValueError on a
         setting that is unknown or not a positive number: a typo must stop the worker at start,
         not silently leave a limit at its default."""
-        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_sample_epochs",))
+        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_sample_epochs", "sats_per_check"))
 
 
 @dataclass(frozen=True)

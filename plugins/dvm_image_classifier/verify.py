@@ -18,6 +18,7 @@ import math
 import time
 
 from dvm_core import JobInputError, JobResult, TranscriptChecker
+from dvm_core.transcripts import check_pricing
 from dvm_core.datarefs import sha256_file
 
 from .params import Limits
@@ -28,25 +29,28 @@ FORMAT = "dvm-image-classifier-transcript/1"   # transcript.FORMAT (that module 
 def checker(config: dict | None = None) -> TranscriptChecker:
     """What this plugin registers for kind 5753 (`config`: the worker's, for its training rate,
     which prices a check as it priced the training: by the images its steps go through)."""
-    rate = Limits.from_config(config).sats_per_million_sample_epochs
+    limits = Limits.from_config(config)
+    rate, base = limits.sats_per_million_sample_epochs, limits.sats_per_check
+    priced = rate > 0 or base > 0
     return TranscriptChecker(format=FORMAT, run=check, what="kind 5750, image classifier",
                              roles=("validation", "weights"),
                              precheck=lambda ctx, job, transcript: checked_params(
                                  transcript, Limits.from_config(getattr(ctx, "config", None))),
                              needs="optionally the validation set the job was sent, marked 'validation', and "
                                    "the initial weights it was sent, marked 'weights' (to check step 0).",
-                             price=(lambda transcript, steps: replay_price(transcript, steps, rate))
-                             if rate > 0 else None,
-                             pricing=f"{rate:g} sats per million images replayed (batch_size a step), at "
-                                     "least 1 sat" if rate > 0 else None)
+                             price=(lambda transcript, steps: replay_price(transcript, steps, rate, base))
+                             if priced else None,
+                             pricing=check_pricing(base, rate, "images replayed (batch_size a step)")
+                             if priced else None)
 
 
-def replay_price(transcript: dict, steps: int, rate: float) -> int:
-    """Replaying `steps` steps: the images they go through (batch_size each, read as the replay
-    reads it; checked by the precheck) at `rate` sats per million, rounded up, at least 1 sat."""
+def replay_price(transcript: dict, steps: int, rate: float, base: float = 0.0) -> int:
+    """A check replaying `steps` steps: `base` sats, plus the images they go through (batch_size
+    each, read as the replay reads it; checked by the precheck) at `rate` sats per million,
+    rounded up, at least 1 sat."""
     from .transcript import params_from
 
-    return max(1, math.ceil(steps * params_from(transcript).batch_size * rate / 1e6))
+    return max(1, math.ceil(base + steps * params_from(transcript).batch_size * rate / 1e6))
 
 
 def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Limits, workdir,

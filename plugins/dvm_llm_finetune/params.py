@@ -22,6 +22,9 @@ The provider's settings come from the worker's configuration::
     launcher = "auto"                                # "accelerate": always a child process
     trust_remote_code = false                        # models with their own Python code
     sats_per_million_tokens = 100                    # price: tokens × epochs × this / 10⁶, min 1
+    sats_per_check = 0                               # a verify check of this plugin's transcripts: this,
+                                                     # plus its segment's tokens at the rate above (its
+                                                     # fixed costs: the base model, tokenizing the data)
     checkpoint_retention_days = 30                   # a transcript's checkpoints (checkpoint_every) are
                                                      # announced as kept this long, and deleted then
 """
@@ -146,6 +149,7 @@ class Limits:
     launcher: str = "auto"
     trust_remote_code: bool = False
     sats_per_million_tokens: float = 100.0
+    sats_per_check: float = 0.0
     checkpoint_retention_days: float = 30.0   # how long a transcript's checkpoints are kept (announced;
                                               # the worker deletes them then: `Artifact.keep_days`)
 
@@ -153,7 +157,7 @@ class Limits:
     def from_config(cls, config: dict | None) -> "Limits":
         """Read the settings from the worker's whole configuration. Raises ValueError on a
         setting that is unknown or of the wrong type: a typo must stop the worker at start."""
-        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_tokens",),
+        return plugin_settings(cls, config, NAME, may_be_zero=("sats_per_million_tokens", "sats_per_check"),
                                checks={"allowed_models": _repo_ids, "launcher": _launcher})
 
 

@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 
 from dvm_core import JobInputError, JobResult, TranscriptChecker
+from dvm_core.transcripts import check_pricing
 
 from .params import REPO_ID, REVISION, Limits
 
@@ -47,30 +48,32 @@ def check_request(job, limits: Limits | None = None) -> None:
 def checker(config: dict | None = None) -> TranscriptChecker:
     """What this plugin registers for kind 5753 (`config`: the worker's, for the models it offers)."""
     limits = Limits.from_config(config) if config is not None else None
-    rate = (limits or Limits()).sats_per_million_tokens
+    rate, base = (limits or Limits()).sats_per_million_tokens, (limits or Limits()).sats_per_check
+    priced = rate > 0 or base > 0
     return TranscriptChecker(format=FORMAT, run=run_job, what="kind 5751, LLM fine-tuning", params=PARAMS,
                              roles=("model",), check=lambda job: check_request(job, limits),
                              precheck=lambda ctx, job, transcript: checked_params(
                                  transcript, Limits.from_config(getattr(ctx, "config", None))),
                              needs="the base model, param model (a hub repo id offered here) or a url "
                                    "input marked 'model' (default: the transcript's hub model).",
-                             price=(lambda transcript, steps: replay_price(transcript, steps, rate))
-                             if rate > 0 else None,
-                             pricing=f"{rate:g} sats per million tokens replayed, each step counted as full "
-                                     "sequences (batch_size × gradient_accumulation_steps × max_seq_length "
-                                     "tokens), at least 1 sat" if rate > 0 else None)
+                             price=(lambda transcript, steps: replay_price(transcript, steps, rate, base))
+                             if priced else None,
+                             pricing=check_pricing(base, rate, "tokens replayed, each step counted as full "
+                                                   "sequences (batch_size × gradient_accumulation_steps × "
+                                                   "max_seq_length tokens)") if priced else None)
 
 
-def replay_price(transcript: dict, steps: int, rate: float) -> int:
-    """Replaying `steps` optimizer steps: at most batch_size × gradient_accumulation_steps ×
-    max_seq_length tokens each (the transcript's params, read as the replay reads them; the tokens
-    themselves are only known once the data is tokenized) at `rate` sats per million, rounded
-    up, at least 1 sat."""
+def replay_price(transcript: dict, steps: int, rate: float, base: float = 0.0) -> int:
+    """A check replaying `steps` optimizer steps: `base` sats (its fixed costs: the base model,
+    tokenizing the data), plus at most batch_size × gradient_accumulation_steps ×
+    max_seq_length tokens a step (the transcript's params, read as the replay reads them; the
+    tokens themselves are only known once the data is tokenized) at `rate` sats per million,
+    rounded up, at least 1 sat."""
     from .transcript import params_from
 
     params = params_from(transcript)
     tokens = params.batch_size * params.gradient_accumulation_steps * params.max_seq_length
-    return max(1, math.ceil(steps * tokens * rate / 1e6))
+    return max(1, math.ceil(base + steps * tokens * rate / 1e6))
 
 
 def read_model_params(repo: str | None, revision: str | None, limits: Limits) -> tuple[str | None, str | None]:
