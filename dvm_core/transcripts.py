@@ -184,6 +184,12 @@ def job_kind(checkers: list[TranscriptChecker]) -> JobKind:
 # --- the verdict, the same for every format (the plugins replay; the arithmetic below only
 # calls the tensors' own methods, so the core imports no torch) ------------------------------
 
+def check_price(base: float, rate: float, steps: int, per_step: int) -> int:
+    """What a checker's `price` charges: `base` sats, plus `steps` × `per_step` units (images,
+    tokens) at `rate` sats per million, rounded up, at least 1 sat (`check_pricing` in words)."""
+    return max(1, math.ceil(base + steps * per_step * rate / 1e6))
+
+
 def check_pricing(base: float, rate: float, per: str) -> str:
     """A checker's `pricing` in words: `base` sats a check plus `rate` sats per million `per`
     (what its `price` charges, rounded up, at least 1 sat)."""

@@ -18,7 +18,7 @@ import math
 import time
 
 from dvm_core import JobInputError, JobResult, TranscriptChecker
-from dvm_core.transcripts import check_pricing
+from dvm_core.transcripts import check_price, check_pricing
 from dvm_core.datarefs import sha256_file
 
 from .params import Limits
@@ -50,7 +50,7 @@ def replay_price(transcript: dict, steps: int, rate: float, base: float = 0.0) -
     rounded up, at least 1 sat."""
     from .transcript import params_from
 
-    return max(1, math.ceil(base + steps * params_from(transcript).batch_size * rate / 1e6))
+    return check_price(base, rate, steps, params_from(transcript).batch_size)
 
 
 def training_tensors(path, transcript: dict, *, has_validation: bool, limits: Limits, workdir,

@@ -20,7 +20,7 @@ import types
 from pathlib import Path
 
 from dvm_core import JobInputError, JobResult, TranscriptChecker
-from dvm_core.transcripts import check_pricing
+from dvm_core.transcripts import check_price, check_pricing
 
 from .params import REPO_ID, REVISION, Limits
 
@@ -72,8 +72,8 @@ def replay_price(transcript: dict, steps: int, rate: float, base: float = 0.0) -
     from .transcript import params_from
 
     params = params_from(transcript)
-    tokens = params.batch_size * params.gradient_accumulation_steps * params.max_seq_length
-    return max(1, math.ceil(base + steps * tokens * rate / 1e6))
+    return check_price(base, rate, steps,
+                       params.batch_size * params.gradient_accumulation_steps * params.max_seq_length)
 
 
 def read_model_params(repo: str | None, revision: str | None, limits: Limits) -> tuple[str | None, str | None]:
