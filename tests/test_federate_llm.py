@@ -329,6 +329,61 @@ async def test_merging_through_a_merge_dvm(workers, mint, relay, blobs, tmp_path
     assert only.eval_loss < federation.initial_loss
 
 
+
+async def test_a_round_stopped_after_its_bonus_pays_neither_bonus_nor_merge_again(workers, mint, relay, blobs,
+                                                                                  tmp_path, monkeypatch):
+    """Resumed after a stop between the round's bonus and its end (the held-out loss of an LLM
+    can take minutes), the round runs again but pays nothing twice: the providers' jobs and the
+    merge DVM's job are taken from their journals, and the bonus from its records (one per
+    provider, written before its ecash is made, `Customer.send_bonus(keep=...)`)."""
+    from dvm_federate.llm import HeldOut
+
+    model = tiny.save_model_folder(tmp_path / "base-model", "gpt2")
+    train = tiny.write_corpus(tmp_path / "train.jsonl", 100, seed=1)
+    test = tiny.write_corpus(tmp_path / "test.jsonl", 30, seed=2)
+    providers = await start_llm_providers(workers, mint, blobs, 2)
+    merger = await workers.start(pm=plugin_manager(only=["fedavg"]), name="merger", mints=[mint.url],
+                                 blob_servers=[blobs.url], allow_private_urls=True)
+    customer = await funded_customer(tmp_path, mint.url, relay.url)
+    settings = LlmSettings(rounds=1, epochs=1, batch_size=8, learning_rate=3e-3, allow_private_urls=True,
+                           merge_provider=merger.keys.public_key, bonus=10)
+    fed = tmp_path / "fed"
+    loss = HeldOut.loss
+
+    class Stopped(Exception):
+        pass
+
+    def stopped_after_the_bonus(self, model_dir):
+        if list((fed / "round-1" / "bonus").glob("*.json")):
+            raise Stopped("killed after the bonus")
+        return loss(self, model_dir)
+    try:
+        before = await customer.wallet.total_balance()
+        monkeypatch.setattr(HeldOut, "loss", stopped_after_the_bonus)
+        with pytest.raises(Stopped):
+            await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url], fed,
+                               settings, say=print)
+        monkeypatch.setattr(HeldOut, "loss", loss)
+        first = before - await customer.wallet.total_balance()
+        bonus = {p.stem: json.loads(p.read_text()) for p in (fed / "round-1" / "bonus").glob("*.json")}
+        assert bonus and all(b["published"] for b in bonus.values()), bonus
+        assert sum(b["amount"] for b in bonus.values()) == 10
+        merge = json.loads((fed / "round-1" / "merge.job.json").read_text())
+        assert merge["state"] == "paid" and merge["amount"] > 0, merge
+        lines: list[str] = []
+        resumed = await federate_llm(customer, customer.wallet, providers, train, test, model, [blobs.url], fed,
+                                     settings, say=lines.append)
+        after = await customer.wallet.total_balance()
+    finally:
+        await close_customer(customer)
+    (only,) = resumed.reports
+    assert only.providers == providers, lines
+    assert sum(1 for line in lines if "(paid before the restart) recovered" in line) == 3, lines   # and the merge
+    assert only.bonus == {p: b["amount"] for p, b in bonus.items()}, (only.bonus, bonus)
+    assert sum(1 for line in lines if "sent before the restart" in line) == len(bonus), lines
+    jobs = sum(only.paid[p] for p in providers)
+    assert jobs > 0 and before - after == first == jobs + merge["amount"] + 10, (before, after, first)   # each once
+
 # --- the command --------------------------------------------------------------------------------
 
 def dvm(*args: str, timeout: float = 60):

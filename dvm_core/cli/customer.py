@@ -593,7 +593,8 @@ def job_reclaim(token_file, wallet_dir, mints, relays, key_file) -> None:
     short while paying), or a bare token; or OUT/payment.json of a nutzap payment that did not
     finish (a lost answer from the mint, a crash, no relay took it): its ecash, locked to the
     job's key, is the DVM's alone to spend, so its nutzap is sent (again, --relay): the DVM runs
-    the job if it still waits for it, else sends the ecash back to you."""
+    the job if it still waits for it, else sends the ecash back to you. The same for the
+    records `dvm verify` keeps of its checks' payments and `dvm federate` of its bonuses."""
     from pathlib import Path
 
     from dvm_core.payments.wallet_types import PaymentError
@@ -636,8 +637,10 @@ def job_reclaim(token_file, wallet_dir, mints, relays, key_file) -> None:
 async def _resend_payment(state: dict, wallet, relays, key_file, path) -> None:
     from dvm_core.customer.client import Customer, state_keeper
     from dvm_core.protocol.events import Keys
+    what = (f"bonus of {state['amount']} sat to {state['provider'][:16]}…" if state.get("bonus")
+            else f"payment of {state['amount']} sat for job {state['job_id']}")
     if state.get("published"):
-        click.echo(f"this payment was sent already ({state['amount']} sat for job {state['job_id']})")
+        click.echo(f"this {what} was sent already")
         return
     if not relays:
         raise click.ClickException("give --relay: the payment's nutzap is sent there")
@@ -653,7 +656,10 @@ async def _resend_payment(state: dict, wallet, relays, key_file, path) -> None:
         click.echo("the payment was never made at the mint: your ecash is still in the wallet; "
                    f"balance {await wallet.total_balance()} sat")
         return
-    click.echo(f"sent the payment of {state['amount']} sat for job {state['job_id']} to the DVM "
+    if state.get("bonus"):
+        click.echo(f"sent the {what} (nutzap {event['id']}): its operator collects it")
+        return
+    click.echo(f"sent the {what} to the DVM "
                f"(nutzap {event['id']}): it runs the job if it still waits, else sends the ecash back")
 
 

@@ -313,8 +313,8 @@ class Customer:
     async def _send_payment(self, state: dict, proofs: list[dict], mint: str, unit: str,
                             keep: Callable[[dict], None]) -> dict:
         kind, content, tags = build_nutzap(mint, proofs, state["provider"], unit=unit,
-                                           zapped_event=state["job_id"], zapped_kind=state["kind"],
-                                           comment="payment")
+                                           zapped_event=state.get("job_id"), zapped_kind=state.get("kind"),
+                                           comment=state.get("comment", "payment"))
         event = sign_event(self.keys, kind, content, tags)
         state["event"] = event
         keep(dict(state))
@@ -348,11 +348,17 @@ class Customer:
             return None
         return await self._send_payment(dict(state), proofs, state["swap"]["mint"], wallet.unit, keep)
 
-    async def send_bonus(self, provider: str, amount: int, wallet, *, comment: str = "bonus") -> dict:
+    async def send_bonus(self, provider: str, amount: int, wallet, *, comment: str = "bonus",
+                         keep: Callable[[dict], None] | None = None) -> dict:
         """A gift outside any job (e.g. a federated round's bonus for contribution): a NIP-61
         nutzap locked to the wallet key the DVM advertises, on a mint it announces and the wallet
         holds, tagging no job, so the worker leaves it for its operator to collect (`dvm wallet
-        collect`) rather than taking it for a payment or sending it back. Raises PaymentDeclined."""
+        collect`) rather than taking it for a payment or sending it back. Raises PaymentDeclined.
+
+        `keep(state)` as for `pay_with_nutzap` (`{"provider", "amount", "comment", "bonus"}`,
+        then `"swap"`, `"event"`, `"published"`): a bonus cut short (a lost answer from the mint,
+        a crash) is sent on with `resend_payment(state)` (`dvm job reclaim`), its locked ecash
+        and change never lost."""
         if amount <= 0:
             raise PaymentDeclined("a bonus of nothing")
         info = await self.wallet_info(provider)
@@ -362,13 +368,14 @@ class Customer:
         usable = [m for m in accepted if not info.mints or m in info.mints]
         if not usable:
             raise PaymentDeclined("the DVM announces none of your wallet's mints")
-        proofs = await wallet.send_proofs(amount, usable[0], lock_to=info.p2pk_pubkey)
-        kind, content, tags = build_nutzap(usable[0], proofs, provider, unit=wallet.unit, comment=comment)
-        event = sign_event(self.keys, kind, content, tags)
-        results = await self.pool.publish(event)
-        if not any(r.ok for r in results):
-            raise RuntimeError("no relay accepted the nutzap")
-        return event
+        keep = keep or (lambda _state: None)
+        state: dict = {"provider": provider, "amount": amount, "comment": comment, "bonus": True}
+
+        def before_swap(record: dict) -> None:
+            state["swap"] = record
+            keep(dict(state))
+        proofs = await wallet.send_proofs(amount, usable[0], lock_to=info.p2pk_pubkey, before_swap=before_swap)
+        return await self._send_payment(state, proofs, usable[0], wallet.unit, keep)
 
     # verdicts ------------------------------------------------------------------------------
     async def publish_verdict(self, provider: str, label: str, reason: str, *, job_id: str | None = None,

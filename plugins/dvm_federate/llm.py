@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dvm_core.customer import upload_dataset
+from dvm_core.datarefs import sha256_file
 from dvm_core.protocol.nip90 import JobInput
 
 from .rounds import Federation, FederationSettings, ProviderFailed
@@ -518,10 +519,8 @@ class LlmFederation(Federation):
 
         async def train(i: int, provider: str):
             journal = rdir / f"provider-{i}.job.json"
-            if journal.exists():   # this round was cut short: paid already?
-                entry = json.loads(journal.read_text())
-                if entry.get("provider") == provider and entry.get("state") in ("paying", "paid"):
-                    return await self._recover_job(provider, journal, rdir / f"provider-{i}")
+            if self._paid_before(provider, journal):   # this round was cut short: paid already?
+                return await self._recover_job(provider, journal, rdir / f"provider-{i}")
             inputs = [JobInput(self.shard_urls[i], "url"), JobInput(model_url, "url", "", "model")]
             return await self._job(provider, s.kind, inputs, self._params(i, self.shards[i], round_),
                                    rdir / f"provider-{i}", journal=journal)
@@ -600,6 +599,13 @@ class LlmFederation(Federation):
         if len(set(shape)) != 1:
             raise ValueError(f"the adapters' r, lora_alpha, use_rslora or fan_in_fan_out differ ({shape}): "
                              "stacking them would not give their weighted sum")
+        # Journaled like the providers' jobs: a run resumed after it was paid takes its result,
+        # and pays again only for other adapters.
+        journal = rdir / "merge.job.json"
+        what = {"adapters": [sha256_file(a / ADAPTER) for a in adapters], "weights": list(weights)}
+        if self._paid_before(s.merge_provider, journal, what):
+            files, _ = await self._recover_job(s.merge_provider, journal, rdir / "merge")
+            return self._stacked(files, rdir)
         inputs = []
         for adapter in adapters:
             url = await upload_dataset(adapter / ADAPTER, self.servers, self.customer.keys, encrypt=True)
@@ -608,7 +614,12 @@ class LlmFederation(Federation):
                                           encrypt=True)
         inputs.append(JobInput(config_url, "url", "", "adapter_config"))
         params = {"method": "fedavg", "weights": ",".join(f"{w:g}" for w in weights)}
-        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge")
+        files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge",
+                                   journal=journal, what=what)
+        return self._stacked(files, rdir)
+
+    @staticmethod
+    def _stacked(files: dict[str, Path], rdir: Path) -> tuple[Path, dict]:
         if "model.safetensors" not in files or "adapter_config.json" not in files:
             raise ProviderFailed("the merge result has no model.safetensors and adapter_config.json")
         stacked = rdir / "stacked"
@@ -670,10 +681,10 @@ class LlmFederation(Federation):
         s = self.settings
         if not s.resume:
             (self.workdir / STATE).unlink(missing_ok=True)
-        resumed = (self.workdir / STATE).exists()
+        resumed = self._resumed = (self.workdir / STATE).exists()
         done = self._resume() if resumed else 0
         if not resumed:   # journals of jobs of an earlier federation in this folder: not ours
-            for journal in self.workdir.glob("round-*/provider-*.job.json"):
+            for journal in self.workdir.glob("round-*/*.job.json"):
                 journal.unlink()
         if s.trusted:
             await self.skip_flagged()
@@ -704,8 +715,6 @@ class LlmFederation(Federation):
         return self._fingerprint
 
     def _hash_inputs(self) -> dict:
-        from dvm_core.datarefs import sha256_file
-
         return {"task": "llm", "mode": self.settings.mode, "train": sha256_file(self.train_path),
                 "test": sha256_file(self.test_path),
                 "base_model": {f.name: sha256_file(f) for f in sorted(self.base_model.glob("*.safetensors"))}}

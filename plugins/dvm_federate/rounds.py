@@ -36,6 +36,7 @@ import numpy as np
 
 from dvm_core.customer import (Customer, PaymentDeclined, ProgressMeter, download_artifacts, state_keeper,
                                upload_dataset)
+from dvm_core.datarefs import sha256_file
 from dvm_core.protocol.nip90 import JobInput, Result
 
 IMAGE_CLASSIFIER_KIND = 5750
@@ -134,14 +135,17 @@ class ProviderFailed(Exception):
     pass
 
 
-def _journal_writer(path: Path | None, request: dict, provider: str) -> Callable[..., None]:
+def _journal_writer(path: Path | None, request: dict, provider: str, what=None) -> Callable[..., None]:
     """A function that records a job's payment state in `path` (atomically): the request, the
-    provider, `state` (submitted, paying, paid, declined) and the sats asked."""
+    provider, `state` (submitted, paying, paid, declined), the sats asked, and `what` the job
+    works on (a merge: its inputs' sha256), for a resumed run to tell whether it is the job it
+    needs again."""
     def note(state: str, amount: int = 0) -> None:
         if path is None:
             return
         part = path.with_name(path.name + ".part")
-        part.write_text(json.dumps({"request": request, "provider": provider, "state": state, "amount": amount}))
+        part.write_text(json.dumps({"request": request, "provider": provider, "state": state, "amount": amount,
+                                    "what": what}))
         part.replace(path)
     return note
 
@@ -205,6 +209,7 @@ class Federation:
         self.reports: list[RoundReport] = []
         self._paid: dict[str, int] = {}        # this round: provider → sats paid
         self._payments: dict[str, str] = {}    # this round: provider → what it asked, why paid or not
+        self._resumed = False   # a run that goes on from an earlier one's state (`llm.LlmFederation`)
         self.global_weights: Path | None = None
         self.card: Path | None = None
 
@@ -272,8 +277,21 @@ class Federation:
             params["learning_rate"] = str(s.learning_rate)
         return params
 
+    def _paid_before(self, provider: str, journal: Path, what=None) -> bool:
+        """On a resumed run: whether `journal` holds a job for `provider` (on `what`) that was
+        paid, or being paid, before the stop: its result is then taken (`_recover_job`), never
+        asked or paid for again."""
+        if not (self._resumed and journal.exists()):
+            return False
+        try:
+            entry = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            return False
+        return (isinstance(entry, dict) and entry.get("provider") == provider
+                and entry.get("state") in ("paying", "paid") and entry.get("what") == what)
+
     async def _job(self, provider: str, kind: int, inputs: list[JobInput], params: dict[str, str],
-                   dest: Path, label: str = "", journal: Path | None = None) -> tuple[dict[str, Path], int]:
+                   dest: Path, label: str = "", journal: Path | None = None, what=None) -> tuple[dict[str, Path], int]:
         """One paid job on one provider: its downloaded files and what it cost. Its progress
         (the provider's ``processing`` feedback) is said as it comes, after `label`, with a rate
         and an ETA, and a full bar once its result is in. With a `journal` file, the request and
@@ -284,7 +302,7 @@ class Federation:
         if s.pay_on_delivery:
             params = dict(params, pay_on_delivery=self.wallet.p2pk_pubkey)   # the HTLCs' refund key
         request = await self.customer.submit(kind, inputs, params, provider=provider)
-        note = _journal_writer(journal, request, provider)
+        note = _journal_writer(journal, request, provider, what)
         note("submitted")
         paid = 0
         started = time.monotonic()
@@ -553,24 +571,70 @@ class Federation:
         shares = {p: int(v) for p, v in exact.items()}
         for p in sorted(exact, key=lambda p: exact[p] - shares[p], reverse=True)[:s.bonus - sum(shares.values())]:
             shares[p] += 1
+        folder = self.workdir / f"round-{round_}" / "bonus"
+        earlier = self._bonus_records(folder) if self._resumed else {}
         sent: dict[str, int] = {}
+        for provider, (path, state) in list(earlier.items()):   # sent (or being sent) before a restart
+            amount = int(state["amount"])
+            try:
+                if not state.get("published") and \
+                        await self.customer.resend_payment(state, self.wallet, keep=state_keeper(path)) is None:
+                    path.unlink()   # its swap never took place at the mint: nothing was sent
+                    del earlier[provider]
+                    continue
+            except Exception as exc:   # noqa: BLE001 - its record stays for `dvm job reclaim`
+                payments[provider] = payments.get(provider, "") + (
+                    f"; bonus of {amount} sat begun before the restart, not sent: {exc} (its record: {path})")
+                self.say(f"round {round_}: provider {provider[:12]}… bonus of {amount} sat begun before the "
+                         f"restart not sent: {exc}; `dvm job reclaim` sends it from {path}")
+                continue
+            sent[provider] = amount
+            payments[provider] = payments.get(provider, "") + f"; bonus {amount} sat (sent before the restart)"
+            self.say(f"round {round_}: provider {provider[:12]}… bonus {amount} sat sent before the restart")
+        left = s.bonus - sum(int(state["amount"]) for _, state in earlier.values())
         for provider, amount in shares.items():
-            if amount <= 0:
+            amount = min(amount, left)
+            if amount <= 0 or provider in earlier:
                 continue
             why = f"bonus for round {round_}: gain {positive[provider]:+.4f} of {total:.4f}"
+            path = folder / f"{provider}.json"
+            left -= amount   # from its first record on, a share counts as sent: never twice
             try:
-                await self.customer.send_bonus(provider, amount, self.wallet, comment=why)
+                await self.customer.send_bonus(provider, amount, self.wallet, comment=why, keep=state_keeper(path))
             except Exception as exc:   # noqa: BLE001 - the round stands; the provider hears nothing
+                if not path.exists():
+                    left += amount   # no record: nothing was sent
                 payments[provider] = payments.get(provider, "") + f"; bonus of {amount} sat not sent: {exc}"
-                self.say(f"round {round_}: provider {provider[:12]}… bonus of {amount} sat not sent: {exc}")
+                self.say(f"round {round_}: provider {provider[:12]}… bonus of {amount} sat not sent: {exc}"
+                         + (f"; `dvm job reclaim` sends it from {path}" if path.exists() else ""))
                 continue
             sent[provider] = amount
             payments[provider] = payments.get(provider, "") + f"; bonus {amount} sat ({why})"
             self.say(f"round {round_}: provider {provider[:12]}… bonus {amount} sat ({why})")
         return sent
 
+    @staticmethod
+    def _bonus_records(folder: Path) -> dict[str, tuple[Path, dict]]:
+        """The bonuses of a round begun before a restart, by provider (`send_bonus`'s records:
+        one is written before its ecash is made)."""
+        found = {}
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and state.get("bonus") and state.get("provider") == path.stem:
+                found[path.stem] = (path, state)
+        return found
+
     async def _merge_remote(self, updates: list[Path], weights: list[float], out: Path, rdir: Path) -> dict:
         s = self.settings
+        journal = rdir / "merge.job.json"
+        what = {"updates": [sha256_file(p) for p in updates], "base": sha256_file(self.global_weights),
+                "weights": list(weights), "method": s.method}
+        if self._paid_before(s.merge_provider, journal, what):
+            files, _ = await self._recover_job(s.merge_provider, journal, rdir / "merge")
+            return self._merged(files, out)
         inputs = []
         for path in updates:
             url = await upload_dataset(path, self.servers, self.customer.keys, encrypt=True)
@@ -585,7 +649,11 @@ class Federation:
         if s.clip_norm is not None:
             params["clip_norm"] = str(s.clip_norm)
         files, _ = await self._job(s.merge_provider, s.merge_kind, inputs, params, rdir / "merge",
-                                   label=f"merge DVM ({s.merge_provider[:12]}…)")
+                                   label=f"merge DVM ({s.merge_provider[:12]}…)", journal=journal, what=what)
+        return self._merged(files, out)
+
+    @staticmethod
+    def _merged(files: dict[str, Path], out: Path) -> dict:
         if "model.safetensors" not in files:
             raise ProviderFailed("the merge result has no model.safetensors")
         files["model.safetensors"].replace(out)

@@ -339,6 +339,8 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
     transcript, `model` (the archive the job was sent) is uploaded too, marked 'model'; without
     it the verifier takes the hub model the transcript names."""
     from dvm_core.customer import PaymentDeclined, upload_dataset
+    from dvm_core.customer.client import state_keeper
+    from dvm_core.payments.wallet_types import PaymentError
     from dvm_core.protocol.nip90 import JobInput, Result
 
     async def url(path: Path) -> str:
@@ -382,10 +384,21 @@ async def check_remote(customer, wallet, verifier: str, result: ResultFolder, da
             if update.status == "payment-required":
                 if max_price is None:
                     await _fixed_price_announced(customer, verifier, kind)
+                # Kept as it goes (the locked ecash and the change have random secrets: only this
+                # record gets them back if the mint's answer is lost or we are killed mid-payment).
+                record = result.folder / "verify-payments" / f"{request['id']}.json"
+                keep, kept = state_keeper(record), []
                 try:
-                    await customer.pay_with_nutzap(request, update, wallet, max_price=max_price)
+                    await customer.pay_with_nutzap(request, update, wallet, max_price=max_price,
+                                                   keep=lambda state: (kept.append(True), keep(state)))
                 except PaymentDeclined as exc:
                     raise VerifyError(f"not paid: {exc}") from None
+                except (PaymentError, RuntimeError) as exc:
+                    raise VerifyError(
+                        f"the check of [{a}, {b}) was not paid: {exc}"
+                        + (f"; the payment may have been made at the mint: `dvm job reclaim --wallet-dir DIR "
+                           f"--relay R {record}` sends it to the verifier (which runs the check or sends "
+                           "the ecash back)" if kept else "")) from None
         if verdict is None:
             raise VerifyError(f"no answer from the verifier for [{a}, {b})")
         verdict["by"] = verifier

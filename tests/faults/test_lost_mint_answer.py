@@ -216,3 +216,35 @@ async def test_a_nutzap_payment_cut_short_is_sent_on_from_its_record(workers, pr
         assert await customer.wallet.total_balance() == before - PRICE
     finally:
         await close_customer(customer)
+
+
+async def test_a_bonus_whose_swap_answer_is_lost_is_sent_on_from_its_record(workers, proxy, relay, tmp_path):
+    """`send_bonus` keeps its state like a job's payment: the swap's outputs before the mint is
+    asked. The mint's answer lost, the locked share and the change (random secrets, which the
+    seed cannot give back) come back from that record alone: `resend_payment` (`dvm job
+    reclaim`) publishes the bonus, the provider's operator collects it, and the customer is
+    down by the bonus and not a sat more."""
+    from dvm_core.customer.client import Customer, state_keeper
+    from dvm_core.payments.wallet_types import PaymentError
+    customer = await funded_customer(tmp_path, proxy.url, relay.url)
+    try:
+        worker = await paid_worker(workers, proxy)
+        before = await customer.wallet.total_balance()
+        path = tmp_path / "bonus.json"
+        proxy.drop_answer_to(b"POST /v1/swap")
+        with pytest.raises(PaymentError):
+            await customer.send_bonus(worker.keys.public_key, 7, customer.wallet, comment="bonus for round 1",
+                                      keep=state_keeper(path))
+        assert proxy.dropped == 1
+        state = json.loads(path.read_text())
+        assert state["bonus"] and "swap" in state and not state.get("published")
+        event = await customer.resend_payment(state, customer.wallet, keep=state_keeper(path))
+        assert event is not None and json.loads(path.read_text())["published"]
+        assert not [t for t in event["tags"] if t[0] in ("e", "k")]   # a gift: it tags no job
+        assert await customer.wallet.total_balance() == before - 7    # the change came back
+        async with Customer(worker.keys, [relay.url]) as operator:
+            assert await operator.collect_nutzaps(worker.cashier.wallet, expect=7) == 7
+        assert await customer.resend_payment(json.loads(path.read_text()), customer.wallet) is not None
+        assert await customer.wallet.total_balance() == before - 7    # sent again: the same proofs
+    finally:
+        await close_customer(customer)
